@@ -1,0 +1,1026 @@
+//! The signaling server's room and peer logic as a pure state machine.
+//!
+//! [`Hub`] owns every connection's session and every live room. It never touches a socket, a clock
+//! or storage: the caller feeds it events (`connect`, `handle`, `complete_register`, `disconnect`,
+//! `handle_timeout`, administrative evictions) with the current time, and drains [`Output`]s:
+//! messages to deliver to connection ids, connections to close, and credentials to verify.
+//!
+//! Invariants (checked by [`Hub::check_invariants`] and the property tests):
+//! - a connection acts only as the peer bound to it at `register`; sender fields that name anyone
+//!   else are refused (upstream B1);
+//! - nothing but `register` is accepted before registration completes;
+//! - peer ids are unique within a room; a room's peer map and the sessions agree exactly, so a
+//!   connection's cleanup removes only what it owns (B3, B4);
+//! - deliveries never cross rooms;
+//! - metadata keys starting with `_` are server-only and never accepted from or echoed to clients
+//!   (B2, B19).
+
+use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::sync::Arc;
+
+use serde_json::Value;
+
+use crate::signal::{
+    ClientMessage, Credential, DecodeError, DiscoverPeers, Envelope, ErrorCode, Filters, MeshKind, MeshRelay,
+    Object, PeerInfo, PeerMessage, Register, Relay, RelayKind, RequestId, ServerEnvelope, ServerMessage,
+    SignalError, UpdateMetadata,
+};
+
+/// Identifies one WebSocket connection; chosen by the caller, never reused while the hub knows it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct ConnId(pub u64);
+
+/// Wall-clock time in Unix milliseconds, supplied by the caller.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Default)]
+pub struct Millis(pub u64);
+
+impl Millis {
+    pub fn secs_f64(self) -> f64 {
+        self.0 as f64 / 1000.0
+    }
+    pub fn plus_ms(self, ms: u64) -> Millis {
+        Millis(self.0.saturating_add(ms))
+    }
+}
+
+/// WebSocket close codes the hub asks for (4000–4999 is the application range).
+pub mod close_code {
+    /// Too many failed `register` attempts on one connection.
+    pub const AUTH_FAILED: u16 = 4001;
+    /// The credential was revoked or the peer's membership removed.
+    pub const REVOKED: u16 = 4003;
+    /// The room expired or was deleted (`room_closed` was sent first).
+    pub const ROOM_CLOSED: u16 = 4004;
+    /// No successful `register` within the registration timeout.
+    pub const REGISTER_TIMEOUT: u16 = 4008;
+    /// The same principal registered the same peer id on a newer connection.
+    pub const SUPERSEDED: u16 = 4009;
+    /// The outbound queue filled: the peer does not read fast enough.
+    pub const SLOW_CONSUMER: u16 = 4013;
+    /// The connection kept sending far beyond its rate limit.
+    pub const RATE_LIMITED: u16 = 4029;
+    /// Server shutting down.
+    pub const GOING_AWAY: u16 = 1001;
+}
+
+/// Limits enforced by the hub. Every one answers with a clear error code instead of an effect.
+#[derive(Debug, Clone)]
+pub struct Limits {
+    /// Largest accepted text frame, in bytes.
+    pub max_message_bytes: usize,
+    /// Largest peer metadata, serialized, in bytes.
+    pub max_metadata_bytes: usize,
+    pub max_peers_per_room: usize,
+    /// Live rooms (rooms with at least one connected peer) per server.
+    pub max_rooms: usize,
+    /// Sustained messages per second per connection.
+    pub rate_per_sec: f64,
+    /// Burst size of the per-connection token bucket.
+    pub rate_burst: f64,
+    /// Frames over the limit (in a row) before the connection is closed.
+    pub rate_strikes_before_close: u32,
+    /// Time a connection may stay unregistered.
+    pub register_timeout_ms: u64,
+    /// Failed `register` attempts before the connection is closed.
+    pub max_failed_registers: u32,
+    pub max_peer_id_len: usize,
+    pub max_role_len: usize,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Limits {
+            max_message_bytes: 64 * 1024,
+            max_metadata_bytes: 16 * 1024,
+            max_peers_per_room: 1000,
+            max_rooms: 10_000,
+            rate_per_sec: 50.0,
+            rate_burst: 200.0,
+            rate_strikes_before_close: 200,
+            register_timeout_ms: 10_000,
+            max_failed_registers: 5,
+            max_peer_id_len: 128,
+            max_role_len: 64,
+        }
+    }
+}
+
+/// Who a registered peer is, as established by the credential check.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Principal {
+    pub user_id: String,
+    /// Identifies the credential (a worker token's or account key's non-secret id, or `jwt:<sub>`),
+    /// so that revoking it can evict the peers that used it.
+    pub credential_id: String,
+}
+
+/// What the caller must verify before a `register` can complete.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RegisterRequest {
+    pub credential: Credential,
+    pub room_id: Option<String>,
+    pub peer_id: Option<String>,
+    pub role: String,
+}
+
+/// The caller's verdict on a [`RegisterRequest`] that succeeded.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Grant {
+    pub room_id: String,
+    /// Used when the client asked for no particular peer id (the caller picks it so the hub needs
+    /// no randomness).
+    pub default_peer_id: String,
+    pub principal: Principal,
+    pub room_expires_at: Option<Millis>,
+    /// Echoed as `registered_auth.token` (upstream's legacy path echoes the room token).
+    pub token_echo: Option<String>,
+    /// Server-private label shown to room members through the HTTP API, never in metadata.
+    pub worker_name: Option<String>,
+}
+
+/// Something the caller must do.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Output {
+    /// Deliver `msg` to every connection in `to`.
+    Send { to: Vec<ConnId>, msg: Arc<ServerEnvelope> },
+    /// Close the connection with this WebSocket close code. The hub has already forgotten it.
+    Close { conn: ConnId, code: u16, reason: String },
+    /// Verify these credentials, then call [`Hub::complete_register`] with the result.
+    Authenticate { conn: ConnId, request: Box<RegisterRequest> },
+}
+
+/// A registered peer, as the room holds it.
+#[derive(Debug, Clone)]
+pub struct PeerEntry {
+    pub conn: ConnId,
+    pub role: String,
+    pub metadata: Object,
+    pub connected_at: Millis,
+    pub principal: Principal,
+    pub worker_name: Option<String>,
+}
+
+impl PeerEntry {
+    fn info(&self, peer_id: &str) -> PeerInfo {
+        PeerInfo {
+            peer_id: peer_id.to_owned(),
+            role: self.role.clone(),
+            metadata: self.metadata.clone(),
+            connected_at: self.connected_at.secs_f64(),
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Room {
+    peers: HashMap<String, PeerEntry>,
+    expires_at: Option<Millis>,
+    admin: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+struct TokenBucket {
+    tokens: f64,
+    last: Millis,
+}
+
+impl TokenBucket {
+    fn new(burst: f64, now: Millis) -> Self {
+        TokenBucket { tokens: burst, last: now }
+    }
+
+    fn allow(&mut self, now: Millis, rate: f64, burst: f64) -> bool {
+        let dt = now.0.saturating_sub(self.last.0) as f64 / 1000.0;
+        self.last = self.last.max(now);
+        self.tokens = (self.tokens + dt * rate).min(burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            true
+        } else {
+            false
+        }
+    }
+}
+
+/// A standalone token bucket for callers that rate-limit other things (e.g. per-IP HTTP calls).
+#[derive(Debug, Clone)]
+pub struct RateLimiter {
+    bucket: TokenBucket,
+    rate: f64,
+    burst: f64,
+}
+
+impl RateLimiter {
+    pub fn new(rate_per_sec: f64, burst: f64, now: Millis) -> Self {
+        RateLimiter { bucket: TokenBucket::new(burst, now), rate: rate_per_sec, burst }
+    }
+    pub fn allow(&mut self, now: Millis) -> bool {
+        self.bucket.allow(now, self.rate, self.burst)
+    }
+    /// True once the bucket is full again, i.e. the limiter carries no state worth keeping.
+    pub fn is_idle(&self, now: Millis) -> bool {
+        let dt = now.0.saturating_sub(self.bucket.last.0) as f64 / 1000.0;
+        self.bucket.tokens + dt * self.rate >= self.burst
+    }
+}
+
+#[derive(Debug)]
+enum State {
+    Fresh { deadline: Millis },
+    Pending { deadline: Millis, reg: Box<PendingRegister>, request_id: Option<RequestId> },
+    Registered { room_id: String, peer_id: String },
+}
+
+#[derive(Debug)]
+struct PendingRegister {
+    peer_id: Option<String>,
+    role: String,
+    metadata: Object,
+    is_admin: bool,
+}
+
+#[derive(Debug)]
+struct Session {
+    state: State,
+    bucket: TokenBucket,
+    strikes: u32,
+    failed_registers: u32,
+}
+
+/// Counts for metrics and health.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Stats {
+    pub connections: usize,
+    pub registered: usize,
+    pub rooms: usize,
+}
+
+/// The server-side signaling state machine. See the module docs.
+#[derive(Debug, Default)]
+pub struct Hub {
+    limits: Limits,
+    sessions: HashMap<ConnId, Session>,
+    rooms: HashMap<String, Room>,
+    /// Rooms closed recently, so a registration whose credential check raced with the close is
+    /// still refused. Entries are dropped after [`TOMBSTONE_MS`].
+    tombstones: HashMap<String, Millis>,
+    deadlines: BTreeSet<(Millis, ConnId)>,
+    expiries: BTreeSet<(Millis, String)>,
+    out: VecDeque<Output>,
+}
+
+const TOMBSTONE_MS: u64 = 5 * 60 * 1000;
+
+impl Hub {
+    pub fn new(limits: Limits) -> Self {
+        Hub { limits, ..Default::default() }
+    }
+
+    pub fn limits(&self) -> &Limits {
+        &self.limits
+    }
+
+    pub fn stats(&self) -> Stats {
+        Stats {
+            connections: self.sessions.len(),
+            registered: self.rooms.values().map(|r| r.peers.len()).sum(),
+            rooms: self.rooms.len(),
+        }
+    }
+
+    /// Next output, if any. Drain after every call that takes an event.
+    pub fn poll_output(&mut self) -> Option<Output> {
+        self.out.pop_front()
+    }
+
+    /// Earliest time at which [`Hub::handle_timeout`] has work to do.
+    pub fn poll_timeout(&self) -> Option<Millis> {
+        let a = self.deadlines.first().map(|(t, _)| *t);
+        let b = self.expiries.first().map(|(t, _)| *t);
+        match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// The live peers of a room (for the HTTP API's worker list and the dashboard).
+    pub fn room_peers(&self, room_id: &str) -> impl Iterator<Item = (&str, &PeerEntry)> {
+        self.rooms.get(room_id).into_iter().flat_map(|r| r.peers.iter().map(|(k, v)| (k.as_str(), v)))
+    }
+
+    /// The room and peer id a connection is registered as.
+    pub fn identity(&self, conn: ConnId) -> Option<(&str, &str)> {
+        match &self.sessions.get(&conn)?.state {
+            State::Registered { room_id, peer_id } => Some((room_id, peer_id)),
+            _ => None,
+        }
+    }
+
+    pub fn connect(&mut self, conn: ConnId, now: Millis) {
+        let deadline = now.plus_ms(self.limits.register_timeout_ms);
+        if let Some(old) = self.sessions.remove(&conn) {
+            // A caller reusing a live id is a caller bug; forget the old session cleanly.
+            self.forget(conn, old, now, "replaced");
+        }
+        self.sessions.insert(
+            conn,
+            Session {
+                state: State::Fresh { deadline },
+                bucket: TokenBucket::new(self.limits.rate_burst, now),
+                strikes: 0,
+                failed_registers: 0,
+            },
+        );
+        self.deadlines.insert((deadline, conn));
+    }
+
+    /// The connection went away. Removes only what this connection owns.
+    pub fn disconnect(&mut self, conn: ConnId, now: Millis) {
+        if let Some(s) = self.sessions.remove(&conn) {
+            self.forget(conn, s, now, "disconnected");
+        }
+    }
+
+    /// Convenience for callers that do not decode off-thread: decode and handle one text frame.
+    pub fn handle_text(&mut self, conn: ConnId, text: &str, now: Millis) {
+        let decoded = crate::signal::decode(text, self.limits.max_message_bytes);
+        self.handle(conn, decoded, now);
+    }
+
+    /// Handles one decoded (or undecodable) frame from `conn`.
+    pub fn handle(&mut self, conn: ConnId, frame: Result<Envelope, DecodeError>, now: Millis) {
+        let limits = &self.limits;
+        let Some(session) = self.sessions.get_mut(&conn) else { return };
+        if !session.bucket.allow(now, limits.rate_per_sec, limits.rate_burst) {
+            session.strikes += 1;
+            if session.strikes >= limits.rate_strikes_before_close {
+                self.close(conn, close_code::RATE_LIMITED, "rate limit exceeded", now);
+                return;
+            }
+            let rid = match &frame {
+                Ok(e) => e.request_id.clone(),
+                Err(e) => e.request_id.clone(),
+            };
+            let err = SignalError::new(
+                ErrorCode::RateLimited,
+                format!("rate limit exceeded ({} messages/s)", limits.rate_per_sec),
+            );
+            self.reply(conn, err.into(), rid);
+            return;
+        }
+        session.strikes = 0;
+        let Envelope { request_id, msg } = match frame {
+            Ok(env) => env,
+            Err(e) => {
+                self.reply(conn, e.error.into(), e.request_id);
+                return;
+            }
+        };
+        let result = match msg {
+            ClientMessage::Register(reg) => self.on_register(conn, *reg, request_id.clone(), now),
+            ClientMessage::Ping => {
+                self.reply(conn, ServerMessage::Pong {}, request_id.clone());
+                Ok(())
+            }
+            other => match self.sessions.get(&conn).map(|s| &s.state) {
+                Some(State::Registered { room_id, peer_id }) => {
+                    let (room_id, peer_id) = (room_id.clone(), peer_id.clone());
+                    self.on_registered(conn, &room_id, &peer_id, other, request_id.clone(), now)
+                }
+                Some(State::Pending { .. }) => Err(SignalError::new(
+                    ErrorCode::RegistrationPending,
+                    "registration in progress; wait for registered_auth",
+                )),
+                _ => Err(SignalError::new(ErrorCode::NotRegistered, "Peer not registered; send register first")),
+            },
+        };
+        if let Err(e) = result {
+            self.reply(conn, e.into(), request_id);
+        }
+    }
+
+    fn on_register(
+        &mut self,
+        conn: ConnId,
+        reg: Register,
+        request_id: Option<RequestId>,
+        _now: Millis,
+    ) -> Result<(), SignalError> {
+        let Some(session) = self.sessions.get(&conn) else { return Ok(()) };
+        let deadline = match &session.state {
+            State::Fresh { deadline } => *deadline,
+            State::Pending { .. } => {
+                return Err(SignalError::new(ErrorCode::RegistrationPending, "registration already in progress"));
+            }
+            State::Registered { .. } => {
+                return Err(SignalError::new(
+                    ErrorCode::AlreadyRegistered,
+                    "this connection is already registered; open a new connection for another peer",
+                ));
+            }
+        };
+        let credential = reg.credential()?;
+        if let Some(p) = &reg.peer_id {
+            validate_peer_id(p, self.limits.max_peer_id_len)?;
+        }
+        let role = reg.role.clone().unwrap_or_else(|| "peer".to_owned());
+        if role.is_empty() || role.len() > self.limits.max_role_len {
+            return Err(SignalError::new(
+                ErrorCode::InvalidMessage,
+                format!("role must be 1 to {} bytes", self.limits.max_role_len),
+            ));
+        }
+        let metadata = reg.metadata.clone().unwrap_or_default();
+        validate_metadata(&metadata, self.limits.max_metadata_bytes)?;
+        let request = RegisterRequest {
+            credential,
+            room_id: reg.room_id.clone(),
+            peer_id: reg.peer_id.clone(),
+            role: role.clone(),
+        };
+        let pending = PendingRegister { peer_id: reg.peer_id, role, metadata, is_admin: reg.is_admin };
+        if let Some(s) = self.sessions.get_mut(&conn) {
+            s.state = State::Pending { deadline, reg: Box::new(pending), request_id };
+        }
+        self.out.push_back(Output::Authenticate { conn, request: Box::new(request) });
+        Ok(())
+    }
+
+    /// Completes a registration that [`Output::Authenticate`] asked for. `Err` carries the error
+    /// to tell the client (e.g. `AUTH_FAILED` "Invalid API key").
+    pub fn complete_register(&mut self, conn: ConnId, verdict: Result<Grant, SignalError>, now: Millis) {
+        let Some(session) = self.sessions.get_mut(&conn) else { return };
+        let State::Pending { deadline, .. } = &session.state else { return };
+        let deadline = *deadline;
+        let State::Pending { reg, request_id, .. } =
+            std::mem::replace(&mut session.state, State::Fresh { deadline })
+        else {
+            return;
+        };
+        match verdict.and_then(|g| self.admit(conn, *reg, g, request_id.clone(), now)) {
+            Ok(()) => {}
+            Err(e) => {
+                self.reply(conn, e.into(), request_id);
+                let limit = self.limits.max_failed_registers;
+                if let Some(s) = self.sessions.get_mut(&conn) {
+                    s.failed_registers += 1;
+                    if s.failed_registers >= limit {
+                        self.close(conn, close_code::AUTH_FAILED, "too many failed registrations", now);
+                    }
+                }
+            }
+        }
+    }
+
+    fn admit(
+        &mut self,
+        conn: ConnId,
+        reg: PendingRegister,
+        grant: Grant,
+        request_id: Option<RequestId>,
+        now: Millis,
+    ) -> Result<(), SignalError> {
+        if self.tombstones.contains_key(&grant.room_id) {
+            return Err(SignalError::new(ErrorCode::RoomNotFound, "Room not found"));
+        }
+        if grant.room_expires_at.is_some_and(|t| t <= now) {
+            return Err(SignalError::new(ErrorCode::RoomExpired, "Room expired"));
+        }
+        let peer_id = reg.peer_id.clone().unwrap_or_else(|| grant.default_peer_id.clone());
+        validate_peer_id(&peer_id, self.limits.max_peer_id_len)?;
+        let mut superseded = None;
+        match self.rooms.get(&grant.room_id) {
+            None if self.rooms.len() >= self.limits.max_rooms => {
+                return Err(SignalError::new(ErrorCode::ServerFull, "server has reached its room limit"));
+            }
+            None => {}
+            Some(room) => {
+                if let Some(existing) = room.peers.get(&peer_id) {
+                    if existing.principal == grant.principal {
+                        superseded = Some(existing.conn);
+                    } else {
+                        return Err(SignalError::new(
+                            ErrorCode::PeerIdTaken,
+                            format!("peer id '{peer_id}' is already in use in this room"),
+                        ));
+                    }
+                } else if room.peers.len() >= self.limits.max_peers_per_room {
+                    return Err(SignalError::new(
+                        ErrorCode::RoomFull,
+                        format!("room has reached its limit of {} peers", self.limits.max_peers_per_room),
+                    ));
+                }
+            }
+        }
+        if let Some(old) = superseded {
+            self.close(old, close_code::SUPERSEDED, "peer id registered again on a newer connection", now);
+        }
+        let room_id = grant.room_id.clone();
+        let room = self.rooms.entry(room_id.clone()).or_default();
+        if room.expires_at != grant.room_expires_at {
+            if let Some(t) = room.expires_at {
+                self.expiries.remove(&(t, room_id.clone()));
+            }
+            room.expires_at = grant.room_expires_at;
+            if let Some(t) = room.expires_at {
+                self.expiries.insert((t, room_id.clone()));
+            }
+        }
+        let others: Vec<ConnId> = room.peers.values().map(|p| p.conn).collect();
+        let peer_list: Vec<String> = room.peers.keys().cloned().collect();
+        let peer_metadata: Object =
+            room.peers.iter().map(|(id, p)| (id.clone(), Value::Object(p.metadata.clone()))).collect();
+        let mut admin_conflict = None;
+        if reg.is_admin {
+            match &room.admin {
+                Some(a) if *a != peer_id => admin_conflict = Some(a.clone()),
+                _ => room.admin = Some(peer_id.clone()),
+            }
+        }
+        let entry = PeerEntry {
+            conn,
+            role: reg.role,
+            metadata: reg.metadata,
+            connected_at: now,
+            principal: grant.principal,
+            worker_name: grant.worker_name,
+        };
+        let joined = ServerMessage::PeerJoined { peer: entry.info(&peer_id) };
+        let admin_peer_id = room.admin.clone();
+        room.peers.insert(peer_id.clone(), entry);
+        if let Some(s) = self.sessions.get_mut(&conn) {
+            if let State::Fresh { deadline } = s.state {
+                self.deadlines.remove(&(deadline, conn));
+            }
+            s.state = State::Registered { room_id: room_id.clone(), peer_id: peer_id.clone() };
+            s.failed_registers = 0;
+        }
+        self.reply(
+            conn,
+            ServerMessage::RegisteredAuth {
+                room_id: room_id.clone(),
+                token: grant.token_echo,
+                peer_id,
+                admin_peer_id,
+                peer_list,
+                peer_metadata,
+                ice_servers: Vec::new(),
+                mesh_ice_servers: Vec::new(),
+            },
+            request_id,
+        );
+        if let Some(current_admin) = admin_conflict {
+            self.reply(conn, ServerMessage::AdminConflict { room_id, current_admin }, None);
+        }
+        if !others.is_empty() {
+            self.out.push_back(Output::Send { to: others, msg: Arc::new(ServerEnvelope::new(joined)) });
+        }
+        Ok(())
+    }
+
+    fn on_registered(
+        &mut self,
+        conn: ConnId,
+        room_id: &str,
+        me: &str,
+        msg: ClientMessage,
+        request_id: Option<RequestId>,
+        _now: Millis,
+    ) -> Result<(), SignalError> {
+        match msg {
+            ClientMessage::Register(_) | ClientMessage::Ping => Ok(()),
+            ClientMessage::DiscoverPeers(DiscoverPeers { from_peer_id, filters }) => {
+                check_sender(from_peer_id.as_deref(), me)?;
+                let filters = filters.unwrap_or_default();
+                validate_filters(&filters)?;
+                let room = self.room(room_id)?;
+                let peers: Vec<PeerInfo> = room
+                    .peers
+                    .iter()
+                    .filter(|(id, p)| id.as_str() != me && matches(&filters, p))
+                    .map(|(id, p)| p.info(id))
+                    .collect();
+                let count = peers.len();
+                self.reply(conn, ServerMessage::PeerList { to_peer_id: me.to_owned(), peers, count }, request_id);
+                Ok(())
+            }
+            ClientMessage::UpdateMetadata(UpdateMetadata { peer_id, metadata }) => {
+                check_sender(peer_id.as_deref(), me)?;
+                if metadata.is_empty() {
+                    return Err(SignalError::new(ErrorCode::InvalidMessage, "Missing required fields: metadata"));
+                }
+                let max = self.limits.max_metadata_bytes;
+                validate_metadata(&metadata, max)?;
+                let room = self.rooms.get_mut(room_id).ok_or_else(room_gone)?;
+                let entry = room.peers.get_mut(me).ok_or_else(room_gone)?;
+                let merged = merge_metadata(&entry.metadata, metadata);
+                validate_metadata(&merged, max)?;
+                entry.metadata = merged.clone();
+                let others: Vec<ConnId> =
+                    room.peers.iter().filter(|(id, _)| id.as_str() != me).map(|(_, p)| p.conn).collect();
+                let msg = ServerMessage::MetadataUpdated { peer_id: me.to_owned(), metadata: merged };
+                if !others.is_empty() {
+                    self.out.push_back(Output::Send { to: others, msg: Arc::new(ServerEnvelope::new(msg.clone())) });
+                }
+                self.reply(conn, msg, request_id);
+                Ok(())
+            }
+            ClientMessage::PeerMessage(PeerMessage { from_peer_id, to_peer_id, payload }) => {
+                check_sender(from_peer_id.as_deref(), me)?;
+                let target = self.target(room_id, &to_peer_id)?;
+                let msg = ServerMessage::PeerMessage { from_peer_id: me.to_owned(), to_peer_id, payload };
+                self.route(conn, target, msg, request_id);
+                Ok(())
+            }
+            ClientMessage::Relay(Relay { kind, sender, target, mut body }) => {
+                check_sender(sender.as_deref(), me)?;
+                let target_conn = self.target(room_id, &target)?;
+                body.insert("sender".into(), Value::String(me.to_owned()));
+                body.insert("target".into(), Value::String(target));
+                let msg = match kind {
+                    RelayKind::Offer => ServerMessage::Offer(body),
+                    RelayKind::Answer => ServerMessage::Answer(body),
+                    RelayKind::Candidate => ServerMessage::Candidate(body),
+                };
+                self.route(conn, target_conn, msg, request_id);
+                Ok(())
+            }
+            ClientMessage::Mesh(MeshRelay { kind, from_peer_id, target_peer_id, body }) => {
+                check_sender(from_peer_id.as_deref(), me)?;
+                let target = self.target(room_id, &target_peer_id)?;
+                let from_peer_id = me.to_owned();
+                let msg = match kind {
+                    MeshKind::Connect => ServerMessage::MeshOffer { from_peer_id, offer: body },
+                    MeshKind::Answer => ServerMessage::MeshAnswer { from_peer_id, answer: body },
+                    MeshKind::IceCandidate => ServerMessage::IceCandidate { from_peer_id, candidate: body },
+                };
+                self.route(conn, target, msg, request_id);
+                Ok(())
+            }
+        }
+    }
+
+    fn room(&self, room_id: &str) -> Result<&Room, SignalError> {
+        self.rooms.get(room_id).ok_or_else(room_gone)
+    }
+
+    fn target(&self, room_id: &str, peer_id: &str) -> Result<ConnId, SignalError> {
+        self.room(room_id)?
+            .peers
+            .get(peer_id)
+            .map(|p| p.conn)
+            .ok_or_else(|| SignalError::new(ErrorCode::PeerNotFound, format!("Peer {peer_id} not found in room")))
+    }
+
+    fn route(&mut self, from: ConnId, to: ConnId, msg: ServerMessage, request_id: Option<RequestId>) {
+        self.out.push_back(Output::Send { to: vec![to], msg: Arc::new(ServerEnvelope::new(msg)) });
+        if request_id.is_some() {
+            self.reply(from, ServerMessage::Ack {}, request_id);
+        }
+    }
+
+    fn reply(&mut self, conn: ConnId, msg: ServerMessage, request_id: Option<RequestId>) {
+        self.out.push_back(Output::Send { to: vec![conn], msg: Arc::new(ServerEnvelope::reply(msg, request_id)) });
+    }
+
+    /// Closes a connection from the server side: forgets it at once and asks the caller to close.
+    pub fn close(&mut self, conn: ConnId, code: u16, reason: &str, now: Millis) {
+        if let Some(s) = self.sessions.remove(&conn) {
+            self.out.push_back(Output::Close { conn, code, reason: reason.to_owned() });
+            self.forget(conn, s, now, reason);
+        }
+    }
+
+    fn forget(&mut self, conn: ConnId, session: Session, _now: Millis, reason: &str) {
+        match session.state {
+            State::Fresh { deadline } | State::Pending { deadline, .. } => {
+                self.deadlines.remove(&(deadline, conn));
+            }
+            State::Registered { room_id, peer_id } => {
+                let Some(room) = self.rooms.get_mut(&room_id) else { return };
+                // Only remove the entry if it is still ours (it may have been superseded).
+                if room.peers.get(&peer_id).is_none_or(|p| p.conn != conn) {
+                    return;
+                }
+                room.peers.remove(&peer_id);
+                if room.admin.as_deref() == Some(peer_id.as_str()) {
+                    room.admin = None;
+                }
+                if room.peers.is_empty() {
+                    if let Some(t) = room.expires_at {
+                        self.expiries.remove(&(t, room_id.clone()));
+                    }
+                    self.rooms.remove(&room_id);
+                } else {
+                    let others: Vec<ConnId> = room.peers.values().map(|p| p.conn).collect();
+                    let msg = ServerMessage::PeerLeft { peer_id, reason: reason.to_owned() };
+                    self.out.push_back(Output::Send { to: others, msg: Arc::new(ServerEnvelope::new(msg)) });
+                }
+            }
+        }
+    }
+
+    /// Closes a room (expired or deleted): every peer gets `room_closed` and is disconnected, and
+    /// registrations that were being checked while it closed are refused.
+    pub fn close_room(&mut self, room_id: &str, reason: &str, now: Millis) {
+        self.tombstones.insert(room_id.to_owned(), now);
+        self.shut_room(room_id, reason, now);
+    }
+
+    /// Evicts a room's peers without remembering the room as deleted (expiry: the room may be
+    /// extended and rejoined later; the expiry check at admission refuses it until then).
+    fn shut_room(&mut self, room_id: &str, reason: &str, now: Millis) {
+        let Some(room) = self.rooms.remove(room_id) else { return };
+        if let Some(t) = room.expires_at {
+            self.expiries.remove(&(t, room_id.to_owned()));
+        }
+        let conns: Vec<ConnId> = room.peers.values().map(|p| p.conn).collect();
+        if !conns.is_empty() {
+            let msg = ServerMessage::RoomClosed {
+                room_id: room_id.to_owned(),
+                reason: reason.to_owned(),
+                timestamp: now.secs_f64(),
+            };
+            self.out.push_back(Output::Send { to: conns.clone(), msg: Arc::new(ServerEnvelope::new(msg)) });
+        }
+        for c in conns {
+            if self.sessions.remove(&c).is_some() {
+                self.out.push_back(Output::Close { conn: c, code: close_code::ROOM_CLOSED, reason: reason.to_owned() });
+            }
+        }
+    }
+
+    /// Updates a live room's expiry (after PATCH); `None` means it no longer expires.
+    pub fn set_room_expiry(&mut self, room_id: &str, expires_at: Option<Millis>) {
+        let Some(room) = self.rooms.get_mut(room_id) else { return };
+        if let Some(t) = room.expires_at {
+            self.expiries.remove(&(t, room_id.to_owned()));
+        }
+        room.expires_at = expires_at;
+        if let Some(t) = expires_at {
+            self.expiries.insert((t, room_id.to_owned()));
+        }
+    }
+
+    /// Disconnects every peer registered with this credential (it was revoked or deleted).
+    pub fn revoke_credential(&mut self, credential_id: &str, now: Millis) -> usize {
+        self.evict(|_, p| p.principal.credential_id == credential_id, "credential revoked", now)
+    }
+
+    /// Disconnects a user's peers in one room (their membership was removed).
+    pub fn remove_member(&mut self, room_id: &str, user_id: &str, now: Millis) -> usize {
+        self.evict(|r, p| r == room_id && p.principal.user_id == user_id, "membership removed", now)
+    }
+
+    fn evict(&mut self, pred: impl Fn(&str, &PeerEntry) -> bool, reason: &str, now: Millis) -> usize {
+        let victims: Vec<ConnId> = self
+            .rooms
+            .iter()
+            .flat_map(|(rid, r)| r.peers.values().filter(|p| pred(rid, p)).map(|p| p.conn).collect::<Vec<_>>())
+            .collect();
+        for &c in &victims {
+            self.close(c, close_code::REVOKED, reason, now);
+        }
+        victims.len()
+    }
+
+    /// Closes every connection (server shutdown).
+    pub fn close_all(&mut self, reason: &str, now: Millis) {
+        let conns: Vec<ConnId> = self.sessions.keys().copied().collect();
+        for c in conns {
+            self.close(c, close_code::GOING_AWAY, reason, now);
+        }
+    }
+
+    /// Expires rooms and unregistered connections whose time has come.
+    pub fn handle_timeout(&mut self, now: Millis) {
+        while let Some(&(t, conn)) = self.deadlines.first() {
+            if t > now {
+                break;
+            }
+            self.deadlines.pop_first();
+            self.close(conn, close_code::REGISTER_TIMEOUT, "registration timeout", now);
+        }
+        while let Some((t, _)) = self.expiries.first() {
+            if *t > now {
+                break;
+            }
+            let Some((_, room)) = self.expiries.pop_first() else { break };
+            self.shut_room(&room, "Room expired", now);
+        }
+        self.tombstones.retain(|_, t| now.0.saturating_sub(t.0) < TOMBSTONE_MS);
+    }
+
+    /// Verifies the internal invariants; used by property tests and fuzzers.
+    pub fn check_invariants(&self) -> Result<(), String> {
+        let mut seen = 0usize;
+        for (rid, room) in &self.rooms {
+            if room.peers.is_empty() {
+                return Err(format!("empty room {rid} kept"));
+            }
+            for (pid, p) in &room.peers {
+                seen += 1;
+                match self.sessions.get(&p.conn).map(|s| &s.state) {
+                    Some(State::Registered { room_id, peer_id }) if room_id == rid && peer_id == pid => {}
+                    other => return Err(format!("room {rid} peer {pid} -> {:?} has session {other:?}", p.conn)),
+                }
+                if p.metadata.keys().any(|k| k.starts_with('_')) {
+                    return Err(format!("reserved metadata stored for {pid}"));
+                }
+            }
+            if let Some(a) = &room.admin {
+                if !room.peers.contains_key(a) {
+                    return Err(format!("admin {a} of {rid} is gone"));
+                }
+            }
+            if room.expires_at.is_some_and(|t| !self.expiries.contains(&(t, rid.clone()))) {
+                return Err(format!("room {rid} expiry not scheduled"));
+            }
+        }
+        let registered =
+            self.sessions.values().filter(|s| matches!(s.state, State::Registered { .. })).count();
+        if registered != seen {
+            return Err(format!("{registered} registered sessions but {seen} room entries"));
+        }
+        for (t, c) in &self.deadlines {
+            match self.sessions.get(c).map(|s| &s.state) {
+                Some(State::Fresh { deadline } | State::Pending { deadline, .. }) if deadline == t => {}
+                other => return Err(format!("stale deadline for {c:?}: {other:?}")),
+            }
+        }
+        Ok(())
+    }
+}
+
+fn room_gone() -> SignalError {
+    SignalError::new(ErrorCode::NotInRoom, "Peer not registered in any room")
+}
+
+fn check_sender(claimed: Option<&str>, me: &str) -> Result<(), SignalError> {
+    match claimed {
+        Some(c) if !c.is_empty() && c != me => Err(SignalError::new(
+            ErrorCode::SenderMismatch,
+            format!("this connection is registered as '{me}' and cannot send as '{c}'"),
+        )),
+        _ => Ok(()),
+    }
+}
+
+/// Peer ids: 1..=max bytes of ASCII letters, digits and `-_.:@`.
+pub fn validate_peer_id(id: &str, max: usize) -> Result<(), SignalError> {
+    let ok = !id.is_empty()
+        && id.len() <= max
+        && id.bytes().all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'_' | b'.' | b':' | b'@'));
+    if ok {
+        Ok(())
+    } else {
+        Err(SignalError::new(
+            ErrorCode::InvalidPeerId,
+            format!("peer_id must be 1 to {max} characters of letters, digits and - _ . : @"),
+        ))
+    }
+}
+
+fn validate_metadata(m: &Object, max_bytes: usize) -> Result<(), SignalError> {
+    let reserved = |o: &Object| o.keys().find(|k| k.starts_with('_')).cloned();
+    if let Some(k) = reserved(m) {
+        return Err(SignalError::new(
+            ErrorCode::ReservedMetadataKey,
+            format!("metadata key '{k}' is reserved for the server (keys starting with '_')"),
+        ));
+    }
+    match m.get("tags") {
+        None | Some(Value::Null) => {}
+        Some(Value::Array(a)) if a.iter().all(Value::is_string) => {}
+        Some(_) => return Err(SignalError::new(ErrorCode::InvalidMessage, "metadata.tags must be a list of strings")),
+    }
+    match m.get("properties") {
+        None | Some(Value::Null) => {}
+        Some(Value::Object(p)) => {
+            if let Some(k) = reserved(p) {
+                return Err(SignalError::new(
+                    ErrorCode::ReservedMetadataKey,
+                    format!("metadata property '{k}' is reserved for the server (keys starting with '_')"),
+                ));
+            }
+        }
+        Some(_) => return Err(SignalError::new(ErrorCode::InvalidMessage, "metadata.properties must be an object")),
+    }
+    let size = serde_json::to_string(m).map(|s| s.len()).unwrap_or(usize::MAX);
+    if size > max_bytes {
+        return Err(SignalError::new(
+            ErrorCode::MetadataTooLarge,
+            format!("metadata of {size} bytes exceeds the limit of {max_bytes} bytes"),
+        ));
+    }
+    Ok(())
+}
+
+/// Upstream semantics, minus its data loss (B19): `tags` are unioned, `properties` shallow-merged
+/// (a `null` property deletes it), other keys replaced (a `null` deletes); omitted keys are kept.
+pub fn merge_metadata(old: &Object, update: Object) -> Object {
+    let mut out = old.clone();
+    for (k, v) in update {
+        match (k.as_str(), v) {
+            ("tags", Value::Array(new)) => {
+                let mut tags = match out.remove("tags") {
+                    Some(Value::Array(a)) => a,
+                    _ => Vec::new(),
+                };
+                for t in new {
+                    if !tags.contains(&t) {
+                        tags.push(t);
+                    }
+                }
+                out.insert(k, Value::Array(tags));
+            }
+            ("properties", Value::Object(new)) => {
+                let mut props = match out.remove("properties") {
+                    Some(Value::Object(p)) => p,
+                    _ => Object::new(),
+                };
+                for (pk, pv) in new {
+                    if pv.is_null() {
+                        props.remove(&pk);
+                    } else {
+                        props.insert(pk, pv);
+                    }
+                }
+                out.insert(k, Value::Object(props));
+            }
+            (_, Value::Null) => {
+                out.remove(&k);
+            }
+            (_, v) => {
+                out.insert(k, v);
+            }
+        }
+    }
+    out
+}
+
+const OPERATORS: [&str; 3] = ["$eq", "$gte", "$lte"];
+
+fn is_operator_object(v: &Value) -> Option<&Object> {
+    match v {
+        Value::Object(o) if !o.is_empty() && o.keys().any(|k| k.starts_with('$')) => Some(o),
+        _ => None,
+    }
+}
+
+fn validate_filters(f: &Filters) -> Result<(), SignalError> {
+    for (k, cond) in f.properties.iter().flatten() {
+        if let Some(ops) = is_operator_object(cond) {
+            if let Some(bad) = ops.keys().find(|op| !OPERATORS.contains(&op.as_str())) {
+                return Err(SignalError::new(
+                    ErrorCode::InvalidMessage,
+                    format!("filter on '{k}': unsupported operator '{bad}' (use $eq, $gte, $lte)"),
+                ));
+            }
+        }
+    }
+    Ok(())
+}
+
+fn compare(a: &Value, b: &Value) -> Option<std::cmp::Ordering> {
+    match (a, b) {
+        (Value::Number(x), Value::Number(y)) => x.as_f64()?.partial_cmp(&y.as_f64()?),
+        (Value::String(x), Value::String(y)) => Some(x.cmp(y)),
+        _ => None,
+    }
+}
+
+/// Discovery filter: role equal; tags any-of; properties equal or `$eq`/`$gte`/`$lte`. A missing
+/// or incomparable value (number vs string) simply does not match: it never errors (B17).
+fn matches(f: &Filters, p: &PeerEntry) -> bool {
+    if f.role.as_ref().is_some_and(|r| *r != p.role) {
+        return false;
+    }
+    if let Some(want) = f.tags.as_ref().filter(|t| !t.is_empty()) {
+        let have = p.metadata.get("tags").and_then(Value::as_array);
+        let any = have.is_some_and(|h| h.iter().any(|t| t.as_str().is_some_and(|t| want.iter().any(|w| w == t))));
+        if !any {
+            return false;
+        }
+    }
+    let props = p.metadata.get("properties").and_then(Value::as_object);
+    for (k, cond) in f.properties.iter().flatten() {
+        let Some(v) = props.and_then(|p| p.get(k)) else { return false };
+        let ok = match is_operator_object(cond) {
+            Some(ops) => ops.iter().all(|(op, x)| match op.as_str() {
+                "$eq" => v == x,
+                "$gte" => compare(v, x).is_some_and(|o| o.is_ge()),
+                "$lte" => compare(v, x).is_some_and(|o| o.is_le()),
+                _ => false,
+            }),
+            None => v == cond,
+        };
+        if !ok {
+            return false;
+        }
+    }
+    true
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,531 @@
+use super::*;
+use proptest::prelude::*;
+use serde_json::json;
+
+const T0: Millis = Millis(1_700_000_000_000);
+
+fn grant(room: &str, user: &str, default_peer: &str) -> Grant {
+    Grant {
+        room_id: room.into(),
+        default_peer_id: default_peer.into(),
+        principal: Principal { user_id: user.into(), credential_id: format!("cred-{user}") },
+        room_expires_at: None,
+        token_echo: None,
+        worker_name: None,
+    }
+}
+
+/// Drives a hub and records outputs per connection.
+struct Harness {
+    hub: Hub,
+    now: Millis,
+    inbox: HashMap<ConnId, Vec<ServerEnvelope>>,
+    closed: HashMap<ConnId, u16>,
+    auth: Vec<(ConnId, RegisterRequest)>,
+}
+
+impl Harness {
+    fn new(limits: Limits) -> Self {
+        Harness { hub: Hub::new(limits), now: T0, inbox: HashMap::new(), closed: HashMap::new(), auth: Vec::new() }
+    }
+
+    fn pump(&mut self) {
+        while let Some(o) = self.hub.poll_output() {
+            match o {
+                Output::Send { to, msg } => {
+                    for c in to {
+                        assert!(!self.closed.contains_key(&c), "delivery to closed {c:?}: {msg:?}");
+                        self.inbox.entry(c).or_default().push((*msg).clone());
+                    }
+                }
+                Output::Close { conn, code, .. } => {
+                    self.closed.insert(conn, code);
+                }
+                Output::Authenticate { conn, request } => self.auth.push((conn, *request)),
+            }
+        }
+        self.hub.check_invariants().unwrap();
+    }
+
+    fn send(&mut self, c: u64, v: serde_json::Value) {
+        self.hub.handle_text(ConnId(c), &v.to_string(), self.now);
+        self.pump();
+    }
+
+    fn register(&mut self, c: u64, room: &str, user: &str, peer: Option<&str>) {
+        self.hub.connect(ConnId(c), self.now);
+        let mut msg = json!({"type":"register","jwt":"x","room_id":room,"role":"worker",
+            "metadata":{"tags":["gpu"],"properties":{"mem":8000,"status":"available"}}});
+        if let Some(p) = peer {
+            msg["peer_id"] = json!(p);
+        }
+        self.send(c, msg);
+        let (conn, _) = self.auth.pop().expect("authenticate requested");
+        assert_eq!(conn, ConnId(c));
+        self.hub.complete_register(conn, Ok(grant(room, user, &format!("auto-{c}"))), self.now);
+        self.pump();
+    }
+
+    fn take(&mut self, c: u64) -> Vec<ServerEnvelope> {
+        self.inbox.remove(&ConnId(c)).unwrap_or_default()
+    }
+
+    fn last(&mut self, c: u64) -> ServerMessage {
+        self.take(c).pop().expect("a message").msg
+    }
+}
+
+fn error_code(m: &ServerMessage) -> ErrorCode {
+    match m {
+        ServerMessage::Error { code, .. } => *code,
+        other => panic!("expected error, got {other:?}"),
+    }
+}
+
+#[test]
+fn nothing_but_register_before_registration() {
+    let mut h = Harness::new(Limits::default());
+    h.hub.connect(ConnId(1), h.now);
+    for m in [
+        json!({"type":"discover_peers"}),
+        json!({"type":"peer_message","to_peer_id":"x","payload":{"a":1}}),
+        json!({"type":"offer","target":"x","sdp":"s"}),
+        json!({"type":"update_metadata","metadata":{"a":1}}),
+    ] {
+        h.send(1, m);
+        assert_eq!(error_code(&h.last(1)), ErrorCode::NotRegistered);
+    }
+}
+
+#[test]
+fn register_flow_presence_and_routing() {
+    let mut h = Harness::new(Limits::default());
+    h.register(1, "r", "u1", Some("w1"));
+    match h.last(1) {
+        ServerMessage::RegisteredAuth { peer_id, peer_list, .. } => {
+            assert_eq!(peer_id, "w1");
+            assert!(peer_list.is_empty());
+        }
+        other => panic!("{other:?}"),
+    }
+    h.register(2, "r", "u2", None);
+    match h.last(2) {
+        ServerMessage::RegisteredAuth { peer_id, peer_list, peer_metadata, .. } => {
+            assert_eq!(peer_id, "auto-2");
+            assert_eq!(peer_list, vec!["w1".to_string()]);
+            assert_eq!(peer_metadata["w1"]["properties"]["mem"], 8000);
+        }
+        other => panic!("{other:?}"),
+    }
+    match h.last(1) {
+        ServerMessage::PeerJoined { peer } => assert_eq!(peer.peer_id, "auto-2"),
+        other => panic!("{other:?}"),
+    }
+    h.send(2, json!({"type":"peer_message","to_peer_id":"w1","payload":{"hi":1},"request_id":"q1"}));
+    let acks = h.take(2);
+    assert!(matches!(acks[0].msg, ServerMessage::Ack {}));
+    assert_eq!(acks[0].request_id, Some(RequestId::Str("q1".into())));
+    match h.last(1) {
+        ServerMessage::PeerMessage { from_peer_id, payload, .. } => {
+            assert_eq!(from_peer_id, "auto-2");
+            assert_eq!(payload, json!({"hi":1}));
+        }
+        other => panic!("{other:?}"),
+    }
+    h.hub.disconnect(ConnId(2), h.now);
+    h.pump();
+    assert!(matches!(h.last(1), ServerMessage::PeerLeft { ref peer_id, .. } if peer_id == "auto-2"));
+}
+
+#[test]
+fn spoofed_sender_is_refused() {
+    let mut h = Harness::new(Limits::default());
+    h.register(1, "r", "u1", Some("a"));
+    h.register(2, "r", "u2", Some("b"));
+    h.register(3, "r", "u3", Some("c"));
+    h.take(1);
+    h.take(2);
+    h.take(3);
+    h.send(3, json!({"type":"peer_message","from_peer_id":"a","to_peer_id":"b","payload":{"x":1}}));
+    assert_eq!(error_code(&h.last(3)), ErrorCode::SenderMismatch);
+    h.send(3, json!({"type":"offer","sender":"a","target":"b","sdp":"s"}));
+    assert_eq!(error_code(&h.last(3)), ErrorCode::SenderMismatch);
+    h.send(3, json!({"type":"update_metadata","peer_id":"a","metadata":{"x":1}}));
+    assert_eq!(error_code(&h.last(3)), ErrorCode::SenderMismatch);
+    assert!(h.take(2).is_empty());
+    assert!(h.take(1).is_empty());
+}
+
+#[test]
+fn peer_ids_unique_per_room_and_duplicates_from_others_refused() {
+    let mut h = Harness::new(Limits::default());
+    h.register(1, "r", "u1", Some("w"));
+    h.register(2, "r", "u2", Some("w"));
+    assert_eq!(error_code(&h.last(2)), ErrorCode::PeerIdTaken);
+    // The victim is untouched, and the attacker disconnecting removes nothing of the victim's (B3).
+    h.hub.disconnect(ConnId(2), h.now);
+    h.pump();
+    assert_eq!(h.hub.identity(ConnId(1)), Some(("r", "w")));
+    // Same id in another room is a different peer.
+    h.register(3, "other", "u3", Some("w"));
+    assert!(matches!(h.last(3), ServerMessage::RegisteredAuth { .. }));
+}
+
+#[test]
+fn same_principal_supersedes_its_old_connection() {
+    let mut h = Harness::new(Limits::default());
+    h.register(1, "r", "u1", Some("w"));
+    h.register(2, "r", "u1", Some("w"));
+    assert!(matches!(h.last(2), ServerMessage::RegisteredAuth { .. }));
+    assert_eq!(h.closed.get(&ConnId(1)), Some(&close_code::SUPERSEDED));
+    h.hub.disconnect(ConnId(1), h.now);
+    h.pump();
+    assert_eq!(h.hub.identity(ConnId(2)), Some(("r", "w")));
+}
+
+#[test]
+fn reserved_metadata_is_refused_and_tags_survive_updates() {
+    let mut h = Harness::new(Limits::default());
+    h.hub.connect(ConnId(1), h.now);
+    h.send(1, json!({"type":"register","jwt":"x","room_id":"r","metadata":{"_token_id":"slp_fake"}}));
+    assert_eq!(error_code(&h.last(1)), ErrorCode::ReservedMetadataKey);
+    h.register(2, "r", "u", Some("w"));
+    h.take(2);
+    h.send(2, json!({"type":"update_metadata","metadata":{"properties":{"_x":1}}}));
+    assert_eq!(error_code(&h.last(2)), ErrorCode::ReservedMetadataKey);
+    h.send(2, json!({"type":"update_metadata","metadata":{"properties":{"status":"busy"}}}));
+    match h.last(2) {
+        ServerMessage::MetadataUpdated { metadata, .. } => {
+            assert_eq!(metadata["tags"], json!(["gpu"]));
+            assert_eq!(metadata["properties"], json!({"mem":8000,"status":"busy"}));
+        }
+        other => panic!("{other:?}"),
+    }
+}
+
+#[test]
+fn discovery_filters() {
+    let mut h = Harness::new(Limits::default());
+    h.register(1, "r", "u1", Some("w"));
+    h.register(2, "r", "u2", Some("c"));
+    h.take(2);
+    let q = |f: serde_json::Value| json!({"type":"discover_peers","filters":f});
+    let count = |h: &mut Harness| match h.last(2) {
+        ServerMessage::PeerList { count, .. } => count,
+        other => panic!("{other:?}"),
+    };
+    h.send(2, q(json!({"role":"worker"})));
+    assert_eq!(count(&mut h), 1);
+    h.send(2, q(json!({"role":"client"})));
+    assert_eq!(count(&mut h), 0);
+    h.send(2, q(json!({"tags":["x","gpu"]})));
+    assert_eq!(count(&mut h), 1);
+    h.send(2, q(json!({"properties":{"mem":{"$gte":4000,"$lte":8000}}})));
+    assert_eq!(count(&mut h), 1);
+    h.send(2, q(json!({"properties":{"mem":{"$gte":"a"}}})));
+    assert_eq!(count(&mut h), 0, "incomparable types do not match and do not error");
+    h.send(2, q(json!({"properties":{"missing":{"$lte":1}}})));
+    assert_eq!(count(&mut h), 0);
+    h.send(2, q(json!({"properties":{"status":"available"}})));
+    assert_eq!(count(&mut h), 1);
+    h.send(2, q(json!({"properties":{"mem":{"$regex":"x"}}})));
+    assert_eq!(error_code(&h.last(2)), ErrorCode::InvalidMessage);
+}
+
+#[test]
+fn rate_limit_answers_then_closes() {
+    let limits = Limits { rate_per_sec: 1.0, rate_burst: 2.0, rate_strikes_before_close: 3, ..Limits::default() };
+    let mut h = Harness::new(limits);
+    h.hub.connect(ConnId(1), h.now);
+    h.send(1, json!({"type":"ping"}));
+    h.send(1, json!({"type":"ping"}));
+    assert!(h.take(1).iter().all(|m| matches!(m.msg, ServerMessage::Pong {})));
+    h.send(1, json!({"type":"ping"}));
+    assert_eq!(error_code(&h.last(1)), ErrorCode::RateLimited);
+    h.now = h.now.plus_ms(1000);
+    h.send(1, json!({"type":"ping"}));
+    assert!(matches!(h.last(1), ServerMessage::Pong {}));
+    for _ in 0..3 {
+        h.send(1, json!({"type":"ping"}));
+    }
+    assert_eq!(h.closed.get(&ConnId(1)), Some(&close_code::RATE_LIMITED));
+}
+
+#[test]
+fn unregistered_connections_time_out() {
+    let mut h = Harness::new(Limits::default());
+    h.hub.connect(ConnId(1), h.now);
+    h.register(2, "r", "u", None);
+    assert_eq!(h.hub.poll_timeout(), Some(T0.plus_ms(10_000)));
+    h.hub.handle_timeout(T0.plus_ms(10_000));
+    h.pump();
+    assert_eq!(h.closed.get(&ConnId(1)), Some(&close_code::REGISTER_TIMEOUT));
+    assert!(!h.closed.contains_key(&ConnId(2)));
+}
+
+#[test]
+fn failed_registrations_close_the_connection() {
+    let mut h = Harness::new(Limits::default());
+    h.hub.connect(ConnId(1), h.now);
+    for i in 0..5 {
+        h.send(1, json!({"type":"register","jwt":"bad","room_id":"r"}));
+        let (c, _) = h.auth.pop().unwrap();
+        h.hub.complete_register(c, Err(SignalError::new(ErrorCode::AuthFailed, "Invalid token")), h.now);
+        h.pump();
+        assert_eq!(error_code(&h.last(1)), ErrorCode::AuthFailed);
+        assert_eq!(h.closed.contains_key(&ConnId(1)), i == 4);
+    }
+}
+
+#[test]
+fn expired_and_closed_rooms_evict_and_refuse() {
+    let mut h = Harness::new(Limits::default());
+    h.hub.connect(ConnId(1), h.now);
+    h.send(1, json!({"type":"register","jwt":"x","room_id":"r"}));
+    let (c, _) = h.auth.pop().unwrap();
+    let mut g = grant("r", "u", "p1");
+    g.room_expires_at = Some(T0.plus_ms(5000));
+    h.hub.complete_register(c, Ok(g.clone()), h.now);
+    h.pump();
+    h.take(1);
+    h.hub.handle_timeout(T0.plus_ms(5000));
+    h.pump();
+    assert!(matches!(h.last(1), ServerMessage::RoomClosed { .. }));
+    assert_eq!(h.closed.get(&ConnId(1)), Some(&close_code::ROOM_CLOSED));
+    // An expired grant is refused.
+    h.now = T0.plus_ms(6000);
+    h.hub.connect(ConnId(2), h.now);
+    h.send(2, json!({"type":"register","jwt":"x","room_id":"r"}));
+    let (c, _) = h.auth.pop().unwrap();
+    h.hub.complete_register(c, Ok(g), h.now);
+    h.pump();
+    assert_eq!(error_code(&h.last(2)), ErrorCode::RoomExpired);
+    // A deleted room refuses a registration that was verified before the delete.
+    h.register(3, "d", "u", None);
+    h.hub.connect(ConnId(4), h.now);
+    h.send(4, json!({"type":"register","jwt":"x","room_id":"d"}));
+    let (c, _) = h.auth.pop().unwrap();
+    h.hub.close_room("d", "Room deleted", h.now);
+    h.pump();
+    assert_eq!(h.closed.get(&ConnId(3)), Some(&close_code::ROOM_CLOSED));
+    h.hub.complete_register(c, Ok(grant("d", "u", "p4")), h.now);
+    h.pump();
+    assert_eq!(error_code(&h.last(4)), ErrorCode::RoomNotFound);
+}
+
+#[test]
+fn limits_rooms_and_peers() {
+    let limits = Limits { max_rooms: 1, max_peers_per_room: 1, ..Limits::default() };
+    let mut h = Harness::new(limits);
+    h.register(1, "a", "u", Some("p"));
+    h.register(2, "a", "u2", Some("q"));
+    assert_eq!(error_code(&h.last(2)), ErrorCode::RoomFull);
+    h.register(3, "b", "u", Some("p"));
+    assert_eq!(error_code(&h.last(3)), ErrorCode::ServerFull);
+}
+
+#[test]
+fn revocation_and_member_removal_evict() {
+    let mut h = Harness::new(Limits::default());
+    h.register(1, "r", "u1", Some("a"));
+    h.register(2, "r", "u2", Some("b"));
+    h.register(3, "s", "u2", Some("b"));
+    assert_eq!(h.hub.remove_member("r", "u2", h.now), 1);
+    h.pump();
+    assert_eq!(h.closed.get(&ConnId(2)), Some(&close_code::REVOKED));
+    assert!(!h.closed.contains_key(&ConnId(3)));
+    assert_eq!(h.hub.revoke_credential("cred-u1", h.now), 1);
+    h.pump();
+    assert_eq!(h.closed.get(&ConnId(1)), Some(&close_code::REVOKED));
+}
+
+#[test]
+fn admin_is_first_come_and_conflicts_are_reported() {
+    let mut h = Harness::new(Limits::default());
+    for c in [1u64, 2] {
+        h.hub.connect(ConnId(c), h.now);
+        h.send(c, json!({"type":"register","jwt":"x","room_id":"r","is_admin":true}));
+        let (conn, _) = h.auth.pop().unwrap();
+        h.hub.complete_register(conn, Ok(grant("r", &format!("u{c}"), &format!("p{c}"))), h.now);
+        h.pump();
+    }
+    let msgs = h.take(2);
+    assert!(matches!(&msgs[0].msg, ServerMessage::RegisteredAuth { admin_peer_id: Some(a), .. } if a == "p1"));
+    assert!(matches!(&msgs[1].msg, ServerMessage::AdminConflict { current_admin, .. } if current_admin == "p1"));
+}
+
+#[test]
+fn relay_is_verbatim_with_server_sender() {
+    let mut h = Harness::new(Limits::default());
+    h.register(1, "r", "u1", Some("a"));
+    h.register(2, "r", "u2", Some("b"));
+    h.take(1);
+    h.send(2, json!({"type":"offer","target":"a","sdp":"v=0","role":"client"}));
+    match h.last(1) {
+        ServerMessage::Offer(o) => {
+            assert_eq!(o["sender"], "b");
+            assert_eq!(o["target"], "a");
+            assert_eq!(o["sdp"], "v=0");
+            assert_eq!(o["role"], "client");
+        }
+        other => panic!("{other:?}"),
+    }
+    h.send(2, json!({"type":"candidate","target":"nobody","candidate":{}}));
+    assert_eq!(error_code(&h.last(2)), ErrorCode::PeerNotFound);
+}
+
+#[test]
+fn merge_metadata_semantics() {
+    let old = json!({"tags":["a"],"properties":{"x":1,"y":2},"name":"n"});
+    let upd = json!({"tags":["b","a"],"properties":{"y":null,"z":3}});
+    let (serde_json::Value::Object(o), serde_json::Value::Object(u)) = (old, upd) else { panic!() };
+    let m = merge_metadata(&o, u);
+    assert_eq!(serde_json::Value::Object(m), json!({"tags":["a","b"],"properties":{"x":1,"z":3},"name":"n"}));
+}
+
+// ------------------------------------------------------------------------------------------
+// Property tests: random operation sequences from several connections.
+// ------------------------------------------------------------------------------------------
+
+#[derive(Debug, Clone)]
+enum Op {
+    Connect(u8),
+    Register { conn: u8, room: u8, user: u8, peer: Option<u8>, ok: bool },
+    Disconnect(u8),
+    Message { conn: u8, from: Option<u8>, to: u8, relay: bool },
+    Update { conn: u8, claimed: Option<u8> },
+    Discover(u8),
+    CloseRoom(u8),
+    Revoke(u8),
+    Tick(u16),
+}
+
+fn op() -> impl Strategy<Value = Op> {
+    let c = 0u8..6;
+    prop_oneof![
+        c.clone().prop_map(Op::Connect),
+        (c.clone(), 0u8..3, 0u8..3, proptest::option::of(0u8..4), proptest::bool::weighted(0.8))
+            .prop_map(|(conn, room, user, peer, ok)| Op::Register { conn, room, user, peer, ok }),
+        c.clone().prop_map(Op::Disconnect),
+        (c.clone(), proptest::option::of(0u8..4), 0u8..4, any::<bool>())
+            .prop_map(|(conn, from, to, relay)| Op::Message { conn, from, to, relay }),
+        (c.clone(), proptest::option::of(0u8..4)).prop_map(|(conn, claimed)| Op::Update { conn, claimed }),
+        c.clone().prop_map(Op::Discover),
+        (0u8..3).prop_map(Op::CloseRoom),
+        (0u8..3).prop_map(Op::Revoke),
+        (0u16..20_000).prop_map(Op::Tick),
+    ]
+}
+
+fn pid(p: u8) -> String {
+    format!("p{p}")
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(512))]
+
+    #[test]
+    fn random_operations_keep_rooms_isolated(ops in proptest::collection::vec(op(), 1..80)) {
+        let mut hub = Hub::new(Limits { max_peers_per_room: 3, ..Limits::default() });
+        let mut now = T0;
+        let mut generation = [0u64; 6];
+        let mut live: HashMap<ConnId, ()> = HashMap::new();
+        let conn_of = |g: &[u64; 6], c: u8| ConnId(g[c as usize] * 16 + c as u64);
+        for op in ops {
+            // Where each connection stands before the op: used to judge deliveries.
+            let before: HashMap<ConnId, (String, String)> = live
+                .keys()
+                .filter_map(|c| hub.identity(*c).map(|(r, p)| (*c, (r.to_owned(), p.to_owned()))))
+                .collect();
+            let mut sender: Option<ConnId> = None;
+            match op {
+                Op::Connect(c) => {
+                    generation[c as usize] += 1;
+                    let id = conn_of(&generation, c);
+                    hub.connect(id, now);
+                    live.insert(id, ());
+                }
+                Op::Register { conn, room, user, peer, ok } => {
+                    let id = conn_of(&generation, conn);
+                    let mut m = json!({"type":"register","jwt":"x","room_id":format!("r{room}")});
+                    if let Some(p) = peer { m["peer_id"] = json!(pid(p)); }
+                    hub.handle_text(id, &m.to_string(), now);
+                    let verdict = if ok {
+                        Ok(grant(&format!("r{room}"), &format!("u{user}"), &format!("auto{}", id.0)))
+                    } else {
+                        Err(SignalError::new(ErrorCode::AuthFailed, "no"))
+                    };
+                    hub.complete_register(id, verdict, now);
+                }
+                Op::Disconnect(c) => {
+                    let id = conn_of(&generation, c);
+                    hub.disconnect(id, now);
+                    live.remove(&id);
+                }
+                Op::Message { conn, from, to, relay } => {
+                    let id = conn_of(&generation, conn);
+                    sender = Some(id);
+                    let mut m = if relay {
+                        json!({"type":"candidate","target":pid(to),"candidate":{"c":1}})
+                    } else {
+                        json!({"type":"peer_message","to_peer_id":pid(to),"payload":{"k":1}})
+                    };
+                    if let Some(f) = from { m[if relay {"sender"} else {"from_peer_id"}] = json!(pid(f)); }
+                    hub.handle_text(id, &m.to_string(), now);
+                }
+                Op::Update { conn, claimed } => {
+                    let id = conn_of(&generation, conn);
+                    let mut m = json!({"type":"update_metadata","metadata":{"properties":{"n":1}}});
+                    if let Some(p) = claimed { m["peer_id"] = json!(pid(p)); }
+                    hub.handle_text(id, &m.to_string(), now);
+                }
+                Op::Discover(c) => hub.handle_text(conn_of(&generation, c), r#"{"type":"discover_peers"}"#, now),
+                Op::CloseRoom(r) => hub.close_room(&format!("r{r}"), "deleted", now),
+                Op::Revoke(u) => { hub.revoke_credential(&format!("cred-u{u}"), now); }
+                Op::Tick(ms) => { now = now.plus_ms(ms as u64); hub.handle_timeout(now); }
+            }
+            while let Some(out) = hub.poll_output() {
+                match out {
+                    Output::Send { to, msg } => {
+                        for t in &to {
+                            match &msg.msg {
+                                ServerMessage::PeerMessage { from_peer_id, .. } => {
+                                    let s = sender.expect("only a message op routes");
+                                    let (sr, sp) = before.get(&s).expect("sender was registered");
+                                    let (tr, _) = before.get(t).expect("target was registered");
+                                    prop_assert_eq!(sr, tr, "delivery crossed rooms");
+                                    prop_assert_eq!(from_peer_id, sp, "spoofed sender delivered");
+                                }
+                                ServerMessage::Candidate(o) => {
+                                    let s = sender.expect("only a message op routes");
+                                    let (sr, sp) = before.get(&s).expect("sender was registered");
+                                    let (tr, _) = before.get(t).expect("target was registered");
+                                    prop_assert_eq!(sr, tr, "relay crossed rooms");
+                                    prop_assert_eq!(o["sender"].as_str(), Some(sp.as_str()));
+                                }
+                                ServerMessage::PeerList { peers, .. } => {
+                                    let (room, _) = before.get(t).expect("discoverer registered");
+                                    for p in peers {
+                                        let in_room = hub.room_peers(room).any(|(id, _)| id == p.peer_id);
+                                        prop_assert!(in_room, "discovery listed a peer outside the room");
+                                    }
+                                }
+                                _ => {}
+                            }
+                        }
+                    }
+                    Output::Close { conn, .. } => { live.remove(&conn); }
+                    Output::Authenticate { .. } => {}
+                }
+            }
+            if let Err(e) = hub.check_invariants() {
+                return Err(TestCaseError::fail(e));
+            }
+        }
+        // Everyone leaves: nothing may remain (no ghosts, B4).
+        for c in live.keys().copied().collect::<Vec<_>>() {
+            hub.disconnect(c, now);
+        }
+        prop_assert_eq!(hub.stats(), Stats::default());
+    }
+}
