@@ -21,7 +21,7 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use crate::signal::{
-    ClientMessage, Credential, DecodeError, DiscoverPeers, Envelope, ErrorCode, Filters, MeshKind, MeshRelay,
+    ClientMessage, Credential, DecodeError, DiscoverPeers, Envelope, ErrorCode, Filters, IceServer, MeshKind, MeshRelay,
     Object, PeerInfo, PeerMessage, Register, Relay, RelayKind, RequestId, ServerEnvelope, ServerMessage,
     SignalError, UpdateMetadata,
 };
@@ -267,6 +267,7 @@ pub struct Hub {
     deadlines: BTreeSet<(Millis, ConnId)>,
     expiries: BTreeSet<(Millis, String)>,
     out: VecDeque<Output>,
+    ice_servers: Vec<IceServer>,
 }
 
 const TOMBSTONE_MS: u64 = 5 * 60 * 1000;
@@ -274,6 +275,11 @@ const TOMBSTONE_MS: u64 = 5 * 60 * 1000;
 impl Hub {
     pub fn new(limits: Limits) -> Self {
         Hub { limits, ..Default::default() }
+    }
+
+    /// ICE servers handed to every peer in `registered_auth`.
+    pub fn set_ice_servers(&mut self, servers: Vec<IceServer>) {
+        self.ice_servers = servers;
     }
 
     pub fn limits(&self) -> &Limits {
@@ -564,8 +570,8 @@ impl Hub {
                 admin_peer_id,
                 peer_list,
                 peer_metadata,
-                ice_servers: Vec::new(),
-                mesh_ice_servers: Vec::new(),
+                ice_servers: self.ice_servers.clone(),
+                mesh_ice_servers: self.ice_servers.clone(),
             },
             request_id,
         );

@@ -1,0 +1,712 @@
+//! HTTP API. Paths, request and response fields follow the upstream server where it defined them
+//! (`upstream-signaling-server.md` §3); errors are JSON `{"detail": ..., "code": ...}` (upstream
+//! clients read `detail`). Timestamps are Unix seconds.
+
+use std::net::{IpAddr, SocketAddr};
+use std::sync::Arc;
+
+use axum::extract::rejection::JsonRejection;
+use axum::extract::ws::rejection::WebSocketUpgradeRejection;
+use axum::extract::{ConnectInfo, DefaultBodyLimit, FromRequest, FromRequestParts, Path, Query, Request, State};
+use axum::http::request::Parts;
+use axum::http::{HeaderMap, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use serde::Deserialize;
+use serde::de::DeserializeOwned;
+use serde_json::{Value, json};
+
+use crate::auth::{
+    ACCOUNT_KEY_PREFIX, WORKER_TOKEN_PREFIX, hash_secret, new_id, new_invite_code, new_room_token, new_secret,
+    normalize_invite,
+};
+use crate::store::{AccountKey, Invite, Membership, Role, Room, StoreError, User, WorkerToken};
+use crate::{AppState, now_millis, unix_now, ws};
+
+/// Frames above this close the connection outright; between `--max-message-bytes` and this they
+/// are answered with MESSAGE_TOO_LARGE and the connection stays open.
+const HARD_MAX_FRAME: usize = 1024 * 1024;
+const LEGACY_ROOM_TTL_SECS: i64 = 2 * 3600;
+const INVITE_TTL_SECS: i64 = 3600;
+const DAY: i64 = 86_400;
+
+type S = State<Arc<AppState>>;
+
+pub fn router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/", get(ws_root))
+        .route("/ws", get(ws_only))
+        .route("/health", get(health))
+        .route("/metrics", get(metrics))
+        .route("/.well-known/jwks.json", get(jwks))
+        .route("/anonymous-signin", post(anonymous_signin))
+        .route("/create-room", post(legacy_create_room))
+        .route("/delete-peer", post(removed_endpoint))
+        .route("/delete-peers-and-room", post(removed_endpoint))
+        .route("/api/auth/me", get(me))
+        .route("/api/auth/account-keys", post(create_account_key).get(list_account_keys))
+        .route("/api/auth/account-keys/{id}", delete(delete_account_key))
+        .route("/api/auth/rooms", post(create_room).get(list_rooms))
+        .route("/api/auth/rooms/join", post(join_room))
+        .route("/api/auth/rooms/{id}", get(get_room).patch(patch_room).delete(delete_room))
+        .route("/api/auth/rooms/{id}/invite", post(create_invite))
+        .route("/api/auth/rooms/{id}/members", get(list_members))
+        .route("/api/auth/rooms/{id}/members/{user_id}", delete(remove_member))
+        .route("/api/auth/token", post(create_worker_token))
+        .route("/api/auth/token/{id}", delete(revoke_worker_token))
+        .route("/api/auth/tokens", get(list_worker_tokens))
+        .route("/api/auth/tokens/{id}", delete(delete_worker_token))
+        .route("/api/rooms/{id}/workers", get(room_workers))
+        .layer(DefaultBodyLimit::max(64 * 1024))
+        .with_state(state)
+}
+
+// ---------------------------------------------------------------------------------------------
+// Errors and extractors
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    code: &'static str,
+    detail: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, code: &'static str, detail: impl Into<String>) -> Self {
+        ApiError { status, code, detail: detail.into() }
+    }
+    fn bad_request(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::BAD_REQUEST, "BAD_REQUEST", detail)
+    }
+    fn unauthorized(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", detail)
+    }
+    fn forbidden(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::FORBIDDEN, "FORBIDDEN", detail)
+    }
+    fn not_found(detail: impl Into<String>) -> Self {
+        Self::new(StatusCode::NOT_FOUND, "NOT_FOUND", detail)
+    }
+    fn rate_limited() -> Self {
+        Self::new(StatusCode::TOO_MANY_REQUESTS, "RATE_LIMITED", "too many requests from this address; slow down")
+    }
+}
+
+impl From<StoreError> for ApiError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict => Self::new(StatusCode::CONFLICT, "CONFLICT", "already exists"),
+            StoreError::Backend(msg) => {
+                tracing::error!(error = %msg, "storage error");
+                Self::new(StatusCode::SERVICE_UNAVAILABLE, "STORAGE_UNAVAILABLE", "storage unavailable; try again")
+            }
+        }
+    }
+}
+
+impl From<anyhow::Error> for ApiError {
+    fn from(e: anyhow::Error) -> Self {
+        tracing::error!(error = %e, "internal error");
+        Self::new(StatusCode::INTERNAL_SERVER_ERROR, "INTERNAL", "internal error")
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        (self.status, Json(json!({"detail": self.detail, "code": self.code}))).into_response()
+    }
+}
+
+type ApiResult<T = Json<Value>> = Result<T, ApiError>;
+
+/// A JSON body whose rejections are JSON errors too. An absent or empty body reads as `{}` so
+/// endpoints whose fields are all optional accept bodiless POSTs, as upstream's did.
+pub struct Body<T>(pub T);
+
+impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for Body<T> {
+    type Rejection = ApiError;
+
+    async fn from_request(req: Request, state: &Arc<AppState>) -> Result<Self, Self::Rejection> {
+        let empty = req
+            .headers()
+            .get(header::CONTENT_LENGTH)
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.trim() == "0")
+            || (!req.headers().contains_key(header::CONTENT_TYPE)
+                && !req.headers().contains_key(header::TRANSFER_ENCODING)
+                && !req.headers().contains_key(header::CONTENT_LENGTH));
+        if empty {
+            return serde_json::from_value(json!({}))
+                .map(Body)
+                .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "INVALID_BODY", e.to_string()));
+        }
+        match Json::<T>::from_request(req, state).await {
+            Ok(Json(v)) => Ok(Body(v)),
+            Err(JsonRejection::JsonDataError(e)) => {
+                Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "INVALID_BODY", e.body_text()))
+            }
+            Err(JsonRejection::MissingJsonContentType(_)) => Err(ApiError::new(
+                StatusCode::UNSUPPORTED_MEDIA_TYPE,
+                "UNSUPPORTED_MEDIA_TYPE",
+                "send the body as JSON with Content-Type: application/json",
+            )),
+            Err(e) => Err(ApiError::bad_request(e.body_text())),
+        }
+    }
+}
+
+/// The caller, from `Authorization: Bearer <JWT | account key>`.
+pub struct AuthUser {
+    pub user_id: String,
+    pub username: String,
+}
+
+impl FromRequestParts<Arc<AppState>> for AuthUser {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, Self::Rejection> {
+        let token = bearer(&parts.headers).ok_or_else(|| ApiError::unauthorized("Invalid authorization header"))?;
+        if token.starts_with(ACCOUNT_KEY_PREFIX) {
+            let key = state
+                .store
+                .find_account_key(&hash_secret(token))
+                .await?
+                .filter(|k| k.expires_at.is_none_or(|t| t > unix_now()))
+                .ok_or_else(|| ApiError::unauthorized("Invalid or expired account key"))?;
+            let user = state.store.get_user(&key.user_id).await?;
+            return Ok(AuthUser { username: user.map_or_else(String::new, |u| u.username), user_id: key.user_id });
+        }
+        let claims = state.keys.verify(token).map_err(|e| ApiError::unauthorized(format!("Invalid token: {e}")))?;
+        Ok(AuthUser { user_id: claims.sub, username: claims.username })
+    }
+}
+
+fn bearer(headers: &HeaderMap) -> Option<&str> {
+    let v = headers.get(header::AUTHORIZATION)?.to_str().ok()?;
+    let t = v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer "))?.trim();
+    (!t.is_empty()).then_some(t)
+}
+
+async fn membership(state: &AppState, room_id: &str, user_id: &str) -> ApiResult<(Room, Membership)> {
+    let not_found = || ApiError::not_found("Room not found or you don't have access");
+    let m = state.store.get_member(room_id, user_id).await?.ok_or_else(not_found)?;
+    let room = state.store.get_room(room_id).await?.ok_or_else(not_found)?;
+    Ok((room, m))
+}
+
+async fn owner(state: &AppState, room_id: &str, user_id: &str, what: &str) -> ApiResult<Room> {
+    let (room, m) = membership(state, room_id, user_id).await?;
+    if m.role != Role::Owner {
+        return Err(ApiError::forbidden(format!("Only the room owner can {what}")));
+    }
+    Ok(room)
+}
+
+fn days(v: Option<i64>, default: i64, field: &str) -> ApiResult<i64> {
+    let d = v.unwrap_or(default);
+    if !(1..=365).contains(&d) {
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "INVALID_BODY",
+            format!("{field} must be between 1 and 365"),
+        ));
+    }
+    Ok(d)
+}
+
+fn bounded_name(v: Option<String>, field: &str, max: usize, required: bool) -> ApiResult<Option<String>> {
+    match v.map(|s| s.trim().to_owned()) {
+        Some(s) if s.chars().count() > max || (required && s.is_empty()) => Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "INVALID_BODY",
+            format!("{field} must be 1 to {max} characters"),
+        )),
+        Some(s) if s.chars().any(char::is_control) => Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "INVALID_BODY",
+            format!("{field} must not contain control characters"),
+        )),
+        other => Ok(other),
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// WebSocket, health, metrics, keys
+// ---------------------------------------------------------------------------------------------
+
+async fn ws_root(
+    state: S,
+    connect: ConnectInfo<SocketAddr>,
+    upgrade: Result<axum::extract::WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    match upgrade {
+        Ok(u) => accept(state, connect, u),
+        Err(_) => (
+            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
+            "sleap-rtc signaling server. WebSocket signaling on /ws (and /); HTTP API under /api; health on /health.\n",
+        )
+            .into_response(),
+    }
+}
+
+async fn ws_only(
+    state: S,
+    connect: ConnectInfo<SocketAddr>,
+    upgrade: Result<axum::extract::WebSocketUpgrade, WebSocketUpgradeRejection>,
+) -> Response {
+    match upgrade {
+        Ok(u) => accept(state, connect, u),
+        Err(e) => ApiError::new(StatusCode::UPGRADE_REQUIRED, "UPGRADE_REQUIRED", format!("WebSocket upgrade required: {e}"))
+            .into_response(),
+    }
+}
+
+fn accept(State(state): S, ConnectInfo(addr): ConnectInfo<SocketAddr>, u: axum::extract::WebSocketUpgrade) -> Response {
+    if !state.reserve_socket() {
+        let why = if state.is_draining() { "server shutting down" } else { "server at its connection limit" };
+        return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", why).into_response();
+    }
+    let failed = state.clone();
+    u.max_message_size(HARD_MAX_FRAME)
+        .max_frame_size(HARD_MAX_FRAME)
+        .on_failed_upgrade(move |_| {
+            failed.live_sockets.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        })
+        .on_upgrade(move |socket| ws::serve_socket(state, socket, addr))
+}
+
+async fn health(State(state): S) -> Response {
+    match state.store.health().await {
+        Ok(()) => Json(json!({
+            "status": "healthy", "version": env!("CARGO_PKG_VERSION"), "storage": "ok", "timestamp": unix_now(),
+            "draining": state.is_draining(),
+        }))
+        .into_response(),
+        Err(e) => {
+            tracing::error!(error = %e, "health check: storage failing");
+            (
+                StatusCode::SERVICE_UNAVAILABLE,
+                Json(json!({"status": "unhealthy", "version": env!("CARGO_PKG_VERSION"), "storage": "error"})),
+            )
+                .into_response()
+        }
+    }
+}
+
+async fn metrics(State(state): S, ConnectInfo(addr): ConnectInfo<SocketAddr>, headers: HeaderMap) -> Response {
+    let allowed = match &state.config.metrics_token {
+        Some(t) => bearer(&headers).is_some_and(|b| constant_eq(b.as_bytes(), t.as_bytes())) || addr.ip().is_loopback(),
+        None => addr.ip().is_loopback(),
+    };
+    if !allowed {
+        return ApiError::unauthorized("metrics require a bearer token (--metrics-token) from non-loopback addresses")
+            .into_response();
+    }
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        state.metrics.encode(),
+    )
+        .into_response()
+}
+
+fn constant_eq(a: &[u8], b: &[u8]) -> bool {
+    blake3::hash(a) == blake3::hash(b)
+}
+
+async fn jwks(State(state): S) -> Json<Value> {
+    Json(state.keys.jwks())
+}
+
+async fn removed_endpoint() -> ApiError {
+    ApiError::new(
+        StatusCode::GONE,
+        "GONE",
+        "this unauthenticated endpoint was removed; rooms are deleted by their owner with DELETE /api/auth/rooms/{id}",
+    )
+}
+
+// ---------------------------------------------------------------------------------------------
+// Sign-in and legacy room creation
+// ---------------------------------------------------------------------------------------------
+
+fn client_ip(addr: &SocketAddr) -> IpAddr {
+    addr.ip()
+}
+
+async fn anonymous_signin(State(state): S, ConnectInfo(addr): ConnectInfo<SocketAddr>) -> ApiResult {
+    if !state.allow_auth_call(client_ip(&addr)) {
+        return Err(ApiError::rate_limited());
+    }
+    let id = new_id();
+    let user = User { username: format!("anon-{}", &id[..8]), id, created_at: unix_now() };
+    state.store.put_user(&user).await?;
+    let jwt = state.keys.issue(&user.id, &user.username, unix_now())?;
+    Ok(Json(json!({"id_token": jwt, "jwt": jwt, "user_id": user.id, "username": user.username})))
+}
+
+async fn me(State(state): S, user: AuthUser) -> ApiResult {
+    let created = state.store.get_user(&user.user_id).await?.map(|u| u.created_at);
+    Ok(Json(json!({"user_id": user.user_id, "username": user.username, "created_at": created})))
+}
+
+async fn new_room(state: &AppState, user: &AuthUser, name: String, ttl_secs: i64) -> ApiResult<(Room, String)> {
+    let now = unix_now();
+    let token = new_room_token();
+    let room = Room {
+        id: new_id(),
+        name,
+        created_by: user.user_id.clone(),
+        token_hash: hash_secret(&token),
+        created_at: now,
+        expires_at: Some(now + ttl_secs),
+    };
+    let owner =
+        Membership { user_id: user.user_id.clone(), room_id: room.id.clone(), role: Role::Owner, invited_by: None, joined_at: now };
+    state.store.create_room(&room, &owner).await?;
+    Ok((room, token))
+}
+
+async fn legacy_create_room(State(state): S, user: AuthUser) -> ApiResult {
+    let (room, token) = new_room(&state, &user, String::new(), LEGACY_ROOM_TTL_SECS).await?;
+    Ok(Json(json!({"room_id": room.id, "token": token, "expires_at": room.expires_at})))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Rooms
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+struct CreateRoom {
+    name: Option<String>,
+    expires_in_days: Option<i64>,
+}
+
+async fn create_room(State(state): S, user: AuthUser, Body(b): Body<CreateRoom>) -> ApiResult {
+    let name = bounded_name(b.name, "name", 50, false)?.unwrap_or_default();
+    let d = days(b.expires_in_days, 30, "expires_in_days")?;
+    let (room, token) = new_room(&state, &user, name, d * DAY).await?;
+    Ok(Json(json!({
+        "room_id": room.id, "room_token": token, "name": room.name, "expires_at": room.expires_at,
+        "created_at": room.created_at,
+    })))
+}
+
+#[derive(Deserialize)]
+struct ListRooms {
+    role: Option<String>,
+    search: Option<String>,
+}
+
+fn room_json(room: &Room, m: &Membership, now: i64) -> Value {
+    json!({
+        "room_id": room.id, "name": room.name, "role": m.role.as_str(), "joined_at": m.joined_at,
+        "created_at": room.created_at, "expires_at": room.expires_at, "expired": room.is_expired(now),
+    })
+}
+
+async fn list_rooms(State(state): S, user: AuthUser, Query(q): Query<ListRooms>) -> ApiResult {
+    let now = unix_now();
+    let search = q.search.map(|s| s.to_lowercase());
+    let rooms: Vec<Value> = state
+        .store
+        .list_user_rooms(&user.user_id)
+        .await?
+        .iter()
+        .filter(|(m, _)| q.role.as_deref().is_none_or(|r| r == m.role.as_str()))
+        .filter(|(_, r)| search.as_deref().is_none_or(|s| r.name.to_lowercase().contains(s)))
+        .map(|(m, r)| room_json(r, m, now))
+        .collect();
+    Ok(Json(json!({"rooms": rooms})))
+}
+
+async fn get_room(State(state): S, user: AuthUser, Path(id): Path<String>) -> ApiResult {
+    let (room, m) = membership(&state, &id, &user.user_id).await?;
+    let mut v = room_json(&room, &m, unix_now());
+    if m.role == Role::Owner {
+        let members: Vec<Value> = state
+            .store
+            .list_members(&id)
+            .await?
+            .iter()
+            .map(|(m, _)| json!({"user_id": m.user_id, "role": m.role.as_str(), "joined_at": m.joined_at}))
+            .collect();
+        v["members"] = Value::Array(members);
+    }
+    Ok(Json(v))
+}
+
+#[derive(Deserialize)]
+struct PatchRoom {
+    name: Option<String>,
+    expires_in_days: Option<i64>,
+}
+
+async fn patch_room(State(state): S, user: AuthUser, Path(id): Path<String>, Body(b): Body<PatchRoom>) -> ApiResult {
+    owner(&state, &id, &user.user_id, "update room settings").await?;
+    let name = bounded_name(b.name, "name", 50, true)?;
+    let expires = match b.expires_in_days {
+        Some(d) => Some(Some(unix_now() + days(Some(d), 30, "expires_in_days")? * DAY)),
+        None => None,
+    };
+    if name.is_none() && expires.is_none() {
+        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "INVALID_BODY", "nothing to update: give name or expires_in_days"));
+    }
+    let room = state
+        .store
+        .update_room(&id, name.as_deref(), expires)
+        .await?
+        .ok_or_else(|| ApiError::not_found("Room not found"))?;
+    if expires.is_some() {
+        let at = room.expires_at.map(|t| sleap_rtc_core::room::Millis((t.max(0) as u64) * 1000));
+        ws::drive(&state, |hub| hub.set_room_expiry(&id, at));
+    }
+    Ok(Json(json!({"room_id": room.id, "name": room.name, "expires_at": room.expires_at})))
+}
+
+async fn delete_room(State(state): S, user: AuthUser, Path(id): Path<String>) -> ApiResult {
+    owner(&state, &id, &user.user_id, "delete a room").await?;
+    state.store.delete_room(&id).await?;
+    ws::drive(&state, |hub| hub.close_room(&id, "Room deleted", now_millis()));
+    Ok(Json(json!({"status": "deleted", "room_id": id})))
+}
+
+async fn create_invite(State(state): S, user: AuthUser, Path(id): Path<String>) -> ApiResult {
+    owner(&state, &id, &user.user_id, "create invites").await?;
+    let code = new_invite_code();
+    let inv = Invite {
+        code_hash: hash_secret(&code),
+        room_id: id.clone(),
+        created_by: user.user_id,
+        expires_at: unix_now() + INVITE_TTL_SECS,
+    };
+    state.store.put_invite(&inv).await?;
+    Ok(Json(json!({"invite_code": code, "room_id": id, "expires_in_seconds": INVITE_TTL_SECS, "single_use": true})))
+}
+
+#[derive(Deserialize)]
+struct JoinRoom {
+    invite_code: String,
+}
+
+async fn join_room(
+    State(state): S,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    user: AuthUser,
+    Body(b): Body<JoinRoom>,
+) -> ApiResult {
+    if !state.allow_auth_call(client_ip(&addr)) {
+        return Err(ApiError::rate_limited());
+    }
+    let code = normalize_invite(&b.invite_code);
+    let inv = state
+        .store
+        .take_invite(&hash_secret(&code), unix_now())
+        .await?
+        .ok_or_else(|| ApiError::bad_request("Invalid or expired invite code"))?;
+    let room = state.store.get_room(&inv.room_id).await?.filter(|r| !r.is_expired(unix_now()));
+    let Some(room) = room else { return Err(ApiError::bad_request("The room of this invite no longer exists")) };
+    let m = Membership {
+        user_id: user.user_id,
+        room_id: room.id.clone(),
+        role: Role::Member,
+        invited_by: Some(inv.created_by),
+        joined_at: unix_now(),
+    };
+    let added = state.store.add_member(&m).await?;
+    let message = if added { "Joined successfully" } else { "Already a member" };
+    Ok(Json(json!({"message": message, "room_id": room.id, "name": room.name})))
+}
+
+async fn list_members(State(state): S, user: AuthUser, Path(id): Path<String>) -> ApiResult {
+    membership(&state, &id, &user.user_id).await?;
+    let members: Vec<Value> = state
+        .store
+        .list_members(&id)
+        .await?
+        .into_iter()
+        .map(|(m, u)| {
+            json!({"user_id": m.user_id, "username": u.map(|u| u.username), "role": m.role.as_str(),
+                   "joined_at": m.joined_at, "invited_by": m.invited_by})
+        })
+        .collect();
+    Ok(Json(json!({"members": members})))
+}
+
+async fn remove_member(State(state): S, user: AuthUser, Path((id, target)): Path<(String, String)>) -> ApiResult {
+    let (_, me) = membership(&state, &id, &user.user_id).await?;
+    let is_self = target == user.user_id;
+    if is_self && me.role == Role::Owner {
+        return Err(ApiError::bad_request(
+            "Room owners cannot remove themselves. Delete the room or transfer ownership first.",
+        ));
+    }
+    if !is_self && me.role != Role::Owner {
+        return Err(ApiError::forbidden("Only room owners can remove other members"));
+    }
+    if !state.store.remove_member(&id, &target).await? {
+        return Err(ApiError::not_found("User is not a member of this room"));
+    }
+    ws::drive(&state, |hub| {
+        hub.remove_member(&id, &target, now_millis());
+    });
+    if is_self {
+        Ok(Json(json!({"status": "left", "room_id": id})))
+    } else {
+        Ok(Json(json!({"status": "removed", "room_id": id, "user_id": target})))
+    }
+}
+
+async fn room_workers(State(state): S, user: AuthUser, Path(id): Path<String>) -> ApiResult {
+    membership(&state, &id, &user.user_id).await?;
+    let workers: Vec<Value> = {
+        let st = state.hub.lock().map_err(|_| anyhow::anyhow!("hub lock poisoned"))?;
+        st.hub
+            .room_peers(&id)
+            .filter(|(_, p)| p.role == "worker")
+            .map(|(pid, p)| {
+                json!({"peer_id": pid, "worker_name": p.worker_name, "metadata": p.metadata,
+                       "connected_at": p.connected_at.secs_f64()})
+            })
+            .collect()
+    };
+    Ok(Json(json!({"count": workers.len(), "workers": workers})))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Worker tokens
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+struct CreateToken {
+    room_id: String,
+    worker_name: String,
+    expires_in_days: Option<i64>,
+}
+
+async fn create_worker_token(State(state): S, user: AuthUser, Body(b): Body<CreateToken>) -> ApiResult {
+    let worker_name = bounded_name(Some(b.worker_name), "worker_name", 64, true)?.unwrap_or_default();
+    let d = days(b.expires_in_days, 7, "expires_in_days")?;
+    membership(&state, &b.room_id, &user.user_id).await.map_err(|_| ApiError::forbidden("You don't have access to this room"))?;
+    let secret = new_secret(WORKER_TOKEN_PREFIX);
+    let now = unix_now();
+    let t = WorkerToken {
+        id: new_id(),
+        secret_hash: hash_secret(&secret),
+        user_id: user.user_id,
+        room_id: b.room_id,
+        worker_name,
+        created_at: now,
+        expires_at: Some(now + d * DAY),
+        revoked_at: None,
+    };
+    state.store.put_worker_token(&t).await?;
+    Ok(Json(json!({
+        "token_id": secret, "id": t.id, "room_id": t.room_id, "worker_name": t.worker_name,
+        "created_at": t.created_at, "expires_at": t.expires_at,
+    })))
+}
+
+#[derive(Deserialize)]
+struct ListTokens {
+    room_id: Option<String>,
+    #[serde(default)]
+    active_only: bool,
+}
+
+async fn list_worker_tokens(State(state): S, user: AuthUser, Query(q): Query<ListTokens>) -> ApiResult {
+    let now = unix_now();
+    let tokens: Vec<Value> = state
+        .store
+        .list_worker_tokens(&user.user_id, q.room_id.as_deref())
+        .await?
+        .into_iter()
+        .filter(|t| !q.active_only || t.is_active(now))
+        .map(|t| {
+            json!({"id": t.id, "room_id": t.room_id, "worker_name": t.worker_name, "created_at": t.created_at,
+                   "expires_at": t.expires_at, "revoked_at": t.revoked_at, "is_active": t.is_active(now)})
+        })
+        .collect();
+    Ok(Json(json!({"tokens": tokens})))
+}
+
+/// The token, if the caller created it or owns its room.
+async fn manageable_token(state: &AppState, user: &AuthUser, id: &str) -> ApiResult<WorkerToken> {
+    let t = state.store.get_worker_token(id).await?.ok_or_else(|| ApiError::not_found("Token not found"))?;
+    if t.user_id != user.user_id {
+        let owns_room = state.store.get_member(&t.room_id, &user.user_id).await?.is_some_and(|m| m.role == Role::Owner);
+        if !owns_room {
+            return Err(ApiError::forbidden("You don't own this token"));
+        }
+    }
+    Ok(t)
+}
+
+async fn revoke_worker_token(State(state): S, user: AuthUser, Path(id): Path<String>) -> ApiResult {
+    let t = manageable_token(&state, &user, &id).await?;
+    state.store.revoke_worker_token(&t.id, unix_now()).await?;
+    let disconnected = evict_credential(&state, &format!("wt:{}", t.id));
+    Ok(Json(json!({"revoked": true, "id": t.id, "disconnected": disconnected})))
+}
+
+async fn delete_worker_token(State(state): S, user: AuthUser, Path(id): Path<String>) -> ApiResult {
+    let t = manageable_token(&state, &user, &id).await?;
+    state.store.delete_worker_token(&t.id).await?;
+    let disconnected = evict_credential(&state, &format!("wt:{}", t.id));
+    Ok(Json(json!({"deleted": t.id, "disconnected": disconnected})))
+}
+
+fn evict_credential(state: &Arc<AppState>, credential_id: &str) -> usize {
+    let mut n = 0;
+    ws::drive(state, |hub| n = hub.revoke_credential(credential_id, now_millis()));
+    n
+}
+
+// ---------------------------------------------------------------------------------------------
+// Account keys
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Deserialize)]
+struct CreateKey {
+    name: Option<String>,
+    expires_in_days: Option<i64>,
+}
+
+async fn create_account_key(State(state): S, user: AuthUser, Body(b): Body<CreateKey>) -> ApiResult {
+    let name = bounded_name(b.name, "name", 64, false)?.filter(|n| !n.is_empty()).unwrap_or_else(|| "default".into());
+    let expires_at = match b.expires_in_days {
+        Some(d) => Some(unix_now() + days(Some(d), 365, "expires_in_days")? * DAY),
+        None => None,
+    };
+    let secret = new_secret(ACCOUNT_KEY_PREFIX);
+    let k = AccountKey {
+        id: new_id(),
+        secret_hash: hash_secret(&secret),
+        user_id: user.user_id,
+        name,
+        created_at: unix_now(),
+        expires_at,
+    };
+    state.store.put_account_key(&k).await?;
+    Ok(Json(json!({"key_id": secret, "id": k.id, "name": k.name, "created_at": k.created_at, "expires_at": k.expires_at})))
+}
+
+async fn list_account_keys(State(state): S, user: AuthUser) -> ApiResult {
+    let keys: Vec<Value> = state
+        .store
+        .list_account_keys(&user.user_id)
+        .await?
+        .into_iter()
+        .map(|k| json!({"id": k.id, "name": k.name, "created_at": k.created_at, "expires_at": k.expires_at}))
+        .collect();
+    Ok(Json(json!({"keys": keys})))
+}
+
+async fn delete_account_key(State(state): S, user: AuthUser, Path(id): Path<String>) -> ApiResult {
+    if !state.store.delete_account_key(&user.user_id, &id).await? {
+        return Err(ApiError::not_found("Key not found"));
+    }
+    let disconnected = evict_credential(&state, &format!("acct:{id}"));
+    Ok(Json(json!({"deleted": id, "disconnected": disconnected})))
+}

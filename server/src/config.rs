@@ -1,0 +1,116 @@
+//! Command-line flags (each with an environment variable) of `sleap-rtc-server`.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use clap::Parser;
+use sleap_rtc_core::room::Limits;
+use sleap_rtc_core::signal::IceServer;
+
+/// The sleap-rtc signaling server: rooms, accounts and tokens, peer discovery and message routing
+/// for sleap-rtc clients and GPU workers. It never sees datasets or models: peers exchange those
+/// directly over WebRTC once the server has introduced them.
+///
+/// Every listener serves the HTTP API and accepts WebSocket upgrades on `/ws` and `/`.
+#[derive(Debug, Clone, Parser)]
+#[command(name = "sleap-rtc-server", version, about, long_about)]
+pub struct Config {
+    /// Address to listen on (repeat for several, e.g. one for IPv4 and one for IPv6). Port 0 picks
+    /// a free port; the chosen address is logged.
+    #[arg(long = "listen", env = "SLEAP_RTC_LISTEN", value_delimiter = ',', default_value = "127.0.0.1:8080")]
+    pub listen: Vec<SocketAddr>,
+
+    /// Directory for the embedded database (`sleap-rtc.sqlite`) and the JWT signing key
+    /// (`jwt-ed25519.pem`). Created if missing.
+    #[arg(long, env = "SLEAP_RTC_DATA_DIR", default_value = "sleap-rtc-data")]
+    pub data_dir: PathBuf,
+
+    /// Bearer token required for `GET /metrics` from non-loopback addresses. Without it, metrics
+    /// are only served to loopback clients.
+    #[arg(long, env = "SLEAP_RTC_METRICS_TOKEN", hide_env_values = true)]
+    pub metrics_token: Option<String>,
+
+    /// ICE server URL handed to peers in `registered_auth` (repeatable), e.g.
+    /// `stun:stun.l.google.com:19302`.
+    #[arg(long = "ice-server", env = "SLEAP_RTC_ICE_SERVERS", value_delimiter = ',')]
+    pub ice_servers: Vec<String>,
+
+    /// Lifetime of the JWTs the server issues, in hours.
+    #[arg(long, env = "SLEAP_RTC_JWT_TTL_HOURS", default_value_t = 168)]
+    pub jwt_ttl_hours: i64,
+
+    /// Largest WebSocket text message accepted, in bytes. Larger ones are answered with
+    /// MESSAGE_TOO_LARGE (frames over 1 MiB close the connection).
+    #[arg(long, env = "SLEAP_RTC_MAX_MESSAGE_BYTES", default_value_t = 64 * 1024)]
+    pub max_message_bytes: usize,
+
+    /// Largest peer metadata object (serialized), in bytes.
+    #[arg(long, env = "SLEAP_RTC_MAX_METADATA_BYTES", default_value_t = 16 * 1024)]
+    pub max_metadata_bytes: usize,
+
+    /// Peers allowed in one room at once.
+    #[arg(long, env = "SLEAP_RTC_MAX_PEERS_PER_ROOM", default_value_t = 1000)]
+    pub max_peers_per_room: usize,
+
+    /// Rooms with connected peers allowed at once on this server.
+    #[arg(long, env = "SLEAP_RTC_MAX_ROOMS", default_value_t = 10_000)]
+    pub max_rooms: usize,
+
+    /// WebSocket connections allowed at once; further upgrades get 503.
+    #[arg(long, env = "SLEAP_RTC_MAX_CONNECTIONS", default_value_t = 50_000)]
+    pub max_connections: usize,
+
+    /// Sustained messages per second allowed per connection (token bucket).
+    #[arg(long, env = "SLEAP_RTC_RATE_LIMIT", default_value_t = 50.0)]
+    pub rate_limit: f64,
+
+    /// Burst size of the per-connection token bucket.
+    #[arg(long, env = "SLEAP_RTC_RATE_BURST", default_value_t = 200.0)]
+    pub rate_burst: f64,
+
+    /// Seconds a connection may stay open without a successful `register`.
+    #[arg(long, env = "SLEAP_RTC_REGISTER_TIMEOUT_SECS", default_value_t = 10)]
+    pub register_timeout_secs: u64,
+
+    /// Messages queued per connection before it counts as a slow consumer and is closed (4013).
+    #[arg(long, env = "SLEAP_RTC_OUTBOUND_QUEUE", default_value_t = 512)]
+    pub outbound_queue: usize,
+
+    /// Sign-ins, room joins and other unauthenticated auth calls allowed per client IP per minute.
+    #[arg(long, env = "SLEAP_RTC_AUTH_RATE_PER_MIN", default_value_t = 60.0)]
+    pub auth_rate_per_min: f64,
+
+    /// Seconds between WebSocket pings; a peer silent for three intervals is dropped.
+    #[arg(long, env = "SLEAP_RTC_PING_SECS", default_value_t = 20)]
+    pub ping_secs: u64,
+
+    /// Seconds to wait for connections to close on SIGTERM before exiting anyway.
+    #[arg(long, env = "SLEAP_RTC_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
+    pub shutdown_grace_secs: u64,
+}
+
+impl Config {
+    pub fn limits(&self) -> Limits {
+        Limits {
+            max_message_bytes: self.max_message_bytes,
+            max_metadata_bytes: self.max_metadata_bytes,
+            max_peers_per_room: self.max_peers_per_room,
+            max_rooms: self.max_rooms,
+            rate_per_sec: self.rate_limit,
+            rate_burst: self.rate_burst,
+            register_timeout_ms: self.register_timeout_secs.saturating_mul(1000),
+            ..Limits::default()
+        }
+    }
+
+    pub fn ice_servers(&self) -> Vec<IceServer> {
+        self.ice_servers.iter().map(|u| IceServer { urls: vec![u.clone()], username: None, credential: None }).collect()
+    }
+
+    /// A config for tests and embedding: one loopback listener on a free port.
+    pub fn local(data_dir: impl Into<PathBuf>) -> Config {
+        let mut c = Config::parse_from(["sleap-rtc-server", "--listen", "127.0.0.1:0"]);
+        c.data_dir = data_dir.into();
+        c
+    }
+}

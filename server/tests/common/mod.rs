@@ -1,0 +1,193 @@
+//! Test harness: a real server on 127.0.0.1:0, real HTTP and real WebSocket clients.
+#![allow(dead_code)]
+
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use sleap_rtc_server::{Config, Server};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+
+pub struct TestServer {
+    pub server: Option<Server>,
+    pub dir: tempfile::TempDir,
+    pub http: String,
+    pub ws: String,
+    pub client: reqwest::Client,
+}
+
+pub async fn start() -> TestServer {
+    start_with(|_| {}).await
+}
+
+pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestServer {
+    let dir = tempfile::tempdir().unwrap();
+    start_in(dir, tweak).await
+}
+
+pub async fn start_in(dir: tempfile::TempDir, tweak: impl FnOnce(&mut Config)) -> TestServer {
+    let mut cfg = Config::local(dir.path());
+    cfg.auth_rate_per_min = 10_000.0;
+    tweak(&mut cfg);
+    let server = Server::start(cfg).await.expect("server starts");
+    let addr = server.local_addrs()[0];
+    TestServer {
+        server: Some(server),
+        dir,
+        http: format!("http://{addr}"),
+        ws: format!("ws://{addr}/ws"),
+        client: reqwest::Client::new(),
+    }
+}
+
+impl TestServer {
+    pub async fn stop(mut self) -> tempfile::TempDir {
+        if let Some(s) = self.server.take() {
+            s.shutdown().await;
+        }
+        self.dir
+    }
+
+    pub async fn call(&self, method: &str, path: &str, bearer: Option<&str>, body: Option<Value>) -> (u16, Value) {
+        let url = format!("{}{}", self.http, path);
+        let mut req = self.client.request(method.parse().unwrap(), url);
+        if let Some(b) = bearer {
+            req = req.bearer_auth(b);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        let resp = req.send().await.expect("http request");
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap_or_default();
+        (status, serde_json::from_str(&text).unwrap_or(Value::String(text)))
+    }
+
+    pub async fn ok(&self, method: &str, path: &str, bearer: Option<&str>, body: Option<Value>) -> Value {
+        let (s, v) = self.call(method, path, bearer, body).await;
+        assert_eq!(s, 200, "{method} {path}: {v}");
+        v
+    }
+
+    /// Anonymous sign-in; returns (jwt, user_id).
+    pub async fn signin(&self) -> (String, String) {
+        let v = self.ok("POST", "/anonymous-signin", None, None).await;
+        (v["jwt"].as_str().unwrap().to_owned(), v["user_id"].as_str().unwrap().to_owned())
+    }
+
+    /// Creates a room owned by `jwt`; returns (room_id, room_token).
+    pub async fn room(&self, jwt: &str) -> (String, String) {
+        let v = self.ok("POST", "/api/auth/rooms", Some(jwt), Some(json!({"name":"lab"}))).await;
+        (v["room_id"].as_str().unwrap().to_owned(), v["room_token"].as_str().unwrap().to_owned())
+    }
+
+    /// Invites and joins `member_jwt` into `room`.
+    pub async fn join(&self, owner_jwt: &str, member_jwt: &str, room: &str) {
+        let inv = self.ok("POST", &format!("/api/auth/rooms/{room}/invite"), Some(owner_jwt), None).await;
+        self.ok("POST", "/api/auth/rooms/join", Some(member_jwt), Some(json!({"invite_code": inv["invite_code"]})))
+            .await;
+    }
+
+    /// A worker token for `room`; returns (secret, id).
+    pub async fn worker_token(&self, jwt: &str, room: &str, name: &str) -> (String, String) {
+        let v = self
+            .ok("POST", "/api/auth/token", Some(jwt), Some(json!({"room_id": room, "worker_name": name})))
+            .await;
+        (v["token_id"].as_str().unwrap().to_owned(), v["id"].as_str().unwrap().to_owned())
+    }
+
+    pub async fn connect(&self) -> Ws {
+        Ws::connect(&self.ws).await
+    }
+}
+
+pub struct Ws {
+    pub inner: tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>,
+}
+
+pub const WAIT: Duration = Duration::from_secs(5);
+
+impl Ws {
+    pub async fn connect(url: &str) -> Ws {
+        let (inner, _) = tokio_tungstenite::connect_async(url).await.expect("websocket connects");
+        Ws { inner }
+    }
+
+    pub async fn send(&mut self, v: Value) {
+        self.send_text(v.to_string()).await;
+    }
+
+    pub async fn send_text(&mut self, s: String) {
+        self.inner.send(Message::text(s)).await.expect("send");
+    }
+
+    /// Next JSON message (pings are skipped); panics after 5 s.
+    pub async fn recv(&mut self) -> Value {
+        match self.next_event(WAIT).await {
+            Event::Json(v) => v,
+            other => panic!("expected a message, got {other:?}"),
+        }
+    }
+
+    /// Next message of type `ty`, skipping others (presence pushes and the like).
+    pub async fn recv_type(&mut self, ty: &str) -> Value {
+        loop {
+            let v = self.recv().await;
+            if v["type"] == ty {
+                return v;
+            }
+        }
+    }
+
+    pub async fn next_event(&mut self, wait: Duration) -> Event {
+        loop {
+            match tokio::time::timeout(wait, self.inner.next()).await {
+                Err(_) => return Event::Timeout,
+                Ok(None) => return Event::Closed(None),
+                Ok(Some(Err(e))) => return Event::Error(e.to_string()),
+                Ok(Some(Ok(Message::Text(t)))) => {
+                    return Event::Json(serde_json::from_str(t.as_str()).expect("server sends JSON"));
+                }
+                Ok(Some(Ok(Message::Close(f)))) => return Event::Closed(f.map(|f| (f.code, f.reason.to_string()))),
+                Ok(Some(Ok(_))) => continue,
+            }
+        }
+    }
+
+    /// Waits for the server to close this connection; returns the close code.
+    pub async fn closed(&mut self) -> u16 {
+        loop {
+            match self.next_event(WAIT).await {
+                Event::Closed(Some((code, _))) => return u16::from(code),
+                Event::Closed(None) => return 1006,
+                Event::Json(_) => continue,
+                other => panic!("expected close, got {other:?}"),
+            }
+        }
+    }
+
+    /// Asserts nothing arrives for a short while.
+    pub async fn quiet(&mut self) {
+        match self.next_event(Duration::from_millis(300)).await {
+            Event::Timeout => {}
+            other => panic!("expected silence, got {other:?}"),
+        }
+    }
+
+    /// Registers and returns `registered_auth`.
+    pub async fn register(&mut self, msg: Value) -> Value {
+        self.send(msg).await;
+        let v = self.recv().await;
+        assert_eq!(v["type"], "registered_auth", "{v}");
+        v
+    }
+}
+
+#[derive(Debug)]
+pub enum Event {
+    Json(Value),
+    Closed(Option<(CloseCode, String)>),
+    Error(String),
+    Timeout,
+}
