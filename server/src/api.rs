@@ -296,11 +296,7 @@ async fn health(State(state): S) -> Response {
 }
 
 async fn metrics(State(state): S, ConnectInfo(addr): ConnectInfo<SocketAddr>, headers: HeaderMap) -> Response {
-    let allowed = match &state.config.metrics_token {
-        Some(t) => bearer(&headers).is_some_and(|b| constant_eq(b.as_bytes(), t.as_bytes())) || addr.ip().is_loopback(),
-        None => addr.ip().is_loopback(),
-    };
-    if !allowed {
+    if !metrics_allowed(addr.ip(), bearer(&headers), state.config.metrics_token.as_deref()) {
         return ApiError::unauthorized("metrics require a bearer token (--metrics-token) from non-loopback addresses")
             .into_response();
     }
@@ -309,6 +305,15 @@ async fn metrics(State(state): S, ConnectInfo(addr): ConnectInfo<SocketAddr>, he
         state.metrics.encode(),
     )
         .into_response()
+}
+
+/// Loopback clients may always scrape; others need the configured bearer token.
+fn metrics_allowed(ip: IpAddr, presented: Option<&str>, required: Option<&str>) -> bool {
+    let loopback = match ip {
+        IpAddr::V6(v6) => v6.is_loopback() || v6.to_ipv4_mapped().is_some_and(|v4| v4.is_loopback()),
+        IpAddr::V4(v4) => v4.is_loopback(),
+    };
+    loopback || matches!((presented, required), (Some(p), Some(r)) if constant_eq(p.as_bytes(), r.as_bytes()))
 }
 
 fn constant_eq(a: &[u8], b: &[u8]) -> bool {
@@ -709,4 +714,22 @@ async fn delete_account_key(State(state): S, user: AuthUser, Path(id): Path<Stri
     }
     let disconnected = evict_credential(&state, &format!("acct:{id}"));
     Ok(Json(json!({"deleted": id, "disconnected": disconnected})))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_open_on_loopback_and_bearer_protected_elsewhere() {
+        let lan: IpAddr = "192.0.2.7".parse().unwrap();
+        assert!(metrics_allowed("127.0.0.1".parse().unwrap(), None, None));
+        assert!(metrics_allowed("::1".parse().unwrap(), None, Some("t")));
+        assert!(metrics_allowed("::ffff:127.0.0.1".parse().unwrap(), None, None));
+        assert!(!metrics_allowed(lan, None, None));
+        assert!(!metrics_allowed(lan, Some("t"), None), "no token configured: remote scrapes refused");
+        assert!(!metrics_allowed(lan, Some("wrong"), Some("t")));
+        assert!(!metrics_allowed(lan, None, Some("t")));
+        assert!(metrics_allowed(lan, Some("t"), Some("t")));
+    }
 }
