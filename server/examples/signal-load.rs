@@ -1,1 +1,310 @@
-fn main(){}
+//! Load tool for the signaling server.
+//!
+//! Holds `--peers` registered WebSocket peers in rooms of `--room-size`, routes `peer_message`s
+//! between random pairs of the same room at `--rate` messages/s for `--duration` seconds, and
+//! prints peers held, messages/s, routing latency percentiles (send → receive, both ends in this
+//! process), and the server's CPU time and RSS (total, and per idle peer).
+//!
+//! By default it starts the server as a child process (this same binary, re-executed) so the
+//! server's RSS and CPU are its own; `--server http://HOST:PORT` targets a running one instead.
+//!
+//! ```text
+//! cargo run --release -p sleap-rtc-server --example signal-load -- --peers 10000 --rate 10000
+//! ```
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use clap::Parser;
+use futures_util::{SinkExt, StreamExt};
+use serde_json::{Value, json};
+use tokio::sync::mpsc;
+use tokio_tungstenite::tungstenite::Message;
+
+#[derive(Parser, Debug)]
+#[command(about = "Load-test the sleap-rtc signaling server")]
+struct Args {
+    /// Peers to hold connected and registered.
+    #[arg(long, default_value_t = 1000)]
+    peers: usize,
+    /// peer_messages per second to route, in total.
+    #[arg(long, default_value_t = 1000.0)]
+    rate: f64,
+    /// Seconds of measured load.
+    #[arg(long, default_value_t = 10)]
+    duration: u64,
+    /// Peers per room.
+    #[arg(long, default_value_t = 100)]
+    room_size: usize,
+    /// Base URL of a running server (e.g. http://127.0.0.1:8080); default: start one.
+    #[arg(long)]
+    server: Option<String>,
+    /// Server process id for RSS/CPU readings when using --server.
+    #[arg(long)]
+    server_pid: Option<u32>,
+    /// Registrations in flight at once while connecting.
+    #[arg(long, default_value_t = 200)]
+    connect_concurrency: usize,
+    /// Internal: run as the server child process listening here.
+    #[arg(long, hide = true)]
+    internal_serve: Option<String>,
+}
+
+fn main() -> anyhow::Result<()> {
+    let args = Args::parse();
+    let _ = rlimit::increase_nofile_limit(u64::MAX);
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
+    if let Some(dir) = &args.internal_serve {
+        return rt.block_on(serve_child(dir));
+    }
+    rt.block_on(run(args))
+}
+
+/// The child process: a plain server on a free loopback port, printing its address.
+async fn serve_child(dir: &str) -> anyhow::Result<()> {
+    let mut cfg = sleap_rtc_server::Config::local(dir);
+    cfg.max_peers_per_room = 100_000;
+    cfg.auth_rate_per_min = 1e9;
+    let server = sleap_rtc_server::Server::start(cfg).await?;
+    println!("{}", server.local_addrs()[0]);
+    // Exit when the parent closes our stdin.
+    let _ = tokio::task::spawn_blocking(|| {
+        let mut s = String::new();
+        let _ = std::io::stdin().read_line(&mut s);
+    })
+    .await;
+    server.shutdown().await;
+    Ok(())
+}
+
+struct Proc {
+    pid: u32,
+}
+
+impl Proc {
+    fn rss_kib(&self) -> Option<u64> {
+        let s = std::fs::read_to_string(format!("/proc/{}/status", self.pid)).ok()?;
+        s.lines().find(|l| l.starts_with("VmRSS:"))?.split_whitespace().nth(1)?.parse().ok()
+    }
+    fn cpu_secs(&self) -> Option<f64> {
+        let s = std::fs::read_to_string(format!("/proc/{}/stat", self.pid)).ok()?;
+        let rest = s.rsplit_once(')')?.1;
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+        Some(ticks / 100.0)
+    }
+}
+
+struct Shared {
+    start: Instant,
+    latencies: std::sync::Mutex<Vec<u32>>,
+    received: AtomicU64,
+    errors: AtomicU64,
+    measuring: std::sync::atomic::AtomicBool,
+}
+
+async fn run(args: Args) -> anyhow::Result<()> {
+    let mut child = None;
+    let (base, proc_) = match &args.server {
+        Some(s) => (s.trim_end_matches('/').to_owned(), args.server_pid.map(|pid| Proc { pid })),
+        None => {
+            let dir = tempfile::tempdir()?;
+            let mut c = tokio::process::Command::new(std::env::current_exe()?)
+                .arg("--internal-serve")
+                .arg(dir.path())
+                .stdin(std::process::Stdio::piped())
+                .stdout(std::process::Stdio::piped())
+                .kill_on_drop(true)
+                .spawn()?;
+            let stdout = c.stdout.take().ok_or_else(|| anyhow::anyhow!("no child stdout"))?;
+            let mut lines = tokio::io::BufReader::new(stdout);
+            let mut line = String::new();
+            tokio::io::AsyncBufReadExt::read_line(&mut lines, &mut line).await?;
+            let pid = c.id().unwrap_or(0);
+            child = Some((c, dir));
+            (format!("http://{}", line.trim()), Some(Proc { pid }))
+        }
+    };
+    let ws_url = format!("{}/ws", base.replacen("http", "ws", 1));
+    let http = reqwest::Client::new();
+    let signin: Value = http.post(format!("{base}/anonymous-signin")).send().await?.json().await?;
+    let jwt = signin["jwt"].as_str().ok_or_else(|| anyhow::anyhow!("sign-in failed: {signin}"))?.to_owned();
+    let rooms_needed = args.peers.div_ceil(args.room_size.max(1));
+    let mut rooms = Vec::new();
+    for _ in 0..rooms_needed {
+        let r: Value = http
+            .post(format!("{base}/api/auth/rooms"))
+            .bearer_auth(&jwt)
+            .json(&json!({"name": "load"}))
+            .send()
+            .await?
+            .json()
+            .await?;
+        rooms.push(r["room_id"].as_str().ok_or_else(|| anyhow::anyhow!("room creation failed: {r}"))?.to_owned());
+    }
+    let rss_empty = proc_.as_ref().and_then(Proc::rss_kib);
+
+    let shared = Arc::new(Shared {
+        start: Instant::now(),
+        latencies: std::sync::Mutex::new(Vec::with_capacity((args.rate * args.duration as f64) as usize + 1024)),
+        received: AtomicU64::new(0),
+        errors: AtomicU64::new(0),
+        measuring: false.into(),
+    });
+
+    // Connect and register every peer, `connect_concurrency` at a time.
+    let t_connect = Instant::now();
+    let sem = Arc::new(tokio::sync::Semaphore::new(args.connect_concurrency.max(1)));
+    let mut joins = Vec::with_capacity(args.peers);
+    for i in 0..args.peers {
+        let permit = sem.clone().acquire_owned().await?;
+        let (url, jwt, room, shared) = (ws_url.clone(), jwt.clone(), rooms[i / args.room_size].clone(), shared.clone());
+        joins.push(tokio::spawn(async move {
+            let r = connect_peer(&url, &jwt, &room, i, shared).await;
+            drop(permit);
+            r
+        }));
+    }
+    let mut senders: Vec<mpsc::UnboundedSender<String>> = Vec::with_capacity(args.peers);
+    for j in joins {
+        senders.push(j.await??);
+    }
+    let connect_secs = t_connect.elapsed().as_secs_f64();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let rss_idle = proc_.as_ref().and_then(Proc::rss_kib);
+    println!("peers held:            {} in {} rooms (connected+registered in {:.2} s)", senders.len(), rooms.len(), connect_secs);
+    if let (Some(e), Some(i)) = (rss_empty, rss_idle) {
+        println!(
+            "server RSS:            {:.1} MiB empty, {:.1} MiB with {} idle peers ({:.2} KiB per idle peer)",
+            e as f64 / 1024.0,
+            i as f64 / 1024.0,
+            senders.len(),
+            (i.saturating_sub(e)) as f64 / senders.len().max(1) as f64
+        );
+    }
+
+    // Routed load.
+    let cpu0 = proc_.as_ref().and_then(Proc::cpu_secs);
+    shared.measuring.store(true, Ordering::Release);
+    let t0 = Instant::now();
+    let mut sent = 0u64;
+    let mut rng = 0x9E37_79B9_7F4A_7C15u64;
+    let mut tick = tokio::time::interval(Duration::from_millis(1));
+    let total = (args.rate * args.duration as f64) as u64;
+    let room_size = args.room_size.max(2);
+    while sent < total {
+        tick.tick().await;
+        let due = ((t0.elapsed().as_secs_f64() * args.rate) as u64).min(total);
+        while sent < due {
+            rng ^= rng << 13;
+            rng ^= rng >> 7;
+            rng ^= rng << 17;
+            let from = (rng % senders.len() as u64) as usize;
+            let room_base = from / room_size * room_size;
+            let in_room = (senders.len() - room_base).min(room_size);
+            let mut to = room_base + ((rng >> 32) % in_room as u64) as usize;
+            if to == from {
+                to = room_base + (to - room_base + 1) % in_room;
+            }
+            let t = shared.start.elapsed().as_micros() as u64;
+            let msg = format!(r#"{{"type":"peer_message","to_peer_id":"p{to}","payload":{{"t":{t}}}}}"#);
+            let _ = senders[from].send(msg);
+            sent += 1;
+        }
+    }
+    let send_secs = t0.elapsed().as_secs_f64();
+    // Let the tail arrive.
+    let deadline = Instant::now() + Duration::from_secs(5);
+    while shared.received.load(Ordering::Acquire) < sent && Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let wall = t0.elapsed().as_secs_f64();
+    let cpu1 = proc_.as_ref().and_then(Proc::cpu_secs);
+    let rss_load = proc_.as_ref().and_then(Proc::rss_kib);
+    let received = shared.received.load(Ordering::Acquire);
+    let mut lat = shared.latencies.lock().map(|l| l.clone()).unwrap_or_default();
+    lat.sort_unstable();
+    let pct = |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(0);
+    println!("messages:              {sent} sent in {send_secs:.2} s ({:.0}/s), {received} received ({:.0}/s), {} errors",
+        sent as f64 / send_secs, received as f64 / wall, shared.errors.load(Ordering::Acquire));
+    println!(
+        "routing latency:       p50 {:.3} ms, p90 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
+        pct(0.5) as f64 / 1000.0,
+        pct(0.9) as f64 / 1000.0,
+        pct(0.99) as f64 / 1000.0,
+        lat.last().copied().unwrap_or(0) as f64 / 1000.0
+    );
+    if let (Some(a), Some(b)) = (cpu0, cpu1) {
+        println!("server CPU:            {:.2} s over {wall:.2} s ({:.0}% of one core)", b - a, (b - a) / wall * 100.0);
+    }
+    if let Some(r) = rss_load {
+        println!("server RSS under load: {:.1} MiB", r as f64 / 1024.0);
+    }
+    drop(senders);
+    if let Some((mut c, _dir)) = child {
+        drop(c.stdin.take());
+        let _ = tokio::time::timeout(Duration::from_secs(15), c.wait()).await;
+    }
+    Ok(())
+}
+
+async fn connect_peer(
+    url: &str,
+    jwt: &str,
+    room: &str,
+    i: usize,
+    shared: Arc<Shared>,
+) -> anyhow::Result<mpsc::UnboundedSender<String>> {
+    let (ws, _) = tokio_tungstenite::connect_async(url).await?;
+    let (mut sink, mut stream) = ws.split();
+    let reg = json!({"type": "register", "jwt": jwt, "room_id": room, "peer_id": format!("p{i}"), "role": "peer"});
+    sink.send(Message::text(reg.to_string())).await?;
+    loop {
+        match stream.next().await {
+            Some(Ok(Message::Text(t))) => {
+                let v: Value = serde_json::from_str(t.as_str())?;
+                if v["type"] == "registered_auth" {
+                    break;
+                }
+                if v["type"] == "error" {
+                    anyhow::bail!("peer {i} refused: {v}");
+                }
+            }
+            Some(Ok(_)) => {}
+            other => anyhow::bail!("peer {i}: connection ended during register: {other:?}"),
+        }
+    }
+    let (tx, mut rx) = mpsc::unbounded_channel::<String>();
+    tokio::spawn(async move {
+        while let Some(m) = rx.recv().await {
+            if sink.send(Message::text(m)).await.is_err() {
+                break;
+            }
+        }
+    });
+    tokio::spawn(async move {
+        while let Some(Ok(m)) = stream.next().await {
+            let Message::Text(t) = m else { continue };
+            let s = t.as_str();
+            if s.starts_with(r#"{"type":"peer_message""#) {
+                // Cheap scan for "t": the payload is ours.
+                if let Some(pos) = s.find(r#""t":"#) {
+                    let digits: String = s[pos + 4..].chars().take_while(|c| c.is_ascii_digit()).collect();
+                    if let Ok(t) = digits.parse::<u64>() {
+                        let now = shared.start.elapsed().as_micros() as u64;
+                        if shared.measuring.load(Ordering::Relaxed) {
+                            if let Ok(mut l) = shared.latencies.lock() {
+                                l.push(now.saturating_sub(t).min(u32::MAX as u64) as u32);
+                            }
+                        }
+                        shared.received.fetch_add(1, Ordering::Relaxed);
+                    }
+                }
+            } else if s.contains(r#""type":"error""#) {
+                shared.errors.fetch_add(1, Ordering::Relaxed);
+            }
+        }
+    });
+    Ok(tx)
+}

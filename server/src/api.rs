@@ -269,7 +269,12 @@ fn accept(State(state): S, ConnectInfo(addr): ConnectInfo<SocketAddr>, u: axum::
         return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", why).into_response();
     }
     let failed = state.clone();
-    u.max_message_size(HARD_MAX_FRAME)
+    // tungstenite zero-fills its whole read buffer on first read (128 KiB by default), which
+    // would make every idle peer cost 128 KiB of RSS; 1 KiB covers typical signaling frames
+    // and grows on demand for larger ones.
+    u.read_buffer_size(1024)
+        .write_buffer_size(0)
+        .max_message_size(HARD_MAX_FRAME)
         .max_frame_size(HARD_MAX_FRAME)
         .on_failed_upgrade(move |_| {
             failed.live_sockets.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
