@@ -31,7 +31,8 @@ fn routing(c: &mut Criterion) {
     g.throughput(Throughput::Elements(1));
     for peers in [2u64, 1000] {
         let mut hub = hub_with(peers);
-        let msg = r#"{"type":"peer_message","to_peer_id":"p1","payload":{"app_message_type":"job_status","progress":0.5}}"#;
+        let msg =
+            r#"{"type":"peer_message","to_peer_id":"p1","payload":{"app_message_type":"job_status","progress":0.5}}"#;
         g.bench_function(format!("peer_message/{peers}_peers"), |b| {
             b.iter(|| {
                 hub.handle_text(ConnId(0), black_box(msg), Millis(2));

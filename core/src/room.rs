@@ -21,8 +21,8 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use crate::signal::{
-    ClientMessage, Credential, DecodeError, DiscoverPeers, Envelope, ErrorCode, Filters, IceServer, MeshKind, MeshRelay,
-    Object, PeerInfo, PeerMessage, Register, Relay, RelayKind, RequestId, ServerEnvelope, ServerMessage,
+    ClientMessage, Credential, DecodeError, DiscoverPeers, Envelope, ErrorCode, Filters, IceServer, MeshKind,
+    MeshRelay, Object, PeerInfo, PeerMessage, Register, Relay, RelayKind, RequestId, ServerEnvelope, ServerMessage,
     SignalError, UpdateMetadata,
 };
 
@@ -458,8 +458,7 @@ impl Hub {
         let Some(session) = self.sessions.get_mut(&conn) else { return };
         let State::Pending { deadline, .. } = &session.state else { return };
         let deadline = *deadline;
-        let State::Pending { reg, request_id, .. } =
-            std::mem::replace(&mut session.state, State::Fresh { deadline })
+        let State::Pending { reg, request_id, .. } = std::mem::replace(&mut session.state, State::Fresh { deadline })
         else {
             return;
         };
@@ -843,8 +842,7 @@ impl Hub {
                 return Err(format!("room {rid} expiry not scheduled"));
             }
         }
-        let registered =
-            self.sessions.values().filter(|s| matches!(s.state, State::Registered { .. })).count();
+        let registered = self.sessions.values().filter(|s| matches!(s.state, State::Registered { .. })).count();
         if registered != seen {
             return Err(format!("{registered} registered sessions but {seen} room entries"));
         }

@@ -152,7 +152,10 @@ pub enum Credential {
     ApiKey(String),
     Jwt(String),
     /// Legacy: signed-in identity plus the room token.
-    IdToken { id_token: String, room_token: String },
+    IdToken {
+        id_token: String,
+        room_token: String,
+    },
 }
 
 impl Register {
@@ -175,10 +178,7 @@ impl Register {
             }
             return Ok(Credential::IdToken { id_token: t.to_owned(), room_token });
         }
-        Err(SignalError::new(
-            ErrorCode::AuthFailed,
-            "No authentication provided. Use api_key, jwt, or id_token.",
-        ))
+        Err(SignalError::new(ErrorCode::AuthFailed, "No authentication provided. Use api_key, jwt, or id_token."))
     }
 }
 
@@ -311,9 +311,9 @@ fn take_request_id(obj: &mut Object) -> Result<Option<RequestId>, SignalError> {
         None | Some(Value::Null) => Ok(None),
         Some(Value::String(s)) if s.len() <= MAX_REQUEST_ID_LEN => Ok(Some(RequestId::Str(s))),
         Some(Value::Number(n)) if n.is_i64() => Ok(n.as_i64().map(RequestId::Num)),
-        Some(_) => Err(invalid(format!(
-            "request_id must be a string of at most {MAX_REQUEST_ID_LEN} bytes or an integer"
-        ))),
+        Some(_) => {
+            Err(invalid(format!("request_id must be a string of at most {MAX_REQUEST_ID_LEN} bytes or an integer")))
+        }
     }
 }
 
@@ -352,16 +352,12 @@ pub fn decode(text: &str, max_len: usize) -> Result<Envelope, DecodeError> {
         request_id: None,
     })?;
     let Value::Object(mut obj) = value else {
-        return Err(DecodeError {
-            error: invalid("message must be a JSON object"),
-            request_id: None,
-        });
+        return Err(DecodeError { error: invalid("message must be a JSON object"), request_id: None });
     };
     let request_id = take_request_id(&mut obj).map_err(|error| DecodeError { error, request_id: None })?;
-    decode_object(obj).map(|msg| Envelope { request_id: request_id.clone(), msg }).map_err(|error| DecodeError {
-        error,
-        request_id,
-    })
+    decode_object(obj)
+        .map(|msg| Envelope { request_id: request_id.clone(), msg })
+        .map_err(|error| DecodeError { error, request_id })
 }
 
 fn decode_object(mut obj: Object) -> Result<ClientMessage, SignalError> {
@@ -416,10 +412,7 @@ fn decode_object(mut obj: Object) -> Result<ClientMessage, SignalError> {
         "ping" => ClientMessage::Ping,
         other => {
             let shown: String = other.chars().take(64).collect();
-            return Err(SignalError::new(
-                ErrorCode::UnknownMessageType,
-                format!("Unknown message type: {shown}"),
-            ));
+            return Err(SignalError::new(ErrorCode::UnknownMessageType, format!("Unknown message type: {shown}")));
         }
     };
     Ok(msg)
@@ -596,8 +589,7 @@ impl ServerEnvelope {
         // Serializing these types cannot fail: every map key is a string and no custom
         // serializer returns an error.
         serde_json::to_string(self).unwrap_or_else(|_| {
-            r#"{"type":"error","code":"INTERNAL","message":"encoding failed","reason":"encoding failed"}"#
-                .to_owned()
+            r#"{"type":"error","code":"INTERNAL","message":"encoding failed","reason":"encoding failed"}"#.to_owned()
         })
     }
 
@@ -673,8 +665,8 @@ mod tests {
 
     #[test]
     fn relay_keeps_body_verbatim() {
-        let e = dec(r#"{"type":"offer","sender":"a","target":"b","sdp":"v=0","role":"client","request_id":7}"#)
-            .unwrap();
+        let e =
+            dec(r#"{"type":"offer","sender":"a","target":"b","sdp":"v=0","role":"client","request_id":7}"#).unwrap();
         assert_eq!(e.request_id, Some(RequestId::Num(7)));
         let ClientMessage::Relay(r) = e.msg else { panic!() };
         assert_eq!(r.kind, RelayKind::Offer);

@@ -173,7 +173,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let connect_secs = t_connect.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_idle = proc_.as_ref().and_then(Proc::rss_kib);
-    println!("peers held:            {} in {} rooms (connected+registered in {:.2} s)", senders.len(), rooms.len(), connect_secs);
+    println!(
+        "peers held:            {} in {} rooms (connected+registered in {:.2} s)",
+        senders.len(),
+        rooms.len(),
+        connect_secs
+    );
     if let (Some(e), Some(i)) = (rss_empty, rss_idle) {
         println!(
             "server RSS:            {:.1} MiB empty, {:.1} MiB with {} idle peers ({:.2} KiB per idle peer)",
@@ -225,9 +230,14 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let received = shared.received.load(Ordering::Acquire);
     let mut lat = shared.latencies.lock().map(|l| l.clone()).unwrap_or_default();
     lat.sort_unstable();
-    let pct = |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(0);
-    println!("messages:              {sent} sent in {send_secs:.2} s ({:.0}/s), {received} received ({:.0}/s), {} errors",
-        sent as f64 / send_secs, received as f64 / wall, shared.errors.load(Ordering::Acquire));
+    let pct =
+        |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(0);
+    println!(
+        "messages:              {sent} sent in {send_secs:.2} s ({:.0}/s), {received} received ({:.0}/s), {} errors",
+        sent as f64 / send_secs,
+        received as f64 / wall,
+        shared.errors.load(Ordering::Acquire)
+    );
     println!(
         "routing latency:       p50 {:.3} ms, p90 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
         pct(0.5) as f64 / 1000.0,

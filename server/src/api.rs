@@ -129,14 +129,11 @@ impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for Body<T> {
     type Rejection = ApiError;
 
     async fn from_request(req: Request, state: &Arc<AppState>) -> Result<Self, Self::Rejection> {
-        let empty = req
-            .headers()
-            .get(header::CONTENT_LENGTH)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.trim() == "0")
-            || (!req.headers().contains_key(header::CONTENT_TYPE)
-                && !req.headers().contains_key(header::TRANSFER_ENCODING)
-                && !req.headers().contains_key(header::CONTENT_LENGTH));
+        let empty =
+            req.headers().get(header::CONTENT_LENGTH).and_then(|v| v.to_str().ok()).is_some_and(|v| v.trim() == "0")
+                || (!req.headers().contains_key(header::CONTENT_TYPE)
+                    && !req.headers().contains_key(header::TRANSFER_ENCODING)
+                    && !req.headers().contains_key(header::CONTENT_LENGTH));
         if empty {
             return serde_json::from_value(json!({}))
                 .map(Body)
@@ -258,8 +255,10 @@ async fn ws_only(
 ) -> Response {
     match upgrade {
         Ok(u) => accept(state, connect, u),
-        Err(e) => ApiError::new(StatusCode::UPGRADE_REQUIRED, "UPGRADE_REQUIRED", format!("WebSocket upgrade required: {e}"))
-            .into_response(),
+        Err(e) => {
+            ApiError::new(StatusCode::UPGRADE_REQUIRED, "UPGRADE_REQUIRED", format!("WebSocket upgrade required: {e}"))
+                .into_response()
+        }
     }
 }
 
@@ -305,10 +304,7 @@ async fn metrics(State(state): S, ConnectInfo(addr): ConnectInfo<SocketAddr>, he
         return ApiError::unauthorized("metrics require a bearer token (--metrics-token) from non-loopback addresses")
             .into_response();
     }
-    (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
-        state.metrics.encode(),
-    )
+    ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.metrics.encode())
         .into_response()
 }
 
@@ -372,8 +368,13 @@ async fn new_room(state: &AppState, user: &AuthUser, name: String, ttl_secs: i64
         created_at: now,
         expires_at: Some(now + ttl_secs),
     };
-    let owner =
-        Membership { user_id: user.user_id.clone(), room_id: room.id.clone(), role: Role::Owner, invited_by: None, joined_at: now };
+    let owner = Membership {
+        user_id: user.user_id.clone(),
+        room_id: room.id.clone(),
+        role: Role::Owner,
+        invited_by: None,
+        joined_at: now,
+    };
     state.store.create_room(&room, &owner).await?;
     Ok((room, token))
 }
@@ -461,7 +462,11 @@ async fn patch_room(State(state): S, user: AuthUser, Path(id): Path<String>, Bod
         None => None,
     };
     if name.is_none() && expires.is_none() {
-        return Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "INVALID_BODY", "nothing to update: give name or expires_in_days"));
+        return Err(ApiError::new(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            "INVALID_BODY",
+            "nothing to update: give name or expires_in_days",
+        ));
     }
     let room = state
         .store
@@ -598,7 +603,9 @@ struct CreateToken {
 async fn create_worker_token(State(state): S, user: AuthUser, Body(b): Body<CreateToken>) -> ApiResult {
     let worker_name = bounded_name(Some(b.worker_name), "worker_name", 64, true)?.unwrap_or_default();
     let d = days(b.expires_in_days, 7, "expires_in_days")?;
-    membership(&state, &b.room_id, &user.user_id).await.map_err(|_| ApiError::forbidden("You don't have access to this room"))?;
+    membership(&state, &b.room_id, &user.user_id)
+        .await
+        .map_err(|_| ApiError::forbidden("You don't have access to this room"))?;
     let secret = new_secret(WORKER_TOKEN_PREFIX);
     let now = unix_now();
     let t = WorkerToken {
@@ -699,7 +706,9 @@ async fn create_account_key(State(state): S, user: AuthUser, Body(b): Body<Creat
         expires_at,
     };
     state.store.put_account_key(&k).await?;
-    Ok(Json(json!({"key_id": secret, "id": k.id, "name": k.name, "created_at": k.created_at, "expires_at": k.expires_at})))
+    Ok(Json(
+        json!({"key_id": secret, "id": k.id, "name": k.name, "created_at": k.created_at, "expires_at": k.expires_at}),
+    ))
 }
 
 async fn list_account_keys(State(state): S, user: AuthUser) -> ApiResult {

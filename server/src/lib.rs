@@ -66,9 +66,7 @@ impl AppState {
             return false;
         }
         let max = self.config.max_connections;
-        self.live_sockets
-            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1))
-            .is_ok()
+        self.live_sockets.fetch_update(Ordering::AcqRel, Ordering::Acquire, |n| (n < max).then_some(n + 1)).is_ok()
     }
 }
 

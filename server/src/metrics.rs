@@ -61,9 +61,17 @@ impl Metrics {
         registry.register("frames_received", "Text frames received from peers", m.frames_received.clone());
         registry.register("messages_delivered", "Messages queued to peers", m.messages_delivered.clone());
         registry.register("errors_sent", "Error replies sent, by code", m.errors.clone());
-        registry.register("connections_closed_by_server", "Connections the server closed, by close code", m.closes.clone());
+        registry.register(
+            "connections_closed_by_server",
+            "Connections the server closed, by close code",
+            m.closes.clone(),
+        );
         registry.register("registrations", "Registration attempts, by result", m.registrations.clone());
-        registry.register("frame_handle_seconds", "Time to handle one frame and queue its outputs", m.handle_seconds.clone());
+        registry.register(
+            "frame_handle_seconds",
+            "Time to handle one frame and queue its outputs",
+            m.handle_seconds.clone(),
+        );
         Metrics { registry, ..m }
     }
 

@@ -278,11 +278,10 @@ impl Store for SqliteStore {
     async fn put_user(&self, u: &User) -> Result<()> {
         let u = u.clone();
         self.with(move |c| {
-            c.execute("INSERT INTO users (id, username, created_at) VALUES (?1, ?2, ?3)", params![
-                u.id,
-                u.username,
-                u.created_at
-            ])?;
+            c.execute(
+                "INSERT INTO users (id, username, created_at) VALUES (?1, ?2, ?3)",
+                params![u.id, u.username, u.created_at],
+            )?;
             Ok(())
         })
         .await
@@ -444,9 +443,10 @@ impl Store for SqliteStore {
     async fn revoke_worker_token(&self, id: &str, at: i64) -> Result<bool> {
         let id = id.to_owned();
         self.with(move |c| {
-            Ok(c.execute("UPDATE worker_tokens SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL", params![
-                id, at
-            ])? > 0)
+            Ok(c.execute(
+                "UPDATE worker_tokens SET revoked_at = ?2 WHERE id = ?1 AND revoked_at IS NULL",
+                params![id, at],
+            )? > 0)
         })
         .await
     }
@@ -488,19 +488,16 @@ impl Store for SqliteStore {
 
     async fn delete_account_key(&self, user_id: &str, id: &str) -> Result<bool> {
         let (u, id) = (user_id.to_owned(), id.to_owned());
-        self.with(move |c| Ok(c.execute("DELETE FROM account_keys WHERE id = ?1 AND user_id = ?2", [id, u])? > 0))
-            .await
+        self.with(move |c| Ok(c.execute("DELETE FROM account_keys WHERE id = ?1 AND user_id = ?2", [id, u])? > 0)).await
     }
 
     async fn put_invite(&self, inv: &Invite) -> Result<()> {
         let i = inv.clone();
         self.with(move |c| {
-            c.execute("INSERT INTO invites (code_hash, room_id, created_by, expires_at) VALUES (?1,?2,?3,?4)", params![
-                i.code_hash,
-                i.room_id,
-                i.created_by,
-                i.expires_at
-            ])?;
+            c.execute(
+                "INSERT INTO invites (code_hash, room_id, created_by, expires_at) VALUES (?1,?2,?3,?4)",
+                params![i.code_hash, i.room_id, i.created_by, i.expires_at],
+            )?;
             Ok(())
         })
         .await
@@ -585,9 +582,14 @@ mod tests {
         let (r, m) = room("r1");
         s.create_room(&r, &m).await.unwrap();
         for (code, exp) in [("a", 50), ("b", 10)] {
-            s.put_invite(&Invite { code_hash: code.into(), room_id: "r1".into(), created_by: "u".into(), expires_at: exp })
-                .await
-                .unwrap();
+            s.put_invite(&Invite {
+                code_hash: code.into(),
+                room_id: "r1".into(),
+                created_by: "u".into(),
+                expires_at: exp,
+            })
+            .await
+            .unwrap();
         }
         assert!(s.take_invite("a", 20).await.unwrap().is_some());
         assert!(s.take_invite("a", 20).await.unwrap().is_none());

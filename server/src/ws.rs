@@ -192,8 +192,17 @@ pub async fn serve_socket(state: Arc<AppState>, socket: WebSocket, peer: SocketA
                         state.metrics.handle_seconds.observe(started.elapsed().as_secs_f64());
                     }
                     Message::Binary(_) => {
-                        let err = SignalError::new(ErrorCode::InvalidMessage, "binary frames are not part of the signaling protocol; send JSON text");
-                        drive(&state, |hub| hub.handle(conn, Err(sleap_rtc_core::signal::DecodeError { error: err, request_id: None }), now_millis()));
+                        let err = SignalError::new(
+                            ErrorCode::InvalidMessage,
+                            "binary frames are not part of the signaling protocol; send JSON text",
+                        );
+                        drive(&state, |hub| {
+                            hub.handle(
+                                conn,
+                                Err(sleap_rtc_core::signal::DecodeError { error: err, request_id: None }),
+                                now_millis(),
+                            )
+                        });
                     }
                     Message::Close(_) => break,
                     Message::Ping(_) | Message::Pong(_) => {}
@@ -232,11 +241,7 @@ fn backend(e: crate::store::StoreError) -> SignalError {
 
 /// Keeps only characters valid in peer ids so a worker name can prefix a default id.
 fn id_part(s: &str) -> String {
-    let p: String = s
-        .chars()
-        .filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.'))
-        .take(40)
-        .collect();
+    let p: String = s.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')).take(40).collect();
     if p.is_empty() { "peer".into() } else { p }
 }
 
@@ -281,7 +286,8 @@ async fn verify_registration(state: &AppState, req: &RegisterRequest) -> Result<
             (t.user_id, format!("wt:{}", t.id), t.room_id, Some(t.worker_name), None, base)
         }
         Credential::Jwt(jwt) => {
-            let claims = state.keys.verify(jwt).map_err(|e| refuse(ErrorCode::AuthFailed, format!("Invalid token: {e}")))?;
+            let claims =
+                state.keys.verify(jwt).map_err(|e| refuse(ErrorCode::AuthFailed, format!("Invalid token: {e}")))?;
             let room_id = req
                 .room_id
                 .clone()
@@ -290,8 +296,10 @@ async fn verify_registration(state: &AppState, req: &RegisterRequest) -> Result<
             (claims.sub.clone(), format!("user:{}", claims.sub), room_id, None, None, base)
         }
         Credential::IdToken { id_token, room_token } => {
-            let claims =
-                state.keys.verify(id_token).map_err(|e| refuse(ErrorCode::AuthFailed, format!("Invalid token: {e}")))?;
+            let claims = state
+                .keys
+                .verify(id_token)
+                .map_err(|e| refuse(ErrorCode::AuthFailed, format!("Invalid token: {e}")))?;
             let room_id = req.room_id.clone().unwrap_or_default();
             let room = store
                 .get_room(&room_id)

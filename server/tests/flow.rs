@@ -57,9 +57,7 @@ async fn upstream_flow_end_to_end() {
     assert_eq!(list["to_peer_id"], "laptop-1");
     assert_eq!(list["peers"][0]["peer_id"], worker_id.as_str());
     assert!(list["peers"][0]["connected_at"].as_f64().unwrap() > 1.6e9);
-    client
-        .send(json!({"type": "discover_peers", "filters": {"properties": {"gpu_memory_mb": {"$gte": 50000}}}}))
-        .await;
+    client.send(json!({"type": "discover_peers", "filters": {"properties": {"gpu_memory_mb": {"$gte": 50000}}}})).await;
     assert_eq!(client.recv().await["count"], 0);
 
     // peer_message both ways.
@@ -68,8 +66,11 @@ async fn upstream_flow_end_to_end() {
                      "payload": {"app_message_type": "job_request", "job_id": "j1"}}))
         .await;
     let m = worker.recv().await;
-    assert_eq!(m, json!({"type": "peer_message", "from_peer_id": "laptop-1", "to_peer_id": worker_id,
-                         "payload": {"app_message_type": "job_request", "job_id": "j1"}}));
+    assert_eq!(
+        m,
+        json!({"type": "peer_message", "from_peer_id": "laptop-1", "to_peer_id": worker_id,
+                         "payload": {"app_message_type": "job_request", "job_id": "j1"}})
+    );
     worker
         .send(json!({"type": "peer_message", "to_peer_id": "laptop-1", "request_id": "ack-me",
                      "payload": {"app_message_type": "job_response", "accepted": true}}))
@@ -91,9 +92,14 @@ async fn upstream_flow_end_to_end() {
     assert_eq!(pushed["metadata"]["properties"]["status"], "busy");
 
     // WebRTC relay: forwarded verbatim with the server-bound sender.
-    client.send(json!({"type": "offer", "sender": "laptop-1", "target": worker_id, "sdp": "v=0 offer", "role": "client"})).await;
+    client
+        .send(json!({"type": "offer", "sender": "laptop-1", "target": worker_id, "sdp": "v=0 offer", "role": "client"}))
+        .await;
     let offer = worker.recv().await;
-    assert_eq!(offer, json!({"type": "offer", "sender": "laptop-1", "target": worker_id, "sdp": "v=0 offer", "role": "client"}));
+    assert_eq!(
+        offer,
+        json!({"type": "offer", "sender": "laptop-1", "target": worker_id, "sdp": "v=0 offer", "role": "client"})
+    );
     worker.send(json!({"type": "answer", "target": "laptop-1", "sdp": "v=0 answer"})).await;
     let answer = client.recv().await;
     assert_eq!(answer, json!({"type": "answer", "sender": worker_id, "target": "laptop-1", "sdp": "v=0 answer"}));
@@ -102,10 +108,14 @@ async fn upstream_flow_end_to_end() {
     assert_eq!(worker.recv().await["candidate"], cand);
 
     // Mesh relay types.
-    worker.send(json!({"type": "mesh_connect", "target_peer_id": "laptop-1", "offer": {"sdp": "s", "type": "offer"}})).await;
+    worker
+        .send(json!({"type": "mesh_connect", "target_peer_id": "laptop-1", "offer": {"sdp": "s", "type": "offer"}}))
+        .await;
     let mo = client.recv().await;
     assert_eq!(mo, json!({"type": "mesh_offer", "from_peer_id": worker_id, "offer": {"sdp": "s", "type": "offer"}}));
-    client.send(json!({"type": "mesh_answer", "target_peer_id": worker_id, "answer": {"sdp": "a", "type": "answer"}})).await;
+    client
+        .send(json!({"type": "mesh_answer", "target_peer_id": worker_id, "answer": {"sdp": "a", "type": "answer"}}))
+        .await;
     assert_eq!(worker.recv().await["type"], "mesh_answer");
     client.send(json!({"type": "ice_candidate", "target_peer_id": worker_id, "candidate": cand})).await;
     let ic = worker.recv().await;
@@ -140,14 +150,18 @@ async fn legacy_cognito_style_flow_on_root_path() {
     let root = s.ws.trim_end_matches("/ws").to_owned();
     let mut w = Ws::connect(&root).await;
     let reg = w
-        .register(json!({"type": "register", "peer_id": "worker-abc", "room_id": room, "token": token, "id_token": id_token}))
+        .register(
+            json!({"type": "register", "peer_id": "worker-abc", "room_id": room, "token": token, "id_token": id_token}),
+        )
         .await;
     assert_eq!(reg["peer_id"], "worker-abc");
     assert_eq!(reg["token"], token);
     assert_eq!(reg["ice_servers"], json!([]));
     let mut c = Ws::connect(&root).await;
     let reg = c
-        .register(json!({"type": "register", "peer_id": "client-1", "room_id": room, "token": token, "id_token": id_token}))
+        .register(
+            json!({"type": "register", "peer_id": "client-1", "room_id": room, "token": token, "id_token": id_token}),
+        )
         .await;
     assert_eq!(reg["peer_list"], json!(["worker-abc"]));
     c.send(json!({"type": "offer", "sender": "client-1", "target": "worker-abc", "sdp": "x"})).await;

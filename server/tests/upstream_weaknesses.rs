@@ -36,7 +36,9 @@ async fn b01_sender_spoofing_and_unauthenticated_use() {
     // A registered peer cannot speak as another.
     let mut attacker = s.connect().await;
     attacker.register(json!({"type": "register", "jwt": jwt, "room_id": room, "peer_id": "attacker"})).await;
-    attacker.send(json!({"type": "peer_message", "from_peer_id": "victim", "to_peer_id": "other", "payload": {"x": 1}})).await;
+    attacker
+        .send(json!({"type": "peer_message", "from_peer_id": "victim", "to_peer_id": "other", "payload": {"x": 1}}))
+        .await;
     assert_eq!(attacker.recv().await["code"], "SENDER_MISMATCH");
     attacker.send(json!({"type": "answer", "sender": "victim", "target": "other", "sdp": "x"})).await;
     assert_eq!(attacker.recv().await["code"], "SENDER_MISMATCH");
@@ -56,7 +58,8 @@ async fn b02_worker_api_keys_do_not_leak() {
     let (room, _) = s.room(&jwt).await;
     let (secret, id) = s.worker_token(&jwt, &room, "w").await;
     let mut w = s.connect().await;
-    w.register(json!({"type": "register", "role": "worker", "api_key": secret, "metadata": {"properties": {"a": 1}}})).await;
+    w.register(json!({"type": "register", "role": "worker", "api_key": secret, "metadata": {"properties": {"a": 1}}}))
+        .await;
     let mut c = s.connect().await;
     let reg = c.register(json!({"type": "register", "jwt": jwt, "room_id": room})).await;
     let c_text = reg.to_string();
@@ -178,7 +181,8 @@ async fn b06_legacy_room_token_cannot_be_brute_forced() {
     assert_eq!(m.recv().await["reason"], "No access to this room");
     // The real token works (it is the room's capability).
     let mut ok = s.connect().await;
-    ok.register(json!({"type": "register", "peer_id": "x", "room_id": room, "token": token, "id_token": outsider})).await;
+    ok.register(json!({"type": "register", "peer_id": "x", "room_id": room, "token": token, "id_token": outsider}))
+        .await;
     s.stop().await;
 }
 
@@ -241,11 +245,17 @@ async fn b08_token_and_room_parameters_are_validated() {
     let room = v["room_id"].as_str().unwrap();
     for days in [json!(0), json!(-3), json!(400)] {
         let (st, _) = s
-            .call("POST", "/api/auth/token", Some(&jwt), Some(json!({"room_id": room, "worker_name": "w", "expires_in_days": days})))
+            .call(
+                "POST",
+                "/api/auth/token",
+                Some(&jwt),
+                Some(json!({"room_id": room, "worker_name": "w", "expires_in_days": days})),
+            )
             .await;
         assert_eq!(st, 422, "{days}");
     }
-    let (st, _) = s.call("POST", "/api/auth/token", Some(&jwt), Some(json!({"room_id": room, "worker_name": ""}))).await;
+    let (st, _) =
+        s.call("POST", "/api/auth/token", Some(&jwt), Some(json!({"room_id": room, "worker_name": ""}))).await;
     assert_eq!(st, 422);
     let (st, _) = s.call("PATCH", &format!("/api/auth/rooms/{room}"), Some(&jwt), Some(json!({"name": ""}))).await;
     assert_eq!(st, 422);
@@ -389,7 +399,8 @@ async fn b17_fragile_message_handling() {
     p.register(json!({"type": "register", "jwt": jwt, "room_id": room, "peer_id": "p"})).await;
     let mut q = s.connect().await;
     q.register(json!({"type": "register", "jwt": jwt, "room_id": room, "peer_id": "q",
-                      "metadata": {"properties": {"mem": "lots"}}})).await;
+                      "metadata": {"properties": {"mem": "lots"}}}))
+        .await;
     p.recv_type("peer_joined").await;
     let cases: Vec<(String, &str)> = vec![
         ("{not json".into(), "INVALID_JSON"),
@@ -399,7 +410,10 @@ async fn b17_fragile_message_handling() {
         (r#"{"type": "peer_message", "to_peer_id": ["q"], "payload": {"a": 1}}"#.into(), "INVALID_MESSAGE"),
         (r#"{"type": "peer_message", "to_peer_id": "q", "payload": {}}"#.into(), "INVALID_MESSAGE"),
         (r#"{"type": "discover_peers", "filters": "all"}"#.into(), "INVALID_MESSAGE"),
-        (r#"{"type": "discover_peers", "filters": {"properties": {"mem": {"$where": "1"}}}}"#.into(), "INVALID_MESSAGE"),
+        (
+            r#"{"type": "discover_peers", "filters": {"properties": {"mem": {"$where": "1"}}}}"#.into(),
+            "INVALID_MESSAGE",
+        ),
         (r#"{"type": "query"}"#.into(), "UNKNOWN_MESSAGE_TYPE"),
         (r#"{"type": "offer", "sdp": "x"}"#.into(), "INVALID_MESSAGE"),
         (r#"{"type": "offer", "target": "ghost", "sdp": "x"}"#.into(), "PEER_NOT_FOUND"),

@@ -91,9 +91,8 @@ impl TestServer {
 
     /// A worker token for `room`; returns (secret, id).
     pub async fn worker_token(&self, jwt: &str, room: &str, name: &str) -> (String, String) {
-        let v = self
-            .ok("POST", "/api/auth/token", Some(jwt), Some(json!({"room_id": room, "worker_name": name})))
-            .await;
+        let v =
+            self.ok("POST", "/api/auth/token", Some(jwt), Some(json!({"room_id": room, "worker_name": name}))).await;
         (v["token_id"].as_str().unwrap().to_owned(), v["id"].as_str().unwrap().to_owned())
     }
 
