@@ -10,3 +10,4 @@
 
 pub mod room;
 pub mod signal;
+pub mod transfer;
