@@ -8,6 +8,7 @@
 //! - [`signal`]: the JSON signaling messages (upstream-compatible) and their decoder.
 //! - [`room`]: the signaling server's room/peer state machine.
 
+pub mod peer;
 pub mod room;
 pub mod signal;
 pub mod transfer;
