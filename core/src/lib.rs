@@ -10,5 +10,6 @@
 
 pub mod peer;
 pub mod room;
+pub mod session;
 pub mod signal;
 pub mod transfer;

@@ -1,20 +1,17 @@
 //! Two real str0m peers joined by an in-memory link in virtual time, with loss, duplication,
-//! reordering and delay, moving files with `core::transfer` — then a cut mid-transfer, a fresh
-//! connection and a resume. Everything is deterministic per seed.
+//! reordering and delay, moving files with `core::session` (transfer over the peer) — then a cut
+//! mid-transfer, a fresh connection and a resume. Everything is deterministic per seed.
 
 use std::collections::{BTreeMap, HashMap};
 use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use proptest::prelude::*;
-use sleap_rtc_core::peer::{Peer, PeerConfig, PeerEvent, PeerOutput};
-use sleap_rtc_core::transfer::{
-    self, FileEntry, Limits, Manifest, Receiver, ReceiverAction, Sender, SenderEvent, TransferMsg,
-};
+use sleap_rtc_core::session::{Direction, IoRequest, Session, SessionConfig, SessionEvent, SessionOutput};
+use sleap_rtc_core::transfer::{FileEntry, Manifest};
 
 const A: &str = "127.0.0.1:10001";
 const B: &str = "127.0.0.1:10002";
-const HIGH_WATER: usize = 64 * 1024;
 
 #[derive(Clone, Copy, Debug)]
 struct LinkParams {
@@ -37,19 +34,18 @@ impl Rng {
     }
 }
 
-/// The receiving application: in-memory `.part` files and finished files.
+/// The receiving application's "disk": `.part` files and finished files, in memory.
 #[derive(Default)]
 struct Disk {
     part: HashMap<u32, Vec<u8>>,
     done: HashMap<String, Vec<u8>>,
+    names: HashMap<u32, String>,
 }
 
 struct Side {
-    peer: Peer,
+    session: Session,
     addr: SocketAddr,
     timeout: Instant,
-    open: bool,
-    ctl_out: Vec<String>,
 }
 
 struct Conn {
@@ -62,17 +58,18 @@ struct Conn {
 
 fn side(now: Instant, addr: &str) -> Side {
     let addr: SocketAddr = addr.parse().unwrap();
-    let mut peer = Peer::new(&PeerConfig::default(), now);
-    peer.add_local_candidate(addr, None).unwrap();
-    Side { peer, addr, timeout: now, open: false, ctl_out: Vec::new() }
+    let cfg = SessionConfig { chunk: 8 * 1024, high_water: 64 * 1024, ..SessionConfig::default() };
+    let mut session = Session::new(cfg, now);
+    session.peer().add_local_candidate(addr, None).unwrap();
+    Side { session, addr, timeout: now }
 }
 
 fn connect(now: Instant) -> Conn {
     let mut a = side(now, A);
     let mut b = side(now, B);
-    let offer = a.peer.create_offer().unwrap();
-    let answer = b.peer.accept_offer(&offer).unwrap();
-    a.peer.accept_answer(&answer).unwrap();
+    let offer = a.session.peer().create_offer().unwrap();
+    let answer = b.session.peer().accept_offer(&offer).unwrap();
+    a.session.peer().accept_answer(&answer).unwrap();
     Conn { a, b, wire: BTreeMap::new(), seq: 0 }
 }
 
@@ -82,18 +79,26 @@ struct World {
     link: LinkParams,
 }
 
+/// What happened while draining one side.
+#[derive(Default)]
+struct Drained {
+    frames_written: usize,
+    send_done: Option<Result<Vec<u32>, String>>,
+    recv_done: Option<Result<Vec<u32>, String>>,
+}
+
 impl World {
-    /// Drains one side's output onto the wire; returns its events.
-    fn drain(&mut self, conn: &mut Conn, is_a: bool) -> Vec<PeerEvent> {
-        let mut events = Vec::new();
+    /// Drains one side's output: datagrams onto the wire, file I/O against `disk` (side B
+    /// receives) or `files` (side A sends).
+    fn drain(&mut self, conn: &mut Conn, is_a: bool, files: &[Vec<u8>], disk: &mut Disk, out: &mut Drained) {
         loop {
             let s = if is_a { &mut conn.a } else { &mut conn.b };
-            match s.peer.poll_output().unwrap() {
-                PeerOutput::Timeout(t) => {
+            match s.session.poll_output().unwrap() {
+                SessionOutput::Timeout(t) => {
                     s.timeout = t;
                     break;
                 }
-                PeerOutput::Transmit { contents, .. } => {
+                SessionOutput::Transmit { contents, .. } => {
                     if self.rng.chance(self.link.loss) {
                         continue;
                     }
@@ -105,10 +110,47 @@ impl World {
                         conn.wire.insert((at, conn.seq), (is_a, contents.clone()));
                     }
                 }
-                PeerOutput::Event(e) => events.push(e),
+                SessionOutput::Io(io) => match io {
+                    IoRequest::Read { transfer, chunk } => {
+                        let f = &files[chunk.file as usize];
+                        let data = f[chunk.offset as usize..chunk.offset as usize + chunk.len].to_vec();
+                        s.session.read_done(transfer, chunk, Ok(data));
+                    }
+                    IoRequest::Prepare { transfer, manifest } => {
+                        let existing: Vec<u64> = (0..manifest.files.len() as u32)
+                            .map(|i| {
+                                disk.names.insert(i, manifest.files[i as usize].name.clone());
+                                disk.part.get(&i).map_or(0, |p| p.len() as u64)
+                            })
+                            .collect();
+                        s.session.prepared(transfer, Ok(existing));
+                    }
+                    IoRequest::Write { transfer, file, offset, data } => {
+                        let part = disk.part.entry(file).or_default();
+                        assert_eq!(part.len() as u64, offset, "writes are sequential");
+                        part.extend_from_slice(&data);
+                        out.frames_written += 1;
+                        s.session.write_done(transfer, file, offset + data.len() as u64, Ok(()));
+                    }
+                    IoRequest::Verify { transfer, file } => {
+                        let h = blake3::hash(disk.part.get(&file).map_or(&[][..], |p| p)).to_hex().to_string();
+                        s.session.verified(transfer, file, Ok(h));
+                    }
+                    IoRequest::Commit { file, .. } => {
+                        let d = disk.part.remove(&file).unwrap_or_default();
+                        disk.done.insert(disk.names[&file].clone(), d);
+                    }
+                    IoRequest::Discard { file, .. } => {
+                        disk.part.remove(&file);
+                    }
+                },
+                SessionOutput::Event(SessionEvent::TransferDone { direction, result, .. }) => match direction {
+                    Direction::Send => out.send_done = Some(result),
+                    Direction::Receive => out.recv_done = Some(result),
+                },
+                SessionOutput::Event(_) => {}
             }
         }
-        events
     }
 
     /// Advances virtual time to the next packet or timer and handles exactly one of them (str0m
@@ -121,14 +163,14 @@ impl World {
                 self.now = self.now.max(at);
                 let (to_b, data) = conn.wire.remove(&(at, seq)).unwrap();
                 let (dst, src) = if to_b { (&mut conn.b, conn.a.addr) } else { (&mut conn.a, conn.b.addr) };
-                dst.peer.handle_receive(self.now, src, dst.addr, &data).unwrap();
+                dst.session.handle_receive(self.now, src, dst.addr, &data).unwrap();
             }
             _ => {
                 self.now = self.now.max(next_timer);
                 if conn.a.timeout <= self.now {
-                    conn.a.peer.handle_timeout(self.now).unwrap();
+                    conn.a.session.handle_timeout(self.now).unwrap();
                 } else {
-                    conn.b.peer.handle_timeout(self.now).unwrap();
+                    conn.b.session.handle_timeout(self.now).unwrap();
                 }
             }
         }
@@ -139,102 +181,27 @@ fn entry(name: &str, d: &[u8]) -> FileEntry {
     FileEntry { name: name.into(), size: d.len() as u64, blake3: blake3::hash(d).to_hex().to_string() }
 }
 
-/// Runs one connection: A sends `manifest` to B until done or B has received `cut_after` frames.
-/// Returns true when the transfer completed.
+/// Runs one connection: A sends `manifest` to B until done or B has written `cut_after` frames.
+/// Returns true when the transfer completed on both sides.
 fn run_connection(w: &mut World, files: &[Vec<u8>], manifest: &Manifest, disk: &mut Disk, cut_after: usize) -> bool {
     let mut conn = connect(w.now);
-    let id = manifest.derived_id();
-    let mut sender = Sender::new(id, manifest.clone(), 8 * 1024);
-    let mut receiver: Option<Receiver> = None;
-    let mut frames_received = 0usize;
+    conn.a.session.send_files(manifest.clone());
     let deadline = w.now + Duration::from_secs(120);
-    let mut complete = false;
-    while w.now < deadline && !complete {
-        for is_a in [true, false] {
-            for ev in w.drain(&mut conn, is_a) {
-                let s = if is_a { &mut conn.a } else { &mut conn.b };
-                match ev {
-                    PeerEvent::Open => {
-                        s.open = true;
-                        if is_a {
-                            s.ctl_out.push(sender.offer().to_json());
-                        }
-                    }
-                    PeerEvent::Ctl(text) => {
-                        let msg = TransferMsg::from_json(&text).unwrap();
-                        if is_a {
-                            if let Some(SenderEvent::Complete { failed }) = sender.on_message(&msg).unwrap() {
-                                assert!(failed.is_empty(), "files failed: {failed:?}");
-                                complete = true;
-                            }
-                        } else if let TransferMsg::TransferOffer { transfer_id, manifest } = msg {
-                            transfer::validate_manifest(&manifest, &Limits::default()).unwrap();
-                            let existing: Vec<u64> = (0..manifest.files.len() as u32)
-                                .map(|i| disk.part.get(&i).map_or(0, |p| p.len() as u64))
-                                .collect();
-                            receiver = Some(Receiver::new(transfer_id, manifest, &existing));
-                        }
-                    }
-                    PeerEvent::Bulk(frame) => {
-                        frames_received += 1;
-                        if frames_received > cut_after {
-                            return false;
-                        }
-                        let r = receiver.as_mut().expect("frames after the offer");
-                        if let Some(wr) = r.on_frame(&frame).unwrap() {
-                            let part = disk.part.entry(wr.file).or_default();
-                            assert_eq!(part.len() as u64, wr.offset);
-                            part.extend_from_slice(wr.data);
-                            let end = wr.offset + wr.data.len() as u64;
-                            r.written(wr.file, end);
-                        }
-                    }
-                    PeerEvent::Connected | PeerEvent::Disconnected | PeerEvent::Closed => {}
-                }
-            }
+    let mut d = Drained::default();
+    while w.now < deadline {
+        w.drain(&mut conn, true, files, disk, &mut d);
+        w.drain(&mut conn, false, files, disk, &mut d);
+        if d.frames_written > cut_after {
+            return false;
         }
-        // Receiver application: carry out actions.
-        if let Some(r) = receiver.as_mut() {
-            while let Some(a) = r.poll_action() {
-                match a {
-                    ReceiverAction::Send(m) => conn.b.ctl_out.push(m.to_json()),
-                    ReceiverAction::Verify { file } => {
-                        let data = disk.part.get(&file).cloned().unwrap_or_default();
-                        r.verified(file, &blake3::hash(&data).to_hex());
-                    }
-                    ReceiverAction::Commit { file } => {
-                        let d = disk.part.remove(&file).unwrap_or_default();
-                        disk.done.insert(r.manifest().files[file as usize].name.clone(), d);
-                    }
-                    ReceiverAction::Discard { file } => {
-                        disk.part.remove(&file);
-                    }
-                    ReceiverAction::Finished { failed, .. } => assert!(failed.is_empty()),
-                }
-            }
+        if let (Some(s), Some(r)) = (&d.send_done, &d.recv_done) {
+            assert_eq!(s, &Ok(vec![]), "sender saw failures");
+            assert_eq!(r, &Ok(vec![]), "receiver saw failures");
+            return true;
         }
-        for s in [&mut conn.a, &mut conn.b] {
-            while let Some(m) = s.ctl_out.first() {
-                if !s.open || !s.peer.send_ctl(m).unwrap() {
-                    break;
-                }
-                s.ctl_out.remove(0);
-            }
-        }
-        // Sender application: frames while under the high watermark.
-        if conn.a.open {
-            while conn.a.peer.bulk_buffered() < HIGH_WATER {
-                let Some(c) = sender.next_chunk() else { break };
-                let mut frame = Vec::new();
-                let f = &files[c.file as usize];
-                transfer::encode_frame(c.header(id), &f[c.offset as usize..c.offset as usize + c.len], &mut frame);
-                assert!(conn.a.peer.send_bulk(&frame).unwrap(), "str0m refused a frame under the watermark");
-            }
-        }
-        w.drain(&mut conn, true);
         w.step(&mut conn);
     }
-    complete
+    false
 }
 
 fn scenario(seed: u64, link: LinkParams, sizes: &[usize], cut_after: Option<usize>) {

@@ -1,0 +1,474 @@
+//! A peer connection with file transfers on top: the glue every runtime would otherwise repeat.
+//!
+//! [`Session`] owns a [`Peer`], queues control messages until the `ctl` channel takes them,
+//! dispatches `transfer_*` messages to the transfer state machines, applies bulk flow control
+//! (read the next chunk only while the channel's buffered amount is under the high watermark),
+//! and turns everything that needs a file into an [`IoRequest`]. A runtime's whole job is: move
+//! datagrams between a UDP socket and [`Session::handle_receive`] / [`SessionOutput::Transmit`],
+//! keep the timer, and carry out `IoRequest`s, answering with the matching `*_done` call.
+
+use std::collections::{HashMap, VecDeque};
+use std::net::SocketAddr;
+use std::time::Instant;
+
+use crate::peer::{Peer, PeerConfig, PeerError, PeerEvent, PeerOutput};
+use crate::transfer::{
+    self, Chunk, Manifest, Progress, Receiver, ReceiverAction, Sender, SenderEvent, TransferError, TransferMsg,
+};
+
+/// Session tunables.
+#[derive(Debug, Clone)]
+pub struct SessionConfig {
+    pub peer: PeerConfig,
+    /// Payload bytes per bulk frame.
+    pub chunk: usize,
+    /// Stop reading new chunks while this many bytes are buffered in `bulk` (plus reads under way).
+    pub high_water: usize,
+    pub limits: transfer::Limits,
+}
+
+impl Default for SessionConfig {
+    fn default() -> Self {
+        SessionConfig {
+            peer: PeerConfig::default(),
+            chunk: transfer::DEFAULT_CHUNK,
+            high_water: 128 * 1024,
+            limits: transfer::Limits::default(),
+        }
+    }
+}
+
+/// Which way a transfer goes, from this side's point of view.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Direction {
+    Send,
+    Receive,
+}
+
+/// File work for the runtime. Each request names the transfer it belongs to.
+#[derive(Debug, Clone, PartialEq)]
+pub enum IoRequest {
+    /// Read `chunk.len` bytes of file `chunk.file` at `chunk.offset`; answer with
+    /// [`Session::read_done`].
+    Read { transfer: u32, chunk: Chunk },
+    /// The remote offers files: decide where they go and report how many bytes each `.part`
+    /// already holds with [`Session::prepared`] (or refuse).
+    Prepare { transfer: u32, manifest: Manifest },
+    /// Write `data` at `offset` of the file's `.part`; answer with [`Session::write_done`].
+    Write { transfer: u32, file: u32, offset: u64, data: Vec<u8> },
+    /// Hash the file's complete `.part`; answer with [`Session::verified`].
+    Verify { transfer: u32, file: u32 },
+    /// Make the `.part` durable and rename it to its final name.
+    Commit { transfer: u32, file: u32 },
+    /// Delete the `.part`.
+    Discard { transfer: u32, file: u32 },
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum SessionEvent {
+    /// ICE and DTLS are up.
+    Connected,
+    /// Both channels are open.
+    Open,
+    /// A control message that is not part of the transfer protocol (e.g. jobs), as JSON text.
+    Message(String),
+    Progress {
+        transfer: u32,
+        direction: Direction,
+        progress: Progress,
+    },
+    /// A file of a transfer finished (`ok` false: hash mismatch or I/O failure).
+    FileDone {
+        transfer: u32,
+        direction: Direction,
+        file: u32,
+        ok: bool,
+        error: Option<String>,
+    },
+    /// A transfer ended: `failed` lists files that did not verify; `Err` if it was refused or
+    /// cancelled as a whole.
+    TransferDone {
+        transfer: u32,
+        direction: Direction,
+        result: Result<Vec<u32>, String>,
+    },
+    Disconnected,
+    Closed,
+}
+
+#[derive(Debug)]
+pub enum SessionOutput {
+    Transmit { source: SocketAddr, destination: SocketAddr, contents: Vec<u8> },
+    Io(IoRequest),
+    Event(SessionEvent),
+    Timeout(Instant),
+}
+
+struct Outgoing {
+    sender: Sender,
+    reads_in_flight: usize,
+    /// Frames read but not yet accepted by the channel (str0m's buffer was full).
+    ready: VecDeque<Vec<u8>>,
+}
+
+struct Incoming {
+    receiver: Receiver,
+    total: u64,
+    written: u64,
+}
+
+/// See the module docs.
+pub struct Session {
+    cfg: SessionConfig,
+    peer: Peer,
+    ctl_out: VecDeque<String>,
+    open: bool,
+    /// Transfers to send, in order; the head is active once accepted.
+    outgoing: VecDeque<Outgoing>,
+    incoming: HashMap<u32, Incoming>,
+    /// Offers waiting for [`Session::prepared`].
+    preparing: HashMap<u32, Manifest>,
+    events: VecDeque<SessionOutput>,
+}
+
+impl std::fmt::Debug for Session {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Session").field("open", &self.open).finish_non_exhaustive()
+    }
+}
+
+impl Session {
+    pub fn new(cfg: SessionConfig, now: Instant) -> Session {
+        let peer = Peer::new(&cfg.peer, now);
+        Session {
+            cfg,
+            peer,
+            ctl_out: VecDeque::new(),
+            open: false,
+            outgoing: VecDeque::new(),
+            incoming: HashMap::new(),
+            preparing: HashMap::new(),
+            events: VecDeque::new(),
+        }
+    }
+
+    /// The underlying peer (SDP, candidates, fingerprints).
+    pub fn peer(&mut self) -> &mut Peer {
+        &mut self.peer
+    }
+
+    pub fn is_open(&self) -> bool {
+        self.open
+    }
+
+    pub fn handle_receive(
+        &mut self,
+        now: Instant,
+        src: SocketAddr,
+        dst: SocketAddr,
+        data: &[u8],
+    ) -> Result<(), PeerError> {
+        self.peer.handle_receive(now, src, dst, data)
+    }
+
+    pub fn handle_timeout(&mut self, now: Instant) -> Result<(), PeerError> {
+        self.peer.handle_timeout(now)
+    }
+
+    /// Queues a control message (JSON text); sent as soon as the channel takes it.
+    pub fn send_message(&mut self, json: String) {
+        self.ctl_out.push_back(json);
+    }
+
+    /// Queues a transfer of `manifest` (its files are read through [`IoRequest::Read`]).
+    /// Returns the transfer id (derived from the content, so re-sending resumes).
+    pub fn send_files(&mut self, manifest: Manifest) -> u32 {
+        let id = manifest.derived_id();
+        let sender = Sender::new(id, manifest, self.cfg.chunk);
+        self.ctl_out.push_back(sender.offer().to_json());
+        self.outgoing.push_back(Outgoing { sender, reads_in_flight: 0, ready: VecDeque::new() });
+        id
+    }
+
+    /// Cancels a transfer in either direction.
+    pub fn cancel(&mut self, transfer: u32, reason: &str) {
+        if let Some(pos) = self.outgoing.iter().position(|o| o.sender.transfer_id() == transfer) {
+            if let Some(mut o) = self.outgoing.remove(pos) {
+                let msg = o.sender.cancel(reason);
+                self.ctl_out.push_back(msg.to_json());
+                self.done(transfer, Direction::Send, Err(format!("cancelled: {reason}")));
+            }
+        }
+        if let Some(inc) = self.incoming.get_mut(&transfer) {
+            inc.receiver.cancel(reason);
+            self.pump_receiver(transfer);
+        }
+    }
+
+    /// Answer to [`IoRequest::Read`].
+    pub fn read_done(&mut self, transfer: u32, chunk: Chunk, data: Result<Vec<u8>, String>) {
+        let Some(o) = self.outgoing.iter_mut().find(|o| o.sender.transfer_id() == transfer) else { return };
+        o.reads_in_flight = o.reads_in_flight.saturating_sub(1);
+        let why = match data {
+            Ok(d) if d.len() == chunk.len => {
+                let mut frame = Vec::with_capacity(transfer::HEADER_LEN + d.len());
+                transfer::encode_frame(chunk.header(transfer), &d, &mut frame);
+                o.ready.push_back(frame);
+                return;
+            }
+            Ok(d) => format!("file {} changed while sending (read {} of {} bytes)", chunk.file, d.len(), chunk.len),
+            Err(e) => format!("cannot read file {}: {e}", chunk.file),
+        };
+        self.cancel(transfer, &why);
+    }
+
+    /// Answer to [`IoRequest::Prepare`]: `Ok(existing)` gives each `.part`'s current length.
+    pub fn prepared(&mut self, transfer: u32, result: Result<Vec<u64>, TransferError>) {
+        let Some(manifest) = self.preparing.remove(&transfer) else { return };
+        match result {
+            Ok(existing) => {
+                let total = manifest.total_size();
+                let receiver = Receiver::new(transfer, manifest, &existing);
+                self.incoming.insert(transfer, Incoming { receiver, total, written: 0 });
+                self.pump_receiver(transfer);
+            }
+            Err(e) => {
+                let msg = TransferMsg::TransferReject {
+                    transfer_id: transfer,
+                    code: e.reject_code(),
+                    message: e.to_string(),
+                };
+                self.ctl_out.push_back(msg.to_json());
+                self.done(transfer, Direction::Receive, Err(e.to_string()));
+            }
+        }
+    }
+
+    /// Answer to [`IoRequest::Write`].
+    pub fn write_done(&mut self, transfer: u32, file: u32, end: u64, result: Result<(), String>) {
+        let Some(inc) = self.incoming.get_mut(&transfer) else { return };
+        match result {
+            Ok(()) => inc.receiver.written(file, end),
+            Err(e) => inc.receiver.file_failed(file, &format!("write failed: {e}")),
+        }
+        self.pump_receiver(transfer);
+    }
+
+    /// Answer to [`IoRequest::Verify`] with the `.part`'s BLAKE3 (hex), or the error.
+    pub fn verified(&mut self, transfer: u32, file: u32, result: Result<String, String>) {
+        let Some(inc) = self.incoming.get_mut(&transfer) else { return };
+        match result {
+            Ok(h) => inc.receiver.verified(file, &h),
+            Err(e) => inc.receiver.file_failed(file, &format!("cannot hash received file: {e}")),
+        }
+        self.pump_receiver(transfer);
+    }
+
+    fn done(&mut self, transfer: u32, direction: Direction, result: Result<Vec<u32>, String>) {
+        self.events.push_back(SessionOutput::Event(SessionEvent::TransferDone { transfer, direction, result }));
+    }
+
+    fn pump_receiver(&mut self, transfer: u32) {
+        let Some(inc) = self.incoming.get_mut(&transfer) else { return };
+        let actions: Vec<ReceiverAction> = std::iter::from_fn(|| inc.receiver.poll_action()).collect();
+        for a in actions {
+            let (io, file_done) = match a {
+                ReceiverAction::Send(m) => {
+                    self.ctl_out.push_back(m.to_json());
+                    continue;
+                }
+                ReceiverAction::Verify { file } => (IoRequest::Verify { transfer, file }, None),
+                ReceiverAction::Commit { file } => (IoRequest::Commit { transfer, file }, Some((file, true))),
+                ReceiverAction::Discard { file } => (IoRequest::Discard { transfer, file }, Some((file, false))),
+                ReceiverAction::Finished { failed, .. } => {
+                    self.incoming.remove(&transfer);
+                    self.done(transfer, Direction::Receive, Ok(failed));
+                    continue;
+                }
+            };
+            self.events.push_back(SessionOutput::Io(io));
+            if let Some((file, ok)) = file_done {
+                self.events.push_back(SessionOutput::Event(SessionEvent::FileDone {
+                    transfer,
+                    direction: Direction::Receive,
+                    file,
+                    ok,
+                    error: (!ok).then(|| "discarded: hash mismatch, I/O error or cancel".to_owned()),
+                }));
+            }
+        }
+    }
+
+    fn on_ctl(&mut self, text: String) {
+        let ty = serde_json::from_str::<serde_json::Value>(&text)
+            .ok()
+            .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_owned));
+        match ty {
+            Some(t) if TransferMsg::is_transfer_type(&t) => match TransferMsg::from_json(&text) {
+                Ok(m) => self.on_transfer_msg(m),
+                Err(e) => self.events.push_back(SessionOutput::Event(SessionEvent::Message(
+                    serde_json::json!({"type": "error", "code": "BAD_TRANSFER_MESSAGE", "message": e.to_string()})
+                        .to_string(),
+                ))),
+            },
+            _ => self.events.push_back(SessionOutput::Event(SessionEvent::Message(text))),
+        }
+    }
+
+    fn on_transfer_msg(&mut self, m: TransferMsg) {
+        let id = m.transfer_id();
+        match m {
+            TransferMsg::TransferOffer { manifest, .. } => {
+                if self.incoming.contains_key(&id) || self.preparing.contains_key(&id) {
+                    return;
+                }
+                if let Err(e) = transfer::validate_manifest(&manifest, &self.cfg.limits) {
+                    let msg =
+                        TransferMsg::TransferReject { transfer_id: id, code: e.reject_code(), message: e.to_string() };
+                    self.ctl_out.push_back(msg.to_json());
+                    self.done(id, Direction::Receive, Err(e.to_string()));
+                    return;
+                }
+                self.preparing.insert(id, manifest.clone());
+                self.events.push_back(SessionOutput::Io(IoRequest::Prepare { transfer: id, manifest }));
+            }
+            TransferMsg::TransferCancel { .. } if self.incoming.contains_key(&id) => {
+                if let Some(inc) = self.incoming.get_mut(&id) {
+                    inc.receiver.on_cancel();
+                }
+                self.pump_receiver(id);
+            }
+            other => {
+                let Some(pos) = self.outgoing.iter().position(|o| o.sender.transfer_id() == id) else { return };
+                let res = self.outgoing[pos].sender.on_message(&other);
+                match res {
+                    Ok(Some(SenderEvent::Progress(p))) => {
+                        self.events.push_back(SessionOutput::Event(SessionEvent::Progress {
+                            transfer: id,
+                            direction: Direction::Send,
+                            progress: p,
+                        }))
+                    }
+                    Ok(Some(SenderEvent::FileResult { file, ok, error })) => {
+                        self.events.push_back(SessionOutput::Event(SessionEvent::FileDone {
+                            transfer: id,
+                            direction: Direction::Send,
+                            file,
+                            ok,
+                            error,
+                        }))
+                    }
+                    Ok(Some(SenderEvent::Complete { failed })) => {
+                        self.outgoing.remove(pos);
+                        self.done(id, Direction::Send, Ok(failed));
+                    }
+                    Ok(Some(SenderEvent::Accepted { .. })) | Ok(None) => {}
+                    Err(e) => {
+                        self.outgoing.remove(pos);
+                        self.done(id, Direction::Send, Err(e.to_string()));
+                    }
+                }
+            }
+        }
+    }
+
+    /// Moves queued control messages and ready frames into the channels, and asks for more
+    /// reads while the bulk buffer is under the high watermark.
+    fn flush(&mut self) -> Result<(), PeerError> {
+        if !self.open {
+            return Ok(());
+        }
+        while let Some(m) = self.ctl_out.front() {
+            if !self.peer.send_ctl(m)? {
+                break;
+            }
+            self.ctl_out.pop_front();
+        }
+        let Some(o) = self.outgoing.front_mut() else { return Ok(()) };
+        while let Some(f) = o.ready.front() {
+            if !self.peer.send_bulk(f)? {
+                return Ok(());
+            }
+            o.ready.pop_front();
+        }
+        let chunk = self.cfg.chunk;
+        while self.peer.bulk_buffered() + (o.reads_in_flight + o.ready.len()) * chunk < self.cfg.high_water {
+            let Some(c) = o.sender.next_chunk() else { break };
+            o.reads_in_flight += 1;
+            let transfer = o.sender.transfer_id();
+            self.events.push_back(SessionOutput::Io(IoRequest::Read { transfer, chunk: c }));
+        }
+        Ok(())
+    }
+
+    /// Next thing to do. Call after every input until it returns `Timeout`.
+    pub fn poll_output(&mut self) -> Result<SessionOutput, PeerError> {
+        loop {
+            if let Some(o) = self.events.pop_front() {
+                return Ok(o);
+            }
+            match self.peer.poll_output()? {
+                PeerOutput::Transmit { source, destination, contents } => {
+                    return Ok(SessionOutput::Transmit { source, destination, contents });
+                }
+                PeerOutput::Event(e) => match e {
+                    PeerEvent::Connected => return Ok(SessionOutput::Event(SessionEvent::Connected)),
+                    PeerEvent::Open => {
+                        self.open = true;
+                        self.flush()?;
+                        self.events.push_back(SessionOutput::Event(SessionEvent::Open));
+                    }
+                    PeerEvent::Ctl(t) => {
+                        self.on_ctl(t);
+                        self.flush()?;
+                    }
+                    PeerEvent::Bulk(frame) => self.on_bulk(frame),
+                    PeerEvent::Disconnected => return Ok(SessionOutput::Event(SessionEvent::Disconnected)),
+                    PeerEvent::Closed => {
+                        self.open = false;
+                        return Ok(SessionOutput::Event(SessionEvent::Closed));
+                    }
+                },
+                PeerOutput::Timeout(t) => {
+                    self.flush()?;
+                    if self.events.is_empty() {
+                        return Ok(SessionOutput::Timeout(t));
+                    }
+                }
+            }
+        }
+    }
+
+    fn on_bulk(&mut self, frame: Vec<u8>) {
+        let Ok((h, _)) = transfer::decode_frame(&frame) else { return };
+        let transfer = h.transfer_id;
+        let Some(inc) = self.incoming.get_mut(&transfer) else { return };
+        match inc.receiver.on_frame(&frame) {
+            Ok(Some(w)) => {
+                let (file, offset) = (w.file, w.offset);
+                let data = w.data.to_vec();
+                inc.written += data.len() as u64;
+                let step = transfer::ACK_EVERY;
+                if inc.written % step < data.len() as u64 || inc.written == inc.total {
+                    let progress = Progress { total_bytes: inc.total, acked_bytes: inc.written, ..Progress::default() };
+                    self.events.push_back(SessionOutput::Event(SessionEvent::Progress {
+                        transfer,
+                        direction: Direction::Receive,
+                        progress,
+                    }));
+                }
+                self.events.push_back(SessionOutput::Io(IoRequest::Write { transfer, file, offset, data }));
+            }
+            Ok(None) => {}
+            Err(e) => {
+                inc.receiver.cancel(&format!("protocol error: {e}"));
+                self.pump_receiver(transfer);
+            }
+        }
+    }
+
+    /// Starts a graceful close.
+    pub fn close(&mut self) {
+        self.peer.close();
+    }
+}
