@@ -77,6 +77,12 @@ pub enum SessionEvent {
         direction: Direction,
         progress: Progress,
     },
+    /// The receiver accepted an outgoing transfer; `resumed_bytes` it already held from an
+    /// earlier, interrupted attempt.
+    Accepted {
+        transfer: u32,
+        resumed_bytes: u64,
+    },
     /// A file of a transfer finished (`ok` false: hash mismatch or I/O failure).
     FileDone {
         transfer: u32,
@@ -362,7 +368,10 @@ impl Session {
                         self.outgoing.remove(pos);
                         self.done(id, Direction::Send, Ok(failed));
                     }
-                    Ok(Some(SenderEvent::Accepted { .. })) | Ok(None) => {}
+                    Ok(Some(SenderEvent::Accepted { resumed_bytes })) => self
+                        .events
+                        .push_back(SessionOutput::Event(SessionEvent::Accepted { transfer: id, resumed_bytes })),
+                    Ok(None) => {}
                     Err(e) => {
                         self.outgoing.remove(pos);
                         self.done(id, Direction::Send, Err(e.to_string()));

@@ -1,0 +1,803 @@
+//! A peer connection driven by tokio: UDP sockets, the session timer, and file I/O for
+//! `core::session::Session`.
+//!
+//! One task owns the [`Session`], the sockets and the open files; the [`PeerConnection`] handle
+//! talks to it through channels. Chunk reads and `.part` writes are plain positioned reads and
+//! writes on that task: they hit the page cache in microseconds, far less than a hop through a
+//! thread pool per 16 KiB chunk would cost. Hashing a finished file and fsync+rename can take
+//! seconds, so they run on the blocking pool and report back.
+
+use std::collections::{HashMap, VecDeque};
+use std::fs::File;
+use std::future::Future;
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::os::unix::fs::{FileExt, OpenOptionsExt};
+use std::path::{Path, PathBuf};
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use sleap_rtc_core::session::{Direction, IoRequest, Session, SessionConfig, SessionEvent, SessionOutput};
+use sleap_rtc_core::signal::ServerMessage;
+use sleap_rtc_core::transfer::{Manifest, Progress, TransferError};
+use tokio::io::ReadBuf;
+use tokio::net::UdpSocket;
+use tokio::sync::{mpsc, oneshot, watch};
+
+use crate::files::{self, SendSet};
+use crate::signaling::{SignalingClient, SignalingError};
+
+/// How a connection is set up.
+#[derive(Debug, Clone)]
+pub struct PeerOptions {
+    pub session: SessionConfig,
+    /// Local addresses to bind (one UDP socket each, port chosen by the OS); each becomes a host
+    /// candidate. Default: every up interface's IPv4 address, loopback included.
+    pub bind_ips: Vec<IpAddr>,
+    /// How long connecting may take (signaling round trip + ICE + DTLS + SCTP).
+    pub connect_timeout: Duration,
+}
+
+impl Default for PeerOptions {
+    fn default() -> Self {
+        PeerOptions {
+            session: SessionConfig::default(),
+            bind_ips: default_ips(),
+            connect_timeout: Duration::from_secs(20),
+        }
+    }
+}
+
+impl PeerOptions {
+    /// Loopback only: for tests and same-machine use.
+    pub fn loopback() -> Self {
+        PeerOptions { bind_ips: vec![IpAddr::V4(Ipv4Addr::LOCALHOST)], ..Default::default() }
+    }
+}
+
+/// IPv4 addresses of the machine's interfaces (loopback last), for host candidates.
+pub fn default_ips() -> Vec<IpAddr> {
+    let mut ips: Vec<IpAddr> = if_addrs::get_if_addrs()
+        .map(|v| v.into_iter().map(|i| i.ip()).filter(|ip| ip.is_ipv4() && !ip.is_loopback()).collect())
+        .unwrap_or_default();
+    ips.push(IpAddr::V4(Ipv4Addr::LOCALHOST));
+    ips
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConnError {
+    #[error(transparent)]
+    Signaling(#[from] SignalingError),
+    #[error("WebRTC negotiation failed: {0}")]
+    Peer(#[from] sleap_rtc_core::peer::PeerError),
+    #[error("socket error: {0}")]
+    Io(#[from] io::Error),
+    #[error("the peer did not answer the offer within {0:?}")]
+    NoAnswer(Duration),
+    #[error("the connection did not open within {0:?} (no route between the peers' candidates?)")]
+    OpenTimeout(Duration),
+    #[error("the offer is malformed: {0}")]
+    BadOffer(String),
+    #[error("the connection closed")]
+    Closed,
+    #[error("transfer failed: {0}")]
+    Transfer(String),
+}
+
+/// Connection state, as the handle sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub enum ConnState {
+    Connecting,
+    Open { remote_fingerprint: Option<String> },
+    Closed,
+}
+
+/// What a finished incoming transfer produced.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Received {
+    /// Final paths of the files that arrived and verified.
+    pub files: Vec<PathBuf>,
+    /// Relative names of files that failed, with why.
+    pub failed: Vec<(String, String)>,
+}
+
+/// Result of an outgoing transfer: names of files the receiver could not verify.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Sent {
+    pub transfer_id: u32,
+    pub bytes: u64,
+    /// Bytes the receiver already held from an interrupted attempt (not sent again).
+    pub resumed_bytes: u64,
+    pub failed: Vec<String>,
+}
+
+/// A transfer under way: watch `progress`, await `done`.
+pub struct Transfer<T> {
+    pub id: u32,
+    pub progress: watch::Receiver<Progress>,
+    pub done: oneshot::Receiver<Result<T, String>>,
+}
+
+impl<T> Transfer<T> {
+    /// Waits for the end of the transfer.
+    pub async fn finish(self) -> Result<T, ConnError> {
+        self.done.await.map_err(|_| ConnError::Closed)?.map_err(ConnError::Transfer)
+    }
+}
+
+enum Cmd {
+    Message(String),
+    SendFiles {
+        set: SendSet,
+        progress: watch::Sender<Progress>,
+        reply: oneshot::Sender<Result<Sent, String>>,
+        id: oneshot::Sender<u32>,
+    },
+    ReceiveFiles {
+        dir: PathBuf,
+        progress: watch::Sender<Progress>,
+        reply: oneshot::Sender<Result<Received, String>>,
+    },
+    Cancel(u32, String),
+    RemoteCandidate(String),
+    Close,
+}
+
+/// Handle to a connected peer.
+pub struct PeerConnection {
+    cmd: mpsc::UnboundedSender<Cmd>,
+    messages: tokio::sync::Mutex<mpsc::UnboundedReceiver<String>>,
+    state: watch::Receiver<ConnState>,
+    local_fingerprint: String,
+    remote_peer: String,
+}
+
+impl Drop for PeerConnection {
+    fn drop(&mut self) {
+        let _ = self.cmd.send(Cmd::Close);
+    }
+}
+
+impl PeerConnection {
+    /// The peer id (in the signaling room) of the other side.
+    pub fn remote_peer(&self) -> &str {
+        &self.remote_peer
+    }
+
+    /// Our DTLS certificate fingerprint (`sha-256 AB:...`).
+    pub fn local_fingerprint(&self) -> &str {
+        &self.local_fingerprint
+    }
+
+    /// The other side's DTLS fingerprint, once open.
+    pub fn remote_fingerprint(&self) -> Option<String> {
+        match &*self.state.borrow() {
+            ConnState::Open { remote_fingerprint } => remote_fingerprint.clone(),
+            _ => None,
+        }
+    }
+
+    pub fn state(&self) -> ConnState {
+        self.state.borrow().clone()
+    }
+
+    /// Sends a control message (a JSON object, e.g. a job message) on the `ctl` channel.
+    pub fn send_message(&self, msg: &Value) -> Result<(), ConnError> {
+        self.cmd.send(Cmd::Message(msg.to_string())).map_err(|_| ConnError::Closed)
+    }
+
+    /// Next control message from the peer that is not part of the transfer protocol; `None`
+    /// once the connection is closed.
+    pub async fn recv_message(&self) -> Option<String> {
+        self.messages.lock().await.recv().await
+    }
+
+    /// Sends files and directories (a directory is sent whole, under its own name). Hashes the
+    /// files first (on the blocking pool), then streams them.
+    pub async fn send_files(&self, paths: &[PathBuf]) -> Result<Transfer<Sent>, ConnError> {
+        let paths = paths.to_vec();
+        let set = tokio::task::spawn_blocking(move || files::build_send_set(&paths))
+            .await
+            .map_err(|e| ConnError::Transfer(e.to_string()))?
+            .map_err(|e| ConnError::Transfer(e.to_string()))?;
+        let (progress_tx, progress) = watch::channel(Progress::default());
+        let (reply, done) = oneshot::channel();
+        let (id_tx, id_rx) = oneshot::channel();
+        self.cmd
+            .send(Cmd::SendFiles { set, progress: progress_tx, reply, id: id_tx })
+            .map_err(|_| ConnError::Closed)?;
+        let id = id_rx.await.map_err(|_| ConnError::Closed)?;
+        Ok(Transfer { id, progress, done })
+    }
+
+    /// Accepts the next incoming transfer into `dir` (created if missing). Files are written as
+    /// `NAME.part`, verified, then renamed; `.part` files left by a cut are resumed.
+    pub fn receive_files(&self, dir: &Path) -> Result<Transfer<Received>, ConnError> {
+        let (progress_tx, progress) = watch::channel(Progress::default());
+        let (reply, done) = oneshot::channel();
+        self.cmd
+            .send(Cmd::ReceiveFiles { dir: dir.to_path_buf(), progress: progress_tx, reply })
+            .map_err(|_| ConnError::Closed)?;
+        Ok(Transfer { id: 0, progress, done })
+    }
+
+    /// Cancels a transfer (either direction).
+    pub fn cancel(&self, transfer: u32, reason: &str) {
+        let _ = self.cmd.send(Cmd::Cancel(transfer, reason.to_owned()));
+    }
+
+    /// Waits until the connection closes (remote close or failure).
+    pub async fn closed(&self) {
+        let mut s = self.state.clone();
+        let _ = s.wait_for(|s| *s == ConnState::Closed).await;
+    }
+
+    /// Closes gracefully.
+    pub async fn close(self) {
+        let _ = self.cmd.send(Cmd::Close);
+        let mut s = self.state.clone();
+        let _ = tokio::time::timeout(Duration::from_secs(2), s.wait_for(|s| *s == ConnState::Closed)).await;
+    }
+
+    async fn wait_open(&self, timeout: Duration) -> Result<(), ConnError> {
+        let mut s = self.state.clone();
+        match tokio::time::timeout(timeout, s.wait_for(|s| !matches!(s, ConnState::Connecting))).await {
+            Err(_) => Err(ConnError::OpenTimeout(timeout)),
+            Ok(Err(_)) => Err(ConnError::Closed),
+            Ok(Ok(st)) if *st == ConnState::Closed => Err(ConnError::Closed),
+            Ok(Ok(_)) => Ok(()),
+        }
+    }
+}
+
+async fn bind(opts: &PeerOptions, session: &mut Session) -> Result<Vec<(UdpSocket, SocketAddr)>, ConnError> {
+    let mut socks = Vec::new();
+    for ip in &opts.bind_ips {
+        let sock = match std::net::UdpSocket::bind(SocketAddr::new(*ip, 0)) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::debug!(%ip, error = %e, "skipping address");
+                continue;
+            }
+        };
+        sock.set_nonblocking(true)?;
+        let sock = UdpSocket::from_std(sock)?;
+        let local = sock.local_addr()?;
+        session.peer().add_local_candidate(local, None)?;
+        socks.push((sock, local));
+    }
+    if socks.is_empty() {
+        return Err(ConnError::Io(io::Error::new(io::ErrorKind::AddrNotAvailable, "no local address could be bound")));
+    }
+    Ok(socks)
+}
+
+fn candidate_line(v: &Value) -> Option<String> {
+    match v {
+        Value::String(s) => Some(s.clone()),
+        Value::Object(o) => o.get("candidate").and_then(Value::as_str).map(str::to_owned),
+        _ => None,
+    }
+}
+
+/// Offers a connection to `target` (a peer id in our room) and waits until it is open.
+pub async fn connect(
+    signaling: &SignalingClient,
+    target: &str,
+    opts: PeerOptions,
+) -> Result<PeerConnection, ConnError> {
+    let mut session = Session::new(opts.session.clone(), Instant::now());
+    let socks = bind(&opts, &mut session).await?;
+    let offer = session.peer().create_offer()?;
+    let mut relays = signaling.subscribe_relays(target);
+    signaling.request(json!({"type": "offer", "target": target, "sdp": offer, "role": "client"})).await?;
+    let mut early = Vec::new();
+    let answer = tokio::time::timeout(opts.connect_timeout, async {
+        while let Some(m) = relays.recv().await {
+            match m {
+                ServerMessage::Answer(o) => return o.get("sdp").and_then(Value::as_str).map(str::to_owned),
+                ServerMessage::Candidate(o) => early.extend(o.get("candidate").and_then(candidate_line)),
+                _ => {}
+            }
+        }
+        None
+    })
+    .await
+    .map_err(|_| ConnError::NoAnswer(opts.connect_timeout))?
+    .ok_or(ConnError::Closed)?;
+    session.peer().accept_answer(&answer)?;
+    for c in early {
+        let _ = session.peer().add_remote_candidate(&c);
+    }
+    let conn = spawn(session, socks, relays, target);
+    conn.wait_open(opts.connect_timeout).await?;
+    Ok(conn)
+}
+
+/// Answers an `offer` received through signaling and waits until the connection is open.
+pub async fn accept(
+    signaling: &SignalingClient,
+    offer: &ServerMessage,
+    opts: PeerOptions,
+) -> Result<PeerConnection, ConnError> {
+    let ServerMessage::Offer(o) = offer else { return Err(ConnError::BadOffer("not an offer".into())) };
+    let from = o.get("sender").and_then(Value::as_str).ok_or_else(|| ConnError::BadOffer("no sender".into()))?;
+    let sdp = o.get("sdp").and_then(Value::as_str).ok_or_else(|| ConnError::BadOffer("no sdp".into()))?;
+    let mut session = Session::new(opts.session.clone(), Instant::now());
+    let socks = bind(&opts, &mut session).await?;
+    let relays = signaling.subscribe_relays(from);
+    let answer = session.peer().accept_offer(sdp)?;
+    signaling.request(json!({"type": "answer", "target": from, "sdp": answer})).await?;
+    let conn = spawn(session, socks, relays, from);
+    conn.wait_open(opts.connect_timeout).await?;
+    Ok(conn)
+}
+
+fn spawn(
+    mut session: Session,
+    socks: Vec<(UdpSocket, SocketAddr)>,
+    mut relays: mpsc::UnboundedReceiver<ServerMessage>,
+    remote: &str,
+) -> PeerConnection {
+    let (cmd, cmd_rx) = mpsc::unbounded_channel();
+    let (msg_tx, messages) = mpsc::unbounded_channel();
+    let (state_tx, state) = watch::channel(ConnState::Connecting);
+    let local_fingerprint = session.peer().local_fingerprint();
+    // Weak: trickled candidates must not keep the connection alive after its handle is gone.
+    let relay_cmd = cmd.downgrade();
+    let mut relay_state = state.clone();
+    tokio::spawn(async move {
+        loop {
+            let m = tokio::select! {
+                m = relays.recv() => m,
+                _ = relay_state.wait_for(|s| *s == ConnState::Closed) => None,
+            };
+            let Some(m) = m else { break };
+            if let ServerMessage::Candidate(o) = m {
+                if let Some(c) = o.get("candidate").and_then(candidate_line) {
+                    match relay_cmd.upgrade() {
+                        Some(tx) if tx.send(Cmd::RemoteCandidate(c)).is_ok() => {}
+                        _ => break,
+                    }
+                }
+            }
+        }
+    });
+    let driver = Driver {
+        session,
+        socks,
+        msg_tx,
+        state_tx,
+        outgoing: HashMap::new(),
+        receive_waiters: VecDeque::new(),
+        unclaimed: VecDeque::new(),
+        incoming: HashMap::new(),
+        io_tx: None,
+    };
+    tokio::spawn(driver.run(cmd_rx));
+    PeerConnection {
+        cmd,
+        messages: tokio::sync::Mutex::new(messages),
+        state,
+        local_fingerprint,
+        remote_peer: remote.to_owned(),
+    }
+}
+
+struct OutFiles {
+    set: SendSet,
+    resumed_bytes: u64,
+    handles: Vec<Option<File>>,
+    progress: watch::Sender<Progress>,
+    reply: Option<oneshot::Sender<Result<Sent, String>>>,
+}
+
+struct ReceiveWaiter {
+    dir: PathBuf,
+    progress: watch::Sender<Progress>,
+    reply: oneshot::Sender<Result<Received, String>>,
+}
+
+struct InFiles {
+    manifest: Manifest,
+    parts: Vec<PathBuf>,
+    finals: Vec<PathBuf>,
+    handles: Vec<Option<File>>,
+    committed: Vec<PathBuf>,
+    failed: Vec<(String, String)>,
+    commits_pending: usize,
+    finished: bool,
+    progress: watch::Sender<Progress>,
+    reply: Option<oneshot::Sender<Result<Received, String>>>,
+}
+
+enum IoDone {
+    Verified { transfer: u32, file: u32, result: Result<String, String> },
+    Committed { transfer: u32, file: u32, result: Result<(), String> },
+}
+
+struct Driver {
+    session: Session,
+    socks: Vec<(UdpSocket, SocketAddr)>,
+    msg_tx: mpsc::UnboundedSender<String>,
+    state_tx: watch::Sender<ConnState>,
+    outgoing: HashMap<u32, OutFiles>,
+    receive_waiters: VecDeque<ReceiveWaiter>,
+    /// Offers that arrived before anyone called `receive_files`.
+    unclaimed: VecDeque<(u32, Manifest)>,
+    incoming: HashMap<u32, InFiles>,
+    io_tx: Option<mpsc::UnboundedSender<IoDone>>,
+}
+
+/// Receives from whichever socket has a datagram first.
+struct RecvAny<'a> {
+    socks: &'a [(UdpSocket, SocketAddr)],
+    buf: &'a mut [u8],
+}
+
+impl Future for RecvAny<'_> {
+    type Output = (usize, SocketAddr, SocketAddr);
+    fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
+        let this = self.get_mut();
+        for (sock, local) in this.socks {
+            let mut rb = ReadBuf::new(this.buf);
+            // Errors (e.g. ICMP port unreachable reported on the next recv) are per-datagram
+            // noise for a connectionless socket: skip them.
+            if let Poll::Ready(Ok(src)) = sock.poll_recv_from(cx, &mut rb) {
+                return Poll::Ready((rb.filled().len(), src, *local));
+            }
+        }
+        Poll::Pending
+    }
+}
+
+impl Driver {
+    async fn run(mut self, mut cmd_rx: mpsc::UnboundedReceiver<Cmd>) {
+        let (io_tx, mut io_rx) = mpsc::unbounded_channel();
+        self.io_tx = Some(io_tx);
+        let mut buf = vec![0u8; 65_536];
+        let mut closing = false;
+        loop {
+            let deadline = match self.drain().await {
+                Ok(d) => d,
+                Err(e) => {
+                    tracing::warn!(error = %e, "peer connection failed");
+                    break;
+                }
+            };
+            if closing && !self.session.peer().is_alive() {
+                break;
+            }
+            if *self.state_tx.borrow() == ConnState::Closed {
+                break;
+            }
+            let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline));
+            let res = tokio::select! {
+                biased;
+                c = cmd_rx.recv() => match c {
+                    Some(Cmd::Close) | None => { closing = true; self.session.close(); Ok(()) }
+                    Some(c) => { self.on_cmd(c); Ok(()) }
+                },
+                Some(d) = io_rx.recv() => { self.on_io_done(d); Ok(()) },
+                (n, src, local) = RecvAny { socks: &self.socks, buf: &mut buf } => {
+                    self.session.handle_receive(Instant::now(), src, local, &buf[..n])
+                }
+                _ = sleep => self.session.handle_timeout(Instant::now()),
+            };
+            if let Err(e) = res {
+                tracing::warn!(error = %e, "peer connection error");
+                break;
+            }
+        }
+        let _ = self.state_tx.send(ConnState::Closed);
+        for (_, o) in self.outgoing.drain() {
+            if let Some(r) = o.reply {
+                let _ = r.send(Err("connection closed".into()));
+            }
+        }
+        for (_, i) in self.incoming.drain() {
+            if let Some(r) = i.reply {
+                let _ = r.send(Err("connection closed; .part files are kept for a resume".into()));
+            }
+        }
+        for w in self.receive_waiters.drain(..) {
+            let _ = w.reply.send(Err("connection closed".into()));
+        }
+    }
+
+    /// Drains session output until its next timeout.
+    async fn drain(&mut self) -> Result<Instant, sleap_rtc_core::peer::PeerError> {
+        loop {
+            match self.session.poll_output()? {
+                SessionOutput::Timeout(t) => return Ok(t),
+                SessionOutput::Transmit { source, destination, contents } => {
+                    let sock = self.socks.iter().find(|(_, l)| *l == source).or(self.socks.first());
+                    if let Some((s, _)) = sock {
+                        match s.try_send_to(&contents, destination) {
+                            Ok(_) => {}
+                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
+                                let _ = s.send_to(&contents, destination).await;
+                            }
+                            Err(e) => tracing::debug!(error = %e, %destination, "send failed"),
+                        }
+                    }
+                }
+                SessionOutput::Io(io) => self.on_io(io),
+                SessionOutput::Event(e) => self.on_event(e),
+            }
+        }
+    }
+
+    fn on_cmd(&mut self, c: Cmd) {
+        match c {
+            Cmd::Message(m) => self.session.send_message(m),
+            Cmd::SendFiles { set, progress, reply, id } => {
+                let n = set.paths.len();
+                let tid = self.session.send_files(set.manifest.clone());
+                let _ = id.send(tid);
+                self.outgoing.insert(
+                    tid,
+                    OutFiles {
+                        set,
+                        resumed_bytes: 0,
+                        handles: (0..n).map(|_| None).collect(),
+                        progress,
+                        reply: Some(reply),
+                    },
+                );
+            }
+            Cmd::ReceiveFiles { dir, progress, reply } => {
+                self.receive_waiters.push_back(ReceiveWaiter { dir, progress, reply });
+                if let Some((t, m)) = self.unclaimed.pop_front() {
+                    self.prepare(t, m);
+                }
+            }
+            Cmd::Cancel(t, why) => self.session.cancel(t, &why),
+            Cmd::RemoteCandidate(c) => {
+                if let Err(e) = self.session.peer().add_remote_candidate(&c) {
+                    tracing::debug!(error = %e, "ignoring remote candidate");
+                }
+            }
+            Cmd::Close => {}
+        }
+    }
+
+    fn on_event(&mut self, e: SessionEvent) {
+        match e {
+            SessionEvent::Open => {
+                let remote_fingerprint = self.session.peer().remote_fingerprint();
+                let _ = self.state_tx.send(ConnState::Open { remote_fingerprint });
+            }
+            SessionEvent::Message(m) => {
+                let _ = self.msg_tx.send(m);
+            }
+            SessionEvent::Progress { transfer, direction, progress } => {
+                let w = match direction {
+                    Direction::Send => self.outgoing.get(&transfer).map(|o| &o.progress),
+                    Direction::Receive => self.incoming.get(&transfer).map(|i| &i.progress),
+                };
+                if let Some(w) = w {
+                    let _ = w.send(progress);
+                }
+            }
+            SessionEvent::FileDone { transfer, direction: Direction::Receive, file, ok: false, error } => {
+                if let Some(i) = self.incoming.get_mut(&transfer) {
+                    let name = i.manifest.files.get(file as usize).map(|f| f.name.clone()).unwrap_or_default();
+                    i.failed.push((name, error.unwrap_or_default()));
+                }
+            }
+            SessionEvent::FileDone { .. } => {}
+            SessionEvent::Accepted { transfer, resumed_bytes } => {
+                if let Some(o) = self.outgoing.get_mut(&transfer) {
+                    o.resumed_bytes = resumed_bytes;
+                }
+            }
+            SessionEvent::TransferDone { transfer, direction: Direction::Send, result } => {
+                if let Some(mut o) = self.outgoing.remove(&transfer) {
+                    let res = result.map(|failed| Sent {
+                        transfer_id: transfer,
+                        bytes: o.set.manifest.total_size(),
+                        resumed_bytes: o.resumed_bytes,
+                        failed: failed
+                            .iter()
+                            .filter_map(|i| o.set.manifest.files.get(*i as usize))
+                            .map(|f| f.name.clone())
+                            .collect(),
+                    });
+                    if let Some(r) = o.reply.take() {
+                        let _ = r.send(res);
+                    }
+                }
+            }
+            SessionEvent::TransferDone { transfer, direction: Direction::Receive, result } => match result {
+                Err(e) => {
+                    if let Some(mut i) = self.incoming.remove(&transfer) {
+                        if let Some(r) = i.reply.take() {
+                            let _ = r.send(Err(e));
+                        }
+                    }
+                }
+                Ok(_) => {
+                    if let Some(i) = self.incoming.get_mut(&transfer) {
+                        i.finished = true;
+                    }
+                    self.maybe_finish_incoming(transfer);
+                }
+            },
+            SessionEvent::Closed => {
+                let _ = self.state_tx.send(ConnState::Closed);
+            }
+            SessionEvent::Connected | SessionEvent::Disconnected => {}
+        }
+    }
+
+    fn maybe_finish_incoming(&mut self, transfer: u32) {
+        let done = self.incoming.get(&transfer).is_some_and(|i| i.finished && i.commits_pending == 0);
+        if done {
+            if let Some(mut i) = self.incoming.remove(&transfer) {
+                if let Some(r) = i.reply.take() {
+                    let _ = r.send(Ok(Received {
+                        files: std::mem::take(&mut i.committed),
+                        failed: std::mem::take(&mut i.failed),
+                    }));
+                }
+            }
+        }
+    }
+
+    fn prepare(&mut self, transfer: u32, manifest: Manifest) {
+        let Some(w) = self.receive_waiters.pop_front() else {
+            self.unclaimed.push_back((transfer, manifest));
+            return;
+        };
+        match files::prepare_receive(&w.dir, &manifest) {
+            Ok(p) => {
+                let n = manifest.files.len();
+                let total = manifest.total_size();
+                let _ = w.progress.send(Progress { total_bytes: total, files_total: n as u32, ..Progress::default() });
+                self.incoming.insert(
+                    transfer,
+                    InFiles {
+                        manifest,
+                        parts: p.parts,
+                        finals: p.finals,
+                        handles: (0..n).map(|_| None).collect(),
+                        committed: Vec::new(),
+                        failed: Vec::new(),
+                        commits_pending: 0,
+                        finished: false,
+                        progress: w.progress,
+                        reply: Some(w.reply),
+                    },
+                );
+                self.session.prepared(transfer, Ok(p.existing));
+            }
+            Err(e) => {
+                let _ = w.reply.send(Err(e.to_string()));
+                self.session.prepared(transfer, Err(e));
+            }
+        }
+    }
+
+    fn on_io(&mut self, io: IoRequest) {
+        match io {
+            IoRequest::Read { transfer, chunk } => {
+                let data = match self.outgoing.get_mut(&transfer) {
+                    Some(o) => read_chunk(o, chunk.file as usize, chunk.offset, chunk.len).map_err(|e| e.to_string()),
+                    None => Err("unknown transfer".into()),
+                };
+                self.session.read_done(transfer, chunk, data);
+            }
+            IoRequest::Prepare { transfer, manifest } => self.prepare(transfer, manifest),
+            IoRequest::Write { transfer, file, offset, data } => {
+                let res = match self.incoming.get_mut(&transfer) {
+                    Some(i) => write_part(i, file as usize, offset, &data).map_err(|e| e.to_string()),
+                    None => Err("unknown transfer".into()),
+                };
+                self.session.write_done(transfer, file, offset + data.len() as u64, res);
+            }
+            IoRequest::Verify { transfer, file } => {
+                let Some(i) = self.incoming.get_mut(&transfer) else { return };
+                // An empty file gets no writes: create its .part so there is something to hash.
+                if i.handles[file as usize].is_none() {
+                    if let Err(e) = write_part(i, file as usize, 0, &[]) {
+                        self.session.verified(transfer, file, Err(e.to_string()));
+                        return;
+                    }
+                }
+                // Close our write handle so the hash sees everything written.
+                i.handles[file as usize] = None;
+                let part = i.parts[file as usize].clone();
+                let tx = self.io_tx.clone();
+                tokio::task::spawn_blocking(move || {
+                    let result = files::hash_file(&part).map_err(|e| e.to_string());
+                    if let Some(tx) = tx {
+                        let _ = tx.send(IoDone::Verified { transfer, file, result });
+                    }
+                });
+            }
+            IoRequest::Commit { transfer, file } => {
+                let Some(i) = self.incoming.get_mut(&transfer) else { return };
+                i.commits_pending += 1;
+                let (part, fin) = (i.parts[file as usize].clone(), i.finals[file as usize].clone());
+                let tx = self.io_tx.clone();
+                tokio::task::spawn_blocking(move || {
+                    let result = files::commit(&part, &fin).map_err(|e| e.to_string());
+                    if let Some(tx) = tx {
+                        let _ = tx.send(IoDone::Committed { transfer, file, result });
+                    }
+                });
+            }
+            IoRequest::Discard { transfer, file } => {
+                if let Some(i) = self.incoming.get_mut(&transfer) {
+                    i.handles[file as usize] = None;
+                    let _ = std::fs::remove_file(&i.parts[file as usize]);
+                }
+            }
+        }
+    }
+
+    fn on_io_done(&mut self, d: IoDone) {
+        match d {
+            IoDone::Verified { transfer, file, result } => self.session.verified(transfer, file, result),
+            IoDone::Committed { transfer, file, result } => {
+                if let Some(i) = self.incoming.get_mut(&transfer) {
+                    i.commits_pending -= 1;
+                    match result {
+                        Ok(()) => i.committed.push(i.finals[file as usize].clone()),
+                        Err(e) => {
+                            let name = i.manifest.files[file as usize].name.clone();
+                            i.failed.push((name, format!("rename failed: {e}")));
+                        }
+                    }
+                }
+                self.maybe_finish_incoming(transfer);
+            }
+        }
+    }
+}
+
+fn read_chunk(o: &mut OutFiles, file: usize, offset: u64, len: usize) -> io::Result<Vec<u8>> {
+    let path = o.set.paths.get(file).ok_or_else(|| io::Error::other("no such file"))?;
+    let slot = o.handles.get_mut(file).ok_or_else(|| io::Error::other("no such file"))?;
+    if slot.is_none() {
+        *slot = Some(File::open(path)?);
+    }
+    let f = slot.as_ref().ok_or_else(|| io::Error::other("file not open"))?;
+    let mut buf = vec![0u8; len];
+    let mut filled = 0;
+    while filled < len {
+        let n = f.read_at(&mut buf[filled..], offset + filled as u64)?;
+        if n == 0 {
+            buf.truncate(filled);
+            break;
+        }
+        filled += n;
+    }
+    Ok(buf)
+}
+
+fn write_part(i: &mut InFiles, file: usize, offset: u64, data: &[u8]) -> io::Result<()> {
+    let path = i.parts.get(file).ok_or_else(|| io::Error::other("no such file"))?;
+    let slot = i.handles.get_mut(file).ok_or_else(|| io::Error::other("no such file"))?;
+    if slot.is_none() {
+        // O_NOFOLLOW: never write through a symlink planted where the .part goes.
+        let f = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .custom_flags(libc::O_NOFOLLOW)
+            .open(path)?;
+        *slot = Some(f);
+    }
+    let f = slot.as_ref().ok_or_else(|| io::Error::other("file not open"))?;
+    f.write_all_at(data, offset)
+}
+
+impl From<TransferError> for ConnError {
+    fn from(e: TransferError) -> Self {
+        ConnError::Transfer(e.to_string())
+    }
+}

@@ -1,0 +1,203 @@
+//! Real UDP/DTLS/SCTP on 127.0.0.1 between two tokio peers that meet through a real signaling
+//! server: control messages, a file and a directory in both directions, a cut mid-transfer and
+//! a resume on a new connection.
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::json;
+use sleap_rtc_core::signal::{Filters, Register, ServerMessage};
+use sleap_rtc_tokio::{PeerOptions, SignalingClient, accept, connect};
+
+struct Env {
+    server: sleap_rtc_server::Server,
+    _dir: tempfile::TempDir,
+    ws: String,
+    jwt: String,
+    room: String,
+    token: String,
+}
+
+async fn env() -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = sleap_rtc_server::Config::local(dir.path());
+    cfg.auth_rate_per_min = 1e6;
+    let server = sleap_rtc_server::Server::start(cfg).await.unwrap();
+    let base = format!("http://{}", server.local_addrs()[0]);
+    let http = reqwest::Client::new();
+    let v: serde_json::Value =
+        http.post(format!("{base}/anonymous-signin")).send().await.unwrap().json().await.unwrap();
+    let jwt = v["jwt"].as_str().unwrap().to_owned();
+    let v: serde_json::Value = http
+        .post(format!("{base}/api/auth/rooms"))
+        .bearer_auth(&jwt)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let room = v["room_id"].as_str().unwrap().to_owned();
+    let v: serde_json::Value = http
+        .post(format!("{base}/api/auth/token"))
+        .bearer_auth(&jwt)
+        .json(&json!({"room_id": room, "worker_name": "gpu"}))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let token = v["token_id"].as_str().unwrap().to_owned();
+    Env { ws: format!("ws://{}/ws", server.local_addrs()[0]), server, _dir: dir, jwt, room, token }
+}
+
+impl Env {
+    async fn worker(&self) -> SignalingClient {
+        let reg = Register { role: Some("worker".into()), api_key: Some(self.token.clone()), ..Default::default() };
+        SignalingClient::connect(&self.ws, reg).await.unwrap()
+    }
+    async fn client(&self) -> SignalingClient {
+        let reg = Register {
+            role: Some("client".into()),
+            jwt: Some(self.jwt.clone()),
+            room_id: Some(self.room.clone()),
+            ..Default::default()
+        };
+        SignalingClient::connect(&self.ws, reg).await.unwrap()
+    }
+}
+
+/// Waits for the next `offer` on the worker's signaling connection.
+async fn next_offer(sig: &SignalingClient) -> ServerMessage {
+    loop {
+        let ev = tokio::time::timeout(Duration::from_secs(10), sig.next_event()).await.unwrap().unwrap();
+        if let ServerMessage::Offer(_) = ev.msg {
+            return ev.msg;
+        }
+    }
+}
+
+fn write_random(path: &Path, len: usize, seed: u64) {
+    let mut x = seed | 1;
+    let data: Vec<u8> = (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(path, data).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn files_and_messages_both_ways_through_the_signaling_server() {
+    let e = env().await;
+    let worker_sig = e.worker().await;
+    let client_sig = e.client().await;
+    let workers = client_sig.discover(Filters { role: Some("worker".into()), ..Default::default() }).await.unwrap();
+    assert_eq!(workers.len(), 1);
+    let target = workers[0].peer_id.clone();
+
+    let (client, worker) = tokio::join!(connect(&client_sig, &target, PeerOptions::loopback()), async {
+        let offer = next_offer(&worker_sig).await;
+        accept(&worker_sig, &offer, PeerOptions::loopback()).await
+    });
+    let (client, worker) = (client.unwrap(), worker.unwrap());
+    assert_eq!(worker.remote_peer(), client_sig.peer_id());
+    assert!(client.local_fingerprint().starts_with("sha-256 "));
+    assert_eq!(worker.remote_fingerprint().as_deref(), Some(client.local_fingerprint()));
+
+    client.send_message(&json!({"type": "job_submit", "job": 1})).unwrap();
+    let m: serde_json::Value = serde_json::from_str(&worker.recv_message().await.unwrap()).unwrap();
+    assert_eq!(m["job"], 1);
+    worker.send_message(&json!({"type": "job_accepted"})).unwrap();
+    assert!(client.recv_message().await.unwrap().contains("job_accepted"));
+
+    // Client → worker: one file and one directory.
+    let src = tempfile::tempdir().unwrap();
+    write_random(&src.path().join("labels.pkg.slp"), 3_000_000, 7);
+    std::fs::create_dir_all(src.path().join("cfg/sub")).unwrap();
+    std::fs::write(src.path().join("cfg/config.yaml"), b"trainer: {}\n").unwrap();
+    std::fs::write(src.path().join("cfg/sub/empty"), b"").unwrap();
+    let dst = tempfile::tempdir().unwrap();
+    let incoming = worker.receive_files(dst.path()).unwrap();
+    let sent = client.send_files(&[src.path().join("labels.pkg.slp"), src.path().join("cfg")]).await.unwrap();
+    let (sent, received) = tokio::join!(sent.finish(), incoming.finish());
+    let (sent, received) = (sent.unwrap(), received.unwrap());
+    assert!(sent.failed.is_empty() && received.failed.is_empty(), "{sent:?} {received:?}");
+    assert_eq!(received.files.len(), 3);
+    for rel in ["labels.pkg.slp", "cfg/config.yaml", "cfg/sub/empty"] {
+        assert_eq!(std::fs::read(src.path().join(rel)).unwrap(), std::fs::read(dst.path().join(rel)).unwrap(), "{rel}");
+    }
+    assert!(!dst.path().join("labels.pkg.slp.part").exists());
+
+    // Worker → client: a model directory.
+    let run = tempfile::tempdir().unwrap();
+    std::fs::create_dir_all(run.path().join("run1")).unwrap();
+    write_random(&run.path().join("run1/best.ckpt"), 1_500_000, 9);
+    std::fs::write(run.path().join("run1/training_config.yaml"), b"x: 1\n").unwrap();
+    let back = tempfile::tempdir().unwrap();
+    let incoming = client.receive_files(back.path()).unwrap();
+    let sent = worker.send_files(&[run.path().join("run1")]).await.unwrap();
+    let (s, r) = tokio::join!(sent.finish(), incoming.finish());
+    assert!(s.unwrap().failed.is_empty());
+    assert_eq!(r.unwrap().files.len(), 2);
+    assert_eq!(
+        std::fs::read(run.path().join("run1/best.ckpt")).unwrap(),
+        std::fs::read(back.path().join("run1/best.ckpt")).unwrap()
+    );
+
+    client.close().await;
+    tokio::time::timeout(Duration::from_secs(10), worker.closed()).await.expect("worker sees the close");
+    e.server.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cut_mid_transfer_then_resume_on_a_new_connection() {
+    let e = env().await;
+    let worker_sig = e.worker().await;
+    let client_sig = e.client().await;
+    let target = worker_sig.peer_id().to_owned();
+    let src = tempfile::tempdir().unwrap();
+    let file = src.path().join("big.bin");
+    write_random(&file, 24 * 1024 * 1024, 3);
+    let dst = tempfile::tempdir().unwrap();
+
+    // First attempt: cut once the worker has written a few MiB.
+    {
+        let (client, worker) = tokio::join!(connect(&client_sig, &target, PeerOptions::loopback()), async {
+            let offer = next_offer(&worker_sig).await;
+            accept(&worker_sig, &offer, PeerOptions::loopback()).await
+        });
+        let (client, worker) = (client.unwrap(), worker.unwrap());
+        let mut incoming = worker.receive_files(dst.path()).unwrap();
+        let _sent = client.send_files(std::slice::from_ref(&file)).await.unwrap();
+        incoming.progress.wait_for(|p| p.acked_bytes >= 4 * 1024 * 1024).await.unwrap();
+        drop(client); // the cut: the client's driver stops, its socket closes
+        let r = tokio::time::timeout(Duration::from_secs(60), incoming.finish()).await.expect("receiver notices");
+        assert!(r.is_err(), "first attempt cannot complete: {r:?}");
+        worker.close().await;
+    }
+    let part = dst.path().join("big.bin.part");
+    let held = std::fs::metadata(&part).expect(".part kept after the cut").len();
+    assert!((4 * 1024 * 1024..24 * 1024 * 1024).contains(&held), "held {held}");
+
+    // Second attempt: a fresh connection resumes from the .part.
+    let (client, worker) = tokio::join!(connect(&client_sig, &target, PeerOptions::loopback()), async {
+        let offer = next_offer(&worker_sig).await;
+        accept(&worker_sig, &offer, PeerOptions::loopback()).await
+    });
+    let (client, worker) = (client.unwrap(), worker.unwrap());
+    let incoming = worker.receive_files(dst.path()).unwrap();
+    let sent = client.send_files(std::slice::from_ref(&file)).await.unwrap();
+    let (s, r) = tokio::join!(sent.finish(), incoming.finish());
+    let s = s.unwrap();
+    assert_eq!(s.resumed_bytes, held, "sender continued from the receiver's .part");
+    assert!(r.unwrap().failed.is_empty());
+    assert_eq!(std::fs::read(&file).unwrap(), std::fs::read(dst.path().join("big.bin")).unwrap());
+    client.close().await;
+    e.server.shutdown().await;
+}
