@@ -114,7 +114,8 @@ impl Peer {
     pub fn new(cfg: &PeerConfig, now: Instant) -> Peer {
         let mtu = cfg.mtu.clamp(str0m::DATAGRAM_MTU_TARGET_MIN, str0m::DATAGRAM_MTU_TARGET_MAX);
         let rtc = Rtc::builder()
-            .set_mtu(str0m::DATAGRAM_MTU_TARGET_MIN..=mtu.max(str0m::DATAGRAM_MTU_TARGET_MIN))
+            // The range is target..=warn-threshold: the start is the packet size str0m aims for.
+            .set_mtu(mtu..=usize::MAX)
             .set_sctp_max_buffered_amount(cfg.max_buffered)
             .set_sctp_max_message_size(cfg.max_message_size)
             .build(now);
@@ -190,10 +191,10 @@ impl Peer {
         data: &[u8],
     ) -> Result<(), PeerError> {
         let Ok(contents) = data.try_into() else { return Ok(()) };
+        // No `Rtc::accepts` filter: it is for demultiplexing several Rtc on one socket, and
+        // before this side has nominated its ICE pair it refuses the remote's first DTLS flight,
+        // which then costs a 1 s retransmission. Each Peer has its own sockets.
         let input = Input::Receive(now, Receive { proto: Protocol::Udp, source, destination, contents });
-        if !self.rtc.accepts(&input) {
-            return Ok(());
-        }
         self.rtc.handle_input(input)?;
         Ok(())
     }

@@ -32,7 +32,7 @@ impl Default for SessionConfig {
         SessionConfig {
             peer: PeerConfig::default(),
             chunk: transfer::DEFAULT_CHUNK,
-            high_water: 128 * 1024,
+            high_water: 64 * 1024,
             limits: transfer::Limits::default(),
         }
     }
@@ -58,7 +58,8 @@ pub enum IoRequest {
     Write { transfer: u32, file: u32, offset: u64, data: Vec<u8> },
     /// Hash the file's complete `.part`; answer with [`Session::verified`].
     Verify { transfer: u32, file: u32 },
-    /// Make the `.part` durable and rename it to its final name.
+    /// Make the `.part` durable and rename it to its final name; answer with
+    /// [`Session::committed`].
     Commit { transfer: u32, file: u32 },
     /// Delete the `.part`.
     Discard { transfer: u32, file: u32 },
@@ -270,6 +271,23 @@ impl Session {
         self.pump_receiver(transfer);
     }
 
+    /// Answer to [`IoRequest::Commit`].
+    pub fn committed(&mut self, transfer: u32, file: u32, result: Result<(), String>) {
+        let Some(inc) = self.incoming.get_mut(&transfer) else { return };
+        let ok = result.is_ok();
+        inc.receiver.committed(file, result);
+        if ok {
+            self.events.push_back(SessionOutput::Event(SessionEvent::FileDone {
+                transfer,
+                direction: Direction::Receive,
+                file,
+                ok: true,
+                error: None,
+            }));
+        }
+        self.pump_receiver(transfer);
+    }
+
     fn done(&mut self, transfer: u32, direction: Direction, result: Result<Vec<u32>, String>) {
         self.events.push_back(SessionOutput::Event(SessionEvent::TransferDone { transfer, direction, result }));
     }
@@ -284,7 +302,7 @@ impl Session {
                     continue;
                 }
                 ReceiverAction::Verify { file } => (IoRequest::Verify { transfer, file }, None),
-                ReceiverAction::Commit { file } => (IoRequest::Commit { transfer, file }, Some((file, true))),
+                ReceiverAction::Commit { file } => (IoRequest::Commit { transfer, file }, None),
                 ReceiverAction::Discard { file } => (IoRequest::Discard { transfer, file }, Some((file, false))),
                 ReceiverAction::Finished { failed, .. } => {
                     self.incoming.remove(&transfer);

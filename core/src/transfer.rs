@@ -341,7 +341,8 @@ pub enum ReceiverAction {
     Send(TransferMsg),
     /// Every byte of the file is written: hash its `.part` and call [`Receiver::verified`].
     Verify { file: u32 },
-    /// The hash matched: make the `.part` durable and rename it to its final name.
+    /// The hash matched: make the `.part` durable, rename it to its final name, and call
+    /// [`Receiver::committed`] (the sender hears "ok" only after that).
     Commit { file: u32 },
     /// Delete the `.part` (hash mismatch or cancel).
     Discard { file: u32 },
@@ -353,6 +354,7 @@ pub enum ReceiverAction {
 enum FileState {
     Receiving,
     Verifying,
+    Committing,
     Done,
     Failed,
 }
@@ -488,14 +490,43 @@ impl Receiver {
         if i >= self.state.len() || self.state[i] != FileState::Verifying || self.over {
             return;
         }
-        let ok = self.manifest.files[i].blake3.eq_ignore_ascii_case(blake3_hex);
-        self.state[i] = if ok { FileState::Done } else { FileState::Failed };
-        self.out.push_back(if ok { ReceiverAction::Commit { file } } else { ReceiverAction::Discard { file } });
+        if self.manifest.files[i].blake3.eq_ignore_ascii_case(blake3_hex) {
+            self.state[i] = FileState::Committing;
+            self.out.push_back(ReceiverAction::Commit { file });
+        } else {
+            self.fail(i, "BLAKE3 mismatch: the received bytes differ from the sender's file");
+        }
+    }
+
+    /// The runtime committed (renamed) a verified file, or could not.
+    pub fn committed(&mut self, file: u32, result: Result<(), String>) {
+        let i = file as usize;
+        if i >= self.state.len() || self.state[i] != FileState::Committing || self.over {
+            return;
+        }
+        match result {
+            Ok(()) => {
+                self.state[i] = FileState::Done;
+                self.out.push_back(ReceiverAction::Send(TransferMsg::TransferFileResult {
+                    transfer_id: self.id,
+                    file,
+                    ok: true,
+                    error: None,
+                }));
+                self.maybe_finish();
+            }
+            Err(e) => self.fail(i, &format!("cannot store the received file: {e}")),
+        }
+    }
+
+    fn fail(&mut self, i: usize, error: &str) {
+        self.state[i] = FileState::Failed;
+        self.out.push_back(ReceiverAction::Discard { file: i as u32 });
         self.out.push_back(ReceiverAction::Send(TransferMsg::TransferFileResult {
             transfer_id: self.id,
-            file,
-            ok,
-            error: (!ok).then(|| "BLAKE3 mismatch: the received bytes differ from the sender's file".to_owned()),
+            file: i as u32,
+            ok: false,
+            error: Some(error.to_owned()),
         }));
         self.maybe_finish();
     }
@@ -506,19 +537,16 @@ impl Receiver {
         if i >= self.state.len() || matches!(self.state[i], FileState::Done | FileState::Failed) || self.over {
             return;
         }
-        self.state[i] = FileState::Failed;
-        self.out.push_back(ReceiverAction::Discard { file });
-        self.out.push_back(ReceiverAction::Send(TransferMsg::TransferFileResult {
-            transfer_id: self.id,
-            file,
-            ok: false,
-            error: Some(error.to_owned()),
-        }));
-        self.maybe_finish();
+        self.fail(i, error);
     }
 
     fn maybe_finish(&mut self) {
-        if self.over || self.state.iter().any(|s| matches!(s, FileState::Receiving | FileState::Verifying)) {
+        if self.over
+            || self
+                .state
+                .iter()
+                .any(|s| matches!(s, FileState::Receiving | FileState::Verifying | FileState::Committing))
+        {
             return;
         }
         self.over = true;
@@ -555,7 +583,7 @@ impl Receiver {
             return;
         }
         for i in 0..self.state.len() {
-            if matches!(self.state[i], FileState::Receiving | FileState::Verifying) {
+            if matches!(self.state[i], FileState::Receiving | FileState::Verifying | FileState::Committing) {
                 self.state[i] = FileState::Failed;
                 self.out.push_back(ReceiverAction::Discard { file: i as u32 });
             }

@@ -136,9 +136,10 @@ impl World {
                         let h = blake3::hash(disk.part.get(&file).map_or(&[][..], |p| p)).to_hex().to_string();
                         s.session.verified(transfer, file, Ok(h));
                     }
-                    IoRequest::Commit { file, .. } => {
+                    IoRequest::Commit { transfer, file } => {
                         let d = disk.part.remove(&file).unwrap_or_default();
                         disk.done.insert(disk.names[&file].clone(), d);
+                        s.session.committed(transfer, file, Ok(()));
                     }
                     IoRequest::Discard { file, .. } => {
                         disk.part.remove(&file);

@@ -442,11 +442,16 @@ impl Future for RecvAny<'_> {
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
         for (sock, local) in this.socks {
-            let mut rb = ReadBuf::new(this.buf);
-            // Errors (e.g. ICMP port unreachable reported on the next recv) are per-datagram
-            // noise for a connectionless socket: skip them.
-            if let Poll::Ready(Ok(src)) = sock.poll_recv_from(cx, &mut rb) {
-                return Poll::Ready((rb.filled().len(), src, *local));
+            loop {
+                let mut rb = ReadBuf::new(this.buf);
+                match sock.poll_recv_from(cx, &mut rb) {
+                    Poll::Ready(Ok(src)) => return Poll::Ready((rb.filled().len(), src, *local)),
+                    // Errors (e.g. an ICMP port-unreachable reported on the next recv) are
+                    // per-datagram noise for a connectionless socket: poll again, so the
+                    // socket's waker stays registered.
+                    Poll::Ready(Err(_)) => continue,
+                    Poll::Pending => break,
+                }
             }
         }
         Poll::Pending
@@ -745,14 +750,13 @@ impl Driver {
             IoDone::Committed { transfer, file, result } => {
                 if let Some(i) = self.incoming.get_mut(&transfer) {
                     i.commits_pending -= 1;
-                    match result {
-                        Ok(()) => i.committed.push(i.finals[file as usize].clone()),
-                        Err(e) => {
-                            let name = i.manifest.files[file as usize].name.clone();
-                            i.failed.push((name, format!("rename failed: {e}")));
-                        }
+                    if result.is_ok() {
+                        i.committed.push(i.finals[file as usize].clone());
                     }
                 }
+                // The session reports the file (and, after the last one, the transfer) to the
+                // sender only now, so "ok" always means "stored under its final name".
+                self.session.committed(transfer, file, result);
                 self.maybe_finish_incoming(transfer);
             }
         }

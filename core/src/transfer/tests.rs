@@ -31,6 +31,7 @@ fn run_actions(r: &mut Receiver, disk: &mut Disk, corrupt: Option<u32>) -> (Vec<
             ReceiverAction::Commit { file } => {
                 let d = disk.part.remove(&file).unwrap_or_default();
                 disk.done.insert(file, d);
+                r.committed(file, Ok(()));
             }
             ReceiverAction::Discard { file } => {
                 disk.part.remove(&file);
