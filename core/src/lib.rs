@@ -12,4 +12,5 @@ pub mod peer;
 pub mod room;
 pub mod session;
 pub mod signal;
+pub mod stun;
 pub mod transfer;

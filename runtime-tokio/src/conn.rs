@@ -21,6 +21,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use sleap_rtc_core::session::{Direction, IoRequest, Session, SessionConfig, SessionEvent, SessionOutput};
 use sleap_rtc_core::signal::ServerMessage;
+use sleap_rtc_core::stun;
 use sleap_rtc_core::transfer::{Manifest, Progress, TransferError};
 use tokio::io::ReadBuf;
 use tokio::net::UdpSocket;
@@ -38,6 +39,11 @@ pub struct PeerOptions {
     pub bind_ips: Vec<IpAddr>,
     /// How long connecting may take (signaling round trip + ICE + DTLS + SCTP).
     pub connect_timeout: Duration,
+    /// STUN server URLs (`stun:host:port`) for server-reflexive candidates, in addition to the
+    /// `ice_servers` the signaling server hands out in `registered_auth`.
+    pub ice_servers: Vec<String>,
+    /// How long to wait for STUN answers before connecting with what we have.
+    pub stun_timeout: Duration,
 }
 
 impl Default for PeerOptions {
@@ -46,6 +52,8 @@ impl Default for PeerOptions {
             session: SessionConfig::default(),
             bind_ips: default_ips(),
             connect_timeout: Duration::from_secs(20),
+            ice_servers: Vec::new(),
+            stun_timeout: Duration::from_millis(500),
         }
     }
 }
@@ -151,6 +159,7 @@ pub struct PeerConnection {
     messages: tokio::sync::Mutex<mpsc::UnboundedReceiver<String>>,
     state: watch::Receiver<ConnState>,
     local_fingerprint: String,
+    local_candidates: Vec<String>,
     remote_peer: String,
 }
 
@@ -164,6 +173,11 @@ impl PeerConnection {
     /// The peer id (in the signaling room) of the other side.
     pub fn remote_peer(&self) -> &str {
         &self.remote_peer
+    }
+
+    /// Our ICE candidates as SDP `candidate:` lines (host and server-reflexive).
+    pub fn local_candidates(&self) -> &[String] {
+        &self.local_candidates
     }
 
     /// Our DTLS certificate fingerprint (`sha-256 AB:...`).
@@ -252,8 +266,17 @@ impl PeerConnection {
     }
 }
 
-async fn bind(opts: &PeerOptions, session: &mut Session) -> Result<Vec<(UdpSocket, SocketAddr)>, ConnError> {
+type Sockets = Vec<(UdpSocket, SocketAddr)>;
+
+/// Binds one UDP socket per address, adds host candidates, then server-reflexive candidates
+/// from STUN. Returns the sockets and every candidate line added.
+async fn bind(
+    opts: &PeerOptions,
+    extra_ice: &[String],
+    session: &mut Session,
+) -> Result<(Sockets, Vec<String>), ConnError> {
     let mut socks = Vec::new();
+    let mut cands = Vec::new();
     for ip in &opts.bind_ips {
         let sock = match std::net::UdpSocket::bind(SocketAddr::new(*ip, 0)) {
             Ok(s) => s,
@@ -265,13 +288,71 @@ async fn bind(opts: &PeerOptions, session: &mut Session) -> Result<Vec<(UdpSocke
         sock.set_nonblocking(true)?;
         let sock = UdpSocket::from_std(sock)?;
         let local = sock.local_addr()?;
-        session.peer().add_local_candidate(local, None)?;
+        cands.extend(session.peer().add_local_candidate(local, None)?);
         socks.push((sock, local));
     }
     if socks.is_empty() {
         return Err(ConnError::Io(io::Error::new(io::ErrorKind::AddrNotAvailable, "no local address could be bound")));
     }
-    Ok(socks)
+    let servers: Vec<String> = opts.ice_servers.iter().chain(extra_ice).cloned().collect();
+    for (mapped, base) in gather_srflx(&socks, &servers, opts.stun_timeout).await {
+        if mapped != base {
+            cands.extend(session.peer().add_local_candidate(mapped, Some(base))?);
+        }
+    }
+    Ok((socks, cands))
+}
+
+/// Asks each STUN server, from each socket of a compatible address family and scope, for our
+/// mapped address. Unreachable or silent servers cost at most `timeout`.
+async fn gather_srflx(socks: &Sockets, servers: &[String], timeout: Duration) -> Vec<(SocketAddr, SocketAddr)> {
+    if servers.is_empty() {
+        return Vec::new();
+    }
+    let deadline = tokio::time::Instant::now() + timeout;
+    let mut targets = Vec::new();
+    for url in servers {
+        let Some((host, port)) = stun::parse_stun_url(url) else { continue };
+        match tokio::time::timeout_at(deadline, tokio::net::lookup_host((host.as_str(), port))).await {
+            Ok(Ok(addrs)) => targets.extend(addrs),
+            _ => tracing::debug!(url, "STUN server did not resolve"),
+        }
+    }
+    // (socket index, server, request)
+    let mut pending: Vec<(usize, SocketAddr, stun::BindingRequest)> = Vec::new();
+    for (i, (_, local)) in socks.iter().enumerate() {
+        for t in &targets {
+            if t.is_ipv4() == local.is_ipv4() && t.ip().is_loopback() == local.ip().is_loopback() {
+                pending.push((i, *t, stun::binding_request()));
+            }
+        }
+    }
+    let mut found = Vec::new();
+    let mut buf = vec![0u8; 2048];
+    let mut resend = tokio::time::Instant::now();
+    while !pending.is_empty() && tokio::time::Instant::now() < deadline {
+        if tokio::time::Instant::now() >= resend {
+            for (i, server, req) in &pending {
+                let _ = socks[*i].0.try_send_to(&req.bytes, *server);
+            }
+            resend = tokio::time::Instant::now() + Duration::from_millis(150);
+        }
+        let wake = resend.min(deadline);
+        tokio::select! {
+            (n, src, local) = RecvAny { socks, buf: &mut buf } => {
+                let answer = pending.iter().find_map(|(i, server, req)| {
+                    (socks[*i].1 == local && *server == src).then(|| stun::mapped_address(&buf[..n], req.id)).flatten()
+                });
+                if let Some(mapped) = answer {
+                    found.push((mapped, local));
+                    // One answer per socket is enough.
+                    pending.retain(|(i, _, _)| socks[*i].1 != local);
+                }
+            }
+            _ = tokio::time::sleep_until(wake) => {}
+        }
+    }
+    found
 }
 
 fn candidate_line(v: &Value) -> Option<String> {
@@ -289,7 +370,7 @@ pub async fn connect(
     opts: PeerOptions,
 ) -> Result<PeerConnection, ConnError> {
     let mut session = Session::new(opts.session.clone(), Instant::now());
-    let socks = bind(&opts, &mut session).await?;
+    let (socks, cands) = bind(&opts, &ice_urls(signaling), &mut session).await?;
     let offer = session.peer().create_offer()?;
     let mut relays = signaling.subscribe_relays(target);
     signaling.request(json!({"type": "offer", "target": target, "sdp": offer, "role": "client"})).await?;
@@ -311,9 +392,13 @@ pub async fn connect(
     for c in early {
         let _ = session.peer().add_remote_candidate(&c);
     }
-    let conn = spawn(session, socks, relays, target);
+    let conn = spawn(session, socks, cands, relays, target);
     conn.wait_open(opts.connect_timeout).await?;
     Ok(conn)
+}
+
+fn ice_urls(signaling: &SignalingClient) -> Vec<String> {
+    signaling.registered().ice_servers.iter().flat_map(|s| s.urls.iter().cloned()).collect()
 }
 
 /// Answers an `offer` received through signaling and waits until the connection is open.
@@ -326,18 +411,19 @@ pub async fn accept(
     let from = o.get("sender").and_then(Value::as_str).ok_or_else(|| ConnError::BadOffer("no sender".into()))?;
     let sdp = o.get("sdp").and_then(Value::as_str).ok_or_else(|| ConnError::BadOffer("no sdp".into()))?;
     let mut session = Session::new(opts.session.clone(), Instant::now());
-    let socks = bind(&opts, &mut session).await?;
+    let (socks, cands) = bind(&opts, &ice_urls(signaling), &mut session).await?;
     let relays = signaling.subscribe_relays(from);
     let answer = session.peer().accept_offer(sdp)?;
     signaling.request(json!({"type": "answer", "target": from, "sdp": answer})).await?;
-    let conn = spawn(session, socks, relays, from);
+    let conn = spawn(session, socks, cands, relays, from);
     conn.wait_open(opts.connect_timeout).await?;
     Ok(conn)
 }
 
 fn spawn(
     mut session: Session,
-    socks: Vec<(UdpSocket, SocketAddr)>,
+    socks: Sockets,
+    local_candidates: Vec<String>,
     mut relays: mpsc::UnboundedReceiver<ServerMessage>,
     remote: &str,
 ) -> PeerConnection {
@@ -382,6 +468,7 @@ fn spawn(
         messages: tokio::sync::Mutex::new(messages),
         state,
         local_fingerprint,
+        local_candidates,
         remote_peer: remote.to_owned(),
     }
 }
@@ -433,7 +520,7 @@ struct Driver {
 
 /// Receives from whichever socket has a datagram first.
 struct RecvAny<'a> {
-    socks: &'a [(UdpSocket, SocketAddr)],
+    socks: &'a Sockets,
     buf: &'a mut [u8],
 }
 
