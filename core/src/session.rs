@@ -16,6 +16,23 @@ use crate::transfer::{
     self, Chunk, Manifest, Progress, Receiver, ReceiverAction, Sender, SenderEvent, TransferError, TransferMsg,
 };
 
+/// Largest control message we send. Browsers and aiortc accept 256 KiB, but SCTP messages of
+/// that size cost latency on the shared association; 60 KiB is plenty for jobs and manifests of a
+/// few hundred files.
+pub const MAX_CTL_MESSAGE: usize = 60 * 1024;
+
+/// Refuses a control message that is too large to send, with a clear reason.
+pub fn check_ctl_size(json: &str) -> Result<(), String> {
+    if json.len() > MAX_CTL_MESSAGE {
+        return Err(format!(
+            "control message of {} bytes exceeds the {MAX_CTL_MESSAGE}-byte limit; for a transfer of many \
+             files, send fewer at once or pack them into one archive",
+            json.len()
+        ));
+    }
+    Ok(())
+}
+
 /// Session tunables.
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
@@ -183,18 +200,22 @@ impl Session {
     }
 
     /// Queues a control message (JSON text); sent as soon as the channel takes it.
-    pub fn send_message(&mut self, json: String) {
+    pub fn send_message(&mut self, json: String) -> Result<(), String> {
+        check_ctl_size(&json)?;
         self.ctl_out.push_back(json);
+        Ok(())
     }
 
     /// Queues a transfer of `manifest` (its files are read through [`IoRequest::Read`]).
     /// Returns the transfer id (derived from the content, so re-sending resumes).
-    pub fn send_files(&mut self, manifest: Manifest) -> u32 {
+    pub fn send_files(&mut self, manifest: Manifest) -> Result<u32, String> {
         let id = manifest.derived_id();
         let sender = Sender::new(id, manifest, self.cfg.chunk);
-        self.ctl_out.push_back(sender.offer().to_json());
+        let offer = sender.offer().to_json();
+        check_ctl_size(&offer)?;
+        self.ctl_out.push_back(offer);
         self.outgoing.push_back(Outgoing { sender, reads_in_flight: 0, ready: VecDeque::new() });
-        id
+        Ok(id)
     }
 
     /// Cancels a transfer in either direction.

@@ -186,7 +186,7 @@ fn entry(name: &str, d: &[u8]) -> FileEntry {
 /// Returns true when the transfer completed on both sides.
 fn run_connection(w: &mut World, files: &[Vec<u8>], manifest: &Manifest, disk: &mut Disk, cut_after: usize) -> bool {
     let mut conn = connect(w.now);
-    conn.a.session.send_files(manifest.clone());
+    conn.a.session.send_files(manifest.clone()).unwrap();
     let deadline = w.now + Duration::from_secs(120);
     let mut d = Drained::default();
     while w.now < deadline {

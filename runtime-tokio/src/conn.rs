@@ -199,7 +199,9 @@ impl PeerConnection {
 
     /// Sends a control message (a JSON object, e.g. a job message) on the `ctl` channel.
     pub fn send_message(&self, msg: &Value) -> Result<(), ConnError> {
-        self.cmd.send(Cmd::Message(msg.to_string())).map_err(|_| ConnError::Closed)
+        let text = msg.to_string();
+        sleap_rtc_core::session::check_ctl_size(&text).map_err(ConnError::Transfer)?;
+        self.cmd.send(Cmd::Message(text)).map_err(|_| ConnError::Closed)
     }
 
     /// Next control message from the peer that is not part of the transfer protocol; `None`
@@ -222,8 +224,14 @@ impl PeerConnection {
         self.cmd
             .send(Cmd::SendFiles { set, progress: progress_tx, reply, id: id_tx })
             .map_err(|_| ConnError::Closed)?;
-        let id = id_rx.await.map_err(|_| ConnError::Closed)?;
-        Ok(Transfer { id, progress, done })
+        match id_rx.await {
+            Ok(id) => Ok(Transfer { id, progress, done }),
+            // The driver refused the transfer (e.g. manifest too large) and said why on `done`.
+            Err(_) => Err(match done.await {
+                Ok(Err(e)) => ConnError::Transfer(e),
+                _ => ConnError::Closed,
+            }),
+        }
     }
 
     /// Accepts the next incoming transfer into `dir` (created if missing). Files are written as
@@ -624,10 +632,19 @@ impl Driver {
 
     fn on_cmd(&mut self, c: Cmd) {
         match c {
-            Cmd::Message(m) => self.session.send_message(m),
+            Cmd::Message(m) => {
+                // Size was checked by the handle; nothing else can fail here.
+                let _ = self.session.send_message(m);
+            }
             Cmd::SendFiles { set, progress, reply, id } => {
                 let n = set.paths.len();
-                let tid = self.session.send_files(set.manifest.clone());
+                let tid = match self.session.send_files(set.manifest.clone()) {
+                    Ok(t) => t,
+                    Err(e) => {
+                        let _ = reply.send(Err(e));
+                        return;
+                    }
+                };
                 let _ = id.send(tid);
                 self.outgoing.insert(
                     tid,

@@ -201,3 +201,29 @@ async fn cut_mid_transfer_then_resume_on_a_new_connection() {
     client.close().await;
     e.server.shutdown().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn oversized_manifest_is_a_clear_error_and_the_connection_survives() {
+    let e = env().await;
+    let worker_sig = e.worker().await;
+    let client_sig = e.client().await;
+    let target = worker_sig.peer_id().to_owned();
+    let (client, worker) = tokio::join!(connect(&client_sig, &target, PeerOptions::loopback()), async {
+        let offer = next_offer(&worker_sig).await;
+        accept(&worker_sig, &offer, PeerOptions::loopback()).await
+    });
+    let (client, worker) = (client.unwrap(), worker.unwrap());
+    let src = tempfile::tempdir().unwrap();
+    let many = src.path().join("many");
+    std::fs::create_dir(&many).unwrap();
+    for i in 0..2000 {
+        std::fs::write(many.join(format!("frame_{i:05}_with_a_long_descriptive_name.png")), b"x").unwrap();
+    }
+    let err = client.send_files(&[many]).await.err().expect("refused");
+    assert!(err.to_string().contains("exceeds"), "{err}");
+    client.send_message(&json!({"type": "still_alive"})).unwrap();
+    assert!(worker.recv_message().await.unwrap().contains("still_alive"));
+    let huge = json!({"type": "x", "blob": "y".repeat(100_000)});
+    assert!(client.send_message(&huge).is_err());
+    e.server.shutdown().await;
+}
