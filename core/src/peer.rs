@@ -15,6 +15,8 @@ use str0m::channel::{ChannelConfig, ChannelId, Reliability};
 use str0m::net::{Protocol, Receive};
 use str0m::{Candidate, Event, IceConnectionState, Input, Output, Rtc};
 
+pub use str0m::config::DtlsCert;
+
 /// Label of the control channel (JSON messages).
 pub const CTL_LABEL: &str = "ctl";
 /// Label of the bulk channel (binary transfer frames).
@@ -33,11 +35,19 @@ pub struct PeerConfig {
     /// Largest message we accept (advertised as `a=max-message-size`); also sets our SCTP
     /// receive window to max(this, 1 MiB).
     pub max_message_size: u32,
+    /// DTLS certificate to use. Generating one takes tens of milliseconds, so runtimes make one
+    /// per process ([`generate_certificate`]) instead of one per connection.
+    pub cert: Option<DtlsCert>,
+}
+
+/// A fresh self-signed DTLS certificate (ECDSA P-256) from str0m's crypto provider.
+pub fn generate_certificate() -> Option<DtlsCert> {
+    str0m::crypto::from_feature_flags().dtls_provider.generate_certificate()
 }
 
 impl Default for PeerConfig {
     fn default() -> Self {
-        PeerConfig { mtu: 1200, max_buffered: 1024 * 1024, max_message_size: 256 * 1024 }
+        PeerConfig { mtu: 1200, max_buffered: 1024 * 1024, max_message_size: 256 * 1024, cert: None }
     }
 }
 
@@ -113,7 +123,11 @@ fn channel(label: &str) -> ChannelConfig {
 impl Peer {
     pub fn new(cfg: &PeerConfig, now: Instant) -> Peer {
         let mtu = cfg.mtu.clamp(str0m::DATAGRAM_MTU_TARGET_MIN, str0m::DATAGRAM_MTU_TARGET_MAX);
-        let rtc = Rtc::builder()
+        let mut builder = Rtc::builder();
+        if let Some(c) = &cfg.cert {
+            builder = builder.set_dtls_cert(c.clone());
+        }
+        let rtc = builder
             // The range is target..=warn-threshold: the start is the packet size str0m aims for.
             .set_mtu(mtu..=usize::MAX)
             .set_sctp_max_buffered_amount(cfg.max_buffered)
@@ -294,6 +308,15 @@ impl Peer {
         let id = self.bulk.ok_or(PeerError::NotOpen(BULK_LABEL))?;
         let mut ch = self.rtc.channel(id).ok_or(PeerError::NotOpen(BULK_LABEL))?;
         Ok(ch.write(true, frame)?)
+    }
+
+    /// Bytes written to either channel and not yet acknowledged by the remote SCTP stack.
+    pub fn buffered(&mut self) -> usize {
+        let ctl = match self.ctl.and_then(|c| self.rtc.channel(c)) {
+            Some(mut ch) => ch.buffered_amount(),
+            None => 0,
+        };
+        ctl + self.bulk_buffered()
     }
 
     /// Bytes written to `bulk` and not yet acknowledged by the remote SCTP stack.

@@ -153,6 +153,8 @@ pub struct Session {
     /// Offers waiting for [`Session::prepared`].
     preparing: HashMap<u32, Manifest>,
     events: VecDeque<SessionOutput>,
+    /// A close was asked for: it happens once queued control messages are acknowledged.
+    closing: bool,
 }
 
 impl std::fmt::Debug for Session {
@@ -173,6 +175,7 @@ impl Session {
             incoming: HashMap::new(),
             preparing: HashMap::new(),
             events: VecDeque::new(),
+            closing: false,
         }
     }
 
@@ -421,23 +424,27 @@ impl Session {
     }
 
     /// Moves queued control messages and ready frames into the channels, and asks for more
-    /// reads while the bulk buffer is under the high watermark.
-    fn flush(&mut self) -> Result<(), PeerError> {
+    /// reads while the bulk buffer is under the high watermark. Returns whether anything was
+    /// written (str0m then has packets to send: its last timeout is stale).
+    fn flush(&mut self) -> Result<bool, PeerError> {
+        let mut wrote = false;
         if !self.open {
-            return Ok(());
+            return Ok(wrote);
         }
         while let Some(m) = self.ctl_out.front() {
             if !self.peer.send_ctl(m)? {
                 break;
             }
             self.ctl_out.pop_front();
+            wrote = true;
         }
-        let Some(o) = self.outgoing.front_mut() else { return Ok(()) };
+        let Some(o) = self.outgoing.front_mut() else { return Ok(wrote) };
         while let Some(f) = o.ready.front() {
             if !self.peer.send_bulk(f)? {
-                return Ok(());
+                return Ok(wrote);
             }
             o.ready.pop_front();
+            wrote = true;
         }
         let chunk = self.cfg.chunk;
         while self.peer.bulk_buffered() + (o.reads_in_flight + o.ready.len()) * chunk < self.cfg.high_water {
@@ -446,7 +453,7 @@ impl Session {
             let transfer = o.sender.transfer_id();
             self.events.push_back(SessionOutput::Io(IoRequest::Read { transfer, chunk: c }));
         }
-        Ok(())
+        Ok(wrote)
     }
 
     /// Next thing to do. Call after every input until it returns `Timeout`.
@@ -463,13 +470,9 @@ impl Session {
                     PeerEvent::Connected => return Ok(SessionOutput::Event(SessionEvent::Connected)),
                     PeerEvent::Open => {
                         self.open = true;
-                        self.flush()?;
                         self.events.push_back(SessionOutput::Event(SessionEvent::Open));
                     }
-                    PeerEvent::Ctl(t) => {
-                        self.on_ctl(t);
-                        self.flush()?;
-                    }
+                    PeerEvent::Ctl(t) => self.on_ctl(t),
                     PeerEvent::Bulk(frame) => self.on_bulk(frame),
                     PeerEvent::Disconnected => return Ok(SessionOutput::Event(SessionEvent::Disconnected)),
                     PeerEvent::Closed => {
@@ -478,7 +481,16 @@ impl Session {
                     }
                 },
                 PeerOutput::Timeout(t) => {
-                    self.flush()?;
+                    if self.flush()? {
+                        // A write is a mutation: str0m must be polled again before its timeout
+                        // means anything (else the data waits for the next timer).
+                        continue;
+                    }
+                    if self.closing && self.ctl_out.is_empty() && self.peer.buffered() == 0 && self.peer.is_alive() {
+                        self.closing = false;
+                        self.peer.close();
+                        continue;
+                    }
                     if self.events.is_empty() {
                         return Ok(SessionOutput::Timeout(t));
                     }
@@ -515,8 +527,21 @@ impl Session {
         }
     }
 
-    /// Starts a graceful close.
+    /// Starts a graceful close: control messages already queued (e.g. the last
+    /// `transfer_complete`) are delivered first, then the connection shuts down. Outgoing
+    /// transfers still running are abandoned.
     pub fn close(&mut self) {
+        self.outgoing.clear();
+        if self.open {
+            self.closing = true;
+        } else {
+            self.peer.close();
+        }
+    }
+
+    /// Closes at once, without waiting for queued messages.
+    pub fn abort(&mut self) {
+        self.closing = false;
         self.peer.close();
     }
 }

@@ -153,6 +153,19 @@ enum Cmd {
     Close,
 }
 
+impl Cmd {
+    fn name(&self) -> &'static str {
+        match self {
+            Cmd::Message(_) => "message",
+            Cmd::SendFiles { .. } => "send_files",
+            Cmd::ReceiveFiles { .. } => "receive_files",
+            Cmd::Cancel(..) => "cancel",
+            Cmd::RemoteCandidate(_) => "remote_candidate",
+            Cmd::Close => "close",
+        }
+    }
+}
+
 /// Handle to a connected peer.
 pub struct PeerConnection {
     cmd: mpsc::UnboundedSender<Cmd>,
@@ -377,7 +390,7 @@ pub async fn connect(
     target: &str,
     opts: PeerOptions,
 ) -> Result<PeerConnection, ConnError> {
-    let mut session = Session::new(opts.session.clone(), Instant::now());
+    let mut session = new_session(&opts).await;
     let (socks, cands) = bind(&opts, &ice_urls(signaling), &mut session).await?;
     let offer = session.peer().create_offer()?;
     let mut relays = signaling.subscribe_relays(target);
@@ -405,6 +418,31 @@ pub async fn connect(
     Ok(conn)
 }
 
+static CERT: std::sync::OnceLock<Option<sleap_rtc_core::peer::DtlsCert>> = std::sync::OnceLock::new();
+
+/// Generates this process's DTLS certificate in the background, so the first connection does not
+/// pay for it. [`SignalingClient::connect`] calls it; calling it again is free.
+pub fn prepare_certificate() {
+    if CERT.get().is_none() {
+        tokio::task::spawn_blocking(|| CERT.get_or_init(sleap_rtc_core::peer::generate_certificate));
+    }
+}
+
+async fn new_session(opts: &PeerOptions) -> Session {
+    let mut cfg = opts.session.clone();
+    if cfg.peer.cert.is_none() {
+        cfg.peer.cert = match CERT.get() {
+            Some(c) => c.clone(),
+            None => {
+                tokio::task::spawn_blocking(|| CERT.get_or_init(sleap_rtc_core::peer::generate_certificate).clone())
+                    .await
+                    .unwrap_or(None)
+            }
+        };
+    }
+    Session::new(cfg, Instant::now())
+}
+
 fn ice_urls(signaling: &SignalingClient) -> Vec<String> {
     signaling.registered().ice_servers.iter().flat_map(|s| s.urls.iter().cloned()).collect()
 }
@@ -418,7 +456,7 @@ pub async fn accept(
     let ServerMessage::Offer(o) = offer else { return Err(ConnError::BadOffer("not an offer".into())) };
     let from = o.get("sender").and_then(Value::as_str).ok_or_else(|| ConnError::BadOffer("no sender".into()))?;
     let sdp = o.get("sdp").and_then(Value::as_str).ok_or_else(|| ConnError::BadOffer("no sdp".into()))?;
-    let mut session = Session::new(opts.session.clone(), Instant::now());
+    let mut session = new_session(&opts).await;
     let (socks, cands) = bind(&opts, &ice_urls(signaling), &mut session).await?;
     let relays = signaling.subscribe_relays(from);
     let answer = session.peer().accept_offer(sdp)?;
@@ -558,7 +596,7 @@ impl Driver {
         let (io_tx, mut io_rx) = mpsc::unbounded_channel();
         self.io_tx = Some(io_tx);
         let mut buf = vec![0u8; 65_536];
-        let mut closing = false;
+        let mut closing: Option<tokio::time::Instant> = None;
         loop {
             let deadline = match self.drain().await {
                 Ok(d) => d,
@@ -567,17 +605,33 @@ impl Driver {
                     break;
                 }
             };
-            if closing && !self.session.peer().is_alive() {
-                break;
+            if let Some(since) = closing {
+                if !self.session.peer().is_alive() {
+                    break;
+                }
+                // The remote never acknowledged our last messages: stop waiting.
+                if since.elapsed() > Duration::from_secs(3) {
+                    self.session.abort();
+                    break;
+                }
             }
             if *self.state_tx.borrow() == ConnState::Closed {
                 break;
             }
-            let sleep = tokio::time::sleep_until(tokio::time::Instant::from_std(deadline));
+            let mut wake = tokio::time::Instant::from_std(deadline);
+            if closing.is_some() {
+                wake = wake.min(tokio::time::Instant::now() + Duration::from_millis(200));
+            }
+            let sleep = tokio::time::sleep_until(wake);
             let res = tokio::select! {
                 biased;
-                c = cmd_rx.recv() => match c {
-                    Some(Cmd::Close) | None => { closing = true; self.session.close(); Ok(()) }
+                c = cmd_rx.recv(), if closing.is_none() => match c {
+                    Some(Cmd::Close) | None => {
+                        tracing::debug!(handle_dropped = c.is_none(), "closing");
+                        closing = Some(tokio::time::Instant::now());
+                        self.session.close();
+                        Ok(())
+                    }
                     Some(c) => { self.on_cmd(c); Ok(()) }
                 },
                 Some(d) = io_rx.recv() => { self.on_io_done(d); Ok(()) },
@@ -631,6 +685,7 @@ impl Driver {
     }
 
     fn on_cmd(&mut self, c: Cmd) {
+        tracing::debug!(cmd = c.name(), "command");
         match c {
             Cmd::Message(m) => {
                 // Size was checked by the handle; nothing else can fail here.
@@ -674,6 +729,7 @@ impl Driver {
     }
 
     fn on_event(&mut self, e: SessionEvent) {
+        tracing::debug!(event = ?e, "session event");
         match e {
             SessionEvent::Open => {
                 let remote_fingerprint = self.session.peer().remote_fingerprint();
@@ -791,6 +847,9 @@ impl Driver {
     }
 
     fn on_io(&mut self, io: IoRequest) {
+        if !matches!(io, IoRequest::Read { .. } | IoRequest::Write { .. }) {
+            tracing::debug!(request = ?IoName(&io), "file request");
+        }
         match io {
             IoRequest::Read { transfer, chunk } => {
                 let data = match self.outgoing.get_mut(&transfer) {
@@ -863,6 +922,26 @@ impl Driver {
                 self.session.committed(transfer, file, result);
                 self.maybe_finish_incoming(transfer);
             }
+        }
+    }
+}
+
+/// Debug form of an `IoRequest` without the data.
+struct IoName<'a>(&'a IoRequest);
+
+impl std::fmt::Debug for IoName<'_> {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self.0 {
+            IoRequest::Read { transfer, chunk } => write!(f, "read {transfer} {chunk:?}"),
+            IoRequest::Prepare { transfer, manifest } => {
+                write!(f, "prepare {transfer} ({} files)", manifest.files.len())
+            }
+            IoRequest::Write { transfer, file, offset, data } => {
+                write!(f, "write {transfer} {file}@{offset}+{}", data.len())
+            }
+            IoRequest::Verify { transfer, file } => write!(f, "verify {transfer} {file}"),
+            IoRequest::Commit { transfer, file } => write!(f, "commit {transfer} {file}"),
+            IoRequest::Discard { transfer, file } => write!(f, "discard {transfer} {file}"),
         }
     }
 }

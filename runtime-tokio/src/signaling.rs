@@ -61,6 +61,8 @@ impl SignalingClient {
     /// Connects to `url` (e.g. `ws://host:8080/ws`) and registers. Fails with the server's
     /// reason if registration is refused.
     pub async fn connect(url: &str, register: Register) -> Result<SignalingClient, SignalingError> {
+        // A peer connection will follow; make its DTLS certificate while we register.
+        crate::conn::prepare_certificate();
         let (ws, _) = async_tungstenite::tokio::connect_async(url)
             .await
             .map_err(|source| SignalingError::Connect { url: url.to_owned(), source })?;
