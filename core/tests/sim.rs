@@ -237,7 +237,7 @@ fn clean_link_transfer() {
 }
 
 proptest! {
-    #![proptest_config(ProptestConfig { cases: 6, ..ProptestConfig::default() })]
+    #![proptest_config(ProptestConfig { cases: 24, ..ProptestConfig::default() })]
 
     /// 5 % loss, 2 % duplication, reordering through jitter, 20–60 ms delay; cut after some
     /// frames, then a new connection resumes from the receiver's `.part` files.

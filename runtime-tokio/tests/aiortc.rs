@@ -5,87 +5,29 @@
 //! aiortc as the offering client sending to our worker, and our client offering to an aiortc
 //! worker and sending to it. Files must arrive byte-identical and verified.
 
+mod common;
+
 use std::path::{Path, PathBuf};
 use std::process::{ExitStatus, Stdio};
 use std::time::Duration;
 
-use serde_json::{Value, json};
-use sleap_rtc_core::signal::{Register, ServerMessage};
-use sleap_rtc_tokio::{PeerOptions, SignalingClient, accept, connect};
+use common::{Env, env, next_offer, write_random};
+use serde_json::Value;
+use sleap_rtc_tokio::{PeerOptions, accept, connect};
 use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader, Lines};
 use tokio::process::{Child, ChildStdout};
 
 /// How long one Python peer run may take, start-up (importing aiortc) included.
 const PY_TIMEOUT: Duration = Duration::from_secs(60);
 
-struct Env {
-    server: sleap_rtc_server::Server,
-    _dir: tempfile::TempDir,
-    ws: String,
-    jwt: String,
-    room: String,
-    token: String,
+/// Arguments that register the Python peer as a client of the room.
+fn py_client_args(e: &Env) -> Vec<String> {
+    vec!["--ws".into(), e.ws.clone(), "--jwt".into(), e.jwt.clone(), "--room".into(), e.room.clone()]
 }
 
-async fn env() -> Env {
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = sleap_rtc_server::Config::local(dir.path());
-    cfg.auth_rate_per_min = 1e6;
-    let server = sleap_rtc_server::Server::start(cfg).await.unwrap();
-    let base = format!("http://{}", server.local_addrs()[0]);
-    let http = reqwest::Client::new();
-    let v: Value = http.post(format!("{base}/anonymous-signin")).send().await.unwrap().json().await.unwrap();
-    let jwt = v["jwt"].as_str().unwrap().to_owned();
-    let v: Value = http
-        .post(format!("{base}/api/auth/rooms"))
-        .bearer_auth(&jwt)
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let room = v["room_id"].as_str().unwrap().to_owned();
-    let v: Value = http
-        .post(format!("{base}/api/auth/token"))
-        .bearer_auth(&jwt)
-        .json(&json!({"room_id": room, "worker_name": "gpu"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let token = v["token_id"].as_str().unwrap().to_owned();
-    Env { ws: format!("ws://{}/ws", server.local_addrs()[0]), server, _dir: dir, jwt, room, token }
-}
-
-impl Env {
-    async fn worker(&self) -> SignalingClient {
-        let reg = Register { role: Some("worker".into()), api_key: Some(self.token.clone()), ..Default::default() };
-        SignalingClient::connect(&self.ws, reg).await.unwrap()
-    }
-
-    async fn client(&self) -> SignalingClient {
-        let reg = Register {
-            role: Some("client".into()),
-            jwt: Some(self.jwt.clone()),
-            room_id: Some(self.room.clone()),
-            ..Default::default()
-        };
-        SignalingClient::connect(&self.ws, reg).await.unwrap()
-    }
-
-    /// Arguments that register the Python peer as a client of the room.
-    fn py_client_args(&self) -> Vec<String> {
-        vec!["--ws".into(), self.ws.clone(), "--jwt".into(), self.jwt.clone(), "--room".into(), self.room.clone()]
-    }
-
-    /// Arguments that register the Python peer as the room's worker.
-    fn py_worker_args(&self) -> Vec<String> {
-        vec!["--ws".into(), self.ws.clone(), "--api-key".into(), self.token.clone()]
-    }
+/// Arguments that register the Python peer as the room's worker.
+fn py_worker_args(e: &Env) -> Vec<String> {
+    vec!["--ws".into(), e.ws.clone(), "--api-key".into(), e.token.clone()]
 }
 
 /// The interpreter with the test venv's packages. A missing venv is a set-up error, not a pass.
@@ -187,29 +129,6 @@ impl PyPeer {
     }
 }
 
-/// Waits for the next `offer` on the worker's signaling connection.
-async fn next_offer(sig: &SignalingClient) -> ServerMessage {
-    loop {
-        let ev = tokio::time::timeout(PY_TIMEOUT, sig.next_event()).await.expect("an offer arrives").unwrap();
-        if let ServerMessage::Offer(_) = ev.msg {
-            return ev.msg;
-        }
-    }
-}
-
-fn write_random(path: &Path, len: usize, seed: u64) {
-    let mut x = seed | 1;
-    let data: Vec<u8> = (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
-    std::fs::write(path, data).unwrap();
-}
-
 /// A source tree with one directory (nested, with an empty file) and one big file. Returns the
 /// paths to send and the relative names every receiver must end up with. The big file goes
 /// last, so the receiver is still renaming it into place when it has already told the sender
@@ -246,7 +165,7 @@ async fn aiortc_client_offers_and_sends_files_to_our_worker() {
     let src = tempfile::tempdir().unwrap();
     let (paths, names) = source_tree(src.path(), 3 * 1024 * 1024 + 12_345, 11);
 
-    let mut args = e.py_client_args();
+    let mut args = py_client_args(&e);
     args.extend(["--offer-to".into(), worker_sig.peer_id().to_owned(), "--send".into()]);
     args.extend(paths.iter().map(|p| p.display().to_string()));
     let mut py = PyPeer::spawn(args);
@@ -300,7 +219,7 @@ async fn aiortc_client_offers_and_sends_files_to_our_worker() {
 async fn our_client_offers_and_sends_files_to_an_aiortc_worker() {
     let e = env().await;
     let dst = tempfile::tempdir().unwrap();
-    let mut args = e.py_worker_args();
+    let mut args = py_worker_args(&e);
     args.extend(["--answer".into(), "--receive".into(), dst.path().display().to_string()]);
     let mut py = PyPeer::spawn(args);
     let py_id = py.registered().await;

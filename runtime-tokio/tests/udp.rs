@@ -2,95 +2,14 @@
 //! server: control messages, a file and a directory in both directions, a cut mid-transfer and
 //! a resume on a new connection.
 
-use std::path::Path;
+mod common;
+
 use std::time::Duration;
 
+use common::{env, next_offer, write_random};
 use serde_json::json;
-use sleap_rtc_core::signal::{Filters, Register, ServerMessage};
-use sleap_rtc_tokio::{PeerOptions, SignalingClient, accept, connect};
-
-struct Env {
-    server: sleap_rtc_server::Server,
-    _dir: tempfile::TempDir,
-    ws: String,
-    jwt: String,
-    room: String,
-    token: String,
-}
-
-async fn env() -> Env {
-    let dir = tempfile::tempdir().unwrap();
-    let mut cfg = sleap_rtc_server::Config::local(dir.path());
-    cfg.auth_rate_per_min = 1e6;
-    let server = sleap_rtc_server::Server::start(cfg).await.unwrap();
-    let base = format!("http://{}", server.local_addrs()[0]);
-    let http = reqwest::Client::new();
-    let v: serde_json::Value =
-        http.post(format!("{base}/anonymous-signin")).send().await.unwrap().json().await.unwrap();
-    let jwt = v["jwt"].as_str().unwrap().to_owned();
-    let v: serde_json::Value = http
-        .post(format!("{base}/api/auth/rooms"))
-        .bearer_auth(&jwt)
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let room = v["room_id"].as_str().unwrap().to_owned();
-    let v: serde_json::Value = http
-        .post(format!("{base}/api/auth/token"))
-        .bearer_auth(&jwt)
-        .json(&json!({"room_id": room, "worker_name": "gpu"}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let token = v["token_id"].as_str().unwrap().to_owned();
-    Env { ws: format!("ws://{}/ws", server.local_addrs()[0]), server, _dir: dir, jwt, room, token }
-}
-
-impl Env {
-    async fn worker(&self) -> SignalingClient {
-        let reg = Register { role: Some("worker".into()), api_key: Some(self.token.clone()), ..Default::default() };
-        SignalingClient::connect(&self.ws, reg).await.unwrap()
-    }
-    async fn client(&self) -> SignalingClient {
-        let reg = Register {
-            role: Some("client".into()),
-            jwt: Some(self.jwt.clone()),
-            room_id: Some(self.room.clone()),
-            ..Default::default()
-        };
-        SignalingClient::connect(&self.ws, reg).await.unwrap()
-    }
-}
-
-/// Waits for the next `offer` on the worker's signaling connection.
-async fn next_offer(sig: &SignalingClient) -> ServerMessage {
-    loop {
-        let ev = tokio::time::timeout(Duration::from_secs(10), sig.next_event()).await.unwrap().unwrap();
-        if let ServerMessage::Offer(_) = ev.msg {
-            return ev.msg;
-        }
-    }
-}
-
-fn write_random(path: &Path, len: usize, seed: u64) {
-    let mut x = seed | 1;
-    let data: Vec<u8> = (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
-    std::fs::write(path, data).unwrap();
-}
+use sleap_rtc_core::signal::Filters;
+use sleap_rtc_tokio::{PeerOptions, accept, connect};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn files_and_messages_both_ways_through_the_signaling_server() {

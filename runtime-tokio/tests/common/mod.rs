@@ -1,0 +1,108 @@
+//! Shared set-up for the runtime's integration tests: a real signaling server on 127.0.0.1:0,
+//! a signed-in user, a room and a worker token, and helpers to connect two peers through it.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use sleap_rtc_core::signal::{Register, ServerMessage};
+use sleap_rtc_tokio::{ConnError, PeerConnection, PeerOptions, SignalingClient, accept, connect};
+
+pub struct Env {
+    pub server: sleap_rtc_server::Server,
+    _dir: tempfile::TempDir,
+    pub ws: String,
+    pub jwt: String,
+    pub room: String,
+    pub token: String,
+}
+
+pub async fn env() -> Env {
+    env_with(|_| {}).await
+}
+
+pub async fn env_with(tweak: impl FnOnce(&mut sleap_rtc_server::Config)) -> Env {
+    let dir = tempfile::tempdir().unwrap();
+    let mut cfg = sleap_rtc_server::Config::local(dir.path());
+    cfg.auth_rate_per_min = 1e6;
+    tweak(&mut cfg);
+    let server = sleap_rtc_server::Server::start(cfg).await.unwrap();
+    let base = format!("http://{}", server.local_addrs()[0]);
+    let http = reqwest::Client::new();
+    let post = |path: &str, jwt: Option<&str>, body: Value| {
+        let mut r = http.post(format!("{base}{path}")).json(&body);
+        if let Some(j) = jwt {
+            r = r.bearer_auth(j);
+        }
+        async move { r.send().await.unwrap().json::<Value>().await.unwrap() }
+    };
+    let jwt = post("/anonymous-signin", None, json!({})).await["jwt"].as_str().unwrap().to_owned();
+    let room = post("/api/auth/rooms", Some(&jwt), json!({})).await["room_id"].as_str().unwrap().to_owned();
+    let token = post("/api/auth/token", Some(&jwt), json!({"room_id": room, "worker_name": "gpu"})).await["token_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    Env { ws: format!("ws://{}/ws", server.local_addrs()[0]), server, _dir: dir, jwt, room, token }
+}
+
+impl Env {
+    /// Registered with the worker token.
+    pub async fn worker(&self) -> SignalingClient {
+        let reg = Register { role: Some("worker".into()), api_key: Some(self.token.clone()), ..Default::default() };
+        SignalingClient::connect(&self.ws, reg).await.unwrap()
+    }
+
+    /// Registered with the user's JWT, with this peer id (or a server-assigned one).
+    pub async fn client_as(&self, peer_id: Option<&str>) -> SignalingClient {
+        let reg = Register {
+            role: Some("client".into()),
+            jwt: Some(self.jwt.clone()),
+            room_id: Some(self.room.clone()),
+            peer_id: peer_id.map(str::to_owned),
+            ..Default::default()
+        };
+        SignalingClient::connect(&self.ws, reg).await.unwrap()
+    }
+
+    pub async fn client(&self) -> SignalingClient {
+        self.client_as(None).await
+    }
+}
+
+/// Waits for the next `offer` on a signaling connection.
+pub async fn next_offer(sig: &SignalingClient) -> ServerMessage {
+    loop {
+        // Generous: a Python peer needs seconds just to import aiortc.
+        let ev =
+            tokio::time::timeout(Duration::from_secs(60), sig.next_event()).await.expect("an offer arrives").unwrap();
+        if let ServerMessage::Offer(_) = ev.msg {
+            return ev.msg;
+        }
+    }
+}
+
+/// `from` offers a loopback connection to `to`, which accepts it.
+pub async fn pair(
+    from: &SignalingClient,
+    to: &SignalingClient,
+) -> (Result<PeerConnection, ConnError>, Result<PeerConnection, ConnError>) {
+    tokio::join!(connect(from, to.peer_id(), PeerOptions::loopback()), async {
+        let offer = next_offer(to).await;
+        accept(to, &offer, PeerOptions::loopback()).await
+    })
+}
+
+/// Writes `len` pseudo-random (incompressible) bytes.
+pub fn write_random(path: &Path, len: usize, seed: u64) {
+    let mut x = seed | 1;
+    let data: Vec<u8> = (0..len)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x as u8
+        })
+        .collect();
+    std::fs::write(path, data).unwrap();
+}
