@@ -93,6 +93,7 @@ async fn child(a: Args) -> anyhow::Result<()> {
     let path = a.path.clone().unwrap_or_default();
     match a.role.as_deref() {
         Some("receiver") => {
+            sleap_rtc_tokio::conn::certificate_ready().await;
             let offer = loop {
                 let ev = sig.next_event().await.ok_or_else(|| anyhow::anyhow!("signaling closed"))?;
                 if let ServerMessage::Offer(_) = ev.msg {
@@ -119,6 +120,11 @@ async fn child(a: Args) -> anyhow::Result<()> {
         }
         _ => {
             let target = a.target.clone().unwrap_or_default();
+            // Certificate generation is once per process and overlaps registration in real use;
+            // setup here is offer → channels open.
+            let tc = Instant::now();
+            sleap_rtc_tokio::conn::certificate_ready().await;
+            eprintln!("DTLS certificate ready after {:.1} ms", tc.elapsed().as_secs_f64() * 1e3);
             let t0 = Instant::now();
             let conn = connect(&sig, &target, options(&a)).await?;
             let setup = t0.elapsed();

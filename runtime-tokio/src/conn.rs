@@ -428,6 +428,13 @@ pub fn prepare_certificate() {
     }
 }
 
+/// Waits until this process's DTLS certificate exists (generating it if needed), so that a
+/// following `connect` measures only the connection itself.
+pub async fn certificate_ready() {
+    let _ =
+        tokio::task::spawn_blocking(|| CERT.get_or_init(sleap_rtc_core::peer::generate_certificate).is_some()).await;
+}
+
 async fn new_session(opts: &PeerOptions) -> Session {
     let mut cfg = opts.session.clone();
     if cfg.peer.cert.is_none() {
