@@ -643,7 +643,12 @@ impl Driver {
                 },
                 Some(d) = io_rx.recv() => { self.on_io_done(d); Ok(()) },
                 (n, src, local) = RecvAny { socks: &self.socks, buf: &mut buf } => {
-                    self.session.handle_receive(Instant::now(), src, local, &buf[..n])
+                    // Anyone can send us a datagram: one that str0m rejects is dropped, it must
+                    // not end the connection.
+                    if let Err(e) = self.session.handle_receive(Instant::now(), src, local, &buf[..n]) {
+                        tracing::debug!(%src, error = %e, "dropping a datagram str0m refused");
+                    }
+                    Ok(())
                 }
                 _ = sleep => self.session.handle_timeout(Instant::now()),
             };

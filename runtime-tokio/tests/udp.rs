@@ -146,3 +146,38 @@ async fn oversized_manifest_is_a_clear_error_and_the_connection_survives() {
     assert!(client.send_message(&huge).is_err());
     e.server.shutdown().await;
 }
+
+/// Datagrams from strangers (garbage, fake DTLS records, fake STUN) hitting a peer's socket are
+/// dropped; the connection carries on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stray_datagrams_do_not_break_a_connection() {
+    let e = env().await;
+    let worker_sig = e.worker().await;
+    let client_sig = e.client().await;
+    let (client, worker) = common::pair(&client_sig, &worker_sig).await;
+    let (client, worker) = (client.unwrap(), worker.unwrap());
+    let line = worker.local_candidates().iter().find(|l| l.contains("typ host")).unwrap().clone();
+    let f: Vec<&str> = line.split_whitespace().collect();
+    let addr: std::net::SocketAddr = format!("{}:{}", f[4], f[5]).parse().unwrap();
+    let stranger = tokio::net::UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let mut x = 12345u64;
+    for i in 0..300u32 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let mut d: Vec<u8> = (0..(x % 1400) as usize).map(|j| (x >> (j % 56)) as u8).collect();
+        match i % 3 {
+            // DTLS application-data record header
+            0 if d.len() > 13 => d[..3].copy_from_slice(&[23, 0xfe, 0xfd]),
+            // STUN binding request header with the magic cookie
+            1 if d.len() > 20 => d[..8].copy_from_slice(&[0, 1, 0, 0, 0x21, 0x12, 0xa4, 0x42]),
+            _ => {}
+        }
+        stranger.send_to(&d, addr).await.unwrap();
+    }
+    client.send_message(&json!({"type": "still_here"})).unwrap();
+    let got = tokio::time::timeout(Duration::from_secs(5), worker.recv_message()).await.unwrap().unwrap();
+    assert!(got.contains("still_here"));
+    assert!(matches!(worker.state(), sleap_rtc_tokio::conn::ConnState::Open { .. }));
+    e.server.shutdown().await;
+}
