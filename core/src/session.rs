@@ -33,6 +33,9 @@ pub fn check_ctl_size(json: &str) -> Result<(), String> {
     Ok(())
 }
 
+/// Incoming transfers offered and not finished, at most (further offers are refused as busy).
+pub const MAX_INCOMING: usize = 8;
+
 /// Session tunables.
 #[derive(Debug, Clone)]
 pub struct SessionConfig {
@@ -213,6 +216,9 @@ impl Session {
     /// Returns the transfer id (derived from the content, so re-sending resumes).
     pub fn send_files(&mut self, manifest: Manifest) -> Result<u32, String> {
         let id = manifest.derived_id();
+        if self.outgoing.iter().any(|o| o.sender.transfer_id() == id) {
+            return Err("these files are already being sent on this connection".into());
+        }
         let sender = Sender::new(id, manifest, self.cfg.chunk);
         let offer = sender.offer().to_json();
         check_ctl_size(&offer)?;
@@ -328,9 +334,9 @@ impl Session {
                 ReceiverAction::Verify { file } => (IoRequest::Verify { transfer, file }, None),
                 ReceiverAction::Commit { file } => (IoRequest::Commit { transfer, file }, None),
                 ReceiverAction::Discard { file } => (IoRequest::Discard { transfer, file }, Some((file, false))),
-                ReceiverAction::Finished { failed, .. } => {
+                ReceiverAction::Finished { failed, cancelled, .. } => {
                     self.incoming.remove(&transfer);
-                    self.done(transfer, Direction::Receive, Ok(failed));
+                    self.done(transfer, Direction::Receive, cancelled.map_or(Ok(failed), Err));
                     continue;
                 }
             };
@@ -367,7 +373,20 @@ impl Session {
         let id = m.transfer_id();
         match m {
             TransferMsg::TransferOffer { manifest, .. } => {
-                if self.incoming.contains_key(&id) || self.preparing.contains_key(&id) {
+                let busy = if self.incoming.contains_key(&id) || self.preparing.contains_key(&id) {
+                    Some("a transfer with this id is already under way")
+                } else if self.incoming.len() + self.preparing.len() >= MAX_INCOMING {
+                    Some("too many transfers offered at once")
+                } else {
+                    None
+                };
+                if let Some(why) = busy {
+                    let msg = TransferMsg::TransferReject {
+                        transfer_id: id,
+                        code: transfer::RejectCode::Busy,
+                        message: why.to_owned(),
+                    };
+                    self.ctl_out.push_back(msg.to_json());
                     return;
                 }
                 if let Err(e) = transfer::validate_manifest(&manifest, &self.cfg.limits) {
@@ -380,11 +399,15 @@ impl Session {
                 self.preparing.insert(id, manifest.clone());
                 self.events.push_back(SessionOutput::Io(IoRequest::Prepare { transfer: id, manifest }));
             }
-            TransferMsg::TransferCancel { .. } if self.incoming.contains_key(&id) => {
+            TransferMsg::TransferCancel { reason, .. } if self.incoming.contains_key(&id) => {
                 if let Some(inc) = self.incoming.get_mut(&id) {
-                    inc.receiver.on_cancel();
+                    inc.receiver.on_cancel(&reason);
                 }
                 self.pump_receiver(id);
+            }
+            TransferMsg::TransferCancel { reason, .. } if self.preparing.contains_key(&id) => {
+                self.preparing.remove(&id);
+                self.done(id, Direction::Receive, Err(format!("cancelled by the sender: {reason}")));
             }
             other => {
                 let Some(pos) = self.outgoing.iter().position(|o| o.sender.transfer_id() == id) else { return };

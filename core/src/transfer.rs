@@ -267,6 +267,14 @@ pub fn validate_manifest(m: &Manifest, limits: &Limits) -> Result<(), TransferEr
             )));
         }
         total = total.saturating_add(f.size);
+        // A name ending in the receiver's `.part` suffix could collide with another file's
+        // temporary name.
+        if f.name.ends_with(".part") {
+            return Err(TransferError::UnsafeName {
+                name: f.name.clone(),
+                why: "ends in .part (reserved for partial files)",
+            });
+        }
         // Case-insensitive file systems would merge names differing only in case.
         if !seen.insert(f.name.to_lowercase()) {
             return Err(TransferError::DuplicateName(f.name.clone()));
@@ -346,8 +354,9 @@ pub enum ReceiverAction {
     Commit { file: u32 },
     /// Delete the `.part` (hash mismatch or cancel).
     Discard { file: u32 },
-    /// The transfer is over; `failed` lists files that did not verify.
-    Finished { ok: u32, failed: Vec<u32> },
+    /// The transfer is over; `failed` lists files that did not verify; `cancelled` says why the
+    /// transfer was cancelled as a whole, if it was.
+    Finished { ok: u32, failed: Vec<u32>, cancelled: Option<String> },
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -439,8 +448,14 @@ impl Receiver {
         let Some(entry) = self.manifest.files.get(i) else {
             return Err(TransferError::OutOfOrder { file: h.file, offset: h.offset, why: "no such file" });
         };
-        if self.state[i] != FileState::Receiving {
-            return Err(TransferError::OutOfOrder { file: h.file, offset: h.offset, why: "file already complete" });
+        match self.state[i] {
+            FileState::Receiving => {}
+            // This side gave up on the file (a write failed); the sender may still be streaming
+            // it. Drop its frames and keep the other files going.
+            FileState::Failed => return Ok(None),
+            _ => {
+                return Err(TransferError::OutOfOrder { file: h.file, offset: h.offset, why: "file already complete" });
+            }
         }
         let end = h.offset.checked_add(data.len() as u64).ok_or(TransferError::BadFrame("offset overflow"))?;
         if end > entry.size {
@@ -558,7 +573,7 @@ impl Receiver {
             ok,
             failed: failed.len() as u32,
         }));
-        self.out.push_back(ReceiverAction::Finished { ok, failed });
+        self.out.push_back(ReceiverAction::Finished { ok, failed, cancelled: None });
     }
 
     /// Cancels locally (tell the sender why) and discards incomplete files.
@@ -570,15 +585,15 @@ impl Receiver {
             transfer_id: self.id,
             reason: reason.to_owned(),
         }));
-        self.abort();
+        self.abort(format!("cancelled here: {reason}"));
     }
 
     /// The sender cancelled.
-    pub fn on_cancel(&mut self) {
-        self.abort();
+    pub fn on_cancel(&mut self, reason: &str) {
+        self.abort(format!("cancelled by the sender: {reason}"));
     }
 
-    fn abort(&mut self) {
+    fn abort(&mut self, why: String) {
         if self.over {
             return;
         }
@@ -591,7 +606,11 @@ impl Receiver {
         self.over = true;
         let failed: Vec<u32> =
             self.state.iter().enumerate().filter(|(_, s)| **s == FileState::Failed).map(|(i, _)| i as u32).collect();
-        self.out.push_back(ReceiverAction::Finished { ok: (self.state.len() - failed.len()) as u32, failed });
+        self.out.push_back(ReceiverAction::Finished {
+            ok: (self.state.len() - failed.len()) as u32,
+            failed,
+            cancelled: Some(why),
+        });
     }
 }
 

@@ -790,6 +790,8 @@ impl Driver {
             }
             SessionEvent::TransferDone { transfer, direction: Direction::Receive, result } => match result {
                 Err(e) => {
+                    // An offer nobody claimed yet may be cancelled before it is.
+                    self.unclaimed.retain(|(t, _)| *t != transfer);
                     if let Some(mut i) = self.incoming.remove(&transfer) {
                         if let Some(r) = i.reply.take() {
                             let _ = r.send(Err(e));
@@ -825,6 +827,14 @@ impl Driver {
     }
 
     fn prepare(&mut self, transfer: u32, manifest: Manifest) {
+        if self.incoming.contains_key(&transfer) {
+            // Still finishing an earlier transfer with this id (e.g. a rename after a cancel).
+            self.session.prepared(
+                transfer,
+                Err(TransferError::BadManifest("a transfer with this id is still finishing".into())),
+            );
+            return;
+        }
         let Some(w) = self.receive_waiters.pop_front() else {
             self.unclaimed.push_back((transfer, manifest));
             return;
@@ -924,9 +934,9 @@ impl Driver {
             IoDone::Verified { transfer, file, result } => self.session.verified(transfer, file, result),
             IoDone::Committed { transfer, file, result } => {
                 if let Some(i) = self.incoming.get_mut(&transfer) {
-                    i.commits_pending -= 1;
-                    if result.is_ok() {
-                        i.committed.push(i.finals[file as usize].clone());
+                    i.commits_pending = i.commits_pending.saturating_sub(1);
+                    if let (Ok(()), Some(fin)) = (&result, i.finals.get(file as usize)) {
+                        i.committed.push(fin.clone());
                     }
                 }
                 // The session reports the file (and, after the last one, the transfer) to the

@@ -119,6 +119,11 @@ pub fn prepare_receive(dir: &Path, m: &Manifest) -> Result<Prepared, TransferErr
             Ok(meta) if meta.file_type().is_symlink() => {
                 return Err(TransferError::UnsafeName { name: f.name.clone(), why: "its .part is a symlink" });
             }
+            // Longer than the file can be: a leftover of something else; start over.
+            Ok(meta) if meta.is_file() && meta.len() > f.size => {
+                std::fs::remove_file(&part).map_err(|e| io_err(&f.name, e))?;
+                0
+            }
             Ok(meta) if meta.is_file() => meta.len(),
             _ => 0,
         };
@@ -168,5 +173,17 @@ mod tests {
         std::os::unix::fs::symlink(outside.path().join("t"), d.path().join("y.part")).unwrap();
         let m = Manifest { files: vec![FileEntry { name: "y".into(), size: 1, blake3: "0".repeat(64) }] };
         assert!(matches!(prepare_receive(d.path(), &m), Err(TransferError::UnsafeName { .. })));
+    }
+
+    #[test]
+    fn a_part_longer_than_the_file_starts_over() {
+        let d = tempfile::tempdir().unwrap();
+        std::fs::write(d.path().join("y.part"), vec![7u8; 100]).unwrap();
+        std::fs::write(d.path().join("z.part"), vec![7u8; 3]).unwrap();
+        let e = |n: &str, size| FileEntry { name: n.into(), size, blake3: "0".repeat(64) };
+        let m = Manifest { files: vec![e("y", 10), e("z", 10)] };
+        let p = prepare_receive(d.path(), &m).unwrap();
+        assert_eq!(p.existing, vec![0, 3]);
+        assert!(!d.path().join("y.part").exists());
     }
 }

@@ -117,7 +117,10 @@ pub async fn serve_socket(state: Arc<AppState>, socket: WebSocket, peer: SocketA
     let (tx, mut rx) = mpsc::channel::<Message>(state.config.outbound_queue.max(1));
     let (kill_tx, mut kill_rx) = oneshot::channel::<(u16, String)>();
     {
-        let Ok(mut st) = state.hub.lock() else { return };
+        let Ok(mut st) = state.hub.lock() else {
+            state.live_sockets.fetch_sub(1, Ordering::AcqRel);
+            return;
+        };
         st.conns.insert(conn, ConnHandle { tx, kill: Some(kill_tx) });
     }
     drive(&state, |hub| hub.connect(conn, now_millis()));

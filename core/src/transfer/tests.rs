@@ -183,7 +183,7 @@ fn cancel_from_either_side_discards_incomplete_files() {
     let (msgs, _) = run_actions(&mut r, &mut disk, None);
     s.on_message(&msgs[0]).unwrap();
     pump(&mut s, &mut r, &mut disk, &files, 3);
-    r.on_cancel();
+    r.on_cancel("test");
     let (_, finished) = run_actions(&mut r, &mut disk, None);
     assert_eq!(finished, Some(vec![0]));
     assert!(disk.part.is_empty());
@@ -268,4 +268,38 @@ proptest! {
         }
         while r.poll_action().is_some() {}
     }
+}
+
+#[test]
+fn a_failed_file_keeps_the_rest_and_cancel_is_reported_as_cancel() {
+    let files = vec![vec![1u8; 3000], vec![2u8; 3000]];
+    let m = Manifest { files: vec![entry("a", &files[0]), entry("b", &files[1])] };
+    let mut s = Sender::new(9, m.clone(), 1000);
+    let mut r = Receiver::new(9, m.clone(), &[]);
+    let mut disk = Disk::default();
+    let (msgs, _) = run_actions(&mut r, &mut disk, None);
+    s.on_message(&msgs[0]).unwrap();
+    // The runtime could not write file 0: it fails, its remaining frames are dropped quietly.
+    r.file_failed(0, "disk full");
+    pump(&mut s, &mut r, &mut disk, &files, usize::MAX);
+    let (_, finished) = run_actions(&mut r, &mut disk, None);
+    assert_eq!(finished, Some(vec![0]));
+    assert_eq!(disk.done.get(&1), Some(&files[1]));
+
+    let mut r = Receiver::new(9, m, &[]);
+    r.on_cancel("user stopped it");
+    let mut cancelled = None;
+    while let Some(a) = r.poll_action() {
+        if let ReceiverAction::Finished { cancelled: c, .. } = a {
+            cancelled = c;
+        }
+    }
+    assert!(cancelled.unwrap().contains("user stopped it"));
+}
+
+#[test]
+fn part_suffix_is_reserved() {
+    let e = |n: &str| FileEntry { name: n.into(), size: 1, blake3: "0".repeat(64) };
+    let m = Manifest { files: vec![e("x"), e("x.part")] };
+    assert!(matches!(validate_manifest(&m, &Limits::default()), Err(TransferError::UnsafeName { .. })));
 }
