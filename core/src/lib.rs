@@ -7,10 +7,17 @@
 //!
 //! - [`signal`]: the JSON signaling messages (upstream-compatible) and their decoder.
 //! - [`room`]: the signaling server's room/peer state machine.
+//! - [`transfer`]: the framed, resumable, verified file-transfer protocol.
+//! - `peer`, `session`, `stun` (feature `webrtc`, on by default): the str0m data-channel peer,
+//!   transfers over it with flow control, and STUN for server-reflexive candidates. The
+//!   signaling server builds without them.
 
+#[cfg(feature = "webrtc")]
 pub mod peer;
 pub mod room;
+#[cfg(feature = "webrtc")]
 pub mod session;
 pub mod signal;
+#[cfg(feature = "webrtc")]
 pub mod stun;
 pub mod transfer;
