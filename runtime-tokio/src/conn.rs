@@ -547,8 +547,6 @@ struct InFiles {
     handles: Vec<Option<File>>,
     committed: Vec<PathBuf>,
     failed: Vec<(String, String)>,
-    commits_pending: usize,
-    finished: bool,
     progress: watch::Sender<Progress>,
     reply: Option<oneshot::Sender<Result<Received, String>>>,
 }
@@ -798,31 +796,23 @@ impl Driver {
                         }
                     }
                 }
+                // The core ends a receive only after every verified file was committed, so the
+                // list of committed files is complete here.
                 Ok(_) => {
-                    if let Some(i) = self.incoming.get_mut(&transfer) {
-                        i.finished = true;
+                    if let Some(mut i) = self.incoming.remove(&transfer) {
+                        if let Some(r) = i.reply.take() {
+                            let _ = r.send(Ok(Received {
+                                files: std::mem::take(&mut i.committed),
+                                failed: std::mem::take(&mut i.failed),
+                            }));
+                        }
                     }
-                    self.maybe_finish_incoming(transfer);
                 }
             },
             SessionEvent::Closed => {
                 let _ = self.state_tx.send(ConnState::Closed);
             }
             SessionEvent::Connected | SessionEvent::Disconnected => {}
-        }
-    }
-
-    fn maybe_finish_incoming(&mut self, transfer: u32) {
-        let done = self.incoming.get(&transfer).is_some_and(|i| i.finished && i.commits_pending == 0);
-        if done {
-            if let Some(mut i) = self.incoming.remove(&transfer) {
-                if let Some(r) = i.reply.take() {
-                    let _ = r.send(Ok(Received {
-                        files: std::mem::take(&mut i.committed),
-                        failed: std::mem::take(&mut i.failed),
-                    }));
-                }
-            }
         }
     }
 
@@ -853,8 +843,6 @@ impl Driver {
                         handles: (0..n).map(|_| None).collect(),
                         committed: Vec::new(),
                         failed: Vec::new(),
-                        commits_pending: 0,
-                        finished: false,
                         progress: w.progress,
                         reply: Some(w.reply),
                     },
@@ -909,8 +897,7 @@ impl Driver {
                 });
             }
             IoRequest::Commit { transfer, file } => {
-                let Some(i) = self.incoming.get_mut(&transfer) else { return };
-                i.commits_pending += 1;
+                let Some(i) = self.incoming.get(&transfer) else { return };
                 let (part, fin) = (i.parts[file as usize].clone(), i.finals[file as usize].clone());
                 let tx = self.io_tx.clone();
                 tokio::task::spawn_blocking(move || {
@@ -934,7 +921,6 @@ impl Driver {
             IoDone::Verified { transfer, file, result } => self.session.verified(transfer, file, result),
             IoDone::Committed { transfer, file, result } => {
                 if let Some(i) = self.incoming.get_mut(&transfer) {
-                    i.commits_pending = i.commits_pending.saturating_sub(1);
                     if let (Ok(()), Some(fin)) = (&result, i.finals.get(file as usize)) {
                         i.committed.push(fin.clone());
                     }
@@ -942,7 +928,6 @@ impl Driver {
                 // The session reports the file (and, after the last one, the transfer) to the
                 // sender only now, so "ok" always means "stored under its final name".
                 self.session.committed(transfer, file, result);
-                self.maybe_finish_incoming(transfer);
             }
         }
     }

@@ -6,10 +6,9 @@ mod common;
 
 use std::time::Duration;
 
-use common::{env, next_offer, write_random};
+use common::{env, write_random};
 use serde_json::json;
 use sleap_rtc_core::signal::Filters;
-use sleap_rtc_tokio::{PeerOptions, accept, connect};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn files_and_messages_both_ways_through_the_signaling_server() {
@@ -18,12 +17,9 @@ async fn files_and_messages_both_ways_through_the_signaling_server() {
     let client_sig = e.client().await;
     let workers = client_sig.discover(Filters { role: Some("worker".into()), ..Default::default() }).await.unwrap();
     assert_eq!(workers.len(), 1);
-    let target = workers[0].peer_id.clone();
+    assert_eq!(workers[0].peer_id, worker_sig.peer_id(), "discovery finds the worker");
 
-    let (client, worker) = tokio::join!(connect(&client_sig, &target, PeerOptions::loopback()), async {
-        let offer = next_offer(&worker_sig).await;
-        accept(&worker_sig, &offer, PeerOptions::loopback()).await
-    });
+    let (client, worker) = common::pair(&client_sig, &worker_sig).await;
     let (client, worker) = (client.unwrap(), worker.unwrap());
     assert_eq!(worker.remote_peer(), client_sig.peer_id());
     assert!(client.local_fingerprint().starts_with("sha-256 "));
@@ -79,7 +75,6 @@ async fn cut_mid_transfer_then_resume_on_a_new_connection() {
     let e = env().await;
     let worker_sig = e.worker().await;
     let client_sig = e.client().await;
-    let target = worker_sig.peer_id().to_owned();
     let src = tempfile::tempdir().unwrap();
     let file = src.path().join("big.bin");
     write_random(&file, 24 * 1024 * 1024, 3);
@@ -87,10 +82,7 @@ async fn cut_mid_transfer_then_resume_on_a_new_connection() {
 
     // First attempt: cut once the worker has written a few MiB.
     {
-        let (client, worker) = tokio::join!(connect(&client_sig, &target, PeerOptions::loopback()), async {
-            let offer = next_offer(&worker_sig).await;
-            accept(&worker_sig, &offer, PeerOptions::loopback()).await
-        });
+        let (client, worker) = common::pair(&client_sig, &worker_sig).await;
         let (client, worker) = (client.unwrap(), worker.unwrap());
         let mut incoming = worker.receive_files(dst.path()).unwrap();
         let _sent = client.send_files(std::slice::from_ref(&file)).await.unwrap();
@@ -105,10 +97,7 @@ async fn cut_mid_transfer_then_resume_on_a_new_connection() {
     assert!((4 * 1024 * 1024..24 * 1024 * 1024).contains(&held), "held {held}");
 
     // Second attempt: a fresh connection resumes from the .part.
-    let (client, worker) = tokio::join!(connect(&client_sig, &target, PeerOptions::loopback()), async {
-        let offer = next_offer(&worker_sig).await;
-        accept(&worker_sig, &offer, PeerOptions::loopback()).await
-    });
+    let (client, worker) = common::pair(&client_sig, &worker_sig).await;
     let (client, worker) = (client.unwrap(), worker.unwrap());
     let incoming = worker.receive_files(dst.path()).unwrap();
     let sent = client.send_files(std::slice::from_ref(&file)).await.unwrap();
@@ -126,11 +115,7 @@ async fn oversized_manifest_is_a_clear_error_and_the_connection_survives() {
     let e = env().await;
     let worker_sig = e.worker().await;
     let client_sig = e.client().await;
-    let target = worker_sig.peer_id().to_owned();
-    let (client, worker) = tokio::join!(connect(&client_sig, &target, PeerOptions::loopback()), async {
-        let offer = next_offer(&worker_sig).await;
-        accept(&worker_sig, &offer, PeerOptions::loopback()).await
-    });
+    let (client, worker) = common::pair(&client_sig, &worker_sig).await;
     let (client, worker) = (client.unwrap(), worker.unwrap());
     let src = tempfile::tempdir().unwrap();
     let many = src.path().join("many");
