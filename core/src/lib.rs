@@ -8,6 +8,8 @@
 //! - [`signal`]: the JSON signaling messages (upstream-compatible) and their decoder.
 //! - [`room`]: the signaling server's room/peer state machine.
 //! - [`transfer`]: the framed, resumable, verified file-transfer protocol.
+//! - [`job`]: job specs and validation, the job state machine, the client↔worker control
+//!   messages, peer authentication, and the pure half of driving sleap-nn.
 //! - `peer`, `session`, `stun` (feature `webrtc`, on by default): the str0m data-channel peer,
 //!   transfers over it with flow control, and STUN for server-reflexive candidates. The
 //!   signaling server builds without them.
@@ -17,6 +19,7 @@ pub mod peer;
 pub mod room;
 #[cfg(feature = "webrtc")]
 pub mod session;
+pub mod job;
 pub mod signal;
 #[cfg(feature = "webrtc")]
 pub mod stun;
