@@ -255,9 +255,11 @@ impl Fields {
                 for (i, v) in a.into_iter().enumerate() {
                     match v {
                         Value::String(s) if s.len() <= max_len => out.push(s),
-                        Value::String(_) => {
-                            self.err(&format!("{key}[{i}]"), ErrorCode::InvalidValue, format!("longer than {max_len} bytes"))
-                        }
+                        Value::String(_) => self.err(
+                            &format!("{key}[{i}]"),
+                            ErrorCode::InvalidValue,
+                            format!("longer than {max_len} bytes"),
+                        ),
                         _ => self.err(&format!("{key}[{i}]"), ErrorCode::InvalidType, "must be a string"),
                     }
                 }
@@ -276,13 +278,19 @@ impl Fields {
             return None;
         }
         let n = match &v {
-            Value::Number(n) => n.as_u64().or_else(|| n.as_f64().filter(|f| f.fract() == 0.0 && *f >= 0.0).map(|f| f as u64)),
+            Value::Number(n) => {
+                n.as_u64().or_else(|| n.as_f64().filter(|f| f.fract() == 0.0 && *f >= 0.0).map(|f| f as u64))
+            }
             _ => None,
         };
         match n {
             Some(n) if (lo..=hi).contains(&n) => Some(n as u32),
             Some(_) | None if v.is_number() => {
-                self.err(key, ErrorCode::OutOfRange, format!("Value must be an integer between {lo} and {hi}, got {v}"));
+                self.err(
+                    key,
+                    ErrorCode::OutOfRange,
+                    format!("Value must be an integer between {lo} and {hi}, got {v}"),
+                );
                 None
             }
             _ => {
@@ -340,7 +348,11 @@ impl Fields {
                 out
             }
             Some(_) => {
-                self.err("path_mappings", ErrorCode::InvalidType, "must be an object of at most 64 path → path entries");
+                self.err(
+                    "path_mappings",
+                    ErrorCode::InvalidType,
+                    "must be an object of at most 64 path → path entries",
+                );
                 BTreeMap::new()
             }
         }
@@ -461,7 +473,11 @@ pub fn validate(spec: &JobSpec) -> Vec<FieldError> {
                 ));
             }
             if t.config_paths.len() + t.config_contents.len() > MAX_CONFIGS {
-                errors.push(FieldError::new("config", ErrorCode::InvalidValue, format!("at most {MAX_CONFIGS} configs")));
+                errors.push(FieldError::new(
+                    "config",
+                    ErrorCode::InvalidValue,
+                    format!("at most {MAX_CONFIGS} configs"),
+                ));
             }
             for (i, c) in t.config_contents.iter().enumerate() {
                 if let Err(e) = bridge::ConfigInfo::parse(c) {
@@ -492,7 +508,11 @@ pub fn validate(spec: &JobSpec) -> Vec<FieldError> {
                 errors.push(FieldError::new("data_path", ErrorCode::MissingField, "data_path is required"));
             }
             if t.model_paths.is_empty() {
-                errors.push(FieldError::new("model_paths", ErrorCode::MissingField, "At least one model path is required"));
+                errors.push(FieldError::new(
+                    "model_paths",
+                    ErrorCode::MissingField,
+                    "At least one model path is required",
+                ));
             }
             if let Some(fr) = &t.frames {
                 if let Err(why) = check_frames(fr) {
@@ -525,11 +545,7 @@ pub fn check_run_name(r: &str) -> Result<(), String> {
         && r != "."
         && r != ".."
         && r.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '-' | '.' | '=' | '+'));
-    if ok {
-        Ok(())
-    } else {
-        Err(format!("run_name {r:.64?} must be 1-128 characters of letters, digits, _ - . = +"))
-    }
+    if ok { Ok(()) } else { Err(format!("run_name {r:.64?} must be 1-128 characters of letters, digits, _ - . = +")) }
 }
 
 /// sleap-nn's `--frames`: `1,2,3` or `1-3` (a mix such as `0-5,9` makes it crash).
@@ -597,8 +613,12 @@ pub fn check_paths(spec: &JobSpec, mut look: impl FnMut(PathRef<'_>) -> PathVerd
                     "Path not within allowed mounts".to_owned()
                 },
             )),
-            PathVerdict::NotFound => errors.push(FieldError::new(field, ErrorCode::PathNotFound, "Path does not exist")),
-            PathVerdict::Invalid(e) => errors.push(FieldError::new(field, ErrorCode::InvalidPath, format!("Invalid path: {e}"))),
+            PathVerdict::NotFound => {
+                errors.push(FieldError::new(field, ErrorCode::PathNotFound, "Path does not exist"))
+            }
+            PathVerdict::Invalid(e) => {
+                errors.push(FieldError::new(field, ErrorCode::InvalidPath, format!("Invalid path: {e}")))
+            }
         }
     }
     errors
@@ -668,7 +688,10 @@ pub enum JobState {
 
 impl JobState {
     pub fn is_terminal(self) -> bool {
-        matches!(self, JobState::Rejected | JobState::Completed | JobState::Failed | JobState::StoppedEarly | JobState::Cancelled)
+        matches!(
+            self,
+            JobState::Rejected | JobState::Completed | JobState::Failed | JobState::StoppedEarly | JobState::Cancelled
+        )
     }
 
     /// A finished job whose results can be fetched.
@@ -788,7 +811,9 @@ pub enum Progress {
         model: Option<String>,
     },
     TrainBegin,
-    EpochBegin { epoch: u32 },
+    EpochBegin {
+        epoch: u32,
+    },
     /// Latest batch of an epoch (throttled: not every batch is sent).
     Batch {
         epoch: u32,
@@ -847,32 +872,52 @@ pub struct JobStatus {
 pub enum JobMsg {
     // -- authentication, before anything else
     /// W→C in room-secret mode: prove you know the secret.
-    AuthChallenge { nonce: String },
+    AuthChallenge {
+        nonce: String,
+    },
     /// C→W: a ticket from the signaling server (server-trust mode).
-    AuthTicket { ticket: String },
+    AuthTicket {
+        ticket: String,
+    },
     /// C→W: the room-secret proof over the challenge and this connection.
-    AuthResponse { mac: String },
-    AuthOk { worker: String },
+    AuthResponse {
+        mac: String,
+    },
+    AuthOk {
+        worker: String,
+    },
     /// W→C, then the worker closes the connection.
-    AuthFailed { reason: String },
+    AuthFailed {
+        reason: String,
+    },
 
     // -- jobs
-    /// C→W. `files` are the relative names the client will upload right after acceptance.
+    /// C→W. `files` is the manifest of what the client uploads right after acceptance (so the
+    /// worker can check the spec's relative paths against it, and reuse files it already has).
     JobSubmit {
         client_job_id: String,
         spec: Value,
         #[serde(default)]
-        files: Vec<String>,
+        files: Vec<crate::transfer::FileEntry>,
     },
-    JobRejected { client_job_id: String, errors: Vec<FieldError> },
-    JobAccepted { client_job_id: String, job_id: String },
+    JobRejected {
+        client_job_id: String,
+        errors: Vec<FieldError>,
+    },
+    JobAccepted {
+        client_job_id: String,
+        job_id: String,
+    },
     JobState {
         job_id: String,
         state: JobState,
         #[serde(default, skip_serializing_if = "Option::is_none")]
         message: Option<String>,
     },
-    JobProgress { job_id: String, progress: Progress },
+    JobProgress {
+        job_id: String,
+        progress: Progress,
+    },
     /// A line of trainer output. `cr` marks a `\r` redraw (a progress bar) that replaces the
     /// previous `cr` line rather than adding a new one.
     JobLog {
@@ -883,10 +928,16 @@ pub enum JobMsg {
         cr: bool,
     },
     /// W→C: the job ended. If `status.results` is not empty, a transfer with those names follows.
-    JobDone { status: JobStatus },
+    JobDone {
+        status: JobStatus,
+    },
     /// C→W.
-    JobStop { job_id: String },
-    JobCancel { job_id: String },
+    JobStop {
+        job_id: String,
+    },
+    JobCancel {
+        job_id: String,
+    },
     /// C→W: follow a job again (after a disconnect); `fetch` asks for its results if it has them.
     JobAttach {
         job_id: String,
@@ -894,7 +945,9 @@ pub enum JobMsg {
         fetch: bool,
     },
     /// W→C: reply to `job_attach`.
-    JobStatus { status: JobStatus },
+    JobStatus {
+        status: JobStatus,
+    },
     /// W→C: a request the worker could not act on (unknown job, not yours, ...).
     JobError {
         #[serde(default, skip_serializing_if = "Option::is_none")]

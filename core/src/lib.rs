@@ -14,12 +14,12 @@
 //!   transfers over it with flow control, and STUN for server-reflexive candidates. The
 //!   signaling server builds without them.
 
+pub mod job;
 #[cfg(feature = "webrtc")]
 pub mod peer;
 pub mod room;
 #[cfg(feature = "webrtc")]
 pub mod session;
-pub mod job;
 pub mod signal;
 #[cfg(feature = "webrtc")]
 pub mod stun;

@@ -22,8 +22,8 @@ use serde_json::Value;
 
 use crate::signal::{
     ClientMessage, Credential, DecodeError, DiscoverPeers, Envelope, ErrorCode, Filters, IceServer, MeshKind,
-    MeshRelay, Object, PeerInfo, PeerMessage, Register, Relay, RelayKind, RequestId, ServerEnvelope, ServerMessage,
-    SignalError, UpdateMetadata,
+    MeshRelay, Object, PeerInfo, PeerMessage, Register, Relay, RelayKind, RequestId, RequestTicket, ServerEnvelope,
+    ServerMessage, SignalError, UpdateMetadata,
 };
 
 /// Identifies one WebSocket connection; chosen by the caller, never reused while the hub knows it.
@@ -147,6 +147,20 @@ pub enum Output {
     Close { conn: ConnId, code: u16, reason: String },
     /// Verify these credentials, then call [`Hub::complete_register`] with the result.
     Authenticate { conn: ConnId, request: Box<RegisterRequest> },
+    /// Sign a peer ticket with these facts (all established by the hub) and send it to `conn` as
+    /// `peer_ticket` with `request_id`.
+    IssueTicket { conn: ConnId, request_id: Option<RequestId>, ticket: TicketFacts },
+}
+
+/// What a peer ticket asserts; every field comes from the hub's own state except `fingerprint`,
+/// which the requester states about itself (the worker checks it against the DTLS handshake).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TicketFacts {
+    pub user_id: String,
+    pub room_id: String,
+    pub client: String,
+    pub worker: String,
+    pub fingerprint: String,
 }
 
 /// A registered peer, as the room holds it.
@@ -648,6 +662,23 @@ impl Hub {
                     RelayKind::Candidate => ServerMessage::Candidate(body),
                 };
                 self.route(conn, target_conn, msg, request_id);
+                Ok(())
+            }
+            ClientMessage::RequestTicket(RequestTicket { target, fingerprint }) => {
+                if target == me {
+                    return Err(SignalError::new(ErrorCode::InvalidMessage, "a ticket names another peer"));
+                }
+                self.target(room_id, &target)?;
+                let room = self.room(room_id)?;
+                let user_id = room.peers.get(me).map(|p| p.principal.user_id.clone()).ok_or_else(room_gone)?;
+                let ticket = TicketFacts {
+                    user_id,
+                    room_id: room_id.to_owned(),
+                    client: me.to_owned(),
+                    worker: target,
+                    fingerprint,
+                };
+                self.out.push_back(Output::IssueTicket { conn, request_id, ticket });
                 Ok(())
             }
             ClientMessage::Mesh(MeshRelay { kind, from_peer_id, target_peer_id, body }) => {

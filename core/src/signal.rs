@@ -208,6 +208,14 @@ pub struct UpdateMetadata {
     pub metadata: Object,
 }
 
+/// `request_ticket`: ask the server for a peer ticket (see `job::auth`) naming us, `target` (a
+/// worker in our room) and our DTLS fingerprint. Answered with `peer_ticket`.
+#[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
+pub struct RequestTicket {
+    pub target: String,
+    pub fingerprint: String,
+}
+
 #[derive(Debug, Clone, PartialEq, Deserialize, Serialize)]
 pub struct PeerMessage {
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -274,6 +282,7 @@ pub enum ClientMessage {
     Mesh(MeshRelay),
     /// Application-level keepalive; answered with `pong`.
     Ping,
+    RequestTicket(RequestTicket),
 }
 
 impl ClientMessage {
@@ -291,6 +300,7 @@ impl ClientMessage {
                 MeshKind::IceCandidate => "ice_candidate",
             },
             ClientMessage::Ping => "ping",
+            ClientMessage::RequestTicket(_) => "request_ticket",
         }
     }
 }
@@ -410,6 +420,13 @@ fn decode_object(mut obj: Object) -> Result<ClientMessage, SignalError> {
             ClientMessage::Mesh(MeshRelay { kind, from_peer_id, target_peer_id, body })
         }
         "ping" => ClientMessage::Ping,
+        "request_ticket" => {
+            let r: RequestTicket = from_obj(&ty, obj)?;
+            if r.target.is_empty() || r.fingerprint.is_empty() || r.fingerprint.len() > 256 {
+                return Err(invalid("request_ticket needs a target and a fingerprint of at most 256 bytes"));
+            }
+            ClientMessage::RequestTicket(r)
+        }
         other => {
             let shown: String = other.chars().take(64).collect();
             return Err(SignalError::new(ErrorCode::UnknownMessageType, format!("Unknown message type: {shown}")));
@@ -449,6 +466,7 @@ impl Envelope {
                 o
             }
             ClientMessage::Ping => Object::new(),
+            ClientMessage::RequestTicket(r) => to_obj(r),
         };
         obj.insert("type".into(), Value::String(self.msg.type_name().into()));
         if let Some(id) = &self.request_id {
@@ -547,6 +565,10 @@ pub enum ServerMessage {
     /// Delivery receipt for a routed message that carried a `request_id`.
     Ack {},
     Pong {},
+    /// Reply to `request_ticket`: a signed, short-lived ticket for the named worker.
+    PeerTicket {
+        ticket: String,
+    },
     RoomClosed {
         room_id: String,
         reason: String,

@@ -231,6 +231,12 @@ impl PeerConnection {
             .await
             .map_err(|e| ConnError::Transfer(e.to_string()))?
             .map_err(|e| ConnError::Transfer(e.to_string()))?;
+        self.send_prepared(set).await
+    }
+
+    /// Sends a set already hashed by [`files::build_send_set`] (when the caller needed the
+    /// manifest first, e.g. to announce the files of a job).
+    pub async fn send_prepared(&self, set: SendSet) -> Result<Transfer<Sent>, ConnError> {
         let (progress_tx, progress) = watch::channel(Progress::default());
         let (reply, done) = oneshot::channel();
         let (id_tx, id_rx) = oneshot::channel();

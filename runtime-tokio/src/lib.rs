@@ -6,9 +6,12 @@
 //!   signaling, driven over tokio UDP sockets; [`conn::PeerConnection`] sends and receives control
 //!   messages and files (resumable, verified).
 
+pub mod client;
 pub mod conn;
 pub mod files;
 pub mod signaling;
+pub mod trainer;
+pub mod worker;
 
 pub use conn::{ConnError, PeerConnection, PeerOptions, Received, Sent, Transfer, accept, connect};
 pub use signaling::{Registered, SignalingClient, SignalingError};

@@ -107,6 +107,26 @@ impl Keys {
     }
 
     /// Verifies signature, issuer, audience and expiry (60 s leeway for clock skew).
+    /// Signs a peer ticket (see `sleap_rtc_core::job::auth`). Its audience differs from a user
+    /// JWT's, so [`Keys::verify`] refuses a ticket and a worker refuses a JWT.
+    pub fn issue_ticket(&self, facts: &sleap_rtc_core::room::TicketFacts, now: i64) -> anyhow::Result<String> {
+        use sleap_rtc_core::job::auth::{TICKET_AUDIENCE, TICKET_TTL_SECS, TicketClaims};
+        let claims = TicketClaims {
+            iss: ISSUER.into(),
+            aud: TICKET_AUDIENCE.into(),
+            sub: facts.user_id.clone(),
+            room: facts.room_id.clone(),
+            client: facts.client.clone(),
+            worker: facts.worker.clone(),
+            fp: facts.fingerprint.clone(),
+            iat: now,
+            exp: now + TICKET_TTL_SECS,
+        };
+        let mut header = Header::new(Algorithm::EdDSA);
+        header.kid = Some(self.kid.clone());
+        Ok(jsonwebtoken::encode(&header, &claims, &self.encoding)?)
+    }
+
     pub fn verify(&self, token: &str) -> Result<Claims, String> {
         let mut v = Validation::new(Algorithm::EdDSA);
         v.set_issuer(&[ISSUER]);

@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::{SinkExt, StreamExt};
 use sleap_rtc_core::room::{ConnId, Grant, Hub, Output, Principal, RegisterRequest, close_code};
-use sleap_rtc_core::signal::{Credential, ErrorCode, SignalError};
+use sleap_rtc_core::signal::{Credential, ErrorCode, ServerEnvelope, ServerMessage, SignalError};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::auth::{ACCOUNT_KEY_PREFIX, hash_secret, secret_matches, short_suffix};
@@ -84,6 +84,25 @@ fn flush(state: &AppState, st: &mut HubState) -> Vec<(ConnId, Box<RegisterReques
                         }
                     }
                     Output::Authenticate { conn, request } => auth.push((conn, request)),
+                    Output::IssueTicket { conn, request_id, ticket } => {
+                        // Signing is ~20 µs of ed25519; cheap enough to do under the lock, and
+                        // it keeps the reply ordered with everything else sent to `conn`.
+                        let msg = match state.keys.issue_ticket(&ticket, unix_now()) {
+                            Ok(ticket) => ServerMessage::PeerTicket { ticket },
+                            Err(e) => {
+                                tracing::error!(error = %e, "cannot sign a peer ticket");
+                                SignalError::new(ErrorCode::Internal, "cannot sign a ticket").into()
+                            }
+                        };
+                        let env = ServerEnvelope::reply(msg, request_id);
+                        if let Some(h) = st.conns.get(&conn) {
+                            if let Err(mpsc::error::TrySendError::Full(_)) =
+                                h.tx.try_send(Message::Text(Utf8Bytes::from(env.to_json())))
+                            {
+                                slow.push(conn);
+                            }
+                        }
+                    }
                 }
             }
             if slow.is_empty() {

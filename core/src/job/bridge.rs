@@ -40,10 +40,9 @@ impl ConfigInfo {
                 _ => vec![],
             }
         };
-        let model_type =
-            doc["model_config"]["head_configs"].as_hash().and_then(|h| {
-                h.iter().find(|(_, v)| !matches!(v, Yaml::Null)).and_then(|(k, _)| k.as_str().map(str::to_owned))
-            });
+        let model_type = doc["model_config"]["head_configs"].as_hash().and_then(|h| {
+            h.iter().find(|(_, v)| !matches!(v, Yaml::Null)).and_then(|(k, _)| k.as_str().map(str::to_owned))
+        });
         Ok(ConfigInfo {
             train_labels: strs(&doc["data_config"]["train_labels_path"]),
             val_labels: doc["data_config"]["val_labels_path"].as_str().map(str::to_owned),
@@ -301,7 +300,10 @@ impl ProgressRelay {
 #[derive(Debug, Clone, PartialEq)]
 pub enum InferenceLine {
     Progress(Progress),
-    Error { kind: String, message: String },
+    Error {
+        kind: String,
+        message: String,
+    },
     /// Not JSON: ordinary output.
     Text,
 }
@@ -486,7 +488,10 @@ pub fn classify_train(e: &TrainExit) -> (super::JobState, String) {
     }
     // The SIGINT fallback of a stop: Lightning exits 1 but keeps the checkpoints.
     if e.stop_requested && e.best_ckpt && (e.code == Some(1) || e.signal == Some(SIGINT)) {
-        return (StoppedEarly, "stopped early by the user (after an interrupt; post-training evaluation did not run)".into());
+        return (
+            StoppedEarly,
+            "stopped early by the user (after an interrupt; post-training evaluation did not run)".into(),
+        );
     }
     let why = match (e.code, e.signal) {
         (Some(0), _) if !e.train_end => {

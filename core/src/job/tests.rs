@@ -96,7 +96,8 @@ fn paths_are_uploads_or_worker_paths() {
     for bad in ["", "../x", "/data/../etc/passwd", "a/../../b", "x\0y"] {
         assert!(classify_path(bad).is_err(), "{bad:?}");
     }
-    let spec = parse_spec(&json!({"type": "track", "data_path": "/mnt/d.slp", "model_paths": ["m", "/mnt/m2"]})).unwrap();
+    let spec =
+        parse_spec(&json!({"type": "track", "data_path": "/mnt/d.slp", "model_paths": ["m", "/mnt/m2"]})).unwrap();
     let errs = check_paths(&spec, |p| match p {
         PathRef::Worker("/mnt/d.slp") => PathVerdict::NotAllowed,
         PathRef::Worker(_) => PathVerdict::NotFound,
@@ -269,7 +270,10 @@ fn progress_relay_releases_a_held_batch_on_poll() {
 
 #[test]
 fn lenient_json_handles_python_non_finite_floats() {
-    assert_eq!(lenient_json(r#"{"a": NaN, "b": -Infinity, "c": "NaN in a string"}"#).unwrap()["c"], json!("NaN in a string"));
+    assert_eq!(
+        lenient_json(r#"{"a": NaN, "b": -Infinity, "c": "NaN in a string"}"#).unwrap()["c"],
+        json!("NaN in a string")
+    );
     assert_eq!(lenient_json(r#"{"a": Infinity}"#).unwrap()["a"], Value::Null);
     assert!(lenient_json("{\"a\": Nope}").is_none());
 }
@@ -278,14 +282,24 @@ fn lenient_json_handles_python_non_finite_floats() {
 fn inference_lines() {
     assert_eq!(
         parse_inference_line(r#"{"n_processed": 4, "n_total": 16, "rate": 3.8, "eta": 3.1}"#),
-        InferenceLine::Progress(Progress::Inference { n_processed: 4, n_total: Some(16), rate: Some(3.8), eta: Some(3.1) })
+        InferenceLine::Progress(Progress::Inference {
+            n_processed: 4,
+            n_total: Some(16),
+            rate: Some(3.8),
+            eta: Some(3.1)
+        })
     );
     assert_eq!(
         parse_inference_line(r#"{"n_processed": 0, "n_total": null, "rate": 0, "eta": 0}"#),
         InferenceLine::Progress(Progress::Inference { n_processed: 0, n_total: None, rate: Some(0.0), eta: Some(0.0) })
     );
-    let e = parse_inference_line(r#"{"error": true, "type": "FileNotFoundError", "message": "Model path does not exist: x"}"#);
-    assert_eq!(e, InferenceLine::Error { kind: "FileNotFoundError".into(), message: "Model path does not exist: x".into() });
+    let e = parse_inference_line(
+        r#"{"error": true, "type": "FileNotFoundError", "message": "Model path does not exist: x"}"#,
+    );
+    assert_eq!(
+        e,
+        InferenceLine::Error { kind: "FileNotFoundError".into(), message: "Model path does not exist: x".into() }
+    );
     assert_eq!(parse_inference_line("2026-11-22 07:15:10 | Using device: cpu"), InferenceLine::Text);
 }
 
@@ -329,7 +343,8 @@ fn success_needs_rc0_train_end_and_best_ckpt() {
     assert_eq!(classify_train(&TrainExit { best_ckpt: false, ..ok }).0, JobState::Failed);
     assert_eq!(classify_train(&TrainExit { code: Some(1), train_end: false, ..ok }).0, JobState::Failed);
     // The SIGINT fallback of a stop keeps the checkpoint.
-    let sigint = TrainExit { code: Some(1), train_end: false, best_ckpt: true, stop_requested: true, ..Default::default() };
+    let sigint =
+        TrainExit { code: Some(1), train_end: false, best_ckpt: true, stop_requested: true, ..Default::default() };
     assert_eq!(classify_train(&sigint).0, JobState::StoppedEarly);
     let killed = TrainExit { code: None, signal: Some(9), ..Default::default() };
     assert!(classify_train(&killed).1.contains("signal 9"));
@@ -385,12 +400,19 @@ fn room_secret_mac_binds_every_part() {
 fn job_messages_round_trip_and_transfers_are_passed_through() {
     let msgs = vec![
         JobMsg::AuthTicket { ticket: "t".into() },
-        JobMsg::JobSubmit { client_job_id: "c".into(), spec: json!({"type": "train"}), files: vec!["a".into()] },
+        JobMsg::JobSubmit {
+            client_job_id: "c".into(),
+            spec: json!({"type": "train"}),
+            files: vec![crate::transfer::FileEntry { name: "a".into(), size: 1, blake3: "00".repeat(32) }],
+        },
         JobMsg::JobRejected {
             client_job_id: "c".into(),
             errors: vec![FieldError::new("worker", ErrorCode::Busy, "busy")],
         },
-        JobMsg::JobProgress { job_id: "j".into(), progress: Progress::EpochEnd { epoch: 1, loss: None, val_loss: Some(0.1) } },
+        JobMsg::JobProgress {
+            job_id: "j".into(),
+            progress: Progress::EpochEnd { epoch: 1, loss: None, val_loss: Some(0.1) },
+        },
         JobMsg::JobLog { job_id: "j".into(), stream: Stream::Stderr, text: "x".into(), cr: true },
         JobMsg::JobAttach { job_id: "j".into(), fetch: true },
     ];

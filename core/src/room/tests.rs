@@ -22,11 +22,19 @@ struct Harness {
     inbox: HashMap<ConnId, Vec<ServerEnvelope>>,
     closed: HashMap<ConnId, u16>,
     auth: Vec<(ConnId, RegisterRequest)>,
+    tickets: Vec<(ConnId, TicketFacts)>,
 }
 
 impl Harness {
     fn new(limits: Limits) -> Self {
-        Harness { hub: Hub::new(limits), now: T0, inbox: HashMap::new(), closed: HashMap::new(), auth: Vec::new() }
+        Harness {
+            hub: Hub::new(limits),
+            now: T0,
+            inbox: HashMap::new(),
+            closed: HashMap::new(),
+            auth: Vec::new(),
+            tickets: Vec::new(),
+        }
     }
 
     fn pump(&mut self) {
@@ -42,6 +50,7 @@ impl Harness {
                     self.closed.insert(conn, code);
                 }
                 Output::Authenticate { conn, request } => self.auth.push((conn, *request)),
+                Output::IssueTicket { conn, ticket, .. } => self.tickets.push((conn, ticket)),
             }
         }
         self.hub.check_invariants().unwrap();
@@ -465,7 +474,9 @@ proptest! {
                 Op::Message { conn, from, to, relay } => {
                     let id = conn_of(&generation, conn);
                     sender = Some(id);
-                    let mut m = if relay {
+                    let mut m = if relay && to % 2 == 0 {
+                        json!({"type":"request_ticket","target":pid(to),"fingerprint":"sha-256 AA"})
+                    } else if relay {
                         json!({"type":"candidate","target":pid(to),"candidate":{"c":1}})
                     } else {
                         json!({"type":"peer_message","to_peer_id":pid(to),"payload":{"k":1}})
@@ -516,6 +527,14 @@ proptest! {
                     }
                     Output::Close { conn, .. } => { live.remove(&conn); }
                     Output::Authenticate { .. } => {}
+                    Output::IssueTicket { conn, ticket, .. } => {
+                        // A ticket only ever names the requester as it is registered, and a
+                        // worker in the requester's own room.
+                        let (room, peer) = before.get(&conn).expect("requester registered");
+                        prop_assert_eq!(&ticket.room_id, room);
+                        prop_assert_eq!(&ticket.client, peer);
+                        prop_assert!(hub.room_peers(room).any(|(id, _)| id == ticket.worker));
+                    }
                 }
             }
             if let Err(e) = hub.check_invariants() {
@@ -528,4 +547,37 @@ proptest! {
         }
         prop_assert_eq!(hub.stats(), Stats::default());
     }
+}
+
+#[test]
+fn tickets_name_the_requester_and_a_peer_of_its_room() {
+    let mut h = Harness::new(Limits::default());
+    h.register(1, "r", "u1", Some("w1"));
+    h.register(2, "r", "u2", Some("c1"));
+    h.register(3, "other", "u3", Some("w9"));
+    h.take(1);
+    h.take(2);
+    h.send(2, json!({"type":"request_ticket","target":"w1","fingerprint":"sha-256 AB","request_id":7}));
+    let (conn, t) = h.tickets.pop().expect("a ticket to sign");
+    assert_eq!(conn, ConnId(2));
+    assert_eq!(
+        t,
+        TicketFacts {
+            user_id: "u2".into(),
+            room_id: "r".into(),
+            client: "c1".into(),
+            worker: "w1".into(),
+            fingerprint: "sha-256 AB".into()
+        }
+    );
+    h.send(2, json!({"type":"request_ticket","target":"w9","fingerprint":"x"}));
+    assert_eq!(error_code(&h.last(2)), ErrorCode::PeerNotFound, "a peer of another room");
+    h.send(2, json!({"type":"request_ticket","target":"c1","fingerprint":"x"}));
+    assert_eq!(error_code(&h.last(2)), ErrorCode::InvalidMessage, "oneself");
+    h.send(2, json!({"type":"request_ticket","target":"w1"}));
+    assert_eq!(error_code(&h.last(2)), ErrorCode::InvalidMessage, "no fingerprint");
+    h.hub.connect(ConnId(4), h.now);
+    h.send(4, json!({"type":"request_ticket","target":"w1","fingerprint":"x"}));
+    assert_eq!(error_code(&h.last(4)), ErrorCode::NotRegistered);
+    assert!(h.tickets.is_empty());
 }

@@ -1,0 +1,153 @@
+//! Where the CLI keeps what `sleap-rtc login` obtained, and local records of submitted jobs (so
+//! `sleap-rtc job attach JOB_ID` knows which server, room and worker to ask).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+/// `$XDG_CONFIG_HOME/sleap-rtc` (or `~/.config/sleap-rtc`).
+pub fn config_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("SLEAP_RTC_CONFIG_DIR") {
+        return PathBuf::from(d);
+    }
+    match std::env::var_os("XDG_CONFIG_HOME") {
+        Some(d) if !d.is_empty() => PathBuf::from(d).join("sleap-rtc"),
+        _ => home().join(".config").join("sleap-rtc"),
+    }
+}
+
+/// `$XDG_DATA_HOME/sleap-rtc` (or `~/.local/share/sleap-rtc`).
+pub fn data_dir() -> PathBuf {
+    if let Some(d) = std::env::var_os("SLEAP_RTC_DATA_HOME") {
+        return PathBuf::from(d);
+    }
+    match std::env::var_os("XDG_DATA_HOME") {
+        Some(d) if !d.is_empty() => PathBuf::from(d).join("sleap-rtc"),
+        _ => home().join(".local").join("share").join("sleap-rtc"),
+    }
+}
+
+fn home() -> PathBuf {
+    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."))
+}
+
+/// A credential for one server.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct Saved {
+    /// A user JWT (anonymous sign-in) or an account key (`slp_acct_...`).
+    pub credential: String,
+    #[serde(default)]
+    pub username: Option<String>,
+    #[serde(default)]
+    pub default_room: Option<String>,
+}
+
+#[derive(Debug, Default, Serialize, Deserialize)]
+struct File {
+    #[serde(default)]
+    servers: BTreeMap<String, Saved>,
+}
+
+fn creds_path() -> PathBuf {
+    config_dir().join("credentials.json")
+}
+
+fn load() -> Result<File> {
+    match std::fs::read(creds_path()) {
+        Ok(b) => serde_json::from_slice(&b).with_context(|| format!("{} is not valid JSON", creds_path().display())),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(File::default()),
+        Err(e) => Err(e).with_context(|| format!("cannot read {}", creds_path().display())),
+    }
+}
+
+pub fn get(server: &str) -> Result<Option<Saved>> {
+    Ok(load()?.servers.get(server).cloned())
+}
+
+/// Stores a credential, readable only by the user (it is a bearer secret).
+pub fn put(server: &str, saved: Saved) -> Result<PathBuf> {
+    let mut f = load()?;
+    f.servers.insert(server.to_owned(), saved);
+    let path = creds_path();
+    write_private(&path, &serde_json::to_vec_pretty(&f)?)?;
+    Ok(path)
+}
+
+fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
+    use std::io::Write;
+    use std::os::unix::fs::OpenOptionsExt;
+    let dir = path.parent().context("no parent directory")?;
+    std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
+    let tmp = path.with_extension("tmp");
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(0o600)
+        .open(&tmp)
+        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    file.write_all(bytes)?;
+    file.sync_all()?;
+    std::fs::rename(&tmp, path)?;
+    Ok(())
+}
+
+/// The credential to use: `--jwt`/`SLEAP_RTC_JWT` first, then what `login` stored.
+pub fn resolve(server: &str, explicit: Option<&str>) -> Result<String> {
+    if let Some(c) = explicit.filter(|c| !c.is_empty()) {
+        return Ok(c.to_owned());
+    }
+    match get(server)? {
+        Some(s) => Ok(s.credential),
+        None => bail!(
+            "not logged in to {server}: run `sleap-rtc login --server {server}` (or pass --jwt / set SLEAP_RTC_JWT)"
+        ),
+    }
+}
+
+/// What the client remembers about a job it submitted.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JobRecord {
+    pub job_id: String,
+    pub kind: String,
+    pub server: String,
+    pub room: String,
+    pub worker: String,
+    /// Where results go: the output directory (train) or the predictions file (track).
+    pub output: PathBuf,
+    pub submitted_at: f64,
+}
+
+fn jobs_dir() -> PathBuf {
+    data_dir().join("jobs")
+}
+
+pub fn save_job(r: &JobRecord) -> Result<()> {
+    let dir = jobs_dir();
+    std::fs::create_dir_all(&dir)?;
+    write_private(&dir.join(format!("{}.json", r.job_id)), &serde_json::to_vec_pretty(r)?)
+}
+
+pub fn load_job(job_id: &str) -> Result<Option<JobRecord>> {
+    if job_id.is_empty() || !job_id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_') {
+        bail!("{job_id:?} is not a job id (they look like job_0123456789abcdef)");
+    }
+    match std::fs::read(jobs_dir().join(format!("{job_id}.json"))) {
+        Ok(b) => Ok(Some(serde_json::from_slice(&b)?)),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+        Err(e) => Err(e.into()),
+    }
+}
+
+pub fn list_jobs() -> Vec<JobRecord> {
+    let mut v: Vec<JobRecord> = std::fs::read_dir(jobs_dir())
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| serde_json::from_slice(&std::fs::read(e.path()).ok()?).ok())
+        .collect();
+    v.sort_by(|a, b| b.submitted_at.total_cmp(&a.submitted_at));
+    v
+}

@@ -1,0 +1,212 @@
+//! The client half of the job protocol: connect to a worker, prove room membership, submit a job
+//! with its uploads, follow it, stop or cancel it, attach to it again later, fetch its results.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use sleap_rtc_core::job::auth;
+use sleap_rtc_core::job::{FieldError, JobMsg};
+use sleap_rtc_core::signal::ServerMessage;
+
+use crate::conn::{self, ConnError, PeerConnection, PeerOptions, Received, Sent, Transfer};
+use crate::files;
+use crate::signaling::{SignalingClient, SignalingError};
+
+/// How a client proves it may use a worker.
+#[derive(Debug, Clone)]
+pub enum ClientAuth {
+    /// A ticket signed by the signaling server (the default).
+    Ticket,
+    /// The room's shared secret (for workers that do not trust the server).
+    RoomSecret(String),
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum JobClientError {
+    #[error(transparent)]
+    Conn(#[from] ConnError),
+    #[error(transparent)]
+    Signaling(#[from] SignalingError),
+    #[error("the worker refused us: {0}")]
+    AuthFailed(String),
+    #[error("the worker rejected the job:\n{}", .0.iter().map(|e| format!("  - {e}")).collect::<Vec<_>>().join("\n"))]
+    Rejected(Vec<FieldError>),
+    #[error("{0}")]
+    Protocol(String),
+    #[error("the connection to the worker closed")]
+    Closed,
+    #[error("no answer from the worker within {0:?} ({1})")]
+    Timeout(Duration, &'static str),
+    #[error("cannot read the files to upload: {0}")]
+    Files(std::io::Error),
+}
+
+const AUTH_WAIT: Duration = Duration::from_secs(20);
+const ACCEPT_WAIT: Duration = Duration::from_secs(60);
+
+/// An authenticated connection to a worker.
+pub struct JobClient {
+    conn: Arc<PeerConnection>,
+}
+
+impl JobClient {
+    /// Connects to `worker` (a peer id in our room) and authenticates.
+    pub async fn connect(
+        signaling: &SignalingClient,
+        worker: &str,
+        opts: PeerOptions,
+        how: &ClientAuth,
+    ) -> Result<JobClient, JobClientError> {
+        let c = conn::connect(signaling, worker, opts).await?;
+        let client = JobClient { conn: Arc::new(c) };
+        client.authenticate(signaling, how).await?;
+        Ok(client)
+    }
+
+    async fn authenticate(&self, signaling: &SignalingClient, how: &ClientAuth) -> Result<(), JobClientError> {
+        let worker = self.conn.remote_peer().to_owned();
+        if let ClientAuth::Ticket = how {
+            let req = json!({"type": "request_ticket", "target": worker, "fingerprint": self.conn.local_fingerprint()});
+            match signaling.request(req).await?.msg {
+                ServerMessage::PeerTicket { ticket } => self.send(&JobMsg::AuthTicket { ticket })?,
+                other => {
+                    return Err(JobClientError::Protocol(format!("unexpected reply to request_ticket: {other:?}")));
+                }
+            }
+        }
+        let wait = async {
+            loop {
+                match self.next().await {
+                    None => return Err(JobClientError::Closed),
+                    Some(JobMsg::AuthOk { .. }) => return Ok(()),
+                    Some(JobMsg::AuthFailed { reason }) => return Err(JobClientError::AuthFailed(reason)),
+                    Some(JobMsg::AuthChallenge { nonce }) => match how {
+                        ClientAuth::RoomSecret(secret) => {
+                            let mac = auth::room_secret_mac(
+                                secret,
+                                &signaling.registered().room_id,
+                                &nonce,
+                                &worker,
+                                signaling.peer_id(),
+                                &self.conn.remote_fingerprint().unwrap_or_default(),
+                                self.conn.local_fingerprint(),
+                            );
+                            self.send(&JobMsg::AuthResponse { mac })?;
+                        }
+                        ClientAuth::Ticket => {
+                            return Err(JobClientError::AuthFailed(
+                                "this worker requires the room secret (pass --room-secret or set SLEAP_RTC_ROOM_SECRET)"
+                                    .into(),
+                            ));
+                        }
+                    },
+                    Some(_) => {}
+                }
+            }
+        };
+        tokio::time::timeout(AUTH_WAIT, wait).await.map_err(|_| JobClientError::Timeout(AUTH_WAIT, "authentication"))?
+    }
+
+    pub fn connection(&self) -> &Arc<PeerConnection> {
+        &self.conn
+    }
+
+    pub fn send(&self, m: &JobMsg) -> Result<(), JobClientError> {
+        self.conn.send_message(&m.to_value()).map_err(JobClientError::from)
+    }
+
+    /// Next job message from the worker; `None` once the connection is closed. Undecodable
+    /// messages are skipped (logged), never fatal.
+    pub async fn next(&self) -> Option<JobMsg> {
+        loop {
+            let text = self.conn.recv_message().await?;
+            match JobMsg::decode(&text) {
+                Ok(Some(m)) => return Some(m),
+                Ok(None) => {}
+                Err(e) => tracing::warn!(error = %e, "ignoring a message from the worker"),
+            }
+        }
+    }
+
+    /// Submits a job and, once the worker accepts it, starts uploading `uploads` (each sent under
+    /// its base name; a directory whole). Returns the worker's job id and the upload in progress.
+    pub async fn submit(
+        &self,
+        spec: &Value,
+        uploads: &[PathBuf],
+    ) -> Result<(String, Option<Transfer<Sent>>), JobClientError> {
+        let set = if uploads.is_empty() {
+            None
+        } else {
+            let paths = uploads.to_vec();
+            let set = tokio::task::spawn_blocking(move || files::build_send_set(&paths))
+                .await
+                .map_err(|e| JobClientError::Protocol(e.to_string()))?
+                .map_err(JobClientError::Files)?;
+            Some(set)
+        };
+        let client_job_id = format!("c{:08x}", rand_u32());
+        let files = set.as_ref().map(|s| s.manifest.files.clone()).unwrap_or_default();
+        self.send(&JobMsg::JobSubmit { client_job_id: client_job_id.clone(), spec: spec.clone(), files })?;
+        let wait = async {
+            loop {
+                match self.next().await {
+                    None => return Err(JobClientError::Closed),
+                    Some(JobMsg::JobAccepted { client_job_id: c, job_id }) if c == client_job_id => return Ok(job_id),
+                    Some(JobMsg::JobRejected { client_job_id: c, errors }) if c == client_job_id => {
+                        return Err(JobClientError::Rejected(errors));
+                    }
+                    Some(JobMsg::JobError { message, .. }) => return Err(JobClientError::Protocol(message)),
+                    Some(_) => {}
+                }
+            }
+        };
+        let job_id = tokio::time::timeout(ACCEPT_WAIT, wait)
+            .await
+            .map_err(|_| JobClientError::Timeout(ACCEPT_WAIT, "job submission"))??;
+        let upload = match set {
+            Some(set) => Some(self.conn.send_prepared(set).await?),
+            None => None,
+        };
+        Ok((job_id, upload))
+    }
+
+    /// Finish the current epoch and return the model so far.
+    pub fn stop(&self, job_id: &str) -> Result<(), JobClientError> {
+        self.send(&JobMsg::JobStop { job_id: job_id.to_owned() })
+    }
+
+    /// Kill the job; nothing is returned.
+    pub fn cancel(&self, job_id: &str) -> Result<(), JobClientError> {
+        self.send(&JobMsg::JobCancel { job_id: job_id.to_owned() })
+    }
+
+    /// Follow a job again; with `fetch`, a finished job's results are sent.
+    pub fn attach(&self, job_id: &str, fetch: bool) -> Result<(), JobClientError> {
+        self.send(&JobMsg::JobAttach { job_id: job_id.to_owned(), fetch })
+    }
+
+    /// Accepts the results transfer (sent after `job_done`) into `dir`.
+    pub fn receive_results(&self, dir: &Path) -> Result<Transfer<Received>, JobClientError> {
+        Ok(self.conn.receive_files(dir)?)
+    }
+
+    /// Closes the connection gracefully.
+    pub async fn close(self) {
+        if let Ok(c) = Arc::try_unwrap(self.conn) {
+            c.close().await;
+        }
+    }
+}
+
+fn rand_u32() -> u32 {
+    let mut b = [0u8; 4];
+    // SAFETY: getrandom(2) into a local buffer.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), 4, 0) };
+    if n != 4 {
+        return std::process::id() ^ std::time::SystemTime::now().elapsed().map(|d| d.subsec_nanos()).unwrap_or(7);
+    }
+    u32::from_le_bytes(b)
+}

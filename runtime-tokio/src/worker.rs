@@ -1,0 +1,1180 @@
+//! The GPU worker: registers in a room with its capabilities, authenticates every client before
+//! acting on anything it says, runs one job at a time through `sleap-nn`, relays progress, and
+//! sends results back. Jobs live independently of connections: a journal on disk
+//! (`WORK_DIR/jobs/<id>/job.json`) keeps their state, so a client can disconnect and `job_attach`
+//! later, and a restarted worker knows what happened. The signaling connection is re-established
+//! with backoff (1 s doubling to 5 min) without touching running jobs.
+
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use sleap_rtc_core::job::auth::{self, AuthError, Expected, TicketClaims};
+use sleap_rtc_core::job::bridge::{self, TrainExit, TrainRun};
+use sleap_rtc_core::job::{
+    ErrorCode, FieldError, Interrupt, Job, JobMsg, JobSpec, JobState, JobStatus, PathRef, PathVerdict, Progress,
+    Stream, check_paths, parse_spec,
+};
+use sleap_rtc_core::signal::{Register, ServerMessage};
+use sleap_rtc_core::transfer::FileEntry;
+use tokio::sync::{mpsc, watch};
+
+use crate::conn::{self, PeerConnection, PeerOptions};
+use crate::signaling::{SignalingClient, SignalingError};
+use crate::trainer::{self, Launch, Supervision, TrainerEvent};
+
+/// How long a client has to prove room membership after the channel opens.
+pub const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
+const BACKOFF_MAX: Duration = Duration::from_secs(300);
+
+/// Everything a worker is configured with.
+#[derive(Debug, Clone)]
+pub struct WorkerConfig {
+    /// Signaling WebSocket URL (`ws://host:port/ws`).
+    pub server: String,
+    /// The worker token (`slp_...`) or account key (`slp_acct_...`).
+    pub token: String,
+    /// Room to join (needed with an account key; a worker token names its room).
+    pub room: Option<String>,
+    pub name: Option<String>,
+    pub work_dir: PathBuf,
+    /// The `sleap-nn` executable.
+    pub sleap_nn: PathBuf,
+    /// Worker directories that jobs may name by absolute path (canonicalized).
+    pub mounts: Vec<PathBuf>,
+    /// Room-secret mode: clients prove knowledge of this secret instead of a server ticket.
+    pub room_secret: Option<String>,
+    /// `--device` for inference (`auto`, `cpu`, `cuda:0`).
+    pub device: String,
+    pub peer: PeerOptions,
+    pub supervision: Supervision,
+    /// Uploaded files are kept (by content hash) up to this many bytes, so the same dataset sent
+    /// again is not transferred again.
+    pub upload_cache_bytes: u64,
+    /// First reconnect delay (doubles up to 5 minutes).
+    pub backoff_start: Duration,
+}
+
+impl WorkerConfig {
+    pub fn new(server: &str, token: &str, work_dir: &Path, sleap_nn: &Path) -> Self {
+        WorkerConfig {
+            server: server.to_owned(),
+            token: token.to_owned(),
+            room: None,
+            name: None,
+            work_dir: work_dir.to_path_buf(),
+            sleap_nn: sleap_nn.to_path_buf(),
+            mounts: vec![],
+            room_secret: None,
+            device: "auto".into(),
+            peer: PeerOptions::default(),
+            supervision: Supervision::default(),
+            upload_cache_bytes: 20 << 30,
+            backoff_start: Duration::from_secs(1),
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum WorkerError {
+    #[error("the work directory {0} cannot be used: {1}")]
+    WorkDir(PathBuf, std::io::Error),
+    #[error("the signaling server refused this worker: {0}")]
+    Refused(String),
+}
+
+/// What the worker tells the room about itself (`metadata.properties`, upstream's keys).
+#[derive(Debug, Clone, Serialize)]
+pub struct Capabilities {
+    pub gpu_model: String,
+    pub gpu_memory_mb: u64,
+    pub sleap_nn_version: Option<String>,
+    pub free_disk_mb: u64,
+    pub hostname: String,
+}
+
+/// GPU from `nvidia-smi` when present, else "CPU"; sleap-nn's version; free disk in `dir`.
+pub async fn probe_capabilities(sleap_nn: &Path, dir: &Path) -> Capabilities {
+    let gpu = async {
+        let out = tokio::time::timeout(
+            Duration::from_secs(5),
+            tokio::process::Command::new("nvidia-smi")
+                .args(["--query-gpu=name,memory.total", "--format=csv,noheader,nounits"])
+                .kill_on_drop(true)
+                .output(),
+        )
+        .await
+        .ok()?
+        .ok()?;
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let first = text.lines().next()?.to_owned();
+        let (name, mem) = first.rsplit_once(',')?;
+        Some((name.trim().to_owned(), mem.trim().parse::<u64>().ok()?))
+    };
+    let (gpu, version) = tokio::join!(gpu, trainer::sleap_nn_version(sleap_nn));
+    let (gpu_model, gpu_memory_mb) = gpu.unwrap_or_else(|| ("CPU".into(), 0));
+    Capabilities {
+        gpu_model,
+        gpu_memory_mb,
+        sleap_nn_version: version,
+        free_disk_mb: free_disk_mb(dir),
+        hostname: hostname(),
+    }
+}
+
+fn free_disk_mb(dir: &Path) -> u64 {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(dir.as_os_str().as_bytes()) else { return 0 };
+    // SAFETY: statvfs writes into a zeroed struct we own; the path is NUL-terminated.
+    unsafe {
+        let mut s: libc::statvfs = std::mem::zeroed();
+        if libc::statvfs(c.as_ptr(), &mut s) != 0 {
+            return 0;
+        }
+        (s.f_bavail as u64).saturating_mul(s.f_frsize as u64) >> 20
+    }
+}
+
+fn hostname() -> String {
+    std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_owned()).unwrap_or_else(|_| "host".into())
+}
+
+fn unix_now() -> f64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut b = vec![0u8; bytes];
+    // SAFETY: getrandom(2) into our own buffer.
+    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), bytes, 0) };
+    if n != bytes as isize {
+        // Unreachable on Linux ≥ 3.17; fall back to something unique rather than fail.
+        let t = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
+        return blake3::hash(&t.to_le_bytes()).to_hex()[..bytes * 2].to_owned();
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+// ---------------------------------------------------------------------------------------------
+// Journal
+
+/// One job as recorded on disk.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct JournalEntry {
+    pub job: Job,
+    /// The user id that submitted it (from the ticket), or `room-secret`.
+    pub owner: String,
+    pub spec: JobSpec,
+    pub status: JobStatus,
+    pub created_at: f64,
+    pub updated_at: f64,
+    /// Process group of the running trainer, so a restarted worker can end an orphan.
+    #[serde(default)]
+    pub trainer_pid: Option<u32>,
+}
+
+fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, bytes)?;
+    std::fs::File::open(&tmp)?.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+fn journal_path(jobs: &Path, id: &str) -> PathBuf {
+    jobs.join(id).join("job.json")
+}
+
+fn read_journal(jobs: &Path, id: &str) -> Option<JournalEntry> {
+    if !valid_job_id(id) {
+        return None;
+    }
+    serde_json::from_slice(&std::fs::read(journal_path(jobs, id)).ok()?).ok()
+}
+
+fn valid_job_id(id: &str) -> bool {
+    id.len() == 20 && id.starts_with("job_") && id[4..].bytes().all(|b| b.is_ascii_hexdigit())
+}
+
+/// Marks jobs a previous run of the worker left unfinished as failed, and ends their trainers.
+fn recover_journal(jobs: &Path) {
+    let Ok(rd) = std::fs::read_dir(jobs) else { return };
+    for e in rd.flatten() {
+        let id = e.file_name().to_string_lossy().into_owned();
+        let Some(mut j) = read_journal(jobs, &id) else { continue };
+        if j.job.state.is_terminal() {
+            continue;
+        }
+        if let Some(pid) = j.trainer_pid {
+            // Only if that process still runs *this* job (its argv names the job directory).
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(&id) {
+                // SAFETY: kill(2) on the orphaned trainer's process group.
+                unsafe {
+                    libc::kill(-(pid as i32), libc::SIGKILL);
+                }
+            }
+        }
+        j.job.state = JobState::Failed;
+        j.status.state = JobState::Failed;
+        j.status.message = Some("the worker restarted while this job was running; submit it again".into());
+        j.updated_at = unix_now();
+        if let Ok(b) = serde_json::to_vec_pretty(&j) {
+            let _ = write_atomic(&journal_path(jobs, &id), &b);
+        }
+        tracing::warn!(job = %id, "job was interrupted by a worker restart; marked failed");
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Jobs
+
+/// A job this worker process is running (or just ran).
+struct ActiveJob {
+    id: String,
+    owner: String,
+    dir: PathBuf,
+    started: tokio::time::Instant,
+    entry: Mutex<JournalEntry>,
+    attached: Mutex<Vec<Arc<PeerConnection>>>,
+    interrupt: watch::Sender<Option<Interrupt>>,
+}
+
+impl ActiveJob {
+    fn save(&self) {
+        let Ok(e) = self.entry.lock() else { return };
+        match serde_json::to_vec_pretty(&*e) {
+            Ok(b) => {
+                if let Err(err) = write_atomic(&self.dir.join("job.json"), &b) {
+                    tracing::error!(job = %self.id, error = %err, "cannot write the job journal");
+                }
+            }
+            Err(err) => tracing::error!(job = %self.id, error = %err, "cannot encode the job journal"),
+        }
+    }
+
+    fn status(&self) -> JobStatus {
+        self.entry.lock().map(|e| e.status.clone()).unwrap_or_else(|e| e.into_inner().status.clone())
+    }
+
+    fn emit(&self, msg: &JobMsg) {
+        let v = msg.to_value();
+        if let Ok(mut a) = self.attached.lock() {
+            a.retain(|c| c.send_message(&v).is_ok() && c.state() != conn::ConnState::Closed);
+        }
+    }
+
+    fn attach(&self, c: &Arc<PeerConnection>) {
+        if let Ok(mut a) = self.attached.lock() {
+            if !a.iter().any(|x| Arc::ptr_eq(x, c)) {
+                a.push(c.clone());
+            }
+        }
+    }
+
+    fn set_state(&self, to: JobState, message: Option<String>) {
+        if let Ok(mut e) = self.entry.lock() {
+            if e.job.transition(to).is_err() {
+                tracing::warn!(job = %self.id, from = %e.job.state, to = %to, "ignored an invalid job transition");
+                return;
+            }
+            e.status.state = to;
+            if message.is_some() {
+                e.status.message = message.clone();
+            }
+            e.updated_at = unix_now();
+        }
+        self.save();
+        self.emit(&JobMsg::JobState { job_id: self.id.clone(), state: to, message });
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Status {
+    Available,
+    Busy,
+}
+
+/// Shared state of a running worker.
+pub struct Worker {
+    cfg: WorkerConfig,
+    peer_id: String,
+    jobs_dir: PathBuf,
+    cache_dir: PathBuf,
+    caps: Capabilities,
+    current: Mutex<Option<Arc<ActiveJob>>>,
+    status: watch::Sender<(Status, Option<String>)>,
+    jwks: tokio::sync::Mutex<(Option<jsonwebtoken::jwk::JwkSet>, Option<tokio::time::Instant>)>,
+    http_base: String,
+}
+
+/// What the worker knows about its signaling registration, for checking tickets.
+#[derive(Debug, Clone)]
+struct PeerCtx {
+    room: String,
+    me: String,
+}
+
+impl Worker {
+    /// Prepares the work directory, recovers the journal, probes capabilities.
+    pub async fn new(mut cfg: WorkerConfig) -> Result<Arc<Worker>, WorkerError> {
+        let wd = |e| WorkerError::WorkDir(cfg.work_dir.clone(), e);
+        std::fs::create_dir_all(&cfg.work_dir).map_err(wd)?;
+        let work_dir = cfg.work_dir.canonicalize().map_err(|e| WorkerError::WorkDir(cfg.work_dir.clone(), e))?;
+        cfg.work_dir = work_dir.clone();
+        let jobs_dir = work_dir.join("jobs");
+        let cache_dir = work_dir.join("upload-cache");
+        for d in [&jobs_dir, &cache_dir] {
+            std::fs::create_dir_all(d).map_err(|e| WorkerError::WorkDir(d.clone(), e))?;
+        }
+        cfg.mounts = cfg.mounts.iter().filter_map(|m| m.canonicalize().ok()).collect();
+        recover_journal(&jobs_dir);
+        // A stable peer id, so clients can find the worker again after a restart.
+        let id_file = work_dir.join("worker-id");
+        let peer_id = match std::fs::read_to_string(&id_file) {
+            Ok(s) if !s.trim().is_empty() => s.trim().to_owned(),
+            _ => {
+                let base: String = cfg
+                    .name
+                    .clone()
+                    .unwrap_or_else(hostname)
+                    .chars()
+                    .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
+                    .take(24)
+                    .collect();
+                let id = format!("worker-{base}-{}", random_hex(3));
+                std::fs::write(&id_file, &id).map_err(|e| WorkerError::WorkDir(id_file.clone(), e))?;
+                id
+            }
+        };
+        let caps = probe_capabilities(&cfg.sleap_nn, &work_dir).await;
+        if caps.sleap_nn_version.is_none() {
+            tracing::warn!(program = %cfg.sleap_nn.display(), "`sleap-nn --version` failed; jobs will fail until it works");
+        }
+        let http_base = http_base(&cfg.server);
+        Ok(Arc::new(Worker {
+            cfg,
+            peer_id,
+            jobs_dir,
+            cache_dir,
+            caps,
+            current: Mutex::new(None),
+            status: watch::channel((Status::Available, None)).0,
+            jwks: tokio::sync::Mutex::new((None, None)),
+            http_base,
+        }))
+    }
+
+    pub fn peer_id(&self) -> &str {
+        &self.peer_id
+    }
+
+    pub fn capabilities(&self) -> &Capabilities {
+        &self.caps
+    }
+
+    fn metadata(&self) -> Value {
+        let (status, job) = self.status.borrow().clone();
+        let c = &self.caps;
+        json!({
+            "tags": ["sleap-rtc", "training-worker", "inference-worker"],
+            "properties": {
+                "worker_name": self.cfg.name.clone().unwrap_or_else(|| c.hostname.clone()),
+                "hostname": c.hostname,
+                "gpu_model": c.gpu_model,
+                "gpu_memory_mb": c.gpu_memory_mb,
+                "sleap_nn_version": c.sleap_nn_version,
+                "free_disk_mb": free_disk_mb(&self.cfg.work_dir),
+                "status": if status == Status::Busy { "busy" } else { "available" },
+                "current_job": job,
+                "max_concurrent_jobs": 1,
+                "supported_job_types": ["training", "inference"],
+                "auth": if self.cfg.room_secret.is_some() { "room-secret" } else { "ticket" },
+            }
+        })
+    }
+
+    /// Runs until `shutdown` resolves: keeps a signaling registration (reconnecting with backoff)
+    /// and serves every client it introduces. On shutdown the running job is cancelled.
+    pub async fn run(self: &Arc<Self>, shutdown: impl std::future::Future<Output = ()>) -> Result<(), WorkerError> {
+        tokio::pin!(shutdown);
+        let mut backoff = self.cfg.backoff_start;
+        loop {
+            let register = Register {
+                peer_id: Some(self.peer_id.clone()),
+                room_id: self.cfg.room.clone(),
+                role: Some("worker".into()),
+                metadata: self.metadata().as_object().cloned(),
+                api_key: Some(self.cfg.token.clone()),
+                ..Default::default()
+            };
+            let attempt = tokio::select! {
+                r = SignalingClient::connect(&self.cfg.server, register) => r,
+                _ = &mut shutdown => break,
+            };
+            match attempt {
+                Ok(sig) => {
+                    backoff = self.cfg.backoff_start;
+                    tracing::info!(peer_id = %sig.peer_id(), room = %sig.registered().room_id, "worker registered");
+                    let sig = Arc::new(sig);
+                    tokio::select! {
+                        _ = self.serve_signaling(sig) => tracing::warn!("signaling connection lost; reconnecting"),
+                        _ = &mut shutdown => break,
+                    }
+                }
+                Err(SignalingError::Refused { code, message })
+                    if matches!(code.as_str(), "AUTH_FAILED" | "TOKEN_REVOKED" | "ROOM_NOT_FOUND" | "FORBIDDEN") =>
+                {
+                    return Err(WorkerError::Refused(format!("{code}: {message}")));
+                }
+                Err(e) => tracing::warn!(error = %e, retry_in = ?backoff, "cannot reach the signaling server"),
+            }
+            tokio::select! {
+                _ = tokio::time::sleep(backoff) => {}
+                _ = &mut shutdown => break,
+            }
+            backoff = (backoff * 2).min(BACKOFF_MAX);
+        }
+        self.shutdown().await;
+        Ok(())
+    }
+
+    /// Cancels the running job (if any) and waits for it to end.
+    pub async fn shutdown(&self) {
+        let job = self.current.lock().ok().and_then(|c| c.clone());
+        if let Some(j) = job {
+            let _ = j.interrupt.send(Some(Interrupt::Cancel));
+            let mut st = self.status.subscribe();
+            let grace = self.cfg.supervision.cancel_grace + Duration::from_secs(5);
+            let _ = tokio::time::timeout(grace, st.wait_for(|(s, _)| *s == Status::Available)).await;
+        }
+    }
+
+    async fn serve_signaling(self: &Arc<Self>, sig: Arc<SignalingClient>) {
+        let ctx = PeerCtx { room: sig.registered().room_id.clone(), me: sig.peer_id().to_owned() };
+        // Keep the room's view of our status current.
+        let status_task = {
+            let (me, sig) = (self.clone(), sig.clone());
+            let mut rx = self.status.subscribe();
+            tokio::spawn(async move {
+                let _ = sig.update_metadata(me.metadata()).await;
+                while rx.changed().await.is_ok() {
+                    if sig.update_metadata(me.metadata()).await.is_err() {
+                        break;
+                    }
+                }
+            })
+        };
+        while let Some(env) = sig.next_event().await {
+            if let ServerMessage::Offer(_) = &env.msg {
+                let (me, sig, ctx) = (self.clone(), sig.clone(), ctx.clone());
+                tokio::spawn(async move {
+                    match conn::accept(&sig, &env.msg, me.cfg.peer.clone()).await {
+                        Ok(c) => me.serve_peer(ctx, Arc::new(c)).await,
+                        Err(e) => tracing::warn!(error = %e, "could not accept a connection"),
+                    }
+                });
+            }
+        }
+        status_task.abort();
+    }
+
+    // -- authentication ------------------------------------------------------------------------
+
+    async fn jwks_key(&self, kid: Option<&str>) -> Result<jsonwebtoken::DecodingKey, String> {
+        let mut cache = self.jwks.lock().await;
+        let find = |set: &jsonwebtoken::jwk::JwkSet| {
+            let jwk = match kid {
+                Some(k) => set.find(k),
+                None => set.keys.first(),
+            };
+            jwk.and_then(|j| jsonwebtoken::DecodingKey::from_jwk(j).ok())
+        };
+        if let Some(k) = cache.0.as_ref().and_then(find) {
+            return Ok(k);
+        }
+        // Unknown key: refetch, but not more than every 10 s (a bogus kid must not make us
+        // hammer the server).
+        let recent = cache.1.is_some_and(|t| t.elapsed() < Duration::from_secs(10));
+        if recent && cache.0.is_some() {
+            return Err("unknown signing key".into());
+        }
+        let url = format!("{}/.well-known/jwks.json", self.http_base);
+        let set: jsonwebtoken::jwk::JwkSet = reqwest::get(&url)
+            .await
+            .map_err(|e| format!("cannot fetch {url}: {e}"))?
+            .json()
+            .await
+            .map_err(|e| format!("bad JWKS from {url}: {e}"))?;
+        cache.1 = Some(tokio::time::Instant::now());
+        let k = find(&set).ok_or_else(|| "unknown signing key".to_owned());
+        cache.0 = Some(set);
+        k
+    }
+
+    async fn verify_ticket(&self, ctx: &PeerCtx, c: &PeerConnection, ticket: &str) -> Result<String, AuthError> {
+        let header = jsonwebtoken::decode_header(ticket).map_err(|e| AuthError::BadSignature(e.to_string()))?;
+        if header.alg != jsonwebtoken::Algorithm::EdDSA {
+            return Err(AuthError::BadSignature("tickets are EdDSA-signed".into()));
+        }
+        let key = self.jwks_key(header.kid.as_deref()).await.map_err(AuthError::BadSignature)?;
+        let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::EdDSA);
+        v.set_audience(&[auth::TICKET_AUDIENCE]);
+        v.leeway = auth::LEEWAY_SECS as u64;
+        let claims = jsonwebtoken::decode::<TicketClaims>(ticket, &key, &v)
+            .map_err(|e| match e.kind() {
+                jsonwebtoken::errors::ErrorKind::ExpiredSignature => AuthError::Expired,
+                jsonwebtoken::errors::ErrorKind::InvalidAudience => AuthError::WrongAudience,
+                _ => AuthError::BadSignature(e.to_string()),
+            })?
+            .claims;
+        let fp = c.remote_fingerprint().unwrap_or_default();
+        let expected = Expected { room: &ctx.room, worker: &ctx.me, client: c.remote_peer(), client_fp: &fp };
+        auth::check_ticket(&claims, &expected, unix_now() as i64)?;
+        Ok(claims.sub)
+    }
+
+    /// Returns the authenticated user id (or `room-secret`).
+    async fn authenticate(&self, ctx: &PeerCtx, c: &PeerConnection) -> Result<String, AuthError> {
+        let nonce = random_hex(32);
+        if self.cfg.room_secret.is_some() {
+            let _ = c.send_message(&JobMsg::AuthChallenge { nonce: nonce.clone() }.to_value());
+        }
+        let first = tokio::time::timeout(AUTH_TIMEOUT, async {
+            loop {
+                match c.recv_message().await {
+                    None => return None,
+                    Some(t) => match JobMsg::decode(&t) {
+                        Ok(None) => continue,
+                        Ok(Some(m)) => return Some(m),
+                        Err(_) => return Some(JobMsg::AuthResponse { mac: String::new() }),
+                    },
+                }
+            }
+        })
+        .await
+        .map_err(|_| AuthError::Timeout)?
+        .ok_or(AuthError::Missing)?;
+        match (first, &self.cfg.room_secret) {
+            (JobMsg::AuthResponse { mac }, Some(secret)) => {
+                let worker_fp = c.local_fingerprint();
+                let client_fp = c.remote_fingerprint().unwrap_or_default();
+                let want =
+                    auth::room_secret_mac(secret, &ctx.room, &nonce, &ctx.me, c.remote_peer(), worker_fp, &client_fp);
+                if auth::mac_matches(&want, &mac) { Ok("room-secret".into()) } else { Err(AuthError::BadMac) }
+            }
+            (JobMsg::AuthTicket { .. }, Some(_)) => Err(AuthError::BadMac),
+            (JobMsg::AuthTicket { ticket }, None) => self.verify_ticket(ctx, c, &ticket).await,
+            _ => Err(AuthError::Missing),
+        }
+    }
+
+    async fn serve_peer(self: Arc<Self>, ctx: PeerCtx, c: Arc<PeerConnection>) {
+        let peer = c.remote_peer().to_owned();
+        let user = match self.authenticate(&ctx, &c).await {
+            Ok(u) => u,
+            Err(e) => {
+                let reason = match (&e, self.cfg.room_secret.is_some()) {
+                    (AuthError::BadMac, true) => {
+                        "this worker requires the room secret (--room-secret); the proof did not match".to_owned()
+                    }
+                    _ => e.to_string(),
+                };
+                tracing::warn!(%peer, %reason, "refused an unauthenticated client");
+                let _ = c.send_message(&JobMsg::AuthFailed { reason }.to_value());
+                // Let the refusal reach the client before the connection goes.
+                tokio::time::sleep(Duration::from_millis(300)).await;
+                if let Ok(c) = Arc::try_unwrap(c) {
+                    c.close().await;
+                }
+                return;
+            }
+        };
+        tracing::info!(%peer, %user, "client authenticated");
+        let _ = c.send_message(&JobMsg::AuthOk { worker: ctx.me.clone() }.to_value());
+        while let Some(text) = c.recv_message().await {
+            let msg = match JobMsg::decode(&text) {
+                Ok(Some(m)) => m,
+                Ok(None) => continue,
+                Err(e) => {
+                    let _ = c.send_message(
+                        &JobMsg::JobError { job_id: None, code: ErrorCode::InvalidValue, message: e }.to_value(),
+                    );
+                    continue;
+                }
+            };
+            match msg {
+                JobMsg::JobSubmit { client_job_id, spec, files } => {
+                    let (me, c, user) = (self.clone(), c.clone(), user.clone());
+                    tokio::spawn(async move { me.submit(c, user, client_job_id, spec, files).await });
+                }
+                JobMsg::JobStop { job_id } => self.interrupt(&c, &user, &job_id, Interrupt::Stop),
+                JobMsg::JobCancel { job_id } => self.interrupt(&c, &user, &job_id, Interrupt::Cancel),
+                JobMsg::JobAttach { job_id, fetch } => self.attach(&c, &user, &job_id, fetch).await,
+                other => {
+                    let _ = c.send_message(
+                        &JobMsg::JobError {
+                            job_id: None,
+                            code: ErrorCode::InvalidValue,
+                            message: format!("unexpected message from a client: {}", other.to_value()["type"]),
+                        }
+                        .to_value(),
+                    );
+                }
+            }
+        }
+        tracing::info!(%peer, "client disconnected");
+    }
+
+    // -- job requests --------------------------------------------------------------------------
+
+    fn reply_error(c: &PeerConnection, job_id: &str, code: ErrorCode, message: String) {
+        let _ = c.send_message(&JobMsg::JobError { job_id: Some(job_id.to_owned()), code, message }.to_value());
+    }
+
+    fn interrupt(&self, c: &PeerConnection, user: &str, job_id: &str, what: Interrupt) {
+        let job = self.current.lock().ok().and_then(|g| g.clone()).filter(|j| j.id == job_id);
+        let Some(job) = job else {
+            return Self::reply_error(
+                c,
+                job_id,
+                ErrorCode::PathNotFound,
+                format!("job {job_id:.40} is not running here"),
+            );
+        };
+        if job.owner != user {
+            return Self::reply_error(c, job_id, ErrorCode::NotAllowed, "this job belongs to another user".into());
+        }
+        let action = job.entry.lock().map(|mut e| e.job.interrupt(what));
+        match action {
+            Ok(Ok(Some(a))) => {
+                tracing::info!(job = %job_id, action = ?a, "interrupt requested");
+                let _ = job.interrupt.send(Some(a));
+            }
+            Ok(Ok(None)) => {}
+            Ok(Err(e)) => Self::reply_error(c, job_id, ErrorCode::InvalidValue, e.to_string()),
+            Err(_) => {}
+        }
+    }
+
+    async fn attach(&self, c: &Arc<PeerConnection>, user: &str, job_id: &str, fetch: bool) {
+        let active = self.current.lock().ok().and_then(|g| g.clone()).filter(|j| j.id == job_id);
+        let (owner, status, dir) = match &active {
+            Some(j) => (j.owner.clone(), j.status(), j.dir.clone()),
+            None => match read_journal(&self.jobs_dir, job_id) {
+                Some(e) => (e.owner, e.status, self.jobs_dir.join(job_id)),
+                None => {
+                    return Self::reply_error(
+                        c,
+                        job_id,
+                        ErrorCode::PathNotFound,
+                        format!("no job {job_id:.40} on this worker"),
+                    );
+                }
+            },
+        };
+        if owner != user {
+            return Self::reply_error(c, job_id, ErrorCode::NotAllowed, "this job belongs to another user".into());
+        }
+        let _ = c.send_message(&JobMsg::JobStatus { status: status.clone() }.to_value());
+        if !status.state.is_terminal() {
+            if let Some(j) = active {
+                j.attach(c);
+            }
+            return;
+        }
+        let status = if fetch { status } else { JobStatus { results: vec![], ..status } };
+        let _ = c.send_message(&JobMsg::JobDone { status: status.clone() }.to_value());
+        if fetch && !status.results.is_empty() {
+            send_results(c.clone(), &dir, &status.results).await;
+        }
+    }
+
+    fn check_worker_path(&self, p: &str) -> PathVerdict {
+        let path = Path::new(p);
+        match path.canonicalize() {
+            Ok(real) => {
+                if self.cfg.mounts.iter().any(|m| real.starts_with(m)) {
+                    PathVerdict::Ok
+                } else {
+                    PathVerdict::NotAllowed
+                }
+            }
+            // Say "not allowed" rather than "not found" outside the mounts, so a client cannot
+            // probe the worker's filesystem.
+            Err(_) if !self.cfg.mounts.iter().any(|m| path.starts_with(m)) => PathVerdict::NotAllowed,
+            Err(_) => PathVerdict::NotFound,
+        }
+    }
+
+    fn check_spec(&self, spec: &JobSpec, files: &[FileEntry]) -> Vec<FieldError> {
+        let uploaded = |name: &str| {
+            files.iter().any(|f| {
+                f.name == name || (f.name.starts_with(name) && f.name.as_bytes().get(name.len()) == Some(&b'/'))
+            })
+        };
+        let mut errors = check_paths(spec, |r| match r {
+            PathRef::Upload(n) if uploaded(n) => PathVerdict::Ok,
+            PathRef::Upload(_) => PathVerdict::NotAllowed,
+            PathRef::Worker(p) => self.check_worker_path(p),
+        });
+        if let JobSpec::Train(t) = spec {
+            for (field, p) in [("labels_path", &t.labels_path), ("val_labels_path", &t.val_labels_path)] {
+                if let Some(p) = p {
+                    if !p.starts_with('/') && !p.ends_with(".pkg.slp") {
+                        errors.push(FieldError::new(
+                            field,
+                            ErrorCode::Unsupported,
+                            format!(
+                                "{p} is a .slp that refers to video files, which are not uploaded; export a self-contained \
+                                 training package (.pkg.slp) or name a path on the worker inside its mounts"
+                            ),
+                        ));
+                    }
+                }
+            }
+            if t.labels_path.is_none() {
+                for (i, text) in t.config_contents.iter().enumerate() {
+                    let info = bridge::ConfigInfo::parse(text).unwrap_or_default();
+                    for (j, l) in info.train_labels.iter().enumerate() {
+                        let bad = if l.starts_with('/') {
+                            self.check_worker_path(l) != PathVerdict::Ok
+                        } else {
+                            !uploaded(l)
+                        };
+                        if bad {
+                            errors.push(FieldError::new(
+                                format!("config[{i}].train_labels_path[{j}]"),
+                                ErrorCode::PathNotFound,
+                                format!("the config trains on {l}, which is neither uploaded nor on the worker; pass labels_path"),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        errors
+    }
+
+    async fn submit(
+        self: Arc<Self>,
+        c: Arc<PeerConnection>,
+        user: String,
+        client_job_id: String,
+        spec: Value,
+        files: Vec<FileEntry>,
+    ) {
+        let reject = |errors: Vec<FieldError>| {
+            let _ = c.send_message(&JobMsg::JobRejected { client_job_id: client_job_id.clone(), errors }.to_value());
+        };
+        let spec = match parse_spec(&spec) {
+            Ok(s) => s.mapped(),
+            Err(errors) => return reject(errors),
+        };
+        if files.len() > 10_000 {
+            return reject(vec![FieldError::new("files", ErrorCode::InvalidValue, "too many files")]);
+        }
+        let errors = self.check_spec(&spec, &files);
+        if !errors.is_empty() {
+            return reject(errors);
+        }
+        let job_id = format!("job_{}", random_hex(8));
+        let dir = self.jobs_dir.join(&job_id);
+        let job = {
+            let Ok(mut cur) = self.current.lock() else { return };
+            if let Some(j) = cur.as_ref() {
+                return reject(vec![FieldError::new(
+                    "worker",
+                    ErrorCode::Busy,
+                    format!("worker {} is busy with job {}; try another worker or wait", self.peer_id, j.id),
+                )]);
+            }
+            if let Err(e) = std::fs::create_dir_all(dir.join("input")) {
+                return reject(vec![FieldError::new(
+                    "worker",
+                    ErrorCode::Internal,
+                    format!("cannot create the job directory: {e}"),
+                )]);
+            }
+            let mut j = Job::new(&job_id, spec.kind());
+            let _ = j.transition(JobState::Accepted);
+            let now = unix_now();
+            let entry = JournalEntry {
+                job: j,
+                owner: user.clone(),
+                spec: spec.clone(),
+                status: JobStatus {
+                    job_id: job_id.clone(),
+                    kind: spec.kind(),
+                    state: JobState::Accepted,
+                    last_epoch: None,
+                    message: None,
+                    results: vec![],
+                    duration_secs: None,
+                },
+                created_at: now,
+                updated_at: now,
+                trainer_pid: None,
+            };
+            let job = Arc::new(ActiveJob {
+                id: job_id.clone(),
+                owner: user,
+                dir: dir.clone(),
+                started: tokio::time::Instant::now(),
+                entry: Mutex::new(entry),
+                attached: Mutex::new(vec![c.clone()]),
+                interrupt: watch::channel(None).0,
+            });
+            *cur = Some(job.clone());
+            job
+        };
+        job.save();
+        let _ = self.status.send((Status::Busy, Some(job_id.clone())));
+        tracing::info!(job = %job_id, kind = %spec.kind(), files = files.len(), "job accepted");
+        let _ = c.send_message(&JobMsg::JobAccepted { client_job_id, job_id: job_id.clone() }.to_value());
+
+        let (state, message, results) = match self.receive_upload(&job, &c, &files).await {
+            Err(e) => {
+                let cancelled = job.entry.lock().map(|e| e.job.cancel_requested).unwrap_or(false);
+                if cancelled {
+                    (JobState::Cancelled, "cancelled by the user during the upload".to_owned(), vec![])
+                } else {
+                    (JobState::Failed, format!("upload failed: {e}"), vec![])
+                }
+            }
+            Ok(()) => {
+                job.set_state(JobState::Running, None);
+                let _ = self.status.send((Status::Busy, Some(job_id.clone())));
+                match &spec {
+                    JobSpec::Train(_) => self.run_training(&job, &spec).await,
+                    JobSpec::Track(_) => self.run_tracking(&job, &spec).await,
+                }
+            }
+        };
+        self.finish(&job, state, message, results).await;
+    }
+
+    async fn receive_upload(&self, job: &ActiveJob, c: &PeerConnection, files: &[FileEntry]) -> Result<(), String> {
+        if files.is_empty() {
+            return Ok(());
+        }
+        let input = job.dir.join("input");
+        // Files the worker already has (same content hash) are placed as complete `.part`s:
+        // the transfer then verifies them and sends nothing.
+        for f in files {
+            let cached = self.cache_dir.join(&f.blake3);
+            let ok_hash = f.blake3.len() == 64 && f.blake3.bytes().all(|b| b.is_ascii_hexdigit());
+            if !ok_hash || sleap_rtc_core::transfer::validate_name(&f.name).is_err() {
+                continue;
+            }
+            if std::fs::metadata(&cached).map(|m| m.len() == f.size).unwrap_or(false) {
+                let part = input.join(format!("{}{}", f.name, crate::files::PART_SUFFIX));
+                if let Some(parent) = part.parent() {
+                    let _ = std::fs::create_dir_all(parent);
+                }
+                if std::fs::hard_link(&cached, &part).is_err() {
+                    let _ = std::fs::copy(&cached, &part);
+                }
+            }
+        }
+        let t = c.receive_files(&input).map_err(|e| e.to_string())?;
+        let got = tokio::time::timeout(Duration::from_secs(24 * 3600), t.finish())
+            .await
+            .map_err(|_| "the upload did not finish within a day".to_owned())?
+            .map_err(|e| e.to_string())?;
+        if !got.failed.is_empty() {
+            let list: Vec<String> = got.failed.iter().map(|(n, why)| format!("{n}: {why}")).collect();
+            return Err(list.join("; "));
+        }
+        for f in files {
+            let cached = self.cache_dir.join(&f.blake3);
+            if !cached.exists() && f.blake3.len() == 64 {
+                let _ = std::fs::hard_link(input.join(&f.name), &cached);
+            }
+        }
+        self.trim_cache();
+        Ok(())
+    }
+
+    /// Keeps the upload cache under its cap, dropping the least recently modified entries.
+    fn trim_cache(&self) {
+        let Ok(rd) = std::fs::read_dir(&self.cache_dir) else { return };
+        let mut entries: Vec<(SystemTime, u64, PathBuf)> = rd
+            .flatten()
+            .filter_map(|e| {
+                let m = e.metadata().ok()?;
+                Some((m.modified().ok()?, m.len(), e.path()))
+            })
+            .collect();
+        let mut total: u64 = entries.iter().map(|e| e.1).sum();
+        entries.sort();
+        for (_, len, path) in entries {
+            if total <= self.cfg.upload_cache_bytes {
+                break;
+            }
+            if std::fs::remove_file(&path).is_ok() {
+                total -= len;
+            }
+        }
+    }
+
+    /// Maps a spec path to an absolute worker path.
+    fn resolve(&self, job: &ActiveJob, p: &str) -> PathBuf {
+        if p.starts_with('/') { PathBuf::from(p) } else { job.dir.join("input").join(p) }
+    }
+
+    /// Forwards trainer events to the attached clients and the journal.
+    fn relay(job: &Arc<ActiveJob>) -> (mpsc::UnboundedSender<TrainerEvent>, tokio::task::JoinHandle<()>) {
+        let (tx, mut rx) = mpsc::unbounded_channel::<TrainerEvent>();
+        let job = job.clone();
+        let task = tokio::spawn(async move {
+            while let Some(ev) = rx.recv().await {
+                match ev {
+                    TrainerEvent::Spawned(pid) => {
+                        if let Ok(mut e) = job.entry.lock() {
+                            e.trainer_pid = Some(pid);
+                        }
+                        job.save();
+                    }
+                    TrainerEvent::Progress(p) => {
+                        if matches!(p, Progress::EpochEnd { .. }) {
+                            if let Ok(mut e) = job.entry.lock() {
+                                e.status.last_epoch = Some(p.clone());
+                                e.updated_at = unix_now();
+                            }
+                            job.save();
+                        }
+                        job.emit(&JobMsg::JobProgress { job_id: job.id.clone(), progress: p });
+                    }
+                    TrainerEvent::Log(l) => {
+                        job.emit(&JobMsg::JobLog { job_id: job.id.clone(), stream: l.stream, text: l.text, cr: l.cr })
+                    }
+                }
+            }
+        });
+        (tx, task)
+    }
+
+    async fn run_training(&self, job: &Arc<ActiveJob>, spec: &JobSpec) -> (JobState, String, Vec<String>) {
+        let JobSpec::Train(t) = spec else { return (JobState::Failed, "not a training job".into(), vec![]) };
+        // Configs: worker/uploaded files first, then inline ones (upstream's order).
+        let mut configs = Vec::new();
+        for p in &t.config_paths {
+            match std::fs::read_to_string(self.resolve(job, p)) {
+                Ok(text) => configs.push(text),
+                Err(e) => return (JobState::Failed, format!("cannot read config {p}: {e}"), vec![]),
+            }
+        }
+        configs.extend(t.config_contents.iter().cloned());
+        let runs_dir = job.dir.join("runs");
+        let mut results = Vec::new();
+        let mut outcome = (JobState::Completed, "training completed".to_owned());
+        let n = configs.len();
+        for (i, text) in configs.iter().enumerate() {
+            let info = match bridge::ConfigInfo::parse(text) {
+                Ok(i) => i,
+                Err(e) => return (JobState::Failed, format!("config {}: {e}", i + 1), results),
+            };
+            let model_type =
+                t.model_types.get(i).cloned().or(info.model_type.clone()).unwrap_or_else(|| "model".into());
+            let run_name = match (&t.run_name, n) {
+                (Some(r), 1) => r.clone(),
+                (Some(r), _) => format!("{r}.{model_type}"),
+                (None, _) => info
+                    .run_name
+                    .clone()
+                    .filter(|r| sleap_rtc_core::job::check_run_name(r).is_ok())
+                    .unwrap_or(model_type.clone()),
+            };
+            let config_path = job.dir.join(format!("config_{i}.yaml"));
+            if let Err(e) = std::fs::write(&config_path, text) {
+                return (JobState::Failed, format!("cannot write the config: {e}"), results);
+            }
+            if n > 1 {
+                job.emit(&JobMsg::JobLog {
+                    job_id: job.id.clone(),
+                    stream: Stream::Stdout,
+                    text: format!("Training model {}/{n}: {model_type}", i + 1),
+                    cr: false,
+                });
+            }
+            let run = TrainRun {
+                config: config_path.display().to_string(),
+                labels: t.labels_path.as_deref().map(|p| self.resolve(job, p).display().to_string()),
+                val_labels: t.val_labels_path.as_deref().map(|p| self.resolve(job, p).display().to_string()),
+                resume: t.resume_ckpt_path.as_deref().map(|p| self.resolve(job, p).display().to_string()),
+                ckpt_dir: runs_dir.display().to_string(),
+                run_name: run_name.clone(),
+                publish_port: 0,
+                controller_port: 0,
+            };
+            let launch = Launch {
+                program: self.cfg.sleap_nn.clone(),
+                cwd: job.dir.clone(),
+                log_file: job.dir.join("trainer.log"),
+            };
+            let (tx, relay_task) = Self::relay(job);
+            let _ = tx.send(TrainerEvent::Progress(Progress::Started { model: Some(run_name.clone()) }));
+            let mut interrupt = job.interrupt.subscribe();
+            interrupt.mark_changed();
+            let pid_job = job.clone();
+            let exit = trainer::run_train(
+                &launch,
+                move |publish_port, controller_port| {
+                    let run = TrainRun { publish_port, controller_port, ..run };
+                    bridge::train_args(t, &run)
+                },
+                &self.cfg.supervision,
+                interrupt,
+                tx,
+            )
+            .await;
+            let _ = relay_task.await;
+            if let Ok(mut e) = pid_job.entry.lock() {
+                e.trainer_pid = None;
+            }
+            let exit = match exit {
+                Ok(e) => e,
+                Err(e) => return (JobState::Failed, e.to_string(), results),
+            };
+            let (stop, cancel) =
+                job.entry.lock().map(|e| (e.job.stop_requested, e.job.cancel_requested)).unwrap_or_default();
+            let run_dir = runs_dir.join(&run_name);
+            let te = TrainExit {
+                code: exit.code,
+                signal: exit.signal,
+                train_end: exit.train_end,
+                best_ckpt: run_dir.join("best.ckpt").is_file(),
+                stop_requested: stop,
+                cancel_requested: cancel,
+            };
+            let (state, mut message) = bridge::classify_train(&te);
+            if state == JobState::Failed && !exit.stderr_tail.is_empty() {
+                let tail: Vec<&String> =
+                    exit.stderr_tail.iter().rev().take(5).collect::<Vec<_>>().into_iter().rev().collect();
+                message = format!(
+                    "{message}; last output: {}",
+                    tail.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(" | ")
+                );
+            }
+            if state.has_results() {
+                results.push(format!("runs/{run_name}"));
+            }
+            outcome = (state, message);
+            if state != JobState::Completed {
+                break;
+            }
+        }
+        (outcome.0, outcome.1, results)
+    }
+
+    async fn run_tracking(&self, job: &Arc<ActiveJob>, spec: &JobSpec) -> (JobState, String, Vec<String>) {
+        let JobSpec::Track(t) = spec else { return (JobState::Failed, "not a track job".into(), vec![]) };
+        let data = self.resolve(job, &t.data_path).display().to_string();
+        let models: Vec<String> = t.model_paths.iter().map(|m| self.resolve(job, m).display().to_string()).collect();
+        let out_name = t.output_path.clone().unwrap_or_else(|| bridge::predictions_name(&t.data_path));
+        let out_dir = job.dir.join("output");
+        if let Err(e) = std::fs::create_dir_all(&out_dir) {
+            return (JobState::Failed, format!("cannot create the output directory: {e}"), vec![]);
+        }
+        let output = out_dir.join(&out_name);
+        let argv = bridge::track_args(t, &data, &models, &output.display().to_string(), &self.cfg.device);
+        let launch =
+            Launch { program: self.cfg.sleap_nn.clone(), cwd: job.dir.clone(), log_file: job.dir.join("trainer.log") };
+        let (tx, relay_task) = Self::relay(job);
+        let mut interrupt = job.interrupt.subscribe();
+        interrupt.mark_changed();
+        let exit = trainer::run_predict(&launch, &argv, &self.cfg.supervision, interrupt, tx).await;
+        let _ = relay_task.await;
+        let exit = match exit {
+            Ok(e) => e,
+            Err(e) => return (JobState::Failed, e.to_string(), vec![]),
+        };
+        let cancelled = job.entry.lock().map(|e| e.job.cancel_requested).unwrap_or(false);
+        if cancelled {
+            return (JobState::Cancelled, "cancelled by the user".into(), vec![]);
+        }
+        if exit.code == Some(0) && output.is_file() {
+            return (JobState::Completed, "inference completed".into(), vec![format!("output/{out_name}")]);
+        }
+        let why = match (exit.error, exit.code, exit.signal) {
+            (Some(e), _, _) => e,
+            (None, Some(0), _) => "sleap-nn exited 0 but wrote no predictions file".into(),
+            (None, Some(c), _) => format!(
+                "sleap-nn exited with code {c}; last output: {}",
+                exit.stderr_tail.iter().rev().take(3).rev().cloned().collect::<Vec<_>>().join(" | ")
+            ),
+            (None, None, Some(s)) => format!("sleap-nn was killed by signal {s}"),
+            _ => "sleap-nn ended for an unknown reason".into(),
+        };
+        (JobState::Failed, why, vec![])
+    }
+
+    async fn finish(&self, job: &Arc<ActiveJob>, state: JobState, message: String, results: Vec<String>) {
+        let duration = job.started.elapsed().as_secs_f64();
+        if let Ok(mut e) = job.entry.lock() {
+            if e.job.transition(state).is_err() {
+                e.job.state = state;
+            }
+            e.status.state = state;
+            e.status.message = Some(message.clone());
+            e.status.results = results.clone();
+            e.status.duration_secs = Some(duration);
+            e.updated_at = unix_now();
+        }
+        job.save();
+        tracing::info!(job = %job.id, %state, %message, "job finished");
+        let status = job.status();
+        let conns: Vec<Arc<PeerConnection>> = job.attached.lock().map(|a| a.clone()).unwrap_or_default();
+        job.emit(&JobMsg::JobDone { status: status.clone() });
+        if let Ok(mut cur) = self.current.lock() {
+            *cur = None;
+        }
+        let _ = self.status.send((Status::Available, None));
+        if !results.is_empty() {
+            for c in conns {
+                if c.state() != conn::ConnState::Closed {
+                    let (dir, results) = (job.dir.clone(), results.clone());
+                    tokio::spawn(async move { send_results(c, &dir, &results).await });
+                }
+            }
+        }
+    }
+}
+
+async fn send_results(c: Arc<PeerConnection>, dir: &Path, results: &[String]) {
+    let paths: Vec<PathBuf> = results.iter().map(|r| dir.join(r)).collect();
+    match c.send_files(&paths).await {
+        Ok(t) => match t.finish().await {
+            Ok(s) => tracing::info!(bytes = s.bytes, "results sent"),
+            Err(e) => tracing::warn!(error = %e, "sending results failed; the client can fetch them with job attach"),
+        },
+        Err(e) => tracing::warn!(error = %e, "cannot send results"),
+    }
+}
+
+/// `ws://host:port/ws` → `http://host:port`.
+pub fn http_base(ws_url: &str) -> String {
+    let (scheme, rest) = match ws_url.split_once("://") {
+        Some(("wss", r)) => ("https", r),
+        Some(("https", r)) => ("https", r),
+        Some((_, r)) => ("http", r),
+        None => ("http", ws_url),
+    };
+    let host = rest.split('/').next().unwrap_or(rest);
+    format!("{scheme}://{host}")
+}
+
+/// Lists jobs in a work directory's journal (newest first), for `sleap-rtc job list` on a worker.
+pub fn list_jobs(work_dir: &Path) -> Vec<JournalEntry> {
+    let jobs = work_dir.join("jobs");
+    let mut out: Vec<JournalEntry> = std::fs::read_dir(&jobs)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| read_journal(&jobs, &e.file_name().to_string_lossy()))
+        .collect();
+    out.sort_by(|a, b| b.created_at.total_cmp(&a.created_at));
+    out
+}
