@@ -78,6 +78,8 @@ pub enum PeerEvent {
     Bulk(Vec<u8>),
     /// ICE reports the path is gone (it may recover) or the connection closed for good.
     Disconnected,
+    /// ICE has a working path again (after [`PeerEvent::Disconnected`]).
+    Reconnected,
     Closed,
 }
 
@@ -265,6 +267,9 @@ impl Peer {
             }
             Event::ChannelClose(id) if Some(id) == self.ctl || Some(id) == self.bulk => self.mark_closed(),
             Event::IceConnectionStateChange(IceConnectionState::Disconnected) => Some(PeerEvent::Disconnected),
+            Event::IceConnectionStateChange(IceConnectionState::Connected | IceConnectionState::Completed) => {
+                Some(PeerEvent::Reconnected)
+            }
             Event::Closed => self.mark_closed(),
             _ => None,
         }

@@ -9,7 +9,7 @@
 
 use std::collections::{HashMap, VecDeque};
 use std::net::SocketAddr;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 use crate::peer::{Peer, PeerConfig, PeerError, PeerEvent, PeerOutput};
 use crate::transfer::{
@@ -45,6 +45,10 @@ pub struct SessionConfig {
     /// Stop reading new chunks while this many bytes are buffered in `bulk` (plus reads under way).
     pub high_water: usize,
     pub limits: transfer::Limits,
+    /// How long an open connection may hear nothing from the other side before it is declared
+    /// dead and closed. ICE consent checks make a live peer answer at least every 3 s, so
+    /// silence means it crashed or the path is gone (str0m itself may sit in "checking" forever).
+    pub disconnect_timeout: Duration,
 }
 
 impl Default for SessionConfig {
@@ -54,6 +58,7 @@ impl Default for SessionConfig {
             chunk: transfer::DEFAULT_CHUNK,
             high_water: 64 * 1024,
             limits: transfer::Limits::default(),
+            disconnect_timeout: Duration::from_secs(10),
         }
     }
 }
@@ -158,6 +163,10 @@ pub struct Session {
     events: VecDeque<SessionOutput>,
     /// A close was asked for: it happens once queued control messages are acknowledged.
     closing: bool,
+    /// When the other side was last heard from.
+    last_heard: Instant,
+    /// `Closed` was reported.
+    closed: bool,
 }
 
 impl std::fmt::Debug for Session {
@@ -179,6 +188,8 @@ impl Session {
             preparing: HashMap::new(),
             events: VecDeque::new(),
             closing: false,
+            last_heard: now,
+            closed: false,
         }
     }
 
@@ -198,10 +209,14 @@ impl Session {
         dst: SocketAddr,
         data: &[u8],
     ) -> Result<(), PeerError> {
+        self.last_heard = self.last_heard.max(now);
         self.peer.handle_receive(now, src, dst, data)
     }
 
     pub fn handle_timeout(&mut self, now: Instant) -> Result<(), PeerError> {
+        if self.open && now >= self.last_heard + self.cfg.disconnect_timeout && self.peer.is_alive() {
+            self.abort();
+        }
         self.peer.handle_timeout(now)
     }
 
@@ -498,9 +513,11 @@ impl Session {
                     PeerEvent::Ctl(t) => self.on_ctl(t),
                     PeerEvent::Bulk(frame) => self.on_bulk(frame),
                     PeerEvent::Disconnected => return Ok(SessionOutput::Event(SessionEvent::Disconnected)),
+                    PeerEvent::Reconnected => {}
                     PeerEvent::Closed => {
-                        self.open = false;
-                        return Ok(SessionOutput::Event(SessionEvent::Closed));
+                        if let Some(e) = self.mark_closed() {
+                            return Ok(e);
+                        }
                     }
                 },
                 PeerOutput::Timeout(t) => {
@@ -515,6 +532,11 @@ impl Session {
                         continue;
                     }
                     if self.events.is_empty() {
+                        let t = if self.open && self.peer.is_alive() {
+                            t.min(self.last_heard + self.cfg.disconnect_timeout)
+                        } else {
+                            t
+                        };
                         return Ok(SessionOutput::Timeout(t));
                     }
                 }
@@ -566,5 +588,18 @@ impl Session {
     pub fn abort(&mut self) {
         self.closing = false;
         self.peer.close();
+        // str0m does not always report its own close; make sure the caller hears of it once.
+        if let Some(e) = self.mark_closed() {
+            self.events.push_back(e);
+        }
+    }
+
+    fn mark_closed(&mut self) -> Option<SessionOutput> {
+        if self.closed {
+            return None;
+        }
+        self.closed = true;
+        self.open = false;
+        Some(SessionOutput::Event(SessionEvent::Closed))
     }
 }

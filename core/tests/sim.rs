@@ -85,6 +85,8 @@ struct Drained {
     frames_written: usize,
     send_done: Option<Result<Vec<u32>, String>>,
     recv_done: Option<Result<Vec<u32>, String>>,
+    opened: usize,
+    closed: usize,
 }
 
 impl World {
@@ -149,6 +151,8 @@ impl World {
                     Direction::Send => out.send_done = Some(result),
                     Direction::Receive => out.recv_done = Some(result),
                 },
+                SessionOutput::Event(SessionEvent::Open) => out.opened += 1,
+                SessionOutput::Event(SessionEvent::Closed) => out.closed += 1,
                 SessionOutput::Event(_) => {}
             }
         }
@@ -246,4 +250,44 @@ proptest! {
         let link = LinkParams { loss: 0.05, dup: 0.02, delay_ms: 20, jitter_ms: 40 };
         scenario(seed, link, &[200_000, 70_000], Some(cut));
     }
+}
+
+/// Runs an idle connection for `secs` of virtual time; from `silence_at` (if given) on, every
+/// datagram is lost (the other side crashed or the path went away). Returns (opened, closed at).
+fn idle(silence_at: Option<u64>, secs: u64) -> (usize, Option<Duration>) {
+    let start = Instant::now();
+    let link = LinkParams { loss: 0.0, dup: 0.0, delay_ms: 10, jitter_ms: 5 };
+    let mut w = World { now: start, rng: Rng(7), link };
+    let mut conn = connect(w.now);
+    let mut disk = Disk::default();
+    let mut d = Drained::default();
+    while w.now < start + Duration::from_secs(secs) {
+        if silence_at.is_some_and(|s| w.now >= start + Duration::from_secs(s)) {
+            w.link.loss = 1.0;
+            conn.wire.clear();
+        }
+        w.drain(&mut conn, true, &[], &mut disk, &mut d);
+        w.drain(&mut conn, false, &[], &mut disk, &mut d);
+        if d.closed == 2 {
+            return (d.opened, Some(w.now - start));
+        }
+        w.step(&mut conn);
+    }
+    (d.opened, None)
+}
+
+#[test]
+fn an_idle_live_connection_stays_open() {
+    let (opened, closed) = idle(None, 120);
+    assert_eq!(opened, 2);
+    assert_eq!(closed, None, "keepalives must keep a quiet connection open");
+}
+
+#[test]
+fn a_vanished_peer_is_noticed_within_the_disconnect_timeout() {
+    let (opened, closed) = idle(Some(5), 120);
+    assert_eq!(opened, 2);
+    let t = closed.expect("both sides closed");
+    let limit = Duration::from_secs(5) + SessionConfig::default().disconnect_timeout + Duration::from_secs(1);
+    assert!(t <= limit, "closed after {t:?}");
 }

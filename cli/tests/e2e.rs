@@ -1,0 +1,311 @@
+//! Remote training and inference end to end, with real processes on 127.0.0.1: the signaling
+//! server, a `sleap-rtc worker` driving the fake sleap-nn over real ZMQ, and `sleap-rtc train` /
+//! `track` / `job attach` clients over real WebRTC.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use serde_json::Value;
+
+fn hash(p: &std::path::Path) -> String {
+    // Length and head are enough to tell files apart here; full equality is checked below.
+    assert!(p.is_file(), "{}", p.display());
+    std::fs::read(p).map(|b| b.len().to_string() + &format!("{:?}", &b[..b.len().min(64)])).unwrap()
+}
+
+fn journal(env: &Env, work_dir: &str, job: &str) -> Value {
+    let p = env.path(work_dir).join("jobs").join(job).join("job.json");
+    serde_json::from_slice(&std::fs::read(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn train_then_track_success() {
+    let env = env().await;
+    let _w = env.worker("w", &[], "").await;
+    let cfg = env.config("cfg.yaml", "");
+    let (code, events, err) = Client::spawn(&env, &env.train_args(&cfg, "out")).finish(60).await;
+    assert_eq!(code, 0, "{err}\n{events:#?}");
+    let d = done(&events);
+    assert_eq!(d["state"], "completed");
+    let job = event(&events, "accepted").unwrap()["job_id"].as_str().unwrap().to_owned();
+    assert!(events.iter().any(is_epoch_end), "epoch progress relayed");
+    assert!(events.iter().any(|e| e["progress"]["event"] == "train_end"));
+    // The run directory came back byte for byte.
+    let run = env.path("out/single_instance");
+    let worker_run = env.path("w/jobs").join(&job).join("runs/single_instance");
+    for f in ["best.ckpt", "last.ckpt", "training_config.yaml", "training_log.csv"] {
+        assert_eq!(hash(&run.join(f)), hash(&worker_run.join(f)), "{f}");
+    }
+    assert_eq!(journal(&env, "w", &job)["status"]["state"], "completed");
+
+    // Inference with the model that came back.
+    let preds = env.path("preds/p.slp");
+    let args: Vec<String> = [
+        "track",
+        "--model",
+        run.to_str().unwrap(),
+        "--data",
+        asset("labels.pkg.slp").to_str().unwrap(),
+        "-o",
+        preds.to_str().unwrap(),
+        "--bind",
+        "127.0.0.1",
+        "--json",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let (code, events, err) = Client::spawn(&env, &args).finish(60).await;
+    assert_eq!(code, 0, "{err}\n{events:#?}");
+    assert!(events.iter().any(|e| e["progress"]["event"] == "inference" && e["progress"]["n_total"] == 16));
+    let bytes = std::fs::read(&preds).unwrap();
+    assert!(bytes.starts_with(b"FAKE-SLP-PREDICTIONS"), "predictions written at -o");
+    let up = event(&events, "uploaded").unwrap();
+    assert!(up["resumed_bytes"].as_u64().unwrap() > 0, "the labels were already on the worker: {up}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn trainer_failure_is_reported_with_its_output() {
+    let env = env().await;
+    let _w = env.worker("w", &[], "").await;
+    let cfg = env.config("cfg.yaml", "mode=fail fail_after_epochs=1");
+    let (code, events, _) = Client::spawn(&env, &env.train_args(&cfg, "out")).finish(60).await;
+    assert_eq!(code, 1);
+    let d = done(&events);
+    assert_eq!(d["state"], "failed");
+    let msg = d["message"].as_str().unwrap();
+    assert!(msg.contains("exited with code 1") && msg.contains("Error"), "{msg}");
+    assert!(d["results"].as_array().unwrap().is_empty());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rc0_without_train_end_or_checkpoint_is_not_success() {
+    let env = env().await;
+    let _w = env.worker("w", &[], "").await;
+    for (mode, why) in [("no_train_end", "never reported"), ("no_ckpt", "no best.ckpt")] {
+        let cfg = env.config(&format!("{mode}.yaml"), &format!("mode={mode}"));
+        let (code, events, _) = Client::spawn(&env, &env.train_args(&cfg, mode)).finish(60).await;
+        assert_eq!(code, 1, "{mode}");
+        let d = done(&events);
+        assert_eq!(d["state"], "failed");
+        assert!(d["message"].as_str().unwrap().contains(why), "{mode}: {d}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_once_stops_early_and_returns_the_model() {
+    let env = env().await;
+    let _w = env.worker("w", &[], "").await;
+    let cfg = env.config("cfg.yaml", "batch_ms=150 steps=4");
+    let mut args = env.train_args(&cfg, "out");
+    args.extend(["--max-epochs".into(), "50".into()]);
+    let mut c = Client::spawn(&env, &args);
+    c.until(60, is_epoch_end).await;
+    c.signal(SIGINT);
+    let (code, events, err) = c.finish(60).await;
+    assert_eq!(code, 0, "{err}");
+    let d = done(&events);
+    assert_eq!(d["state"], "stopped_early");
+    let epochs = events.iter().filter(|e| is_epoch_end(e)).count();
+    assert!(epochs < 10, "stopped long before 50 epochs ({epochs})");
+    assert!(env.path("out/single_instance/best.ckpt").is_file());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ctrl_c_twice_cancels_and_kills_the_trainer() {
+    let env = env().await;
+    let _w = env.worker("w", &[], "").await;
+    let cfg = env.config("cfg.yaml", "batch_ms=300 steps=10");
+    let mut args = env.train_args(&cfg, "out");
+    args.extend(["--max-epochs".into(), "50".into()]);
+    let mut c = Client::spawn(&env, &args);
+    let job = c.until(60, |e| e["event"] == "accepted").await["job_id"].as_str().unwrap().to_owned();
+    c.until(60, |e| e["progress"]["event"] == "batch").await;
+    c.signal(SIGINT);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    c.signal(SIGINT);
+    let (code, events, err) = c.finish(60).await;
+    assert_eq!(code, 130, "{err}");
+    assert_eq!(done(&events)["state"], "cancelled");
+    let j = journal(&env, "w", &job);
+    assert_eq!(j["status"]["state"], "cancelled");
+    // The trainer's process group is gone.
+    let pid = j["trainer_pid"].as_u64();
+    if let Some(pid) = pid {
+        let alive = std::fs::read_to_string(format!("/proc/{pid}/cmdline")).map(|c| c.contains(&job)).unwrap_or(false);
+        assert!(!alive, "trainer still running");
+    }
+    assert!(!env.path("out/single_instance").exists(), "a cancelled job returns nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_busy_worker_rejects_a_second_job_and_reports_busy() {
+    let env = env().await;
+    let _w = env.worker("w", &[], "").await;
+    let wid = env.worker_id(&env.path("w"));
+    let slow = env.config("slow.yaml", "batch_ms=200 steps=5");
+    let mut first = Client::spawn(&env, &env.train_args(&slow, "out1"));
+    first.until(60, |e| e["event"] == "state" && e["state"] == "running").await;
+    // The room sees it busy.
+    let mut status = None;
+    for _ in 0..40 {
+        status = env.worker_status(&wid).await;
+        if status.as_deref() == Some("busy") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(status.as_deref(), Some("busy"));
+    let quick = env.config("quick.yaml", "");
+    let mut args = env.train_args(&quick, "out2");
+    args.extend(["--worker".into(), wid.clone()]);
+    let (code, events, _) = Client::spawn(&env, &args).finish(30).await;
+    assert_eq!(code, 2);
+    let r = event(&events, "rejected").expect("rejected");
+    assert_eq!(r["errors"][0]["code"], "BUSY");
+    assert!(r["errors"][0]["message"].as_str().unwrap().contains("busy"));
+    // Auto-selection says so without connecting.
+    let (code, _, err) = Client::spawn(&env, &env.train_args(&quick, "out3")).finish(30).await;
+    assert_eq!(code, 1);
+    assert!(err.contains("busy"), "{err}");
+    first.signal(SIGKILL);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_disconnect_then_attach_follows_and_fetches_results() {
+    let env = env().await;
+    let _w = env.worker("w", &[], "").await;
+    let cfg = env.config("cfg.yaml", "batch_ms=100 steps=5");
+    let mut args = env.train_args(&cfg, "out");
+    args.extend(["--max-epochs".into(), "4".into()]);
+    let mut c = Client::spawn(&env, &args);
+    let job = c.until(60, |e| e["event"] == "accepted").await["job_id"].as_str().unwrap().to_owned();
+    c.until(60, is_epoch_end).await;
+    c.signal(SIGKILL);
+    let _ = c.finish(10).await;
+    // The job goes on without the client.
+    let attach: Vec<String> =
+        ["job", "attach", &job, "--bind", "127.0.0.1", "--json"].iter().map(|s| s.to_string()).collect();
+    let (code, events, err) = Client::spawn(&env, &attach).finish(60).await;
+    assert_eq!(code, 0, "{err}\n{events:#?}");
+    assert!(event(&events, "status").is_some());
+    assert_eq!(done(&events)["state"], "completed");
+    assert!(env.path("out/single_instance/best.ckpt").is_file(), "results fetched into the recorded output");
+    // Attaching again to a finished job fetches again.
+    std::fs::remove_dir_all(env.path("out/single_instance")).unwrap();
+    let (code, _, err) = Client::spawn(&env, &attach).finish(60).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(env.path("out/single_instance/best.ckpt").is_file());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn worker_restart_keeps_finished_results_and_fails_interrupted_jobs() {
+    let env = env().await;
+    let mut w = env.worker("w", &[], "").await;
+    let wid = env.worker_id(&env.path("w"));
+    let cfg = env.config("cfg.yaml", "");
+    let (code, events, _) = Client::spawn(&env, &env.train_args(&cfg, "done")).finish(60).await;
+    assert_eq!(code, 0);
+    let finished = event(&events, "accepted").unwrap()["job_id"].as_str().unwrap().to_owned();
+    let slow = env.config("slow.yaml", "batch_ms=300 steps=10");
+    let mut c = Client::spawn(&env, &env.train_args(&slow, "running"));
+    let running = c.until(60, |e| e["event"] == "accepted").await["job_id"].as_str().unwrap().to_owned();
+    c.until(60, |e| e["progress"]["event"] == "batch").await;
+    w.start_kill().unwrap();
+    let _ = w.wait().await;
+    let (code, _, _) = c.finish(60).await;
+    assert_eq!(code, 3, "the client is told the connection was lost");
+    env.wait_gone(&wid).await;
+    let _w2 = env.worker("w", &[], "").await;
+    assert_eq!(env.worker_id(&env.path("w")), wid, "same peer id after a restart");
+    let j = journal(&env, "w", &running);
+    assert_eq!(j["status"]["state"], "failed");
+    assert!(j["status"]["message"].as_str().unwrap().contains("restarted"));
+    // The orphaned trainer was ended.
+    if let Some(pid) = j["trainer_pid"].as_u64() {
+        tokio::time::sleep(Duration::from_millis(300)).await;
+        let alive =
+            std::fs::read_to_string(format!("/proc/{pid}/cmdline")).map(|c| c.contains(&running)).unwrap_or(false);
+        assert!(!alive, "orphaned trainer still running");
+    }
+    let attach = |job: &str| -> Vec<String> {
+        ["job", "attach", job, "--bind", "127.0.0.1", "--json"].iter().map(|s| s.to_string()).collect()
+    };
+    let (code, events, _) = Client::spawn(&env, &attach(&running)).finish(60).await;
+    assert_eq!(code, 1);
+    assert_eq!(done(&events)["state"], "failed");
+    std::fs::remove_dir_all(env.path("done")).unwrap();
+    let (code, _, err) = Client::spawn(&env, &attach(&finished)).finish(60).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(env.path("done/single_instance/best.ckpt").is_file());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_specs_are_rejected_with_field_errors() {
+    let env = env().await;
+    let _w = env.worker("w", &[], "").await;
+    let cfg = env.config("cfg.yaml", "");
+    // Caught locally: nothing is uploaded.
+    let plain = env.path("labels.slp");
+    std::fs::write(&plain, b"not a package").unwrap();
+    let mut args = env.train_args(&cfg, "out");
+    args[4] = plain.display().to_string();
+    let (code, _, err) = Client::spawn(&env, &args).finish(30).await;
+    assert_eq!(code, 2);
+    assert!(err.contains(".pkg.slp"), "{err}");
+    let mut args = env.train_args(&cfg, "out");
+    args.extend(["--max-epochs".into(), "0".into()]);
+    let (code, _, err) = Client::spawn(&env, &args).finish(30).await;
+    assert_eq!(code, 2);
+    assert!(err.contains("max_epochs"), "{err}");
+    // Caught by the worker: a worker path outside its mounts (it has none).
+    let mut args = env.train_args(&cfg, "out");
+    args[4] = "worker:/etc/passwd".into();
+    let (code, events, _) = Client::spawn(&env, &args).finish(30).await;
+    assert_eq!(code, 2);
+    let r = event(&events, "rejected").unwrap();
+    assert_eq!(r["errors"][0]["field"], "labels_path");
+    assert_eq!(r["errors"][0]["code"], "NOT_ALLOWED");
+    // A config that is not a sleap-nn config.
+    let bad = env.path("bad.yaml");
+    std::fs::write(&bad, "just: [a, list\n").unwrap();
+    let mut args = env.train_args(&bad, "out");
+    args[2] = bad.display().to_string();
+    let (code, _, err) = Client::spawn(&env, &args).finish(30).await;
+    assert_eq!(code, 2);
+    assert!(err.contains("Failed to parse"), "{err}");
+    assert!(std::fs::read_dir(env.path("w/jobs")).unwrap().next().is_none(), "the worker ran nothing");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn track_failure_carries_sleap_nn_error_line() {
+    let env = env().await;
+    let _w = env.worker("w", &[], "mode=fail").await;
+    let model = env.path("model");
+    std::fs::create_dir_all(&model).unwrap();
+    std::fs::write(model.join("best.ckpt"), b"x").unwrap();
+    std::fs::write(model.join("training_config.yaml"), b"x: 1").unwrap();
+    let args: Vec<String> = [
+        "track",
+        "-m",
+        model.to_str().unwrap(),
+        "-d",
+        asset("labels.pkg.slp").to_str().unwrap(),
+        "-o",
+        env.path("p.slp").to_str().unwrap(),
+        "--bind",
+        "127.0.0.1",
+        "--json",
+    ]
+    .iter()
+    .map(|s| s.to_string())
+    .collect();
+    let (code, events, _) = Client::spawn(&env, &args).finish(60).await;
+    assert_eq!(code, 1);
+    let d = done(&events);
+    assert_eq!(d["state"], "failed");
+    assert!(d["message"].as_str().unwrap().starts_with("RuntimeError"), "{d}");
+    assert!(!env.path("p.slp").exists());
+}
