@@ -1,37 +1,29 @@
 #!/usr/bin/env bash
-# Local quickstart: builds and starts a signaling server on 127.0.0.1, signs in, creates a room
-# and a worker token, and shows how peers connect. Ctrl-C stops the server.
+# Local quickstart, for real: builds sleap-rtc, makes sure the real sleap-nn trainer is available
+# (if none is found, it is installed into a venv: a LARGE download, torch and CUDA libraries,
+# about 7 GB on disk and ~5 minutes), then runs `sleap-rtc quickstart`: an embedded signaling
+# server and a worker on this machine, training on a tiny bundled dataset and inference with the
+# trained model, all over WebRTC on loopback.
+#
+# SLEAP_NN=/path/to/sleap-nn skips the search and the install. Extra arguments go to
+# `sleap-rtc quickstart` (see `--help`).
 set -euo pipefail
 cd "$(dirname "$0")/.."
-PORT="${PORT:-8080}"
-DATA="${SLEAP_RTC_DATA_DIR:-$HOME/.local/share/sleap-rtc/quickstart}"
-echo "==> building sleap-rtc-server (release; the first build takes a few minutes)"
-cargo build --release --locked -p sleap-rtc-server
-mkdir -p "$DATA"
-./target/release/sleap-rtc-server --listen "127.0.0.1:$PORT" --data-dir "$DATA" &
-SERVER=$!
-trap 'kill -TERM $SERVER 2>/dev/null; wait $SERVER 2>/dev/null' EXIT
-for _ in $(seq 50); do curl -fsS "http://127.0.0.1:$PORT/health" >/dev/null 2>&1 && break; sleep 0.1; done
-curl -fsS "http://127.0.0.1:$PORT/health"; echo
-BASE="http://127.0.0.1:$PORT"
-JWT=$(curl -fsS -X POST "$BASE/anonymous-signin" | python3 -c 'import json,sys; print(json.load(sys.stdin)["jwt"])')
-ROOM=$(curl -fsS -X POST "$BASE/api/auth/rooms" -H "Authorization: Bearer $JWT" -H 'Content-Type: application/json' \
-  -d '{"name":"quickstart"}')
-ROOM_ID=$(echo "$ROOM" | python3 -c 'import json,sys; print(json.load(sys.stdin)["room_id"])')
-TOKEN=$(curl -fsS -X POST "$BASE/api/auth/token" -H "Authorization: Bearer $JWT" -H 'Content-Type: application/json' \
-  -d "{\"room_id\":\"$ROOM_ID\",\"worker_name\":\"local\"}" | python3 -c 'import json,sys; print(json.load(sys.stdin)["token_id"])')
-cat <<MSG
-
-sleap-rtc signaling server running at $BASE (WebSocket: ws://127.0.0.1:$PORT/ws, data in $DATA)
-  room:          $ROOM_ID
-  user JWT:      $JWT
-  worker token:  $TOKEN   (shown once; stored hashed)
-
-A worker registers with:  {"type":"register","role":"worker","api_key":"$TOKEN"}
-A client registers with:  {"type":"register","role":"client","jwt":"<JWT>","room_id":"$ROOM_ID"}
-Live workers:             curl -H "Authorization: Bearer \$JWT" $BASE/api/rooms/$ROOM_ID/workers
-Metrics:                  curl $BASE/metrics
-
-Press Ctrl-C to stop the server.
-MSG
-wait $SERVER
+echo "==> building sleap-rtc (release; the first build takes a few minutes)"
+cargo build --release --locked -p sleap-rtc
+if [ -z "${SLEAP_NN:-}" ]; then
+  if command -v sleap-nn >/dev/null 2>&1; then
+    SLEAP_NN=$(command -v sleap-nn)
+  else
+    VENV="${SLEAP_NN_VENV:-$HOME/.cache/sleap-rtc/sleap-nn-venv}"
+    if [ ! -x "$VENV/bin/sleap-nn" ]; then
+      echo "==> sleap-nn not found: installing sleap-nn==0.3.5 into $VENV"
+      echo "    this is a large download (torch + CUDA libraries, ~7 GB on disk, ~5 minutes)"
+      python3 -m venv "$VENV"
+      "$VENV/bin/pip" install --quiet --disable-pip-version-check sleap-nn==0.3.5
+    fi
+    SLEAP_NN="$VENV/bin/sleap-nn"
+  fi
+fi
+echo "==> using $SLEAP_NN"
+exec ./target/release/sleap-rtc quickstart --sleap-nn "$SLEAP_NN" "$@"
