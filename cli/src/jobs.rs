@@ -34,7 +34,7 @@ pub struct ServerUrl {
 
 impl ServerUrl {
     pub fn parse(s: &str) -> Result<ServerUrl> {
-        let s = s.trim().trim_end_matches('/');
+        let s = s.trim();
         let (scheme, rest) = s.split_once("://").unwrap_or(("http", s));
         let (ws_scheme, http_scheme) = match scheme {
             "http" | "ws" => ("ws", "http"),
@@ -463,6 +463,7 @@ async fn follow(
     };
     // Upload.
     let mut upload_bar = None;
+    let upload_id = upload.as_ref().map(|t| t.id);
     let (mut up_progress, mut up_done) = match upload {
         Some(t) => {
             let total = t.progress.borrow().total_bytes;
@@ -479,7 +480,7 @@ async fn follow(
         tokio::select! {
             r = async { up_progress.as_mut().expect("guarded").changed().await }, if up_progress.is_some() => {
                 if r.is_err() { up_progress = None; continue; }
-                let p = up_progress.as_ref().map(|w| w.borrow().clone()).unwrap_or_default();
+                let p = up_progress.as_ref().map(|w| *w.borrow()).unwrap_or_default();
                 if let Some(b) = &upload_bar {
                     b.set_length(p.total_bytes);
                     b.set_position(p.acked_bytes);
@@ -513,6 +514,10 @@ async fn follow(
                     (1, JobKind::Track) | (2, _) => {
                         ui.say(train_bar.as_ref(), "cancelling the job (Ctrl-C again to quit without waiting)");
                         client.cancel(job_id)?;
+                        // An upload under way is pointless now; stop sending.
+                        if let Some(id) = upload_id.filter(|_| up_done.is_some()) {
+                            client.connection().cancel(id, "the job was cancelled");
+                        }
                     }
                     _ => {
                         ui.say(None, format!("quitting; the worker finishes the cancel. Check with: sleap-rtc job attach {job_id}"));
@@ -611,7 +616,7 @@ async fn finish(client: &JobClient, job_id: &str, status: &JobStatus, out: &Outp
         let watch_bar = bar.clone();
         let watcher = tokio::spawn(async move {
             while progress.changed().await.is_ok() {
-                let p = progress.borrow().clone();
+                let p = *progress.borrow();
                 watch_bar.set_length(p.total_bytes);
                 watch_bar.set_position(p.acked_bytes.max(p.sent_bytes));
             }

@@ -569,7 +569,7 @@ fn main() {
     let cli = Cli::parse();
     let default = match (&cli.cmd, cli.verbose) {
         (_, true) => "info,sleap_rtc=debug,sleap_rtc_tokio=debug",
-        (Cmd::Worker(_) | Cmd::Quickstart(_), false) => "info,str0m=warn,sctp_proto=warn",
+        (Cmd::Worker(_), false) => "info,str0m=warn,sctp_proto=warn",
         _ => "warn",
     };
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
@@ -583,6 +583,7 @@ fn main() {
         }
     };
     let verbose = cli.verbose;
+    sleap_rtc_tokio::init_tls();
     let code = rt.block_on(async move {
         match cli.cmd {
             Cmd::Login(a) => login(a).await,

@@ -309,3 +309,30 @@ async fn track_failure_carries_sleap_nn_error_line() {
     assert!(d["message"].as_str().unwrap().starts_with("RuntimeError"), "{d}");
     assert!(!env.path("p.slp").exists());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signaling_outage_touches_neither_the_job_nor_its_client() {
+    let mut env = env().await;
+    let _w = env.worker("w", &[], "").await;
+    let wid = env.worker_id(&env.path("w"));
+    let cfg = env.config("cfg.yaml", "batch_ms=100 steps=5");
+    let mut args = env.train_args(&cfg, "out");
+    args.extend(["--max-epochs".into(), "8".into()]);
+    let mut c = Client::spawn(&env, &args);
+    c.until(60, is_epoch_end).await;
+    env.restart_server(Duration::from_millis(1500)).await;
+    let (code, events, err) = c.finish(60).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(done(&events)["state"], "completed");
+    assert_eq!(events.iter().filter(|e| is_epoch_end(e)).count(), 8, "every epoch relayed across the outage");
+    // The worker registers again on its own (backoff 1 s, 2 s, ...).
+    let mut back = false;
+    for _ in 0..200 {
+        if env.worker_ids().await.contains(&wid) {
+            back = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(back, "worker re-registered after the outage");
+}

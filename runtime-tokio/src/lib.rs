@@ -15,3 +15,9 @@ pub mod worker;
 
 pub use conn::{ConnError, PeerConnection, PeerOptions, Received, Sent, Transfer, accept, connect};
 pub use signaling::{Registered, SignalingClient, SignalingError};
+
+/// Selects the TLS crypto provider (aws-lc-rs) for `wss://` and `https://` servers. Idempotent;
+/// called before any connection is made.
+pub fn init_tls() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}

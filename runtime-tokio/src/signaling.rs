@@ -63,6 +63,7 @@ impl SignalingClient {
     pub async fn connect(url: &str, register: Register) -> Result<SignalingClient, SignalingError> {
         // A peer connection will follow; make its DTLS certificate while we register.
         crate::conn::prepare_certificate();
+        crate::init_tls();
         let (ws, _) = async_tungstenite::tokio::connect_async(url)
             .await
             .map_err(|source| SignalingError::Connect { url: url.to_owned(), source })?;

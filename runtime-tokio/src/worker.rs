@@ -501,6 +501,7 @@ impl Worker {
             return Err("unknown signing key".into());
         }
         let url = format!("{}/.well-known/jwks.json", self.http_base);
+        crate::init_tls();
         let set: jsonwebtoken::jwk::JwkSet = reqwest::get(&url)
             .await
             .map_err(|e| format!("cannot fetch {url}: {e}"))?
@@ -843,6 +844,9 @@ impl Worker {
                     (JobState::Failed, format!("upload failed: {e}"), vec![])
                 }
             }
+            Ok(()) if job.entry.lock().map(|e| e.job.cancel_requested).unwrap_or(false) => {
+                (JobState::Cancelled, "cancelled by the user before it started".to_owned(), vec![])
+            }
             Ok(()) => {
                 job.set_state(JobState::Running, None);
                 let _ = self.status.send((Status::Busy, Some(job_id.clone())));
@@ -929,7 +933,33 @@ impl Worker {
         let (tx, mut rx) = mpsc::unbounded_channel::<TrainerEvent>();
         let job = job.clone();
         let task = tokio::spawn(async move {
+            // Output lines are relayed at most LOG_BURST per second; a trainer that prints more
+            // (a runaway loop) must not flood the client. The full output is in trainer.log.
+            const LOG_BURST: u32 = 200;
+            let mut window = tokio::time::Instant::now();
+            let (mut sent, mut dropped) = (0u32, 0u64);
             while let Some(ev) = rx.recv().await {
+                if window.elapsed() >= Duration::from_secs(1) {
+                    if dropped > 0 {
+                        job.emit(&JobMsg::JobLog {
+                            job_id: job.id.clone(),
+                            stream: Stream::Stderr,
+                            text: format!(
+                                "[{dropped} lines of output not relayed; the worker keeps them in trainer.log]"
+                            ),
+                            cr: false,
+                        });
+                    }
+                    window = tokio::time::Instant::now();
+                    (sent, dropped) = (0, 0);
+                }
+                if let TrainerEvent::Log(_) = &ev {
+                    if sent >= LOG_BURST {
+                        dropped += 1;
+                        continue;
+                    }
+                    sent += 1;
+                }
                 match ev {
                     TrainerEvent::Spawned(pid) => {
                         if let Ok(mut e) = job.entry.lock() {

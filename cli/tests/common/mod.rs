@@ -31,7 +31,7 @@ pub fn asset(name: &str) -> PathBuf {
 }
 
 pub struct Env {
-    pub server: sleap_rtc_server::Server,
+    pub server: Option<sleap_rtc_server::Server>,
     pub dir: tempfile::TempDir,
     pub url: String,
     pub jwt: String,
@@ -66,10 +66,23 @@ pub async fn env() -> Env {
     std::fs::write(&fake, format!("#!/bin/sh\nexec '{}' '{}' \"$@\"\n", python(), fixture().display())).unwrap();
     use std::os::unix::fs::PermissionsExt;
     std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).unwrap();
-    Env { server, dir, url, jwt, room, token, fake }
+    Env { server: Some(server), dir, url, jwt, room, token, fake }
 }
 
 impl Env {
+    /// Stops the signaling server, waits `down`, and starts it again on the same address with the
+    /// same data (users, rooms, tokens, signing key).
+    pub async fn restart_server(&mut self, down: Duration) {
+        let old = self.server.take().expect("server running");
+        let addr = old.local_addrs()[0];
+        old.shutdown().await;
+        tokio::time::sleep(down).await;
+        let mut cfg = sleap_rtc_server::Config::local(self.dir.path().join("server"));
+        cfg.auth_rate_per_min = 1e6;
+        cfg.listen = vec![addr];
+        self.server = Some(sleap_rtc_server::Server::start(cfg).await.unwrap());
+    }
+
     pub fn path(&self, p: &str) -> PathBuf {
         self.dir.path().join(p)
     }
