@@ -8,6 +8,7 @@
 //! - [`signal`]: the JSON signaling messages (upstream-compatible) and their decoder.
 //! - [`room`]: the signaling server's room/peer state machine.
 //! - [`transfer`]: the framed, resumable, verified file-transfer protocol.
+//! - [`registry`]: the room model registry: manifest, operations, optimistic-concurrency loop.
 //! - [`job`]: job specs and validation, the job state machine, the client↔worker control
 //!   messages, peer authentication, and the pure half of driving sleap-nn.
 //! - `peer`, `session`, `stun` (feature `webrtc`, on by default): the str0m data-channel peer,
@@ -17,6 +18,7 @@
 pub mod job;
 #[cfg(feature = "webrtc")]
 pub mod peer;
+pub mod registry;
 pub mod room;
 #[cfg(feature = "webrtc")]
 pub mod session;
