@@ -644,7 +644,7 @@ async fn finish(client: &JobClient, job_id: &str, status: &JobStatus, out: &Outp
         Output::File(_) => files.clone(),
     };
     ui.event(json!({"event": "done", "job_id": job_id, "state": status.state, "message": message,
-        "duration_secs": status.duration_secs, "results": tops}));
+        "duration_secs": status.duration_secs, "results": tops, "published": status.published}));
     if !ui.json {
         let secs = status.duration_secs.map(|d| format!(" in {d:.1} s")).unwrap_or_default();
         eprintln!("job {job_id} {}{secs}: {message}", status.state);

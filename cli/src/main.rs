@@ -2,6 +2,7 @@
 
 mod creds;
 mod jobs;
+mod models;
 mod quickstart;
 
 use std::net::IpAddr;
@@ -61,6 +62,9 @@ enum Cmd {
     /// Jobs submitted from this machine.
     #[command(subcommand)]
     Job(JobCmd),
+    /// The room's model registry: publish, list, alias, tag, pull.
+    #[command(subcommand)]
+    Models(models::ModelsCmd),
     /// Start a local server and worker, then train and run inference on a bundled tiny dataset
     /// with the real sleap-nn.
     Quickstart(quickstart::QuickstartArgs),
@@ -179,6 +183,9 @@ struct WorkerArgs {
     /// Upload cache size (repeated datasets are not transferred again).
     #[arg(long, default_value_t = 20, value_name = "GB")]
     upload_cache_gb: u64,
+    /// Publish every trained model to the room's registry in this directory.
+    #[arg(long, env = "SLEAP_RTC_REGISTRY", value_name = "PATH")]
+    registry: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -433,6 +440,12 @@ fn worker_config(a: &WorkerArgs) -> Result<WorkerConfig> {
     cfg.supervision.cancel_grace = secs(a.cancel_grace, "--cancel-grace")?;
     cfg.supervision.stop_sigint_after = secs(a.stop_timeout, "--stop-timeout")?;
     cfg.upload_cache_bytes = a.upload_cache_gb.saturating_mul(1 << 30);
+    if let Some(r) = &a.registry {
+        if r.to_string_lossy().starts_with("s3://") {
+            bail!("--registry: S3 registries are not supported by this build yet; use a directory");
+        }
+        cfg.registry = Some(r.clone());
+    }
     Ok(cfg)
 }
 
@@ -593,6 +606,7 @@ fn main() {
             Cmd::Train(a) => train(a, verbose).await,
             Cmd::Track(a) => track(a, verbose).await,
             Cmd::Job(c) => job(c, verbose).await,
+            Cmd::Models(c) => models::run(c).await,
             Cmd::Quickstart(a) => quickstart::run(a, verbose).await,
         }
     });

@@ -862,6 +862,9 @@ pub struct JobStatus {
     pub results: Vec<String>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub duration_secs: Option<f64>,
+    /// Model ids this job published to the room's registry.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub published: Vec<String>,
 }
 
 /// Everything said on the `ctl` channel between a client and a worker, as JSON objects with a

@@ -9,6 +9,7 @@
 pub mod client;
 pub mod conn;
 pub mod files;
+pub mod registry;
 pub mod signaling;
 pub mod trainer;
 pub mod worker;

@@ -55,6 +55,8 @@ pub struct WorkerConfig {
     pub upload_cache_bytes: u64,
     /// First reconnect delay (doubles up to 5 minutes).
     pub backoff_start: Duration,
+    /// A model registry directory: successful trainings are published to the room's manifest.
+    pub registry: Option<PathBuf>,
 }
 
 impl WorkerConfig {
@@ -73,6 +75,7 @@ impl WorkerConfig {
             supervision: Supervision::default(),
             upload_cache_bytes: 20 << 30,
             backoff_start: Duration::from_secs(1),
+            registry: None,
         }
     }
 }
@@ -307,6 +310,8 @@ pub struct Worker {
     status: watch::Sender<(Status, Option<String>)>,
     jwks: tokio::sync::Mutex<(Option<jsonwebtoken::jwk::JwkSet>, Option<tokio::time::Instant>)>,
     http_base: String,
+    /// The room we are registered in (for publishing models).
+    room: Mutex<Option<String>>,
 }
 
 /// What the worker knows about its signaling registration, for checking tickets.
@@ -363,6 +368,7 @@ impl Worker {
             status: watch::channel((Status::Available, None)).0,
             jwks: tokio::sync::Mutex::new((None, None)),
             http_base,
+            room: Mutex::new(None),
         }))
     }
 
@@ -453,6 +459,9 @@ impl Worker {
 
     async fn serve_signaling(self: &Arc<Self>, sig: Arc<SignalingClient>) {
         let ctx = PeerCtx { room: sig.registered().room_id.clone(), me: sig.peer_id().to_owned() };
+        if let Ok(mut r) = self.room.lock() {
+            *r = Some(ctx.room.clone());
+        }
         // Keep the room's view of our status current.
         let status_task = {
             let (me, sig) = (self.clone(), sig.clone());
@@ -813,6 +822,7 @@ impl Worker {
                     message: None,
                     results: vec![],
                     duration_secs: None,
+                    published: vec![],
                 },
                 created_at: now,
                 updated_at: now,
@@ -1090,6 +1100,7 @@ impl Worker {
             }
             if state.has_results() {
                 results.push(format!("runs/{run_name}"));
+                message = self.publish(job, &run_dir, message).await;
             }
             outcome = (state, message);
             if state != JobState::Completed {
@@ -1097,6 +1108,41 @@ impl Worker {
             }
         }
         (outcome.0, outcome.1, results)
+    }
+
+    /// Publishes a finished run to the room's registry, if one is configured. A failure to
+    /// publish does not fail the job (the model still goes back to the client); it is reported.
+    async fn publish(&self, job: &Arc<ActiveJob>, run_dir: &Path, message: String) -> String {
+        let Some(root) = &self.cfg.registry else { return message };
+        let Some(room) = self.room.lock().ok().and_then(|r| r.clone()) else { return message };
+        let last = job.entry.lock().ok().and_then(|e| e.status.last_epoch.clone());
+        let (epochs, final_loss) = match last {
+            Some(Progress::EpochEnd { epoch, loss, val_loss }) => (Some(epoch + 1), val_loss.or(loss)),
+            _ => (None, None),
+        };
+        let info = crate::registry::PublishInfo {
+            trained_by: job.owner.clone(),
+            trained_on_worker: self.peer_id.clone(),
+            dataset_hash: crate::registry::dataset_hash(run_dir),
+            epochs,
+            final_loss,
+            training_duration_sec: Some(job.started.elapsed().as_secs_f64()),
+            ..Default::default()
+        };
+        let store = crate::registry::LocalStore::new(root);
+        match crate::registry::publish(&store, &room, run_dir, info).await {
+            Ok(e) => {
+                tracing::info!(job = %job.id, model = %e.id, "model published to the room registry");
+                if let Ok(mut en) = job.entry.lock() {
+                    en.status.published.push(e.id.clone());
+                }
+                format!("{message}; published to the room registry as model {}", e.id)
+            }
+            Err(err) => {
+                tracing::warn!(job = %job.id, error = %err, "publishing the model failed");
+                format!("{message}; publishing to the registry failed: {err}")
+            }
+        }
     }
 
     async fn run_tracking(&self, job: &Arc<ActiveJob>, spec: &JobSpec) -> (JobState, String, Vec<String>) {
