@@ -183,9 +183,9 @@ struct WorkerArgs {
     /// Upload cache size (repeated datasets are not transferred again).
     #[arg(long, default_value_t = 20, value_name = "GB")]
     upload_cache_gb: u64,
-    /// Publish every trained model to the room's registry in this directory.
-    #[arg(long, env = "SLEAP_RTC_REGISTRY", value_name = "PATH")]
-    registry: Option<PathBuf>,
+    /// Publish every trained model to the room's registry: s3://bucket/prefix or a directory.
+    #[arg(long, env = "SLEAP_RTC_REGISTRY", value_name = "URL|PATH")]
+    registry: Option<String>,
 }
 
 #[derive(Args)]
@@ -440,12 +440,7 @@ fn worker_config(a: &WorkerArgs) -> Result<WorkerConfig> {
     cfg.supervision.cancel_grace = secs(a.cancel_grace, "--cancel-grace")?;
     cfg.supervision.stop_sigint_after = secs(a.stop_timeout, "--stop-timeout")?;
     cfg.upload_cache_bytes = a.upload_cache_gb.saturating_mul(1 << 30);
-    if let Some(r) = &a.registry {
-        if r.to_string_lossy().starts_with("s3://") {
-            bail!("--registry: S3 registries are not supported by this build yet; use a directory");
-        }
-        cfg.registry = Some(r.clone());
-    }
+    cfg.registry = a.registry.clone().filter(|r| !r.is_empty());
     Ok(cfg)
 }
 

@@ -2,15 +2,15 @@
 
 use std::path::PathBuf;
 
-use anyhow::{Context, Result, bail};
+use anyhow::{Context, Result};
 use clap::{Args, Subcommand};
 use sleap_rtc_core::registry::{ModelEntry, Op};
-use sleap_rtc_tokio::registry::{self as reg, LocalStore, PublishInfo};
+use sleap_rtc_tokio::registry::{self as reg, AnyStore, PublishInfo};
 
 #[derive(Args, Clone)]
 pub struct RegistryArgs {
-    /// The registry: a directory (shared by everyone who should see the models). S3
-    /// (`s3://bucket/prefix`) is not built yet.
+    /// The registry: `s3://bucket/prefix` (AWS settings from the standard environment:
+    /// AWS_ENDPOINT_URL, AWS_REGION, credentials) or a directory shared by the room's members.
     #[arg(long, env = "SLEAP_RTC_REGISTRY", value_name = "PATH")]
     pub registry: String,
     /// Room whose registry to use.
@@ -80,11 +80,8 @@ pub enum ModelsCmd {
     },
 }
 
-fn store(r: &RegistryArgs) -> Result<LocalStore> {
-    if r.registry.starts_with("s3://") {
-        bail!("S3 registries are not supported by this build yet; use a directory (--registry PATH)");
-    }
-    Ok(LocalStore::new(&r.registry))
+async fn store(r: &RegistryArgs) -> Result<AnyStore> {
+    Ok(AnyStore::open(&r.registry).await?)
 }
 
 fn print_entry(e: &ModelEntry, aliases: &[&String]) {
@@ -108,7 +105,7 @@ fn print_entry(e: &ModelEntry, aliases: &[&String]) {
 pub async fn run(cmd: ModelsCmd) -> Result<i32> {
     match cmd {
         ModelsCmd::Push { r, run_dir, alias, tags } => {
-            let s = store(&r)?;
+            let s = store(&r).await?;
             let info = PublishInfo {
                 trained_by: std::env::var("USER").unwrap_or_default(),
                 dataset_hash: reg::dataset_hash(&run_dir),
@@ -121,7 +118,7 @@ pub async fn run(cmd: ModelsCmd) -> Result<i32> {
             eprintln!("published {} ({} bytes) to room {}", e.id, e.size_bytes, r.room);
         }
         ModelsCmd::List { r, json } => {
-            let m = reg::manifest(&store(&r)?, &r.room).await?;
+            let m = reg::manifest(&store(&r).await?, &r.room).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&m)?);
                 return Ok(0);
@@ -147,24 +144,24 @@ pub async fn run(cmd: ModelsCmd) -> Result<i32> {
             }
         }
         ModelsCmd::Show { r, model } => {
-            let m = reg::manifest(&store(&r)?, &r.room).await?;
+            let m = reg::manifest(&store(&r).await?, &r.room).await?;
             let e = m.resolve(&model)?;
             let aliases: Vec<&String> = m.aliases.iter().filter(|(_, v)| **v == e.id).map(|(k, _)| k).collect();
             print_entry(e, &aliases);
         }
         ModelsCmd::Alias { r, model, name, remove } => {
             let op = if remove { Op::RemoveAlias { alias: name } } else { Op::SetAlias { alias: name, id: model } };
-            reg::update(&store(&r)?, &r.room, vec![op]).await?;
+            reg::update(&store(&r).await?, &r.room, vec![op]).await?;
         }
         ModelsCmd::Tag { r, model, tag, remove } => {
             let op = if remove { Op::Untag { id: model, tag } } else { Op::Tag { id: model, tag } };
-            reg::update(&store(&r)?, &r.room, vec![op]).await?;
+            reg::update(&store(&r).await?, &r.room, vec![op]).await?;
         }
         ModelsCmd::Rm { r, model } => {
-            reg::update(&store(&r)?, &r.room, vec![Op::RemoveModel { id: model }]).await?;
+            reg::update(&store(&r).await?, &r.room, vec![Op::RemoveModel { id: model }]).await?;
         }
         ModelsCmd::Pull { r, model, outdir } => {
-            let (e, dir) = reg::pull(&store(&r)?, &r.room, &model, &outdir).await?;
+            let (e, dir) = reg::pull(&store(&r).await?, &r.room, &model, &outdir).await?;
             eprintln!("pulled {} ({} files, verified)", e.id, e.files.len());
             println!("{}", dir.display());
         }

@@ -1,13 +1,158 @@
-//! The room model registry on the local store: publish, alias, pull with verification, 16
-//! concurrent publishers in separate processes, corrupt manifests, and a worker publishing what it
-//! trained. (The S3 store is not built yet.)
+//! The room model registry on both stores, a directory and S3 (a real moto server on 127.0.0.1):
+//! publish, alias, pull with verification, 16 concurrent publishers in separate processes, corrupt
+//! manifests, and a worker publishing what it trained.
 
 mod common;
 
 use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
 
 use common::*;
 use serde_json::Value;
+
+/// A moto S3 server for one test, killed on drop.
+struct Moto {
+    child: std::process::Child,
+    url: String,
+}
+
+impl Drop for Moto {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+async fn moto() -> Moto {
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let mut child = std::process::Command::new(python())
+        .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("python with moto[server] (scripts/test.sh installs it)");
+    let url = format!("http://127.0.0.1:{port}");
+    for _ in 0..200 {
+        if reqwest::get(format!("{url}/moto-api/")).await.is_ok() {
+            return Moto { child, url };
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    panic!("moto did not start");
+}
+
+/// Where the registry lives for one test.
+enum Reg {
+    Dir(PathBuf),
+    S3 { moto: Moto, bucket: String },
+}
+
+impl Reg {
+    async fn new(env: &Env, s3: bool) -> Reg {
+        if !s3 {
+            return Reg::Dir(env.path("registry"));
+        }
+        let moto = moto().await;
+        let bucket = "sleap-rtc-models".to_owned();
+        boto(&moto, &format!("s3.create_bucket(Bucket='{bucket}')"), b"").await;
+        Reg::S3 { moto, bucket }
+    }
+
+    fn spec(&self) -> String {
+        match self {
+            Reg::Dir(p) => p.display().to_string(),
+            Reg::S3 { bucket, .. } => format!("s3://{bucket}/registry"),
+        }
+    }
+
+    /// A `sleap-rtc` command that can reach the store.
+    fn cmd(&self, env: &Env, args: &[&str]) -> tokio::process::Command {
+        let mut c = env.cmd(args);
+        if let Reg::S3 { moto, .. } = self {
+            c.env("AWS_ENDPOINT_URL", &moto.url)
+                .env("AWS_REGION", "us-east-1")
+                .env("AWS_ACCESS_KEY_ID", "test")
+                .env("AWS_SECRET_ACCESS_KEY", "test")
+                .env_remove("AWS_PROFILE");
+        }
+        c
+    }
+
+    async fn models(&self, env: &Env, args: &[&str]) -> (i32, String, String) {
+        let spec = self.spec();
+        let mut all = vec!["models"];
+        all.extend_from_slice(&args[..1]);
+        all.extend(["--registry", &spec]);
+        all.extend_from_slice(&args[1..]);
+        let out = self.cmd(env, &all).output().await.unwrap();
+        (
+            out.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    }
+
+    async fn manifest(&self, env: &Env) -> Value {
+        let (code, out, err) = self.models(env, &["list", "--json"]).await;
+        assert_eq!(code, 0, "{err}");
+        serde_json::from_str(&out).unwrap()
+    }
+
+    /// Raw bytes of the stored manifest.
+    async fn raw_manifest(&self, env: &Env) -> Vec<u8> {
+        match self {
+            Reg::Dir(p) => std::fs::read(p.join(&env.room).join("manifest.json")).unwrap(),
+            Reg::S3 { moto, bucket } => boto(moto, &format!(
+                "import sys; sys.stdout.buffer.write(s3.get_object(Bucket='{bucket}', Key='registry/{}/manifest.json')['Body'].read())",
+                env.room
+            ), b"")
+            .await,
+        }
+    }
+
+    async fn put_raw(&self, env: &Env, path: &str, bytes: &[u8]) {
+        match self {
+            Reg::Dir(p) => {
+                let f = p.join(&env.room).join(path);
+                std::fs::create_dir_all(f.parent().unwrap()).unwrap();
+                std::fs::write(f, bytes).unwrap();
+            }
+            Reg::S3 { moto, bucket } => {
+                let code = format!(
+                    "import sys; s3.put_object(Bucket='{bucket}', Key='registry/{}/{path}', Body=sys.stdin.buffer.read())",
+                    env.room
+                );
+                boto(moto, &code, bytes).await;
+            }
+        }
+    }
+}
+
+/// Runs `code` with a boto3 client `s3` for this moto (raw access behind the registry's back).
+async fn boto(moto: &Moto, code: &str, stdin: &[u8]) -> Vec<u8> {
+    use tokio::io::AsyncWriteExt;
+    let prelude = format!(
+        "import boto3; s3 = boto3.client('s3', endpoint_url='{}', region_name='us-east-1', \
+         aws_access_key_id='test', aws_secret_access_key='test')\n",
+        moto.url
+    );
+    let mut c = tokio::process::Command::new(python())
+        .args(["-c", &format!("{prelude}{code}")])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut i = c.stdin.take().unwrap();
+    i.write_all(stdin).await.unwrap();
+    drop(i);
+    let out = c.wait_with_output().await.unwrap();
+    assert!(out.status.success(), "boto3: {}", String::from_utf8_lossy(&out.stderr));
+    out.stdout
+}
 
 fn run_dir(root: &Path, name: &str, seed: u8) -> PathBuf {
     let d = root.join(name);
@@ -20,128 +165,151 @@ fn run_dir(root: &Path, name: &str, seed: u8) -> PathBuf {
     d
 }
 
-async fn models(env: &Env, registry: &Path, args: &[&str]) -> (i32, String, String) {
-    let reg = registry.display().to_string();
-    let mut all = vec!["models"];
-    all.extend_from_slice(&args[..1]);
-    all.extend(["--registry", &reg]);
-    all.extend_from_slice(&args[1..]);
-    let out = env.cmd(&all).output().await.unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
-    )
-}
-
-fn manifest(registry: &Path, room: &str) -> Value {
-    serde_json::from_slice(&std::fs::read(registry.join(room).join("manifest.json")).unwrap()).unwrap()
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn push_alias_tag_pull_verified() {
+async fn push_alias_tag_pull_verified(s3: bool) {
     let env = env().await;
-    let reg = env.path("registry");
+    let reg = Reg::new(&env, s3).await;
     let run = run_dir(env.dir.path(), "run1", 7);
     let (code, id, err) =
-        models(&env, &reg, &["push", run.to_str().unwrap(), "--alias", "v1", "--tag", "baseline"]).await;
+        reg.models(&env, &["push", run.to_str().unwrap(), "--alias", "v1", "--tag", "baseline"]).await;
     assert_eq!(code, 0, "{err}");
     let id = id.trim().to_owned();
     // Pushing the same run again is the same model.
-    let (code, id2, _) = models(&env, &reg, &["push", run.to_str().unwrap(), "--alias", "v1"]).await;
+    let (code, id2, _) = reg.models(&env, &["push", run.to_str().unwrap(), "--alias", "v1"]).await;
     assert_eq!((code, id2.trim()), (0, id.as_str()));
-    let m = manifest(&reg, &env.room);
+    let m = reg.manifest(&env).await;
     assert_eq!(m["models"].as_object().unwrap().len(), 1);
     assert_eq!(m["aliases"]["v1"], id.as_str());
     let files: Vec<&str> =
         m["models"][&id]["files"].as_array().unwrap().iter().map(|f| f["name"].as_str().unwrap()).collect();
     assert!(files.contains(&"best.ckpt") && !files.contains(&"labels_pr.train.0.slp"), "{files:?}");
-    let (code, _, _) = models(&env, &reg, &["alias", &id[..6], "prod"]).await;
+    if s3 {
+        assert!(m["models"][&id]["s3_path"].as_str().unwrap().starts_with("s3://sleap-rtc-models/registry/"));
+    }
+    let (code, _, _) = reg.models(&env, &["alias", &id[..6], "prod"]).await;
     assert_eq!(code, 0, "prefix resolves");
-    let (code, out, _) = models(&env, &reg, &["show", "prod"]).await;
+    let (code, out, _) = reg.models(&env, &["show", "prod"]).await;
     assert_eq!(code, 0);
     assert!(out.contains("baseline") && out.contains("prod") && out.contains("v1"), "{out}");
     // Pull by alias: byte-identical files.
-    let (code, dir, err) = models(&env, &reg, &["pull", "prod", "-o", env.path("pulled").to_str().unwrap()]).await;
+    let (code, dir, err) = reg.models(&env, &["pull", "prod", "-o", env.path("pulled").to_str().unwrap()]).await;
     assert_eq!(code, 0, "{err}");
     let dir = PathBuf::from(dir.trim());
     assert_eq!(std::fs::read(dir.join("best.ckpt")).unwrap(), std::fs::read(run.join("best.ckpt")).unwrap());
     // A corrupted stored file is caught and not installed.
-    std::fs::write(reg.join(&env.room).join("models").join(&id).join("best.ckpt"), b"tampered").unwrap();
+    reg.put_raw(&env, &format!("models/{id}/best.ckpt"), b"tampered").await;
     let out2 = env.path("pulled2");
-    let (code, _, err) = models(&env, &reg, &["pull", "v1", "-o", out2.to_str().unwrap()]).await;
+    let (code, _, err) = reg.models(&env, &["pull", "v1", "-o", out2.to_str().unwrap()]).await;
     assert_eq!(code, 1);
     assert!(err.contains("does not match"), "{err}");
     assert!(!out2.join(&id).join("best.ckpt").exists());
-    // Unknown names say so.
-    let (code, _, err) = models(&env, &reg, &["show", "nope"]).await;
+    let (code, _, err) = reg.models(&env, &["show", "nope"]).await;
     assert_eq!(code, 1);
     assert!(err.contains("no model nope"), "{err}");
-    let (code, _, _) = models(&env, &reg, &["rm", "v1"]).await;
+    let (code, _, _) = reg.models(&env, &["rm", "v1"]).await;
     assert_eq!(code, 0);
-    assert!(manifest(&reg, &env.room)["aliases"].as_object().unwrap().is_empty());
+    assert!(reg.manifest(&env).await["aliases"].as_object().unwrap().is_empty());
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn sixteen_publishers_at_once_lose_nothing() {
+async fn sixteen_publishers_at_once_lose_nothing(s3: bool) {
     let env = env().await;
-    let reg = env.path("registry");
+    let reg = Reg::new(&env, s3).await;
     let runs: Vec<PathBuf> = (0..16).map(|i| run_dir(env.dir.path(), &format!("run{i}"), i as u8)).collect();
-    let regs = reg.display().to_string();
+    let spec = reg.spec();
     let mut children = Vec::new();
     for r in &runs {
-        let args = ["models", "push", "--registry", &regs, r.to_str().unwrap()];
-        children.push(
-            env.cmd(&args).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null()).spawn().unwrap(),
-        );
+        let args = ["models", "push", "--registry", &spec, r.to_str().unwrap()];
+        children.push(reg.cmd(&env, &args).stdout(Stdio::null()).stderr(Stdio::piped()).spawn().unwrap());
     }
-    for mut c in children {
-        assert!(c.wait().await.unwrap().success());
+    for c in children {
+        let out = c.wait_with_output().await.unwrap();
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     }
-    let m = manifest(&reg, &env.room);
-    assert_eq!(m["models"].as_object().unwrap().len(), 16, "no lost update");
+    assert_eq!(reg.manifest(&env).await["models"].as_object().unwrap().len(), 16, "no lost update");
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_corrupt_manifest_is_refused_and_left_untouched() {
+async fn a_corrupt_manifest_is_refused_and_left_untouched(s3: bool) {
     let env = env().await;
-    let reg = env.path("registry");
-    std::fs::create_dir_all(reg.join(&env.room)).unwrap();
-    let path = reg.join(&env.room).join("manifest.json");
-    std::fs::write(&path, b"{\"version\": \"1.0\", \"room_id\": ").unwrap();
+    let reg = Reg::new(&env, s3).await;
+    let garbage = b"{\"version\": \"1.0\", \"room_id\": ";
+    reg.put_raw(&env, "manifest.json", garbage).await;
     let run = run_dir(env.dir.path(), "run1", 1);
-    let (code, _, err) = models(&env, &reg, &["push", run.to_str().unwrap()]).await;
+    let (code, _, err) = reg.models(&env, &["push", run.to_str().unwrap()]).await;
     assert_eq!(code, 1);
     assert!(err.contains("corrupt") && err.contains("untouched"), "{err}");
-    assert_eq!(std::fs::read(&path).unwrap(), b"{\"version\": \"1.0\", \"room_id\": ");
-    let (code, _, err) = models(&env, &reg, &["list"]).await;
-    assert_eq!(code, 1, "{err}");
+    assert_eq!(reg.raw_manifest(&env).await, garbage);
+    let (code, _, _) = reg.models(&env, &["list"]).await;
+    assert_eq!(code, 1);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_worker_publishes_what_it_trained() {
+async fn a_worker_publishes_what_it_trained(s3: bool) {
     let env = env().await;
-    let reg = env.path("registry");
-    let regs = reg.display().to_string();
-    let _w = env.worker("w", &["--registry", &regs], "").await;
+    let reg = Reg::new(&env, s3).await;
+    let spec = reg.spec();
+    let wd = env.path("w").display().to_string();
+    let fake = env.fake.display().to_string();
+    let args = [
+        "worker",
+        "--token",
+        &env.token,
+        "--bind",
+        "127.0.0.1",
+        "--work-dir",
+        &wd,
+        "--sleap-nn",
+        &fake,
+        "--registry",
+        &spec,
+    ];
+    let log = std::fs::File::create(env.path("w.log")).unwrap();
+    let _w = reg.cmd(&env, &args).env("RUST_LOG", "info").stdout(Stdio::null()).stderr(log).spawn().unwrap();
+    let mut up = false;
+    for _ in 0..400 {
+        let id = env.worker_id(&env.path("w"));
+        if !id.is_empty() && env.worker_ids().await.contains(&id) {
+            up = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(up, "worker did not register");
     let wid = env.worker_id(&env.path("w"));
     let cfg = env.config("cfg.yaml", "");
     let (code, events, err) = Client::spawn(&env, &env.train_args(&cfg, "out")).finish(60).await;
     assert_eq!(code, 0, "{err}");
     let d = done(&events);
     let published = d["published"].as_array().expect("published ids");
-    assert_eq!(published.len(), 1, "{d}");
+    assert_eq!(published.len(), 1, "{d}\n{}", std::fs::read_to_string(env.path("w.log")).unwrap_or_default());
     let id = published[0].as_str().unwrap();
-    let m = manifest(&reg, &env.room);
+    let m = reg.manifest(&env).await;
     let e = &m["models"][id];
     assert_eq!(e["available_on_workers"][0], wid.as_str());
     assert_eq!(e["training"]["epochs"], 2);
     assert!(!e["trained_by"].as_str().unwrap().is_empty());
     // The model in the registry is the model the client got back.
-    let (code, dir, err) = models(&env, &reg, &["pull", id, "-o", env.path("pulled").to_str().unwrap()]).await;
+    let (code, dir, err) = reg.models(&env, &["pull", id, "-o", env.path("pulled").to_str().unwrap()]).await;
     assert_eq!(code, 0, "{err}");
     assert_eq!(
         std::fs::read(PathBuf::from(dir.trim()).join("best.ckpt")).unwrap(),
         std::fs::read(env.path("out/single_instance/best.ckpt")).unwrap()
     );
 }
+
+macro_rules! both {
+    ($($name:ident),*) => {
+        mod local {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(false).await })*
+        }
+        mod s3 {
+            $(#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+            async fn $name() { super::$name(true).await })*
+        }
+    };
+}
+
+both!(
+    push_alias_tag_pull_verified,
+    sixteen_publishers_at_once_lose_nothing,
+    a_corrupt_manifest_is_refused_and_left_untouched,
+    a_worker_publishes_what_it_trained
+);

@@ -13,6 +13,9 @@ use std::time::Duration;
 
 use sleap_rtc_core::registry::{Manifest, ModelEntry, ModelFile, Op, RegistryError, Step, TrainingInfo, Update};
 
+#[cfg(feature = "s3")]
+pub mod s3;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     #[error(transparent)]
@@ -193,6 +196,68 @@ impl Store for LocalStore {
 
     fn location(&self, room: &str, model: &str) -> String {
         format!("{}/", self.root.join(room).join("models").join(model).display())
+    }
+}
+
+/// A store chosen at run time from a `--registry` value: `s3://bucket/prefix` or a directory.
+#[derive(Debug, Clone)]
+pub enum AnyStore {
+    Local(LocalStore),
+    #[cfg(feature = "s3")]
+    S3(s3::S3Store),
+}
+
+impl AnyStore {
+    pub async fn open(spec: &str) -> Result<AnyStore, StoreError> {
+        if spec.starts_with("s3://") {
+            #[cfg(feature = "s3")]
+            return Ok(AnyStore::S3(s3::S3Store::connect(spec).await?));
+            #[cfg(not(feature = "s3"))]
+            return Err(StoreError::Other("this build has no S3 support (feature `s3`)".into()));
+        }
+        Ok(AnyStore::Local(LocalStore::new(spec)))
+    }
+}
+
+impl Store for AnyStore {
+    async fn read_manifest(&self, room: &str) -> Result<Option<(Vec<u8>, String)>, StoreError> {
+        match self {
+            AnyStore::Local(s) => s.read_manifest(room).await,
+            #[cfg(feature = "s3")]
+            AnyStore::S3(s) => s.read_manifest(room).await,
+        }
+    }
+
+    async fn write_manifest(&self, room: &str, bytes: &[u8], expected: Option<&str>) -> Result<bool, StoreError> {
+        match self {
+            AnyStore::Local(s) => s.write_manifest(room, bytes, expected).await,
+            #[cfg(feature = "s3")]
+            AnyStore::S3(s) => s.write_manifest(room, bytes, expected).await,
+        }
+    }
+
+    async fn put_file(&self, room: &str, model: &str, name: &str, src: &Path) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Local(s) => s.put_file(room, model, name, src).await,
+            #[cfg(feature = "s3")]
+            AnyStore::S3(s) => s.put_file(room, model, name, src).await,
+        }
+    }
+
+    async fn get_file(&self, room: &str, model: &str, name: &str, dest: &Path) -> Result<(), StoreError> {
+        match self {
+            AnyStore::Local(s) => s.get_file(room, model, name, dest).await,
+            #[cfg(feature = "s3")]
+            AnyStore::S3(s) => s.get_file(room, model, name, dest).await,
+        }
+    }
+
+    fn location(&self, room: &str, model: &str) -> String {
+        match self {
+            AnyStore::Local(s) => s.location(room, model),
+            #[cfg(feature = "s3")]
+            AnyStore::S3(s) => s.location(room, model),
+        }
     }
 }
 

@@ -55,8 +55,9 @@ pub struct WorkerConfig {
     pub upload_cache_bytes: u64,
     /// First reconnect delay (doubles up to 5 minutes).
     pub backoff_start: Duration,
-    /// A model registry directory: successful trainings are published to the room's manifest.
-    pub registry: Option<PathBuf>,
+    /// A model registry (`s3://bucket/prefix` or a directory): successful trainings are
+    /// published to the room's manifest.
+    pub registry: Option<String>,
 }
 
 impl WorkerConfig {
@@ -1129,7 +1130,10 @@ impl Worker {
             training_duration_sec: Some(job.started.elapsed().as_secs_f64()),
             ..Default::default()
         };
-        let store = crate::registry::LocalStore::new(root);
+        let store = match crate::registry::AnyStore::open(root).await {
+            Ok(s) => s,
+            Err(err) => return format!("{message}; cannot open the registry {root}: {err}"),
+        };
         match crate::registry::publish(&store, &room, run_dir, info).await {
             Ok(e) => {
                 tracing::info!(job = %job.id, model = %e.id, "model published to the room registry");
