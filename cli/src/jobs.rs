@@ -312,6 +312,11 @@ pub fn track_spec(a: &TrackArgs) -> Result<(Value, Vec<PathBuf>)> {
             continue;
         }
         let p = Path::new(m);
+        // Not a directory here: a model of the room's registry, by id or alias.
+        if !p.exists() && sleap_rtc_core::registry::check_name("model", m).is_ok() {
+            models.push(format!("{}{m}", sleap_rtc_core::job::MODEL_REF));
+            continue;
+        }
         let ok = p.join("best.ckpt").is_file()
             && (p.join("training_config.yaml").is_file() || p.join("training_config.json").is_file());
         if !ok {

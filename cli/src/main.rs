@@ -186,6 +186,9 @@ struct WorkerArgs {
     /// Publish every trained model to the room's registry: s3://bucket/prefix or a directory.
     #[arg(long, env = "SLEAP_RTC_REGISTRY", value_name = "URL|PATH")]
     registry: Option<String>,
+    /// Cache of registry models fetched for inference (least recently used evicted first).
+    #[arg(long, default_value_t = 50, value_name = "GB")]
+    model_cache_gb: u64,
 }
 
 #[derive(Args)]
@@ -221,7 +224,8 @@ struct TrainCli {
 struct TrackCli {
     #[command(flatten)]
     conn: ConnArgs,
-    /// A trained run directory (uploaded), or worker:/path; repeat for top-down pipelines.
+    /// A trained run directory (uploaded), a model of the room's registry by id or alias (the
+    /// worker fetches it), or worker:/path; repeat for top-down pipelines.
     #[arg(long = "model", short = 'm', value_name = "RUN_DIR", required = true)]
     models: Vec<String>,
     /// What to run on: a .pkg.slp or video file (uploaded), or worker:/path.
@@ -441,6 +445,7 @@ fn worker_config(a: &WorkerArgs) -> Result<WorkerConfig> {
     cfg.supervision.stop_sigint_after = secs(a.stop_timeout, "--stop-timeout")?;
     cfg.upload_cache_bytes = a.upload_cache_gb.saturating_mul(1 << 30);
     cfg.registry = a.registry.clone().filter(|r| !r.is_empty());
+    cfg.model_cache_bytes = a.model_cache_gb.saturating_mul(1 << 30);
     Ok(cfg)
 }
 

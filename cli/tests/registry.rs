@@ -241,13 +241,12 @@ async fn a_corrupt_manifest_is_refused_and_left_untouched(s3: bool) {
     assert_eq!(code, 1);
 }
 
-async fn a_worker_publishes_what_it_trained(s3: bool) {
-    let env = env().await;
-    let reg = Reg::new(&env, s3).await;
+/// A worker process with `--registry`; returns it and its peer id.
+async fn registry_worker(env: &Env, reg: &Reg, name: &str, extra: &[&str]) -> (tokio::process::Child, String) {
     let spec = reg.spec();
-    let wd = env.path("w").display().to_string();
+    let wd = env.path(name).display().to_string();
     let fake = env.fake.display().to_string();
-    let args = [
+    let mut args = vec![
         "worker",
         "--token",
         &env.token,
@@ -260,19 +259,23 @@ async fn a_worker_publishes_what_it_trained(s3: bool) {
         "--registry",
         &spec,
     ];
-    let log = std::fs::File::create(env.path("w.log")).unwrap();
-    let _w = reg.cmd(&env, &args).env("RUST_LOG", "info").stdout(Stdio::null()).stderr(log).spawn().unwrap();
-    let mut up = false;
+    args.extend_from_slice(extra);
+    let log = std::fs::File::create(env.path(&format!("{name}.log"))).unwrap();
+    let w = reg.cmd(env, &args).env("RUST_LOG", "info").stdout(Stdio::null()).stderr(log).spawn().unwrap();
     for _ in 0..400 {
-        let id = env.worker_id(&env.path("w"));
+        let id = env.worker_id(&env.path(name));
         if !id.is_empty() && env.worker_ids().await.contains(&id) {
-            up = true;
-            break;
+            return (w, id);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    assert!(up, "worker did not register");
-    let wid = env.worker_id(&env.path("w"));
+    panic!("worker did not register");
+}
+
+async fn a_worker_publishes_what_it_trained(s3: bool) {
+    let env = env().await;
+    let reg = Reg::new(&env, s3).await;
+    let (_w, wid) = registry_worker(&env, &reg, "w", &[]).await;
     let cfg = env.config("cfg.yaml", "");
     let (code, events, err) = Client::spawn(&env, &env.train_args(&cfg, "out")).finish(60).await;
     assert_eq!(code, 0, "{err}");
@@ -294,6 +297,98 @@ async fn a_worker_publishes_what_it_trained(s3: bool) {
     );
 }
 
+async fn track_with_a_registry_model_fetched_by_another_worker(s3: bool) {
+    let env = env().await;
+    let reg = Reg::new(&env, s3).await;
+    let run = run_dir(env.dir.path(), "run1", 3);
+    let (code, id, err) = reg.models(&env, &["push", run.to_str().unwrap(), "--alias", "prod"]).await;
+    assert_eq!(code, 0, "{err}");
+    let id = id.trim().to_owned();
+    let (_w, wid) = registry_worker(&env, &reg, "w2", &["--model-cache-gb", "0"]).await;
+    let track = |model: &str, out: &str| -> Vec<String> {
+        [
+            "track",
+            "--model",
+            model,
+            "--data",
+            asset("labels.pkg.slp").to_str().unwrap(),
+            "-o",
+            env.path(out).to_str().unwrap(),
+            "--bind",
+            "127.0.0.1",
+            "--json",
+            "--worker",
+            &wid,
+        ]
+        .iter()
+        .map(|s| s.to_string())
+        .collect()
+    };
+    let (code, events, err) = Client::spawn(&env, &track("prod", "p1.slp")).finish(60).await;
+    assert_eq!(code, 0, "{err}\n{events:#?}");
+    assert!(std::fs::read(env.path("p1.slp")).unwrap().starts_with(b"FAKE-SLP-PREDICTIONS"));
+    let cached = env.path("w2/model-cache").join(&id);
+    assert!(cached.join(".complete").is_file() && cached.join("best.ckpt").is_file());
+    let m = reg.manifest(&env).await;
+    assert!(m["models"][&id]["available_on_workers"].as_array().unwrap().iter().any(|w| w == wid.as_str()));
+    // The worker answers registry queries through signaling.
+    let reg_msg = sleap_rtc_core::signal::Register {
+        role: Some("client".into()),
+        room_id: Some(env.room.clone()),
+        jwt: Some(env.jwt.clone()),
+        ..Default::default()
+    };
+    let sig =
+        sleap_rtc_tokio::SignalingClient::connect(&format!("{}/ws", env.url.replace("http://", "ws://")), reg_msg)
+            .await
+            .unwrap();
+    sig.send(serde_json::json!({"type": "peer_message", "to_peer_id": wid,
+        "payload": {"type": "registry_query", "model": "prod"}}))
+        .unwrap();
+    let answer = tokio::time::timeout(Duration::from_secs(10), async {
+        loop {
+            let env = sig.next_event().await.expect("signaling open");
+            if let sleap_rtc_core::signal::ServerMessage::PeerMessage { payload, .. } = env.msg {
+                return payload;
+            }
+        }
+    })
+    .await
+    .expect("an answer");
+    assert_eq!(answer["type"], "registry_answer");
+    assert_eq!(answer["model_id"], id.as_str());
+    assert_eq!(answer["cached"], true);
+    // A cache with no room keeps only the model in use: fetching another evicts the first.
+    let run2 = run_dir(env.dir.path(), "run2", 4);
+    let (code, id2, err) = reg.models(&env, &["push", run2.to_str().unwrap()]).await;
+    assert_eq!(code, 0, "{err}");
+    let id2 = id2.trim().to_owned();
+    let (code, _, err) = Client::spawn(&env, &track(&id2, "p3.slp")).finish(60).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(env.path("w2/model-cache").join(&id2).join(".complete").is_file());
+    assert!(!cached.exists(), "least recently used model evicted");
+    // A model the room does not have is refused before anything runs.
+    let (code, events, _) = Client::spawn(&env, &track("nosuchmodel", "p2.slp")).finish(60).await;
+    assert_eq!(code, 2);
+    let r = event(&events, "rejected").unwrap();
+    assert_eq!(r["errors"][0]["code"], "PATH_NOT_FOUND");
+}
+
+/// A checkpoint above the 64 MiB part size goes up in parts and comes back whole.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn s3_multipart_round_trip() {
+    let env = env().await;
+    let reg = Reg::new(&env, true).await;
+    let run = run_dir(env.dir.path(), "big", 9);
+    let big: Vec<u8> = (0..70u32 << 20).map(|i| (i.wrapping_mul(2654435761) >> 13) as u8).collect();
+    std::fs::write(run.join("best.ckpt"), &big).unwrap();
+    let (code, id, err) = reg.models(&env, &["push", run.to_str().unwrap()]).await;
+    assert_eq!(code, 0, "{err}");
+    let (code, dir, err) = reg.models(&env, &["pull", id.trim(), "-o", env.path("pulled").to_str().unwrap()]).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(std::fs::read(PathBuf::from(dir.trim()).join("best.ckpt")).unwrap() == big);
+}
+
 macro_rules! both {
     ($($name:ident),*) => {
         mod local {
@@ -311,5 +406,6 @@ both!(
     push_alias_tag_pull_verified,
     sixteen_publishers_at_once_lose_nothing,
     a_corrupt_manifest_is_refused_and_left_untouched,
-    a_worker_publishes_what_it_trained
+    a_worker_publishes_what_it_trained,
+    track_with_a_registry_model_fetched_by_another_worker
 );

@@ -570,11 +570,20 @@ pub enum PathRef<'a> {
     Upload(&'a str),
     /// Already on the worker; must be inside one of its mounts.
     Worker(&'a str),
+    /// `model:<id>`: a model of the room's registry, which the worker fetches (or has cached).
+    Model(&'a str),
 }
+
+/// Prefix of a registry model reference in `model_paths`.
+pub const MODEL_REF: &str = "model:";
 
 pub fn classify_path(p: &str) -> Result<PathRef<'_>, String> {
     if p.is_empty() {
         return Err("Invalid path: empty".into());
+    }
+    if let Some(id) = p.strip_prefix(MODEL_REF) {
+        crate::registry::check_name("model id", id).map_err(|e| e.to_string())?;
+        return Ok(PathRef::Model(id));
     }
     if p.starts_with('/') {
         if p.contains('\0') || p.split('/').any(|c| c == "..") {
@@ -602,6 +611,7 @@ pub fn check_paths(spec: &JobSpec, mut look: impl FnMut(PathRef<'_>) -> PathVerd
     for (field, p) in spec.paths() {
         let Ok(r) = classify_path(p) else { continue };
         let upload = matches!(r, PathRef::Upload(_));
+        let model = matches!(r, PathRef::Model(_));
         match look(r) {
             PathVerdict::Ok => {}
             PathVerdict::NotAllowed => errors.push(FieldError::new(
@@ -609,6 +619,8 @@ pub fn check_paths(spec: &JobSpec, mut look: impl FnMut(PathRef<'_>) -> PathVerd
                 ErrorCode::NotAllowed,
                 if upload {
                     "Path was not uploaded with the job".to_owned()
+                } else if model {
+                    "this worker has no model registry (start it with --registry)".to_owned()
                 } else {
                     "Path not within allowed mounts".to_owned()
                 },

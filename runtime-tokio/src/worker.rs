@@ -58,6 +58,9 @@ pub struct WorkerConfig {
     /// A model registry (`s3://bucket/prefix` or a directory): successful trainings are
     /// published to the room's manifest.
     pub registry: Option<String>,
+    /// Registry models fetched for inference are kept up to this many bytes (least recently
+    /// used first out).
+    pub model_cache_bytes: u64,
 }
 
 impl WorkerConfig {
@@ -77,6 +80,7 @@ impl WorkerConfig {
             upload_cache_bytes: 20 << 30,
             backoff_start: Duration::from_secs(1),
             registry: None,
+            model_cache_bytes: 50 << 30,
         }
     }
 }
@@ -477,6 +481,17 @@ impl Worker {
             })
         };
         while let Some(env) = sig.next_event().await {
+            if let ServerMessage::PeerMessage { from_peer_id, payload, .. } = &env.msg {
+                if payload.get("type").and_then(Value::as_str) == Some("registry_query") {
+                    let query = payload.get("model").and_then(Value::as_str).unwrap_or_default().to_owned();
+                    let (me, sig, to) = (self.clone(), sig.clone(), from_peer_id.clone());
+                    tokio::spawn(async move {
+                        let answer = me.answer_registry_query(&query).await;
+                        let _ = sig.send(json!({"type": "peer_message", "to_peer_id": to, "payload": answer}));
+                    });
+                }
+                continue;
+            }
             if let ServerMessage::Offer(_) = &env.msg {
                 let (me, sig, ctx) = (self.clone(), sig.clone(), ctx.clone());
                 tokio::spawn(async move {
@@ -729,6 +744,8 @@ impl Worker {
             PathRef::Upload(n) if uploaded(n) => PathVerdict::Ok,
             PathRef::Upload(_) => PathVerdict::NotAllowed,
             PathRef::Worker(p) => self.check_worker_path(p),
+            PathRef::Model(_) if self.cfg.registry.is_some() => PathVerdict::Ok,
+            PathRef::Model(_) => PathVerdict::NotAllowed,
         });
         if let JobSpec::Train(t) = spec {
             for (field, p) in [("labels_path", &t.labels_path), ("val_labels_path", &t.val_labels_path)] {
@@ -786,7 +803,10 @@ impl Worker {
         if files.len() > 10_000 {
             return reject(vec![FieldError::new("files", ErrorCode::InvalidValue, "too many files")]);
         }
-        let errors = self.check_spec(&spec, &files);
+        let mut errors = self.check_spec(&spec, &files);
+        if errors.is_empty() {
+            errors = self.check_models(&spec).await;
+        }
         if !errors.is_empty() {
             return reject(errors);
         }
@@ -932,6 +952,119 @@ impl Worker {
                 total -= len;
             }
         }
+    }
+
+    /// Registry models a track job names must exist in the room's registry.
+    async fn check_models(&self, spec: &JobSpec) -> Vec<FieldError> {
+        let JobSpec::Track(t) = spec else { return vec![] };
+        let refs: Vec<(usize, &str)> = t
+            .model_paths
+            .iter()
+            .enumerate()
+            .filter_map(|(i, m)| m.strip_prefix(sleap_rtc_core::job::MODEL_REF).map(|id| (i, id)))
+            .collect();
+        if refs.is_empty() {
+            return vec![];
+        }
+        let field = |i: usize| format!("model_paths[{i}]");
+        let manifest = match self.registry_manifest().await {
+            Ok(m) => m,
+            Err(e) => return vec![FieldError::new(field(refs[0].0), ErrorCode::Internal, format!("registry: {e}"))],
+        };
+        refs.into_iter()
+            .filter_map(|(i, id)| {
+                manifest.resolve(id).err().map(|e| FieldError::new(field(i), ErrorCode::PathNotFound, e.to_string()))
+            })
+            .collect()
+    }
+
+    async fn registry(&self) -> Result<(crate::registry::AnyStore, String), String> {
+        let root = self.cfg.registry.as_deref().ok_or("this worker has no model registry")?;
+        let room = self.room.lock().ok().and_then(|r| r.clone()).ok_or("not registered in a room yet")?;
+        let store = crate::registry::AnyStore::open(root).await.map_err(|e| e.to_string())?;
+        Ok((store, room))
+    }
+
+    async fn registry_manifest(&self) -> Result<sleap_rtc_core::registry::Manifest, String> {
+        let (store, room) = self.registry().await?;
+        crate::registry::manifest(&store, &room).await.map_err(|e| e.to_string())
+    }
+
+    fn model_cache(&self) -> PathBuf {
+        self.cfg.work_dir.join("model-cache")
+    }
+
+    /// A registry model on local disk: from the cache, or pulled (verified) into it. Records this
+    /// worker in the model's `available_on_workers` and keeps the cache under its cap.
+    async fn ensure_model(&self, query: &str) -> Result<PathBuf, String> {
+        let (store, room) = self.registry().await?;
+        let manifest = crate::registry::manifest(&store, &room).await.map_err(|e| e.to_string())?;
+        let entry = manifest.resolve(query).map_err(|e| e.to_string())?.clone();
+        let cache = self.model_cache();
+        let dir = cache.join(&entry.id);
+        let complete = dir.join(".complete");
+        if complete.is_file() {
+            // Recently used: LRU goes by this file's modification time.
+            let _ =
+                std::fs::File::options().write(true).open(&complete).and_then(|f| f.set_modified(SystemTime::now()));
+            return Ok(dir);
+        }
+        let _ = tokio::fs::remove_dir_all(&dir).await;
+        let (_, dir) = crate::registry::pull(&store, &room, &entry.id, &cache).await.map_err(|e| e.to_string())?;
+        std::fs::write(&complete, b"").map_err(|e| e.to_string())?;
+        self.trim_model_cache(&entry.id);
+        let op = sleap_rtc_core::registry::Op::AddWorker { id: entry.id.clone(), worker: self.peer_id.clone() };
+        if let Err(e) = crate::registry::update(&store, &room, vec![op]).await {
+            tracing::warn!(model = %entry.id, error = %e, "cannot record this worker in available_on_workers");
+        }
+        Ok(dir)
+    }
+
+    fn trim_model_cache(&self, keep: &str) {
+        let Ok(rd) = std::fs::read_dir(self.model_cache()) else { return };
+        let mut dirs: Vec<(SystemTime, u64, PathBuf)> = rd
+            .flatten()
+            .filter(|e| e.file_name() != keep)
+            .filter_map(|e| {
+                let used = std::fs::metadata(e.path().join(".complete")).and_then(|m| m.modified()).ok()?;
+                let size: u64 = std::fs::read_dir(e.path())
+                    .ok()?
+                    .flatten()
+                    .filter_map(|f| f.metadata().ok())
+                    .map(|m| m.len())
+                    .sum();
+                Some((used, size, e.path()))
+            })
+            .collect();
+        let keep_size: u64 = std::fs::read_dir(self.model_cache().join(keep))
+            .into_iter()
+            .flatten()
+            .flatten()
+            .filter_map(|f| f.metadata().ok())
+            .map(|m| m.len())
+            .sum();
+        let mut total = keep_size + dirs.iter().map(|d| d.1).sum::<u64>();
+        dirs.sort();
+        for (_, size, path) in dirs {
+            if total <= self.cfg.model_cache_bytes {
+                break;
+            }
+            if std::fs::remove_dir_all(&path).is_ok() {
+                tracing::info!(model = %path.display(), "evicted from the model cache");
+                total -= size;
+            }
+        }
+    }
+
+    /// `registry_query` (a signaling peer_message): does this worker have a model cached?
+    async fn answer_registry_query(&self, query: &str) -> serde_json::Value {
+        let id = match self.registry_manifest().await {
+            Ok(m) => m.resolve(query).map(|e| e.id.clone()).ok(),
+            Err(_) => None,
+        };
+        let cached = id.as_ref().is_some_and(|id| self.model_cache().join(id).join(".complete").is_file());
+        json!({"type": "registry_answer", "model": query, "model_id": id, "cached": cached,
+               "registry": self.cfg.registry.is_some()})
     }
 
     /// Maps a spec path to an absolute worker path.
@@ -1152,7 +1285,18 @@ impl Worker {
     async fn run_tracking(&self, job: &Arc<ActiveJob>, spec: &JobSpec) -> (JobState, String, Vec<String>) {
         let JobSpec::Track(t) = spec else { return (JobState::Failed, "not a track job".into(), vec![]) };
         let data = self.resolve(job, &t.data_path).display().to_string();
-        let models: Vec<String> = t.model_paths.iter().map(|m| self.resolve(job, m).display().to_string()).collect();
+        let mut models: Vec<String> = Vec::new();
+        for m in &t.model_paths {
+            match m.strip_prefix(sleap_rtc_core::job::MODEL_REF) {
+                Some(id) => match self.ensure_model(id).await {
+                    Ok(dir) => models.push(dir.display().to_string()),
+                    Err(e) => {
+                        return (JobState::Failed, format!("cannot fetch model {id} from the registry: {e}"), vec![]);
+                    }
+                },
+                None => models.push(self.resolve(job, m).display().to_string()),
+            }
+        }
         let out_name = t.output_path.clone().unwrap_or_else(|| bridge::predictions_name(&t.data_path));
         let out_dir = job.dir.join("output");
         if let Err(e) = std::fs::create_dir_all(&out_dir) {

@@ -93,6 +93,8 @@ fn paths_are_uploads_or_worker_paths() {
     assert_eq!(classify_path("labels.pkg.slp"), Ok(PathRef::Upload("labels.pkg.slp")));
     assert_eq!(classify_path("run1/best.ckpt"), Ok(PathRef::Upload("run1/best.ckpt")));
     assert_eq!(classify_path("/data/x.slp"), Ok(PathRef::Worker("/data/x.slp")));
+    assert_eq!(classify_path("model:a3f5e8c9"), Ok(PathRef::Model("a3f5e8c9")));
+    assert!(classify_path("model:../x").is_err() && classify_path("model:").is_err());
     for bad in ["", "../x", "/data/../etc/passwd", "a/../../b", "x\0y"] {
         assert!(classify_path(bad).is_err(), "{bad:?}");
     }
@@ -101,7 +103,7 @@ fn paths_are_uploads_or_worker_paths() {
     let errs = check_paths(&spec, |p| match p {
         PathRef::Worker("/mnt/d.slp") => PathVerdict::NotAllowed,
         PathRef::Worker(_) => PathVerdict::NotFound,
-        PathRef::Upload(_) => PathVerdict::Ok,
+        PathRef::Upload(_) | PathRef::Model(_) => PathVerdict::Ok,
     });
     let got: Vec<_> = errs.iter().map(|e| (e.field.as_str(), e.code)).collect();
     assert_eq!(got, vec![("data_path", ErrorCode::NotAllowed), ("model_paths[1]", ErrorCode::PathNotFound)]);
