@@ -173,9 +173,12 @@ async fn push_alias_tag_pull_verified(s3: bool) {
         reg.models(&env, &["push", run.to_str().unwrap(), "--alias", "v1", "--tag", "baseline"]).await;
     assert_eq!(code, 0, "{err}");
     let id = id.trim().to_owned();
-    // Pushing the same run again is the same model.
+    // Pushing the same training again is the same model, and its published files stay (their
+    // hashes are in the manifest) even if the new weights differ.
+    std::fs::write(run.join("best.ckpt"), vec![8u8; 100_000]).unwrap();
     let (code, id2, _) = reg.models(&env, &["push", run.to_str().unwrap(), "--alias", "v1"]).await;
     assert_eq!((code, id2.trim()), (0, id.as_str()));
+    std::fs::write(run.join("best.ckpt"), vec![7u8; 100_000]).unwrap();
     let m = reg.manifest(&env).await;
     assert_eq!(m["models"].as_object().unwrap().len(), 1);
     assert_eq!(m["aliases"]["v1"], id.as_str());

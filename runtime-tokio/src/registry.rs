@@ -388,8 +388,14 @@ pub async fn publish<S: Store>(
     })
     .await
     .map_err(|e| StoreError::Other(e.to_string()))??;
-    for (f, p) in &files {
-        store.put_file(room, &id, &f.name, p).await?;
+    // The same config and dataset is the same model: if the room has it, its files stay as
+    // published (a retraining's slightly different weights must not replace files whose hashes
+    // the manifest records); only the entry is merged (workers, tags).
+    let exists = manifest(store, room).await?.models.contains_key(&id);
+    if !exists {
+        for (f, p) in &files {
+            store.put_file(room, &id, &f.name, p).await?;
+        }
     }
     let model_type =
         sleap_rtc_core::job::bridge::ConfigInfo::parse(&config).ok().and_then(|c| c.model_type).unwrap_or_default();
