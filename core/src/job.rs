@@ -609,7 +609,14 @@ pub enum PathVerdict {
 pub fn check_paths(spec: &JobSpec, mut look: impl FnMut(PathRef<'_>) -> PathVerdict) -> Vec<FieldError> {
     let mut errors = Vec::new();
     for (field, p) in spec.paths() {
-        let Ok(r) = classify_path(p) else { continue };
+        let r = match classify_path(p) {
+            Ok(r) => r,
+            Err(e) => {
+                // Reached when a path_mapping produced it: report it, never skip it.
+                errors.push(FieldError::new(field, ErrorCode::InvalidPath, e));
+                continue;
+            }
+        };
         let upload = matches!(r, PathRef::Upload(_));
         let model = matches!(r, PathRef::Model(_));
         match look(r) {

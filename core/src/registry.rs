@@ -128,14 +128,20 @@ impl Manifest {
         Ok(m)
     }
 
-    /// Internal consistency: keys match ids, aliases point at models.
+    /// Internal consistency: keys match ids, aliases point at models, and every id, alias and file
+    /// name is safe to use as a path component (anyone who can write the store writes these).
     pub fn check(&self) -> Result<(), String> {
         for (k, m) in &self.models {
             if k != &m.id {
                 return Err(format!("model key {k} holds id {}", m.id));
             }
+            check_name("model id", &m.id).map_err(|e| e.to_string())?;
+            for f in &m.files {
+                crate::transfer::validate_name(&f.name).map_err(|e| format!("model {}: {e}", m.id))?;
+            }
         }
         for (a, id) in &self.aliases {
+            check_name("alias", a).map_err(|e| e.to_string())?;
             if !self.models.contains_key(id) {
                 return Err(format!("alias {a} points at missing model {id}"));
             }
@@ -188,11 +194,20 @@ pub enum RegistryError {
 }
 
 /// Names (aliases, tags, worker ids) are short and printable.
+/// They are also path components, so they never start with a dot (no `.`, `..`, hidden files).
 pub fn check_name(what: &'static str, s: &str) -> Result<(), RegistryError> {
     let ok = !s.is_empty()
+        && !s.starts_with('.')
         && s.len() <= MAX_NAME_LEN
         && s.chars().all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | ':' | '@'));
-    if ok { Ok(()) } else { Err(RegistryError::Invalid(what, format!("{s:.80?}: 1-64 of letters, digits, - _ . : @"))) }
+    if ok {
+        Ok(())
+    } else {
+        Err(RegistryError::Invalid(
+            what,
+            format!("{s:.80?}: 1-64 of letters, digits, - _ . : @, not starting with a dot"),
+        ))
+    }
 }
 
 /// A model id from what determines the model: the training config and the dataset. The same

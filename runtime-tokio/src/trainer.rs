@@ -189,6 +189,7 @@ pub async fn run_train(
     let mut next_stop_send: Option<Instant> = None;
     let mut sigint_at: Option<Instant> = None;
     let mut status = None;
+    let mut exited: Option<Instant> = None;
     loop {
         let now = start.elapsed();
         let mut wake = sv.poll_at();
@@ -197,8 +198,12 @@ pub async fn run_train(
         {
             wake = Some(wake.map_or(t, |w: Duration| w.min(t)));
         }
-        let sleep_for = wake.map_or(Duration::from_secs(3600), |w| w.saturating_sub(now));
-        if status.is_some() && sv.eof_both() {
+        let mut sleep_for = wake.map_or(Duration::from_secs(3600), |w| w.saturating_sub(now));
+        sleep_for = sleep_for.min(sv.kill_in().unwrap_or(sleep_for));
+        if exited.is_some() {
+            sleep_for = sleep_for.min(Duration::from_millis(200));
+        }
+        if status.is_some() && sv.drain_over(exited) {
             break;
         }
         tokio::select! {
@@ -224,6 +229,7 @@ pub async fn run_train(
             }
             st = sv.child.wait(), if status.is_none() => {
                 status = Some(st);
+                exited = Some(Instant::now());
                 // A last ZMQ message (train_end) may still be in flight; sleap-nn lingers 1 s.
                 let deadline = Instant::now() + Duration::from_millis(300);
                 while let Ok(Some(text)) = tokio::time::timeout_at(deadline, zmq_rx.recv()).await {
@@ -287,11 +293,16 @@ pub async fn run_predict(
     sv.json_stdout = true;
     let start = Instant::now();
     let mut status = None;
+    let mut exited: Option<Instant> = None;
     loop {
-        if status.is_some() && sv.eof_both() {
+        if status.is_some() && sv.drain_over(exited) {
             break;
         }
-        let sleep_for = sv.poll_at().map_or(Duration::from_secs(3600), |w| w.saturating_sub(start.elapsed()));
+        let mut sleep_for = sv.poll_at().map_or(Duration::from_secs(3600), |w| w.saturating_sub(start.elapsed()));
+        sleep_for = sleep_for.min(sv.kill_in().unwrap_or(sleep_for));
+        if exited.is_some() {
+            sleep_for = sleep_for.min(Duration::from_millis(200));
+        }
         tokio::select! {
             o = sv.out_rx.recv(), if !sv.eof_both() => sv.output(o, start.elapsed()),
             r = interrupt.changed() => {
@@ -300,7 +311,10 @@ pub async fn run_predict(
                     sv.cancel();
                 }
             }
-            st = sv.child.wait(), if status.is_none() => status = Some(st),
+            st = sv.child.wait(), if status.is_none() => {
+                status = Some(st);
+                exited = Some(Instant::now());
+            }
             _ = tokio::time::sleep(sleep_for) => {}
         }
         sv.tick(start.elapsed());
@@ -438,6 +452,17 @@ impl<'a> Supervisor<'a> {
         self.logs.iter().filter_map(LogCoalescer::poll_at).min()
     }
 
+    /// How long until the SIGKILL of a cancel is due (so the loop wakes for it).
+    fn kill_in(&self) -> Option<Duration> {
+        self.kill_at.map(|t| t.saturating_duration_since(Instant::now()))
+    }
+
+    /// After the process exits, its output is drained for at most this long: a grandchild that
+    /// keeps the pipes open must not keep the job (and the worker) busy forever.
+    fn drain_over(&self, exited: Option<Instant>) -> bool {
+        self.eof_both() || exited.is_some_and(|t| t.elapsed() > Duration::from_secs(3))
+    }
+
     fn tick(&mut self, now: Duration) {
         for i in 0..2 {
             if let Some(l) = self.logs[i].poll(now) {
@@ -469,7 +494,7 @@ impl<'a> Supervisor<'a> {
         }
         // A cancelled run must leave nothing behind (a DDP re-spawn shares the group). Not done
         // otherwise: the leader is reaped, and its pid could in principle be reused.
-        if self.kill_at.is_some() {
+        if self.kill_at.is_some() || !self.eof_both() {
             signal_group(self.pid, libc::SIGKILL);
         }
         Exit {

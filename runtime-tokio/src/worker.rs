@@ -273,14 +273,6 @@ impl ActiveJob {
         }
     }
 
-    fn attach(&self, c: &Arc<PeerConnection>) {
-        if let Ok(mut a) = self.attached.lock() {
-            if !a.iter().any(|x| Arc::ptr_eq(x, c)) {
-                a.push(c.clone());
-            }
-        }
-    }
-
     fn set_state(&self, to: JobState, message: Option<String>) {
         if let Ok(mut e) = self.entry.lock() {
             if e.job.transition(to).is_err() {
@@ -527,7 +519,10 @@ impl Worker {
         }
         let url = format!("{}/.well-known/jwks.json", self.http_base);
         crate::init_tls();
-        let set: jsonwebtoken::jwk::JwkSet = reqwest::get(&url)
+        let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().map_err(|e| e.to_string())?;
+        let set: jsonwebtoken::jwk::JwkSet = http
+            .get(&url)
+            .send()
             .await
             .map_err(|e| format!("cannot fetch {url}: {e}"))?
             .json()
@@ -547,6 +542,7 @@ impl Worker {
         let key = self.jwks_key(header.kid.as_deref()).await.map_err(AuthError::BadSignature)?;
         let mut v = jsonwebtoken::Validation::new(jsonwebtoken::Algorithm::EdDSA);
         v.set_audience(&[auth::TICKET_AUDIENCE]);
+        v.set_issuer(&["sleap-rtc"]);
         v.leeway = auth::LEEWAY_SECS as u64;
         let claims = jsonwebtoken::decode::<TicketClaims>(ticket, &key, &v)
             .map_err(|e| match e.kind() {
@@ -555,7 +551,7 @@ impl Worker {
                 _ => AuthError::BadSignature(e.to_string()),
             })?
             .claims;
-        let fp = c.remote_fingerprint().unwrap_or_default();
+        let fp = c.remote_fingerprint().filter(|f| !f.is_empty()).ok_or(AuthError::WrongFingerprint)?;
         let expected = Expected { room: &ctx.room, worker: &ctx.me, client: c.remote_peer(), client_fp: &fp };
         auth::check_ticket(&claims, &expected, unix_now() as i64)?;
         Ok(claims.sub)
@@ -703,11 +699,24 @@ impl Worker {
         if owner != user {
             return Self::reply_error(c, job_id, ErrorCode::NotAllowed, "this job belongs to another user".into());
         }
+        // Re-read the state while holding the attach list: `finish` makes the state terminal
+        // before it takes that list, so the connection gets job_done either from `finish` (it was
+        // attached in time) or from here (the job had already finished).
+        let status = match &active {
+            Some(j) => match j.attached.lock() {
+                Ok(mut a) => {
+                    let st = j.status();
+                    if !st.state.is_terminal() && !a.iter().any(|x| Arc::ptr_eq(x, c)) {
+                        a.push(c.clone());
+                    }
+                    st
+                }
+                Err(_) => status,
+            },
+            None => status,
+        };
         let _ = c.send_message(&JobMsg::JobStatus { status: status.clone() }.to_value());
         if !status.state.is_terminal() {
-            if let Some(j) = active {
-                j.attach(c);
-            }
             return;
         }
         let status = if fetch { status } else { JobStatus { results: vec![], ..status } };
@@ -800,6 +809,11 @@ impl Worker {
             Ok(s) => s.mapped(),
             Err(errors) => return reject(errors),
         };
+        // path_mappings may have produced paths the unmapped spec did not have: check again.
+        let errors = sleap_rtc_core::job::validate(&spec);
+        if !errors.is_empty() {
+            return reject(errors);
+        }
         if files.len() > 10_000 {
             return reject(vec![FieldError::new("files", ErrorCode::InvalidValue, "too many files")]);
         }
@@ -908,9 +922,9 @@ impl Worker {
                 if let Some(parent) = part.parent() {
                     let _ = std::fs::create_dir_all(parent);
                 }
-                if std::fs::hard_link(&cached, &part).is_err() {
-                    let _ = std::fs::copy(&cached, &part);
-                }
+                // A copy, not a link: a resumed transfer appends to `.part`, which must never
+                // write into the cache.
+                let _ = std::fs::copy(&cached, &part);
             }
         }
         let t = c.receive_files(&input).map_err(|e| e.to_string())?;
@@ -922,10 +936,19 @@ impl Worker {
             let list: Vec<String> = got.failed.iter().map(|(n, why)| format!("{n}: {why}")).collect();
             return Err(list.join("; "));
         }
+        // Only content whose hash we computed ourselves enters the cache under that hash: the
+        // client's claimed hashes could otherwise poison another user's dataset slot.
         for f in files {
             let cached = self.cache_dir.join(&f.blake3);
-            if !cached.exists() && f.blake3.len() == 64 {
-                let _ = std::fs::hard_link(input.join(&f.name), &cached);
+            if cached.exists() || f.blake3.len() != 64 || sleap_rtc_core::transfer::validate_name(&f.name).is_err() {
+                continue;
+            }
+            let src = input.join(&f.name);
+            let p = src.clone();
+            let actual =
+                tokio::task::spawn_blocking(move || crate::files::hash_file(&p)).await.ok().and_then(Result::ok);
+            if actual.as_deref() == Some(f.blake3.as_str()) {
+                let _ = std::fs::hard_link(&src, &cached);
             }
         }
         self.trim_cache();
@@ -1012,7 +1035,6 @@ impl Worker {
         let _ = tokio::fs::remove_dir_all(&dir).await;
         let (_, dir) = crate::registry::pull(&store, &room, &entry.id, &cache).await.map_err(|e| e.to_string())?;
         std::fs::write(&complete, b"").map_err(|e| e.to_string())?;
-        self.trim_model_cache(&entry.id);
         let op = sleap_rtc_core::registry::Op::AddWorker { id: entry.id.clone(), worker: self.peer_id.clone() };
         if let Err(e) = crate::registry::update(&store, &room, vec![op]).await {
             tracing::warn!(model = %entry.id, error = %e, "cannot record this worker in available_on_workers");
@@ -1020,11 +1042,12 @@ impl Worker {
         Ok(dir)
     }
 
-    fn trim_model_cache(&self, keep: &str) {
+    /// Evicts least recently used models beyond the cap, never those in `keep` (the job's).
+    fn trim_model_cache(&self, keep: &[String]) {
         let Ok(rd) = std::fs::read_dir(self.model_cache()) else { return };
         let mut dirs: Vec<(SystemTime, u64, PathBuf)> = rd
             .flatten()
-            .filter(|e| e.file_name() != keep)
+            .filter(|e| !keep.iter().any(|k| e.file_name() == k.as_str()))
             .filter_map(|e| {
                 let used = std::fs::metadata(e.path().join(".complete")).and_then(|m| m.modified()).ok()?;
                 let size: u64 = std::fs::read_dir(e.path())
@@ -1036,10 +1059,9 @@ impl Worker {
                 Some((used, size, e.path()))
             })
             .collect();
-        let keep_size: u64 = std::fs::read_dir(self.model_cache().join(keep))
-            .into_iter()
-            .flatten()
-            .flatten()
+        let keep_size: u64 = keep
+            .iter()
+            .flat_map(|k| std::fs::read_dir(self.model_cache().join(k)).into_iter().flatten().flatten())
             .filter_map(|f| f.metadata().ok())
             .map(|m| m.len())
             .sum();
@@ -1155,12 +1177,11 @@ impl Worker {
             let run_name = match (&t.run_name, n) {
                 (Some(r), 1) => r.clone(),
                 (Some(r), _) => format!("{r}.{model_type}"),
-                (None, _) => info
-                    .run_name
-                    .clone()
-                    .filter(|r| sleap_rtc_core::job::check_run_name(r).is_ok())
-                    .unwrap_or(model_type.clone()),
+                (None, _) => info.run_name.clone().unwrap_or(model_type.clone()),
             };
+            // The name becomes a directory under runs/: whatever the config says, it must be safe.
+            let run_name =
+                if sleap_rtc_core::job::check_run_name(&run_name).is_ok() { run_name } else { format!("model_{i}") };
             let config_path = job.dir.join(format!("config_{i}.yaml"));
             if let Err(e) = std::fs::write(&config_path, text) {
                 return (JobState::Failed, format!("cannot write the config: {e}"), results);
@@ -1286,10 +1307,14 @@ impl Worker {
         let JobSpec::Track(t) = spec else { return (JobState::Failed, "not a track job".into(), vec![]) };
         let data = self.resolve(job, &t.data_path).display().to_string();
         let mut models: Vec<String> = Vec::new();
+        let mut cached: Vec<String> = Vec::new();
         for m in &t.model_paths {
             match m.strip_prefix(sleap_rtc_core::job::MODEL_REF) {
                 Some(id) => match self.ensure_model(id).await {
-                    Ok(dir) => models.push(dir.display().to_string()),
+                    Ok(dir) => {
+                        cached.extend(dir.file_name().map(|n| n.to_string_lossy().into_owned()));
+                        models.push(dir.display().to_string());
+                    }
                     Err(e) => {
                         return (JobState::Failed, format!("cannot fetch model {id} from the registry: {e}"), vec![]);
                     }
@@ -1311,6 +1336,9 @@ impl Worker {
         interrupt.mark_changed();
         let exit = trainer::run_predict(&launch, &argv, &self.cfg.supervision, interrupt, tx).await;
         let _ = relay_task.await;
+        if !cached.is_empty() {
+            self.trim_model_cache(&cached);
+        }
         let exit = match exit {
             Ok(e) => e,
             Err(e) => return (JobState::Failed, e.to_string(), vec![]),
@@ -1350,12 +1378,13 @@ impl Worker {
         job.save();
         tracing::info!(job = %job.id, %state, %message, "job finished");
         let status = job.status();
-        let conns: Vec<Arc<PeerConnection>> = job.attached.lock().map(|a| a.clone()).unwrap_or_default();
-        job.emit(&JobMsg::JobDone { status: status.clone() });
+        // Free the worker before saying so: a client that resubmits on job_done must not see busy.
         if let Ok(mut cur) = self.current.lock() {
             *cur = None;
         }
         let _ = self.status.send((Status::Available, None));
+        let conns: Vec<Arc<PeerConnection>> = job.attached.lock().map(|a| a.clone()).unwrap_or_default();
+        job.emit(&JobMsg::JobDone { status: status.clone() });
         if !results.is_empty() {
             for c in conns {
                 if c.state() != conn::ConnState::Closed {

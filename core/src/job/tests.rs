@@ -110,6 +110,17 @@ fn paths_are_uploads_or_worker_paths() {
 }
 
 #[test]
+fn mapped_paths_are_checked_too() {
+    let spec = parse_spec(&json!({"type": "train", "config_path": "c.yaml", "labels_path": "a.pkg.slp",
+        "path_mappings": {"a.pkg.slp": "/mnt/data/../../home/u/x.pkg.slp"}}))
+    .unwrap()
+    .mapped();
+    let errs = check_paths(&spec, |_| PathVerdict::Ok);
+    assert_eq!(errs.len(), 1);
+    assert_eq!((errs[0].field.as_str(), errs[0].code), ("labels_path", ErrorCode::InvalidPath));
+}
+
+#[test]
 fn path_mappings_exact_then_longest_prefix() {
     let m: BTreeMap<String, String> =
         [("/home/me/data", "/mnt/lab/data"), ("/home/me/data/x.slp", "/mnt/x.slp"), ("/home", "/h")]

@@ -79,6 +79,8 @@ fn corrupt_or_foreign_manifests_are_refused_and_not_overwritten() {
         br#"{"version":"2.0","room_id":"r"}"#,
         br#"{"version":"1.0","room_id":"other"}"#,
         br#"{"version":"1.0","room_id":"r","aliases":{"a":"missing"}}"#,
+        br#"{"version":"1.0","room_id":"r","models":{"..":{"id":".."}}}"#,
+        br#"{"version":"1.0","room_id":"r","models":{"m":{"id":"m","files":[{"name":"../x","size":1,"blake3":""}]}}}"#,
     ] {
         assert!(matches!(Manifest::decode(bad, "r"), Err(RegistryError::Corrupt(_))));
         let mut u: Update<u64> = Update::new("r", vec![add("m1")], "t");
