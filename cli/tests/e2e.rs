@@ -42,21 +42,7 @@ async fn train_then_track_success() {
 
     // Inference with the model that came back.
     let preds = env.path("preds/p.slp");
-    let args: Vec<String> = [
-        "track",
-        "--model",
-        run.to_str().unwrap(),
-        "--data",
-        asset("labels.pkg.slp").to_str().unwrap(),
-        "-o",
-        preds.to_str().unwrap(),
-        "--bind",
-        "127.0.0.1",
-        "--json",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let args = env.track_args(run.to_str().unwrap(), &preds);
     let (code, events, err) = Client::spawn(&env, &args).finish(60).await;
     assert_eq!(code, 0, "{err}\n{events:#?}");
     assert!(events.iter().any(|e| e["progress"]["event"] == "inference" && e["progress"]["n_total"] == 16));
@@ -287,21 +273,7 @@ async fn track_failure_carries_sleap_nn_error_line() {
     std::fs::create_dir_all(&model).unwrap();
     std::fs::write(model.join("best.ckpt"), b"x").unwrap();
     std::fs::write(model.join("training_config.yaml"), b"x: 1").unwrap();
-    let args: Vec<String> = [
-        "track",
-        "-m",
-        model.to_str().unwrap(),
-        "-d",
-        asset("labels.pkg.slp").to_str().unwrap(),
-        "-o",
-        env.path("p.slp").to_str().unwrap(),
-        "--bind",
-        "127.0.0.1",
-        "--json",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let args = env.track_args(model.to_str().unwrap(), &env.path("p.slp"));
     let (code, events, _) = Client::spawn(&env, &args).finish(60).await;
     assert_eq!(code, 1);
     let d = done(&events);

@@ -47,21 +47,7 @@ async fn real_train_then_track() {
     assert!(run.join("best.ckpt").is_file());
 
     let preds = env.path("preds.slp");
-    let args: Vec<String> = [
-        "track",
-        "--model",
-        run.to_str().unwrap(),
-        "--data",
-        asset("labels.pkg.slp").to_str().unwrap(),
-        "-o",
-        preds.to_str().unwrap(),
-        "--bind",
-        "127.0.0.1",
-        "--json",
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
+    let args = env.track_args(run.to_str().unwrap(), &preds);
     let t1 = Instant::now();
     let (code, events, err) = Client::spawn(&env, &args).finish(600).await;
     let track_secs = t1.elapsed().as_secs_f64();

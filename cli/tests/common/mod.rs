@@ -183,6 +183,17 @@ impl Env {
         p
     }
 
+    /// `sleap-rtc track` of the bundled labels with `model` (a run directory or a registry
+    /// reference), writing to `out` (a path), with `--json` events.
+    pub fn track_args(&self, model: &str, out: &Path) -> Vec<String> {
+        let data = asset("labels.pkg.slp");
+        ["track", "--model", model, "--data", data.to_str().unwrap_or_default(), "-o"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain([out.display().to_string(), "--bind".into(), "127.0.0.1".into(), "--json".into()])
+            .collect()
+    }
+
     pub fn train_args(&self, cfg: &Path, out: &str) -> Vec<String> {
         vec![
             "train".into(),
