@@ -203,10 +203,6 @@ impl JobClient {
 
 fn rand_u32() -> u32 {
     let mut b = [0u8; 4];
-    // SAFETY: getrandom(2) into a local buffer.
-    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), 4, 0) };
-    if n != 4 {
-        return std::process::id() ^ std::time::SystemTime::now().elapsed().map(|d| d.subsec_nanos()).unwrap_or(7);
-    }
+    crate::random_bytes(&mut b);
     u32::from_le_bytes(b)
 }

@@ -16,6 +16,17 @@ pub struct SendSet {
 /// Suffix of files being received.
 pub const PART_SUFFIX: &str = ".part";
 
+/// Replaces `path` with `bytes` atomically and durably: a temporary file (named per process, so
+/// concurrent writers do not share it), fsync, rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
+    let mut f = std::fs::File::create(&tmp)?;
+    f.write_all(bytes)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
 /// BLAKE3 of a file, streamed (never the whole file in memory).
 pub fn hash_file(path: &Path) -> io::Result<String> {
     let mut h = blake3::Hasher::new();

@@ -128,15 +128,6 @@ impl Drop for Lock {
     }
 }
 
-fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    use std::io::Write;
-    let tmp = path.with_extension(format!("tmp.{}", std::process::id()));
-    let mut f = std::fs::File::create(&tmp)?;
-    f.write_all(bytes)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path)
-}
-
 impl Store for LocalStore {
     async fn read_manifest(&self, room: &str) -> Result<Option<(Vec<u8>, String)>, StoreError> {
         let p = self.room_dir(room)?.join("manifest.json");
@@ -165,7 +156,7 @@ impl Store for LocalStore {
             if current != expected {
                 return Ok(false);
             }
-            write_synced(&path, &bytes).map_err(io(path.display()))?;
+            crate::files::write_atomic(&path, &bytes).map_err(io(path.display()))?;
             Ok(true)
         })
         .await
@@ -280,10 +271,7 @@ fn now_rfc3339() -> String {
 
 fn jitter() -> u64 {
     let mut b = [0u8; 8];
-    // SAFETY: getrandom(2) into a local buffer.
-    unsafe {
-        libc::getrandom(b.as_mut_ptr().cast(), 8, 0);
-    }
+    crate::random_bytes(&mut b);
     u64::from_le_bytes(b)
 }
 
@@ -350,12 +338,6 @@ pub fn dataset_hash(run_dir: &Path) -> String {
     if any { h.finalize().to_hex()[..16].to_owned() } else { String::new() }
 }
 
-fn hash_file(p: &Path) -> std::io::Result<String> {
-    let mut h = blake3::Hasher::new();
-    h.update_reader(std::fs::File::open(p)?)?;
-    Ok(h.finalize().to_hex().to_string())
-}
-
 /// Publishes a run directory: files first (so the manifest never names a model whose files are
 /// missing), then the manifest entry. The model id comes from the training config and dataset,
 /// so publishing the same run twice yields one model.
@@ -379,7 +361,7 @@ pub async fn publish<S: Store>(
             let p = dir.join(name);
             if let Ok(meta) = std::fs::metadata(&p) {
                 if meta.is_file() {
-                    let blake3 = hash_file(&p).map_err(io(p.display()))?;
+                    let blake3 = crate::files::hash_file(&p).map_err(io(p.display()))?;
                     out.push((ModelFile { name: (*name).to_owned(), size: meta.len(), blake3 }, p));
                 }
             }
@@ -449,7 +431,7 @@ pub async fn pull<S: Store>(
         let part = dir.join(format!("{}.part", f.name));
         store.get_file(room, &e.id, &f.name, &part).await?;
         let p2 = part.clone();
-        let got = tokio::task::spawn_blocking(move || hash_file(&p2))
+        let got = tokio::task::spawn_blocking(move || crate::files::hash_file(&p2))
             .await
             .map_err(|err| StoreError::Other(err.to_string()))?
             .map_err(io(part.display()))?;

@@ -155,13 +155,7 @@ fn unix_now() -> f64 {
 
 fn random_hex(bytes: usize) -> String {
     let mut b = vec![0u8; bytes];
-    // SAFETY: getrandom(2) into our own buffer.
-    let n = unsafe { libc::getrandom(b.as_mut_ptr().cast(), bytes, 0) };
-    if n != bytes as isize {
-        // Unreachable on Linux ≥ 3.17; fall back to something unique rather than fail.
-        let t = SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-        return blake3::hash(&t.to_le_bytes()).to_hex()[..bytes * 2].to_owned();
-    }
+    crate::random_bytes(&mut b);
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
@@ -181,13 +175,6 @@ pub struct JournalEntry {
     /// Process group of the running trainer, so a restarted worker can end an orphan.
     #[serde(default)]
     pub trainer_pid: Option<u32>,
-}
-
-fn write_atomic(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
-    let tmp = path.with_extension("json.tmp");
-    std::fs::write(&tmp, bytes)?;
-    std::fs::File::open(&tmp)?.sync_all()?;
-    std::fs::rename(&tmp, path)
 }
 
 fn journal_path(jobs: &Path, id: &str) -> PathBuf {
@@ -229,7 +216,7 @@ fn recover_journal(jobs: &Path) {
         j.status.message = Some("the worker restarted while this job was running; submit it again".into());
         j.updated_at = unix_now();
         if let Ok(b) = serde_json::to_vec_pretty(&j) {
-            let _ = write_atomic(&journal_path(jobs, &id), &b);
+            let _ = crate::files::write_atomic(&journal_path(jobs, &id), &b);
         }
         tracing::warn!(job = %id, "job was interrupted by a worker restart; marked failed");
     }
@@ -254,7 +241,7 @@ impl ActiveJob {
         let Ok(e) = self.entry.lock() else { return };
         match serde_json::to_vec_pretty(&*e) {
             Ok(b) => {
-                if let Err(err) = write_atomic(&self.dir.join("job.json"), &b) {
+                if let Err(err) = crate::files::write_atomic(&self.dir.join("job.json"), &b) {
                     tracing::error!(job = %self.id, error = %err, "cannot write the job journal");
                 }
             }
