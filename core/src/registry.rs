@@ -272,14 +272,10 @@ pub fn apply(m: &mut Manifest, op: &Op, now: &str) -> Result<bool, RegistryError
                 Some(have) => {
                     let before = have.clone();
                     for w in &e.available_on_workers {
-                        if !have.available_on_workers.contains(w) {
-                            have.available_on_workers.push(w.clone());
-                        }
+                        add_unique(&mut have.available_on_workers, w);
                     }
                     for t in &e.tags {
-                        if !have.tags.contains(t) {
-                            have.tags.push(t.clone());
-                        }
+                        add_unique(&mut have.tags, t);
                     }
                     *have != before
                 }
@@ -326,28 +322,14 @@ pub fn apply(m: &mut Manifest, op: &Op, now: &str) -> Result<bool, RegistryError
         },
         Op::Tag { id, tag } => {
             check_name("tag", tag)?;
-            let id = m.resolve(id)?.id.clone();
-            let e = m.models.get_mut(&id).ok_or_else(|| RegistryError::NotFound(id.clone()))?;
-            if e.tags.contains(tag) {
-                false
-            } else {
-                e.tags.push(tag.clone());
-                true
-            }
+            add_unique(&mut entry_mut(m, id)?.tags, tag)
         }
-        Op::Untag { id, tag } => {
-            let id = m.resolve(id)?.id.clone();
-            let e = m.models.get_mut(&id).ok_or_else(|| RegistryError::NotFound(id.clone()))?;
-            let n = e.tags.len();
-            e.tags.retain(|t| t != tag);
-            e.tags.len() != n
-        }
+        Op::Untag { id, tag } => remove_all(&mut entry_mut(m, id)?.tags, tag),
         Op::SetNotes { id, notes } => {
             if notes.len() > MAX_NOTES_LEN {
                 return Err(RegistryError::Invalid("notes", format!("longer than {MAX_NOTES_LEN} bytes")));
             }
-            let id = m.resolve(id)?.id.clone();
-            let e = m.models.get_mut(&id).ok_or_else(|| RegistryError::NotFound(id.clone()))?;
+            let e = entry_mut(m, id)?;
             let changed = e.notes != *notes;
             e.notes = notes.clone();
             changed
@@ -360,27 +342,36 @@ pub fn apply(m: &mut Manifest, op: &Op, now: &str) -> Result<bool, RegistryError
         }
         Op::AddWorker { id, worker } => {
             check_name("worker", worker)?;
-            let id = m.resolve(id)?.id.clone();
-            let e = m.models.get_mut(&id).ok_or_else(|| RegistryError::NotFound(id.clone()))?;
-            if e.available_on_workers.contains(worker) {
-                false
-            } else {
-                e.available_on_workers.push(worker.clone());
-                true
-            }
+            add_unique(&mut entry_mut(m, id)?.available_on_workers, worker)
         }
-        Op::RemoveWorker { id, worker } => {
-            let id = m.resolve(id)?.id.clone();
-            let e = m.models.get_mut(&id).ok_or_else(|| RegistryError::NotFound(id.clone()))?;
-            let n = e.available_on_workers.len();
-            e.available_on_workers.retain(|w| w != worker);
-            e.available_on_workers.len() != n
-        }
+        Op::RemoveWorker { id, worker } => remove_all(&mut entry_mut(m, id)?.available_on_workers, worker),
     };
     if changed {
         m.updated_at = now.to_owned();
     }
     Ok(changed)
+}
+
+/// The model `query` (id, alias or prefix) names, for changing it.
+fn entry_mut<'a>(m: &'a mut Manifest, query: &str) -> Result<&'a mut ModelEntry, RegistryError> {
+    let id = m.resolve(query)?.id.clone();
+    m.models.get_mut(&id).ok_or(RegistryError::NotFound(id))
+}
+
+/// Adds `item` unless present; whether it was added.
+fn add_unique(list: &mut Vec<String>, item: &str) -> bool {
+    let add = !list.iter().any(|x| x == item);
+    if add {
+        list.push(item.to_owned());
+    }
+    add
+}
+
+/// Removes every `item`; whether any was there.
+fn remove_all(list: &mut Vec<String>, item: &str) -> bool {
+    let n = list.len();
+    list.retain(|x| x != item);
+    list.len() != n
 }
 
 /// What a store must do next for an [`Update`].
