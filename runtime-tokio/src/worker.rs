@@ -945,23 +945,14 @@ impl Worker {
     /// Keeps the upload cache under its cap, dropping the least recently modified entries.
     fn trim_cache(&self) {
         let Ok(rd) = std::fs::read_dir(&self.cache_dir) else { return };
-        let mut entries: Vec<(SystemTime, u64, PathBuf)> = rd
+        let entries: Vec<(SystemTime, u64, PathBuf)> = rd
             .flatten()
             .filter_map(|e| {
                 let m = e.metadata().ok()?;
                 Some((m.modified().ok()?, m.len(), e.path()))
             })
             .collect();
-        let mut total: u64 = entries.iter().map(|e| e.1).sum();
-        entries.sort();
-        for (_, len, path) in entries {
-            if total <= self.cfg.upload_cache_bytes {
-                break;
-            }
-            if std::fs::remove_file(&path).is_ok() {
-                total -= len;
-            }
-        }
+        evict_lru(entries, 0, self.cfg.upload_cache_bytes, |p| std::fs::remove_file(p));
     }
 
     /// Registry models a track job names must exist in the room's registry.
@@ -1032,7 +1023,7 @@ impl Worker {
     /// Evicts least recently used models beyond the cap, never those in `keep` (the job's).
     fn trim_model_cache(&self, keep: &[String]) {
         let Ok(rd) = std::fs::read_dir(self.model_cache()) else { return };
-        let mut dirs: Vec<(SystemTime, u64, PathBuf)> = rd
+        let dirs: Vec<(SystemTime, u64, PathBuf)> = rd
             .flatten()
             .filter(|e| !keep.iter().any(|k| e.file_name() == k.as_str()))
             .filter_map(|e| {
@@ -1052,17 +1043,10 @@ impl Worker {
             .filter_map(|f| f.metadata().ok())
             .map(|m| m.len())
             .sum();
-        let mut total = keep_size + dirs.iter().map(|d| d.1).sum::<u64>();
-        dirs.sort();
-        for (_, size, path) in dirs {
-            if total <= self.cfg.model_cache_bytes {
-                break;
-            }
-            if std::fs::remove_dir_all(&path).is_ok() {
-                tracing::info!(model = %path.display(), "evicted from the model cache");
-                total -= size;
-            }
-        }
+        evict_lru(dirs, keep_size, self.cfg.model_cache_bytes, |p| {
+            tracing::info!(model = %p.display(), "evicted from the model cache");
+            std::fs::remove_dir_all(p)
+        });
     }
 
     /// `registry_query` (a signaling peer_message): does this worker have a model cached?
@@ -1379,6 +1363,26 @@ impl Worker {
                     tokio::spawn(async move { send_results(c, &dir, &results).await });
                 }
             }
+        }
+    }
+}
+
+/// Removes least recently used entries `(last use, bytes, path)` until they and `pinned` bytes
+/// (entries that must stay) fit in `cap`.
+fn evict_lru(
+    mut entries: Vec<(SystemTime, u64, PathBuf)>,
+    pinned: u64,
+    cap: u64,
+    remove: impl Fn(&Path) -> std::io::Result<()>,
+) {
+    let mut total = pinned + entries.iter().map(|e| e.1).sum::<u64>();
+    entries.sort();
+    for (_, size, path) in entries {
+        if total <= cap {
+            break;
+        }
+        if remove(&path).is_ok() {
+            total -= size;
         }
     }
 }
