@@ -268,6 +268,12 @@ pub fn apply(m: &mut Manifest, op: &Op, now: &str) -> Result<bool, RegistryError
             for t in &e.tags {
                 check_name("tag", t)?;
             }
+            // What `check` refuses on read must be refused on write: one bad entry would make
+            // the whole manifest "corrupt" for every reader (found by fuzz/registry_manifest).
+            for f in &e.files {
+                crate::transfer::validate_name(&f.name)
+                    .map_err(|err| RegistryError::Invalid("file name", err.to_string()))?;
+            }
             match m.models.get_mut(&e.id) {
                 Some(have) => {
                     let before = have.clone();

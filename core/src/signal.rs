@@ -629,6 +629,15 @@ mod tests {
         decode(s, 64 * 1024)
     }
 
+    /// Found by `fuzz/signal_decode`: serde_json's default float parser can be one ulp off, so
+    /// a worker's metadata number changed on its way through the server. `float_roundtrip` is on.
+    #[test]
+    fn numbers_in_relayed_metadata_round_trip_exactly() {
+        let text = r#"{"type":"update_metadata","metadata":{"properties":{"x":3333333333333333333333333333333333333333333.333333}}}"#;
+        let env = decode(text, usize::MAX).unwrap();
+        assert_eq!(decode(&env.to_json(), usize::MAX).unwrap(), env);
+    }
+
     #[test]
     fn malformed_json_is_invalid_json() {
         let e = dec("{nope").unwrap_err();

@@ -183,3 +183,18 @@ proptest! {
         let _ = Manifest::decode(&bytes, "r");
     }
 }
+
+/// Found by `fuzz/registry_manifest`: a model whose file name `check` refuses used to be
+/// accepted by `apply`, and the written manifest then read as corrupt for everyone in the room.
+#[test]
+fn a_model_with_an_unsafe_file_name_is_refused_on_write() {
+    let mut m = Manifest::new("r");
+    for name in ["N`\u{1c}", "../x", "/abs", "a\0b", "a\u{2215}b"] {
+        let mut e = model("a1b2c3d4e5f6");
+        e.files = vec![ModelFile { name: name.into(), size: 1, blake3: "00".repeat(32) }];
+        let before = m.clone();
+        assert!(matches!(apply(&mut m, &Op::AddModel(Box::new(e)), "t"), Err(RegistryError::Invalid("file name", _))));
+        assert_eq!(m, before);
+    }
+    assert!(Manifest::decode(&m.to_json(), "r").is_ok());
+}
