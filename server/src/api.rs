@@ -16,11 +16,13 @@ use axum::{Json, Router};
 use serde::Deserialize;
 use serde::de::DeserializeOwned;
 use serde_json::{Value, json};
+use utoipa::{IntoParams, OpenApi, ToSchema};
 
 use crate::auth::{
     ACCOUNT_KEY_PREFIX, WORKER_TOKEN_PREFIX, hash_secret, new_id, new_invite_code, new_room_token, new_secret,
     normalize_invite,
 };
+use crate::openapi::*;
 use crate::store::{AccountKey, Invite, Membership, Role, Room, StoreError, User, WorkerToken};
 use crate::{AppState, now_millis, unix_now, ws};
 
@@ -33,6 +35,8 @@ const DAY: i64 = 86_400;
 
 type S = State<Arc<AppState>>;
 
+// The deprecated handlers are upstream's removed endpoints, kept to answer 410.
+#[allow(deprecated)]
 pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/", get(ws_root))
@@ -43,7 +47,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/anonymous-signin", post(anonymous_signin))
         .route("/create-room", post(legacy_create_room))
         .route("/delete-peer", post(removed_endpoint))
-        .route("/delete-peers-and-room", post(removed_endpoint))
+        .route("/delete-peers-and-room", post(removed_room_endpoint))
+        .route("/openapi.json", get(openapi_json))
         .route("/api/auth/me", get(me))
         .route("/api/auth/account-keys", post(create_account_key).get(list_account_keys))
         .route("/api/auth/account-keys/{id}", delete(delete_account_key))
@@ -139,8 +144,15 @@ impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for Body<T> {
                 .map(Body)
                 .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "INVALID_BODY", e.to_string()));
         }
-        match Json::<T>::from_request(req, state).await {
-            Ok(Json(v)) => Ok(Body(v)),
+        match Json::<Value>::from_request(req, state).await {
+            // Anything but an object is refused (serde would otherwise fill a struct from an
+            // array).
+            Ok(Json(v @ Value::Object(_))) => serde_json::from_value(v)
+                .map(Body)
+                .map_err(|e| ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "INVALID_BODY", e.to_string())),
+            Ok(Json(_)) => {
+                Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "INVALID_BODY", "the body must be a JSON object"))
+            }
             Err(JsonRejection::JsonDataError(e)) => {
                 Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "INVALID_BODY", e.body_text()))
             }
@@ -149,6 +161,34 @@ impl<T: DeserializeOwned> FromRequest<Arc<AppState>> for Body<T> {
                 "UNSUPPORTED_MEDIA_TYPE",
                 "send the body as JSON with Content-Type: application/json",
             )),
+            Err(e) => Err(ApiError::bad_request(e.body_text())),
+        }
+    }
+}
+
+/// Path parameters whose rejections are JSON errors like every other (axum's are plain text).
+pub struct P<T>(pub T);
+
+impl<T: DeserializeOwned + Send> FromRequestParts<Arc<AppState>> for P<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, Self::Rejection> {
+        match Path::<T>::from_request_parts(parts, state).await {
+            Ok(Path(v)) => Ok(P(v)),
+            Err(e) => Err(ApiError::bad_request(e.body_text())),
+        }
+    }
+}
+
+/// Query parameters, likewise.
+pub struct Q<T>(pub T);
+
+impl<T: DeserializeOwned + Send> FromRequestParts<Arc<AppState>> for Q<T> {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, Self::Rejection> {
+        match Query::<T>::from_request_parts(parts, state).await {
+            Ok(Query(v)) => Ok(Q(v)),
             Err(e) => Err(ApiError::bad_request(e.body_text())),
         }
     }
@@ -213,19 +253,46 @@ fn days(v: Option<i64>, default: i64, field: &str) -> ApiResult<i64> {
     Ok(d)
 }
 
+/// An optional field that, when present, must not be `null` (a PATCH of `"name": null` would
+/// otherwise read as "no change" while looking like "clear the name").
+fn not_null<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<String>, D::Error> {
+    String::deserialize(d).map(Some)
+}
+
+/// JSON Schema counts `1.0` as an integer; accept any whole number for a day count.
+fn whole_days<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    match Option::<serde_json::Number>::deserialize(d)? {
+        None => Ok(None),
+        Some(n) => whole(n),
+    }
+}
+
+/// As [`whole_days`], but `null` is refused (for PATCH, where absent means "unchanged").
+fn some_whole_days<'de, D: serde::Deserializer<'de>>(d: D) -> Result<Option<i64>, D::Error> {
+    whole(serde_json::Number::deserialize(d)?)
+}
+
+fn whole<E: serde::de::Error>(n: serde_json::Number) -> Result<Option<i64>, E> {
+    n.as_i64()
+        .or_else(|| n.as_f64().filter(|f| f.fract() == 0.0 && f.abs() < 1e15).map(|f| f as i64))
+        .map(Some)
+        .ok_or_else(|| E::custom("expires_in_days must be a whole number of days"))
+}
+
+/// Length is checked before trimming, so the limit is the one the OpenAPI schema states.
 fn bounded_name(v: Option<String>, field: &str, max: usize, required: bool) -> ApiResult<Option<String>> {
-    match v.map(|s| s.trim().to_owned()) {
-        Some(s) if s.chars().count() > max || (required && s.is_empty()) => Err(ApiError::new(
+    match v.map(|s| (s.chars().count(), s.trim().to_owned())) {
+        Some((n, s)) if n > max || (required && s.is_empty()) => Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "INVALID_BODY",
             format!("{field} must be 1 to {max} characters"),
         )),
-        Some(s) if s.chars().any(char::is_control) => Err(ApiError::new(
+        Some((_, s)) if s.chars().any(char::is_control) => Err(ApiError::new(
             StatusCode::UNPROCESSABLE_ENTITY,
             "INVALID_BODY",
             format!("{field} must not contain control characters"),
         )),
-        other => Ok(other),
+        other => Ok(other.map(|(_, s)| s)),
     }
 }
 
@@ -233,6 +300,7 @@ fn bounded_name(v: Option<String>, field: &str, max: usize, required: bool) -> A
 // WebSocket, health, metrics, keys
 // ---------------------------------------------------------------------------------------------
 
+#[utoipa::path(get, path = "/", tag = "signaling", responses((status = 200, description = "Without an Upgrade header: what this server is. With one: the WebSocket signaling protocol (101).", body = String, content_type = "text/plain")))]
 async fn ws_root(
     state: S,
     connect: ConnectInfo<SocketAddr>,
@@ -248,6 +316,7 @@ async fn ws_root(
     }
 }
 
+#[utoipa::path(get, path = "/ws", tag = "signaling", responses((status = 101, description = "WebSocket signaling protocol"), (status = 426, description = "Not a WebSocket upgrade", body = ErrorBody), (status = 503, description = "Storage unavailable or server at capacity", body = ErrorBody)))]
 async fn ws_only(
     state: S,
     connect: ConnectInfo<SocketAddr>,
@@ -281,6 +350,7 @@ fn accept(State(state): S, ConnectInfo(addr): ConnectInfo<SocketAddr>, u: axum::
         .on_upgrade(move |socket| ws::serve_socket(state, socket, addr))
 }
 
+#[utoipa::path(get, path = "/health", tag = "ops", responses((status = 200, description = "Serving, storage reachable", body = Health), (status = 503, description = "Storage failing", body = Health)))]
 async fn health(State(state): S) -> Response {
     match state.store.health().await {
         Ok(()) => Json(json!({
@@ -299,6 +369,7 @@ async fn health(State(state): S) -> Response {
     }
 }
 
+#[utoipa::path(get, path = "/metrics", tag = "ops", security((), ("bearer" = [])), responses((status = 200, description = "Prometheus/OpenMetrics exposition (loopback clients, or the --metrics-token bearer)", body = String, content_type = "application/openmetrics-text"), (status = 401, description = "Missing, invalid or expired credentials", body = ErrorBody)))]
 async fn metrics(State(state): S, ConnectInfo(addr): ConnectInfo<SocketAddr>, headers: HeaderMap) -> Response {
     if !metrics_allowed(addr.ip(), bearer(&headers), state.config.metrics_token.as_deref()) {
         return ApiError::unauthorized("metrics require a bearer token (--metrics-token) from non-loopback addresses")
@@ -321,10 +392,13 @@ fn constant_eq(a: &[u8], b: &[u8]) -> bool {
     blake3::hash(a) == blake3::hash(b)
 }
 
+#[utoipa::path(get, path = "/.well-known/jwks.json", tag = "ops", responses((status = 200, description = "Public keys that verify the JWTs and peer tickets this server signs", body = Object)))]
 async fn jwks(State(state): S) -> Json<Value> {
     Json(state.keys.jwks())
 }
 
+#[utoipa::path(post, path = "/delete-peer", tag = "legacy", responses((status = 410, description = "Removed endpoint", body = ErrorBody)))]
+#[deprecated(note = "upstream's unauthenticated delete endpoint; answers 410 Gone")]
 async fn removed_endpoint() -> ApiError {
     ApiError::new(
         StatusCode::GONE,
@@ -332,6 +406,39 @@ async fn removed_endpoint() -> ApiError {
         "this unauthenticated endpoint was removed; rooms are deleted by their owner with DELETE /api/auth/rooms/{id}",
     )
 }
+
+#[utoipa::path(post, path = "/delete-peers-and-room", tag = "legacy", responses((status = 410, description = "Removed endpoint", body = ErrorBody)))]
+#[deprecated(note = "upstream's unauthenticated delete endpoint; answers 410 Gone")]
+#[allow(deprecated)]
+async fn removed_room_endpoint() -> ApiError {
+    removed_endpoint().await
+}
+
+#[utoipa::path(get, path = "/openapi.json", tag = "ops", responses((status = 200, description = "This description", body = Object)))]
+async fn openapi_json() -> Response {
+    static SPEC: std::sync::OnceLock<String> = std::sync::OnceLock::new();
+    let spec = SPEC.get_or_init(|| ApiDoc::openapi().to_json().unwrap_or_default());
+    ([(header::CONTENT_TYPE, "application/json")], spec.as_str()).into_response()
+}
+
+/// The OpenAPI document, generated from the `#[utoipa::path]` attributes above.
+#[allow(deprecated)]
+#[derive(OpenApi)]
+#[openapi(
+    info(
+        title = "sleap-rtc signaling server",
+        description = "Rooms, accounts, worker tokens and discovery for sleap-rtc. Signaling itself is the WebSocket on /ws; errors are {detail, code}."
+    ),
+    paths(
+        ws_root, ws_only, health, metrics, jwks, openapi_json, removed_endpoint, removed_room_endpoint,
+        anonymous_signin, me, legacy_create_room, create_room, list_rooms, get_room, patch_room, delete_room,
+        create_invite, join_room, list_members, remove_member, room_workers, create_worker_token,
+        list_worker_tokens, revoke_worker_token, delete_worker_token, create_account_key, list_account_keys,
+        delete_account_key
+    ),
+    modifiers(&BearerAuth, &PATCH_ROOM_NEEDS_A_FIELD, &OPTIONAL_BODIES)
+)]
+pub struct ApiDoc;
 
 // ---------------------------------------------------------------------------------------------
 // Sign-in and legacy room creation
@@ -341,6 +448,7 @@ fn client_ip(addr: &SocketAddr) -> IpAddr {
     addr.ip()
 }
 
+#[utoipa::path(post, path = "/anonymous-signin", tag = "auth", responses((status = 200, description = "A new anonymous user and its JWT", body = Signin), (status = 429, description = "Rate limited", body = ErrorBody), (status = 503, description = "Storage unavailable or server at capacity", body = ErrorBody)))]
 async fn anonymous_signin(State(state): S, ConnectInfo(addr): ConnectInfo<SocketAddr>) -> ApiResult {
     if !state.allow_auth_call(client_ip(&addr)) {
         return Err(ApiError::rate_limited());
@@ -352,6 +460,7 @@ async fn anonymous_signin(State(state): S, ConnectInfo(addr): ConnectInfo<Socket
     Ok(Json(json!({"id_token": jwt, "jwt": jwt, "user_id": user.id, "username": user.username})))
 }
 
+#[utoipa::path(get, path = "/api/auth/me", tag = "auth", security(("bearer" = [])), responses((status = 200, description = "The caller", body = Me), (status = 401, description = "Missing, invalid or expired credentials", body = ErrorBody), (status = 503, description = "Storage unavailable or server at capacity", body = ErrorBody)))]
 async fn me(State(state): S, user: AuthUser) -> ApiResult {
     let created = state.store.get_user(&user.user_id).await?.map(|u| u.created_at);
     Ok(Json(json!({"user_id": user.user_id, "username": user.username, "created_at": created})))
@@ -379,6 +488,7 @@ async fn new_room(state: &AppState, user: &AuthUser, name: String, ttl_secs: i64
     Ok((room, token))
 }
 
+#[utoipa::path(post, path = "/create-room", tag = "legacy", security(("bearer" = [])), responses((status = 200, description = "A room that expires in 2 hours", body = LegacyRoom), (status = 401, description = "Missing, invalid or expired credentials", body = ErrorBody), (status = 503, description = "Storage unavailable or server at capacity", body = ErrorBody)))]
 async fn legacy_create_room(State(state): S, user: AuthUser) -> ApiResult {
     let (room, token) = new_room(&state, &user, String::new(), LEGACY_ROOM_TTL_SECS).await?;
     Ok(Json(json!({"room_id": room.id, "token": token, "expires_at": room.expires_at})))
@@ -388,12 +498,18 @@ async fn legacy_create_room(State(state): S, user: AuthUser) -> ApiResult {
 // Rooms
 // ---------------------------------------------------------------------------------------------
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct CreateRoom {
+    /// Up to 50 characters, no control characters.
+    #[schema(max_length = 50, pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*$")]
     name: Option<String>,
+    /// 1 to 365; default 30.
+    #[serde(default, deserialize_with = "whole_days")]
+    #[schema(value_type = Option<i64>, minimum = 1, maximum = 365)]
     expires_in_days: Option<i64>,
 }
 
+#[utoipa::path(post, path = "/api/auth/rooms", tag = "rooms", security(("bearer" = [])), request_body(content = CreateRoom, description = "All fields optional; an empty body is accepted"), responses((status = 200, description = "The room; its token is shown once", body = CreatedRoom), (status = 400, description = "Malformed request (bad JSON, query or path)", body = ErrorBody), (status = 415, description = "Body is not JSON", body = ErrorBody), (status = 422, description = "Body fails validation", body = ErrorBody), (status = 401, description = "Missing, invalid or expired credentials", body = ErrorBody), (status = 503, description = "Storage unavailable or server at capacity", body = ErrorBody)))]
 async fn create_room(State(state): S, user: AuthUser, Body(b): Body<CreateRoom>) -> ApiResult {
     let name = bounded_name(b.name, "name", 50, false)?.unwrap_or_default();
     let d = days(b.expires_in_days, 30, "expires_in_days")?;
@@ -404,9 +520,12 @@ async fn create_room(State(state): S, user: AuthUser, Body(b): Body<CreateRoom>)
     })))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ListRooms {
+    /// Only rooms where the caller has this role (`owner` or `member`).
     role: Option<String>,
+    /// Case-insensitive substring of the room name.
     search: Option<String>,
 }
 
@@ -417,7 +536,8 @@ fn room_json(room: &Room, m: &Membership, now: i64) -> Value {
     })
 }
 
-async fn list_rooms(State(state): S, user: AuthUser, Query(q): Query<ListRooms>) -> ApiResult {
+#[utoipa::path(get, path = "/api/auth/rooms", tag = "rooms", security(("bearer" = [])), params(ListRooms), responses((status = 200, description = "Rooms the caller belongs to", body = RoomList), (status = 400, description = "Malformed request (bad JSON, query or path)", body = ErrorBody), (status = 401, description = "Missing, invalid or expired credentials", body = ErrorBody), (status = 503, description = "Storage unavailable or server at capacity", body = ErrorBody)))]
+async fn list_rooms(State(state): S, user: AuthUser, Q(q): Q<ListRooms>) -> ApiResult {
     let now = unix_now();
     let search = q.search.map(|s| s.to_lowercase());
     let rooms: Vec<Value> = state
@@ -432,7 +552,8 @@ async fn list_rooms(State(state): S, user: AuthUser, Query(q): Query<ListRooms>)
     Ok(Json(json!({"rooms": rooms})))
 }
 
-async fn get_room(State(state): S, user: AuthUser, Path(id): Path<String>) -> ApiResult {
+#[utoipa::path(get, path = "/api/auth/rooms/{id}", tag = "rooms", security(("bearer" = [])), params(("id" = String, Path, description = "Room id")), responses((status = 200, description = "The room (with its members for the owner)", body = RoomInfo), (status = 400, description = "Malformed request (bad JSON, query or path)", body = ErrorBody), (status = 401, description = "Missing, invalid or expired credentials", body = ErrorBody), (status = 404, description = "No such resource (or no access to it)", body = ErrorBody), (status = 503, description = "Storage unavailable or server at capacity", body = ErrorBody)))]
+async fn get_room(State(state): S, user: AuthUser, P(id): P<String>) -> ApiResult {
     let (room, m) = membership(&state, &id, &user.user_id).await?;
     let mut v = room_json(&room, &m, unix_now());
     if m.role == Role::Owner {
@@ -448,13 +569,27 @@ async fn get_room(State(state): S, user: AuthUser, Path(id): Path<String>) -> Ap
     Ok(Json(v))
 }
 
-#[derive(Deserialize)]
+/// At least one of the fields.
+#[derive(Deserialize, ToSchema)]
+#[serde(deny_unknown_fields)]
 struct PatchRoom {
+    /// 1 to 50 characters, not all blank, no control characters.
+    #[serde(default, deserialize_with = "not_null")]
+    #[schema(
+        nullable = false,
+        min_length = 1,
+        max_length = 50,
+        pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*[^\\s\\u0000-\\u001F\\u007F-\\u009F][^\\u0000-\\u001F\\u007F-\\u009F]*$"
+    )]
     name: Option<String>,
+    /// New expiry, counted from now: 1 to 365.
+    #[serde(default, deserialize_with = "some_whole_days")]
+    #[schema(value_type = i64, minimum = 1, maximum = 365)]
     expires_in_days: Option<i64>,
 }
 
-async fn patch_room(State(state): S, user: AuthUser, Path(id): Path<String>, Body(b): Body<PatchRoom>) -> ApiResult {
+#[utoipa::path(patch, path = "/api/auth/rooms/{id}", tag = "rooms", security(("bearer" = [])), params(("id" = String, Path, description = "Room id")), request_body = PatchRoom, responses((status = 200, description = "Updated", body = PatchedRoom), (status = 400, description = "Malformed request (bad JSON, query or path)", body = ErrorBody), (status = 415, description = "Body is not JSON", body = ErrorBody), (status = 422, description = "Body fails validation", body = ErrorBody), (status = 401, description = "Missing, invalid or expired credentials", body = ErrorBody), (status = 403, description = "Not allowed for this caller", body = ErrorBody), (status = 404, description = "No such resource (or no access to it)", body = ErrorBody), (status = 503, description = "Storage unavailable or server at capacity", body = ErrorBody)))]
+async fn patch_room(State(state): S, user: AuthUser, P(id): P<String>, Body(b): Body<PatchRoom>) -> ApiResult {
     owner(&state, &id, &user.user_id, "update room settings").await?;
     let name = bounded_name(b.name, "name", 50, true)?;
     let expires = match b.expires_in_days {
@@ -480,14 +615,16 @@ async fn patch_room(State(state): S, user: AuthUser, Path(id): Path<String>, Bod
     Ok(Json(json!({"room_id": room.id, "name": room.name, "expires_at": room.expires_at})))
 }
 
-async fn delete_room(State(state): S, user: AuthUser, Path(id): Path<String>) -> ApiResult {
+#[utoipa::path(delete, path = "/api/auth/rooms/{id}", tag = "rooms", security(("bearer" = [])), params(("id" = String, Path, description = "Room id")), responses((status = 200, description = "Deleted; its connected peers were disconnected", body = Status), (status = 400, description = "Malformed request (bad JSON, query or path)", body = ErrorBody), (status = 401, description = "Missing, invalid or expired credentials", body = ErrorBody), (status = 403, description = "Not allowed for this caller", body = ErrorBody), (status = 404, description = "No such resource (or no access to it)", body = ErrorBody), (status = 503, description = "Storage unavailable or server at capacity", body = ErrorBody)))]
+async fn delete_room(State(state): S, user: AuthUser, P(id): P<String>) -> ApiResult {
     owner(&state, &id, &user.user_id, "delete a room").await?;
     state.store.delete_room(&id).await?;
     ws::drive(&state, |hub| hub.close_room(&id, "Room deleted", now_millis()));
     Ok(Json(json!({"status": "deleted", "room_id": id})))
 }
 
-async fn create_invite(State(state): S, user: AuthUser, Path(id): Path<String>) -> ApiResult {
+#[utoipa::path(post, path = "/api/auth/rooms/{id}/invite", tag = "rooms", security(("bearer" = [])), params(("id" = String, Path, description = "Room id")), responses((status = 200, description = "A single-use invite code, shown once", body = InviteCreated), (status = 400, description = "Malformed request (bad JSON, query or path)", body = ErrorBody), (status = 401, description = "Missing, invalid or expired credentials", body = ErrorBody), (status = 403, description = "Not allowed for this caller", body = ErrorBody), (status = 404, description = "No such resource (or no access to it)", body = ErrorBody), (status = 503, description = "Storage unavailable or server at capacity", body = ErrorBody)))]
+async fn create_invite(State(state): S, user: AuthUser, P(id): P<String>) -> ApiResult {
     owner(&state, &id, &user.user_id, "create invites").await?;
     let code = new_invite_code();
     let inv = Invite {
@@ -500,11 +637,13 @@ async fn create_invite(State(state): S, user: AuthUser, Path(id): Path<String>) 
     Ok(Json(json!({"invite_code": code, "room_id": id, "expires_in_seconds": INVITE_TTL_SECS, "single_use": true})))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct JoinRoom {
+    /// As given by the room owner (case and dashes do not matter).
     invite_code: String,
 }
 
+#[utoipa::path(post, path = "/api/auth/rooms/join", tag = "rooms", security(("bearer" = [])), request_body = JoinRoom, responses((status = 200, description = "Joined (or already a member)", body = Joined), (status = 400, description = "Malformed request (bad JSON, query or path)", body = ErrorBody), (status = 415, description = "Body is not JSON", body = ErrorBody), (status = 422, description = "Body fails validation", body = ErrorBody), (status = 401, description = "Missing, invalid or expired credentials", body = ErrorBody), (status = 404, description = "Unknown or expired invite code, or its room is gone", body = ErrorBody), (status = 429, description = "Rate limited", body = ErrorBody), (status = 503, description = "Storage unavailable or server at capacity", body = ErrorBody)))]
 async fn join_room(
     State(state): S,
     ConnectInfo(addr): ConnectInfo<SocketAddr>,
@@ -519,9 +658,9 @@ async fn join_room(
         .store
         .take_invite(&hash_secret(&code), unix_now())
         .await?
-        .ok_or_else(|| ApiError::bad_request("Invalid or expired invite code"))?;
+        .ok_or_else(|| ApiError::not_found("Invalid or expired invite code"))?;
     let room = state.store.get_room(&inv.room_id).await?.filter(|r| !r.is_expired(unix_now()));
-    let Some(room) = room else { return Err(ApiError::bad_request("The room of this invite no longer exists")) };
+    let Some(room) = room else { return Err(ApiError::not_found("The room of this invite no longer exists")) };
     let m = Membership {
         user_id: user.user_id,
         room_id: room.id.clone(),
@@ -534,7 +673,8 @@ async fn join_room(
     Ok(Json(json!({"message": message, "room_id": room.id, "name": room.name})))
 }
 
-async fn list_members(State(state): S, user: AuthUser, Path(id): Path<String>) -> ApiResult {
+#[utoipa::path(get, path = "/api/auth/rooms/{id}/members", tag = "rooms", security(("bearer" = [])), params(("id" = String, Path, description = "Room id")), responses((status = 200, description = "Members of the room", body = MemberList), (status = 400, description = "Malformed request (bad JSON, query or path)", body = ErrorBody), (status = 401, description = "Missing, invalid or expired credentials", body = ErrorBody), (status = 404, description = "No such resource (or no access to it)", body = ErrorBody), (status = 503, description = "Storage unavailable or server at capacity", body = ErrorBody)))]
+async fn list_members(State(state): S, user: AuthUser, P(id): P<String>) -> ApiResult {
     membership(&state, &id, &user.user_id).await?;
     let members: Vec<Value> = state
         .store
@@ -549,11 +689,14 @@ async fn list_members(State(state): S, user: AuthUser, Path(id): Path<String>) -
     Ok(Json(json!({"members": members})))
 }
 
-async fn remove_member(State(state): S, user: AuthUser, Path((id, target)): Path<(String, String)>) -> ApiResult {
+#[utoipa::path(delete, path = "/api/auth/rooms/{id}/members/{user_id}", tag = "rooms", security(("bearer" = [])), params(("id" = String, Path, description = "Room id"), ("user_id" = String, Path, description = "Member to remove (yourself to leave)")), responses((status = 200, description = "Removed (or left); their peers were disconnected", body = Status), (status = 400, description = "Malformed request (bad JSON, query or path)", body = ErrorBody), (status = 401, description = "Missing, invalid or expired credentials", body = ErrorBody), (status = 403, description = "Not allowed for this caller", body = ErrorBody), (status = 404, description = "No such resource (or no access to it)", body = ErrorBody), (status = 409, description = "The owner cannot remove themselves", body = ErrorBody), (status = 503, description = "Storage unavailable or server at capacity", body = ErrorBody)))]
+async fn remove_member(State(state): S, user: AuthUser, P((id, target)): P<(String, String)>) -> ApiResult {
     let (_, me) = membership(&state, &id, &user.user_id).await?;
     let is_self = target == user.user_id;
     if is_self && me.role == Role::Owner {
-        return Err(ApiError::bad_request(
+        return Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "CONFLICT",
             "Room owners cannot remove themselves. Delete the room or transfer ownership first.",
         ));
     }
@@ -573,7 +716,8 @@ async fn remove_member(State(state): S, user: AuthUser, Path((id, target)): Path
     }
 }
 
-async fn room_workers(State(state): S, user: AuthUser, Path(id): Path<String>) -> ApiResult {
+#[utoipa::path(get, path = "/api/rooms/{id}/workers", tag = "rooms", security(("bearer" = [])), params(("id" = String, Path, description = "Room id")), responses((status = 200, description = "Workers connected to the room now", body = WorkerList), (status = 400, description = "Malformed request (bad JSON, query or path)", body = ErrorBody), (status = 401, description = "Missing, invalid or expired credentials", body = ErrorBody), (status = 404, description = "No such resource (or no access to it)", body = ErrorBody), (status = 503, description = "Storage unavailable or server at capacity", body = ErrorBody)))]
+async fn room_workers(State(state): S, user: AuthUser, P(id): P<String>) -> ApiResult {
     membership(&state, &id, &user.user_id).await?;
     let workers: Vec<Value> = {
         let st = state.hub.lock().map_err(|_| anyhow::anyhow!("hub lock poisoned"))?;
@@ -593,13 +737,23 @@ async fn room_workers(State(state): S, user: AuthUser, Path(id): Path<String>) -
 // Worker tokens
 // ---------------------------------------------------------------------------------------------
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct CreateToken {
     room_id: String,
+    /// 1 to 64 characters, not all blank, no control characters.
+    #[schema(
+        min_length = 1,
+        max_length = 64,
+        pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*[^\\s\\u0000-\\u001F\\u007F-\\u009F][^\\u0000-\\u001F\\u007F-\\u009F]*$"
+    )]
     worker_name: String,
+    /// 1 to 365; default 7.
+    #[serde(default, deserialize_with = "whole_days")]
+    #[schema(value_type = Option<i64>, minimum = 1, maximum = 365)]
     expires_in_days: Option<i64>,
 }
 
+#[utoipa::path(post, path = "/api/auth/token", tag = "tokens", security(("bearer" = [])), request_body = CreateToken, responses((status = 200, description = "The token; its secret is shown once", body = TokenCreated), (status = 400, description = "Malformed request (bad JSON, query or path)", body = ErrorBody), (status = 415, description = "Body is not JSON", body = ErrorBody), (status = 422, description = "Body fails validation", body = ErrorBody), (status = 401, description = "Missing, invalid or expired credentials", body = ErrorBody), (status = 403, description = "Not allowed for this caller", body = ErrorBody), (status = 503, description = "Storage unavailable or server at capacity", body = ErrorBody)))]
 async fn create_worker_token(State(state): S, user: AuthUser, Body(b): Body<CreateToken>) -> ApiResult {
     let worker_name = bounded_name(Some(b.worker_name), "worker_name", 64, true)?.unwrap_or_default();
     let d = days(b.expires_in_days, 7, "expires_in_days")?;
@@ -625,14 +779,18 @@ async fn create_worker_token(State(state): S, user: AuthUser, Body(b): Body<Crea
     })))
 }
 
-#[derive(Deserialize)]
+#[derive(Deserialize, IntoParams)]
+#[into_params(parameter_in = Query)]
 struct ListTokens {
+    /// Only tokens of this room.
     room_id: Option<String>,
+    /// Leave out revoked and expired tokens.
     #[serde(default)]
     active_only: bool,
 }
 
-async fn list_worker_tokens(State(state): S, user: AuthUser, Query(q): Query<ListTokens>) -> ApiResult {
+#[utoipa::path(get, path = "/api/auth/tokens", tag = "tokens", security(("bearer" = [])), params(ListTokens), responses((status = 200, description = "Tokens the caller created", body = TokenList), (status = 400, description = "Malformed request (bad JSON, query or path)", body = ErrorBody), (status = 401, description = "Missing, invalid or expired credentials", body = ErrorBody), (status = 503, description = "Storage unavailable or server at capacity", body = ErrorBody)))]
+async fn list_worker_tokens(State(state): S, user: AuthUser, Q(q): Q<ListTokens>) -> ApiResult {
     let now = unix_now();
     let tokens: Vec<Value> = state
         .store
@@ -660,14 +818,16 @@ async fn manageable_token(state: &AppState, user: &AuthUser, id: &str) -> ApiRes
     Ok(t)
 }
 
-async fn revoke_worker_token(State(state): S, user: AuthUser, Path(id): Path<String>) -> ApiResult {
+#[utoipa::path(delete, path = "/api/auth/token/{id}", tag = "tokens", security(("bearer" = [])), params(("id" = String, Path, description = "Token id (not the secret)")), responses((status = 200, description = "Revoked; peers using it were disconnected", body = Revoked), (status = 400, description = "Malformed request (bad JSON, query or path)", body = ErrorBody), (status = 401, description = "Missing, invalid or expired credentials", body = ErrorBody), (status = 403, description = "Not allowed for this caller", body = ErrorBody), (status = 404, description = "No such resource (or no access to it)", body = ErrorBody), (status = 503, description = "Storage unavailable or server at capacity", body = ErrorBody)))]
+async fn revoke_worker_token(State(state): S, user: AuthUser, P(id): P<String>) -> ApiResult {
     let t = manageable_token(&state, &user, &id).await?;
     state.store.revoke_worker_token(&t.id, unix_now()).await?;
     let disconnected = evict_credential(&state, &format!("wt:{}", t.id));
     Ok(Json(json!({"revoked": true, "id": t.id, "disconnected": disconnected})))
 }
 
-async fn delete_worker_token(State(state): S, user: AuthUser, Path(id): Path<String>) -> ApiResult {
+#[utoipa::path(delete, path = "/api/auth/tokens/{id}", tag = "tokens", security(("bearer" = [])), params(("id" = String, Path, description = "Token id (not the secret)")), responses((status = 200, description = "Deleted; peers using it were disconnected", body = Deleted), (status = 400, description = "Malformed request (bad JSON, query or path)", body = ErrorBody), (status = 401, description = "Missing, invalid or expired credentials", body = ErrorBody), (status = 403, description = "Not allowed for this caller", body = ErrorBody), (status = 404, description = "No such resource (or no access to it)", body = ErrorBody), (status = 503, description = "Storage unavailable or server at capacity", body = ErrorBody)))]
+async fn delete_worker_token(State(state): S, user: AuthUser, P(id): P<String>) -> ApiResult {
     let t = manageable_token(&state, &user, &id).await?;
     state.store.delete_worker_token(&t.id).await?;
     let disconnected = evict_credential(&state, &format!("wt:{}", t.id));
@@ -684,12 +844,18 @@ fn evict_credential(state: &Arc<AppState>, credential_id: &str) -> usize {
 // Account keys
 // ---------------------------------------------------------------------------------------------
 
-#[derive(Deserialize)]
+#[derive(Deserialize, ToSchema)]
 struct CreateKey {
+    /// Up to 64 characters, no control characters; default `default`.
+    #[schema(max_length = 64, pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*$")]
     name: Option<String>,
+    /// 1 to 365; no expiry when absent.
+    #[serde(default, deserialize_with = "whole_days")]
+    #[schema(value_type = Option<i64>, minimum = 1, maximum = 365)]
     expires_in_days: Option<i64>,
 }
 
+#[utoipa::path(post, path = "/api/auth/account-keys", tag = "auth", security(("bearer" = [])), request_body(content = CreateKey, description = "All fields optional; an empty body is accepted"), responses((status = 200, description = "The key; its secret is shown once", body = KeyCreated), (status = 400, description = "Malformed request (bad JSON, query or path)", body = ErrorBody), (status = 415, description = "Body is not JSON", body = ErrorBody), (status = 422, description = "Body fails validation", body = ErrorBody), (status = 401, description = "Missing, invalid or expired credentials", body = ErrorBody), (status = 503, description = "Storage unavailable or server at capacity", body = ErrorBody)))]
 async fn create_account_key(State(state): S, user: AuthUser, Body(b): Body<CreateKey>) -> ApiResult {
     let name = bounded_name(b.name, "name", 64, false)?.filter(|n| !n.is_empty()).unwrap_or_else(|| "default".into());
     let expires_at = match b.expires_in_days {
@@ -711,6 +877,7 @@ async fn create_account_key(State(state): S, user: AuthUser, Body(b): Body<Creat
     ))
 }
 
+#[utoipa::path(get, path = "/api/auth/account-keys", tag = "auth", security(("bearer" = [])), responses((status = 200, description = "The caller's account keys (no secrets)", body = KeyList), (status = 401, description = "Missing, invalid or expired credentials", body = ErrorBody), (status = 503, description = "Storage unavailable or server at capacity", body = ErrorBody)))]
 async fn list_account_keys(State(state): S, user: AuthUser) -> ApiResult {
     let keys: Vec<Value> = state
         .store
@@ -722,7 +889,8 @@ async fn list_account_keys(State(state): S, user: AuthUser) -> ApiResult {
     Ok(Json(json!({"keys": keys})))
 }
 
-async fn delete_account_key(State(state): S, user: AuthUser, Path(id): Path<String>) -> ApiResult {
+#[utoipa::path(delete, path = "/api/auth/account-keys/{id}", tag = "auth", security(("bearer" = [])), params(("id" = String, Path, description = "Key id (not the secret)")), responses((status = 200, description = "Deleted; peers using it were disconnected", body = Deleted), (status = 400, description = "Malformed request (bad JSON, query or path)", body = ErrorBody), (status = 401, description = "Missing, invalid or expired credentials", body = ErrorBody), (status = 404, description = "No such resource (or no access to it)", body = ErrorBody), (status = 503, description = "Storage unavailable or server at capacity", body = ErrorBody)))]
+async fn delete_account_key(State(state): S, user: AuthUser, P(id): P<String>) -> ApiResult {
     if !state.store.delete_account_key(&user.user_id, &id).await? {
         return Err(ApiError::not_found("Key not found"));
     }

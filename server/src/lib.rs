@@ -9,6 +9,7 @@ pub mod api;
 pub mod auth;
 pub mod config;
 pub mod metrics;
+pub mod openapi;
 pub mod store;
 pub mod ws;
 

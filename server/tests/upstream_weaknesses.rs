@@ -285,7 +285,7 @@ async fn b10_invites_single_use_and_persistent() {
     let v = s.ok("POST", "/api/auth/rooms/join", Some(&a), Some(json!({"invite_code": typed}))).await;
     assert_eq!(v["message"], "Joined successfully");
     let (st, v) = s.call("POST", "/api/auth/rooms/join", Some(&b), Some(json!({"invite_code": code}))).await;
-    assert_eq!(st, 400, "second use refused: {v}");
+    assert_eq!(st, 404, "second use refused: {v}");
     let members = s.ok("GET", &format!("/api/auth/rooms/{room}/members"), Some(&a), None).await;
     assert_eq!(members["members"].as_array().unwrap().len(), 2);
     s.stop().await;

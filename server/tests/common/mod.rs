@@ -17,6 +17,21 @@ pub struct TestServer {
     pub client: reqwest::Client,
 }
 
+/// The interpreter of the test venv that `scripts/test.sh` prepares (`SLEAP_RTC_TEST_PYTHON`).
+/// A missing venv is a set-up error, not a pass.
+pub fn python() -> String {
+    if let Ok(p) = std::env::var("SLEAP_RTC_TEST_PYTHON") {
+        return p;
+    }
+    let home = std::env::var("HOME").unwrap_or_default();
+    let p = format!("{home}/.cache/sleap-rtc/venv/bin/python");
+    assert!(
+        std::path::Path::new(&p).exists(),
+        "no Python test venv: run ./scripts/test.sh once (it creates {p}) or set SLEAP_RTC_TEST_PYTHON"
+    );
+    p
+}
+
 pub async fn start() -> TestServer {
     start_with(|_| {}).await
 }
