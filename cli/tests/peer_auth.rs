@@ -4,27 +4,10 @@
 
 mod common;
 
-use std::time::Duration;
-
 use common::*;
 use serde_json::{Value, json};
-use sleap_rtc_core::signal::{Register, ServerMessage};
-use sleap_rtc_tokio::{PeerConnection, PeerOptions, SignalingClient};
-
-async fn client(env: &Env) -> SignalingClient {
-    let reg = Register {
-        role: Some("client".into()),
-        room_id: Some(env.room.clone()),
-        jwt: Some(env.jwt.clone()),
-        ..Default::default()
-    };
-    SignalingClient::connect(&format!("{}/ws", env.url.replace("http://", "ws://")), reg).await.unwrap()
-}
-
-async fn next_json(c: &PeerConnection) -> Option<Value> {
-    let t = tokio::time::timeout(Duration::from_secs(15), c.recv_message()).await.expect("no message in 15 s")?;
-    Some(serde_json::from_str(&t).unwrap())
-}
+use sleap_rtc_core::signal::ServerMessage;
+use sleap_rtc_tokio::PeerOptions;
 
 fn submit() -> Value {
     json!({"type": "job_submit", "client_job_id": "x",
@@ -41,28 +24,28 @@ async fn commands_without_proof_are_refused_and_the_connection_closed() {
     let env = env().await;
     let _w = env.worker("w", &[], "").await;
     let wid = env.worker_id(&env.path("w"));
-    let sig = client(&env).await;
+    let sig = signaling_client(&env).await;
     let c = sleap_rtc_tokio::connect(&sig, &wid, PeerOptions::loopback()).await.unwrap();
     c.send_message(&submit()).unwrap();
     c.send_message(&json!({"type": "job_attach", "job_id": "job_0000000000000000"})).unwrap();
-    let m = next_json(&c).await.expect("a refusal");
+    let m = next_ctl(&c).await.expect("a refusal");
     assert_eq!(m["type"], "auth_failed", "{m}");
     assert!(m["reason"].as_str().unwrap().contains("prove room membership"), "{m}");
     // Nothing else comes: the worker closes the connection.
-    assert_eq!(next_json(&c).await, None);
+    assert_eq!(next_ctl(&c).await, None);
     assert_eq!(jobs_run(&env), 0);
 
     // Garbage first is no better.
     let c = sleap_rtc_tokio::connect(&sig, &wid, PeerOptions::loopback()).await.unwrap();
     c.send_message(&json!({"type": "auth_ticket", "ticket": "not.a.jwt"})).unwrap();
-    let m = next_json(&c).await.unwrap();
+    let m = next_ctl(&c).await.unwrap();
     assert_eq!(m["type"], "auth_failed");
-    assert_eq!(next_json(&c).await, None);
+    assert_eq!(next_ctl(&c).await, None);
 
     // A user JWT is not a ticket (another audience), though the same key signed it.
     let c = sleap_rtc_tokio::connect(&sig, &wid, PeerOptions::loopback()).await.unwrap();
     c.send_message(&json!({"type": "auth_ticket", "ticket": env.jwt})).unwrap();
-    let m = next_json(&c).await.unwrap();
+    let m = next_ctl(&c).await.unwrap();
     assert_eq!(m["type"], "auth_failed", "{m}");
     assert_eq!(jobs_run(&env), 0);
 }
@@ -73,7 +56,7 @@ async fn a_ticket_cannot_be_replayed_on_another_connection() {
     let _w = env.worker("w", &[], "").await;
     let wid = env.worker_id(&env.path("w"));
     // A obtains a genuine ticket for its own connection.
-    let a = client(&env).await;
+    let a = signaling_client(&env).await;
     let ca = sleap_rtc_tokio::connect(&a, &wid, PeerOptions::loopback()).await.unwrap();
     let fp = ca.local_fingerprint().to_owned();
     let ticket = match a.request(json!({"type": "request_ticket", "target": wid, "fingerprint": fp})).await.unwrap().msg
@@ -82,10 +65,10 @@ async fn a_ticket_cannot_be_replayed_on_another_connection() {
         other => panic!("{other:?}"),
     };
     // B (another peer of the same user, even) presents it on B's connection.
-    let b = client(&env).await;
+    let b = signaling_client(&env).await;
     let cb = sleap_rtc_tokio::connect(&b, &wid, PeerOptions::loopback()).await.unwrap();
     cb.send_message(&json!({"type": "auth_ticket", "ticket": ticket})).unwrap();
-    let m = next_json(&cb).await.unwrap();
+    let m = next_ctl(&cb).await.unwrap();
     assert_eq!(m["type"], "auth_failed");
     assert!(m["reason"].as_str().unwrap().contains("another peer"), "{m}");
     // B asks for a ticket claiming A's fingerprint while its own DTLS key differs (as it would
@@ -100,12 +83,12 @@ async fn a_ticket_cannot_be_replayed_on_another_connection() {
         other => panic!("{other:?}"),
     };
     cb.send_message(&json!({"type": "auth_ticket", "ticket": forged})).unwrap();
-    let m = next_json(&cb).await.unwrap();
+    let m = next_ctl(&cb).await.unwrap();
     assert_eq!(m["type"], "auth_failed");
     assert!(m["reason"].as_str().unwrap().contains("DTLS"), "{m}");
     // A's own use of its ticket works.
     ca.send_message(&json!({"type": "auth_ticket", "ticket": ticket})).unwrap();
-    let m = next_json(&ca).await.unwrap();
+    let m = next_ctl(&ca).await.unwrap();
     assert_eq!(m["type"], "auth_ok", "{m}");
     assert_eq!(jobs_run(&env), 0);
 }

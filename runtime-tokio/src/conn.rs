@@ -795,10 +795,17 @@ impl Driver {
             SessionEvent::TransferDone { transfer, direction: Direction::Receive, result } => match result {
                 Err(e) => {
                     // An offer nobody claimed yet may be cancelled before it is.
+                    let unclaimed = self.unclaimed.len();
                     self.unclaimed.retain(|(t, _)| *t != transfer);
                     if let Some(mut i) = self.incoming.remove(&transfer) {
                         if let Some(r) = i.reply.take() {
                             let _ = r.send(Err(e));
+                        }
+                    } else if self.unclaimed.len() == unclaimed {
+                        // Refused at the offer (unsafe name, too large, ...): whoever waits for
+                        // the next upload hears why, instead of waiting for one that never comes.
+                        if let Some(w) = self.receive_waiters.pop_front() {
+                            let _ = w.reply.send(Err(e));
                         }
                     }
                 }

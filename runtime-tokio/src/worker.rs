@@ -904,7 +904,10 @@ impl Worker {
             if !ok_hash || sleap_rtc_core::transfer::validate_name(&f.name).is_err() {
                 continue;
             }
-            if std::fs::metadata(&cached).map(|m| m.len() == f.size).unwrap_or(false) {
+            // symlink_metadata: a link planted in the cache must not make us copy whatever it
+            // points at into the job.
+            if std::fs::symlink_metadata(&cached).map(|m| m.file_type().is_file() && m.len() == f.size).unwrap_or(false)
+            {
                 let part = input.join(format!("{}{}", f.name, crate::files::PART_SUFFIX));
                 if let Some(parent) = part.parent() {
                     let _ = std::fs::create_dir_all(parent);

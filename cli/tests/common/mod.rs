@@ -290,3 +290,35 @@ pub fn done(events: &[Value]) -> &Value {
 pub fn is_epoch_end(v: &Value) -> bool {
     v["event"] == "progress" && v["progress"]["event"] == "epoch_end"
 }
+
+/// A raw signaling client in the room (the attacker's starting point: any room member has one).
+pub async fn signaling_client(env: &Env) -> sleap_rtc_tokio::SignalingClient {
+    let reg = sleap_rtc_core::signal::Register {
+        role: Some("client".into()),
+        room_id: Some(env.room.clone()),
+        jwt: Some(env.jwt.clone()),
+        ..Default::default()
+    };
+    sleap_rtc_tokio::SignalingClient::connect(&format!("{}/ws", env.url.replace("http://", "ws://")), reg)
+        .await
+        .expect("signaling connect")
+}
+
+/// The next control message from the worker; `None` once the connection is closed.
+pub async fn next_ctl(c: &sleap_rtc_tokio::PeerConnection) -> Option<Value> {
+    let t = tokio::time::timeout(Duration::from_secs(15), c.recv_message()).await.expect("no message in 15 s")?;
+    Some(serde_json::from_str(&t).expect("worker sends JSON"))
+}
+
+/// A data channel to worker `wid` that has proven room membership with a genuine ticket: what
+/// a hostile room member holds.
+pub async fn authed_connection(sig: &sleap_rtc_tokio::SignalingClient, wid: &str) -> sleap_rtc_tokio::PeerConnection {
+    let c = sleap_rtc_tokio::connect(sig, wid, sleap_rtc_tokio::PeerOptions::loopback()).await.expect("connect");
+    let fp = c.local_fingerprint().to_owned();
+    let reply = sig.request(json!({"type": "request_ticket", "target": wid, "fingerprint": fp})).await.unwrap().msg;
+    let sleap_rtc_core::signal::ServerMessage::PeerTicket { ticket } = reply else { panic!("no ticket: {reply:?}") };
+    c.send_message(&json!({"type": "auth_ticket", "ticket": ticket})).unwrap();
+    let m = next_ctl(&c).await.expect("auth reply");
+    assert_eq!(m["type"], "auth_ok", "{m}");
+    c
+}

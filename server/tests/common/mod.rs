@@ -205,3 +205,72 @@ pub enum Event {
     Error(String),
     Timeout,
 }
+
+/// The `sleap-rtc-server` binary in its own process (so its memory can be read from /proc),
+/// killed on drop.
+pub struct ServerProcess {
+    pub child: std::process::Child,
+    pub addr: String,
+    pub dir: tempfile::TempDir,
+}
+
+impl ServerProcess {
+    pub async fn spawn(args: &[&str]) -> ServerProcess {
+        use std::io::BufRead;
+        let dir = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sleap-rtc-server"))
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(dir.path())
+            .args(args)
+            .env("SLEAP_RTC_LOG", "warn")
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .expect("start sleap-rtc-server");
+        let stdout = child.stdout.take().unwrap();
+        let line = tokio::task::spawn_blocking(move || {
+            let mut l = String::new();
+            std::io::BufReader::new(stdout).read_line(&mut l).unwrap();
+            l
+        })
+        .await
+        .unwrap();
+        let addr = line.trim().strip_prefix("listening on ").expect("listening line").to_owned();
+        ServerProcess { child, addr, dir }
+    }
+
+    /// Resident memory in KiB.
+    pub fn rss_kib(&self) -> u64 {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.child.id())).unwrap_or_default();
+        status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .unwrap_or(0)
+    }
+
+    /// Anonymous sign-in and a room; returns (jwt, room_id).
+    pub async fn signin_and_room(&self) -> (String, String) {
+        let http = reqwest::Client::new();
+        let v: Value =
+            http.post(format!("http://{}/anonymous-signin", self.addr)).send().await.unwrap().json().await.unwrap();
+        let jwt = v["jwt"].as_str().unwrap().to_owned();
+        let r: Value = http
+            .post(format!("http://{}/api/auth/rooms", self.addr))
+            .bearer_auth(&jwt)
+            .json(&json!({}))
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+        (jwt, r["room_id"].as_str().unwrap().to_owned())
+    }
+}
+
+impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
