@@ -45,7 +45,30 @@ impl ServerUrl {
         if host.is_empty() {
             bail!("--server {s}: no host");
         }
-        Ok(ServerUrl { ws: format!("{ws_scheme}://{host}/ws"), http: format!("{http_scheme}://{host}") })
+        let url = ServerUrl { ws: format!("{ws_scheme}://{host}/ws"), http: format!("{http_scheme}://{host}") };
+        if let Some(w) = url.plaintext_warning() {
+            eprintln!("warning: {w}");
+        }
+        Ok(url)
+    }
+
+    /// Upstream defaulted to plain `ws://` (B25): tokens crossed the network in clear. Plain
+    /// HTTP stays allowed (a lab LAN, an SSH tunnel) but anything beyond loopback is called out.
+    pub fn plaintext_warning(&self) -> Option<String> {
+        let host = self.http.strip_prefix("http://")?;
+        let name = match host.strip_prefix('[') {
+            Some(v6) => v6.split(']').next().unwrap_or_default(),
+            None => host.split(':').next().unwrap_or_default(),
+        };
+        let loopback =
+            name.eq_ignore_ascii_case("localhost") || name.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+        (!loopback).then(|| {
+            format!(
+                "{} is plain HTTP: your credentials and the room's signaling cross the network unencrypted; \
+                 use https:// (a TLS-terminating proxy in front of the server)",
+                self.http
+            )
+        })
     }
 }
 
@@ -693,6 +716,12 @@ mod tests {
         let s = ServerUrl::parse("wss://rtc.example.org/ws").unwrap();
         assert_eq!((s.ws.as_str(), s.http.as_str()), ("wss://rtc.example.org/ws", "https://rtc.example.org"));
         assert!(ServerUrl::parse("ftp://x").is_err());
+        for quiet in ["http://127.0.0.1:8080", "http://localhost:1", "ws://[::1]:8080/ws", "https://lab.example.org"] {
+            assert_eq!(ServerUrl::parse(quiet).unwrap().plaintext_warning(), None, "{quiet}");
+        }
+        for loud in ["http://10.0.0.5:8080", "ws://rtc.example.org/ws", "http://[2001:db8::1]:80"] {
+            assert!(ServerUrl::parse(loud).unwrap().plaintext_warning().is_some(), "{loud}");
+        }
         assert!(ServerUrl::parse("http://").is_err());
     }
 

@@ -513,3 +513,135 @@ async fn unregistered_connections_are_closed() {
     assert_eq!(idle.closed().await, 4008);
     s.stop().await;
 }
+
+/// B9, B24: no unauthenticated CLI token hub, no resurrected OTP endpoint. `sleap-rtc login`
+/// takes an account key or signs in anonymously; nothing is deposited on the server for polling.
+#[tokio::test]
+async fn b09_b24_no_token_hub_or_otp_endpoints() {
+    let s = start().await;
+    for (method, path) in [
+        ("POST", "/api/auth/cli/deposit"),
+        ("GET", "/api/auth/cli/poll?state=x"),
+        ("POST", "/verify-otp"),
+        ("GET", "/api/auth/github/callback?code=x&state=y"),
+    ] {
+        let (st, _) = s.call(method, path, None, Some(json!({"state": "x", "jwt": "y"}))).await;
+        assert_eq!(st, 404, "{method} {path}");
+    }
+    s.stop().await;
+}
+
+/// B13: no CORS grant at all (the API takes bearer tokens, never cookies, so a cross-site page
+/// can neither read responses nor ride on ambient credentials), whatever Origin is claimed.
+#[tokio::test]
+async fn b13_no_cross_origin_grant() {
+    let s = start().await;
+    let (jwt, _) = s.signin().await;
+    for (method, path) in [("GET", "/api/auth/me"), ("OPTIONS", "/api/auth/rooms"), ("POST", "/anonymous-signin")] {
+        let resp = s
+            .client
+            .request(method.parse().unwrap(), format!("{}{path}", s.http))
+            .header("Origin", "https://evil.example")
+            .header("Access-Control-Request-Method", "POST")
+            .bearer_auth(&jwt)
+            .send()
+            .await
+            .unwrap();
+        for h in ["access-control-allow-origin", "access-control-allow-credentials"] {
+            assert!(resp.headers().get(h).is_none(), "{method} {path} sent {h}");
+        }
+    }
+    s.stop().await;
+}
+
+/// B14: storage is never awaited on the signaling path. With the database locked by another
+/// process, an HTTP call that writes waits, while registered peers keep talking.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn b14_a_stalled_database_does_not_stall_signaling() {
+    let s = ServerProcess::spawn(&[]).await;
+    let (jwt, room) = s.signin_and_room().await;
+    let url = format!("ws://{}/ws", s.addr);
+    let mut a = Ws::connect(&url).await;
+    a.register(json!({"type": "register", "jwt": jwt, "room_id": room, "peer_id": "a"})).await;
+    let mut b = Ws::connect(&url).await;
+    b.register(json!({"type": "register", "jwt": jwt, "room_id": room, "peer_id": "b"})).await;
+    a.recv_type("peer_joined").await;
+
+    let db = rusqlite::Connection::open(s.dir.path().join("sleap-rtc.sqlite")).unwrap();
+    db.execute_batch("BEGIN EXCLUSIVE").unwrap();
+    let http = format!("http://{}/api/auth/rooms", s.addr);
+    let jwt2 = jwt.clone();
+    let write = tokio::spawn(async move {
+        reqwest::Client::new()
+            .post(http)
+            .bearer_auth(jwt2)
+            .json(&json!({"name": "later"}))
+            .send()
+            .await
+            .unwrap()
+            .status()
+    });
+    for i in 0..20 {
+        a.send(json!({"type": "peer_message", "to_peer_id": "b", "payload": {"i": i}})).await;
+        assert_eq!(b.recv_type("peer_message").await["payload"]["i"], i);
+        b.send(json!({"type": "ping"})).await;
+        b.recv_type("pong").await;
+    }
+    assert!(!write.is_finished(), "the write should still be waiting for the lock");
+    db.execute_batch("ROLLBACK").unwrap();
+    assert_eq!(write.await.unwrap(), 200);
+}
+
+/// B12: no secret and no peer address reaches the log, even at debug level.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn b12_secrets_and_addresses_stay_out_of_the_log() {
+    let s = ServerProcess::spawn_logging(&[], "debug").await;
+    let (jwt, room) = s.signin_and_room().await;
+    let http = reqwest::Client::new();
+    let base = format!("http://{}", s.addr);
+    let post =
+        |path: &str, body: serde_json::Value| http.post(format!("{base}{path}")).bearer_auth(&jwt).json(&body).send();
+    let wt: serde_json::Value =
+        post("/api/auth/token", json!({"room_id": room, "worker_name": "w"})).await.unwrap().json().await.unwrap();
+    let worker_secret = wt["token_id"].as_str().unwrap().to_owned();
+    let key: serde_json::Value = post("/api/auth/account-keys", json!({})).await.unwrap().json().await.unwrap();
+    let account_secret = key["key_id"].as_str().unwrap().to_owned();
+    let inv: serde_json::Value =
+        post(&format!("/api/auth/rooms/{room}/invite"), json!({})).await.unwrap().json().await.unwrap();
+    let invite = inv["invite_code"].as_str().unwrap().to_owned();
+
+    let url = format!("ws://{}/ws", s.addr);
+    let mut w = Ws::connect(&url).await;
+    w.register(json!({"type": "register", "api_key": worker_secret, "peer_id": "w", "role": "worker"})).await;
+    let mut c = Ws::connect(&url).await;
+    c.register(json!({"type": "register", "api_key": account_secret, "room_id": room, "peer_id": "c"})).await;
+    let sdp = "v=0\r\na=fingerprint:sha-256 AB:CD:EF\r\na=candidate:1 1 udp 2130706431 192.0.2.55 50000 typ host\r\n";
+    c.send(json!({"type": "offer", "target": "w", "sdp": sdp})).await;
+    assert_eq!(w.recv_type("offer").await["sdp"], sdp);
+    c.send(json!({"type": "register", "jwt": "eyJhbGciOiJFZERTQSJ9.forged.sig", "room_id": room})).await;
+    c.recv().await;
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+
+    let log = std::fs::read_to_string(s.dir.path().join("server.log")).unwrap();
+    assert!(log.contains("DEBUG"), "debug logging is on:\n{log}");
+    assert!(!log.contains('\u{1b}'), "a log file gets no colour codes:\n{log}");
+    for secret in [jwt.as_str(), &worker_secret, &account_secret, &invite, "192.0.2.55", "AB:CD:EF", "forged.sig"] {
+        assert!(!log.contains(secret), "{secret:?} appears in the log");
+    }
+}
+
+/// B26: the JWT signing key is generated on the server's own disk, readable by its user only;
+/// it never travels through user-data, environment variables or the database.
+#[tokio::test]
+async fn b26_signing_key_is_generated_private() {
+    use std::os::unix::fs::PermissionsExt;
+    let s = start().await;
+    let key = s.dir.path().join("jwt-ed25519.pem");
+    let mode = std::fs::metadata(&key).unwrap().permissions().mode() & 0o777;
+    assert_eq!(mode, 0o600, "{} has mode {mode:o}", key.display());
+    let jwks = s.ok("GET", "/.well-known/jwks.json", None, None).await;
+    let pem = std::fs::read_to_string(&key).unwrap();
+    let private_b64: String = pem.lines().filter(|l| !l.starts_with("-----")).collect();
+    assert!(!jwks.to_string().contains(&private_b64), "the private key is not published");
+    s.stop().await;
+}

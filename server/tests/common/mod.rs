@@ -216,14 +216,21 @@ pub struct ServerProcess {
 
 impl ServerProcess {
     pub async fn spawn(args: &[&str]) -> ServerProcess {
+        Self::spawn_logging(args, "warn").await
+    }
+
+    /// With its log (stderr) at `level` in `<dir>/server.log`.
+    pub async fn spawn_logging(args: &[&str], level: &str) -> ServerProcess {
         use std::io::BufRead;
         let dir = tempfile::tempdir().unwrap();
+        let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sleap-rtc-server"))
             .args(["--listen", "127.0.0.1:0", "--data-dir"])
             .arg(dir.path())
             .args(args)
-            .env("SLEAP_RTC_LOG", "warn")
+            .env("SLEAP_RTC_LOG", level)
             .stdout(std::process::Stdio::piped())
+            .stderr(log)
             .spawn()
             .expect("start sleap-rtc-server");
         let stdout = child.stdout.take().unwrap();
