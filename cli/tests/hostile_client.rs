@@ -141,10 +141,15 @@ async fn hostile_names_in_uploads_are_refused_and_nothing_escapes() {
     }
     assert!(!escape.exists());
     assert!(!Path::new("/tmp/sleap-rtc-escape.txt").exists());
-    // Only job journals were written; no input file of any job holds the bytes.
-    for f in files_under(&env.path("w")) {
-        if f.contains("/jobs/") && !f.ends_with("job.json") {
-            panic!("unexpected file {f}");
+    // Nothing anywhere in the test's directory (the worker's included) holds the bytes or is
+    // named like the escape; the jobs hold nothing but their journals.
+    for f in files_under(env.path("").as_path()) {
+        assert!(!f.contains("escape"), "{f} appeared");
+        if f.contains("/w/jobs/") {
+            assert!(f.ends_with("job.json"), "unexpected file {f}");
+        }
+        if std::fs::metadata(&f).map(|m| m.len() == body.len() as u64).unwrap_or(false) {
+            assert_ne!(std::fs::read(&f).unwrap(), body, "{f} holds the uploaded bytes");
         }
     }
 }

@@ -7,7 +7,7 @@
 //! thread pool per 16 KiB chunk would cost. Hashing a finished file and fsync+rename can take
 //! seconds, so they run on the blocking pool and report back.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::File;
 use std::future::Future;
 use std::io;
@@ -517,6 +517,7 @@ fn spawn(
         state_tx,
         outgoing: HashMap::new(),
         receive_waiters: VecDeque::new(),
+        answered: HashSet::new(),
         unclaimed: VecDeque::new(),
         incoming: HashMap::new(),
         io_tx: None,
@@ -569,6 +570,9 @@ struct Driver {
     state_tx: watch::Sender<ConnState>,
     outgoing: HashMap<u32, OutFiles>,
     receive_waiters: VecDeque<ReceiveWaiter>,
+    /// Transfers whose waiter was already told they failed (while preparing the destination),
+    /// so the session's own end-of-transfer event for them must not fail another waiter.
+    answered: HashSet<u32>,
     /// Offers that arrived before anyone called `receive_files`.
     unclaimed: VecDeque<(u32, Manifest)>,
     incoming: HashMap<u32, InFiles>,
@@ -745,7 +749,11 @@ impl Driver {
     }
 
     fn on_event(&mut self, e: SessionEvent) {
-        tracing::debug!(event = ?e, "session event");
+        // Control messages carry tickets and MACs: log their size, never their text.
+        match &e {
+            SessionEvent::Message(m) => tracing::debug!(bytes = m.len(), "session event: control message"),
+            other => tracing::debug!(event = ?other, "session event"),
+        }
         match e {
             SessionEvent::Open => {
                 let remote_fingerprint = self.session.peer().remote_fingerprint();
@@ -801,9 +809,10 @@ impl Driver {
                         if let Some(r) = i.reply.take() {
                             let _ = r.send(Err(e));
                         }
-                    } else if self.unclaimed.len() == unclaimed {
+                    } else if self.unclaimed.len() == unclaimed && !self.answered.remove(&transfer) {
                         // Refused at the offer (unsafe name, too large, ...): whoever waits for
                         // the next upload hears why, instead of waiting for one that never comes.
+                        // A refusal nobody waits for is not kept: it would fail a later upload.
                         if let Some(w) = self.receive_waiters.pop_front() {
                             let _ = w.reply.send(Err(e));
                         }
@@ -864,6 +873,7 @@ impl Driver {
             }
             Err(e) => {
                 let _ = w.reply.send(Err(e.to_string()));
+                self.answered.insert(transfer);
                 self.session.prepared(transfer, Err(e));
             }
         }

@@ -21,7 +21,7 @@ use sleap_rtc_core::signal::{Register, ServerMessage};
 use sleap_rtc_core::transfer::FileEntry;
 use tokio::sync::{mpsc, watch};
 
-use crate::conn::{self, PeerConnection, PeerOptions};
+use crate::conn::{self, PeerConnection, PeerOptions, Received, Transfer};
 use crate::signaling::{SignalingClient, SignalingError};
 use crate::trainer::{self, Launch, Supervision, TrainerEvent};
 
@@ -865,9 +865,13 @@ impl Worker {
         job.save();
         let _ = self.status.send((Status::Busy, Some(job_id.clone())));
         tracing::info!(job = %job_id, kind = %spec.kind(), files = files.len(), "job accepted");
+        // Ready to receive before the client hears "accepted" and starts sending: an offer that
+        // arrived first would find nobody waiting, and its refusal (an unsafe name, say) would go
+        // unheard while the job waited for an upload.
+        let upload = self.expect_upload(&job, &c, &files);
         let _ = c.send_message(&JobMsg::JobAccepted { client_job_id, job_id: job_id.clone() }.to_value());
 
-        let (state, message, results) = match self.receive_upload(&job, &c, &files).await {
+        let (state, message, results) = match self.receive_upload(&job, &files, upload).await {
             Err(e) => {
                 let cancelled = job.entry.lock().map(|e| e.job.cancel_requested).unwrap_or(false);
                 if cancelled {
@@ -891,9 +895,15 @@ impl Worker {
         self.finish(&job, state, message, results).await;
     }
 
-    async fn receive_upload(&self, job: &ActiveJob, c: &PeerConnection, files: &[FileEntry]) -> Result<(), String> {
+    /// Places what the cache already has as complete `.part`s and starts waiting for the upload.
+    fn expect_upload(
+        &self,
+        job: &ActiveJob,
+        c: &PeerConnection,
+        files: &[FileEntry],
+    ) -> Result<Option<Transfer<Received>>, String> {
         if files.is_empty() {
-            return Ok(());
+            return Ok(None);
         }
         let input = job.dir.join("input");
         // Files the worker already has (same content hash) are placed as complete `.part`s:
@@ -917,7 +927,17 @@ impl Worker {
                 let _ = std::fs::copy(&cached, &part);
             }
         }
-        let t = c.receive_files(&input).map_err(|e| e.to_string())?;
+        c.receive_files(&input).map(Some).map_err(|e| e.to_string())
+    }
+
+    async fn receive_upload(
+        &self,
+        job: &ActiveJob,
+        files: &[FileEntry],
+        upload: Result<Option<Transfer<Received>>, String>,
+    ) -> Result<(), String> {
+        let Some(t) = upload? else { return Ok(()) };
+        let input = job.dir.join("input");
         let got = tokio::time::timeout(Duration::from_secs(24 * 3600), t.finish())
             .await
             .map_err(|_| "the upload did not finish within a day".to_owned())?

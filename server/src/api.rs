@@ -279,21 +279,19 @@ fn whole<E: serde::de::Error>(n: serde_json::Number) -> Result<Option<i64>, E> {
         .ok_or_else(|| E::custom("expires_in_days must be a whole number of days"))
 }
 
-/// Length is checked before trimming, so the limit is the one the OpenAPI schema states.
+/// Checked on the string as sent, so the rules are exactly the ones the OpenAPI schema states
+/// (no control characters anywhere, at most `max` characters, not all whitespace when required);
+/// what is stored is trimmed.
 fn bounded_name(v: Option<String>, field: &str, max: usize, required: bool) -> ApiResult<Option<String>> {
-    match v.map(|s| (s.chars().count(), s.trim().to_owned())) {
-        Some((n, s)) if n > max || (required && s.is_empty()) => Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "INVALID_BODY",
-            format!("{field} must be 1 to {max} characters"),
-        )),
-        Some((_, s)) if s.chars().any(char::is_control) => Err(ApiError::new(
-            StatusCode::UNPROCESSABLE_ENTITY,
-            "INVALID_BODY",
-            format!("{field} must not contain control characters"),
-        )),
-        other => Ok(other.map(|(_, s)| s)),
+    let Some(raw) = v else { return Ok(None) };
+    let invalid = |why: String| Err(ApiError::new(StatusCode::UNPROCESSABLE_ENTITY, "INVALID_BODY", why));
+    if raw.chars().any(char::is_control) {
+        return invalid(format!("{field} must not contain control characters"));
     }
+    if raw.chars().count() > max || (required && raw.chars().all(char::is_whitespace)) {
+        return invalid(format!("{field} must be 1 to {max} characters"));
+    }
+    Ok(Some(raw.trim().to_owned()))
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -579,7 +577,7 @@ struct PatchRoom {
         nullable = false,
         min_length = 1,
         max_length = 50,
-        pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*[^\\s\\u0000-\\u001F\\u007F-\\u009F][^\\u0000-\\u001F\\u007F-\\u009F]*$"
+        pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*[^\\u0000-\\u0020\\u007F-\\u00A0\\u1680\\u2000-\\u200A\\u2028\\u2029\\u202F\\u205F\\u3000][^\\u0000-\\u001F\\u007F-\\u009F]*$"
     )]
     name: Option<String>,
     /// New expiry, counted from now: 1 to 365.
@@ -744,7 +742,7 @@ struct CreateToken {
     #[schema(
         min_length = 1,
         max_length = 64,
-        pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*[^\\s\\u0000-\\u001F\\u007F-\\u009F][^\\u0000-\\u001F\\u007F-\\u009F]*$"
+        pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*[^\\u0000-\\u0020\\u007F-\\u00A0\\u1680\\u2000-\\u200A\\u2028\\u2029\\u202F\\u205F\\u3000][^\\u0000-\\u001F\\u007F-\\u009F]*$"
     )]
     worker_name: String,
     /// 1 to 365; default 7.
@@ -757,9 +755,9 @@ struct CreateToken {
 async fn create_worker_token(State(state): S, user: AuthUser, Body(b): Body<CreateToken>) -> ApiResult {
     let worker_name = bounded_name(Some(b.worker_name), "worker_name", 64, true)?.unwrap_or_default();
     let d = days(b.expires_in_days, 7, "expires_in_days")?;
-    membership(&state, &b.room_id, &user.user_id)
-        .await
-        .map_err(|_| ApiError::forbidden("You don't have access to this room"))?;
+    membership(&state, &b.room_id, &user.user_id).await.map_err(|e| {
+        if e.status == StatusCode::NOT_FOUND { ApiError::forbidden("You don't have access to this room") } else { e }
+    })?;
     let secret = new_secret(WORKER_TOKEN_PREFIX);
     let now = unix_now();
     let t = WorkerToken {

@@ -198,7 +198,7 @@ pub struct Deleted {
 
 #[derive(Serialize, ToSchema)]
 pub struct KeyCreated {
-    /// The secret (`slpa_…`), shown once.
+    /// The secret (`slp_acct_…`), shown once.
     pub key_id: String,
     pub id: String,
     pub name: String,

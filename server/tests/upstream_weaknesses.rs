@@ -292,21 +292,27 @@ async fn b10_invites_single_use_and_persistent() {
 }
 
 /// B16: limits everywhere, with clear errors; a flood or a slow reader affects nobody else.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn b16_limits_rate_and_slow_consumers() {
-    let s = start_with(|c| {
-        c.max_peers_per_room = 3;
-        // Practically no refill during the test, so the outcome does not depend on how fast
-        // this machine sends (a refill would reset the run of refused frames).
-        c.rate_limit = 0.01;
-        c.rate_burst = 40.0;
-        c.max_message_bytes = 16 * 1024;
-        c.max_metadata_bytes = 1024;
-    })
+    // The server binary in its own process. Practically no refill during the test, so the
+    // outcome does not depend on how fast this machine sends (a refill would reset the run of
+    // refused frames).
+    let s = ServerProcess::spawn(&[
+        "--max-peers-per-room",
+        "3",
+        "--rate-limit",
+        "0.01",
+        "--rate-burst",
+        "40",
+        "--max-message-bytes",
+        "16384",
+        "--max-metadata-bytes",
+        "1024",
+    ])
     .await;
-    let (jwt, _) = s.signin().await;
-    let (room, _) = s.room(&jwt).await;
-    let mut a = s.connect().await;
+    let (jwt, room) = s.signin_and_room().await;
+    let url = s.ws_url();
+    let mut a = Ws::connect(&url).await;
     a.register(json!({"type": "register", "jwt": jwt, "room_id": room, "peer_id": "a"})).await;
 
     // Oversized message: error, connection stays usable.
@@ -318,11 +324,11 @@ async fn b16_limits_rate_and_slow_consumers() {
     assert_eq!(a.recv().await["type"], "pong");
 
     // Room capacity.
-    let mut b = s.connect().await;
+    let mut b = Ws::connect(&url).await;
     b.register(json!({"type": "register", "jwt": jwt, "room_id": room, "peer_id": "b"})).await;
-    let mut slow = s.connect().await;
+    let mut slow = Ws::connect(&url).await;
     slow.register(json!({"type": "register", "jwt": jwt, "room_id": room, "peer_id": "slow"})).await;
-    let mut d = s.connect().await;
+    let mut d = Ws::connect(&url).await;
     d.send(json!({"type": "register", "jwt": jwt, "room_id": room, "peer_id": "d"})).await;
     assert_eq!(d.recv().await["code"], "ROOM_FULL");
 
@@ -343,30 +349,33 @@ async fn b16_limits_rate_and_slow_consumers() {
         }
     }
     assert!(limited > 0);
-    // `b` received the messages that were within the limit, and is still fine.
+    // `b` received the messages that were within the limit (at most the burst), and is fine.
     b.send(json!({"type": "ping"})).await;
-    assert_eq!(b.recv_type("pong").await["type"], "pong");
+    let mut delivered = 0;
+    loop {
+        let v = b.recv().await;
+        match v["type"].as_str() {
+            Some("peer_message") => delivered += 1,
+            Some("pong") => break,
+            _ => {}
+        }
+    }
+    assert!((1..=40).contains(&delivered), "{delivered} messages of the flood delivered");
     drop(slow);
-    s.stop().await;
 }
 
 /// B16: a peer that never reads is closed once its bounded queue fills (4013); the sender and
 /// the rest of the room are unaffected.
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn b16_slow_consumer_is_dropped_without_slowing_others() {
-    let s = start_with(|c| {
-        c.outbound_queue = 64;
-        c.rate_limit = 10_000.0;
-        c.rate_burst = 10_000.0;
-    })
-    .await;
-    let (jwt, _) = s.signin().await;
-    let (room, _) = s.room(&jwt).await;
-    let mut slow = s.connect().await;
+    let s = ServerProcess::spawn(&["--outbound-queue", "64", "--rate-limit", "10000", "--rate-burst", "10000"]).await;
+    let (jwt, room) = s.signin_and_room().await;
+    let url = s.ws_url();
+    let mut slow = Ws::connect(&url).await;
     slow.register(json!({"type": "register", "jwt": jwt, "room_id": room, "peer_id": "slow"})).await;
-    let mut b = s.connect().await;
+    let mut b = Ws::connect(&url).await;
     b.register(json!({"type": "register", "jwt": jwt, "room_id": room, "peer_id": "b"})).await;
-    let mut sender = s.connect().await;
+    let mut sender = Ws::connect(&url).await;
     sender.register(json!({"type": "register", "jwt": jwt, "room_id": room, "peer_id": "sender"})).await;
     let big = "p".repeat(60_000);
     let mut left = None;
@@ -388,7 +397,6 @@ async fn b16_slow_consumer_is_dropped_without_slowing_others() {
     let m = b.recv_type("peer_message").await;
     assert_eq!(m["payload"]["after"], true);
     drop(slow);
-    s.stop().await;
 }
 
 /// B17: garbage of every kind gets an error with a code; the connection survives.
@@ -523,6 +531,7 @@ async fn b09_b24_no_token_hub_or_otp_endpoints() {
         ("POST", "/api/auth/cli/deposit"),
         ("GET", "/api/auth/cli/poll?state=x"),
         ("POST", "/verify-otp"),
+        ("POST", "/api/auth/rooms/r1/verify-otp"),
         ("GET", "/api/auth/github/callback?code=x&state=y"),
     ] {
         let (st, _) = s.call(method, path, None, Some(json!({"state": "x", "jwt": "y"}))).await;
@@ -558,7 +567,8 @@ async fn b13_no_cross_origin_grant() {
 /// process, an HTTP call that writes waits, while registered peers keep talking.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn b14_a_stalled_database_does_not_stall_signaling() {
-    let s = ServerProcess::spawn(&[]).await;
+    // One runtime thread: a storage call that blocked it would stop signaling outright.
+    let s = ServerProcess::spawn_with(&[], "warn", &[("TOKIO_WORKER_THREADS", "1")]).await;
     let (jwt, room) = s.signin_and_room().await;
     let url = format!("ws://{}/ws", s.addr);
     let mut a = Ws::connect(&url).await;
@@ -581,7 +591,10 @@ async fn b14_a_stalled_database_does_not_stall_signaling() {
             .unwrap()
             .status()
     });
-    for i in 0..20 {
+    // Give the write time to reach the locked database (SQLite then waits up to 5 s for it).
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(!write.is_finished(), "the write should be waiting for the lock");
+    for i in 0..5 {
         a.send(json!({"type": "peer_message", "to_peer_id": "b", "payload": {"i": i}})).await;
         assert_eq!(b.recv_type("peer_message").await["payload"]["i"], i);
         b.send(json!({"type": "ping"})).await;
@@ -592,7 +605,9 @@ async fn b14_a_stalled_database_does_not_stall_signaling() {
     assert_eq!(write.await.unwrap(), 200);
 }
 
-/// B12: no secret and no peer address reaches the log, even at debug level.
+/// B12: no credential and no message payload (SDP, ICE addresses) reaches the log, even at
+/// debug level. (The client's own socket address is logged at debug level on connect: that is
+/// the operator's view of who connected, not something a peer sent.)
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn b12_secrets_and_addresses_stay_out_of_the_log() {
     let s = ServerProcess::spawn_logging(&[], "debug").await;
@@ -618,8 +633,10 @@ async fn b12_secrets_and_addresses_stay_out_of_the_log() {
     let sdp = "v=0\r\na=fingerprint:sha-256 AB:CD:EF\r\na=candidate:1 1 udp 2130706431 192.0.2.55 50000 typ host\r\n";
     c.send(json!({"type": "offer", "target": "w", "sdp": sdp})).await;
     assert_eq!(w.recv_type("offer").await["sdp"], sdp);
-    c.send(json!({"type": "register", "jwt": "eyJhbGciOiJFZERTQSJ9.forged.sig", "room_id": room})).await;
-    c.recv().await;
+    // A forged JWT on a fresh socket, so that it really goes through verification.
+    let mut f = Ws::connect(&url).await;
+    f.send(json!({"type": "register", "jwt": "eyJhbGciOiJFZERTQSJ9.forged.sig", "room_id": room})).await;
+    assert_eq!(f.recv().await["code"], "AUTH_FAILED");
     tokio::time::sleep(std::time::Duration::from_millis(300)).await;
 
     let log = std::fs::read_to_string(s.dir.path().join("server.log")).unwrap();

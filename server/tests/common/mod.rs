@@ -221,6 +221,11 @@ impl ServerProcess {
 
     /// With its log (stderr) at `level` in `<dir>/server.log`.
     pub async fn spawn_logging(args: &[&str], level: &str) -> ServerProcess {
+        Self::spawn_with(args, level, &[]).await
+    }
+
+    /// With extra environment variables (e.g. `TOKIO_WORKER_THREADS`).
+    pub async fn spawn_with(args: &[&str], level: &str, envs: &[(&str, &str)]) -> ServerProcess {
         use std::io::BufRead;
         let dir = tempfile::tempdir().unwrap();
         let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
@@ -229,6 +234,7 @@ impl ServerProcess {
             .arg(dir.path())
             .args(args)
             .env("SLEAP_RTC_LOG", level)
+            .envs(envs.iter().copied())
             .stdout(std::process::Stdio::piped())
             .stderr(log)
             .spawn()
@@ -253,6 +259,16 @@ impl ServerProcess {
             .find_map(|l| l.strip_prefix("VmRSS:"))
             .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
             .unwrap_or(0)
+    }
+
+    pub fn ws_url(&self) -> String {
+        format!("ws://{}/ws", self.addr)
+    }
+
+    /// The value of an unlabelled metric from `/metrics`.
+    pub async fn metric(&self, name: &str) -> Option<f64> {
+        let text = reqwest::get(format!("http://{}/metrics", self.addr)).await.ok()?.text().await.ok()?;
+        text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
     }
 
     /// Anonymous sign-in and a room; returns (jwt, room_id).
