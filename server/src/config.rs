@@ -25,6 +25,18 @@ pub struct Config {
     #[arg(long, env = "SLEAP_RTC_DATA_DIR", default_value = "sleap-rtc-data")]
     pub data_dir: PathBuf,
 
+    /// Where rooms, users, memberships and tokens live: `sqlite` (the file `sleap-rtc.sqlite` in
+    /// --data-dir) or `dynamodb://TABLE_PREFIX[?endpoint=URL&region=NAME]` (credentials and region
+    /// from the standard AWS chain: environment, profile, instance role). Several server
+    /// instances can share one DynamoDB store.
+    #[arg(long, env = "SLEAP_RTC_STORE", default_value = "sqlite")]
+    pub store: String,
+
+    /// Create the DynamoDB tables that are missing and enable their TTL at start. Idempotent and
+    /// safe when several instances start at once.
+    #[arg(long, env = "SLEAP_RTC_STORE_INIT")]
+    pub store_init: bool,
+
     /// Bearer token required for `GET /metrics` from non-loopback addresses. Without it, metrics
     /// are only served to loopback clients.
     #[arg(long, env = "SLEAP_RTC_METRICS_TOKEN", hide_env_values = true)]

@@ -27,6 +27,7 @@ pub use config::Config;
 
 use crate::auth::Keys;
 use crate::metrics::Metrics;
+use crate::store::dynamo::{DynamoStore, DynamoUrl};
 use crate::store::{SqliteStore, Store};
 use crate::ws::HubState;
 
@@ -94,9 +95,30 @@ impl Server {
     pub async fn start(config: Config) -> anyhow::Result<Server> {
         std::fs::create_dir_all(&config.data_dir)
             .map_err(|e| anyhow::anyhow!("cannot create data dir {}: {e}", config.data_dir.display()))?;
-        let store = SqliteStore::open(&config.data_dir.join("sleap-rtc.sqlite"))
-            .map_err(|e| anyhow::anyhow!("cannot open database in {}: {e}", config.data_dir.display()))?;
-        Self::start_with_store(config, Arc::new(store)).await
+        let store: Arc<dyn Store> = match config.store.as_str() {
+            "sqlite" => Arc::new(
+                SqliteStore::open(&config.data_dir.join("sleap-rtc.sqlite"))
+                    .map_err(|e| anyhow::anyhow!("cannot open database in {}: {e}", config.data_dir.display()))?,
+            ),
+            s if s.starts_with("dynamodb://") => {
+                let url = DynamoUrl::parse(s).map_err(|e| anyhow::anyhow!("--store {e}"))?;
+                let store = DynamoStore::connect(&url).await;
+                if config.store_init {
+                    store.init().await.map_err(|e| anyhow::anyhow!("--store-init on {s}: {e}"))?;
+                }
+                // Fail at start, not at the first sign-in.
+                store.health().await.map_err(|e| {
+                    anyhow::anyhow!(
+                        "cannot use the DynamoDB tables {}-*: {e} (give --store-init to create them, and check \
+                         the AWS credentials and region)",
+                        url.prefix
+                    )
+                })?;
+                Arc::new(store)
+            }
+            other => anyhow::bail!("--store {other}: expected sqlite or dynamodb://TABLE_PREFIX"),
+        };
+        Self::start_with_store(config, store).await
     }
 
     /// Like [`Server::start`] with a given storage backend.

@@ -11,6 +11,8 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use rusqlite::{Connection, OptionalExtension, Row, params};
 
+pub mod dynamo;
+
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
     /// A conditional create found an existing item (ids collide, or a unique key is taken).

@@ -226,9 +226,13 @@ impl ServerProcess {
 
     /// With extra environment variables (e.g. `TOKIO_WORKER_THREADS`).
     pub async fn spawn_with(args: &[&str], level: &str, envs: &[(&str, &str)]) -> ServerProcess {
+        Self::spawn_in(tempfile::tempdir().unwrap(), args, level, envs).await
+    }
+
+    /// On an existing data directory (a restart).
+    pub async fn spawn_in(dir: tempfile::TempDir, args: &[&str], level: &str, envs: &[(&str, &str)]) -> ServerProcess {
         use std::io::BufRead;
-        let dir = tempfile::tempdir().unwrap();
-        let log = std::fs::File::create(dir.path().join("server.log")).unwrap();
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(dir.path().join("server.log")).unwrap();
         let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_sleap-rtc-server"))
             .args(["--listen", "127.0.0.1:0", "--data-dir"])
             .arg(dir.path())
@@ -291,7 +295,51 @@ impl ServerProcess {
     }
 }
 
+impl ServerProcess {
+    /// Stops the process and hands back its data directory.
+    pub fn stop(mut self) -> tempfile::TempDir {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let dir = tempfile::tempdir().unwrap();
+        std::mem::replace(&mut self.dir, dir)
+    }
+}
+
 impl Drop for ServerProcess {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+/// A moto server (AWS APIs, here DynamoDB) on 127.0.0.1 for one test, killed on drop.
+pub struct Moto {
+    child: std::process::Child,
+    pub url: String,
+}
+
+impl Moto {
+    pub async fn start() -> Moto {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let mut child = std::process::Command::new(python())
+            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("python with moto[server] (scripts/test.sh installs it)");
+        let url = format!("http://127.0.0.1:{port}");
+        for _ in 0..300 {
+            if reqwest::get(format!("{url}/moto-api/")).await.is_ok() {
+                return Moto { child, url };
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("moto did not start");
+    }
+}
+
+impl Drop for Moto {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
