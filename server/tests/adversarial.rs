@@ -14,13 +14,7 @@ use tokio_tungstenite::tungstenite::Message;
 
 /// Two honest peers in one room that can still talk to each other.
 async fn honest_pair(s: &ServerProcess) -> (Ws, Ws) {
-    let (jwt, room) = s.signin_and_room().await;
-    let url = format!("ws://{}/ws", s.addr);
-    let mut a = Ws::connect(&url).await;
-    a.register(json!({"type": "register", "jwt": jwt, "room_id": room, "peer_id": "a"})).await;
-    let mut b = Ws::connect(&url).await;
-    b.register(json!({"type": "register", "jwt": jwt, "room_id": room, "peer_id": "b"})).await;
-    a.recv_type("peer_joined").await;
+    let (_, _, a, b) = s.pair().await;
     (a, b)
 }
 

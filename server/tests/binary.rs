@@ -2,11 +2,10 @@
 
 mod common;
 
-use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
-use common::Ws;
+use common::{ServerProcess, Ws};
 use serde_json::json;
 
 const BIN: &str = env!("CARGO_BIN_EXE_sleap-rtc-server");
@@ -43,47 +42,18 @@ fn bad_listen_address_is_a_clear_error() {
 
 #[tokio::test]
 async fn sigterm_drains_connections_and_exits_cleanly() {
-    let dir = tempfile::tempdir().unwrap();
-    let mut child = Command::new(BIN)
-        .args(["--listen", "127.0.0.1:0", "--data-dir"])
-        .arg(dir.path())
-        .env("SLEAP_RTC_LOG", "warn")
-        .stdout(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let stdout = child.stdout.take().unwrap();
-    let line = tokio::task::spawn_blocking(move || {
-        let mut l = String::new();
-        BufReader::new(stdout).read_line(&mut l).unwrap();
-        l
-    })
-    .await
-    .unwrap();
-    let addr = line.trim().strip_prefix("listening on ").expect("listening line").to_owned();
-    let http = reqwest::Client::new();
-    let signin: serde_json::Value =
-        http.post(format!("http://{addr}/anonymous-signin")).send().await.unwrap().json().await.unwrap();
-    let jwt = signin["jwt"].as_str().unwrap();
-    let room: serde_json::Value = http
-        .post(format!("http://{addr}/api/auth/rooms"))
-        .bearer_auth(jwt)
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    let mut ws = Ws::connect(&format!("ws://{addr}/ws")).await;
-    ws.register(json!({"type": "register", "jwt": jwt, "room_id": room["room_id"]})).await;
+    let mut s = ServerProcess::spawn(&[]).await;
+    let (jwt, room) = s.signin_and_room().await;
+    let mut ws = Ws::connect(&s.ws_url()).await;
+    ws.register(json!({"type": "register", "jwt": jwt, "room_id": room})).await;
 
-    let status = Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap();
+    let status = Command::new("kill").args(["-TERM", &s.child.id().to_string()]).status().unwrap();
     assert!(status.success());
     assert_eq!(ws.closed().await, 1001, "peers are told the server is going away");
     let started = Instant::now();
     let code = loop {
-        if let Some(s) = child.try_wait().unwrap() {
-            break s;
+        if let Some(code) = s.child.try_wait().unwrap() {
+            break code;
         }
         assert!(started.elapsed() < Duration::from_secs(15), "server did not exit after SIGTERM");
         tokio::time::sleep(Duration::from_millis(50)).await;

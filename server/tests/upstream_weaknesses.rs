@@ -569,13 +569,7 @@ async fn b13_no_cross_origin_grant() {
 async fn b14_a_stalled_database_does_not_stall_signaling() {
     // One runtime thread: a storage call that blocked it would stop signaling outright.
     let s = ServerProcess::spawn_with(&[], "warn", &[("TOKIO_WORKER_THREADS", "1")]).await;
-    let (jwt, room) = s.signin_and_room().await;
-    let url = format!("ws://{}/ws", s.addr);
-    let mut a = Ws::connect(&url).await;
-    a.register(json!({"type": "register", "jwt": jwt, "room_id": room, "peer_id": "a"})).await;
-    let mut b = Ws::connect(&url).await;
-    b.register(json!({"type": "register", "jwt": jwt, "room_id": room, "peer_id": "b"})).await;
-    a.recv_type("peer_joined").await;
+    let (jwt, _, mut a, mut b) = s.pair().await;
 
     let db = rusqlite::Connection::open(s.dir.path().join("sleap-rtc.sqlite")).unwrap();
     db.execute_batch("BEGIN EXCLUSIVE").unwrap();

@@ -275,6 +275,17 @@ impl ServerProcess {
         text.lines().find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.trim().parse().ok())
     }
 
+    /// Signs in, makes a room and registers peers `a` and `b` in it; returns (jwt, room, a, b).
+    pub async fn pair(&self) -> (String, String, Ws, Ws) {
+        let (jwt, room) = self.signin_and_room().await;
+        let mut a = Ws::connect(&self.ws_url()).await;
+        a.register(json!({"type": "register", "jwt": jwt, "room_id": room, "peer_id": "a"})).await;
+        let mut b = Ws::connect(&self.ws_url()).await;
+        b.register(json!({"type": "register", "jwt": jwt, "room_id": room, "peer_id": "b"})).await;
+        a.recv_type("peer_joined").await;
+        (jwt, room, a, b)
+    }
+
     /// Anonymous sign-in and a room; returns (jwt, room_id).
     pub async fn signin_and_room(&self) -> (String, String) {
         let http = reqwest::Client::new();
