@@ -51,5 +51,6 @@ async fn http_api_conforms_to_its_openapi_description() {
     let generated = stdout.lines().find(|l| l.contains(" generated, ")).unwrap_or_default();
     let n: u64 = generated.split_whitespace().next().and_then(|n| n.parse().ok()).unwrap_or(0);
     assert!(n >= 500, "only {n} requests generated:\n{stdout}");
+    eprintln!("schemathesis: {tested} operations, {}", generated.trim());
     s.stop().await;
 }
