@@ -657,7 +657,7 @@ impl Store for DynamoStore {
             expr.push_str(" REMOVE ");
             expr.push_str(&removes.join(", "));
         }
-        match req.update_expression(expr).send().await {
+        match req.update_expression(expr.trim()).send().await {
             Ok(out) => out.attributes.as_ref().map(room_from).transpose(),
             Err(e) if code(&e) == Some("ConditionalCheckFailedException") => Ok(None),
             Err(e) => Err(sdk_err(e)),
