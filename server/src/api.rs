@@ -302,10 +302,11 @@ fn bounded_name(v: Option<String>, field: &str, max: usize, required: bool) -> A
 async fn ws_root(
     state: S,
     connect: ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     upgrade: Result<axum::extract::WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     match upgrade {
-        Ok(u) => accept(state, connect, u),
+        Ok(u) => accept(state, connect, &headers, u),
         Err(_) => (
             [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
             "sleap-rtc signaling server. WebSocket signaling on /ws (and /); HTTP API under /api; health on /health.\n",
@@ -314,14 +315,15 @@ async fn ws_root(
     }
 }
 
-#[utoipa::path(get, path = "/ws", tag = "signaling", responses((status = 101, description = "WebSocket signaling protocol"), (status = 426, description = "Not a WebSocket upgrade", body = ErrorBody), (status = 503, description = "Storage unavailable or server at capacity", body = ErrorBody)))]
+#[utoipa::path(get, path = "/ws", tag = "signaling", responses((status = 101, description = "WebSocket signaling protocol"), (status = 403, description = "A browser page from a web origin that is not allowed", body = ErrorBody), (status = 426, description = "Not a WebSocket upgrade", body = ErrorBody), (status = 503, description = "Storage unavailable or server at capacity", body = ErrorBody)))]
 async fn ws_only(
     state: S,
     connect: ConnectInfo<SocketAddr>,
+    headers: HeaderMap,
     upgrade: Result<axum::extract::WebSocketUpgrade, WebSocketUpgradeRejection>,
 ) -> Response {
     match upgrade {
-        Ok(u) => accept(state, connect, u),
+        Ok(u) => accept(state, connect, &headers, u),
         Err(e) => {
             ApiError::new(StatusCode::UPGRADE_REQUIRED, "UPGRADE_REQUIRED", format!("WebSocket upgrade required: {e}"))
                 .into_response()
@@ -329,7 +331,16 @@ async fn ws_only(
     }
 }
 
-fn accept(State(state): S, ConnectInfo(addr): ConnectInfo<SocketAddr>, u: axum::extract::WebSocketUpgrade) -> Response {
+fn accept(
+    State(state): S,
+    ConnectInfo(addr): ConnectInfo<SocketAddr>,
+    headers: &HeaderMap,
+    u: axum::extract::WebSocketUpgrade,
+) -> Response {
+    if !origin_allowed(headers, &state.config.allowed_origins) {
+        return ApiError::forbidden("WebSocket upgrades from this web origin are not allowed (see --allowed-origin)")
+            .into_response();
+    }
     if !state.reserve_socket() {
         let why = if state.is_draining() { "server shutting down" } else { "server at its connection limit" };
         return ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE", why).into_response();
@@ -346,6 +357,20 @@ fn accept(State(state): S, ConnectInfo(addr): ConnectInfo<SocketAddr>, u: axum::
             failed.live_sockets.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
         })
         .on_upgrade(move |socket| ws::serve_socket(state, socket, addr))
+}
+
+/// Browsers send `Origin` with every WebSocket upgrade and let any page open one: a page on
+/// another site must not reach the signaling server from a visitor's browser (B13). Clients that
+/// are not browsers send no `Origin` and are not affected.
+fn origin_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
+    let Some(origin) = headers.get(header::ORIGIN) else { return true };
+    let Ok(origin) = origin.to_str() else { return false };
+    if allowed.iter().any(|a| a == "*" || a.trim_end_matches('/').eq_ignore_ascii_case(origin)) {
+        return true;
+    }
+    // Same origin: the page was served by this server (host and port as the browser asked).
+    let host = headers.get(header::HOST).and_then(|h| h.to_str().ok()).unwrap_or_default();
+    origin.split_once("://").is_some_and(|(_, h)| !host.is_empty() && h.eq_ignore_ascii_case(host))
 }
 
 #[utoipa::path(get, path = "/health", tag = "ops", responses((status = 200, description = "Serving, storage reachable", body = Health), (status = 503, description = "Storage failing", body = Health)))]
@@ -899,6 +924,28 @@ async fn delete_account_key(State(state): S, user: AuthUser, P(id): P<String>) -
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn websocket_origins() {
+        let h = |origin: Option<&str>, host: &str| {
+            let mut m = HeaderMap::new();
+            m.insert(header::HOST, host.parse().unwrap());
+            if let Some(o) = origin {
+                m.insert(header::ORIGIN, o.parse().unwrap());
+            }
+            m
+        };
+        let none: Vec<String> = vec![];
+        assert!(origin_allowed(&h(None, "rtc.example.org"), &none), "non-browser clients");
+        assert!(origin_allowed(&h(Some("https://rtc.example.org"), "rtc.example.org"), &none), "same origin");
+        assert!(origin_allowed(&h(Some("http://127.0.0.1:8080"), "127.0.0.1:8080"), &none));
+        assert!(!origin_allowed(&h(Some("https://evil.example"), "rtc.example.org"), &none));
+        assert!(!origin_allowed(&h(Some("https://rtc.example.org.evil.example"), "rtc.example.org"), &none));
+        assert!(!origin_allowed(&h(Some("null"), "rtc.example.org"), &none), "sandboxed or file pages");
+        let lab = vec!["https://lab.example.org/".to_owned()];
+        assert!(origin_allowed(&h(Some("https://lab.example.org"), "rtc.example.org"), &lab));
+        assert!(origin_allowed(&h(Some("https://evil.example"), "x"), &["*".to_owned()]));
+    }
 
     #[test]
     fn metrics_open_on_loopback_and_bearer_protected_elsewhere() {

@@ -42,6 +42,12 @@ pub struct Config {
     #[arg(long, env = "SLEAP_RTC_METRICS_TOKEN", hide_env_values = true)]
     pub metrics_token: Option<String>,
 
+    /// Web origin (e.g. `https://lab.example.org`) whose pages may open signaling WebSockets, in
+    /// addition to this server's own origin (repeatable; `*` allows any). Clients that send no
+    /// Origin header (the CLI, workers, Python peers) are not affected.
+    #[arg(long = "allowed-origin", env = "SLEAP_RTC_ALLOWED_ORIGINS", value_delimiter = ',')]
+    pub allowed_origins: Vec<String>,
+
     /// ICE server URL handed to peers in `registered_auth` (repeatable), e.g.
     /// `stun:stun.l.google.com:19302`.
     #[arg(long = "ice-server", env = "SLEAP_RTC_ICE_SERVERS", value_delimiter = ',')]

@@ -26,6 +26,7 @@ fn help_documents_every_flag_and_its_environment_variable() {
         let env = format!("SLEAP_RTC_{}", f.to_uppercase().replace('-', "_"));
         let env = match env.as_str() {
             "SLEAP_RTC_ICE_SERVER" => "SLEAP_RTC_ICE_SERVERS".to_owned(),
+            "SLEAP_RTC_ALLOWED_ORIGIN" => "SLEAP_RTC_ALLOWED_ORIGINS".to_owned(),
             _ => env,
         };
         assert!(help.contains(&format!("[env: {env}")), "--{f} lacks its env var {env}:\n{help}");

@@ -4,7 +4,9 @@
 mod common;
 
 use common::*;
+use futures_util::SinkExt;
 use serde_json::json;
+use tokio_tungstenite::tungstenite::Message;
 
 /// B1: identity is bound at `register`; nothing else is accepted before it, and sender fields
 /// naming another peer are refused.
@@ -560,6 +562,35 @@ async fn b13_no_cross_origin_grant() {
             assert!(resp.headers().get(h).is_none(), "{method} {path} sent {h}");
         }
     }
+    s.stop().await;
+}
+
+/// B13, the WebSocket half: a page from another web origin cannot open a signaling socket;
+/// the server's own pages, listed origins and non-browser clients (no Origin header) can.
+#[tokio::test]
+async fn b13_websocket_upgrades_from_foreign_origins_are_refused() {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let s = start_with(|c| c.allowed_origins = vec!["https://lab.example.org".into()]).await;
+    let host = s.ws.trim_start_matches("ws://").trim_end_matches("/ws").to_owned();
+    let with_origin = |origin: &str| {
+        let mut req = s.ws.as_str().into_client_request().unwrap();
+        req.headers_mut().insert("Origin", origin.parse().unwrap());
+        req
+    };
+    for bad in ["https://evil.example", "null", &format!("https://{host}.evil.example")] {
+        match tokio_tungstenite::connect_async(with_origin(bad)).await {
+            Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => assert_eq!(resp.status(), 403, "{bad}"),
+            other => panic!("{bad}: upgrade not refused: {:?}", other.map(|_| ())),
+        }
+    }
+    for good in [format!("http://{host}"), "https://lab.example.org".to_owned()] {
+        let (mut ws, _) = tokio_tungstenite::connect_async(with_origin(&good)).await.expect(&good);
+        ws.send(Message::text(r#"{"type":"ping"}"#)).await.unwrap();
+    }
+    let mut plain = s.connect().await;
+    plain.send(json!({"type": "ping"})).await;
+    let v = plain.recv().await;
+    assert_eq!(v["type"], "pong", "no Origin: served as before: {v}");
     s.stop().await;
 }
 
