@@ -61,3 +61,35 @@ async fn sigterm_drains_connections_and_exits_cleanly() {
     };
     assert!(code.success(), "exit status {code:?}");
 }
+
+/// B27: nothing in the environment is needed (no secrets passed in, no fixed ports, no cloud
+/// role): the binary starts from an empty environment on whatever port it is given and creates
+/// its own key and database. (That it needs no root cannot be shown here, where CI runs as root;
+/// it opens no privileged port and changes no system setting beyond its own file-descriptor limit.)
+#[tokio::test]
+async fn b27_starts_from_an_empty_environment_on_any_port() {
+    use std::io::{BufRead, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = Command::new(BIN)
+        .env_clear()
+        .args(["--listen", "127.0.0.1:0", "--data-dir"])
+        .arg(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let line = tokio::task::spawn_blocking(move || {
+        let mut l = String::new();
+        BufReader::new(stdout).read_line(&mut l).unwrap();
+        l
+    })
+    .await
+    .unwrap();
+    let addr = line.trim().strip_prefix("listening on ").expect("listening line").to_owned();
+    let health = reqwest::get(format!("http://{addr}/health")).await.unwrap();
+    assert_eq!(health.status(), 200);
+    assert!(dir.path().join("jwt-ed25519.pem").exists() && dir.path().join("sleap-rtc.sqlite").exists());
+    let _ = child.kill();
+    let _ = child.wait();
+}
