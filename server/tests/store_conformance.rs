@@ -253,15 +253,7 @@ async fn the_server_binary_runs_on_dynamodb() {
     // Same data dir (the signing key), no --store-init: the room is still there.
     let dir = s.stop();
     let s = ServerProcess::spawn_in(dir, &["--store", &store], "warn", &aws).await;
-    let rooms: serde_json::Value = reqwest::Client::new()
-        .get(format!("http://{}/api/auth/rooms", s.addr))
-        .bearer_auth(&jwt)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let rooms = s.json("GET", "/api/auth/rooms", Some(&jwt), None).await;
     assert_eq!(rooms["rooms"][0]["room_id"], room, "{rooms}");
     let mut w = Ws::connect(&s.ws_url()).await;
     w.register(json!({"type": "register", "jwt": jwt, "room_id": room, "peer_id": "w"})).await;

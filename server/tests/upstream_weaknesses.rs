@@ -637,17 +637,11 @@ async fn b14_a_stalled_database_does_not_stall_signaling() {
 async fn b12_secrets_and_addresses_stay_out_of_the_log() {
     let s = ServerProcess::spawn_logging(&[], "debug").await;
     let (jwt, room) = s.signin_and_room().await;
-    let http = reqwest::Client::new();
-    let base = format!("http://{}", s.addr);
-    let post =
-        |path: &str, body: serde_json::Value| http.post(format!("{base}{path}")).bearer_auth(&jwt).json(&body).send();
-    let wt: serde_json::Value =
-        post("/api/auth/token", json!({"room_id": room, "worker_name": "w"})).await.unwrap().json().await.unwrap();
+    let wt = s.json("POST", "/api/auth/token", Some(&jwt), Some(json!({"room_id": room, "worker_name": "w"}))).await;
     let worker_secret = wt["token_id"].as_str().unwrap().to_owned();
-    let key: serde_json::Value = post("/api/auth/account-keys", json!({})).await.unwrap().json().await.unwrap();
+    let key = s.json("POST", "/api/auth/account-keys", Some(&jwt), Some(json!({}))).await;
     let account_secret = key["key_id"].as_str().unwrap().to_owned();
-    let inv: serde_json::Value =
-        post(&format!("/api/auth/rooms/{room}/invite"), json!({})).await.unwrap().json().await.unwrap();
+    let inv = s.json("POST", &format!("/api/auth/rooms/{room}/invite"), Some(&jwt), Some(json!({}))).await;
     let invite = inv["invite_code"].as_str().unwrap().to_owned();
 
     let url = format!("ws://{}/ws", s.addr);

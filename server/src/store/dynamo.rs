@@ -156,6 +156,10 @@ fn purged(item: &Item, now: i64) -> bool {
     get_opt_n(item, "purge_at").ok().flatten().is_some_and(|t| t <= now)
 }
 
+fn user_from(i: &Item) -> Result<User> {
+    Ok(User { id: get_s(i, "id")?, username: get_s(i, "username")?, created_at: get_n(i, "created_at")? })
+}
+
 fn room_from(i: &Item) -> Result<Room> {
     Ok(Room {
         id: get_s(i, "id")?,
@@ -538,6 +542,21 @@ impl DynamoStore {
         }
     }
 
+    /// A transaction whose first condition says whether there was anything to do: `false` when a
+    /// condition failed.
+    async fn transact_if(&self, items: Vec<TransactWriteItem>) -> Result<bool> {
+        match self.transact(items).await {
+            Ok(()) => Ok(true),
+            Err(StoreError::Conflict) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// A conditional create: `Conflict` when the item exists.
+    async fn put_new(&self, table: &str, item: Item, condition: &str) -> Result<()> {
+        if self.put_single(table, item, condition).await? { Ok(()) } else { Err(StoreError::Conflict) }
+    }
+
     async fn put_single(&self, table: &str, item: Item, condition: &str) -> Result<bool> {
         match self
             .client
@@ -593,16 +612,11 @@ impl Store for DynamoStore {
             ("username".into(), s(&u.username)),
             ("created_at".into(), n(u.created_at)),
         ]);
-        if self.put_single("users", item, "attribute_not_exists(id)").await? {
-            Ok(())
-        } else {
-            Err(StoreError::Conflict)
-        }
+        self.put_new("users", item, "attribute_not_exists(id)").await
     }
 
     async fn get_user(&self, id: &str) -> Result<Option<User>> {
-        let Some(i) = self.get("users", k1("id", id)).await? else { return Ok(None) };
-        Ok(Some(User { id: get_s(&i, "id")?, username: get_s(&i, "username")?, created_at: get_n(&i, "created_at")? }))
+        self.get("users", k1("id", id)).await?.as_ref().map(user_from).transpose()
     }
 
     async fn create_room(&self, room: &Room, owner: &Membership) -> Result<()> {
@@ -683,10 +697,8 @@ impl Store for DynamoStore {
             ops.push(self.delete("invites", k1("code_hash", &get_s(i, "code_hash")?), None)?);
         }
         let mut rest = ops.split_off(ops.len().min(MAX_TRANSACTION));
-        match self.transact(ops).await {
-            Ok(()) => {}
-            Err(StoreError::Conflict) => return Ok(false),
-            Err(e) => return Err(e),
+        if !self.transact_if(ops).await? {
+            return Ok(false);
         }
         while !rest.is_empty() {
             let next = rest.split_off(rest.len().min(MAX_TRANSACTION));
@@ -736,8 +748,7 @@ impl Store for DynamoStore {
         let keys = members.iter().map(|m| k1("id", &m.user_id)).collect();
         let mut users: HashMap<String, User> = HashMap::new();
         for i in self.batch_get("users", keys).await? {
-            let u =
-                User { id: get_s(&i, "id")?, username: get_s(&i, "username")?, created_at: get_n(&i, "created_at")? };
+            let u = user_from(&i)?;
             users.insert(u.id.clone(), u);
         }
         let mut out: Vec<_> = members
@@ -814,17 +825,11 @@ impl Store for DynamoStore {
 
     async fn delete_worker_token(&self, id: &str) -> Result<bool> {
         let Some(t) = self.get_worker_token(id).await? else { return Ok(false) };
-        match self
-            .transact(vec![
-                self.delete("tokens", k1("id", id), Some("attribute_exists(id)"))?,
-                self.delete("secrets", k1("secret_hash", &t.secret_hash), None)?,
-            ])
-            .await
-        {
-            Ok(()) => Ok(true),
-            Err(StoreError::Conflict) => Ok(false),
-            Err(e) => Err(e),
-        }
+        self.transact_if(vec![
+            self.delete("tokens", k1("id", id), Some("attribute_exists(id)"))?,
+            self.delete("secrets", k1("secret_hash", &t.secret_hash), None)?,
+        ])
+        .await
     }
 
     async fn put_account_key(&self, k: &AccountKey) -> Result<()> {
@@ -860,17 +865,11 @@ impl Store for DynamoStore {
     async fn delete_account_key(&self, user_id: &str, id: &str) -> Result<bool> {
         let Some(i) = self.get("keys", k2("user_id", user_id, "id", id)).await? else { return Ok(false) };
         let k = key_from(&i)?;
-        match self
-            .transact(vec![
-                self.delete("keys", k2("user_id", user_id, "id", id), Some("attribute_exists(id)"))?,
-                self.delete("secrets", k1("secret_hash", &k.secret_hash), None)?,
-            ])
-            .await
-        {
-            Ok(()) => Ok(true),
-            Err(StoreError::Conflict) => Ok(false),
-            Err(e) => Err(e),
-        }
+        self.transact_if(vec![
+            self.delete("keys", k2("user_id", user_id, "id", id), Some("attribute_exists(id)"))?,
+            self.delete("secrets", k1("secret_hash", &k.secret_hash), None)?,
+        ])
+        .await
     }
 
     async fn put_invite(&self, inv: &Invite) -> Result<()> {
@@ -881,11 +880,7 @@ impl Store for DynamoStore {
             ("expires_at".into(), n(inv.expires_at)),
             ("purge_at".into(), n(inv.expires_at)),
         ]);
-        if self.put_single("invites", item, "attribute_not_exists(code_hash)").await? {
-            Ok(())
-        } else {
-            Err(StoreError::Conflict)
-        }
+        self.put_new("invites", item, "attribute_not_exists(code_hash)").await
     }
 
     async fn take_invite(&self, code_hash: &str, now: i64) -> Result<Option<Invite>> {

@@ -288,21 +288,22 @@ impl ServerProcess {
 
     /// Anonymous sign-in and a room; returns (jwt, room_id).
     pub async fn signin_and_room(&self) -> (String, String) {
-        let http = reqwest::Client::new();
-        let v: Value =
-            http.post(format!("http://{}/anonymous-signin", self.addr)).send().await.unwrap().json().await.unwrap();
+        let v = self.json("POST", "/anonymous-signin", None, None).await;
         let jwt = v["jwt"].as_str().unwrap().to_owned();
-        let r: Value = http
-            .post(format!("http://{}/api/auth/rooms", self.addr))
-            .bearer_auth(&jwt)
-            .json(&json!({}))
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+        let r = self.json("POST", "/api/auth/rooms", Some(&jwt), Some(json!({}))).await;
         (jwt, r["room_id"].as_str().unwrap().to_owned())
+    }
+
+    /// One HTTP call; the JSON answer.
+    pub async fn json(&self, method: &str, path: &str, bearer: Option<&str>, body: Option<Value>) -> Value {
+        let mut req = reqwest::Client::new().request(method.parse().unwrap(), format!("http://{}{path}", self.addr));
+        if let Some(b) = bearer {
+            req = req.bearer_auth(b);
+        }
+        if let Some(b) = body {
+            req = req.json(&b);
+        }
+        req.send().await.expect("http request").json().await.expect("JSON answer")
     }
 }
 
