@@ -15,6 +15,7 @@
 //!   transfers over it with flow control, and STUN for server-reflexive candidates. The
 //!   signaling server builds without them.
 
+pub mod cluster;
 pub mod job;
 #[cfg(feature = "webrtc")]
 pub mod peer;

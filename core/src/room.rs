@@ -20,6 +20,7 @@ use std::sync::Arc;
 
 use serde_json::Value;
 
+use crate::cluster::{ClusterMsg, PeerAt, PeerUp};
 use crate::signal::{
     ClientMessage, Credential, DecodeError, DiscoverPeers, Envelope, ErrorCode, Filters, IceServer, MeshKind,
     MeshRelay, Object, PeerInfo, PeerMessage, Register, Relay, RelayKind, RequestId, RequestTicket, ServerEnvelope,
@@ -150,6 +151,27 @@ pub enum Output {
     /// Sign a peer ticket with these facts (all established by the hub) and send it to `conn` as
     /// `peer_ticket` with `request_id`.
     IssueTicket { conn: ConnId, request_id: Option<RequestId>, ticket: TicketFacts },
+    /// Cluster mode: ask the broker to admit this peer cluster-wide (peer id unique, room and
+    /// server limits). A refusal comes back through [`Hub::complete_claim`]; success arrives as
+    /// the peer's own [`ClusterMsg::PeerUp`] through [`Hub::handle_cluster`].
+    Claim { conn: ConnId, up: Box<PeerUp> },
+    /// Cluster mode: something other instances must learn.
+    Publish(Publish),
+}
+
+/// Cluster-mode work for the broker. Ownership-checked operations are no-ops at the broker when
+/// `at` no longer owns the peer (it was superseded on another instance).
+#[derive(Debug, Clone, PartialEq)]
+pub enum Publish {
+    /// A local peer's metadata changed: store it and broadcast the `PeerUp` if `at` still owns it.
+    Update(Box<PeerUp>),
+    /// A local peer left: remove it and broadcast `PeerDown` if `at` still owns it.
+    Release { room_id: String, peer_id: String, at: PeerAt, reason: String },
+    /// Tell every instance, this one included (administrative actions; applying them twice is
+    /// harmless).
+    Broadcast(ClusterMsg),
+    /// Hand a message to one instance.
+    Forward { instance: u64, msg: ClusterMsg },
 }
 
 /// What a peer ticket asserts; every field comes from the hub's own state except `fingerprint`,
@@ -163,10 +185,18 @@ pub struct TicketFacts {
     pub fingerprint: String,
 }
 
+/// Where a registered peer's connection lives.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum At {
+    Local(ConnId),
+    /// On another instance (cluster mode); this hub holds a replica.
+    Remote(PeerAt),
+}
+
 /// A registered peer, as the room holds it.
 #[derive(Debug, Clone)]
 pub struct PeerEntry {
-    pub conn: ConnId,
+    pub at: At,
     pub role: String,
     pub metadata: Object,
     pub connected_at: Millis,
@@ -175,6 +205,14 @@ pub struct PeerEntry {
 }
 
 impl PeerEntry {
+    /// The connection, when the peer is connected to this instance.
+    pub fn local(&self) -> Option<ConnId> {
+        match self.at {
+            At::Local(c) => Some(c),
+            At::Remote(_) => None,
+        }
+    }
+
     fn info(&self, peer_id: &str) -> PeerInfo {
         PeerInfo {
             peer_id: peer_id.to_owned(),
@@ -240,9 +278,23 @@ impl RateLimiter {
 
 #[derive(Debug)]
 enum State {
-    Fresh { deadline: Millis },
-    Pending { deadline: Millis, reg: Box<PendingRegister>, request_id: Option<RequestId> },
-    Registered { room_id: String, peer_id: String },
+    Fresh {
+        deadline: Millis,
+    },
+    Pending {
+        deadline: Millis,
+        reg: Box<PendingRegister>,
+        request_id: Option<RequestId>,
+    },
+    /// Cluster mode: credentials verified, waiting for the broker to admit the peer.
+    Claiming {
+        deadline: Millis,
+        claim: Box<Claiming>,
+    },
+    Registered {
+        room_id: String,
+        peer_id: String,
+    },
 }
 
 #[derive(Debug)]
@@ -251,6 +303,14 @@ struct PendingRegister {
     role: String,
     metadata: Object,
     is_admin: bool,
+}
+
+#[derive(Debug)]
+struct Claiming {
+    room_id: String,
+    peer_id: String,
+    request_id: Option<RequestId>,
+    token_echo: Option<String>,
 }
 
 #[derive(Debug)]
@@ -265,8 +325,12 @@ struct Session {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct Stats {
     pub connections: usize,
+    /// Peers connected to this instance.
     pub registered: usize,
+    /// Rooms with at least one peer connected to this instance.
     pub rooms: usize,
+    /// Cluster mode: peers of other instances this hub holds replicas of.
+    pub remote_peers: usize,
 }
 
 /// The server-side signaling state machine. See the module docs.
@@ -282,6 +346,8 @@ pub struct Hub {
     expiries: BTreeSet<(Millis, String)>,
     out: VecDeque<Output>,
     ice_servers: Vec<IceServer>,
+    /// Cluster mode: this instance's id.
+    cluster: Option<u64>,
 }
 
 const TOMBSTONE_MS: u64 = 5 * 60 * 1000;
@@ -300,12 +366,44 @@ impl Hub {
         &self.limits
     }
 
-    pub fn stats(&self) -> Stats {
-        Stats {
-            connections: self.sessions.len(),
-            registered: self.rooms.values().map(|r| r.peers.len()).sum(),
-            rooms: self.rooms.len(),
+    /// Switches to cluster mode as instance `instance`: admissions go through the broker
+    /// ([`Output::Claim`]) and changes are published ([`Output::Publish`]). Call before any
+    /// connection.
+    pub fn set_cluster(&mut self, instance: u64) {
+        self.cluster = Some(instance);
+    }
+
+    pub fn cluster_instance(&self) -> Option<u64> {
+        self.cluster
+    }
+
+    /// The link to the broker was lost: forgets every remote peer (without telling anyone: call
+    /// after [`Hub::close_all`]) until a new [`Hub::set_cluster`] and snapshot.
+    pub fn leave_cluster(&mut self) {
+        for room in self.rooms.values_mut() {
+            room.peers.retain(|_, p| p.local().is_some());
+            if room.admin.as_ref().is_some_and(|a| !room.peers.contains_key(a)) {
+                room.admin = None;
+            }
         }
+        let empty: Vec<String> =
+            self.rooms.iter().filter(|(_, r)| r.peers.is_empty()).map(|(k, _)| k.clone()).collect();
+        for id in empty {
+            if let Some(t) = self.rooms.remove(&id).and_then(|r| r.expires_at) {
+                self.expiries.remove(&(t, id));
+            }
+        }
+    }
+
+    pub fn stats(&self) -> Stats {
+        let mut st = Stats { connections: self.sessions.len(), ..Stats::default() };
+        for r in self.rooms.values() {
+            let local = r.peers.values().filter(|p| p.local().is_some()).count();
+            st.registered += local;
+            st.remote_peers += r.peers.len() - local;
+            st.rooms += usize::from(local > 0);
+        }
+        st
     }
 
     /// Next output, if any. Drain after every call that takes an event.
@@ -407,7 +505,7 @@ impl Hub {
                     let (room_id, peer_id) = (room_id.clone(), peer_id.clone());
                     self.on_registered(conn, &room_id, &peer_id, other, request_id.clone(), now)
                 }
-                Some(State::Pending { .. }) => Err(SignalError::new(
+                Some(State::Pending { .. } | State::Claiming { .. }) => Err(SignalError::new(
                     ErrorCode::RegistrationPending,
                     "registration in progress; wait for registered_auth",
                 )),
@@ -429,7 +527,7 @@ impl Hub {
         let Some(session) = self.sessions.get(&conn) else { return Ok(()) };
         let deadline = match &session.state {
             State::Fresh { deadline } => *deadline,
-            State::Pending { .. } => {
+            State::Pending { .. } | State::Claiming { .. } => {
                 return Err(SignalError::new(ErrorCode::RegistrationPending, "registration already in progress"));
             }
             State::Registered { .. } => {
@@ -476,18 +574,8 @@ impl Hub {
         else {
             return;
         };
-        match verdict.and_then(|g| self.admit(conn, *reg, g, request_id.clone(), now)) {
-            Ok(()) => {}
-            Err(e) => {
-                self.reply(conn, e.into(), request_id);
-                let limit = self.limits.max_failed_registers;
-                if let Some(s) = self.sessions.get_mut(&conn) {
-                    s.failed_registers += 1;
-                    if s.failed_registers >= limit {
-                        self.close(conn, close_code::AUTH_FAILED, "too many failed registrations", now);
-                    }
-                }
-            }
+        if let Err(e) = verdict.and_then(|g| self.admit(conn, *reg, g, request_id.clone(), now)) {
+            self.fail_register(conn, e, request_id, now);
         }
     }
 
@@ -507,6 +595,33 @@ impl Hub {
         }
         let peer_id = reg.peer_id.clone().unwrap_or_else(|| grant.default_peer_id.clone());
         validate_peer_id(&peer_id, self.limits.max_peer_id_len)?;
+        if let Some(instance) = self.cluster {
+            // The broker decides uniqueness and limits for the whole cluster; the registration
+            // completes when our own PeerUp comes back in the broker's order.
+            let up = PeerUp {
+                room_id: grant.room_id.clone(),
+                peer_id: peer_id.clone(),
+                at: PeerAt { instance, conn: conn.0 },
+                role: reg.role,
+                metadata: Value::Object(reg.metadata).to_string(),
+                connected_at: now.0,
+                user_id: grant.principal.user_id,
+                credential_id: grant.principal.credential_id,
+                worker_name: grant.worker_name,
+                is_admin: reg.is_admin,
+                room_expires_at: grant.room_expires_at.map(|t| t.0),
+            };
+            if let Some(s) = self.sessions.get_mut(&conn) {
+                let deadline = match s.state {
+                    State::Fresh { deadline } => deadline,
+                    _ => return Ok(()),
+                };
+                let claim = Claiming { room_id: grant.room_id, peer_id, request_id, token_echo: grant.token_echo };
+                s.state = State::Claiming { deadline, claim: Box::new(claim) };
+                self.out.push_back(Output::Claim { conn, up: Box::new(up) });
+            }
+            return Ok(());
+        }
         let mut superseded = None;
         match self.rooms.get(&grant.room_id) {
             None if self.rooms.len() >= self.limits.max_rooms => {
@@ -516,7 +631,7 @@ impl Hub {
             Some(room) => {
                 if let Some(existing) = room.peers.get(&peer_id) {
                     if existing.principal == grant.principal {
-                        superseded = Some(existing.conn);
+                        superseded = existing.local();
                     } else {
                         return Err(SignalError::new(
                             ErrorCode::PeerIdTaken,
@@ -534,41 +649,76 @@ impl Hub {
         if let Some(old) = superseded {
             self.close(old, close_code::SUPERSEDED, "peer id registered again on a newer connection", now);
         }
-        let room_id = grant.room_id.clone();
-        let room = self.rooms.entry(room_id.clone()).or_default();
-        if room.expires_at != grant.room_expires_at {
-            if let Some(t) = room.expires_at {
-                self.expiries.remove(&(t, room_id.clone()));
-            }
-            room.expires_at = grant.room_expires_at;
-            if let Some(t) = room.expires_at {
-                self.expiries.insert((t, room_id.clone()));
-            }
-        }
-        let others: Vec<ConnId> = room.peers.values().map(|p| p.conn).collect();
-        let peer_list: Vec<String> = room.peers.keys().cloned().collect();
-        let peer_metadata: Object =
-            room.peers.iter().map(|(id, p)| (id.clone(), Value::Object(p.metadata.clone()))).collect();
-        let mut admin_conflict = None;
-        if reg.is_admin {
-            match &room.admin {
-                Some(a) if *a != peer_id => admin_conflict = Some(a.clone()),
-                _ => room.admin = Some(peer_id.clone()),
-            }
-        }
         let entry = PeerEntry {
-            conn,
+            at: At::Local(conn),
             role: reg.role,
             metadata: reg.metadata,
             connected_at: now,
             principal: grant.principal,
             worker_name: grant.worker_name,
         };
+        let claim = Claiming { room_id: grant.room_id, peer_id, request_id, token_echo: grant.token_echo };
+        self.insert_local(conn, claim, entry, reg.is_admin, grant.room_expires_at);
+        Ok(())
+    }
+
+    /// Puts a peer into its room (creating the room) and schedules the room's expiry.
+    fn insert_entry(
+        &mut self,
+        room_id: &str,
+        peer_id: &str,
+        entry: PeerEntry,
+        expires_at: Option<Millis>,
+    ) -> &mut Room {
+        let room = self.rooms.entry(room_id.to_owned()).or_default();
+        if room.expires_at != expires_at {
+            if let Some(t) = room.expires_at {
+                self.expiries.remove(&(t, room_id.to_owned()));
+            }
+            room.expires_at = expires_at;
+            if let Some(t) = expires_at {
+                self.expiries.insert((t, room_id.to_owned()));
+            }
+        }
+        room.peers.insert(peer_id.to_owned(), entry);
+        room
+    }
+
+    /// Completes the registration of a local connection whose admission was decided: the room
+    /// learns of the peer, the peer gets `registered_auth` with everyone already there.
+    fn insert_local(
+        &mut self,
+        conn: ConnId,
+        claim: Claiming,
+        entry: PeerEntry,
+        is_admin: bool,
+        expires_at: Option<Millis>,
+    ) {
+        let Claiming { room_id, peer_id, request_id, token_echo } = claim;
         let joined = ServerMessage::PeerJoined { peer: entry.info(&peer_id) };
+        let (others, peer_list, peer_metadata) = match self.rooms.get(&room_id) {
+            Some(room) => (
+                room.peers.iter().filter(|(id, _)| **id != peer_id).filter_map(|(_, p)| p.local()).collect(),
+                room.peers.keys().filter(|id| **id != peer_id).cloned().collect(),
+                room.peers
+                    .iter()
+                    .filter(|(id, _)| **id != peer_id)
+                    .map(|(id, p)| (id.clone(), Value::Object(p.metadata.clone())))
+                    .collect(),
+            ),
+            None => (Vec::new(), Vec::new(), Object::new()),
+        };
+        let room = self.insert_entry(&room_id, &peer_id, entry, expires_at);
+        let mut admin_conflict = None;
+        if is_admin {
+            match &room.admin {
+                Some(a) if *a != peer_id => admin_conflict = Some(a.clone()),
+                _ => room.admin = Some(peer_id.clone()),
+            }
+        }
         let admin_peer_id = room.admin.clone();
-        room.peers.insert(peer_id.clone(), entry);
         if let Some(s) = self.sessions.get_mut(&conn) {
-            if let State::Fresh { deadline } = s.state {
+            if let State::Fresh { deadline } | State::Claiming { deadline, .. } = s.state {
                 self.deadlines.remove(&(deadline, conn));
             }
             s.state = State::Registered { room_id: room_id.clone(), peer_id: peer_id.clone() };
@@ -578,7 +728,7 @@ impl Hub {
             conn,
             ServerMessage::RegisteredAuth {
                 room_id: room_id.clone(),
-                token: grant.token_echo,
+                token: token_echo,
                 peer_id,
                 admin_peer_id,
                 peer_list,
@@ -594,7 +744,195 @@ impl Hub {
         if !others.is_empty() {
             self.out.push_back(Output::Send { to: others, msg: Arc::new(ServerEnvelope::new(joined)) });
         }
-        Ok(())
+    }
+
+    /// Cluster mode: the broker refused (or could not run) the admission asked for by
+    /// [`Output::Claim`]. Success needs no call: it arrives as the peer's `PeerUp`.
+    pub fn complete_claim(&mut self, conn: ConnId, refusal: SignalError, now: Millis) {
+        let Some(s) = self.sessions.get_mut(&conn) else { return };
+        let State::Claiming { deadline, .. } = s.state else { return };
+        let State::Claiming { claim, .. } = std::mem::replace(&mut s.state, State::Fresh { deadline }) else {
+            return;
+        };
+        self.fail_register(conn, refusal, claim.request_id, now);
+    }
+
+    fn fail_register(&mut self, conn: ConnId, e: SignalError, request_id: Option<RequestId>, now: Millis) {
+        self.reply(conn, e.into(), request_id);
+        let limit = self.limits.max_failed_registers;
+        if let Some(s) = self.sessions.get_mut(&conn) {
+            s.failed_registers += 1;
+            if s.failed_registers >= limit {
+                self.close(conn, close_code::AUTH_FAILED, "too many failed registrations", now);
+            }
+        }
+    }
+
+    /// Cluster mode: applies a message from the broker (this instance's inbox).
+    pub fn handle_cluster(&mut self, msg: ClusterMsg, now: Millis) {
+        let Some(me) = self.cluster else { return };
+        match msg {
+            ClusterMsg::PeerUp(up) => self.on_peer_up(me, up, now),
+            ClusterMsg::PeerDown { room_id, peer_id, at, reason } => {
+                self.remove_remote(&room_id, |id, p| id == peer_id && p.at == At::Remote(at), &reason);
+            }
+            ClusterMsg::Deliver { room_id, peer_id, conn, envelope } => {
+                let conn = ConnId(conn);
+                let current = self.rooms.get(&room_id).and_then(|r| r.peers.get(&peer_id)).map(|p| p.at);
+                if current != Some(At::Local(conn)) {
+                    return;
+                }
+                if let Ok(env) = ServerEnvelope::from_json(&envelope) {
+                    self.out.push_back(Output::Send { to: vec![conn], msg: Arc::new(env) });
+                }
+            }
+            ClusterMsg::InstanceDown { instance } => {
+                let rooms: Vec<String> = self.rooms.keys().cloned().collect();
+                for r in rooms {
+                    self.remove_remote(
+                        &r,
+                        |_, p| matches!(p.at, At::Remote(a) if a.instance == instance),
+                        "server instance lost",
+                    );
+                }
+            }
+            ClusterMsg::CloseRoom { room_id, reason } => {
+                self.tombstones.insert(room_id.clone(), now);
+                self.shut_room(&room_id, &reason, now);
+            }
+            ClusterMsg::RoomExpiry { room_id, expires_at } => self.set_expiry_here(&room_id, expires_at.map(Millis)),
+            ClusterMsg::Revoke { credential_id } => {
+                self.evict(|_, p| p.principal.credential_id == credential_id, "credential revoked", now);
+            }
+            ClusterMsg::RemoveMember { room_id, user_id } => {
+                self.evict(|r, p| r == room_id && p.principal.user_id == user_id, "membership removed", now);
+            }
+        }
+    }
+
+    fn on_peer_up(&mut self, me: u64, up: PeerUp, now: Millis) {
+        let mine = up.at.instance == me;
+        let at = if mine { At::Local(ConnId(up.at.conn)) } else { At::Remote(up.at) };
+        let release = |up: &PeerUp, reason: &str| {
+            Output::Publish(Publish::Release {
+                room_id: up.room_id.clone(),
+                peer_id: up.peer_id.clone(),
+                at: up.at,
+                reason: reason.to_owned(),
+            })
+        };
+        let metadata = match serde_json::from_str::<Value>(&up.metadata) {
+            Ok(Value::Object(m)) if validate_metadata(&m, usize::MAX).is_ok() => m,
+            _ => return,
+        };
+        if validate_peer_id(&up.peer_id, usize::MAX).is_err() {
+            return;
+        }
+        let claiming = |s: Option<&Session>| match s.map(|s| &s.state) {
+            Some(State::Claiming { claim, .. }) => claim.room_id == up.room_id && claim.peer_id == up.peer_id,
+            _ => false,
+        };
+        if self.tombstones.contains_key(&up.room_id) {
+            if mine {
+                let conn = ConnId(up.at.conn);
+                if claiming(self.sessions.get(&conn)) {
+                    self.complete_claim(conn, SignalError::new(ErrorCode::RoomNotFound, "Room not found"), now);
+                }
+                self.out.push_back(release(&up, "room closed"));
+            }
+            return;
+        }
+        let existing = self.rooms.get(&up.room_id).and_then(|r| r.peers.get(&up.peer_id)).map(|p| p.at);
+        if existing == Some(at) {
+            // The same registration again: a metadata change (ours was applied when it happened).
+            if let At::Remote(_) = at {
+                self.remote_metadata(&up.room_id, &up.peer_id, metadata);
+            }
+            return;
+        }
+        match existing {
+            // The broker let the same principal take the peer id over (a reconnect).
+            Some(At::Local(old)) => {
+                self.close(old, close_code::SUPERSEDED, "peer id registered again on a newer connection", now)
+            }
+            Some(At::Remote(old)) => {
+                self.remove_remote(&up.room_id, |id, p| id == up.peer_id && p.at == At::Remote(old), "superseded")
+            }
+            None => {}
+        }
+        let entry = PeerEntry {
+            at,
+            role: up.role.clone(),
+            metadata,
+            connected_at: Millis(up.connected_at),
+            principal: Principal { user_id: up.user_id.clone(), credential_id: up.credential_id.clone() },
+            worker_name: up.worker_name.clone(),
+        };
+        let expires_at = up.room_expires_at.map(Millis);
+        if mine {
+            let conn = ConnId(up.at.conn);
+            if !claiming(self.sessions.get(&conn)) {
+                // The connection went away while the broker admitted it.
+                self.out.push_back(release(&up, "disconnected"));
+                return;
+            }
+            let Some(s) = self.sessions.get_mut(&conn) else { return };
+            let State::Claiming { deadline, .. } = s.state else { return };
+            let State::Claiming { claim, .. } = std::mem::replace(&mut s.state, State::Fresh { deadline }) else {
+                return;
+            };
+            self.insert_local(conn, *claim, entry, up.is_admin, expires_at);
+            return;
+        }
+        let joined = ServerMessage::PeerJoined { peer: entry.info(&up.peer_id) };
+        let room = self.insert_entry(&up.room_id, &up.peer_id, entry, expires_at);
+        if up.is_admin && room.admin.is_none() {
+            room.admin = Some(up.peer_id.clone());
+        }
+        let others: Vec<ConnId> =
+            room.peers.iter().filter(|(id, _)| **id != up.peer_id).filter_map(|(_, p)| p.local()).collect();
+        if !others.is_empty() {
+            self.out.push_back(Output::Send { to: others, msg: Arc::new(ServerEnvelope::new(joined)) });
+        }
+    }
+
+    fn remote_metadata(&mut self, room_id: &str, peer_id: &str, metadata: Object) {
+        let Some(room) = self.rooms.get_mut(room_id) else { return };
+        let Some(entry) = room.peers.get_mut(peer_id) else { return };
+        entry.metadata = metadata.clone();
+        let others: Vec<ConnId> = room.peers.values().filter_map(PeerEntry::local).collect();
+        if !others.is_empty() {
+            let msg = ServerMessage::MetadataUpdated { peer_id: peer_id.to_owned(), metadata };
+            self.out.push_back(Output::Send { to: others, msg: Arc::new(ServerEnvelope::new(msg)) });
+        }
+    }
+
+    /// Drops the replicas of remote peers of a room that `pred` selects; local peers are told.
+    fn remove_remote(&mut self, room_id: &str, pred: impl Fn(&str, &PeerEntry) -> bool, reason: &str) {
+        let Some(room) = self.rooms.get_mut(room_id) else { return };
+        let gone: Vec<String> = room
+            .peers
+            .iter()
+            .filter(|(id, p)| matches!(p.at, At::Remote(_)) && pred(id, p))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for peer_id in gone {
+            room.peers.remove(&peer_id);
+            if room.admin.as_deref() == Some(peer_id.as_str()) {
+                room.admin = None;
+            }
+            let others: Vec<ConnId> = room.peers.values().filter_map(PeerEntry::local).collect();
+            if !others.is_empty() {
+                let msg = ServerMessage::PeerLeft { peer_id, reason: reason.to_owned() };
+                self.out.push_back(Output::Send { to: others, msg: Arc::new(ServerEnvelope::new(msg)) });
+            }
+        }
+        if room.peers.is_empty() {
+            if let Some(t) = room.expires_at {
+                self.expiries.remove(&(t, room_id.to_owned()));
+            }
+            self.rooms.remove(room_id);
+        }
     }
 
     fn on_registered(
@@ -635,8 +973,24 @@ impl Hub {
                 let merged = merge_metadata(&entry.metadata, metadata);
                 validate_metadata(&merged, max)?;
                 entry.metadata = merged.clone();
+                if let Some(instance) = self.cluster {
+                    let up = PeerUp {
+                        room_id: room_id.to_owned(),
+                        peer_id: me.to_owned(),
+                        at: PeerAt { instance, conn: conn.0 },
+                        role: entry.role.clone(),
+                        metadata: Value::Object(merged.clone()).to_string(),
+                        connected_at: entry.connected_at.0,
+                        user_id: entry.principal.user_id.clone(),
+                        credential_id: entry.principal.credential_id.clone(),
+                        worker_name: entry.worker_name.clone(),
+                        is_admin: room.admin.as_deref() == Some(me),
+                        room_expires_at: room.expires_at.map(|t| t.0),
+                    };
+                    self.out.push_back(Output::Publish(Publish::Update(Box::new(up))));
+                }
                 let others: Vec<ConnId> =
-                    room.peers.iter().filter(|(id, _)| id.as_str() != me).map(|(_, p)| p.conn).collect();
+                    room.peers.iter().filter(|(id, _)| id.as_str() != me).filter_map(|(_, p)| p.local()).collect();
                 let msg = ServerMessage::MetadataUpdated { peer_id: me.to_owned(), metadata: merged };
                 if !others.is_empty() {
                     self.out.push_back(Output::Send { to: others, msg: Arc::new(ServerEnvelope::new(msg.clone())) });
@@ -647,21 +1001,22 @@ impl Hub {
             ClientMessage::PeerMessage(PeerMessage { from_peer_id, to_peer_id, payload }) => {
                 check_sender(from_peer_id.as_deref(), me)?;
                 let target = self.target(room_id, &to_peer_id)?;
+                let to = to_peer_id.clone();
                 let msg = ServerMessage::PeerMessage { from_peer_id: me.to_owned(), to_peer_id, payload };
-                self.route(conn, target, msg, request_id);
+                self.route(conn, (room_id, &to, target), msg, request_id);
                 Ok(())
             }
             ClientMessage::Relay(Relay { kind, sender, target, mut body }) => {
                 check_sender(sender.as_deref(), me)?;
-                let target_conn = self.target(room_id, &target)?;
+                let target_at = self.target(room_id, &target)?;
                 body.insert("sender".into(), Value::String(me.to_owned()));
-                body.insert("target".into(), Value::String(target));
+                body.insert("target".into(), Value::String(target.clone()));
                 let msg = match kind {
                     RelayKind::Offer => ServerMessage::Offer(body),
                     RelayKind::Answer => ServerMessage::Answer(body),
                     RelayKind::Candidate => ServerMessage::Candidate(body),
                 };
-                self.route(conn, target_conn, msg, request_id);
+                self.route(conn, (room_id, &target, target_at), msg, request_id);
                 Ok(())
             }
             ClientMessage::RequestTicket(RequestTicket { target, fingerprint }) => {
@@ -683,7 +1038,7 @@ impl Hub {
             }
             ClientMessage::Mesh(MeshRelay { kind, from_peer_id, target_peer_id, body }) => {
                 check_sender(from_peer_id.as_deref(), me)?;
-                let target = self.target(room_id, &target_peer_id)?;
+                let target = (room_id, target_peer_id.as_str(), self.target(room_id, &target_peer_id)?);
                 let from_peer_id = me.to_owned();
                 let msg = match kind {
                     MeshKind::Connect => ServerMessage::MeshOffer { from_peer_id, offer: body },
@@ -700,16 +1055,36 @@ impl Hub {
         self.rooms.get(room_id).ok_or_else(room_gone)
     }
 
-    fn target(&self, room_id: &str, peer_id: &str) -> Result<ConnId, SignalError> {
+    fn target(&self, room_id: &str, peer_id: &str) -> Result<At, SignalError> {
         self.room(room_id)?
             .peers
             .get(peer_id)
-            .map(|p| p.conn)
+            .map(|p| p.at)
             .ok_or_else(|| SignalError::new(ErrorCode::PeerNotFound, format!("Peer {peer_id} not found in room")))
     }
 
-    fn route(&mut self, from: ConnId, to: ConnId, msg: ServerMessage, request_id: Option<RequestId>) {
-        self.out.push_back(Output::Send { to: vec![to], msg: Arc::new(ServerEnvelope::new(msg)) });
+    /// Sends `msg` to a peer of the room: directly when it is connected here, through its
+    /// instance's inbox otherwise (in the order this sender sent, like local deliveries).
+    fn route(
+        &mut self,
+        from: ConnId,
+        (room_id, peer_id, at): (&str, &str, At),
+        msg: ServerMessage,
+        request_id: Option<RequestId>,
+    ) {
+        let env = ServerEnvelope::new(msg);
+        match at {
+            At::Local(to) => self.out.push_back(Output::Send { to: vec![to], msg: Arc::new(env) }),
+            At::Remote(at) => self.out.push_back(Output::Publish(Publish::Forward {
+                instance: at.instance,
+                msg: ClusterMsg::Deliver {
+                    room_id: room_id.to_owned(),
+                    peer_id: peer_id.to_owned(),
+                    conn: at.conn,
+                    envelope: env.to_json(),
+                },
+            })),
+        }
         if request_id.is_some() {
             self.reply(from, ServerMessage::Ack {}, request_id);
         }
@@ -729,16 +1104,25 @@ impl Hub {
 
     fn forget(&mut self, conn: ConnId, session: Session, _now: Millis, reason: &str) {
         match session.state {
-            State::Fresh { deadline } | State::Pending { deadline, .. } => {
+            State::Fresh { deadline } | State::Pending { deadline, .. } | State::Claiming { deadline, .. } => {
+                // A claim still at the broker is released when its PeerUp arrives.
                 self.deadlines.remove(&(deadline, conn));
             }
             State::Registered { room_id, peer_id } => {
                 let Some(room) = self.rooms.get_mut(&room_id) else { return };
                 // Only remove the entry if it is still ours (it may have been superseded).
-                if room.peers.get(&peer_id).is_none_or(|p| p.conn != conn) {
+                if room.peers.get(&peer_id).is_none_or(|p| p.at != At::Local(conn)) {
                     return;
                 }
                 room.peers.remove(&peer_id);
+                if let Some(instance) = self.cluster {
+                    self.out.push_back(Output::Publish(Publish::Release {
+                        room_id: room_id.clone(),
+                        peer_id: peer_id.clone(),
+                        at: PeerAt { instance, conn: conn.0 },
+                        reason: reason.to_owned(),
+                    }));
+                }
                 if room.admin.as_deref() == Some(peer_id.as_str()) {
                     room.admin = None;
                 }
@@ -748,9 +1132,11 @@ impl Hub {
                     }
                     self.rooms.remove(&room_id);
                 } else {
-                    let others: Vec<ConnId> = room.peers.values().map(|p| p.conn).collect();
-                    let msg = ServerMessage::PeerLeft { peer_id, reason: reason.to_owned() };
-                    self.out.push_back(Output::Send { to: others, msg: Arc::new(ServerEnvelope::new(msg)) });
+                    let others: Vec<ConnId> = room.peers.values().filter_map(PeerEntry::local).collect();
+                    if !others.is_empty() {
+                        let msg = ServerMessage::PeerLeft { peer_id, reason: reason.to_owned() };
+                        self.out.push_back(Output::Send { to: others, msg: Arc::new(ServerEnvelope::new(msg)) });
+                    }
                 }
             }
         }
@@ -758,9 +1144,17 @@ impl Hub {
 
     /// Closes a room (expired or deleted): every peer gets `room_closed` and is disconnected, and
     /// registrations that were being checked while it closed are refused.
+    /// In cluster mode every instance is told (their peers of the room are closed there).
     pub fn close_room(&mut self, room_id: &str, reason: &str, now: Millis) {
         self.tombstones.insert(room_id.to_owned(), now);
         self.shut_room(room_id, reason, now);
+        self.broadcast(|| ClusterMsg::CloseRoom { room_id: room_id.to_owned(), reason: reason.to_owned() });
+    }
+
+    fn broadcast(&mut self, msg: impl FnOnce() -> ClusterMsg) {
+        if self.cluster.is_some() {
+            self.out.push_back(Output::Publish(Publish::Broadcast(msg())));
+        }
     }
 
     /// Evicts a room's peers without remembering the room as deleted (expiry: the room may be
@@ -770,7 +1164,19 @@ impl Hub {
         if let Some(t) = room.expires_at {
             self.expiries.remove(&(t, room_id.to_owned()));
         }
-        let conns: Vec<ConnId> = room.peers.values().map(|p| p.conn).collect();
+        let conns: Vec<ConnId> = room.peers.values().filter_map(PeerEntry::local).collect();
+        if let Some(instance) = self.cluster {
+            for (peer_id, p) in &room.peers {
+                if let At::Local(c) = p.at {
+                    self.out.push_back(Output::Publish(Publish::Release {
+                        room_id: room_id.to_owned(),
+                        peer_id: peer_id.clone(),
+                        at: PeerAt { instance, conn: c.0 },
+                        reason: reason.to_owned(),
+                    }));
+                }
+            }
+        }
         if !conns.is_empty() {
             let msg = ServerMessage::RoomClosed {
                 room_id: room_id.to_owned(),
@@ -788,6 +1194,11 @@ impl Hub {
 
     /// Updates a live room's expiry (after PATCH); `None` means it no longer expires.
     pub fn set_room_expiry(&mut self, room_id: &str, expires_at: Option<Millis>) {
+        self.set_expiry_here(room_id, expires_at);
+        self.broadcast(|| ClusterMsg::RoomExpiry { room_id: room_id.to_owned(), expires_at: expires_at.map(|t| t.0) });
+    }
+
+    fn set_expiry_here(&mut self, room_id: &str, expires_at: Option<Millis>) {
         let Some(room) = self.rooms.get_mut(room_id) else { return };
         if let Some(t) = room.expires_at {
             self.expiries.remove(&(t, room_id.to_owned()));
@@ -798,26 +1209,36 @@ impl Hub {
         }
     }
 
-    /// Disconnects every peer registered with this credential (it was revoked or deleted).
+    /// Disconnects every peer registered with this credential (it was revoked or deleted),
+    /// cluster-wide; returns how many there were.
     pub fn revoke_credential(&mut self, credential_id: &str, now: Millis) -> usize {
-        self.evict(|_, p| p.principal.credential_id == credential_id, "credential revoked", now)
+        let n = self.evict(|_, p| p.principal.credential_id == credential_id, "credential revoked", now);
+        self.broadcast(|| ClusterMsg::Revoke { credential_id: credential_id.to_owned() });
+        n
     }
 
-    /// Disconnects a user's peers in one room (their membership was removed).
+    /// Disconnects a user's peers in one room (their membership was removed), cluster-wide.
     pub fn remove_member(&mut self, room_id: &str, user_id: &str, now: Millis) -> usize {
-        self.evict(|r, p| r == room_id && p.principal.user_id == user_id, "membership removed", now)
+        let n = self.evict(|r, p| r == room_id && p.principal.user_id == user_id, "membership removed", now);
+        self.broadcast(|| ClusterMsg::RemoveMember { room_id: room_id.to_owned(), user_id: user_id.to_owned() });
+        n
     }
 
+    /// Closes the local peers `pred` selects; counts the remote ones too (their instances close
+    /// them when told).
     fn evict(&mut self, pred: impl Fn(&str, &PeerEntry) -> bool, reason: &str, now: Millis) -> usize {
-        let victims: Vec<ConnId> = self
-            .rooms
-            .iter()
-            .flat_map(|(rid, r)| r.peers.values().filter(|p| pred(rid, p)).map(|p| p.conn).collect::<Vec<_>>())
-            .collect();
-        for &c in &victims {
+        let mut count = 0;
+        let mut victims = Vec::new();
+        for (rid, r) in &self.rooms {
+            for p in r.peers.values().filter(|p| pred(rid, p)) {
+                count += 1;
+                victims.extend(p.local());
+            }
+        }
+        for c in victims {
             self.close(c, close_code::REVOKED, reason, now);
         }
-        victims.len()
+        count
     }
 
     /// Closes every connection (server shutdown).
@@ -855,10 +1276,17 @@ impl Hub {
                 return Err(format!("empty room {rid} kept"));
             }
             for (pid, p) in &room.peers {
+                let conn = match p.at {
+                    At::Local(c) => c,
+                    At::Remote(at) if self.cluster.is_some_and(|me| me != at.instance) => continue,
+                    At::Remote(at) => {
+                        return Err(format!("room {rid} peer {pid}: remote entry {at:?} on this instance"));
+                    }
+                };
                 seen += 1;
-                match self.sessions.get(&p.conn).map(|s| &s.state) {
+                match self.sessions.get(&conn).map(|s| &s.state) {
                     Some(State::Registered { room_id, peer_id }) if room_id == rid && peer_id == pid => {}
-                    other => return Err(format!("room {rid} peer {pid} -> {:?} has session {other:?}", p.conn)),
+                    other => return Err(format!("room {rid} peer {pid} -> {conn:?} has session {other:?}")),
                 }
                 if p.metadata.keys().any(|k| k.starts_with('_')) {
                     return Err(format!("reserved metadata stored for {pid}"));
@@ -879,7 +1307,9 @@ impl Hub {
         }
         for (t, c) in &self.deadlines {
             match self.sessions.get(c).map(|s| &s.state) {
-                Some(State::Fresh { deadline } | State::Pending { deadline, .. }) if deadline == t => {}
+                Some(
+                    State::Fresh { deadline } | State::Pending { deadline, .. } | State::Claiming { deadline, .. },
+                ) if deadline == t => {}
                 other => return Err(format!("stale deadline for {c:?}: {other:?}")),
             }
         }

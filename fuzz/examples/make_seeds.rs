@@ -30,7 +30,76 @@ fn bytes(seed: u64, n: usize) -> Vec<u8> {
         .collect()
 }
 
+/// Length-prefixed frames of real cluster messages aimed at the harness's hub (instance 1 with
+/// local peers `a` on conn 1 and `b` on conn 2 in room `r`).
+fn cluster_seeds() {
+    use sleap_rtc_core::cluster::{ClusterMsg, PeerAt, PeerUp};
+    let up = |conn: u64, meta: &str| PeerUp {
+        room_id: "r".into(),
+        peer_id: "w".into(),
+        at: PeerAt { instance: 2, conn },
+        role: "worker".into(),
+        metadata: meta.into(),
+        connected_at: 1_700_000_000_000,
+        user_id: "u2".into(),
+        credential_id: "wt:1".into(),
+        worker_name: Some("gpu".into()),
+        is_admin: false,
+        room_expires_at: None,
+    };
+    let at = PeerAt { instance: 2, conn: 7 };
+    let seqs: [(&str, Vec<ClusterMsg>); 4] = [
+        (
+            "join-update-leave",
+            vec![
+                ClusterMsg::PeerUp(up(7, r#"{"tags":["gpu"]}"#)),
+                ClusterMsg::PeerUp(up(7, r#"{"tags":["gpu"],"properties":{"status":"busy"}}"#)),
+                ClusterMsg::PeerDown { room_id: "r".into(), peer_id: "w".into(), at, reason: "disconnected".into() },
+            ],
+        ),
+        (
+            "deliver",
+            vec![ClusterMsg::Deliver {
+                room_id: "r".into(),
+                peer_id: "a".into(),
+                conn: 1,
+                envelope: r#"{"type":"peer_message","from_peer_id":"w","to_peer_id":"a","payload":{}}"#.into(),
+            }],
+        ),
+        (
+            "supersede-and-crash",
+            vec![
+                ClusterMsg::PeerUp(up(7, "{}")),
+                ClusterMsg::PeerUp(up(8, "{}")),
+                ClusterMsg::InstanceDown { instance: 2 },
+            ],
+        ),
+        (
+            "admin",
+            vec![
+                ClusterMsg::RoomExpiry { room_id: "r".into(), expires_at: Some(1_800_000_000_000) },
+                ClusterMsg::Revoke { credential_id: "c".into() },
+                ClusterMsg::RemoveMember { room_id: "r".into(), user_id: "u".into() },
+                ClusterMsg::CloseRoom { room_id: "r".into(), reason: "deleted".into() },
+            ],
+        ),
+    ];
+    for (name, msgs) in seqs {
+        let mut out = Vec::new();
+        for m in msgs {
+            let b = m.encode();
+            out.extend_from_slice(&(b.len() as u16).to_le_bytes());
+            out.extend_from_slice(&b);
+        }
+        write("cluster_msg", &format!("{name}.bin"), out);
+    }
+}
+
 fn main() {
+    cluster_seeds();
+    if std::env::args().nth(1).as_deref() == Some("cluster_msg") {
+        return;
+    }
     let signal = [
         json!({"type":"register","peer_id":"worker-1","room_id":"r1","role":"worker","jwt":"eyJ...",
             "metadata":{"tags":["gpu"],"properties":{"gpu_memory_mb":8000,"status":"available"}}}),

@@ -236,6 +236,7 @@ impl RoomModel {
                     assert!(self.open.contains(&conn), "authentication for closed {conn:?}");
                     self.pending.push_back((conn, *request));
                 }
+                Output::Claim { .. } | Output::Publish(_) => panic!("cluster output from a single-instance hub"),
                 Output::IssueTicket { conn, ticket, .. } => {
                     let (room, peer) = self.identity(conn).expect("ticket for an unregistered connection");
                     assert_eq!(ticket.room_id, room);
@@ -338,6 +339,72 @@ impl RoomModel {
         let before = self.identity(c);
         self.hub.handle_text(c, text, Millis(self.now));
         self.pump(Some((c, before)));
+    }
+}
+
+/// Bytes from the cluster broker (another instance or whoever can write to Redis): the decoder
+/// refuses garbage, round-trips what it accepts, and a cluster-mode hub with live local peers
+/// applies any sequence of accepted messages keeping its invariants, delivering only to open
+/// connections.
+pub fn cluster_msg(data: &[u8]) {
+    use sleap_rtc_core::cluster::ClusterMsg;
+    let mut hub = Hub::new(Limits::default());
+    hub.set_cluster(1);
+    let now = Millis(1_700_000_000_000);
+    let mut open = HashSet::new();
+    for (c, peer) in [(1u64, "a"), (2, "b")] {
+        hub.connect(ConnId(c), now);
+        open.insert(ConnId(c));
+        hub.handle_text(ConnId(c), &json!({"type":"register","jwt":"x","room_id":"r","peer_id":peer}).to_string(), now);
+    }
+    let mut claims = Vec::new();
+    loop {
+        while let Some(o) = hub.poll_output() {
+            match o {
+                Output::Authenticate { conn, .. } => {
+                    let grant = Grant {
+                        room_id: "r".into(),
+                        default_peer_id: "x".into(),
+                        principal: Principal { user_id: "u".into(), credential_id: "c".into() },
+                        room_expires_at: None,
+                        token_echo: None,
+                        worker_name: None,
+                    };
+                    hub.complete_register(conn, Ok(grant), now);
+                }
+                Output::Claim { up, .. } => claims.push(ClusterMsg::PeerUp(*up)),
+                Output::Send { to, .. } => assert!(to.iter().all(|c| open.contains(c)), "delivery to a closed conn"),
+                Output::Close { conn, .. } => {
+                    open.remove(&conn);
+                }
+                _ => {}
+            }
+        }
+        let Some(m) = claims.pop() else { break };
+        hub.handle_cluster(m, now);
+    }
+    // Frames: u16 length prefixes.
+    let mut rest = data;
+    while rest.len() >= 2 {
+        let n = usize::from(u16::from_le_bytes([rest[0], rest[1]])).min(rest.len() - 2);
+        let (frame, tail) = rest[2..].split_at(n);
+        rest = tail;
+        let Ok(msg) = ClusterMsg::decode(frame) else { continue };
+        assert_eq!(ClusterMsg::decode(&msg.encode()).as_ref(), Ok(&msg), "accepted message does not round-trip");
+        hub.handle_cluster(msg, now);
+        while let Some(o) = hub.poll_output() {
+            match o {
+                Output::Send { to, msg } => {
+                    assert!(to.iter().all(|c| open.contains(c)), "delivery to a closed conn: {msg:?}");
+                    ServerEnvelope::from_json(&msg.to_json()).expect("server frames decode");
+                }
+                Output::Close { conn, .. } => assert!(open.remove(&conn), "double close of {conn:?}"),
+                _ => {}
+            }
+        }
+        if let Err(e) = hub.check_invariants() {
+            panic!("invariant broken: {e}");
+        }
     }
 }
 

@@ -15,6 +15,7 @@ const TARGETS: &[(&str, Harness)] = &[
     ("ctl_and_bridge", sleap_rtc_fuzz::ctl_and_bridge),
     ("registry_manifest", sleap_rtc_fuzz::registry_manifest),
     ("peer_sdp", sleap_rtc_fuzz::peer_sdp),
+    ("cluster_msg", sleap_rtc_fuzz::cluster_msg),
 ];
 
 fn inputs(dir: &Path) -> Vec<std::path::PathBuf> {

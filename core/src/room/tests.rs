@@ -51,6 +51,7 @@ impl Harness {
                 }
                 Output::Authenticate { conn, request } => self.auth.push((conn, *request)),
                 Output::IssueTicket { conn, ticket, .. } => self.tickets.push((conn, ticket)),
+                Output::Claim { .. } | Output::Publish(_) => panic!("cluster output from a single-instance hub"),
             }
         }
         self.hub.check_invariants().unwrap();
@@ -535,6 +536,7 @@ proptest! {
                         prop_assert_eq!(&ticket.client, peer);
                         prop_assert!(hub.room_peers(room).any(|(id, _)| id == ticket.worker));
                     }
+                    Output::Claim { .. } | Output::Publish(_) => prop_assert!(false, "cluster output, single instance"),
                 }
             }
             if let Err(e) = hub.check_invariants() {
@@ -580,4 +582,309 @@ fn tickets_name_the_requester_and_a_peer_of_its_room() {
     h.send(4, json!({"type":"request_ticket","target":"w1","fingerprint":"x"}));
     assert_eq!(error_code(&h.last(4)), ErrorCode::NotRegistered);
     assert!(h.tickets.is_empty());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Cluster mode: several hubs and a model of the broker (the Redis scripts' rules: claims checked
+// and broadcast atomically, ownership-checked updates and releases, per-inbox FIFO). The real
+// broker is exercised by the server's cluster tests; this checks the hubs' side of the contract
+// under every interleaving of inbox deliveries.
+// ---------------------------------------------------------------------------------------------
+
+mod cluster_sim {
+    use super::*;
+    use crate::cluster::{ClusterMsg, PeerAt, PeerUp};
+    use std::collections::BTreeMap;
+
+    #[derive(Default)]
+    struct Broker {
+        instances: Vec<u64>,
+        /// room → peer → (owner, principal key, stored PeerUp)
+        rooms: BTreeMap<String, BTreeMap<String, (PeerAt, String, PeerUp)>>,
+        inbox: HashMap<u64, VecDeque<ClusterMsg>>,
+        max_peers: usize,
+    }
+
+    impl Broker {
+        fn bcast(&mut self, m: ClusterMsg) {
+            for i in &self.instances {
+                self.inbox.entry(*i).or_default().push_back(m.clone());
+            }
+        }
+
+        fn claim(&mut self, up: PeerUp) -> Result<(), ErrorCode> {
+            let room = self.rooms.entry(up.room_id.clone()).or_default();
+            match room.get(&up.peer_id) {
+                Some((_, key, _)) if *key != up.principal_key() => return Err(ErrorCode::PeerIdTaken),
+                None if room.len() >= self.max_peers => return Err(ErrorCode::RoomFull),
+                _ => {}
+            }
+            room.insert(up.peer_id.clone(), (up.at, up.principal_key(), up.clone()));
+            self.bcast(ClusterMsg::PeerUp(up));
+            Ok(())
+        }
+
+        fn owned(&self, room: &str, peer: &str, at: PeerAt) -> bool {
+            self.rooms.get(room).and_then(|r| r.get(peer)).is_some_and(|(o, _, _)| *o == at)
+        }
+
+        fn apply(&mut self, p: Publish) {
+            match p {
+                Publish::Update(up) => {
+                    if self.owned(&up.room_id, &up.peer_id, up.at) {
+                        if let Some(e) = self.rooms.get_mut(&up.room_id).and_then(|r| r.get_mut(&up.peer_id)) {
+                            e.2 = (*up).clone();
+                        }
+                        self.bcast(ClusterMsg::PeerUp(*up));
+                    }
+                }
+                Publish::Release { room_id, peer_id, at, reason } => {
+                    if self.owned(&room_id, &peer_id, at) {
+                        if let Some(r) = self.rooms.get_mut(&room_id) {
+                            r.remove(&peer_id);
+                        }
+                        self.rooms.retain(|_, r| !r.is_empty());
+                        self.bcast(ClusterMsg::PeerDown { room_id, peer_id, at, reason });
+                    }
+                }
+                Publish::Broadcast(m) => self.bcast(m),
+                Publish::Forward { instance, msg } => {
+                    if self.instances.contains(&instance) {
+                        self.inbox.entry(instance).or_default().push_back(msg);
+                    }
+                }
+            }
+        }
+
+        fn reap(&mut self, dead: u64) {
+            self.instances.retain(|i| *i != dead);
+            self.inbox.remove(&dead);
+            for r in self.rooms.values_mut() {
+                r.retain(|_, (at, _, _)| at.instance != dead);
+            }
+            self.rooms.retain(|_, r| !r.is_empty());
+            self.bcast(ClusterMsg::InstanceDown { instance: dead });
+        }
+    }
+
+    struct Sim {
+        broker: Broker,
+        hubs: BTreeMap<u64, Hub>,
+        /// conn → instance
+        home: HashMap<ConnId, u64>,
+        inbox: HashMap<ConnId, Vec<ServerEnvelope>>,
+        closed: HashMap<ConnId, u16>,
+        now: Millis,
+    }
+
+    impl Sim {
+        fn new(n: u64, max_peers: usize) -> Sim {
+            let mut hubs = BTreeMap::new();
+            for i in 1..=n {
+                let mut h = Hub::new(Limits { max_peers_per_room: max_peers, ..Limits::default() });
+                h.set_cluster(i);
+                hubs.insert(i, h);
+            }
+            let broker = Broker { instances: (1..=n).collect(), max_peers, ..Broker::default() };
+            Sim { broker, hubs, home: HashMap::new(), inbox: HashMap::new(), closed: HashMap::new(), now: T0 }
+        }
+
+        fn pump(&mut self, i: u64) {
+            loop {
+                let Some(hub) = self.hubs.get_mut(&i) else { return };
+                let Some(o) = hub.poll_output() else { break };
+                match o {
+                    Output::Send { to, msg } => {
+                        for c in to {
+                            assert_eq!(self.home.get(&c), Some(&i), "delivery to another instance's conn");
+                            assert!(!self.closed.contains_key(&c), "delivery to closed {c:?}: {msg:?}");
+                            self.inbox.entry(c).or_default().push((*msg).clone());
+                        }
+                    }
+                    Output::Close { conn, code, .. } => {
+                        self.closed.insert(conn, code);
+                    }
+                    Output::Authenticate { conn, request } => {
+                        let user = request.peer_id.clone().unwrap_or_default();
+                        let user = user.split('-').next().unwrap_or_default().to_owned();
+                        let g = grant(request.room_id.as_deref().unwrap_or("r"), &user, &format!("auto-{}", conn.0));
+                        hub.complete_register(conn, Ok(g), self.now);
+                    }
+                    Output::IssueTicket { .. } => {}
+                    Output::Claim { conn, up } => {
+                        if let Err(code) = self.broker.claim(*up) {
+                            hub.complete_claim(conn, SignalError::new(code, "refused"), self.now);
+                        }
+                    }
+                    Output::Publish(p) => self.broker.apply(p),
+                }
+            }
+            if let Some(h) = self.hubs.get(&i) {
+                h.check_invariants().unwrap();
+            }
+        }
+
+        fn deliver_one(&mut self, i: u64) {
+            let Some(m) = self.broker.inbox.get_mut(&i).and_then(VecDeque::pop_front) else { return };
+            if let Some(h) = self.hubs.get_mut(&i) {
+                h.handle_cluster(m, self.now);
+            }
+            self.pump(i);
+        }
+
+        fn settle(&mut self) {
+            while let Some(i) = self.broker.inbox.iter().find(|(_, q)| !q.is_empty()).map(|(i, _)| *i) {
+                self.deliver_one(i);
+            }
+        }
+
+        fn text(&mut self, c: ConnId, v: serde_json::Value) {
+            let Some(&i) = self.home.get(&c) else { return };
+            if let Some(h) = self.hubs.get_mut(&i) {
+                h.handle_text(c, &v.to_string(), self.now);
+            }
+            self.pump(i);
+        }
+
+        /// Every live hub holds exactly the broker's view of every room.
+        fn check_agreement(&self) {
+            for (i, hub) in &self.hubs {
+                let mut seen: BTreeMap<String, BTreeMap<String, PeerAt>> = BTreeMap::new();
+                for (rid, r) in &self.broker.rooms {
+                    for (pid, p) in hub.room_peers(rid) {
+                        let at = match p.at {
+                            At::Local(c) => PeerAt { instance: *i, conn: c.0 },
+                            At::Remote(a) => a,
+                        };
+                        seen.entry(rid.clone()).or_default().insert(pid.to_owned(), at);
+                        let meta: serde_json::Value = serde_json::from_str(&r[pid].2.metadata).unwrap();
+                        assert_eq!(serde_json::Value::Object(p.metadata.clone()), meta, "metadata of {pid} on {i}");
+                    }
+                }
+                let want: BTreeMap<String, BTreeMap<String, PeerAt>> = self
+                    .broker
+                    .rooms
+                    .iter()
+                    .map(|(r, ps)| (r.clone(), ps.iter().map(|(p, (at, _, _))| (p.clone(), *at)).collect()))
+                    .collect();
+                assert_eq!(seen, want, "instance {i} disagrees with the broker");
+                assert_eq!(
+                    hub.stats().registered + hub.stats().remote_peers,
+                    want.values().map(|r| r.len()).sum::<usize>()
+                );
+            }
+        }
+    }
+
+    #[derive(Debug, Clone)]
+    enum Op {
+        Connect { node: u64, user: u8, peer: u8, room: u8 },
+        Drop(u8),
+        Message { from: u8, to: u8 },
+        Update { conn: u8, n: u8 },
+        Deliver(u64),
+        Crash(u64),
+        CloseRoom { node: u64, room: u8 },
+    }
+
+    fn op() -> impl Strategy<Value = Op> {
+        prop_oneof![
+            3 => (1..=3u64, 0..3u8, 0..4u8, 0..2u8).prop_map(|(node, user, peer, room)| Op::Connect { node, user, peer, room }),
+            1 => any::<u8>().prop_map(Op::Drop),
+            2 => (any::<u8>(), 0..4u8).prop_map(|(from, to)| Op::Message { from, to }),
+            1 => (any::<u8>(), any::<u8>()).prop_map(|(conn, n)| Op::Update { conn, n }),
+            6 => (1..=3u64).prop_map(Op::Deliver),
+            1 => (1..=3u64).prop_map(Op::Crash),
+            1 => (1..=3u64, 0..2u8).prop_map(|(node, room)| Op::CloseRoom { node, room }),
+        ]
+    }
+
+    proptest! {
+        #![proptest_config(ProptestConfig { cases: 200, ..ProptestConfig::default() })]
+        #[test]
+        fn replicas_agree_with_the_broker_after_any_interleaving(ops in proptest::collection::vec(op(), 1..80)) {
+            let mut sim = Sim::new(3, 3);
+            let mut conns: Vec<ConnId> = Vec::new();
+            let mut next = 1u64;
+            let mut crashed = 0;
+            for op in ops {
+                match op {
+                    Op::Connect { node, user, peer, room } => {
+                        if !sim.hubs.contains_key(&node) { continue; }
+                        let c = ConnId(next);
+                        next += 1;
+                        sim.home.insert(c, node);
+                        if let Some(h) = sim.hubs.get_mut(&node) { h.connect(c, sim.now); }
+                        conns.push(c);
+                        // The peer id starts with the user, so the grant can name the principal.
+                        sim.text(c, json!({"type":"register","jwt":"x","room_id":format!("r{room}"),
+                            "peer_id":format!("u{user}-p{peer}")}));
+                    }
+                    Op::Drop(k) if !conns.is_empty() => {
+                        let c = conns[k as usize % conns.len()];
+                        if let Some(&i) = sim.home.get(&c) {
+                            if let Some(h) = sim.hubs.get_mut(&i) { h.disconnect(c, sim.now); }
+                            sim.pump(i);
+                        }
+                    }
+                    Op::Message { from, to } if !conns.is_empty() => {
+                        let c = conns[from as usize % conns.len()];
+                        sim.text(c, json!({"type":"peer_message","to_peer_id":format!("u{}-p{}", to % 3, to),"payload":{}}));
+                    }
+                    Op::Update { conn, n } if !conns.is_empty() => {
+                        let c = conns[conn as usize % conns.len()];
+                        sim.text(c, json!({"type":"update_metadata","metadata":{"properties":{"n":n}}}));
+                    }
+                    Op::Deliver(i) => sim.deliver_one(i),
+                    // Only one crash per run keeps two instances to compare.
+                    Op::Crash(i) if crashed == 0 && sim.hubs.remove(&i).is_some() => {
+                        crashed += 1;
+                        sim.broker.reap(i);
+                        for (c, home) in &sim.home {
+                            if *home == i { sim.closed.entry(*c).or_insert(1006); }
+                        }
+                    }
+                    Op::CloseRoom { node, room } => {
+                        if let Some(h) = sim.hubs.get_mut(&node) { h.close_room(&format!("r{room}"), "deleted", sim.now); }
+                        sim.pump(node);
+                    }
+                    _ => {}
+                }
+            }
+            sim.settle();
+            sim.check_agreement();
+            // Every peer a client was told about is one the broker has, and every live registered
+            // connection got exactly one registered_auth.
+            for (c, msgs) in &sim.inbox {
+                let auths = msgs.iter().filter(|m| matches!(m.msg, ServerMessage::RegisteredAuth { .. })).count();
+                prop_assert!(auths <= 1, "{c:?} registered twice");
+            }
+        }
+    }
+
+    #[test]
+    fn a_message_to_a_peer_on_another_instance_is_forwarded_and_delivered() {
+        let mut sim = Sim::new(2, 10);
+        for (c, node, peer) in [(1u64, 1u64, "u1-a"), (2, 2, "u2-b")] {
+            sim.home.insert(ConnId(c), node);
+            sim.hubs.get_mut(&node).unwrap().connect(ConnId(c), sim.now);
+            sim.text(ConnId(c), json!({"type":"register","jwt":"x","room_id":"r","peer_id":peer}));
+            sim.settle();
+        }
+        sim.inbox.clear();
+        sim.text(ConnId(1), json!({"type":"peer_message","to_peer_id":"u2-b","payload":{"k":1},"request_id":5}));
+        assert!(!sim.inbox.contains_key(&ConnId(2)), "not delivered before the broker forwards it");
+        sim.settle();
+        let got = &sim.inbox[&ConnId(2)];
+        assert_eq!(got.len(), 1);
+        assert!(matches!(&got[0].msg, ServerMessage::PeerMessage { from_peer_id, .. } if from_peer_id == "u1-a"));
+        assert!(matches!(sim.inbox[&ConnId(1)][0].msg, ServerMessage::Ack {}));
+        // The same principal taking u2-b over on instance 1 closes the old connection on 2.
+        sim.home.insert(ConnId(3), 1);
+        sim.hubs.get_mut(&1).unwrap().connect(ConnId(3), sim.now);
+        sim.text(ConnId(3), json!({"type":"register","jwt":"x","room_id":"r","peer_id":"u2-b"}));
+        sim.settle();
+        assert_eq!(sim.closed.get(&ConnId(2)), Some(&close_code::SUPERSEDED));
+        sim.check_agreement();
+    }
 }
