@@ -16,6 +16,18 @@ if [[ ! -x "$VENV/bin/python" ]] || ! cmp -s "$REQS" "$VENV/.requirements"; then
 fi
 export SLEAP_RTC_TEST_PYTHON="$VENV/bin/python"
 
+# redis-server for the multi-instance tests (server/tests/cluster.rs start their own on
+# 127.0.0.1); Debian's package.
+if ! command -v redis-server >/dev/null; then
+  echo "==> installing redis-server"
+  if [[ $(id -u) -eq 0 ]]; then
+    apt-get update -qq && apt-get install -y -qq redis-server >/dev/null
+  else
+    sudo apt-get update -qq && sudo apt-get install -y -qq redis-server >/dev/null
+  fi
+  # The package starts a system-wide instance on port 6379; the tests do not use it.
+fi
+
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> cargo clippy"

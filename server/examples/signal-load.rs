@@ -8,8 +8,15 @@
 //! By default it starts the server as a child process (this same binary, re-executed) so the
 //! server's RSS and CPU are its own; `--server http://HOST:PORT` targets a running one instead.
 //!
+//! `--instances N` starts N servers sharing rooms through Redis (a `redis-server` it starts, or
+//! `--redis URL`) and one data directory (SQLite file and signing key), and spreads the peers of
+//! every room over them round-robin; latencies are then reported separately for messages whose
+//! ends are on the same instance and on different ones. Repeating `--server` does the same
+//! against running instances.
+//!
 //! ```text
 //! cargo run --release -p sleap-rtc-server --example signal-load -- --peers 10000 --rate 10000
+//! cargo run --release -p sleap-rtc-server --example signal-load -- --instances 2 --peers 2000 --rate 5000
 //! ```
 
 use std::sync::Arc;
@@ -37,9 +44,16 @@ struct Args {
     /// Peers per room.
     #[arg(long, default_value_t = 100)]
     room_size: usize,
-    /// Base URL of a running server (e.g. http://127.0.0.1:8080); default: start one.
+    /// Base URL of a running server (e.g. http://127.0.0.1:8080); repeat for instances of one
+    /// cluster. Default: start servers.
     #[arg(long)]
-    server: Option<String>,
+    server: Vec<String>,
+    /// Servers to start (with --instances > 1 they share rooms through Redis).
+    #[arg(long, default_value_t = 1)]
+    instances: usize,
+    /// Redis for the started instances; default: start a redis-server on a free port.
+    #[arg(long)]
+    redis: Option<String>,
     /// Server process id for RSS/CPU readings when using --server.
     #[arg(long)]
     server_pid: Option<u32>,
@@ -49,6 +63,9 @@ struct Args {
     /// Internal: run as the server child process listening here.
     #[arg(long, hide = true)]
     internal_serve: Option<String>,
+    /// Internal: the child's Redis.
+    #[arg(long, hide = true)]
+    internal_redis: Option<String>,
 }
 
 fn main() -> anyhow::Result<()> {
@@ -56,16 +73,17 @@ fn main() -> anyhow::Result<()> {
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     if let Some(dir) = &args.internal_serve {
-        return rt.block_on(serve_child(dir));
+        return rt.block_on(serve_child(dir, args.internal_redis.clone()));
     }
     rt.block_on(run(args))
 }
 
 /// The child process: a plain server on a free loopback port, printing its address.
-async fn serve_child(dir: &str) -> anyhow::Result<()> {
+async fn serve_child(dir: &str, redis: Option<String>) -> anyhow::Result<()> {
     let mut cfg = sleap_rtc_server::Config::local(dir);
     cfg.max_peers_per_room = 100_000;
     cfg.auth_rate_per_min = 1e9;
+    cfg.redis = redis;
     let server = sleap_rtc_server::Server::start(cfg).await?;
     println!("{}", server.local_addrs()[0]);
     // Exit when the parent closes our stdin.
@@ -99,20 +117,69 @@ impl Proc {
 struct Shared {
     start: Instant,
     latencies: std::sync::Mutex<Vec<u32>>,
+    cross_latencies: std::sync::Mutex<Vec<u32>>,
     received: AtomicU64,
     errors: AtomicU64,
     measuring: std::sync::atomic::AtomicBool,
 }
 
+struct Procs(Vec<Proc>);
+
+impl Procs {
+    fn rss_kib(&self) -> Option<u64> {
+        self.0.iter().map(Proc::rss_kib).sum()
+    }
+    fn cpu_secs(&self) -> Option<f64> {
+        self.0.iter().map(Proc::cpu_secs).sum()
+    }
+}
+
+/// A redis-server on a free loopback port for the run, killed on drop.
+async fn start_redis() -> anyhow::Result<(tokio::process::Child, String)> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port();
+    let child = tokio::process::Command::new("redis-server")
+        .args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--save", "", "--appendonly", "no"])
+        .stdout(std::process::Stdio::null())
+        .kill_on_drop(true)
+        .spawn()
+        .map_err(|e| anyhow::anyhow!("cannot start redis-server (give --redis URL or install it): {e}"))?;
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            return Ok((child, format!("redis://127.0.0.1:{port}")));
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    anyhow::bail!("redis-server did not start")
+}
+
 async fn run(args: Args) -> anyhow::Result<()> {
-    let mut child = None;
-    let (base, proc_) = match &args.server {
-        Some(s) => (s.trim_end_matches('/').to_owned(), args.server_pid.map(|pid| Proc { pid })),
-        None => {
-            let dir = tempfile::tempdir()?;
-            let mut c = tokio::process::Command::new(std::env::current_exe()?)
-                .arg("--internal-serve")
-                .arg(dir.path())
+    let mut children = Vec::new();
+    let mut _redis = None;
+    let _dir = tempfile::tempdir()?;
+    let (bases, procs): (Vec<String>, Option<Procs>) = if !args.server.is_empty() {
+        let bases = args.server.iter().map(|s| s.trim_end_matches('/').to_owned()).collect();
+        (bases, args.server_pid.map(|pid| Procs(vec![Proc { pid }])))
+    } else {
+        let n = args.instances.max(1);
+        let redis = match (&args.redis, n) {
+            (_, 1) => None,
+            (Some(r), _) => Some(r.clone()),
+            (None, _) => {
+                let (child, url) = start_redis().await?;
+                _redis = Some(child);
+                Some(url)
+            }
+        };
+        let mut bases = Vec::new();
+        let mut procs = Vec::new();
+        // One after the other: the first creates the signing key the others read.
+        for _ in 0..n {
+            let mut cmd = tokio::process::Command::new(std::env::current_exe()?);
+            cmd.arg("--internal-serve").arg(_dir.path());
+            if let Some(r) = &redis {
+                cmd.arg("--internal-redis").arg(r);
+            }
+            let mut c = cmd
                 .stdin(std::process::Stdio::piped())
                 .stdout(std::process::Stdio::piped())
                 .kill_on_drop(true)
@@ -121,12 +188,19 @@ async fn run(args: Args) -> anyhow::Result<()> {
             let mut lines = tokio::io::BufReader::new(stdout);
             let mut line = String::new();
             tokio::io::AsyncBufReadExt::read_line(&mut lines, &mut line).await?;
-            let pid = c.id().unwrap_or(0);
-            child = Some((c, dir));
-            (format!("http://{}", line.trim()), Some(Proc { pid }))
+            if line.trim().is_empty() {
+                anyhow::bail!("a server instance did not start");
+            }
+            procs.push(Proc { pid: c.id().unwrap_or(0) });
+            bases.push(format!("http://{}", line.trim()));
+            children.push(c);
         }
+        (bases, Some(Procs(procs)))
     };
-    let ws_url = format!("{}/ws", base.replacen("http", "ws", 1));
+    let base = bases[0].clone();
+    let proc_ = procs;
+    let ws_urls: Vec<String> = bases.iter().map(|b| format!("{}/ws", b.replacen("http", "ws", 1))).collect();
+    let instances = ws_urls.len();
     let http = reqwest::Client::new();
     let signin: Value = http.post(format!("{base}/anonymous-signin")).send().await?.json().await?;
     let jwt = signin["jwt"].as_str().ok_or_else(|| anyhow::anyhow!("sign-in failed: {signin}"))?.to_owned();
@@ -143,11 +217,12 @@ async fn run(args: Args) -> anyhow::Result<()> {
             .await?;
         rooms.push(r["room_id"].as_str().ok_or_else(|| anyhow::anyhow!("room creation failed: {r}"))?.to_owned());
     }
-    let rss_empty = proc_.as_ref().and_then(Proc::rss_kib);
+    let rss_empty = proc_.as_ref().and_then(Procs::rss_kib);
 
     let shared = Arc::new(Shared {
         start: Instant::now(),
         latencies: std::sync::Mutex::new(Vec::with_capacity((args.rate * args.duration as f64) as usize + 1024)),
+        cross_latencies: std::sync::Mutex::new(Vec::new()),
         received: AtomicU64::new(0),
         errors: AtomicU64::new(0),
         measuring: false.into(),
@@ -159,7 +234,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let mut joins = Vec::with_capacity(args.peers);
     for i in 0..args.peers {
         let permit = sem.clone().acquire_owned().await?;
-        let (url, jwt, room, shared) = (ws_url.clone(), jwt.clone(), rooms[i / args.room_size].clone(), shared.clone());
+        // Round-robin over the instances: neighbours in a room are on different instances.
+        let url = ws_urls[i % instances].clone();
+        let (jwt, room, shared) = (jwt.clone(), rooms[i / args.room_size].clone(), shared.clone());
         joins.push(tokio::spawn(async move {
             let r = connect_peer(&url, &jwt, &room, i, shared).await;
             drop(permit);
@@ -172,9 +249,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let connect_secs = t_connect.elapsed().as_secs_f64();
     tokio::time::sleep(Duration::from_secs(2)).await;
-    let rss_idle = proc_.as_ref().and_then(Proc::rss_kib);
+    let rss_idle = proc_.as_ref().and_then(Procs::rss_kib);
     println!(
-        "peers held:            {} in {} rooms (connected+registered in {:.2} s)",
+        "peers held:            {} in {} rooms on {instances} instance(s) (connected+registered in {:.2} s)",
         senders.len(),
         rooms.len(),
         connect_secs
@@ -190,7 +267,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
 
     // Routed load.
-    let cpu0 = proc_.as_ref().and_then(Proc::cpu_secs);
+    let cpu0 = proc_.as_ref().and_then(Procs::cpu_secs);
     shared.measuring.store(true, Ordering::Release);
     let t0 = Instant::now();
     let mut sent = 0u64;
@@ -213,7 +290,8 @@ async fn run(args: Args) -> anyhow::Result<()> {
                 to = room_base + (to - room_base + 1) % in_room;
             }
             let t = shared.start.elapsed().as_micros() as u64;
-            let msg = format!(r#"{{"type":"peer_message","to_peer_id":"p{to}","payload":{{"t":{t}}}}}"#);
+            let cross = u8::from(from % instances != to % instances);
+            let msg = format!(r#"{{"type":"peer_message","to_peer_id":"p{to}","payload":{{"c":{cross},"t":{t}}}}}"#);
             let _ = senders[from].send(msg);
             sent += 1;
         }
@@ -225,35 +303,55 @@ async fn run(args: Args) -> anyhow::Result<()> {
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let wall = t0.elapsed().as_secs_f64();
-    let cpu1 = proc_.as_ref().and_then(Proc::cpu_secs);
-    let rss_load = proc_.as_ref().and_then(Proc::rss_kib);
+    let cpu1 = proc_.as_ref().and_then(Procs::cpu_secs);
+    let rss_load = proc_.as_ref().and_then(Procs::rss_kib);
     let received = shared.received.load(Ordering::Acquire);
     let mut lat = shared.latencies.lock().map(|l| l.clone()).unwrap_or_default();
     lat.sort_unstable();
-    let pct =
-        |p: f64| lat.get(((lat.len() as f64 * p) as usize).min(lat.len().saturating_sub(1))).copied().unwrap_or(0);
+    let mut cross = shared.cross_latencies.lock().map(|l| l.clone()).unwrap_or_default();
+    cross.sort_unstable();
+    let pick = |v: &[u32], p: f64| v.get(((v.len() as f64 * p) as usize).min(v.len().saturating_sub(1))).copied().unwrap_or(0);
+    let pct = |p: f64| pick(&lat, p);
     println!(
         "messages:              {sent} sent in {send_secs:.2} s ({:.0}/s), {received} received ({:.0}/s), {} errors",
         sent as f64 / send_secs,
         received as f64 / wall,
         shared.errors.load(Ordering::Acquire)
     );
+    let label = if instances > 1 { "same-instance latency:" } else { "routing latency:      " };
     println!(
-        "routing latency:       p50 {:.3} ms, p90 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
+        "{label} p50 {:.3} ms, p90 {:.3} ms, p99 {:.3} ms, max {:.3} ms ({} messages)",
         pct(0.5) as f64 / 1000.0,
         pct(0.9) as f64 / 1000.0,
         pct(0.99) as f64 / 1000.0,
-        lat.last().copied().unwrap_or(0) as f64 / 1000.0
+        lat.last().copied().unwrap_or(0) as f64 / 1000.0,
+        lat.len()
     );
+    if instances > 1 {
+        println!(
+            "cross-instance latency: p50 {:.3} ms, p90 {:.3} ms, p99 {:.3} ms, max {:.3} ms ({} messages)",
+            pick(&cross, 0.5) as f64 / 1000.0,
+            pick(&cross, 0.9) as f64 / 1000.0,
+            pick(&cross, 0.99) as f64 / 1000.0,
+            cross.last().copied().unwrap_or(0) as f64 / 1000.0,
+            cross.len()
+        );
+    }
     if let (Some(a), Some(b)) = (cpu0, cpu1) {
-        println!("server CPU:            {:.2} s over {wall:.2} s ({:.0}% of one core)", b - a, (b - a) / wall * 100.0);
+        println!(
+            "server CPU:            {:.2} s over {wall:.2} s ({:.0}% of one core, all instances)",
+            b - a,
+            (b - a) / wall * 100.0
+        );
     }
     if let Some(r) = rss_load {
         println!("server RSS under load: {:.1} MiB", r as f64 / 1024.0);
     }
     drop(senders);
-    if let Some((mut c, _dir)) = child {
+    for c in &mut children {
         drop(c.stdin.take());
+    }
+    for c in &mut children {
         let _ = tokio::time::timeout(Duration::from_secs(15), c.wait()).await;
     }
     Ok(())
@@ -303,10 +401,12 @@ async fn connect_peer(
                     let digits: String = s[pos + 4..].chars().take_while(|c| c.is_ascii_digit()).collect();
                     if let Ok(t) = digits.parse::<u64>() {
                         let now = shared.start.elapsed().as_micros() as u64;
-                        if shared.measuring.load(Ordering::Relaxed) {
-                            if let Ok(mut l) = shared.latencies.lock() {
-                                l.push(now.saturating_sub(t).min(u32::MAX as u64) as u32);
-                            }
+                        let lat = now.saturating_sub(t).min(u32::MAX as u64) as u32;
+                        let list = if s.contains(r#""c":1"#) { &shared.cross_latencies } else { &shared.latencies };
+                        if shared.measuring.load(Ordering::Relaxed)
+                            && let Ok(mut l) = list.lock()
+                        {
+                            l.push(lat);
                         }
                         shared.received.fetch_add(1, Ordering::Relaxed);
                     }

@@ -473,7 +473,7 @@ fn client_ip(addr: &SocketAddr) -> IpAddr {
 
 #[utoipa::path(post, path = "/anonymous-signin", tag = "auth", responses((status = 200, description = "A new anonymous user and its JWT", body = Signin), (status = 429, description = "Rate limited", body = ErrorBody), (status = 503, description = "Storage unavailable or server at capacity", body = ErrorBody)))]
 async fn anonymous_signin(State(state): S, ConnectInfo(addr): ConnectInfo<SocketAddr>) -> ApiResult {
-    if !state.allow_auth_call(client_ip(&addr)) {
+    if !state.allow_auth_call(client_ip(&addr)).await {
         return Err(ApiError::rate_limited());
     }
     let id = new_id();
@@ -673,7 +673,7 @@ async fn join_room(
     user: AuthUser,
     Body(b): Body<JoinRoom>,
 ) -> ApiResult {
-    if !state.allow_auth_call(client_ip(&addr)) {
+    if !state.allow_auth_call(client_ip(&addr)).await {
         return Err(ApiError::rate_limited());
     }
     let code = normalize_invite(&b.invite_code);

@@ -56,10 +56,7 @@ impl Keys {
     pub fn load_or_create(dir: &Path, ttl_secs: i64) -> anyhow::Result<Keys> {
         let path = dir.join(KEY_FILE);
         let signing = if path.exists() {
-            let pem = std::fs::read_to_string(&path)
-                .map_err(|e| anyhow::anyhow!("cannot read JWT key {}: {e}", path.display()))?;
-            SigningKey::from_pkcs8_pem(&pem)
-                .map_err(|e| anyhow::anyhow!("JWT key {} is not an Ed25519 PKCS#8 PEM: {e}", path.display()))?
+            read_key(&path)?
         } else {
             let mut seed = [0u8; 32];
             getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("no system randomness: {e}"))?;
@@ -69,6 +66,12 @@ impl Keys {
             key
         };
         Self::from_signing_key(&signing, ttl_secs)
+    }
+
+    /// Loads the signing key from a file that must exist (`--jwt-key-file`; shared by the
+    /// instances of a cluster).
+    pub fn load(path: &Path, ttl_secs: i64) -> anyhow::Result<Keys> {
+        Self::from_signing_key(&read_key(path)?, ttl_secs)
     }
 
     fn from_signing_key(signing: &SigningKey, ttl_secs: i64) -> anyhow::Result<Keys> {
@@ -134,6 +137,13 @@ impl Keys {
         v.leeway = 60;
         jsonwebtoken::decode::<Claims>(token, &self.decoding, &v).map(|d| d.claims).map_err(|e| e.to_string())
     }
+}
+
+fn read_key(path: &Path) -> anyhow::Result<SigningKey> {
+    let pem =
+        std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("cannot read JWT key {}: {e}", path.display()))?;
+    SigningKey::from_pkcs8_pem(&pem)
+        .map_err(|e| anyhow::anyhow!("JWT key {} is not an Ed25519 PKCS#8 PEM: {e}", path.display()))
 }
 
 fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {

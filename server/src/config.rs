@@ -37,6 +37,30 @@ pub struct Config {
     #[arg(long, env = "SLEAP_RTC_STORE_INIT")]
     pub store_init: bool,
 
+    /// Share rooms with other instances of this server through Redis (`redis://[:PASSWORD@]HOST[:PORT][/DB]`,
+    /// `rediss://` for TLS): peers connected to different instances discover and reach each
+    /// other, and room limits and sign-in rate limits hold across instances. Every instance must
+    /// use the same signing key (--jwt-key-file) and the same storage (--store dynamodb://...).
+    #[arg(long, env = "SLEAP_RTC_REDIS_URL", hide_env_values = true)]
+    pub redis: Option<String>,
+
+    /// Prefix of every Redis key and channel this server uses (several deployments can share one
+    /// Redis with different prefixes).
+    #[arg(long, env = "SLEAP_RTC_REDIS_PREFIX", default_value = "sleap-rtc")]
+    pub redis_prefix: String,
+
+    /// Seconds an instance's presence lease lasts in Redis. It is renewed every third of that; an
+    /// instance that stops renewing (crash, network cut) has its peers removed from every room
+    /// by the other instances within about 4/3 of the lease.
+    #[arg(long, env = "SLEAP_RTC_REDIS_LEASE_SECS", default_value_t = 10, value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub redis_lease_secs: u64,
+
+    /// Ed25519 PKCS#8 PEM file with the JWT and ticket signing key, instead of
+    /// `jwt-ed25519.pem` in --data-dir (which is created on first start). Give every instance
+    /// of a cluster the same file.
+    #[arg(long, env = "SLEAP_RTC_JWT_KEY_FILE")]
+    pub jwt_key_file: Option<PathBuf>,
+
     /// Bearer token required for `GET /metrics` from non-loopback addresses. Without it, metrics
     /// are only served to loopback clients.
     #[arg(long, env = "SLEAP_RTC_METRICS_TOKEN", hide_env_values = true)]

@@ -7,6 +7,7 @@
 
 pub mod api;
 pub mod auth;
+pub mod cluster;
 pub mod config;
 pub mod metrics;
 pub mod openapi;
@@ -26,6 +27,7 @@ use tokio::task::JoinHandle;
 pub use config::Config;
 
 use crate::auth::Keys;
+use crate::cluster::{Cluster, ClusterConfig};
 use crate::metrics::Metrics;
 use crate::store::dynamo::{DynamoStore, DynamoUrl};
 use crate::store::{SqliteStore, Store};
@@ -38,6 +40,8 @@ pub struct AppState {
     pub keys: Keys,
     pub metrics: Metrics,
     pub hub: Mutex<HubState>,
+    /// Set with `--redis`: the link to the other instances.
+    pub cluster: Option<Arc<Cluster>>,
     next_conn: AtomicU64,
     live_sockets: AtomicUsize,
     socket_closed: Notify,
@@ -47,14 +51,21 @@ pub struct AppState {
 
 impl AppState {
     /// Per-IP limit for unauthenticated auth endpoints (sign-in, join). Loopback is not exempt.
-    pub fn allow_auth_call(&self, ip: IpAddr) -> bool {
+    /// With `--redis` the bucket is shared by every instance (the local one is the fallback
+    /// while Redis does not answer).
+    pub async fn allow_auth_call(&self, ip: IpAddr) -> bool {
+        let per_sec = self.config.auth_rate_per_min / 60.0;
+        let burst = self.config.auth_rate_per_min.max(1.0);
+        if let Some(c) = &self.cluster
+            && let Some(ok) = c.allow(&format!("auth:{ip}"), per_sec, burst).await
+        {
+            return ok;
+        }
         let now = now_millis();
         let Ok(mut map) = self.ip_limits.lock() else { return false };
         if map.len() > 100_000 {
             map.retain(|_, l| !l.is_idle(now));
         }
-        let per_sec = self.config.auth_rate_per_min / 60.0;
-        let burst = self.config.auth_rate_per_min.max(1.0);
         map.entry(ip).or_insert_with(|| RateLimiter::new(per_sec, burst, now)).allow(now)
     }
 
@@ -64,7 +75,7 @@ impl AppState {
 
     /// Reserves a WebSocket slot; `false` when at `--max-connections` or draining.
     fn reserve_socket(&self) -> bool {
-        if self.is_draining() {
+        if self.is_draining() || self.cluster.as_ref().is_some_and(|c| !c.is_ready()) {
             return false;
         }
         let max = self.config.max_connections;
@@ -127,7 +138,19 @@ impl Server {
             anyhow::bail!("no --listen address given");
         }
         std::fs::create_dir_all(&config.data_dir)?;
-        let keys = Keys::load_or_create(&config.data_dir, config.jwt_ttl_hours.saturating_mul(3600))?;
+        let ttl = config.jwt_ttl_hours.saturating_mul(3600);
+        let keys = match &config.jwt_key_file {
+            Some(f) => Keys::load(f, ttl)?,
+            None => Keys::load_or_create(&config.data_dir, ttl)?,
+        };
+        let cluster = match &config.redis {
+            Some(url) => Some(Cluster::new(ClusterConfig {
+                url: url.clone(),
+                prefix: config.redis_prefix.clone(),
+                lease: Duration::from_secs(config.redis_lease_secs),
+            })?),
+            None => None,
+        };
         let mut hub = Hub::new(config.limits());
         hub.set_ice_servers(config.ice_servers());
         let (draining, _) = watch::channel(false);
@@ -136,6 +159,7 @@ impl Server {
             keys,
             metrics: Metrics::new(),
             hub: Mutex::new(HubState::new(hub)),
+            cluster,
             next_conn: AtomicU64::new(1),
             live_sockets: AtomicUsize::new(0),
             socket_closed: Notify::new(),
@@ -145,6 +169,10 @@ impl Server {
         });
         let (stop, _) = watch::channel(false);
         let mut tasks = Vec::new();
+        if let Some(c) = state.cluster.clone() {
+            let link = c.start(&state).await?;
+            tasks.push(tokio::spawn(c.run(state.clone(), link, stop.subscribe())));
+        }
         let mut addrs = Vec::new();
         for addr in state.config.listen.clone() {
             let listener = tokio::net::TcpListener::bind(addr)

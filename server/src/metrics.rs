@@ -30,6 +30,13 @@ pub struct Metrics {
     pub registrations: Family<ResultLabel, Counter>,
     /// Time from a frame's arrival to its outputs being queued, in seconds.
     pub handle_seconds: Histogram,
+    /// Cluster mode: peers of other instances held in this instance's replica.
+    pub remote_peers: Gauge,
+    /// Cluster mode: commands sent to Redis (claims, publishes, deliveries).
+    pub cluster_sent: Counter,
+    /// Cluster mode: messages read from this instance's inbox.
+    pub cluster_received: Counter,
+    pub cluster_decode_errors: Counter,
 }
 
 impl Default for Metrics {
@@ -52,6 +59,10 @@ impl Metrics {
             closes: Family::default(),
             registrations: Family::default(),
             handle_seconds: Histogram::new(exponential_buckets(1e-6, 4.0, 10)),
+            remote_peers: Gauge::default(),
+            cluster_sent: Counter::default(),
+            cluster_received: Counter::default(),
+            cluster_decode_errors: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("ws_connections_opened", "WebSocket connections accepted", m.connections_total.clone());
@@ -71,6 +82,18 @@ impl Metrics {
             "frame_handle_seconds",
             "Time to handle one frame and queue its outputs",
             m.handle_seconds.clone(),
+        );
+        registry.register("remote_peers", "Peers of other instances known through Redis", m.remote_peers.clone());
+        registry.register("cluster_commands_sent", "Commands sent to the Redis broker", m.cluster_sent.clone());
+        registry.register(
+            "cluster_messages_received",
+            "Messages read from this instance's inbox",
+            m.cluster_received.clone(),
+        );
+        registry.register(
+            "cluster_decode_errors",
+            "Inbox messages that could not be decoded",
+            m.cluster_decode_errors.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -77,13 +77,18 @@ fn flush(state: &AppState, st: &mut HubState) -> Vec<(ConnId, Box<RegisterReques
                     }
                     Output::Close { conn, code, reason } => {
                         state.metrics.closes.get_or_create(&CodeLabel { code: code.to_string() }).inc();
-                        if let Some(mut h) = st.conns.remove(&conn) {
-                            if let Some(k) = h.kill.take() {
-                                let _ = k.send((code, reason));
-                            }
+                        if let Some(mut h) = st.conns.remove(&conn)
+                            && let Some(k) = h.kill.take()
+                        {
+                            let _ = k.send((code, reason));
                         }
                     }
                     Output::Authenticate { conn, request } => auth.push((conn, request)),
+                    out @ (Output::Claim { .. } | Output::Publish(_)) => {
+                        if let Some(c) = &state.cluster {
+                            c.submit(out);
+                        }
+                    }
                     Output::IssueTicket { conn, request_id, ticket } => {
                         // Signing is ~20 µs of ed25519; cheap enough to do under the lock, and
                         // it keeps the reply ordered with everything else sent to `conn`.
@@ -95,12 +100,11 @@ fn flush(state: &AppState, st: &mut HubState) -> Vec<(ConnId, Box<RegisterReques
                             }
                         };
                         let env = ServerEnvelope::reply(msg, request_id);
-                        if let Some(h) = st.conns.get(&conn) {
-                            if let Err(mpsc::error::TrySendError::Full(_)) =
+                        if let Some(h) = st.conns.get(&conn)
+                            && let Err(mpsc::error::TrySendError::Full(_)) =
                                 h.tx.try_send(Message::Text(Utf8Bytes::from(env.to_json())))
-                            {
-                                slow.push(conn);
-                            }
+                        {
+                            slow.push(conn);
                         }
                     }
                 }
@@ -116,6 +120,7 @@ fn flush(state: &AppState, st: &mut HubState) -> Vec<(ConnId, Box<RegisterReques
         let stats = st.hub.stats();
         state.metrics.peers.set(stats.registered as i64);
         state.metrics.rooms.set(stats.rooms as i64);
+        state.metrics.remote_peers.set(stats.remote_peers as i64);
     }
     auth
 }

@@ -42,10 +42,23 @@ pub async fn start_with(tweak: impl FnOnce(&mut Config)) -> TestServer {
 }
 
 pub async fn start_in(dir: tempfile::TempDir, tweak: impl FnOnce(&mut Config)) -> TestServer {
+    start_on(dir, None, tweak).await
+}
+
+/// On a given storage backend (e.g. a DynamoDB store with test credentials).
+pub async fn start_on(
+    dir: tempfile::TempDir,
+    store: Option<std::sync::Arc<dyn sleap_rtc_server::store::Store>>,
+    tweak: impl FnOnce(&mut Config),
+) -> TestServer {
     let mut cfg = Config::local(dir.path());
     cfg.auth_rate_per_min = 10_000.0;
     tweak(&mut cfg);
-    let server = Server::start(cfg).await.expect("server starts");
+    let server = match store {
+        Some(st) => Server::start_with_store(cfg, st).await,
+        None => Server::start(cfg).await,
+    }
+    .expect("server starts");
     let addr = server.local_addrs()[0];
     TestServer {
         server: Some(server),
@@ -206,6 +219,134 @@ pub enum Event {
     Timeout,
 }
 
+/// The upstream flow (run by `flow.rs` on one server and by `cluster.rs` with the worker and
+/// the client on different instances): sign-in → room → worker registers with a token → client registers with a JWT → filtered
+/// discovery → peer_message both ways → offer/answer/candidate relay → disconnect → peer_left.
+pub async fn upstream_flow(s: &TestServer, worker_side: &TestServer, client_side: &TestServer) {
+    let (owner, _) = s.signin().await;
+    let (room, _) = s.room(&owner).await;
+    let (token, _) = s.worker_token(&owner, &room, "gpu-box").await;
+    let (client_jwt, _) = s.signin().await;
+    s.join(&owner, &client_jwt, &room).await;
+
+    let mut worker = worker_side.connect().await;
+    let reg = worker
+        .register(json!({
+            "type": "register", "role": "worker", "api_key": token, "request_id": "w1",
+            "metadata": {"tags": ["sleap-rtc", "training-worker"],
+                         "properties": {"gpu_memory_mb": 24576, "gpu_model": "A5000", "status": "available"}}
+        }))
+        .await;
+    assert_eq!(reg["room_id"], room.as_str());
+    assert_eq!(reg["request_id"], "w1");
+    assert_eq!(reg["token"], serde_json::Value::Null);
+    let worker_id = reg["peer_id"].as_str().unwrap().to_owned();
+    assert!(worker_id.starts_with("worker-gpu-box-"), "{worker_id}");
+
+    let mut client = client_side.connect().await;
+    let reg = client
+        .register(json!({"type": "register", "role": "client", "jwt": client_jwt, "room_id": room,
+                         "peer_id": "laptop-1", "metadata": {"tags": ["training-client"]}}))
+        .await;
+    assert_eq!(reg["peer_id"], "laptop-1");
+    assert_eq!(reg["peer_list"], json!([worker_id]));
+    assert_eq!(reg["peer_metadata"][&worker_id]["properties"]["gpu_model"], "A5000");
+
+    let joined = worker.recv().await;
+    assert_eq!(joined["type"], "peer_joined");
+    assert_eq!(joined["peer_id"], "laptop-1");
+    assert_eq!(joined["role"], "client");
+
+    // Filtered discovery, upstream shape.
+    client
+        .send(json!({"type": "discover_peers", "from_peer_id": "laptop-1", "request_id": 7, "filters": {
+            "role": "worker", "tags": ["nope", "training-worker"],
+            "properties": {"status": "available", "gpu_memory_mb": {"$gte": 8192}}}}))
+        .await;
+    let list = client.recv().await;
+    assert_eq!(list["type"], "peer_list");
+    assert_eq!(list["request_id"], 7);
+    assert_eq!(list["count"], 1);
+    assert_eq!(list["to_peer_id"], "laptop-1");
+    assert_eq!(list["peers"][0]["peer_id"], worker_id.as_str());
+    assert!(list["peers"][0]["connected_at"].as_f64().unwrap() > 1.6e9);
+    client.send(json!({"type": "discover_peers", "filters": {"properties": {"gpu_memory_mb": {"$gte": 50000}}}})).await;
+    assert_eq!(client.recv().await["count"], 0);
+
+    // peer_message both ways.
+    client
+        .send(json!({"type": "peer_message", "from_peer_id": "laptop-1", "to_peer_id": worker_id,
+                     "payload": {"app_message_type": "job_request", "job_id": "j1"}}))
+        .await;
+    let m = worker.recv().await;
+    assert_eq!(
+        m,
+        json!({"type": "peer_message", "from_peer_id": "laptop-1", "to_peer_id": worker_id,
+                         "payload": {"app_message_type": "job_request", "job_id": "j1"}})
+    );
+    worker
+        .send(json!({"type": "peer_message", "to_peer_id": "laptop-1", "request_id": "ack-me",
+                     "payload": {"app_message_type": "job_response", "accepted": true}}))
+        .await;
+    let ack = worker.recv().await;
+    assert_eq!((ack["type"].as_str(), ack["request_id"].as_str()), (Some("ack"), Some("ack-me")));
+    let m = client.recv().await;
+    assert_eq!(m["from_peer_id"], worker_id.as_str());
+    assert_eq!(m["payload"]["accepted"], true);
+
+    // Status update reaches the room.
+    worker.send(json!({"type": "update_metadata", "metadata": {"properties": {"status": "busy"}}})).await;
+    let upd = worker.recv().await;
+    assert_eq!(upd["type"], "metadata_updated");
+    assert_eq!(upd["metadata"]["properties"]["gpu_model"], "A5000");
+    let pushed = client.recv().await;
+    assert_eq!(pushed["type"], "metadata_updated");
+    assert_eq!(pushed["peer_id"], worker_id.as_str());
+    assert_eq!(pushed["metadata"]["properties"]["status"], "busy");
+
+    // WebRTC relay: forwarded verbatim with the server-bound sender.
+    client
+        .send(json!({"type": "offer", "sender": "laptop-1", "target": worker_id, "sdp": "v=0 offer", "role": "client"}))
+        .await;
+    let offer = worker.recv().await;
+    assert_eq!(
+        offer,
+        json!({"type": "offer", "sender": "laptop-1", "target": worker_id, "sdp": "v=0 offer", "role": "client"})
+    );
+    worker.send(json!({"type": "answer", "target": "laptop-1", "sdp": "v=0 answer"})).await;
+    let answer = client.recv().await;
+    assert_eq!(answer, json!({"type": "answer", "sender": worker_id, "target": "laptop-1", "sdp": "v=0 answer"}));
+    let cand = json!({"candidate": "candidate:1 1 udp 2122260223 127.0.0.1 50000 typ host", "sdpMid": "0", "sdpMLineIndex": 0});
+    client.send(json!({"type": "candidate", "sender": "laptop-1", "target": worker_id, "candidate": cand})).await;
+    assert_eq!(worker.recv().await["candidate"], cand);
+
+    // Mesh relay types.
+    worker
+        .send(json!({"type": "mesh_connect", "target_peer_id": "laptop-1", "offer": {"sdp": "s", "type": "offer"}}))
+        .await;
+    let mo = client.recv().await;
+    assert_eq!(mo, json!({"type": "mesh_offer", "from_peer_id": worker_id, "offer": {"sdp": "s", "type": "offer"}}));
+    client
+        .send(json!({"type": "mesh_answer", "target_peer_id": worker_id, "answer": {"sdp": "a", "type": "answer"}}))
+        .await;
+    assert_eq!(worker.recv().await["type"], "mesh_answer");
+    client.send(json!({"type": "ice_candidate", "target_peer_id": worker_id, "candidate": cand})).await;
+    let ic = worker.recv().await;
+    assert_eq!((ic["type"].as_str(), ic["from_peer_id"].as_str()), (Some("ice_candidate"), Some("laptop-1")));
+
+    // Live worker list over HTTP.
+    let w = client_side.ok("GET", &format!("/api/rooms/{room}/workers"), Some(&client_jwt), None).await;
+    assert_eq!(w["count"], 1);
+    assert_eq!(w["workers"][0]["worker_name"], "gpu-box");
+    assert_eq!(w["workers"][0]["peer_id"], worker_id.as_str());
+
+    // Disconnect → peer_left.
+    drop(client);
+    let left = worker.recv().await;
+    assert_eq!(left["type"], "peer_left");
+    assert_eq!(left["peer_id"], "laptop-1");
+}
+
 /// The `sleap-rtc-server` binary in its own process (so its memory can be read from /proc),
 /// killed on drop.
 pub struct ServerProcess {
@@ -251,7 +392,10 @@ impl ServerProcess {
         })
         .await
         .unwrap();
-        let addr = line.trim().strip_prefix("listening on ").expect("listening line").to_owned();
+        let Some(addr) = line.trim().strip_prefix("listening on ").map(str::to_owned) else {
+            let log = std::fs::read_to_string(dir.path().join("server.log")).unwrap_or_default();
+            panic!("sleap-rtc-server {args:?} did not start:\n{log}");
+        };
         ServerProcess { child, addr, dir }
     }
 
@@ -355,5 +499,50 @@ impl Drop for Moto {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+    }
+}
+
+/// A redis-server on 127.0.0.1 (Debian's package; `scripts/test.sh` installs it) for one test,
+/// without persistence, killed on drop.
+pub struct Redis {
+    child: std::process::Child,
+    pub port: u16,
+    pub url: String,
+}
+
+impl Redis {
+    pub async fn start() -> Redis {
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        Self::start_on(port).await
+    }
+
+    /// On a given port (a restart where the servers expect it).
+    pub async fn start_on(port: u16) -> Redis {
+        let mut child = std::process::Command::new("redis-server")
+            .args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--save", "", "--appendonly", "no"])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("redis-server on PATH (apt-get install redis-server; scripts/test.sh does it)");
+        for _ in 0..200 {
+            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+                return Redis { child, port, url: format!("redis://127.0.0.1:{port}") };
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        panic!("redis-server did not start on port {port}");
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for Redis {
+    fn drop(&mut self) {
+        self.kill();
     }
 }

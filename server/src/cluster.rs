@@ -1,0 +1,662 @@
+//! Several server instances sharing rooms through Redis (`--redis redis://...`).
+//!
+//! Each instance keeps, in its [`Hub`](sleap_rtc_core::room::Hub), a replica of every room: its
+//! own peers and the other instances' peers. Redis is the sequencer and the source of truth for
+//! who is where:
+//!
+//! - `P:room:{room}` (hash: peer → `instance:conn|principal`) and `P:data:{room}` (hash: peer →
+//!   encoded `PeerUp`) hold every registered peer; `P:rooms` the live rooms; `P:owned:{instance}`
+//!   what each instance owns, so a dead instance's peers can be removed.
+//! - `P:instances` lists the live instances; `P:lease:{instance}` expires unless the instance
+//!   renews it every lease/3, so a crashed instance is noticed and reaped by the others within
+//!   about 4/3 of a lease.
+//! - `P:inbox:{instance}` is each instance's pub/sub channel. Every state change runs as one Lua
+//!   script that checks, writes and publishes to every inbox atomically, so all instances see
+//!   changes in one order; deliveries to a peer on another instance are published to that
+//!   instance's inbox on the same connection, in the same pipeline, so a sender's messages keep
+//!   their order.
+//!
+//! One Redis (a primary, optionally with replicas) is assumed, not Redis Cluster: the scripts
+//! touch keys of many rooms. If Redis is lost, the instance closes its WebSockets (clients
+//! reconnect, possibly elsewhere), refuses new ones and rejoins under a new instance id once
+//! Redis is back.
+
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::time::Duration;
+
+use futures_util::StreamExt;
+use redis::aio::MultiplexedConnection;
+use redis::{AsyncConnectionConfig, Value};
+use sleap_rtc_core::cluster::ClusterMsg;
+use sleap_rtc_core::room::{ConnId, Output, Publish};
+use sleap_rtc_core::signal::{ErrorCode, SignalError};
+use tokio::sync::{mpsc, watch};
+
+use crate::{AppState, now_millis, ws};
+
+/// Checks, writes and broadcasts a new peer; refuses a taken peer id or a full room/server.
+const CLAIM: &str = r"
+local P, me, room, peer, owner, pkey = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local maxp, maxr, blob = tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9]
+if redis.call('SISMEMBER', P .. ':instances', me) == 0 then return 'GONE' end
+local rk = P .. ':room:' .. room
+local cur = redis.call('HGET', rk, peer)
+if cur then
+  local bar = string.find(cur, '|', 1, true)
+  if not bar or string.sub(cur, bar + 1) ~= pkey then return 'TAKEN' end
+  local colon = string.find(cur, ':', 1, true)
+  if colon then redis.call('SREM', P .. ':owned:' .. string.sub(cur, 1, colon - 1), room .. '\n' .. peer) end
+else
+  if redis.call('HLEN', rk) >= maxp then return 'ROOM_FULL' end
+  if redis.call('SISMEMBER', P .. ':rooms', room) == 0 and redis.call('SCARD', P .. ':rooms') >= maxr then
+    return 'SERVER_FULL'
+  end
+end
+redis.call('HSET', rk, peer, owner .. '|' .. pkey)
+redis.call('HSET', P .. ':data:' .. room, peer, blob)
+redis.call('SADD', P .. ':rooms', room)
+redis.call('SADD', P .. ':owned:' .. me, room .. '\n' .. peer)
+for _, i in ipairs(redis.call('SMEMBERS', P .. ':instances')) do redis.call('PUBLISH', P .. ':inbox:' .. i, blob) end
+return 'OK'
+";
+
+/// Stores a peer's new metadata and broadcasts it, if `owner` still owns the peer.
+const UPDATE: &str = r"
+local P, room, peer, owner, blob = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5]
+local cur = redis.call('HGET', P .. ':room:' .. room, peer)
+if not cur or string.sub(cur, 1, #owner + 1) ~= owner .. '|' then return 0 end
+redis.call('HSET', P .. ':data:' .. room, peer, blob)
+for _, i in ipairs(redis.call('SMEMBERS', P .. ':instances')) do redis.call('PUBLISH', P .. ':inbox:' .. i, blob) end
+return 1
+";
+
+/// Removes a peer and broadcasts `PeerDown`, if `owner` still owns it.
+const RELEASE: &str = r"
+local P, me, room, peer, owner, blob = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
+local rk = P .. ':room:' .. room
+local cur = redis.call('HGET', rk, peer)
+if not cur or string.sub(cur, 1, #owner + 1) ~= owner .. '|' then return 0 end
+redis.call('HDEL', rk, peer)
+redis.call('HDEL', P .. ':data:' .. room, peer)
+redis.call('SREM', P .. ':owned:' .. me, room .. '\n' .. peer)
+if redis.call('HLEN', rk) == 0 then redis.call('SREM', P .. ':rooms', room) end
+for _, i in ipairs(redis.call('SMEMBERS', P .. ':instances')) do redis.call('PUBLISH', P .. ':inbox:' .. i, blob) end
+return 1
+";
+
+const BROADCAST: &str = r"
+for _, i in ipairs(redis.call('SMEMBERS', ARGV[1] .. ':instances')) do
+  redis.call('PUBLISH', ARGV[1] .. ':inbox:' .. i, ARGV[2])
+end
+return 1
+";
+
+/// Enters the cluster and returns every registered peer, atomically: changes after this are
+/// published to the new instance's inbox (already subscribed), changes before are in the result.
+const JOIN: &str = r"
+local P, me, lease = ARGV[1], ARGV[2], tonumber(ARGV[3])
+redis.call('SADD', P .. ':instances', me)
+redis.call('SET', P .. ':lease:' .. me, '1', 'PX', lease)
+local out = {}
+for _, room in ipairs(redis.call('SMEMBERS', P .. ':rooms')) do
+  for _, v in ipairs(redis.call('HVALS', P .. ':data:' .. room)) do out[#out + 1] = v end
+end
+return out
+";
+
+/// 0 when this instance was reaped meanwhile (it must rejoin under a new id).
+const RENEW: &str = r"
+if redis.call('SISMEMBER', ARGV[1] .. ':instances', ARGV[2]) == 0 then return 0 end
+redis.call('SET', ARGV[1] .. ':lease:' .. ARGV[2], '1', 'PX', tonumber(ARGV[3]))
+return 1
+";
+
+/// Instances whose lease expired.
+const DEAD: &str = r"
+local out = {}
+for _, i in ipairs(redis.call('SMEMBERS', ARGV[1] .. ':instances')) do
+  if redis.call('EXISTS', ARGV[1] .. ':lease:' .. i) == 0 then out[#out + 1] = i end
+end
+return out
+";
+
+/// Removes an instance and its peers and broadcasts `InstanceDown` (unless its lease came back;
+/// `force` for an instance leaving on its own).
+const REAP: &str = r"
+local P, dead, blob, force = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+if force ~= '1' and redis.call('EXISTS', P .. ':lease:' .. dead) == 1 then return 0 end
+if redis.call('SISMEMBER', P .. ':instances', dead) == 0 then return 0 end
+local prefix = dead .. ':'
+for _, m in ipairs(redis.call('SMEMBERS', P .. ':owned:' .. dead)) do
+  local nl = string.find(m, '\n', 1, true)
+  if nl then
+    local room, peer = string.sub(m, 1, nl - 1), string.sub(m, nl + 1)
+    local rk = P .. ':room:' .. room
+    local cur = redis.call('HGET', rk, peer)
+    if cur and string.sub(cur, 1, #prefix) == prefix then
+      redis.call('HDEL', rk, peer)
+      redis.call('HDEL', P .. ':data:' .. room, peer)
+      if redis.call('HLEN', rk) == 0 then redis.call('SREM', P .. ':rooms', room) end
+    end
+  end
+end
+redis.call('DEL', P .. ':owned:' .. dead, P .. ':lease:' .. dead)
+redis.call('SREM', P .. ':instances', dead)
+for _, i in ipairs(redis.call('SMEMBERS', P .. ':instances')) do redis.call('PUBLISH', P .. ':inbox:' .. i, blob) end
+return 1
+";
+
+/// A token bucket shared by every instance (per-IP limits of the unauthenticated auth calls).
+/// Redis's clock, so instances with skewed clocks agree.
+const RATE: &str = r"
+local k, rate, burst = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+local t = redis.call('TIME')
+local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
+local v = redis.call('HMGET', k, 'tokens', 'at')
+local tokens, at = tonumber(v[1]), tonumber(v[2])
+if not tokens or not at then tokens, at = burst, now end
+tokens = math.min(burst, tokens + math.max(0, now - at) * rate / 1000)
+local ok = 0
+if tokens >= 1 then tokens = tokens - 1; ok = 1 end
+redis.call('HSET', k, 'tokens', tostring(tokens), 'at', tostring(now))
+redis.call('PEXPIRE', k, math.ceil(burst / rate * 1000) + 1000)
+return ok
+";
+
+const SCRIPTS: [&str; 9] = [CLAIM, UPDATE, RELEASE, BROADCAST, JOIN, RENEW, DEAD, REAP, RATE];
+
+#[derive(Clone, Copy)]
+enum Script {
+    Claim,
+    Update,
+    Release,
+    Broadcast,
+    Join,
+    Renew,
+    Dead,
+    Reap,
+    Rate,
+}
+
+/// Cluster settings from the command line.
+#[derive(Debug, Clone)]
+pub struct ClusterConfig {
+    pub url: String,
+    pub prefix: String,
+    pub lease: Duration,
+}
+
+/// A job for the broker, in the order the hub produced it.
+enum Job {
+    Claim { conn: ConnId, up: Box<sleap_rtc_core::cluster::PeerUp> },
+    Publish(Box<Publish>),
+}
+
+/// The running cluster link, shared by request handlers and connection tasks.
+pub struct Cluster {
+    config: ClusterConfig,
+    client: redis::Client,
+    jobs: mpsc::UnboundedSender<(u64, Job)>,
+    jobs_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<(u64, Job)>>>,
+    /// Redis session this process is in; jobs queued under an older session are dropped.
+    session: AtomicU64,
+    ready: AtomicBool,
+    /// For the shared rate limiter; replaced on reconnect.
+    con: tokio::sync::Mutex<Option<(MultiplexedConnection, Vec<String>)>>,
+}
+
+impl Cluster {
+    pub fn new(config: ClusterConfig) -> anyhow::Result<Arc<Cluster>> {
+        let client = redis::Client::open(config.url.as_str())
+            .map_err(|e| anyhow::anyhow!("--redis {}: {e}", redact(&config.url)))?;
+        let (jobs, rx) = mpsc::unbounded_channel();
+        Ok(Arc::new(Cluster {
+            config,
+            client,
+            jobs,
+            jobs_rx: std::sync::Mutex::new(Some(rx)),
+            session: AtomicU64::new(0),
+            ready: AtomicBool::new(false),
+            con: tokio::sync::Mutex::new(None),
+        }))
+    }
+
+    /// True while joined: signaling is only accepted then.
+    pub fn is_ready(&self) -> bool {
+        self.ready.load(Ordering::Acquire)
+    }
+
+    /// Queues the hub's cluster outputs (called under the hub lock, never blocks).
+    pub fn submit(&self, out: Output) {
+        let job = match out {
+            Output::Claim { conn, up } => Job::Claim { conn, up },
+            Output::Publish(p) => Job::Publish(Box::new(p)),
+            _ => return,
+        };
+        let _ = self.jobs.send((self.session.load(Ordering::Acquire), job));
+    }
+
+    /// One shared token bucket per key across every instance. `None` if Redis could not answer
+    /// (the caller falls back to its local limiter).
+    pub async fn allow(&self, key: &str, per_sec: f64, burst: f64) -> Option<bool> {
+        let guard = self.con.lock().await;
+        let (con, shas) = guard.as_ref()?;
+        let mut con = con.clone();
+        let sha = shas.get(Script::Rate as usize)?.clone();
+        drop(guard);
+        let key = format!("{}:rate:{key}", self.config.prefix);
+        let r: redis::RedisResult<i64> =
+            redis::cmd("EVALSHA").arg(sha).arg(0).arg(key).arg(per_sec).arg(burst).query_async(&mut con).await;
+        r.ok().map(|v| v == 1)
+    }
+
+    /// Connects, checks the signing key against the cluster's, joins and loads every room's
+    /// peers into the hub. The first join is done before the server serves anything, so a
+    /// misconfiguration fails the start, not the first registration.
+    pub async fn start(self: &Arc<Self>, state: &Arc<AppState>) -> anyhow::Result<Link> {
+        let link = self.join(state).await?;
+        Ok(link)
+    }
+
+    async fn join(self: &Arc<Self>, state: &Arc<AppState>) -> anyhow::Result<Link> {
+        let cfg = AsyncConnectionConfig::new()
+            .set_connection_timeout(Some(Duration::from_secs(5)))
+            .set_response_timeout(Some(Duration::from_secs(5)));
+        let url = redact(&self.config.url);
+        let mut con = self
+            .client
+            .get_multiplexed_async_connection_with_config(&cfg)
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot connect to Redis at {url}: {e}"))?;
+        let mut shas = Vec::with_capacity(SCRIPTS.len());
+        for s in SCRIPTS {
+            let sha: String = redis::cmd("SCRIPT")
+                .arg("LOAD")
+                .arg(s)
+                .query_async(&mut con)
+                .await
+                .map_err(|e| anyhow::anyhow!("Redis at {url} refused our Lua scripts: {e}"))?;
+            shas.push(sha);
+        }
+        let prefix = self.config.prefix.clone();
+        // Every instance must sign tickets and JWTs with the same key, or a JWT from one instance
+        // is refused by the next.
+        let kid_key = format!("{prefix}:kid");
+        let _: Value = redis::cmd("SET").arg(&kid_key).arg(state.keys.kid()).arg("NX").query_async(&mut con).await?;
+        let kid: String = redis::cmd("GET").arg(&kid_key).query_async(&mut con).await?;
+        if kid != state.keys.kid() {
+            anyhow::bail!(
+                "this instance's JWT signing key (kid {}) differs from the cluster's (kid {kid}): give every \
+                 instance the same key with --jwt-key-file (or copy jwt-ed25519.pem into each --data-dir)",
+                state.keys.kid()
+            );
+        }
+        let instance = loop {
+            let id = u64::from_le_bytes(crate::auth::random_bytes::<8>());
+            if id != 0 {
+                break id;
+            }
+        };
+        let mut pubsub = self
+            .client
+            .get_async_pubsub()
+            .await
+            .map_err(|e| anyhow::anyhow!("cannot open a Redis pub/sub connection to {url}: {e}"))?;
+        pubsub.subscribe(format!("{prefix}:inbox:{instance}")).await?;
+        let lease_ms = self.config.lease.as_millis() as u64;
+        let snapshot: Vec<Vec<u8>> = redis::cmd("EVALSHA")
+            .arg(&shas[Script::Join as usize])
+            .arg(0)
+            .arg(&prefix)
+            .arg(instance)
+            .arg(lease_ms)
+            .query_async(&mut con)
+            .await?;
+        let session = self.session.fetch_add(1, Ordering::AcqRel) + 1;
+        let mut bad = 0usize;
+        ws::drive(state, |hub| {
+            hub.set_cluster(instance);
+            let now = now_millis();
+            for blob in &snapshot {
+                match ClusterMsg::decode(blob) {
+                    Ok(m) => hub.handle_cluster(m, now),
+                    Err(_) => bad += 1,
+                }
+            }
+        });
+        if bad > 0 {
+            tracing::warn!(bad, "skipped undecodable peer records in Redis (another version on this prefix?)");
+        }
+        *self.con.lock().await = Some((con.clone(), shas.clone()));
+        self.ready.store(true, Ordering::Release);
+        tracing::info!(instance, peers = snapshot.len(), redis = %url, "joined the cluster");
+        Ok(Link { instance, session, con, shas, pubsub: Some(pubsub) })
+    }
+
+    /// Runs the link until `stop`; on losing Redis, closes local connections and rejoins.
+    pub async fn run(self: Arc<Self>, state: Arc<AppState>, mut link: Link, mut stop: watch::Receiver<bool>) {
+        let Some(mut rx) = self.jobs_rx.lock().ok().and_then(|mut g| g.take()) else { return };
+        loop {
+            let result = self.serve(&state, &mut link, &mut rx, &mut stop).await;
+            self.ready.store(false, Ordering::Release);
+            match result {
+                Ok(()) => return,
+                Err(e) => {
+                    tracing::error!(error = %e, instance = link.instance, "lost the cluster; closing local connections")
+                }
+            }
+            ws::drive(&state, |hub| {
+                hub.close_all("signaling cluster unavailable; reconnect", now_millis());
+                hub.leave_cluster();
+            });
+            loop {
+                if *stop.borrow() {
+                    return;
+                }
+                match self.join(&state).await {
+                    Ok(l) => {
+                        link = l;
+                        break;
+                    }
+                    Err(e) => {
+                        tracing::warn!(error = %e, "rejoining the cluster");
+                        tokio::select! {
+                            _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+                            _ = stop.changed() => {}
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    async fn serve(
+        &self,
+        state: &Arc<AppState>,
+        link: &mut Link,
+        rx: &mut mpsc::UnboundedReceiver<(u64, Job)>,
+        stop: &mut watch::Receiver<bool>,
+    ) -> anyhow::Result<()> {
+        let Some(pubsub) = link.pubsub.take() else { anyhow::bail!("no pub/sub connection") };
+        let mut inbox = pubsub.into_on_message();
+        let mut lease = tokio::time::interval(self.config.lease / 3);
+        lease.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let prefix = self.config.prefix.clone();
+        let me = link.instance;
+        while !*stop.borrow() {
+            tokio::select! {
+                biased;
+                changed = stop.changed() => {
+                    if changed.is_err() || *stop.borrow() {
+                        break;
+                    }
+                }
+                job = rx.recv() => {
+                    let Some(first) = job else { return Ok(()) };
+                    let mut batch = vec![first];
+                    while batch.len() < 1024 {
+                        match rx.try_recv() {
+                            Ok(j) => batch.push(j),
+                            Err(_) => break,
+                        }
+                    }
+                    self.flush(state, link, batch).await?;
+                }
+                msg = inbox.next() => {
+                    let Some(msg) = msg else { anyhow::bail!("Redis closed the pub/sub connection") };
+                    let mut msgs = vec![msg];
+                    while msgs.len() < 1024 {
+                        match futures_util::FutureExt::now_or_never(inbox.next()) {
+                            Some(Some(m)) => msgs.push(m),
+                            Some(None) => anyhow::bail!("Redis closed the pub/sub connection"),
+                            None => break,
+                        }
+                    }
+                    let mut down = false;
+                    let mut bad = 0u64;
+                    let decoded: Vec<ClusterMsg> = msgs
+                        .iter()
+                        .filter_map(|m| match ClusterMsg::decode(m.get_payload_bytes()) {
+                            Ok(m) => Some(m),
+                            Err(e) => {
+                                bad += 1;
+                                tracing::warn!(error = %e, "undecodable cluster message");
+                                None
+                            }
+                        })
+                        .collect();
+                    state.metrics.cluster_received.inc_by(decoded.len() as u64);
+                    state.metrics.cluster_decode_errors.inc_by(bad);
+                    ws::drive(state, |hub| {
+                        let now = now_millis();
+                        for m in decoded {
+                            if matches!(m, ClusterMsg::InstanceDown { instance } if instance == link.instance) {
+                                down = true;
+                            }
+                            hub.handle_cluster(m, now);
+                        }
+                    });
+                    if down {
+                        anyhow::bail!("the cluster declared this instance down (lease not renewed in time)");
+                    }
+                }
+                _ = lease.tick() => {
+                    let lease_ms = self.config.lease.as_millis() as u64;
+                    let alive: i64 = self.eval(link, Script::Renew, |c| c.arg(&prefix).arg(me).arg(lease_ms)).await?;
+                    if alive != 1 {
+                        anyhow::bail!("the cluster declared this instance down (lease not renewed in time)");
+                    }
+                    let dead: Vec<String> = self.eval(link, Script::Dead, |c| c.arg(&prefix)).await?;
+                    for d in dead {
+                        let Ok(id) = d.parse::<u64>() else { continue };
+                        let blob = ClusterMsg::InstanceDown { instance: id }.encode();
+                        let reaped: i64 = self.eval(link, Script::Reap, |c| c.arg(&prefix).arg(id).arg(blob).arg("0")).await?;
+                        if reaped == 1 {
+                            tracing::warn!(instance = id, "reaped a server instance whose lease expired");
+                        }
+                    }
+                }
+            }
+        }
+        // Graceful stop: the hub already closed its connections; send their releases, then
+        // leave so the others drop our peers now rather than after the lease.
+        let mut batch = Vec::new();
+        while let Ok(j) = rx.try_recv() {
+            batch.push(j);
+        }
+        self.flush(state, link, batch).await?;
+        let blob = ClusterMsg::InstanceDown { instance: me }.encode();
+        let _: Value = self.eval(link, Script::Reap, |c| c.arg(&prefix).arg(me).arg(blob).arg("1")).await?;
+        tracing::info!(instance = me, "left the cluster");
+        Ok(())
+    }
+
+    async fn eval<T: redis::FromRedisValue>(
+        &self,
+        link: &mut Link,
+        script: Script,
+        args: impl FnOnce(&mut redis::Cmd) -> &mut redis::Cmd,
+    ) -> redis::RedisResult<T> {
+        let mut cmd = redis::cmd("EVALSHA");
+        cmd.arg(&link.shas[script as usize]).arg(0);
+        args(&mut cmd);
+        cmd.query_async(&mut link.con).await
+    }
+
+    /// Sends one batch as one pipeline (in order) and reports refused claims to the hub.
+    async fn flush(&self, state: &Arc<AppState>, link: &mut Link, batch: Vec<(u64, Job)>) -> anyhow::Result<()> {
+        let prefix = &self.config.prefix;
+        let me = link.instance;
+        let limits = &state.config;
+        let mut pipe = redis::pipe();
+        pipe.ignore_errors();
+        let mut claims = Vec::new();
+        let mut sent = 0u64;
+        for (session, job) in batch {
+            let job = match job {
+                Job::Claim { conn, up } => Ok((conn, up)),
+                Job::Publish(p) => Err(*p),
+            };
+            if session != link.session {
+                // Queued for a session that was lost: its connections were closed since.
+                continue;
+            }
+            let sha = |s: Script| link.shas[s as usize].as_str();
+            match job {
+                Ok((conn, up)) => {
+                    let owner = format!("{}:{}", up.at.instance, up.at.conn);
+                    let blob = ClusterMsg::PeerUp((*up).clone()).encode();
+                    pipe.cmd("EVALSHA")
+                        .arg(sha(Script::Claim))
+                        .arg(0)
+                        .arg(prefix)
+                        .arg(me)
+                        .arg(&up.room_id)
+                        .arg(&up.peer_id)
+                        .arg(owner)
+                        .arg(up.principal_key())
+                        .arg(limits.max_peers_per_room)
+                        .arg(limits.max_rooms)
+                        .arg(blob);
+                    claims.push(Some(conn));
+                }
+                Err(Publish::Update(up)) => {
+                    let owner = format!("{}:{}", up.at.instance, up.at.conn);
+                    let (room, peer) = (up.room_id.clone(), up.peer_id.clone());
+                    let blob = ClusterMsg::PeerUp(*up).encode();
+                    pipe.cmd("EVALSHA")
+                        .arg(sha(Script::Update))
+                        .arg(0)
+                        .arg(prefix)
+                        .arg(room)
+                        .arg(peer)
+                        .arg(owner)
+                        .arg(blob);
+                    claims.push(None);
+                }
+                Err(Publish::Release { room_id, peer_id, at, reason }) => {
+                    let owner = format!("{}:{}", at.instance, at.conn);
+                    let blob = ClusterMsg::PeerDown { room_id: room_id.clone(), peer_id: peer_id.clone(), at, reason }
+                        .encode();
+                    pipe.cmd("EVALSHA")
+                        .arg(sha(Script::Release))
+                        .arg(0)
+                        .arg(prefix)
+                        .arg(me)
+                        .arg(room_id)
+                        .arg(peer_id)
+                        .arg(owner)
+                        .arg(blob);
+                    claims.push(None);
+                }
+                Err(Publish::Broadcast(msg)) => {
+                    pipe.cmd("EVALSHA").arg(sha(Script::Broadcast)).arg(0).arg(prefix).arg(msg.encode());
+                    claims.push(None);
+                }
+                Err(Publish::Forward { instance, msg }) => {
+                    pipe.cmd("PUBLISH").arg(format!("{prefix}:inbox:{instance}")).arg(msg.encode());
+                    claims.push(None);
+                }
+            }
+            sent += 1;
+        }
+        if sent == 0 {
+            return Ok(());
+        }
+        let results: Vec<redis::RedisResult<Value>> = match pipe.query_async(&mut link.con).await {
+            Ok(r) => r,
+            Err(e) => {
+                let conns: Vec<ConnId> = claims.into_iter().flatten().collect();
+                ws::drive(state, |hub| {
+                    for c in conns {
+                        hub.complete_claim(c, unavailable(), now_millis());
+                    }
+                });
+                return Err(e.into());
+            }
+        };
+        state.metrics.cluster_sent.inc_by(sent);
+        let mut refused = Vec::new();
+        let mut gone = false;
+        for (conn, r) in claims.into_iter().zip(results) {
+            let Some(conn) = conn else {
+                if let Err(e) = r {
+                    tracing::warn!(error = %e, "cluster publish failed");
+                }
+                continue;
+            };
+            let verdict = match r {
+                Ok(Value::SimpleString(s)) => s,
+                Ok(Value::BulkString(b)) => String::from_utf8_lossy(&b).into_owned(),
+                Ok(other) => format!("{other:?}"),
+                Err(e) => format!("error: {e}"),
+            };
+            let err = match verdict.as_str() {
+                "OK" => continue,
+                "TAKEN" => SignalError::new(ErrorCode::PeerIdTaken, "this peer id is already in use in this room"),
+                "ROOM_FULL" => SignalError::new(
+                    ErrorCode::RoomFull,
+                    format!("room has reached its limit of {} peers", limits.max_peers_per_room),
+                ),
+                "SERVER_FULL" => SignalError::new(ErrorCode::ServerFull, "server has reached its room limit"),
+                "GONE" => {
+                    gone = true;
+                    unavailable()
+                }
+                other => {
+                    tracing::error!(verdict = other, "unexpected answer to a cluster claim");
+                    unavailable()
+                }
+            };
+            refused.push((conn, err));
+        }
+        if !refused.is_empty() {
+            ws::drive(state, |hub| {
+                let now = now_millis();
+                for (c, e) in refused {
+                    hub.complete_claim(c, e, now);
+                }
+            });
+        }
+        if gone {
+            anyhow::bail!("the cluster declared this instance down (lease not renewed in time)");
+        }
+        Ok(())
+    }
+}
+
+/// The connections of one cluster session.
+pub struct Link {
+    instance: u64,
+    session: u64,
+    con: MultiplexedConnection,
+    shas: Vec<String>,
+    pubsub: Option<redis::aio::PubSub>,
+}
+
+fn unavailable() -> SignalError {
+    SignalError::new(ErrorCode::Internal, "signaling cluster unavailable; try again")
+}
+
+/// The URL without its password, for logs and errors.
+pub fn redact(url: &str) -> String {
+    match (url.split_once("://"), url.rfind('@')) {
+        (Some((scheme, rest)), Some(at)) if at > scheme.len() + 3 => {
+            let host = &url[at + 1..];
+            let user = rest.split_once(':').map_or("", |(u, _)| u);
+            format!("{scheme}://{user}:***@{host}")
+        }
+        _ => url.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn passwords_never_reach_logs() {
+        assert_eq!(super::redact("redis://:hunter2@cache:6379/0"), "redis://:***@cache:6379/0");
+        assert_eq!(super::redact("rediss://app:pw@cache:6379"), "rediss://app:***@cache:6379");
+        assert_eq!(super::redact("redis://127.0.0.1:6379"), "redis://127.0.0.1:6379");
+    }
+}
