@@ -16,6 +16,17 @@ if [[ ! -x "$VENV/bin/python" ]] || ! cmp -s "$REQS" "$VENV/.requirements"; then
 fi
 export SLEAP_RTC_TEST_PYTHON="$VENV/bin/python"
 
+# The dashboard's browser test (cli/tests/dashboard.rs): Debian's chromium, driven by
+# playwright-core from npm (locked in server/dashboard/test/package-lock.json).
+if [[ ! -x /usr/bin/chromium ]] && [[ -z "${SLEAP_RTC_TEST_CHROMIUM:-}" ]]; then
+  echo "==> installing chromium"
+  apt-get update -qq && apt-get install -y -qq chromium >/dev/null
+fi
+if ! cmp -s server/dashboard/test/package-lock.json server/dashboard/test/node_modules/.installed-lock.json; then
+  echo "==> npm ci (playwright-core) in server/dashboard/test"
+  (cd server/dashboard/test && npm ci --no-audit --no-fund --loglevel=error && cp package-lock.json node_modules/.installed-lock.json)
+fi
+
 echo "==> cargo fmt --check"
 cargo fmt --all -- --check
 echo "==> cargo clippy"

@@ -38,8 +38,13 @@ export function lossChart(points, label) {
     svg('line', { x1: L, y1: T, x2: L, y2: H - B, class: 'axis' }),
     svg('text', { x: L - 4, y: T + 8, 'text-anchor': 'end', class: 'tick' }, fmt(y1)),
     svg('text', { x: L - 4, y: H - B, 'text-anchor': 'end', class: 'tick' }, fmt(y0)),
-    svg('text', { x: L, y: H - 6, class: 'tick' }, `epoch ${x0}`),
-    svg('text', { x: W - R, y: H - 6, 'text-anchor': 'end', class: 'tick' }, `epoch ${x1}`),
+    // Epochs are counted from 1 on screen, as in the progress line above the chart.
+    svg('text', { x: L, y: H - 6, class: 'tick' }, `epoch ${x0 + 1}`),
+    svg('text', { x: W - R, y: H - 6, 'text-anchor': 'end', class: 'tick' }, `epoch ${x1 + 1}`),
+    svg('line', { x1: W - R - 118, y1: T + 4, x2: W - R - 104, y2: T + 4, class: 'line loss' }),
+    svg('text', { x: W - R - 100, y: T + 7, class: 'tick' }, 'loss'),
+    svg('line', { x1: W - R - 70, y1: T + 4, x2: W - R - 56, y2: T + 4, class: 'line val-loss' }),
+    svg('text', { x: W - R - 52, y: T + 7, class: 'tick' }, 'val loss'),
   );
   for (const [i, cls] of [[1, 'loss'], [2, 'val-loss']]) {
     const pts = points.filter((p) => typeof p[i] === 'number').map((p) => `${x(p[0]).toFixed(1)},${y(p[i]).toFixed(1)}`);
