@@ -16,16 +16,22 @@ if [[ ! -x "$VENV/bin/python" ]] || ! cmp -s "$REQS" "$VENV/.requirements"; then
 fi
 export SLEAP_RTC_TEST_PYTHON="$VENV/bin/python"
 
-# redis-server for the multi-instance tests (server/tests/cluster.rs start their own on
-# 127.0.0.1); Debian's package.
-if ! command -v redis-server >/dev/null; then
-  echo "==> installing redis-server"
-  if [[ $(id -u) -eq 0 ]]; then
-    apt-get update -qq && apt-get install -y -qq redis-server >/dev/null
-  else
-    sudo apt-get update -qq && sudo apt-get install -y -qq redis-server >/dev/null
-  fi
-  # The package starts a system-wide instance on port 6379; the tests do not use it.
+# Debian packages the tests drive: redis-server (server/tests/cluster.rs starts its own on
+# 127.0.0.1; the package's system-wide instance is not used) and chromium (the dashboard's browser
+# test, cli/tests/dashboard.rs).
+PKGS=()
+command -v redis-server >/dev/null || PKGS+=(redis-server)
+[[ -x /usr/bin/chromium || -n "${SLEAP_RTC_TEST_CHROMIUM:-}" ]] || PKGS+=(chromium)
+if (( ${#PKGS[@]} )); then
+  echo "==> installing ${PKGS[*]}"
+  SUDO=""
+  [[ $(id -u) -eq 0 ]] || SUDO=sudo
+  $SUDO apt-get update -qq && $SUDO apt-get install -y -qq "${PKGS[@]}" >/dev/null
+fi
+# playwright-core from npm, locked in server/dashboard/test/package-lock.json.
+if ! cmp -s server/dashboard/test/package-lock.json server/dashboard/test/node_modules/.installed-lock.json; then
+  echo "==> npm ci (playwright-core) in server/dashboard/test"
+  (cd server/dashboard/test && npm ci --no-audit --no-fund --loglevel=error && cp package-lock.json node_modules/.installed-lock.json)
 fi
 
 echo "==> cargo fmt --check"

@@ -189,6 +189,11 @@ struct WorkerArgs {
     /// Cache of registry models fetched for inference (least recently used evicted first).
     #[arg(long, default_value_t = 50, value_name = "GB")]
     model_cache_gb: u64,
+    /// Publish the running job's progress (epoch, loss, a short loss history) to the room, for
+    /// the dashboard's loss chart; the signaling server relays it. Off: only the job's client
+    /// sees progress.
+    #[arg(long, env = "SLEAP_RTC_PUBLISH_PROGRESS")]
+    publish_progress: bool,
 }
 
 #[derive(Args)]
@@ -446,6 +451,7 @@ fn worker_config(a: &WorkerArgs) -> Result<WorkerConfig> {
     cfg.upload_cache_bytes = a.upload_cache_gb.saturating_mul(1 << 30);
     cfg.registry = a.registry.clone().filter(|r| !r.is_empty());
     cfg.model_cache_bytes = a.model_cache_gb.saturating_mul(1 << 30);
+    cfg.publish_progress = a.publish_progress;
     Ok(cfg)
 }
 

@@ -25,9 +25,15 @@ use crate::conn::{self, PeerConnection, PeerOptions, Received, Transfer};
 use crate::signaling::{SignalingClient, SignalingError};
 use crate::trainer::{self, Launch, Supervision, TrainerEvent};
 
+mod live;
+pub use live::{ProgressBoard, registry_summary};
+
 /// How long a client has to prove room membership after the channel opens.
 pub const AUTH_TIMEOUT: Duration = Duration::from_secs(10);
 const BACKOFF_MAX: Duration = Duration::from_secs(300);
+/// Progress changes reach the room's metadata at most this often: every update is pushed to
+/// every peer of the room, and the server's per-connection limit (50/s) is shared with signaling.
+pub const PROGRESS_INTERVAL: Duration = Duration::from_secs(1);
 
 /// Everything a worker is configured with.
 #[derive(Debug, Clone)]
@@ -61,6 +67,9 @@ pub struct WorkerConfig {
     /// Registry models fetched for inference are kept up to this many bytes (least recently
     /// used first out).
     pub model_cache_bytes: u64,
+    /// Publish the running job's progress (epoch, loss, a bounded loss history) in the room
+    /// metadata, which the signaling server relays; off, progress goes only to the job's client.
+    pub publish_progress: bool,
 }
 
 impl WorkerConfig {
@@ -81,6 +90,7 @@ impl WorkerConfig {
             backoff_start: Duration::from_secs(1),
             registry: None,
             model_cache_bytes: 50 << 30,
+            publish_progress: false,
         }
     }
 }
@@ -296,6 +306,8 @@ pub struct Worker {
     http_base: String,
     /// The room we are registered in (for publishing models).
     room: Mutex<Option<String>>,
+    /// `metadata.properties.progress` of the running job (with `publish_progress`).
+    progress: Arc<watch::Sender<Option<Value>>>,
 }
 
 /// What the worker knows about its signaling registration, for checking tickets.
@@ -353,6 +365,7 @@ impl Worker {
             jwks: tokio::sync::Mutex::new((None, None)),
             http_base,
             room: Mutex::new(None),
+            progress: Arc::new(watch::channel(None).0),
         }))
     }
 
@@ -367,7 +380,7 @@ impl Worker {
     fn metadata(&self) -> Value {
         let (status, job) = self.status.borrow().clone();
         let c = &self.caps;
-        json!({
+        let mut m = json!({
             "tags": ["sleap-rtc", "training-worker", "inference-worker"],
             "properties": {
                 "worker_name": self.cfg.name.clone().unwrap_or_else(|| c.hostname.clone()),
@@ -381,8 +394,14 @@ impl Worker {
                 "max_concurrent_jobs": 1,
                 "supported_job_types": ["training", "inference"],
                 "auth": if self.cfg.room_secret.is_some() { "room-secret" } else { "ticket" },
+                "progress_published": self.cfg.publish_progress,
             }
-        })
+        });
+        if self.cfg.publish_progress {
+            // `null` removes the key from the room's copy (metadata merge) once the job is over.
+            m["properties"]["progress"] = self.progress.borrow().clone().unwrap_or(Value::Null);
+        }
+        m
     }
 
     /// Runs until `shutdown` resolves: keeps a signaling registration (reconnecting with backoff)
@@ -446,13 +465,26 @@ impl Worker {
         if let Ok(mut r) = self.room.lock() {
             *r = Some(ctx.room.clone());
         }
-        // Keep the room's view of our status current.
+        // Keep the room's view of our status (at once) and progress (coalesced) current.
         let status_task = {
             let (me, sig) = (self.clone(), sig.clone());
             let mut rx = self.status.subscribe();
+            let mut progress = self.progress.subscribe();
             tokio::spawn(async move {
                 let _ = sig.update_metadata(me.metadata()).await;
-                while rx.changed().await.is_ok() {
+                let mut last = tokio::time::Instant::now();
+                loop {
+                    tokio::select! {
+                        r = rx.changed() => if r.is_err() { break },
+                        r = progress.changed(), if me.cfg.publish_progress => {
+                            if r.is_err() {
+                                break;
+                            }
+                            // Changes that arrive meanwhile are folded into this one update.
+                            tokio::time::sleep_until(last + PROGRESS_INTERVAL).await;
+                        }
+                    }
+                    last = tokio::time::Instant::now();
                     if sig.update_metadata(me.metadata()).await.is_err() {
                         break;
                     }
@@ -461,6 +493,13 @@ impl Worker {
         };
         while let Some(env) = sig.next_event().await {
             if let ServerMessage::PeerMessage { from_peer_id, payload, .. } = &env.msg {
+                if payload.get("type").and_then(Value::as_str) == Some("registry_list") {
+                    let (me, sig, to) = (self.clone(), sig.clone(), from_peer_id.clone());
+                    tokio::spawn(async move {
+                        let answer = me.answer_registry_list().await;
+                        let _ = sig.send(json!({"type": "peer_message", "to_peer_id": to, "payload": answer}));
+                    });
+                }
                 if payload.get("type").and_then(Value::as_str) == Some("registry_query") {
                     let query = payload.get("model").and_then(Value::as_str).unwrap_or_default().to_owned();
                     let (me, sig, to) = (self.clone(), sig.clone(), from_peer_id.clone());
@@ -1083,15 +1122,41 @@ impl Worker {
                "registry": self.cfg.registry.is_some()})
     }
 
+    /// `registry_list` (a signaling peer_message from any room member, e.g. the dashboard): a
+    /// summary of the room's registry and which of its models this worker has cached.
+    async fn answer_registry_list(&self) -> Value {
+        if self.cfg.registry.is_none() {
+            return json!({"type": "registry_list_answer", "registry": false});
+        }
+        match self.registry_manifest().await {
+            Ok(m) => {
+                let cached: Vec<String> = m
+                    .models
+                    .keys()
+                    .filter(|id| self.model_cache().join(id).join(".complete").is_file())
+                    .cloned()
+                    .collect();
+                registry_summary(&m, &cached)
+            }
+            Err(e) => {
+                // The detail (store addresses, SDK errors) stays in this log, not in the room.
+                tracing::warn!(error = %e, "cannot read the registry for registry_list");
+                json!({"type": "registry_list_answer", "registry": true, "error": "the worker cannot read the registry"})
+            }
+        }
+    }
+
     /// Maps a spec path to an absolute worker path.
     fn resolve(&self, job: &ActiveJob, p: &str) -> PathBuf {
         if p.starts_with('/') { PathBuf::from(p) } else { job.dir.join("input").join(p) }
     }
 
     /// Forwards trainer events to the attached clients and the journal.
-    fn relay(job: &Arc<ActiveJob>) -> (mpsc::UnboundedSender<TrainerEvent>, tokio::task::JoinHandle<()>) {
+    fn relay(&self, job: &Arc<ActiveJob>) -> (mpsc::UnboundedSender<TrainerEvent>, tokio::task::JoinHandle<()>) {
         let (tx, mut rx) = mpsc::unbounded_channel::<TrainerEvent>();
         let job = job.clone();
+        let published = self.cfg.publish_progress.then(|| self.progress.clone());
+        let mut board = ProgressBoard::new(&job.id);
         let task = tokio::spawn(async move {
             // Output lines are relayed at most LOG_BURST per second; a trainer that prints more
             // (a runaway loop) must not flood the client. The full output is in trainer.log.
@@ -1128,6 +1193,11 @@ impl Worker {
                         job.save();
                     }
                     TrainerEvent::Progress(p) => {
+                        if let Some(tx) = &published {
+                            if board.apply(&p) {
+                                tx.send_replace(Some(board.to_value()));
+                            }
+                        }
                         if matches!(p, Progress::EpochEnd { .. }) {
                             if let Ok(mut e) = job.entry.lock() {
                                 e.status.last_epoch = Some(p.clone());
@@ -1203,7 +1273,7 @@ impl Worker {
                 cwd: job.dir.clone(),
                 log_file: job.dir.join("trainer.log"),
             };
-            let (tx, relay_task) = Self::relay(job);
+            let (tx, relay_task) = self.relay(job);
             let _ = tx.send(TrainerEvent::Progress(Progress::Started { model: Some(run_name.clone()) }));
             let mut interrupt = job.interrupt.subscribe();
             interrupt.mark_changed();
@@ -1325,7 +1395,7 @@ impl Worker {
         let argv = bridge::track_args(t, &data, &models, &output.display().to_string(), &self.cfg.device);
         let launch =
             Launch { program: self.cfg.sleap_nn.clone(), cwd: job.dir.clone(), log_file: job.dir.join("trainer.log") };
-        let (tx, relay_task) = Self::relay(job);
+        let (tx, relay_task) = self.relay(job);
         let mut interrupt = job.interrupt.subscribe();
         interrupt.mark_changed();
         let exit = trainer::run_predict(&launch, &argv, &self.cfg.supervision, interrupt, tx).await;
@@ -1376,6 +1446,7 @@ impl Worker {
         if let Ok(mut cur) = self.current.lock() {
             *cur = None;
         }
+        self.progress.send_replace(None);
         let _ = self.status.send((Status::Available, None));
         let conns: Vec<Arc<PeerConnection>> = job.attached.lock().map(|a| a.clone()).unwrap_or_default();
         job.emit(&JobMsg::JobDone { status: status.clone() });

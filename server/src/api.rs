@@ -41,6 +41,7 @@ pub fn router(state: Arc<AppState>) -> Router {
     Router::new()
         .route("/", get(ws_root))
         .route("/ws", get(ws_only))
+        .route("/dashboard/{name}", get(dashboard_asset))
         .route("/health", get(health))
         .route("/metrics", get(metrics))
         .route("/.well-known/jwks.json", get(jwks))
@@ -298,7 +299,7 @@ fn bounded_name(v: Option<String>, field: &str, max: usize, required: bool) -> A
 // WebSocket, health, metrics, keys
 // ---------------------------------------------------------------------------------------------
 
-#[utoipa::path(get, path = "/", tag = "signaling", responses((status = 200, description = "Without an Upgrade header: what this server is. With one: the WebSocket signaling protocol (101).", body = String, content_type = "text/plain")))]
+#[utoipa::path(get, path = "/", tag = "signaling", responses((status = 200, description = "Without an Upgrade header: the web dashboard (HTML). With one: the WebSocket signaling protocol (101).", body = String, content_type = "text/html")))]
 async fn ws_root(
     state: S,
     connect: ConnectInfo<SocketAddr>,
@@ -307,12 +308,15 @@ async fn ws_root(
 ) -> Response {
     match upgrade {
         Ok(u) => accept(state, connect, &headers, u),
-        Err(_) => (
-            [(header::CONTENT_TYPE, "text/plain; charset=utf-8")],
-            "sleap-rtc signaling server. WebSocket signaling on /ws (and /); HTTP API under /api; health on /health.\n",
-        )
-            .into_response(),
+        // A browser asking for the page: the dashboard (upstream clients only ever upgrade here).
+        Err(_) => crate::dashboard::index(&headers),
     }
+}
+
+/// The dashboard's scripts, stylesheet and icon (not part of the API, so not in the OpenAPI
+/// document).
+async fn dashboard_asset(headers: HeaderMap, Path(name): Path<String>) -> Response {
+    crate::dashboard::asset(&headers, &name)
 }
 
 #[utoipa::path(get, path = "/ws", tag = "signaling", responses((status = 101, description = "WebSocket signaling protocol"), (status = 403, description = "A browser page from a web origin that is not allowed", body = ErrorBody), (status = 426, description = "Not a WebSocket upgrade", body = ErrorBody), (status = 503, description = "Storage unavailable or server at capacity", body = ErrorBody)))]

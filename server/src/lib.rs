@@ -9,6 +9,7 @@ pub mod api;
 pub mod auth;
 pub mod cluster;
 pub mod config;
+pub mod dashboard;
 pub mod metrics;
 pub mod openapi;
 pub mod store;
