@@ -199,6 +199,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
     };
     let base = bases[0].clone();
     let proc_ = procs;
+    let redis_proc = _redis.as_ref().and_then(|c| c.id()).map(|pid| Proc { pid });
     let ws_urls: Vec<String> = bases.iter().map(|b| format!("{}/ws", b.replacen("http", "ws", 1))).collect();
     let instances = ws_urls.len();
     let http = reqwest::Client::new();
@@ -268,6 +269,7 @@ async fn run(args: Args) -> anyhow::Result<()> {
 
     // Routed load.
     let cpu0 = proc_.as_ref().and_then(Procs::cpu_secs);
+    let redis_cpu0 = redis_proc.as_ref().and_then(Proc::cpu_secs);
     shared.measuring.store(true, Ordering::Release);
     let t0 = Instant::now();
     let mut sent = 0u64;
@@ -304,13 +306,15 @@ async fn run(args: Args) -> anyhow::Result<()> {
     }
     let wall = t0.elapsed().as_secs_f64();
     let cpu1 = proc_.as_ref().and_then(Procs::cpu_secs);
+    let redis_cpu1 = redis_proc.as_ref().and_then(Proc::cpu_secs);
     let rss_load = proc_.as_ref().and_then(Procs::rss_kib);
     let received = shared.received.load(Ordering::Acquire);
     let mut lat = shared.latencies.lock().map(|l| l.clone()).unwrap_or_default();
     lat.sort_unstable();
     let mut cross = shared.cross_latencies.lock().map(|l| l.clone()).unwrap_or_default();
     cross.sort_unstable();
-    let pick = |v: &[u32], p: f64| v.get(((v.len() as f64 * p) as usize).min(v.len().saturating_sub(1))).copied().unwrap_or(0);
+    let pick =
+        |v: &[u32], p: f64| v.get(((v.len() as f64 * p) as usize).min(v.len().saturating_sub(1))).copied().unwrap_or(0);
     let pct = |p: f64| pick(&lat, p);
     println!(
         "messages:              {sent} sent in {send_secs:.2} s ({:.0}/s), {received} received ({:.0}/s), {} errors",
@@ -343,6 +347,9 @@ async fn run(args: Args) -> anyhow::Result<()> {
             b - a,
             (b - a) / wall * 100.0
         );
+    }
+    if let (Some(a), Some(b)) = (redis_cpu0, redis_cpu1) {
+        println!("redis-server CPU:      {:.2} s over {wall:.2} s ({:.0}% of one core)", b - a, (b - a) / wall * 100.0);
     }
     if let Some(r) = rss_load {
         println!("server RSS under load: {:.1} MiB", r as f64 / 1024.0);

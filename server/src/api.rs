@@ -377,10 +377,20 @@ fn origin_allowed(headers: &HeaderMap, allowed: &[String]) -> bool {
     origin.split_once("://").is_some_and(|(_, h)| !host.is_empty() && h.eq_ignore_ascii_case(host))
 }
 
-#[utoipa::path(get, path = "/health", tag = "ops", responses((status = 200, description = "Serving, storage reachable", body = Health), (status = 503, description = "Storage failing", body = Health)))]
+#[utoipa::path(get, path = "/health", tag = "ops", responses((status = 200, description = "Serving, storage reachable", body = Health), (status = 503, description = "Storage failing, or (with --redis) not joined to the cluster", body = Health)))]
 async fn health(State(state): S) -> Response {
+    let cluster = state.cluster.as_ref().map(|c| if c.is_ready() { "joined" } else { "unavailable" });
+    if cluster == Some("unavailable") {
+        return (
+            StatusCode::SERVICE_UNAVAILABLE,
+            Json(json!({"status": "unhealthy", "version": env!("CARGO_PKG_VERSION"), "storage": "unknown",
+                        "cluster": cluster})),
+        )
+            .into_response();
+    }
     match state.store.health().await {
         Ok(()) => Json(json!({
+            "cluster": cluster,
             "status": "healthy", "version": env!("CARGO_PKG_VERSION"), "storage": "ok", "timestamp": unix_now(),
             "draining": state.is_draining(),
         }))

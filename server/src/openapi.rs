@@ -27,10 +27,13 @@ pub struct Health {
     /// `healthy` or `unhealthy`.
     pub status: String,
     pub version: String,
-    /// `ok` or `error`.
+    /// `ok`, `error`, or `unknown` (not checked while out of the cluster).
     pub storage: String,
     pub timestamp: Option<i64>,
     pub draining: Option<bool>,
+    /// With `--redis`: `joined`, or `unavailable` while the instance is not part of the
+    /// cluster (then the status is 503, so a load balancer sends peers elsewhere).
+    pub cluster: Option<String>,
 }
 
 #[derive(Serialize, ToSchema)]

@@ -200,6 +200,10 @@ async fn an_instance_rejoins_after_redis_comes_back() {
     p.redis.kill();
     let code = a.closed().await;
     assert_eq!(code, 1001);
+    // Out of the cluster: unhealthy for the load balancer, and WebSockets are refused.
+    let (status, health) = p.a.call("GET", "/health", None, None).await;
+    assert_eq!((status, health["cluster"].as_str()), (503, Some("unavailable")), "{health}");
+    assert!(tokio_tungstenite::connect_async(&p.a.ws).await.is_err());
     let _redis = Redis::start_on(port).await;
     // Both instances rejoin with fresh ids and an empty Redis (upgrades are refused meanwhile);
     // peers register again.
