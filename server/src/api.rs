@@ -95,6 +95,18 @@ impl ApiError {
     fn not_found(detail: impl Into<String>) -> Self {
         Self::new(StatusCode::NOT_FOUND, "NOT_FOUND", detail)
     }
+    /// With `--redis`, an action other instances must carry out (a revocation, a deletion) is
+    /// refused while this instance is out of the cluster, rather than done here only.
+    fn cluster_ready(state: &AppState) -> Result<(), ApiError> {
+        match &state.cluster {
+            Some(c) if !c.is_ready() => Err(Self::new(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "CLUSTER_UNAVAILABLE",
+                "this server instance is reconnecting to its cluster; try again",
+            )),
+            _ => Ok(()),
+        }
+    }
     fn rate_limited() -> Self {
         Self::new(StatusCode::TOO_MANY_REQUESTS, "RATE_LIMITED", "too many requests from this address; slow down")
     }
@@ -412,6 +424,13 @@ async fn metrics(State(state): S, ConnectInfo(addr): ConnectInfo<SocketAddr>, he
         return ApiError::unauthorized("metrics require a bearer token (--metrics-token) from non-loopback addresses")
             .into_response();
     }
+    // Counted on scrape, not on every frame: in cluster mode the count walks every replica.
+    if let Ok(st) = state.hub.lock() {
+        let stats = st.hub.stats();
+        state.metrics.peers.set(stats.registered as i64);
+        state.metrics.rooms.set(stats.rooms as i64);
+        state.metrics.remote_peers.set(stats.remote_peers as i64);
+    }
     ([(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")], state.metrics.encode())
         .into_response()
 }
@@ -627,6 +646,7 @@ struct PatchRoom {
 
 #[utoipa::path(patch, path = "/api/auth/rooms/{id}", tag = "rooms", security(("bearer" = [])), params(("id" = String, Path, description = "Room id")), request_body = PatchRoom, responses((status = 200, description = "Updated", body = PatchedRoom), (status = 400, description = "Malformed request (bad JSON, query or path)", body = ErrorBody), (status = 415, description = "Body is not JSON", body = ErrorBody), (status = 422, description = "Body fails validation", body = ErrorBody), (status = 401, description = "Missing, invalid or expired credentials", body = ErrorBody), (status = 403, description = "Not allowed for this caller", body = ErrorBody), (status = 404, description = "No such resource (or no access to it)", body = ErrorBody), (status = 503, description = "Storage unavailable or server at capacity", body = ErrorBody)))]
 async fn patch_room(State(state): S, user: AuthUser, P(id): P<String>, Body(b): Body<PatchRoom>) -> ApiResult {
+    ApiError::cluster_ready(&state)?;
     owner(&state, &id, &user.user_id, "update room settings").await?;
     let name = bounded_name(b.name, "name", 50, true)?;
     let expires = match b.expires_in_days {
@@ -654,6 +674,7 @@ async fn patch_room(State(state): S, user: AuthUser, P(id): P<String>, Body(b): 
 
 #[utoipa::path(delete, path = "/api/auth/rooms/{id}", tag = "rooms", security(("bearer" = [])), params(("id" = String, Path, description = "Room id")), responses((status = 200, description = "Deleted; its connected peers were disconnected", body = Status), (status = 400, description = "Malformed request (bad JSON, query or path)", body = ErrorBody), (status = 401, description = "Missing, invalid or expired credentials", body = ErrorBody), (status = 403, description = "Not allowed for this caller", body = ErrorBody), (status = 404, description = "No such resource (or no access to it)", body = ErrorBody), (status = 503, description = "Storage unavailable or server at capacity", body = ErrorBody)))]
 async fn delete_room(State(state): S, user: AuthUser, P(id): P<String>) -> ApiResult {
+    ApiError::cluster_ready(&state)?;
     owner(&state, &id, &user.user_id, "delete a room").await?;
     state.store.delete_room(&id).await?;
     ws::drive(&state, |hub| hub.close_room(&id, "Room deleted", now_millis()));
@@ -728,6 +749,7 @@ async fn list_members(State(state): S, user: AuthUser, P(id): P<String>) -> ApiR
 
 #[utoipa::path(delete, path = "/api/auth/rooms/{id}/members/{user_id}", tag = "rooms", security(("bearer" = [])), params(("id" = String, Path, description = "Room id"), ("user_id" = String, Path, description = "Member to remove (yourself to leave)")), responses((status = 200, description = "Removed (or left); their peers were disconnected", body = Status), (status = 400, description = "Malformed request (bad JSON, query or path)", body = ErrorBody), (status = 401, description = "Missing, invalid or expired credentials", body = ErrorBody), (status = 403, description = "Not allowed for this caller", body = ErrorBody), (status = 404, description = "No such resource (or no access to it)", body = ErrorBody), (status = 409, description = "The owner cannot remove themselves", body = ErrorBody), (status = 503, description = "Storage unavailable or server at capacity", body = ErrorBody)))]
 async fn remove_member(State(state): S, user: AuthUser, P((id, target)): P<(String, String)>) -> ApiResult {
+    ApiError::cluster_ready(&state)?;
     let (_, me) = membership(&state, &id, &user.user_id).await?;
     let is_self = target == user.user_id;
     if is_self && me.role == Role::Owner {
@@ -857,6 +879,7 @@ async fn manageable_token(state: &AppState, user: &AuthUser, id: &str) -> ApiRes
 
 #[utoipa::path(delete, path = "/api/auth/token/{id}", tag = "tokens", security(("bearer" = [])), params(("id" = String, Path, description = "Token id (not the secret)")), responses((status = 200, description = "Revoked; peers using it were disconnected", body = Revoked), (status = 400, description = "Malformed request (bad JSON, query or path)", body = ErrorBody), (status = 401, description = "Missing, invalid or expired credentials", body = ErrorBody), (status = 403, description = "Not allowed for this caller", body = ErrorBody), (status = 404, description = "No such resource (or no access to it)", body = ErrorBody), (status = 503, description = "Storage unavailable or server at capacity", body = ErrorBody)))]
 async fn revoke_worker_token(State(state): S, user: AuthUser, P(id): P<String>) -> ApiResult {
+    ApiError::cluster_ready(&state)?;
     let t = manageable_token(&state, &user, &id).await?;
     state.store.revoke_worker_token(&t.id, unix_now()).await?;
     let disconnected = evict_credential(&state, &format!("wt:{}", t.id));
@@ -865,6 +888,7 @@ async fn revoke_worker_token(State(state): S, user: AuthUser, P(id): P<String>) 
 
 #[utoipa::path(delete, path = "/api/auth/tokens/{id}", tag = "tokens", security(("bearer" = [])), params(("id" = String, Path, description = "Token id (not the secret)")), responses((status = 200, description = "Deleted; peers using it were disconnected", body = Deleted), (status = 400, description = "Malformed request (bad JSON, query or path)", body = ErrorBody), (status = 401, description = "Missing, invalid or expired credentials", body = ErrorBody), (status = 403, description = "Not allowed for this caller", body = ErrorBody), (status = 404, description = "No such resource (or no access to it)", body = ErrorBody), (status = 503, description = "Storage unavailable or server at capacity", body = ErrorBody)))]
 async fn delete_worker_token(State(state): S, user: AuthUser, P(id): P<String>) -> ApiResult {
+    ApiError::cluster_ready(&state)?;
     let t = manageable_token(&state, &user, &id).await?;
     state.store.delete_worker_token(&t.id).await?;
     let disconnected = evict_credential(&state, &format!("wt:{}", t.id));
@@ -928,6 +952,7 @@ async fn list_account_keys(State(state): S, user: AuthUser) -> ApiResult {
 
 #[utoipa::path(delete, path = "/api/auth/account-keys/{id}", tag = "auth", security(("bearer" = [])), params(("id" = String, Path, description = "Key id (not the secret)")), responses((status = 200, description = "Deleted; peers using it were disconnected", body = Deleted), (status = 400, description = "Malformed request (bad JSON, query or path)", body = ErrorBody), (status = 401, description = "Missing, invalid or expired credentials", body = ErrorBody), (status = 404, description = "No such resource (or no access to it)", body = ErrorBody), (status = 503, description = "Storage unavailable or server at capacity", body = ErrorBody)))]
 async fn delete_account_key(State(state): S, user: AuthUser, P(id): P<String>) -> ApiResult {
+    ApiError::cluster_ready(&state)?;
     if !state.store.delete_account_key(&user.user_id, &id).await? {
         return Err(ApiError::not_found("Key not found"));
     }

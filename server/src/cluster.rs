@@ -5,11 +5,12 @@
 //! who is where:
 //!
 //! - `P:room:{room}` (hash: peer → `instance:conn|principal`) and `P:data:{room}` (hash: peer →
-//!   encoded `PeerUp`) hold every registered peer; `P:rooms` the live rooms; `P:owned:{instance}`
-//!   what each instance owns, so a dead instance's peers can be removed.
+//!   encoded `PeerUp`) hold every registered peer; `P:rooms` the live rooms; `P:expiry` their
+//!   expiry (kept current by PATCHes, for instances that join later); `P:owned:{instance}` what
+//!   each instance owns, so a dead instance's peers can be removed.
 //! - `P:instances` lists the live instances; `P:lease:{instance}` expires unless the instance
-//!   renews it every lease/3, so a crashed instance is noticed and reaped by the others within
-//!   about 4/3 of a lease.
+//!   renews it every lease/3 (in a task and on a connection of its own, so load cannot delay
+//!   it), so a crashed instance is noticed and reaped by the others within about 4/3 of a lease.
 //! - `P:inbox:{instance}` is each instance's pub/sub channel. Every state change runs as one Lua
 //!   script that checks, writes and publishes to every inbox atomically, so all instances see
 //!   changes in one order; deliveries to a peer on another instance are published to that
@@ -19,10 +20,10 @@
 //! One Redis (a primary, optionally with replicas) is assumed, not Redis Cluster: the scripts
 //! touch keys of many rooms. If Redis is lost, the instance closes its WebSockets (clients
 //! reconnect, possibly elsewhere), refuses new ones and rejoins under a new instance id once
-//! Redis is back.
+//! Redis is back, first removing what its previous id owned.
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::time::Duration;
 
 use futures_util::StreamExt;
@@ -38,7 +39,7 @@ use crate::{AppState, now_millis, ws};
 /// Checks, writes and broadcasts a new peer; refuses a taken peer id or a full room/server.
 const CLAIM: &str = r"
 local P, me, room, peer, owner, pkey = ARGV[1], ARGV[2], ARGV[3], ARGV[4], ARGV[5], ARGV[6]
-local maxp, maxr, blob = tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9]
+local maxp, maxr, blob, expiry = tonumber(ARGV[7]), tonumber(ARGV[8]), ARGV[9], ARGV[10]
 if redis.call('SISMEMBER', P .. ':instances', me) == 0 then return 'GONE' end
 local rk = P .. ':room:' .. room
 local cur = redis.call('HGET', rk, peer)
@@ -57,6 +58,8 @@ redis.call('HSET', rk, peer, owner .. '|' .. pkey)
 redis.call('HSET', P .. ':data:' .. room, peer, blob)
 redis.call('SADD', P .. ':rooms', room)
 redis.call('SADD', P .. ':owned:' .. me, room .. '\n' .. peer)
+-- The room's expiry as the store said at this registration: the freshest value.
+if expiry == '' then redis.call('HDEL', P .. ':expiry', room) else redis.call('HSET', P .. ':expiry', room, expiry) end
 for _, i in ipairs(redis.call('SMEMBERS', P .. ':instances')) do redis.call('PUBLISH', P .. ':inbox:' .. i, blob) end
 return 'OK'
 ";
@@ -80,7 +83,20 @@ if not cur or string.sub(cur, 1, #owner + 1) ~= owner .. '|' then return 0 end
 redis.call('HDEL', rk, peer)
 redis.call('HDEL', P .. ':data:' .. room, peer)
 redis.call('SREM', P .. ':owned:' .. me, room .. '\n' .. peer)
-if redis.call('HLEN', rk) == 0 then redis.call('SREM', P .. ':rooms', room) end
+if redis.call('HLEN', rk) == 0 then
+  redis.call('SREM', P .. ':rooms', room)
+  redis.call('HDEL', P .. ':expiry', room)
+end
+for _, i in ipairs(redis.call('SMEMBERS', P .. ':instances')) do redis.call('PUBLISH', P .. ':inbox:' .. i, blob) end
+return 1
+";
+
+/// A live room's expiry changed (PATCH): kept for instances that join later, and broadcast.
+const EXPIRY: &str = r"
+local P, room, expiry, blob = ARGV[1], ARGV[2], ARGV[3], ARGV[4]
+if redis.call('SISMEMBER', P .. ':rooms', room) == 1 then
+  if expiry == '' then redis.call('HDEL', P .. ':expiry', room) else redis.call('HSET', P .. ':expiry', room, expiry) end
+end
 for _, i in ipairs(redis.call('SMEMBERS', P .. ':instances')) do redis.call('PUBLISH', P .. ':inbox:' .. i, blob) end
 return 1
 ";
@@ -92,8 +108,9 @@ end
 return 1
 ";
 
-/// Enters the cluster and returns every registered peer, atomically: changes after this are
-/// published to the new instance's inbox (already subscribed), changes before are in the result.
+/// Enters the cluster and returns every registered peer and every live room's expiry,
+/// atomically: changes after this are published to the new instance's inbox (already
+/// subscribed), changes before are in the result.
 const JOIN: &str = r"
 local P, me, lease = ARGV[1], ARGV[2], tonumber(ARGV[3])
 redis.call('SADD', P .. ':instances', me)
@@ -102,7 +119,7 @@ local out = {}
 for _, room in ipairs(redis.call('SMEMBERS', P .. ':rooms')) do
   for _, v in ipairs(redis.call('HVALS', P .. ':data:' .. room)) do out[#out + 1] = v end
 end
-return out
+return {out, redis.call('HGETALL', P .. ':expiry')}
 ";
 
 /// 0 when this instance was reaped meanwhile (it must rejoin under a new id).
@@ -137,7 +154,10 @@ for _, m in ipairs(redis.call('SMEMBERS', P .. ':owned:' .. dead)) do
     if cur and string.sub(cur, 1, #prefix) == prefix then
       redis.call('HDEL', rk, peer)
       redis.call('HDEL', P .. ':data:' .. room, peer)
-      if redis.call('HLEN', rk) == 0 then redis.call('SREM', P .. ':rooms', room) end
+      if redis.call('HLEN', rk) == 0 then
+        redis.call('SREM', P .. ':rooms', room)
+        redis.call('HDEL', P .. ':expiry', room)
+      end
     end
   end
 end
@@ -151,6 +171,7 @@ return 1
 /// Redis's clock, so instances with skewed clocks agree.
 const RATE: &str = r"
 local k, rate, burst = ARGV[1], tonumber(ARGV[2]), tonumber(ARGV[3])
+if rate <= 0 then rate = burst / 86400 end
 local t = redis.call('TIME')
 local now = tonumber(t[1]) * 1000 + math.floor(tonumber(t[2]) / 1000)
 local v = redis.call('HMGET', k, 'tokens', 'at')
@@ -164,13 +185,14 @@ redis.call('PEXPIRE', k, math.ceil(burst / rate * 1000) + 1000)
 return ok
 ";
 
-const SCRIPTS: [&str; 9] = [CLAIM, UPDATE, RELEASE, BROADCAST, JOIN, RENEW, DEAD, REAP, RATE];
+const SCRIPTS: [&str; 10] = [CLAIM, UPDATE, RELEASE, EXPIRY, BROADCAST, JOIN, RENEW, DEAD, REAP, RATE];
 
 #[derive(Clone, Copy)]
 enum Script {
     Claim,
     Update,
     Release,
+    Expiry,
     Broadcast,
     Join,
     Renew,
@@ -193,14 +215,29 @@ enum Job {
     Publish(Box<Publish>),
 }
 
+/// Session tag of jobs valid in any session: administrative broadcasts name no instance and
+/// applying them twice is harmless, so one that could not be sent is sent after a rejoin.
+const ANY_SESSION: u64 = 0;
+
+/// Jobs queued for Redis beyond which the link counts as unable to keep up: the instance drops
+/// its connections and rejoins rather than growing without bound.
+const MAX_QUEUED: usize = 200_000;
+
 /// The running cluster link, shared by request handlers and connection tasks.
 pub struct Cluster {
     config: ClusterConfig,
     client: redis::Client,
     jobs: mpsc::UnboundedSender<(u64, Job)>,
     jobs_rx: std::sync::Mutex<Option<mpsc::UnboundedReceiver<(u64, Job)>>>,
-    /// Redis session this process is in; jobs queued under an older session are dropped.
+    queued: AtomicUsize,
+    overloaded: AtomicBool,
+    /// The Redis session this process is in, changed under the hub lock together with the hub's
+    /// instance id, so a job's tag says which id its peers carry. Jobs of an older session are
+    /// dropped (their connections were closed).
     session: AtomicU64,
+    /// The id of the last session, reaped at the next join so its peers do not linger for a
+    /// lease in everyone's replica.
+    previous: AtomicU64,
     ready: AtomicBool,
     /// For the shared rate limiter; replaced on reconnect.
     con: tokio::sync::Mutex<Option<(MultiplexedConnection, Vec<String>)>>,
@@ -216,7 +253,10 @@ impl Cluster {
             client,
             jobs,
             jobs_rx: std::sync::Mutex::new(Some(rx)),
+            queued: AtomicUsize::new(0),
+            overloaded: AtomicBool::new(false),
             session: AtomicU64::new(0),
+            previous: AtomicU64::new(0),
             ready: AtomicBool::new(false),
             con: tokio::sync::Mutex::new(None),
         }))
@@ -229,17 +269,26 @@ impl Cluster {
 
     /// Queues the hub's cluster outputs (called under the hub lock, never blocks).
     pub fn submit(&self, out: Output) {
-        let job = match out {
-            Output::Claim { conn, up } => Job::Claim { conn, up },
-            Output::Publish(p) => Job::Publish(Box::new(p)),
+        let (session, job) = match out {
+            Output::Claim { conn, up } => (self.session.load(Ordering::Acquire), Job::Claim { conn, up }),
+            Output::Publish(p @ Publish::Broadcast(_)) => (ANY_SESSION, Job::Publish(Box::new(p))),
+            Output::Publish(p) => (self.session.load(Ordering::Acquire), Job::Publish(Box::new(p))),
             _ => return,
         };
-        let _ = self.jobs.send((self.session.load(Ordering::Acquire), job));
+        if self.queued.fetch_add(1, Ordering::AcqRel) >= MAX_QUEUED {
+            self.queued.fetch_sub(1, Ordering::AcqRel);
+            self.overloaded.store(true, Ordering::Release);
+            return;
+        }
+        let _ = self.jobs.send((session, job));
     }
 
     /// One shared token bucket per key across every instance. `None` if Redis could not answer
     /// (the caller falls back to its local limiter).
     pub async fn allow(&self, key: &str, per_sec: f64, burst: f64) -> Option<bool> {
+        if !self.is_ready() {
+            return None;
+        }
         let guard = self.con.lock().await;
         let (con, shas) = guard.as_ref()?;
         let mut con = con.clone();
@@ -255,20 +304,22 @@ impl Cluster {
     /// peers into the hub. The first join is done before the server serves anything, so a
     /// misconfiguration fails the start, not the first registration.
     pub async fn start(self: &Arc<Self>, state: &Arc<AppState>) -> anyhow::Result<Link> {
-        let link = self.join(state).await?;
-        Ok(link)
+        self.join(state).await
     }
 
-    async fn join(self: &Arc<Self>, state: &Arc<AppState>) -> anyhow::Result<Link> {
+    async fn connect(&self) -> anyhow::Result<MultiplexedConnection> {
         let cfg = AsyncConnectionConfig::new()
             .set_connection_timeout(Some(Duration::from_secs(5)))
             .set_response_timeout(Some(Duration::from_secs(5)));
-        let url = redact(&self.config.url);
-        let mut con = self
-            .client
+        self.client
             .get_multiplexed_async_connection_with_config(&cfg)
             .await
-            .map_err(|e| anyhow::anyhow!("cannot connect to Redis at {url}: {e}"))?;
+            .map_err(|e| anyhow::anyhow!("cannot connect to Redis at {}: {e}", redact(&self.config.url)))
+    }
+
+    async fn join(self: &Arc<Self>, state: &Arc<AppState>) -> anyhow::Result<Link> {
+        let url = redact(&self.config.url);
+        let mut con = self.connect().await?;
         let mut shas = Vec::with_capacity(SCRIPTS.len());
         for s in SCRIPTS {
             let sha: String = redis::cmd("SCRIPT")
@@ -288,7 +339,8 @@ impl Cluster {
         if kid != state.keys.kid() {
             anyhow::bail!(
                 "this instance's JWT signing key (kid {}) differs from the cluster's (kid {kid}): give every \
-                 instance the same key with --jwt-key-file (or copy jwt-ed25519.pem into each --data-dir)",
+                 instance the same key with --jwt-key-file (or copy jwt-ed25519.pem into each --data-dir); \
+                 after rotating the key on every instance, delete the Redis key {kid_key}",
                 state.keys.kid()
             );
         }
@@ -298,14 +350,28 @@ impl Cluster {
                 break id;
             }
         };
-        let mut pubsub = self
-            .client
-            .get_async_pubsub()
+        let mut pubsub = tokio::time::timeout(Duration::from_secs(5), self.client.get_async_pubsub())
             .await
+            .map_err(|_| anyhow::anyhow!("timed out opening a Redis pub/sub connection to {url}"))?
             .map_err(|e| anyhow::anyhow!("cannot open a Redis pub/sub connection to {url}: {e}"))?;
         pubsub.subscribe(format!("{prefix}:inbox:{instance}")).await?;
+        // Our peers from before a lost link: their releases were never sent. Drop them for
+        // everyone now rather than after their lease.
+        let previous = self.previous.load(Ordering::Acquire);
+        if previous != 0 {
+            let blob = ClusterMsg::InstanceDown { instance: previous }.encode();
+            let _: Value = redis::cmd("EVALSHA")
+                .arg(&shas[Script::Reap as usize])
+                .arg(0)
+                .arg(&prefix)
+                .arg(previous)
+                .arg(blob)
+                .arg("1")
+                .query_async(&mut con)
+                .await?;
+        }
         let lease_ms = self.config.lease.as_millis() as u64;
-        let snapshot: Vec<Vec<u8>> = redis::cmd("EVALSHA")
+        let (peers, expiries): (Vec<Vec<u8>>, Vec<String>) = redis::cmd("EVALSHA")
             .arg(&shas[Script::Join as usize])
             .arg(0)
             .arg(&prefix)
@@ -313,25 +379,36 @@ impl Cluster {
             .arg(lease_ms)
             .query_async(&mut con)
             .await?;
-        let session = self.session.fetch_add(1, Ordering::AcqRel) + 1;
         let mut bad = 0usize;
+        let mut session = 0;
         ws::drive(state, |hub| {
+            // The id and the session change together, under the hub lock: every job tagged
+            // with the new session carries the new id.
             hub.set_cluster(instance);
+            session = self.session.fetch_add(1, Ordering::AcqRel) + 1;
             let now = now_millis();
-            for blob in &snapshot {
+            for blob in &peers {
                 match ClusterMsg::decode(blob) {
                     Ok(m) => hub.handle_cluster(m, now),
                     Err(_) => bad += 1,
                 }
             }
+            // After the peers: a PATCH since their registration left a newer expiry here.
+            for pair in expiries.chunks_exact(2) {
+                let expires_at = pair[1].parse::<u64>().ok();
+                hub.handle_cluster(ClusterMsg::RoomExpiry { room_id: pair[0].clone(), expires_at }, now);
+            }
         });
         if bad > 0 {
             tracing::warn!(bad, "skipped undecodable peer records in Redis (another version on this prefix?)");
         }
+        self.previous.store(instance, Ordering::Release);
         *self.con.lock().await = Some((con.clone(), shas.clone()));
+        let lease_con = self.connect().await?;
+        self.overloaded.store(false, Ordering::Release);
         self.ready.store(true, Ordering::Release);
-        tracing::info!(instance, peers = snapshot.len(), redis = %url, "joined the cluster");
-        Ok(Link { instance, session, con, shas, pubsub: Some(pubsub) })
+        tracing::info!(instance, peers = peers.len(), redis = %url, "joined the cluster");
+        Ok(Link { instance, session, con, lease_con: Some(lease_con), shas, pubsub: Some(pubsub) })
     }
 
     /// Runs the link until `stop`; on losing Redis, closes local connections and rejoins.
@@ -379,41 +456,42 @@ impl Cluster {
         stop: &mut watch::Receiver<bool>,
     ) -> anyhow::Result<()> {
         let Some(pubsub) = link.pubsub.take() else { anyhow::bail!("no pub/sub connection") };
+        let Some(lease_con) = link.lease_con.take() else { anyhow::bail!("no lease connection") };
         let mut inbox = pubsub.into_on_message();
-        let mut lease = tokio::time::interval(self.config.lease / 3);
-        lease.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        // The lease has its own task and connection: a busy pipeline or inbox must never delay
+        // the renewal that keeps this instance's peers alive for the others.
+        let mut lease = AbortOnDrop(tokio::spawn(keep_lease(
+            lease_con,
+            link.shas.clone(),
+            self.config.prefix.clone(),
+            link.instance,
+            self.config.lease,
+        )));
         let prefix = self.config.prefix.clone();
         let me = link.instance;
         while !*stop.borrow() {
             tokio::select! {
-                biased;
                 changed = stop.changed() => {
                     if changed.is_err() || *stop.borrow() {
                         break;
                     }
                 }
-                job = rx.recv() => {
-                    let Some(first) = job else { return Ok(()) };
-                    let mut batch = vec![first];
-                    while batch.len() < 1024 {
-                        match rx.try_recv() {
-                            Ok(j) => batch.push(j),
-                            Err(_) => break,
-                        }
+                ended = &mut lease.0 => {
+                    match ended {
+                        Ok(Err(e)) => return Err(e),
+                        _ => anyhow::bail!("the lease task ended"),
                     }
-                    self.flush(state, link, batch).await?;
                 }
                 msg = inbox.next() => {
                     let Some(msg) = msg else { anyhow::bail!("Redis closed the pub/sub connection") };
                     let mut msgs = vec![msg];
-                    while msgs.len() < 1024 {
+                    while msgs.len() < 256 {
                         match futures_util::FutureExt::now_or_never(inbox.next()) {
                             Some(Some(m)) => msgs.push(m),
                             Some(None) => anyhow::bail!("Redis closed the pub/sub connection"),
                             None => break,
                         }
                     }
-                    let mut down = false;
                     let mut bad = 0u64;
                     let decoded: Vec<ClusterMsg> = msgs
                         .iter()
@@ -431,30 +509,22 @@ impl Cluster {
                     ws::drive(state, |hub| {
                         let now = now_millis();
                         for m in decoded {
-                            if matches!(m, ClusterMsg::InstanceDown { instance } if instance == link.instance) {
-                                down = true;
-                            }
                             hub.handle_cluster(m, now);
                         }
                     });
-                    if down {
-                        anyhow::bail!("the cluster declared this instance down (lease not renewed in time)");
-                    }
                 }
-                _ = lease.tick() => {
-                    let lease_ms = self.config.lease.as_millis() as u64;
-                    let alive: i64 = self.eval(link, Script::Renew, |c| c.arg(&prefix).arg(me).arg(lease_ms)).await?;
-                    if alive != 1 {
-                        anyhow::bail!("the cluster declared this instance down (lease not renewed in time)");
-                    }
-                    let dead: Vec<String> = self.eval(link, Script::Dead, |c| c.arg(&prefix)).await?;
-                    for d in dead {
-                        let Ok(id) = d.parse::<u64>() else { continue };
-                        let blob = ClusterMsg::InstanceDown { instance: id }.encode();
-                        let reaped: i64 = self.eval(link, Script::Reap, |c| c.arg(&prefix).arg(id).arg(blob).arg("0")).await?;
-                        if reaped == 1 {
-                            tracing::warn!(instance = id, "reaped a server instance whose lease expired");
+                job = rx.recv() => {
+                    let Some(first) = job else { return Ok(()) };
+                    let mut batch = vec![first];
+                    while batch.len() < 1024 {
+                        match rx.try_recv() {
+                            Ok(j) => batch.push(j),
+                            Err(_) => break,
                         }
+                    }
+                    self.flush(state, link, batch).await?;
+                    if self.overloaded.load(Ordering::Acquire) {
+                        anyhow::bail!("more than {MAX_QUEUED} messages queued for Redis: it cannot keep up");
                     }
                 }
             }
@@ -467,21 +537,18 @@ impl Cluster {
         }
         self.flush(state, link, batch).await?;
         let blob = ClusterMsg::InstanceDown { instance: me }.encode();
-        let _: Value = self.eval(link, Script::Reap, |c| c.arg(&prefix).arg(me).arg(blob).arg("1")).await?;
+        let _: Value = redis::cmd("EVALSHA")
+            .arg(&link.shas[Script::Reap as usize])
+            .arg(0)
+            .arg(&prefix)
+            .arg(me)
+            .arg(blob)
+            .arg("1")
+            .query_async(&mut link.con)
+            .await?;
+        self.previous.store(0, Ordering::Release);
         tracing::info!(instance = me, "left the cluster");
         Ok(())
-    }
-
-    async fn eval<T: redis::FromRedisValue>(
-        &self,
-        link: &mut Link,
-        script: Script,
-        args: impl FnOnce(&mut redis::Cmd) -> &mut redis::Cmd,
-    ) -> redis::RedisResult<T> {
-        let mut cmd = redis::cmd("EVALSHA");
-        cmd.arg(&link.shas[script as usize]).arg(0);
-        args(&mut cmd);
-        cmd.query_async(&mut link.con).await
     }
 
     /// Sends one batch as one pipeline (in order) and reports refused claims to the hub.
@@ -491,21 +558,22 @@ impl Cluster {
         let limits = &state.config;
         let mut pipe = redis::pipe();
         pipe.ignore_errors();
-        let mut claims = Vec::new();
-        let mut sent = 0u64;
+        // Per command: the claim it answers, or the broadcast to retry if the pipeline fails.
+        let mut sent: Vec<(Option<ConnId>, Option<ClusterMsg>)> = Vec::new();
+        let mut refused = Vec::new();
+        self.queued.fetch_sub(batch.len(), Ordering::AcqRel);
         for (session, job) in batch {
-            let job = match job {
-                Job::Claim { conn, up } => Ok((conn, up)),
-                Job::Publish(p) => Err(*p),
-            };
-            if session != link.session {
-                // Queued for a session that was lost: its connections were closed since.
-                continue;
-            }
+            let current = session == link.session;
             let sha = |s: Script| link.shas[s as usize].as_str();
             match job {
-                Ok((conn, up)) => {
+                Job::Claim { conn, up } => {
+                    if !current || up.at.instance != me {
+                        // Asked for under a lost session: refuse rather than leave it hanging.
+                        refused.push((conn, unavailable()));
+                        continue;
+                    }
                     let owner = format!("{}:{}", up.at.instance, up.at.conn);
+                    let expiry = up.room_expires_at.map(|t| t.to_string()).unwrap_or_default();
                     let blob = ClusterMsg::PeerUp((*up).clone()).encode();
                     pipe.cmd("EVALSHA")
                         .arg(sha(Script::Claim))
@@ -518,68 +586,92 @@ impl Cluster {
                         .arg(up.principal_key())
                         .arg(limits.max_peers_per_room)
                         .arg(limits.max_rooms)
-                        .arg(blob);
-                    claims.push(Some(conn));
+                        .arg(blob)
+                        .arg(expiry);
+                    sent.push((Some(conn), None));
                 }
-                Err(Publish::Update(up)) => {
-                    let owner = format!("{}:{}", up.at.instance, up.at.conn);
-                    let (room, peer) = (up.room_id.clone(), up.peer_id.clone());
-                    let blob = ClusterMsg::PeerUp(*up).encode();
-                    pipe.cmd("EVALSHA")
-                        .arg(sha(Script::Update))
-                        .arg(0)
-                        .arg(prefix)
-                        .arg(room)
-                        .arg(peer)
-                        .arg(owner)
-                        .arg(blob);
-                    claims.push(None);
-                }
-                Err(Publish::Release { room_id, peer_id, at, reason }) => {
-                    let owner = format!("{}:{}", at.instance, at.conn);
-                    let blob = ClusterMsg::PeerDown { room_id: room_id.clone(), peer_id: peer_id.clone(), at, reason }
-                        .encode();
-                    pipe.cmd("EVALSHA")
-                        .arg(sha(Script::Release))
-                        .arg(0)
-                        .arg(prefix)
-                        .arg(me)
-                        .arg(room_id)
-                        .arg(peer_id)
-                        .arg(owner)
-                        .arg(blob);
-                    claims.push(None);
-                }
-                Err(Publish::Broadcast(msg)) => {
-                    pipe.cmd("EVALSHA").arg(sha(Script::Broadcast)).arg(0).arg(prefix).arg(msg.encode());
-                    claims.push(None);
-                }
-                Err(Publish::Forward { instance, msg }) => {
-                    pipe.cmd("PUBLISH").arg(format!("{prefix}:inbox:{instance}")).arg(msg.encode());
-                    claims.push(None);
-                }
-            }
-            sent += 1;
-        }
-        if sent == 0 {
-            return Ok(());
-        }
-        let results: Vec<redis::RedisResult<Value>> = match pipe.query_async(&mut link.con).await {
-            Ok(r) => r,
-            Err(e) => {
-                let conns: Vec<ConnId> = claims.into_iter().flatten().collect();
-                ws::drive(state, |hub| {
-                    for c in conns {
-                        hub.complete_claim(c, unavailable(), now_millis());
+                Job::Publish(p) => match *p {
+                    Publish::Broadcast(msg) => {
+                        match &msg {
+                            ClusterMsg::RoomExpiry { room_id, expires_at } => {
+                                let expiry = expires_at.map(|t| t.to_string()).unwrap_or_default();
+                                pipe.cmd("EVALSHA")
+                                    .arg(sha(Script::Expiry))
+                                    .arg(0)
+                                    .arg(prefix)
+                                    .arg(room_id)
+                                    .arg(expiry)
+                                    .arg(msg.encode());
+                            }
+                            _ => {
+                                pipe.cmd("EVALSHA").arg(sha(Script::Broadcast)).arg(0).arg(prefix).arg(msg.encode());
+                            }
+                        }
+                        sent.push((None, Some(msg)));
                     }
-                });
-                return Err(e.into());
+                    // The rest concern connections of this session only.
+                    _ if !current => {}
+                    Publish::Update(up) => {
+                        let owner = format!("{}:{}", up.at.instance, up.at.conn);
+                        let (room, peer) = (up.room_id.clone(), up.peer_id.clone());
+                        let blob = ClusterMsg::PeerUp(*up).encode();
+                        pipe.cmd("EVALSHA")
+                            .arg(sha(Script::Update))
+                            .arg(0)
+                            .arg(prefix)
+                            .arg(room)
+                            .arg(peer)
+                            .arg(owner)
+                            .arg(blob);
+                        sent.push((None, None));
+                    }
+                    Publish::Release { room_id, peer_id, at, reason } => {
+                        let owner = format!("{}:{}", at.instance, at.conn);
+                        let blob =
+                            ClusterMsg::PeerDown { room_id: room_id.clone(), peer_id: peer_id.clone(), at, reason }
+                                .encode();
+                        pipe.cmd("EVALSHA")
+                            .arg(sha(Script::Release))
+                            .arg(0)
+                            .arg(prefix)
+                            .arg(me)
+                            .arg(room_id)
+                            .arg(peer_id)
+                            .arg(owner)
+                            .arg(blob);
+                        sent.push((None, None));
+                    }
+                    Publish::Forward { instance, msg } => {
+                        pipe.cmd("PUBLISH").arg(format!("{prefix}:inbox:{instance}")).arg(msg.encode());
+                        sent.push((None, None));
+                    }
+                },
+            }
+        }
+        let results: Vec<redis::RedisResult<Value>> = if sent.is_empty() {
+            Vec::new()
+        } else {
+            match pipe.query_async(&mut link.con).await {
+                Ok(r) => r,
+                Err(e) => {
+                    for (conn, retry) in sent {
+                        if let Some(c) = conn {
+                            refused.push((c, unavailable()));
+                        }
+                        if let Some(msg) = retry {
+                            // Sent again after the rejoin.
+                            self.queued.fetch_add(1, Ordering::AcqRel);
+                            let _ = self.jobs.send((ANY_SESSION, Job::Publish(Box::new(Publish::Broadcast(msg)))));
+                        }
+                    }
+                    report(state, refused);
+                    return Err(e.into());
+                }
             }
         };
-        state.metrics.cluster_sent.inc_by(sent);
-        let mut refused = Vec::new();
+        state.metrics.cluster_sent.inc_by(sent.len() as u64);
         let mut gone = false;
-        for (conn, r) in claims.into_iter().zip(results) {
+        for ((conn, _), r) in sent.into_iter().zip(results) {
             let Some(conn) = conn else {
                 if let Err(e) = r {
                     tracing::warn!(error = %e, "cluster publish failed");
@@ -611,18 +703,77 @@ impl Cluster {
             };
             refused.push((conn, err));
         }
-        if !refused.is_empty() {
-            ws::drive(state, |hub| {
-                let now = now_millis();
-                for (c, e) in refused {
-                    hub.complete_claim(c, e, now);
-                }
-            });
-        }
+        report(state, refused);
         if gone {
             anyhow::bail!("the cluster declared this instance down (lease not renewed in time)");
         }
         Ok(())
+    }
+}
+
+fn report(state: &Arc<AppState>, refused: Vec<(ConnId, SignalError)>) {
+    if refused.is_empty() {
+        return;
+    }
+    ws::drive(state, |hub| {
+        let now = now_millis();
+        for (c, e) in refused {
+            hub.complete_claim(c, e, now);
+        }
+    });
+}
+
+/// Renews this instance's lease every third of it and reaps instances whose lease lapsed.
+/// Returns only on failure (Redis lost, or this instance was declared down).
+async fn keep_lease(
+    mut con: MultiplexedConnection,
+    shas: Vec<String>,
+    prefix: String,
+    me: u64,
+    lease: Duration,
+) -> anyhow::Result<()> {
+    let mut tick = tokio::time::interval(lease / 3);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let lease_ms = lease.as_millis() as u64;
+    loop {
+        tick.tick().await;
+        let alive: i64 = redis::cmd("EVALSHA")
+            .arg(&shas[Script::Renew as usize])
+            .arg(0)
+            .arg(&prefix)
+            .arg(me)
+            .arg(lease_ms)
+            .query_async(&mut con)
+            .await?;
+        if alive != 1 {
+            anyhow::bail!("the cluster declared this instance down (lease not renewed in time)");
+        }
+        let dead: Vec<String> =
+            redis::cmd("EVALSHA").arg(&shas[Script::Dead as usize]).arg(0).arg(&prefix).query_async(&mut con).await?;
+        for d in dead {
+            let Ok(id) = d.parse::<u64>() else { continue };
+            let blob = ClusterMsg::InstanceDown { instance: id }.encode();
+            let reaped: i64 = redis::cmd("EVALSHA")
+                .arg(&shas[Script::Reap as usize])
+                .arg(0)
+                .arg(&prefix)
+                .arg(id)
+                .arg(blob)
+                .arg("0")
+                .query_async(&mut con)
+                .await?;
+            if reaped == 1 {
+                tracing::warn!(instance = id, "reaped a server instance whose lease expired");
+            }
+        }
+    }
+}
+
+struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);
+
+impl<T> Drop for AbortOnDrop<T> {
+    fn drop(&mut self) {
+        self.0.abort();
     }
 }
 
@@ -631,6 +782,7 @@ pub struct Link {
     instance: u64,
     session: u64,
     con: MultiplexedConnection,
+    lease_con: Option<MultiplexedConnection>,
     shas: Vec<String>,
     pubsub: Option<redis::aio::PubSub>,
 }

@@ -94,7 +94,8 @@ pub struct Config {
     #[arg(long, env = "SLEAP_RTC_MAX_PEERS_PER_ROOM", default_value_t = 1000)]
     pub max_peers_per_room: usize,
 
-    /// Rooms with connected peers allowed at once on this server.
+    /// Rooms with connected peers allowed at once on this server (with --redis: in the whole
+    /// cluster).
     #[arg(long, env = "SLEAP_RTC_MAX_ROOMS", default_value_t = 10_000)]
     pub max_rooms: usize,
 

@@ -117,10 +117,6 @@ fn flush(state: &AppState, st: &mut HubState) -> Vec<(ConnId, Box<RegisterReques
                 st.hub.close(c, close_code::SLOW_CONSUMER, "slow consumer: outbound queue full", now);
             }
         }
-        let stats = st.hub.stats();
-        state.metrics.peers.set(stats.registered as i64);
-        state.metrics.rooms.set(stats.rooms as i64);
-        state.metrics.remote_peers.set(stats.remote_peers as i64);
     }
     auth
 }

@@ -203,6 +203,9 @@ async fn an_instance_rejoins_after_redis_comes_back() {
     // Out of the cluster: unhealthy for the load balancer, and WebSockets are refused.
     let (status, health) = p.a.call("GET", "/health", None, None).await;
     assert_eq!((status, health["cluster"].as_str()), (503, Some("unavailable")), "{health}");
+    // Deleting the room now would not reach the other instance: refused, nothing changed.
+    let (status, body) = p.a.call("DELETE", &format!("/api/auth/rooms/{room}"), Some(&owner), None).await;
+    assert_eq!((status, body["code"].as_str()), (503, Some("CLUSTER_UNAVAILABLE")), "{body}");
     assert!(tokio_tungstenite::connect_async(&p.a.ws).await.is_err());
     let _redis = Redis::start_on(port).await;
     // Both instances rejoin with fresh ids and an empty Redis (upgrades are refused meanwhile);
@@ -229,6 +232,44 @@ async fn an_instance_rejoins_after_redis_comes_back() {
     let reg = b2.register(register(&owner, &room, "b")).await;
     assert_eq!(reg["peer_list"], json!(["a"]));
     assert_eq!(a2.recv_type("peer_joined").await["peer_id"], "b");
+}
+
+/// Redis cuts both instances' inboxes (their leases stay alive): each closes its peers and
+/// rejoins under a new id, and the peers of the old ids are gone at once, not after a lease.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_inbox_leaves_no_ghosts_after_the_rejoin() {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let p = Pair::start(|c| c.redis_lease_secs = 30).await;
+    let (owner, _) = p.a.signin().await;
+    let (room, _) = p.a.room(&owner).await;
+    let mut a = p.a.connect().await;
+    a.register(register(&owner, &room, "a")).await;
+    let mut b = p.b.connect().await;
+    b.register(register(&owner, &room, "b")).await;
+    let mut redis = tokio::net::TcpStream::connect(("127.0.0.1", p.redis.port)).await.unwrap();
+    redis.write_all(b"*4\r\n$6\r\nCLIENT\r\n$4\r\nKILL\r\n$4\r\nTYPE\r\n$6\r\npubsub\r\n").await.unwrap();
+    let mut reply = [0u8; 16];
+    let n = redis.read(&mut reply).await.unwrap();
+    assert_eq!(&reply[..n], b":2\r\n", "both instances' subscribers cut");
+    assert_eq!(a.closed().await, 1001);
+    assert_eq!(b.closed().await, 1001);
+    let rejoined = |s: &TestServer| {
+        let url = s.ws.clone();
+        async move {
+            for _ in 0..100 {
+                if let Ok((inner, _)) = tokio_tungstenite::connect_async(&url).await {
+                    return Ws { inner };
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            panic!("instance did not rejoin");
+        }
+    };
+    let mut a2 = rejoined(&p.a).await;
+    a2.register(register(&owner, &room, "a2")).await;
+    let mut b2 = rejoined(&p.b).await;
+    let reg = b2.register(register(&owner, &room, "b2")).await;
+    assert_eq!(reg["peer_list"], json!(["a2"]), "peers of the old instance ids linger");
 }
 
 /// An instance with another signing key would issue JWTs the others refuse: it must not start.
@@ -296,4 +337,97 @@ async fn a_crashed_instance_is_noticed_within_its_lease() {
     assert!(status.success());
     assert_eq!(pa.recv_type("peer_left").await["peer_id"], "on-c");
     println!("graceful stop of an instance noticed after {:.2} s", stopped.elapsed().as_secs_f64());
+}
+
+/// `rediss://`: the link is TLS, verified against the system roots (here a test CA given with
+/// `SSL_CERT_FILE`); a certificate the instance cannot verify stops it at start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_over_tls_is_verified() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let openssl = |args: &[&str]| {
+        let ok = std::process::Command::new("openssl")
+            .args(args)
+            .current_dir(d)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .expect("openssl on PATH");
+        assert!(ok.success(), "openssl {args:?}");
+    };
+    let ec = ["-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes"];
+    openssl(
+        &[
+            &["req", "-x509"][..],
+            &ec,
+            &["-days", "2", "-subj", "/CN=sleap-rtc test CA", "-keyout", "ca.key", "-out", "ca.crt"],
+        ]
+        .concat(),
+    );
+    openssl(&[&["req"][..], &ec, &["-subj", "/CN=localhost", "-keyout", "srv.key", "-out", "srv.csr"]].concat());
+    std::fs::write(d.join("ext"), "subjectAltName=DNS:localhost\n").unwrap();
+    openssl(&[
+        "x509",
+        "-req",
+        "-in",
+        "srv.csr",
+        "-CA",
+        "ca.crt",
+        "-CAkey",
+        "ca.key",
+        "-CAcreateserial",
+        "-days",
+        "2",
+        "-extfile",
+        "ext",
+        "-out",
+        "srv.crt",
+    ]);
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let path = |f: &str| d.join(f).to_str().unwrap().to_owned();
+    let mut redis = std::process::Command::new("redis-server")
+        .args([
+            "--bind",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--tls-port",
+            &port.to_string(),
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .args(["--tls-cert-file", &path("srv.crt"), "--tls-key-file", &path("srv.key")])
+        .args(["--tls-ca-cert-file", &path("ca.crt"), "--tls-auth-clients", "no"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("redis-server");
+    for _ in 0..200 {
+        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(25)).await;
+    }
+    let url = format!("rediss://localhost:{port}");
+    let trusted = [("SSL_CERT_FILE", path("ca.crt"))];
+    let trusted: Vec<(&str, &str)> = trusted.iter().map(|(k, v)| (*k, v.as_str())).collect();
+    let s = ServerProcess::spawn_with(&["--redis", &url], "warn", &trusted).await;
+    let health = s.json("GET", "/health", None, None).await;
+    assert_eq!(health["cluster"], "joined", "{health}");
+    let (jwt, room) = s.signin_and_room().await;
+    let mut a = Ws::connect(&s.ws_url()).await;
+    a.register(register(&jwt, &room, "a")).await;
+    drop(s);
+
+    // The same Redis, but the instance does not trust its certificate.
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_sleap-rtc-server"))
+        .args(["--listen", "127.0.0.1:0", "--data-dir", &path("untrusting"), "--redis", &url])
+        .env("SSL_CERT_FILE", path("srv.key"))
+        .output()
+        .unwrap();
+    let _ = redis.kill();
+    let _ = redis.wait();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot connect to Redis at rediss://localhost"), "{err}");
 }
