@@ -359,16 +359,7 @@ impl Cluster {
         // everyone now rather than after their lease.
         let previous = self.previous.load(Ordering::Acquire);
         if previous != 0 {
-            let blob = ClusterMsg::InstanceDown { instance: previous }.encode();
-            let _: Value = redis::cmd("EVALSHA")
-                .arg(&shas[Script::Reap as usize])
-                .arg(0)
-                .arg(&prefix)
-                .arg(previous)
-                .arg(blob)
-                .arg("1")
-                .query_async(&mut con)
-                .await?;
+            reap(&mut con, &shas, &prefix, previous, true).await?;
         }
         let lease_ms = self.config.lease.as_millis() as u64;
         let (peers, expiries): (Vec<Vec<u8>>, Vec<String>) = redis::cmd("EVALSHA")
@@ -536,16 +527,7 @@ impl Cluster {
             batch.push(j);
         }
         self.flush(state, link, batch).await?;
-        let blob = ClusterMsg::InstanceDown { instance: me }.encode();
-        let _: Value = redis::cmd("EVALSHA")
-            .arg(&link.shas[Script::Reap as usize])
-            .arg(0)
-            .arg(&prefix)
-            .arg(me)
-            .arg(blob)
-            .arg("1")
-            .query_async(&mut link.con)
-            .await?;
+        reap(&mut link.con, &link.shas, &prefix, me, true).await?;
         self.previous.store(0, Ordering::Release);
         tracing::info!(instance = me, "left the cluster");
         Ok(())
@@ -752,21 +734,33 @@ async fn keep_lease(
             redis::cmd("EVALSHA").arg(&shas[Script::Dead as usize]).arg(0).arg(&prefix).query_async(&mut con).await?;
         for d in dead {
             let Ok(id) = d.parse::<u64>() else { continue };
-            let blob = ClusterMsg::InstanceDown { instance: id }.encode();
-            let reaped: i64 = redis::cmd("EVALSHA")
-                .arg(&shas[Script::Reap as usize])
-                .arg(0)
-                .arg(&prefix)
-                .arg(id)
-                .arg(blob)
-                .arg("0")
-                .query_async(&mut con)
-                .await?;
-            if reaped == 1 {
+            if reap(&mut con, &shas, &prefix, id, false).await? {
                 tracing::warn!(instance = id, "reaped a server instance whose lease expired");
             }
         }
     }
+}
+
+/// Removes an instance and its peers from the cluster, telling every other instance. Unless
+/// `force` (ourselves, leaving or rejoining), only if its lease has lapsed. True if it was there.
+async fn reap(
+    con: &mut MultiplexedConnection,
+    shas: &[String],
+    prefix: &str,
+    instance: u64,
+    force: bool,
+) -> redis::RedisResult<bool> {
+    let blob = ClusterMsg::InstanceDown { instance }.encode();
+    let reaped: i64 = redis::cmd("EVALSHA")
+        .arg(&shas[Script::Reap as usize])
+        .arg(0)
+        .arg(prefix)
+        .arg(instance)
+        .arg(blob)
+        .arg(if force { "1" } else { "0" })
+        .query_async(con)
+        .await?;
+    Ok(reaped == 1)
 }
 
 struct AbortOnDrop<T>(tokio::task::JoinHandle<T>);

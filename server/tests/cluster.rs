@@ -51,6 +51,31 @@ impl Pair {
     }
 }
 
+impl Pair {
+    /// The owner's JWT and a room with peer `a` registered on A and `b` on B.
+    async fn room_across(&self) -> (String, String, Ws, Ws) {
+        let (owner, _) = self.a.signin().await;
+        let (room, _) = self.a.room(&owner).await;
+        let mut a = self.a.connect().await;
+        a.register(register(&owner, &room, "a")).await;
+        let mut b = self.b.connect().await;
+        b.register(register(&owner, &room, "b")).await;
+        a.recv_type("peer_joined").await;
+        (owner, room, a, b)
+    }
+}
+
+/// A WebSocket to `s` once it serves again (upgrades are refused while out of the cluster).
+async fn reconnect(s: &TestServer) -> Ws {
+    for _ in 0..100 {
+        if let Ok((inner, _)) = tokio_tungstenite::connect_async(&s.ws).await {
+            return Ws { inner };
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("{} did not serve again after Redis came back", s.ws);
+}
+
 fn register(jwt: &str, room: &str, peer: &str) -> Value {
     json!({"type": "register", "jwt": jwt, "room_id": room, "peer_id": peer, "role": "client"})
 }
@@ -133,13 +158,7 @@ async fn the_sign_in_rate_limit_is_shared_by_the_instances() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn order_and_administrative_actions_across_instances() {
     let p = Pair::start(|c| c.rate_burst = 2_000.0).await;
-    let (owner, _) = p.a.signin().await;
-    let (room, _) = p.a.room(&owner).await;
-    let mut a = p.a.connect().await;
-    a.register(register(&owner, &room, "a")).await;
-    let mut b = p.b.connect().await;
-    b.register(register(&owner, &room, "b")).await;
-    a.recv_type("peer_joined").await;
+    let (owner, room, mut a, mut b) = p.room_across().await;
 
     for i in 0..600u32 {
         if i % 100 == 50 {
@@ -210,25 +229,9 @@ async fn an_instance_rejoins_after_redis_comes_back() {
     let _redis = Redis::start_on(port).await;
     // Both instances rejoin with fresh ids and an empty Redis (upgrades are refused meanwhile);
     // peers register again.
-    let mut a2 = None;
-    for _ in 0..100 {
-        if let Ok((inner, _)) = tokio_tungstenite::connect_async(&p.a.ws).await {
-            a2 = Some(Ws { inner });
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let mut a2 = a2.expect("instance A serves again after Redis came back");
+    let mut a2 = reconnect(&p.a).await;
     a2.register(register(&owner, &room, "a")).await;
-    let mut b2 = None;
-    for _ in 0..100 {
-        if let Ok((inner, _)) = tokio_tungstenite::connect_async(&p.b.ws).await {
-            b2 = Some(Ws { inner });
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let mut b2 = b2.expect("instance B serves again after Redis came back");
+    let mut b2 = reconnect(&p.b).await;
     let reg = b2.register(register(&owner, &room, "b")).await;
     assert_eq!(reg["peer_list"], json!(["a"]));
     assert_eq!(a2.recv_type("peer_joined").await["peer_id"], "b");
@@ -240,12 +243,7 @@ async fn an_instance_rejoins_after_redis_comes_back() {
 async fn a_cut_inbox_leaves_no_ghosts_after_the_rejoin() {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let p = Pair::start(|c| c.redis_lease_secs = 30).await;
-    let (owner, _) = p.a.signin().await;
-    let (room, _) = p.a.room(&owner).await;
-    let mut a = p.a.connect().await;
-    a.register(register(&owner, &room, "a")).await;
-    let mut b = p.b.connect().await;
-    b.register(register(&owner, &room, "b")).await;
+    let (owner, room, mut a, mut b) = p.room_across().await;
     let mut redis = tokio::net::TcpStream::connect(("127.0.0.1", p.redis.port)).await.unwrap();
     redis.write_all(b"*4\r\n$6\r\nCLIENT\r\n$4\r\nKILL\r\n$4\r\nTYPE\r\n$6\r\npubsub\r\n").await.unwrap();
     let mut reply = [0u8; 16];
@@ -253,21 +251,9 @@ async fn a_cut_inbox_leaves_no_ghosts_after_the_rejoin() {
     assert_eq!(&reply[..n], b":2\r\n", "both instances' subscribers cut");
     assert_eq!(a.closed().await, 1001);
     assert_eq!(b.closed().await, 1001);
-    let rejoined = |s: &TestServer| {
-        let url = s.ws.clone();
-        async move {
-            for _ in 0..100 {
-                if let Ok((inner, _)) = tokio_tungstenite::connect_async(&url).await {
-                    return Ws { inner };
-                }
-                tokio::time::sleep(Duration::from_millis(100)).await;
-            }
-            panic!("instance did not rejoin");
-        }
-    };
-    let mut a2 = rejoined(&p.a).await;
+    let mut a2 = reconnect(&p.a).await;
     a2.register(register(&owner, &room, "a2")).await;
-    let mut b2 = rejoined(&p.b).await;
+    let mut b2 = reconnect(&p.b).await;
     let reg = b2.register(register(&owner, &room, "b2")).await;
     assert_eq!(reg["peer_list"], json!(["a2"]), "peers of the old instance ids linger");
 }
