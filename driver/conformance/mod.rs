@@ -21,7 +21,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use sleap_rtc_core::job::{JobMsg, JobState};
+use sleap_rtc_core::job::{JobMsg, JobState, Progress};
 use sleap_rtc_core::signal::{Filters, Register, ServerMessage};
 use sleap_rtc_driver::client::{ClientAuth, JobClient};
 use sleap_rtc_driver::conn::{self, ConnState, PeerConnection, PeerOptions};
@@ -392,7 +392,7 @@ pub async fn job_end_to_end<R: Runtime>(env: &Env) {
         let mut epochs = 0;
         loop {
             match client.next().await {
-                Some(JobMsg::JobProgress { .. }) => epochs += 1,
+                Some(JobMsg::JobProgress { progress: Progress::EpochEnd { .. }, .. }) => epochs += 1,
                 Some(JobMsg::JobDone { status }) => return (status, epochs),
                 Some(_) => {}
                 None => panic!("the connection closed before job_done"),
@@ -402,7 +402,7 @@ pub async fn job_end_to_end<R: Runtime>(env: &Env) {
     .await;
     assert_eq!(status.job_id, job_id);
     assert_eq!(status.state, JobState::Completed, "{status:?}");
-    assert!(epochs > 0, "progress was relayed");
+    assert_eq!(epochs, 2, "every epoch's progress was relayed");
     let out = tempfile::tempdir().expect("tempdir");
     let results = client.receive_results(out.path()).expect("receive");
     let got = within::<R, _>("the results", results.finish()).await.expect("results");
