@@ -358,11 +358,9 @@ pub async fn resume_after_a_cut<R: Runtime>(env: &Env) {
     client.close().await;
 }
 
-/// A training job through `JobClient<R>`: ticket authentication, submission with an upload, the
-/// fake trainer's progress relayed, `job_done` completed, the run directory received.
-pub async fn job_end_to_end<R: Runtime>(env: &Env) {
+/// Waits until the worker started by [`Env::start_worker`] is registered; returns its peer id.
+pub async fn wait_for_worker<R: Runtime>(sig: &SignalingClient<R>, env: &Env) -> String {
     let worker_id = env.worker.as_ref().map(|(w, _)| w.peer_id().to_owned()).expect("start_worker first");
-    let sig = env.client::<R>().await;
     within::<R, _>("the worker registers", async {
         loop {
             let found = sig.discover(Filters::default()).await.unwrap_or_default();
@@ -373,10 +371,23 @@ pub async fn job_end_to_end<R: Runtime>(env: &Env) {
         }
     })
     .await;
+    worker_id
+}
+
+/// The bundled training config and labels (`cli/assets`).
+pub fn assets() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../cli/assets")
+}
+
+/// A training job through `JobClient<R>`: ticket authentication, submission with an upload, the
+/// fake trainer's progress relayed, `job_done` completed, the run directory received.
+pub async fn job_end_to_end<R: Runtime>(env: &Env) {
+    let sig = env.client::<R>().await;
+    let worker_id = wait_for_worker(&sig, env).await;
     let client = JobClient::connect(&sig, &worker_id, PeerOptions::loopback(), &ClientAuth::Ticket)
         .await
         .expect("connect and authenticate");
-    let assets = Path::new(env!("CARGO_MANIFEST_DIR")).join("../cli/assets");
+    let assets = assets();
     let config = std::fs::read_to_string(assets.join("tiny_single.yaml")).expect("the bundled config");
     let spec = json!({
         "type": "train",

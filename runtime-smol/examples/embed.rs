@@ -16,7 +16,7 @@ use std::error::Error;
 use std::path::{Path, PathBuf};
 
 use serde_json::json;
-use sleap_rtc_core::job::{JobMsg, Progress};
+use sleap_rtc_core::job::{JobMsg, JobStatus, Progress};
 use sleap_rtc_core::signal::{Filters, Register};
 use sleap_rtc_smol::client::{ClientAuth, JobClient};
 use sleap_rtc_smol::{PeerOptions, SignalingClient};
@@ -30,16 +30,38 @@ fn main() -> Result<(), Box<dyn Error>> {
 async fn run() -> Result<(), Box<dyn Error>> {
     let var = |k: &str| std::env::var(k).map_err(|_| format!("set {k}"));
     let (server, jwt, room) = (var("SLEAP_RTC_SERVER")?, var("SLEAP_RTC_JWT")?, var("SLEAP_RTC_ROOM")?);
-    let args: Vec<String> = std::env::args().skip(1).collect();
+    let args: Vec<PathBuf> = std::env::args_os().skip(1).map(PathBuf::from).collect();
     let [config, labels, out] = &args[..] else {
         return Err("usage: embed CONFIG.yaml LABELS.pkg.slp OUT_DIR".into());
     };
-    let labels = PathBuf::from(labels);
+    let (status, files) = train(&server, &jwt, &room, config, labels, out).await?;
+    println!("job {}: {:?} {}", status.job_id, status.state, status.message.unwrap_or_default());
+    for f in files {
+        println!("received {}", f.display());
+    }
+    Ok(())
+}
+
+/// Trains on the first worker of `room`; returns the job's final status and the files received
+/// into `out`. (runtime-smol's conformance test calls this against a real server and worker.)
+pub async fn train(
+    server: &str,
+    jwt: &str,
+    room: &str,
+    config: &Path,
+    labels: &Path,
+    out: &Path,
+) -> Result<(JobStatus, Vec<PathBuf>), Box<dyn Error>> {
     let labels_name = labels.file_name().and_then(|n| n.to_str()).ok_or("the labels path has no file name")?;
     // The config goes inline in the job spec; smol's async file API reads it.
-    let config_text = smol::fs::read_to_string(config).await.map_err(|e| format!("{config}: {e}"))?;
+    let config_text = smol::fs::read_to_string(config).await.map_err(|e| format!("{}: {e}", config.display()))?;
 
-    let reg = Register { role: Some("client".into()), jwt: Some(jwt), room_id: Some(room), ..Default::default() };
+    let reg = Register {
+        role: Some("client".into()),
+        jwt: Some(jwt.to_owned()),
+        room_id: Some(room.to_owned()),
+        ..Default::default()
+    };
     let sig = SignalingClient::connect(&server, reg).await?;
     let workers = sig.discover(Filters { role: Some("worker".into()), ..Default::default() }).await?;
     let worker = workers.first().ok_or("no worker in the room")?;
@@ -47,7 +69,7 @@ async fn run() -> Result<(), Box<dyn Error>> {
 
     let client = JobClient::connect(&sig, &worker.peer_id, PeerOptions::default(), &ClientAuth::Ticket).await?;
     let spec = json!({"type": "train", "labels_path": labels_name, "config_contents": [config_text]});
-    let (job_id, upload) = client.submit(&spec, std::slice::from_ref(&labels)).await?;
+    let (job_id, upload) = client.submit(&spec, &[labels.to_path_buf()]).await?;
     println!("job {job_id} accepted");
     if let Some(upload) = upload {
         let sent = upload.finish().await?;
@@ -63,13 +85,10 @@ async fn run() -> Result<(), Box<dyn Error>> {
             None => return Err("the connection to the worker closed".into()),
         }
     };
-    println!("job {}: {:?} {}", status.job_id, status.state, status.message.unwrap_or_default());
+    let mut files = Vec::new();
     if !status.results.is_empty() {
-        let got = client.receive_results(Path::new(out))?.finish().await?;
-        for f in &got.files {
-            println!("received {}", f.display());
-        }
+        files = client.receive_results(out)?.finish().await?.files;
     }
     client.close().await;
-    Ok(())
+    Ok((status, files))
 }
