@@ -62,7 +62,7 @@ pub async fn train(
         room_id: Some(room.to_owned()),
         ..Default::default()
     };
-    let sig = SignalingClient::connect(&server, reg).await?;
+    let sig = SignalingClient::connect(server, reg).await?;
     let workers = sig.discover(Filters { role: Some("worker".into()), ..Default::default() }).await?;
     let worker = workers.first().ok_or("no worker in the room")?;
     println!("worker {} ({} in the room)", worker.peer_id, workers.len());
