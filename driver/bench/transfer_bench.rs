@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! cargo run --release -p sleap-rtc-tokio --example transfer-bench -- --size 1GiB
-//! cargo run --release -p sleap-rtc-smol --example transfer-bench -- --size 1GiB
+//! cargo run --release -p sleap-rtc-smol --example smol-transfer-bench -- --size 1GiB
 //! ```
 //!
 //! Prints, per side: MB/s (10^6 bytes/s), setup time (offer → both channels open), CPU seconds

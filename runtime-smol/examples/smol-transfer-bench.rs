@@ -2,7 +2,7 @@
 //! driver/bench/transfer_bench.rs):
 //!
 //! ```text
-//! cargo run --release -p sleap-rtc-smol --example transfer-bench -- --size 1GiB
+//! cargo run --release -p sleap-rtc-smol --example smol-transfer-bench -- --size 1GiB
 //! ```
 
 #[path = "../../driver/bench/transfer_bench.rs"]
