@@ -10,6 +10,7 @@ use sleap_rtc_core::job::auth;
 use sleap_rtc_core::job::{FieldError, JobMsg};
 use sleap_rtc_core::signal::ServerMessage;
 
+use crate::Runtime;
 use crate::conn::{self, ConnError, PeerConnection, PeerOptions, Received, Sent, Transfer};
 use crate::files;
 use crate::signaling::{SignalingClient, SignalingError};
@@ -46,26 +47,26 @@ pub enum JobClientError {
 const AUTH_WAIT: Duration = Duration::from_secs(20);
 const ACCEPT_WAIT: Duration = Duration::from_secs(60);
 
-/// An authenticated connection to a worker.
-pub struct JobClient {
-    conn: Arc<PeerConnection>,
+/// An authenticated connection to a worker, on runtime `R`.
+pub struct JobClient<R> {
+    conn: Arc<PeerConnection<R>>,
 }
 
-impl JobClient {
+impl<R: Runtime> JobClient<R> {
     /// Connects to `worker` (a peer id in our room) and authenticates.
     pub async fn connect(
-        signaling: &SignalingClient,
+        signaling: &SignalingClient<R>,
         worker: &str,
         opts: PeerOptions,
         how: &ClientAuth,
-    ) -> Result<JobClient, JobClientError> {
+    ) -> Result<JobClient<R>, JobClientError> {
         let c = conn::connect(signaling, worker, opts).await?;
         let client = JobClient { conn: Arc::new(c) };
         client.authenticate(signaling, how).await?;
         Ok(client)
     }
 
-    async fn authenticate(&self, signaling: &SignalingClient, how: &ClientAuth) -> Result<(), JobClientError> {
+    async fn authenticate(&self, signaling: &SignalingClient<R>, how: &ClientAuth) -> Result<(), JobClientError> {
         let worker = self.conn.remote_peer().to_owned();
         if let ClientAuth::Ticket = how {
             let req = json!({"type": "request_ticket", "target": worker, "fingerprint": self.conn.local_fingerprint()});
@@ -106,10 +107,12 @@ impl JobClient {
                 }
             }
         };
-        tokio::time::timeout(AUTH_WAIT, wait).await.map_err(|_| JobClientError::Timeout(AUTH_WAIT, "authentication"))?
+        crate::timeout::<R, _>(AUTH_WAIT, wait)
+            .await
+            .map_err(|_| JobClientError::Timeout(AUTH_WAIT, "authentication"))?
     }
 
-    pub fn connection(&self) -> &Arc<PeerConnection> {
+    pub fn connection(&self) -> &Arc<PeerConnection<R>> {
         &self.conn
     }
 
@@ -141,9 +144,9 @@ impl JobClient {
             None
         } else {
             let paths = uploads.to_vec();
-            let set = tokio::task::spawn_blocking(move || files::build_send_set(&paths))
+            let set = R::spawn_blocking(move || files::build_send_set(&paths))
                 .await
-                .map_err(|e| JobClientError::Protocol(e.to_string()))?
+                .ok_or_else(|| JobClientError::Protocol("hashing the uploads panicked".into()))?
                 .map_err(JobClientError::Files)?;
             Some(set)
         };
@@ -163,7 +166,7 @@ impl JobClient {
                 }
             }
         };
-        let job_id = tokio::time::timeout(ACCEPT_WAIT, wait)
+        let job_id = crate::timeout::<R, _>(ACCEPT_WAIT, wait)
             .await
             .map_err(|_| JobClientError::Timeout(ACCEPT_WAIT, "job submission"))??;
         let upload = match set {

@@ -1,16 +1,17 @@
-//! A peer connection driven by tokio: UDP sockets, the session timer, and file I/O for
+//! A peer connection driven by a [`Runtime`]: UDP sockets, the session timer, and file I/O for
 //! `core::session::Session`.
 //!
 //! One task owns the [`Session`], the sockets and the open files; the [`PeerConnection`] handle
 //! talks to it through channels. Chunk reads and `.part` writes are plain positioned reads and
 //! writes on that task: they hit the page cache in microseconds, far less than a hop through a
 //! thread pool per 16 KiB chunk would cost. Hashing a finished file and fsync+rename can take
-//! seconds, so they run on the blocking pool and report back.
+//! seconds, so they run on the runtime's blocking pool and report back.
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::fs::File;
 use std::future::Future;
 use std::io;
+use std::marker::PhantomData;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
@@ -23,12 +24,11 @@ use sleap_rtc_core::session::{Direction, IoRequest, Session, SessionConfig, Sess
 use sleap_rtc_core::signal::ServerMessage;
 use sleap_rtc_core::stun;
 use sleap_rtc_core::transfer::{Manifest, Progress, TransferError};
-use tokio::io::ReadBuf;
-use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::files::{self, SendSet};
 use crate::signaling::{SignalingClient, SignalingError};
+use crate::{Runtime, UdpSocket};
 
 /// How a connection is set up.
 #[derive(Debug, Clone)]
@@ -166,23 +166,24 @@ impl Cmd {
     }
 }
 
-/// Handle to a connected peer.
-pub struct PeerConnection {
+/// Handle to a connected peer, driven on runtime `R`.
+pub struct PeerConnection<R> {
     cmd: mpsc::UnboundedSender<Cmd>,
     messages: tokio::sync::Mutex<mpsc::UnboundedReceiver<String>>,
     state: watch::Receiver<ConnState>,
     local_fingerprint: String,
     local_candidates: Vec<String>,
     remote_peer: String,
+    _rt: PhantomData<fn() -> R>,
 }
 
-impl Drop for PeerConnection {
+impl<R> Drop for PeerConnection<R> {
     fn drop(&mut self) {
         let _ = self.cmd.send(Cmd::Close);
     }
 }
 
-impl PeerConnection {
+impl<R: Runtime> PeerConnection<R> {
     /// The peer id (in the signaling room) of the other side.
     pub fn remote_peer(&self) -> &str {
         &self.remote_peer
@@ -227,9 +228,9 @@ impl PeerConnection {
     /// files first (on the blocking pool), then streams them.
     pub async fn send_files(&self, paths: &[PathBuf]) -> Result<Transfer<Sent>, ConnError> {
         let paths = paths.to_vec();
-        let set = tokio::task::spawn_blocking(move || files::build_send_set(&paths))
+        let set = R::spawn_blocking(move || files::build_send_set(&paths))
             .await
-            .map_err(|e| ConnError::Transfer(e.to_string()))?
+            .ok_or_else(|| ConnError::Transfer("hashing the files panicked".into()))?
             .map_err(|e| ConnError::Transfer(e.to_string()))?;
         self.send_prepared(set).await
     }
@@ -279,12 +280,12 @@ impl PeerConnection {
     pub async fn close(self) {
         let _ = self.cmd.send(Cmd::Close);
         let mut s = self.state.clone();
-        let _ = tokio::time::timeout(Duration::from_secs(2), s.wait_for(|s| *s == ConnState::Closed)).await;
+        let _ = crate::timeout::<R, _>(Duration::from_secs(2), s.wait_for(|s| *s == ConnState::Closed)).await;
     }
 
     async fn wait_open(&self, timeout: Duration) -> Result<(), ConnError> {
         let mut s = self.state.clone();
-        match tokio::time::timeout(timeout, s.wait_for(|s| !matches!(s, ConnState::Connecting))).await {
+        match crate::timeout::<R, _>(timeout, s.wait_for(|s| !matches!(s, ConnState::Connecting))).await {
             Err(_) => Err(ConnError::OpenTimeout(timeout)),
             Ok(Err(_)) => Err(ConnError::Closed),
             Ok(Ok(st)) if *st == ConnState::Closed => Err(ConnError::Closed),
@@ -293,15 +294,15 @@ impl PeerConnection {
     }
 }
 
-type Sockets = Vec<(UdpSocket, SocketAddr)>;
+type Sockets<U> = Vec<(U, SocketAddr)>;
 
 /// Binds one UDP socket per address, adds host candidates, then server-reflexive candidates
 /// from STUN. Returns the sockets and every candidate line added.
-async fn bind(
+async fn bind<R: Runtime>(
     opts: &PeerOptions,
     extra_ice: &[String],
     session: &mut Session,
-) -> Result<(Sockets, Vec<String>), ConnError> {
+) -> Result<(Sockets<R::Udp>, Vec<String>), ConnError> {
     let mut socks = Vec::new();
     let mut cands = Vec::new();
     for ip in &opts.bind_ips {
@@ -313,8 +314,8 @@ async fn bind(
             }
         };
         sock.set_nonblocking(true)?;
-        let sock = UdpSocket::from_std(sock)?;
         let local = sock.local_addr()?;
+        let sock = R::udp(sock)?;
         cands.extend(session.peer().add_local_candidate(local, None)?);
         socks.push((sock, local));
     }
@@ -322,7 +323,7 @@ async fn bind(
         return Err(ConnError::Io(io::Error::new(io::ErrorKind::AddrNotAvailable, "no local address could be bound")));
     }
     let servers: Vec<String> = opts.ice_servers.iter().chain(extra_ice).cloned().collect();
-    for (mapped, base) in gather_srflx(&socks, &servers, opts.stun_timeout).await {
+    for (mapped, base) in gather_srflx::<R>(&socks, &servers, opts.stun_timeout).await {
         if mapped != base {
             cands.extend(session.peer().add_local_candidate(mapped, Some(base))?);
         }
@@ -332,15 +333,19 @@ async fn bind(
 
 /// Asks each STUN server, from each socket of a compatible address family and scope, for our
 /// mapped address. Unreachable or silent servers cost at most `timeout`.
-async fn gather_srflx(socks: &Sockets, servers: &[String], timeout: Duration) -> Vec<(SocketAddr, SocketAddr)> {
+async fn gather_srflx<R: Runtime>(
+    socks: &Sockets<R::Udp>,
+    servers: &[String],
+    timeout: Duration,
+) -> Vec<(SocketAddr, SocketAddr)> {
     if servers.is_empty() {
         return Vec::new();
     }
-    let deadline = tokio::time::Instant::now() + timeout;
+    let deadline = Instant::now() + timeout;
     let mut targets = Vec::new();
     for url in servers {
         let Some((host, port)) = stun::parse_stun_url(url) else { continue };
-        match tokio::time::timeout_at(deadline, tokio::net::lookup_host((host.as_str(), port))).await {
+        match crate::timeout_at::<R, _>(deadline, R::resolve(host, port)).await {
             Ok(Ok(addrs)) => targets.extend(addrs),
             _ => tracing::debug!(url, "STUN server did not resolve"),
         }
@@ -356,13 +361,13 @@ async fn gather_srflx(socks: &Sockets, servers: &[String], timeout: Duration) ->
     }
     let mut found = Vec::new();
     let mut buf = vec![0u8; 2048];
-    let mut resend = tokio::time::Instant::now();
-    while !pending.is_empty() && tokio::time::Instant::now() < deadline {
-        if tokio::time::Instant::now() >= resend {
+    let mut resend = Instant::now();
+    while !pending.is_empty() && Instant::now() < deadline {
+        if Instant::now() >= resend {
             for (i, server, req) in &pending {
                 let _ = socks[*i].0.try_send_to(&req.bytes, *server);
             }
-            resend = tokio::time::Instant::now() + Duration::from_millis(150);
+            resend = Instant::now() + Duration::from_millis(150);
         }
         let wake = resend.min(deadline);
         tokio::select! {
@@ -376,7 +381,7 @@ async fn gather_srflx(socks: &Sockets, servers: &[String], timeout: Duration) ->
                     pending.retain(|(i, _, _)| socks[*i].1 != local);
                 }
             }
-            _ = tokio::time::sleep_until(wake) => {}
+            _ = R::sleep_until(wake) => {}
         }
     }
     found
@@ -391,18 +396,18 @@ fn candidate_line(v: &Value) -> Option<String> {
 }
 
 /// Offers a connection to `target` (a peer id in our room) and waits until it is open.
-pub async fn connect(
-    signaling: &SignalingClient,
+pub async fn connect<R: Runtime>(
+    signaling: &SignalingClient<R>,
     target: &str,
     opts: PeerOptions,
-) -> Result<PeerConnection, ConnError> {
-    let mut session = new_session(&opts).await;
-    let (socks, cands) = bind(&opts, &ice_urls(signaling), &mut session).await?;
+) -> Result<PeerConnection<R>, ConnError> {
+    let mut session = new_session::<R>(&opts).await;
+    let (socks, cands) = bind::<R>(&opts, &ice_urls(signaling), &mut session).await?;
     let offer = session.peer().create_offer()?;
     let mut relays = signaling.subscribe_relays(target);
     signaling.request(json!({"type": "offer", "target": target, "sdp": offer, "role": "client"})).await?;
     let mut early = Vec::new();
-    let answer = tokio::time::timeout(opts.connect_timeout, async {
+    let answer = crate::timeout::<R, _>(opts.connect_timeout, async {
         while let Some(m) = relays.recv().await {
             match m {
                 ServerMessage::Answer(o) => return o.get("sdp").and_then(Value::as_str).map(str::to_owned),
@@ -428,49 +433,49 @@ static CERT: std::sync::OnceLock<Option<sleap_rtc_core::peer::DtlsCert>> = std::
 
 /// Generates this process's DTLS certificate in the background, so the first connection does not
 /// pay for it. [`SignalingClient::connect`] calls it; calling it again is free.
-pub fn prepare_certificate() {
+pub fn prepare_certificate<R: Runtime>() {
     if CERT.get().is_none() {
-        tokio::task::spawn_blocking(|| CERT.get_or_init(sleap_rtc_core::peer::generate_certificate));
+        // Spawned, not just started: a runtime may cancel blocking work whose future is dropped.
+        R::spawn(async {
+            let _ = R::spawn_blocking(|| CERT.get_or_init(sleap_rtc_core::peer::generate_certificate).is_some()).await;
+        });
     }
 }
 
 /// Waits until this process's DTLS certificate exists (generating it if needed), so that a
 /// following `connect` measures only the connection itself.
-pub async fn certificate_ready() {
-    let _ =
-        tokio::task::spawn_blocking(|| CERT.get_or_init(sleap_rtc_core::peer::generate_certificate).is_some()).await;
+pub async fn certificate_ready<R: Runtime>() {
+    let _ = R::spawn_blocking(|| CERT.get_or_init(sleap_rtc_core::peer::generate_certificate).is_some()).await;
 }
 
-async fn new_session(opts: &PeerOptions) -> Session {
+async fn new_session<R: Runtime>(opts: &PeerOptions) -> Session {
     let mut cfg = opts.session.clone();
     if cfg.peer.cert.is_none() {
         cfg.peer.cert = match CERT.get() {
             Some(c) => c.clone(),
-            None => {
-                tokio::task::spawn_blocking(|| CERT.get_or_init(sleap_rtc_core::peer::generate_certificate).clone())
-                    .await
-                    .unwrap_or(None)
-            }
+            None => R::spawn_blocking(|| CERT.get_or_init(sleap_rtc_core::peer::generate_certificate).clone())
+                .await
+                .flatten(),
         };
     }
     Session::new(cfg, Instant::now())
 }
 
-fn ice_urls(signaling: &SignalingClient) -> Vec<String> {
+fn ice_urls<R: Runtime>(signaling: &SignalingClient<R>) -> Vec<String> {
     signaling.registered().ice_servers.iter().flat_map(|s| s.urls.iter().cloned()).collect()
 }
 
 /// Answers an `offer` received through signaling and waits until the connection is open.
-pub async fn accept(
-    signaling: &SignalingClient,
+pub async fn accept<R: Runtime>(
+    signaling: &SignalingClient<R>,
     offer: &ServerMessage,
     opts: PeerOptions,
-) -> Result<PeerConnection, ConnError> {
+) -> Result<PeerConnection<R>, ConnError> {
     let ServerMessage::Offer(o) = offer else { return Err(ConnError::BadOffer("not an offer".into())) };
     let from = o.get("sender").and_then(Value::as_str).ok_or_else(|| ConnError::BadOffer("no sender".into()))?;
     let sdp = o.get("sdp").and_then(Value::as_str).ok_or_else(|| ConnError::BadOffer("no sdp".into()))?;
-    let mut session = new_session(&opts).await;
-    let (socks, cands) = bind(&opts, &ice_urls(signaling), &mut session).await?;
+    let mut session = new_session::<R>(&opts).await;
+    let (socks, cands) = bind::<R>(&opts, &ice_urls(signaling), &mut session).await?;
     let relays = signaling.subscribe_relays(from);
     let answer = session.peer().accept_offer(sdp)?;
     signaling.request(json!({"type": "answer", "target": from, "sdp": answer})).await?;
@@ -479,13 +484,13 @@ pub async fn accept(
     Ok(conn)
 }
 
-fn spawn(
+fn spawn<R: Runtime>(
     mut session: Session,
-    socks: Sockets,
+    socks: Sockets<R::Udp>,
     local_candidates: Vec<String>,
     mut relays: mpsc::UnboundedReceiver<ServerMessage>,
     remote: &str,
-) -> PeerConnection {
+) -> PeerConnection<R> {
     let (cmd, cmd_rx) = mpsc::unbounded_channel();
     let (msg_tx, messages) = mpsc::unbounded_channel();
     let (state_tx, state) = watch::channel(ConnState::Connecting);
@@ -493,7 +498,7 @@ fn spawn(
     // Weak: trickled candidates must not keep the connection alive after its handle is gone.
     let relay_cmd = cmd.downgrade();
     let mut relay_state = state.clone();
-    tokio::spawn(async move {
+    R::spawn(async move {
         loop {
             let m = tokio::select! {
                 m = relays.recv() => m,
@@ -510,7 +515,7 @@ fn spawn(
             }
         }
     });
-    let driver = Driver {
+    let driver = Driver::<R> {
         session,
         socks,
         msg_tx,
@@ -522,7 +527,7 @@ fn spawn(
         incoming: HashMap::new(),
         io_tx: None,
     };
-    tokio::spawn(driver.run(cmd_rx));
+    R::spawn(driver.run(cmd_rx));
     PeerConnection {
         cmd,
         messages: tokio::sync::Mutex::new(messages),
@@ -530,6 +535,7 @@ fn spawn(
         local_fingerprint,
         local_candidates,
         remote_peer: remote.to_owned(),
+        _rt: PhantomData,
     }
 }
 
@@ -563,9 +569,9 @@ enum IoDone {
     Committed { transfer: u32, file: u32, result: Result<(), String> },
 }
 
-struct Driver {
+struct Driver<R: Runtime> {
     session: Session,
-    socks: Vec<(UdpSocket, SocketAddr)>,
+    socks: Sockets<R::Udp>,
     msg_tx: mpsc::UnboundedSender<String>,
     state_tx: watch::Sender<ConnState>,
     outgoing: HashMap<u32, OutFiles>,
@@ -580,20 +586,19 @@ struct Driver {
 }
 
 /// Receives from whichever socket has a datagram first.
-struct RecvAny<'a> {
-    socks: &'a Sockets,
+struct RecvAny<'a, U> {
+    socks: &'a Sockets<U>,
     buf: &'a mut [u8],
 }
 
-impl Future for RecvAny<'_> {
+impl<U: UdpSocket> Future for RecvAny<'_, U> {
     type Output = (usize, SocketAddr, SocketAddr);
     fn poll(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Self::Output> {
         let this = self.get_mut();
         for (sock, local) in this.socks {
             loop {
-                let mut rb = ReadBuf::new(this.buf);
-                match sock.poll_recv_from(cx, &mut rb) {
-                    Poll::Ready(Ok(src)) => return Poll::Ready((rb.filled().len(), src, *local)),
+                match sock.poll_recv_from(cx, this.buf) {
+                    Poll::Ready(Ok((n, src))) => return Poll::Ready((n, src, *local)),
                     // Errors (e.g. an ICMP port-unreachable reported on the next recv) are
                     // per-datagram noise for a connectionless socket: poll again, so the
                     // socket's waker stays registered.
@@ -606,12 +611,12 @@ impl Future for RecvAny<'_> {
     }
 }
 
-impl Driver {
+impl<R: Runtime> Driver<R> {
     async fn run(mut self, mut cmd_rx: mpsc::UnboundedReceiver<Cmd>) {
         let (io_tx, mut io_rx) = mpsc::unbounded_channel();
         self.io_tx = Some(io_tx);
         let mut buf = vec![0u8; 65_536];
-        let mut closing: Option<tokio::time::Instant> = None;
+        let mut closing: Option<Instant> = None;
         loop {
             let deadline = match self.drain().await {
                 Ok(d) => d,
@@ -633,17 +638,17 @@ impl Driver {
             if *self.state_tx.borrow() == ConnState::Closed {
                 break;
             }
-            let mut wake = tokio::time::Instant::from_std(deadline);
+            let mut wake = deadline;
             if closing.is_some() {
-                wake = wake.min(tokio::time::Instant::now() + Duration::from_millis(200));
+                wake = wake.min(Instant::now() + Duration::from_millis(200));
             }
-            let sleep = tokio::time::sleep_until(wake);
+            let sleep = R::sleep_until(wake);
             let res = tokio::select! {
                 biased;
                 c = cmd_rx.recv(), if closing.is_none() => match c {
                     Some(Cmd::Close) | None => {
                         tracing::debug!(handle_dropped = c.is_none(), "closing");
-                        closing = Some(tokio::time::Instant::now());
+                        closing = Some(Instant::now());
                         self.session.close();
                         Ok(())
                     }
@@ -912,8 +917,10 @@ impl Driver {
                 i.handles[file as usize] = None;
                 let part = i.parts[file as usize].clone();
                 let tx = self.io_tx.clone();
-                tokio::task::spawn_blocking(move || {
-                    let result = files::hash_file(&part).map_err(|e| e.to_string());
+                R::spawn(async move {
+                    let result = R::spawn_blocking(move || files::hash_file(&part).map_err(|e| e.to_string()))
+                        .await
+                        .unwrap_or_else(|| Err("hashing panicked".into()));
                     if let Some(tx) = tx {
                         let _ = tx.send(IoDone::Verified { transfer, file, result });
                     }
@@ -923,8 +930,10 @@ impl Driver {
                 let Some(i) = self.incoming.get(&transfer) else { return };
                 let (part, fin) = (i.parts[file as usize].clone(), i.finals[file as usize].clone());
                 let tx = self.io_tx.clone();
-                tokio::task::spawn_blocking(move || {
-                    let result = files::commit(&part, &fin).map_err(|e| e.to_string());
+                R::spawn(async move {
+                    let result = R::spawn_blocking(move || files::commit(&part, &fin).map_err(|e| e.to_string()))
+                        .await
+                        .unwrap_or_else(|| Err("commit panicked".into()));
                     if let Some(tx) = tx {
                         let _ = tx.send(IoDone::Committed { transfer, file, result });
                     }

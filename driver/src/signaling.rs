@@ -7,15 +7,18 @@
 //! never steal each other's frames (a flaw of the upstream clients).
 
 use std::collections::HashMap;
+use std::marker::PhantomData;
 use std::sync::atomic::{AtomicI64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use async_tungstenite::tungstenite::Message;
-use futures_util::StreamExt;
+use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
 use sleap_rtc_core::signal::{Filters, IceServer, PeerInfo, Register, RequestId, ServerEnvelope, ServerMessage};
 use tokio::sync::{mpsc, oneshot};
+
+use crate::Runtime;
 
 #[derive(Debug, thiserror::Error)]
 pub enum SignalingError {
@@ -43,9 +46,9 @@ pub struct Registered {
 type Pending = Arc<Mutex<HashMap<i64, oneshot::Sender<ServerEnvelope>>>>;
 type Relays = Arc<Mutex<HashMap<String, mpsc::UnboundedSender<ServerMessage>>>>;
 
-/// A registered signaling connection. Cheap to share by reference; the reader task ends when
-/// the socket closes.
-pub struct SignalingClient {
+/// A registered signaling connection on runtime `R`. Cheap to share by reference; the reader
+/// task ends when the socket closes.
+pub struct SignalingClient<R> {
     out: mpsc::UnboundedSender<Message>,
     events: tokio::sync::Mutex<mpsc::UnboundedReceiver<ServerEnvelope>>,
     pending: Pending,
@@ -53,18 +56,19 @@ pub struct SignalingClient {
     next_id: AtomicI64,
     registered: Registered,
     timeout: Duration,
+    // `fn() -> R`: the client holds no `R`, so it is Send and Sync whatever `R` is.
+    _rt: PhantomData<fn() -> R>,
 }
 
 const REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
 
-impl SignalingClient {
+impl<R: Runtime> SignalingClient<R> {
     /// Connects to `url` (e.g. `ws://host:8080/ws`) and registers. Fails with the server's
     /// reason if registration is refused.
-    pub async fn connect(url: &str, register: Register) -> Result<SignalingClient, SignalingError> {
+    pub async fn connect(url: &str, register: Register) -> Result<SignalingClient<R>, SignalingError> {
         // A peer connection will follow; make its DTLS certificate while we register.
-        crate::conn::prepare_certificate();
-        crate::init_tls();
-        let (ws, _) = async_tungstenite::tokio::connect_async(url)
+        crate::conn::prepare_certificate::<R>();
+        let ws = R::ws_connect(url.to_owned())
             .await
             .map_err(|source| SignalingError::Connect { url: url.to_owned(), source })?;
         let (mut sink, mut stream) = ws.split();
@@ -72,17 +76,17 @@ impl SignalingClient {
         let (ev_tx, events) = mpsc::unbounded_channel();
         let pending: Pending = Default::default();
         let relays: Relays = Default::default();
-        tokio::spawn(async move {
+        R::spawn(async move {
             while let Some(m) = out_rx.recv().await {
                 if sink.send(m).await.is_err() {
                     break;
                 }
             }
-            let _ = sink.close(None).await;
+            let _ = sink.close().await;
         });
         {
             let (pending, relays) = (pending.clone(), relays.clone());
-            tokio::spawn(async move {
+            R::spawn(async move {
                 while let Some(Ok(m)) = stream.next().await {
                     let Message::Text(t) = m else { continue };
                     let Ok(env) = ServerEnvelope::from_json(t.as_str()) else {
@@ -138,6 +142,7 @@ impl SignalingClient {
                 ice_servers: vec![],
             },
             timeout: REQUEST_TIMEOUT,
+            _rt: PhantomData,
         };
         let mut msg = serde_json::to_value(&register).unwrap_or_default();
         msg["type"] = json!("register");
@@ -171,7 +176,7 @@ impl SignalingClient {
         let (tx, rx) = oneshot::channel();
         self.pending.lock().map_err(|_| SignalingError::Closed)?.insert(id, tx);
         self.send(msg)?;
-        let env = match tokio::time::timeout(self.timeout, rx).await {
+        let env = match crate::timeout::<R, _>(self.timeout, rx).await {
             Err(_) => {
                 if let Ok(mut p) = self.pending.lock() {
                     p.remove(&id);

@@ -1,0 +1,95 @@
+//! sleap-rtc-smol: drives `sleap-rtc-core` with smol.
+//!
+//! The same API as `sleap-rtc-tokio` for the signaling client ([`signaling::SignalingClient`]),
+//! peer connections ([`conn::connect`], [`conn::accept`], [`conn::PeerConnection`]), file
+//! transfer ([`files`], [`conn::PeerConnection::send_files`]) and the job client
+//! ([`client::JobClient`]): both crates instantiate `sleap-rtc-driver`'s runtime-generic code,
+//! this one with [`Smol`] — async-io's reactor and timers, smol's global executor and blocking
+//! pool, async-tungstenite over async-net. No tokio runtime is started or needed; tokio's
+//! runtime-free `sync` channels are the API's channel types (see docs/runtime-seam.md).
+
+use std::future::Future;
+use std::io;
+use std::net::SocketAddr;
+use std::task::{Context, Poll};
+use std::time::Instant;
+
+sleap_rtc_driver::runtime_api!(crate::Smol);
+
+/// The smol [`sleap_rtc_driver::Runtime`]: tasks on smol's global executor (`smol::spawn`), its
+/// blocking pool (`smol::unblock`), async-io timers and reactor.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Smol;
+
+/// A UDP socket registered with async-io's reactor.
+#[derive(Debug)]
+pub struct SmolUdp(smol::Async<std::net::UdpSocket>);
+
+impl sleap_rtc_driver::UdpSocket for SmolUdp {
+    fn poll_recv_from(&self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<(usize, SocketAddr)>> {
+        loop {
+            // The socket is non-blocking (`Async::new` made it so): try first, and wait for
+            // readiness only when there is nothing to read.
+            match self.0.get_ref().recv_from(buf) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                r => return Poll::Ready(r),
+            }
+            match self.0.poll_readable(cx) {
+                Poll::Ready(Ok(())) => {}
+                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
+    }
+
+    fn try_send_to(&self, buf: &[u8], to: SocketAddr) -> io::Result<usize> {
+        self.0.get_ref().send_to(buf, to)
+    }
+
+    fn send_to<'a>(&'a self, buf: &'a [u8], to: SocketAddr) -> impl Future<Output = io::Result<usize>> + Send + 'a {
+        self.0.send_to(buf, to)
+    }
+}
+
+impl sleap_rtc_driver::Runtime for Smol {
+    type Udp = SmolUdp;
+    type Ws = async_tungstenite::WebSocketStream<async_tungstenite::smol::ConnectStream>;
+
+    fn spawn<F: Future<Output = ()> + Send + 'static>(f: F) {
+        smol::spawn(f).detach();
+    }
+
+    fn spawn_blocking<T: Send + 'static, F: FnOnce() -> T + Send + 'static>(
+        f: F,
+    ) -> impl Future<Output = Option<T>> + Send {
+        // `unblock` re-raises a panic of `f` in the awaiting task; catch it here so that a panic
+        // in hashing fails one file, as on tokio, instead of the connection's task.
+        smol::unblock(move || std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).ok())
+    }
+
+    fn sleep_until(deadline: Instant) -> impl Future<Output = ()> + Send {
+        let t = smol::Timer::at(deadline);
+        async move {
+            t.await;
+        }
+    }
+
+    fn udp(sock: std::net::UdpSocket) -> io::Result<SmolUdp> {
+        smol::Async::new(sock).map(SmolUdp)
+    }
+
+    async fn resolve(host: String, port: u16) -> io::Result<Vec<SocketAddr>> {
+        smol::net::resolve((host.as_str(), port)).await
+    }
+
+    fn ws_connect(url: String) -> impl Future<Output = Result<Self::Ws, async_tungstenite::tungstenite::Error>> + Send {
+        init_tls();
+        async move { async_tungstenite::smol::connect_async(url).await.map(|(ws, _)| ws) }
+    }
+}
+
+/// Selects the TLS crypto provider (aws-lc-rs) for `wss://` servers. Idempotent; called before
+/// any connection is made.
+pub fn init_tls() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+}
