@@ -135,6 +135,8 @@ impl Server {
 
     /// Like [`Server::start`] with a given storage backend.
     pub async fn start_with_store(config: Config, store: Arc<dyn Store>) -> anyhow::Result<Server> {
+        // Idempotent; an embedder that installed a provider already keeps its own.
+        let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
         if config.listen.is_empty() {
             anyhow::bail!("no --listen address given");
         }
