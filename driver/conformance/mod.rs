@@ -28,6 +28,10 @@ use sleap_rtc_driver::conn::{self, ConnState, PeerConnection, PeerOptions};
 use sleap_rtc_driver::signaling::SignalingClient;
 use sleap_rtc_driver::{Runtime, timeout};
 
+// Shared with runtime-tokio's older tests (`tests/common`).
+mod data;
+use data::write_random;
+
 /// Instantiates every case as a `#[test]` for runtime `$rt`, each run to completion by
 /// `$block_on` (a function from a future to its output).
 macro_rules! suite {
@@ -204,20 +208,6 @@ async fn pair<R: Runtime>(
 /// Both futures to completion, concurrently, on whatever executor polls the result.
 async fn join<A: std::future::Future, B: std::future::Future>(a: A, b: B) -> (A::Output, B::Output) {
     tokio::join!(a, b)
-}
-
-/// Writes `len` pseudo-random (incompressible) bytes.
-fn write_random(path: &Path, len: usize, seed: u64) {
-    let mut x = seed | 1;
-    let data: Vec<u8> = (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
-    std::fs::write(path, data).expect("write a test file");
 }
 
 fn read(p: &Path) -> Vec<u8> {

@@ -370,30 +370,22 @@ async fn redis_over_tls_is_verified() {
     ]);
     let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
     let path = |f: &str| d.join(f).to_str().unwrap().to_owned();
-    let mut redis = std::process::Command::new("redis-server")
-        .args([
-            "--bind",
-            "127.0.0.1",
-            "--port",
-            "0",
-            "--tls-port",
-            &port.to_string(),
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .args(["--tls-cert-file", &path("srv.crt"), "--tls-key-file", &path("srv.key")])
-        .args(["--tls-ca-cert-file", &path("ca.crt"), "--tls-auth-clients", "no"])
-        .stdout(std::process::Stdio::null())
-        .spawn()
-        .expect("redis-server");
-    for _ in 0..200 {
-        if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(25)).await;
-    }
+    let mut cmd = std::process::Command::new("redis-server");
+    cmd.args([
+        "--bind",
+        "127.0.0.1",
+        "--port",
+        "0",
+        "--tls-port",
+        &port.to_string(),
+        "--save",
+        "",
+        "--appendonly",
+        "no",
+    ])
+    .args(["--tls-cert-file", &path("srv.crt"), "--tls-key-file", &path("srv.key")])
+    .args(["--tls-ca-cert-file", &path("ca.crt"), "--tls-auth-clients", "no"]);
+    let mut redis = Daemon::start(cmd, "redis-server with TLS", || listening(port)).await;
     let url = format!("rediss://localhost:{port}");
     let trusted = [("SSL_CERT_FILE", path("ca.crt"))];
     let trusted: Vec<(&str, &str)> = trusted.iter().map(|(k, v)| (*k, v.as_str())).collect();
@@ -411,8 +403,7 @@ async fn redis_over_tls_is_verified() {
         .env("SSL_CERT_FILE", path("srv.key"))
         .output()
         .unwrap();
-    let _ = redis.kill();
-    let _ = redis.wait();
+    redis.kill();
     assert!(!out.status.success());
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("cannot connect to Redis at rediss://localhost"), "{err}");

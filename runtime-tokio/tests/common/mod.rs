@@ -2,7 +2,6 @@
 //! a signed-in user, a room and a worker token, and helpers to connect two peers through it.
 #![allow(dead_code)]
 
-use std::path::Path;
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -93,16 +92,8 @@ pub async fn pair(
     })
 }
 
-/// Writes `len` pseudo-random (incompressible) bytes.
-pub fn write_random(path: &Path, len: usize, seed: u64) {
-    let mut x = seed | 1;
-    let data: Vec<u8> = (0..len)
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect();
-    std::fs::write(path, data).unwrap();
-}
+#[path = "../../../driver/conformance/data.rs"]
+mod data;
+// Not every test binary that includes `common` writes test data.
+#[allow(unused_imports)]
+pub use data::write_random;

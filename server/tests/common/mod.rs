@@ -467,82 +467,94 @@ impl Drop for ServerProcess {
         let _ = self.child.wait();
     }
 }
+/// A helper process of a test (moto, redis-server), killed and reaped on drop.
+pub struct Daemon(std::process::Child);
+
+impl Daemon {
+    /// Starts `cmd` with its output discarded and waits up to 10 s until `ready` says it
+    /// serves; a process that never does is killed and fails the test with `what`.
+    pub async fn start<F: std::future::Future<Output = bool>>(
+        mut cmd: std::process::Command,
+        what: &str,
+        ready: impl Fn() -> F,
+    ) -> Daemon {
+        let child = cmd
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap_or_else(|e| panic!("cannot start {what} (scripts/test.sh installs it): {e}"));
+        let mut d = Daemon(child);
+        for _ in 0..200 {
+            if ready().await {
+                return d;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        d.kill();
+        panic!("{what} did not start");
+    }
+
+    pub fn kill(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+/// True once something accepts TCP connections on 127.0.0.1:`port`.
+pub async fn listening(port: u16) -> bool {
+    tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok()
+}
+
 /// A moto server (AWS APIs, here DynamoDB) on 127.0.0.1 for one test, killed on drop.
 pub struct Moto {
-    child: std::process::Child,
+    _daemon: Daemon,
     pub url: String,
 }
 
 impl Moto {
     pub async fn start() -> Moto {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let mut child = std::process::Command::new(python())
-            .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("python with moto[server] (scripts/test.sh installs it)");
+        let port = free_port();
         let url = format!("http://127.0.0.1:{port}");
-        for _ in 0..300 {
-            if reqwest::get(format!("{url}/moto-api/")).await.is_ok() {
-                return Moto { child, url };
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("moto did not start");
-    }
-}
-
-impl Drop for Moto {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        let mut cmd = std::process::Command::new(python());
+        cmd.args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()]);
+        let probe = format!("{url}/moto-api/");
+        let daemon = Daemon::start(cmd, "python -m moto.server", || async { reqwest::get(&probe).await.is_ok() }).await;
+        Moto { _daemon: daemon, url }
     }
 }
 
 /// A redis-server on 127.0.0.1 (Debian's package; `scripts/test.sh` installs it) for one test,
 /// without persistence, killed on drop.
 pub struct Redis {
-    child: std::process::Child,
+    daemon: Daemon,
     pub port: u16,
     pub url: String,
 }
 
 impl Redis {
     pub async fn start() -> Redis {
-        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        Self::start_on(port).await
+        Self::start_on(free_port()).await
     }
 
     /// On a given port (a restart where the servers expect it).
     pub async fn start_on(port: u16) -> Redis {
-        let mut child = std::process::Command::new("redis-server")
-            .args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--save", "", "--appendonly", "no"])
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .expect("redis-server on PATH (apt-get install redis-server; scripts/test.sh does it)");
-        for _ in 0..200 {
-            if tokio::net::TcpStream::connect(("127.0.0.1", port)).await.is_ok() {
-                return Redis { child, port, url: format!("redis://127.0.0.1:{port}") };
-            }
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
-        let _ = child.kill();
-        let _ = child.wait();
-        panic!("redis-server did not start on port {port}");
+        let mut cmd = std::process::Command::new("redis-server");
+        cmd.args(["--bind", "127.0.0.1", "--port", &port.to_string(), "--save", "", "--appendonly", "no"]);
+        let daemon = Daemon::start(cmd, "redis-server", || listening(port)).await;
+        Redis { daemon, port, url: format!("redis://127.0.0.1:{port}") }
     }
 
     pub fn kill(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-impl Drop for Redis {
-    fn drop(&mut self) {
-        self.kill();
+        self.daemon.kill();
     }
 }
