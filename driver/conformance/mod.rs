@@ -1,7 +1,8 @@
 //! The runtime conformance suite: one set of cases, generic over [`Runtime`], that every runtime
 //! crate runs against real parts — an in-process signaling server on 127.0.0.1 over real
 //! WebSockets, real UDP/ICE/DTLS/SCTP between two peers on loopback, real files, and for the job
-//! case the worker of sleap-rtc-tokio driving the fake sleap-nn fixture (`cli/tests/fixtures`).
+//! cases a worker on the runtime under test driving the fake sleap-nn fixture
+//! (`cli/tests/fixtures`) as a real child process, with a real directory registry.
 //!
 //! A runtime crate includes this file from an integration test and instantiates it:
 //!
@@ -11,13 +12,13 @@
 //! conformance::suite!(sleap_rtc_smol::Smol, smol::block_on);
 //! ```
 //!
-//! The fixtures (server, worker) are tokio programs and run on the suite's own tokio runtime, on
-//! its own threads; the code under test (every `SignalingClient<R>`, `PeerConnection<R>`,
-//! `JobClient<R>`) runs under `$block_on` with `R`'s executor, timers and sockets only.
+//! The signaling server is a tokio program and runs on the suite's own tokio runtime, on its own
+//! threads; the code under test (every `SignalingClient<R>`, `PeerConnection<R>`, `JobClient<R>`,
+//! `Worker<R>`, `LocalStore<R>`) runs under `$block_on` with `R`'s executor, timers, sockets and
+//! processes.
 #![allow(dead_code)]
 
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -25,43 +26,31 @@ use sleap_rtc_core::job::{JobMsg, JobState, Progress};
 use sleap_rtc_core::signal::{Filters, Register, ServerMessage};
 use sleap_rtc_driver::client::{ClientAuth, JobClient};
 use sleap_rtc_driver::conn::{self, ConnState, PeerConnection, PeerOptions};
+use sleap_rtc_driver::registry::{self, LocalStore, Store};
 use sleap_rtc_driver::signaling::SignalingClient;
-use sleap_rtc_driver::{Runtime, timeout};
+use sleap_rtc_driver::worker::{Worker, WorkerConfig};
+use sleap_rtc_driver::{ChildProcess, Runtime, timeout};
 
 // Shared with runtime-tokio's older tests (`tests/common`).
 mod data;
 use data::write_random;
 
-/// Instantiates every case as a `#[test]` for runtime `$rt`, each run to completion by
-/// `$block_on` (a function from a future to its output).
+/// Instantiates every case as a `#[test]` (named after the case) for runtime `$rt`, each on a
+/// fresh [`Env`] and run to completion by `$block_on` (a function from a future to its output).
 macro_rules! suite {
     ($rt:ty, $block_on:path) => {
-        #[test]
-        fn conformance_signaling_flow() {
-            let env = conformance::Env::start();
-            $block_on(conformance::signaling_flow::<$rt>(&env));
-        }
-        #[test]
-        fn conformance_peer_connection() {
-            let env = conformance::Env::start();
-            $block_on(conformance::peer_connection::<$rt>(&env));
-        }
-        #[test]
-        fn conformance_file_and_directory_transfer() {
-            let env = conformance::Env::start();
-            $block_on(conformance::file_and_directory_transfer::<$rt>(&env));
-        }
-        #[test]
-        fn conformance_resume_after_a_cut() {
-            let env = conformance::Env::start();
-            $block_on(conformance::resume_after_a_cut::<$rt>(&env));
-        }
-        #[test]
-        fn conformance_job_end_to_end() {
-            let mut env = conformance::Env::start();
-            env.start_worker();
-            $block_on(conformance::job_end_to_end::<$rt>(&env));
-        }
+        conformance::suite!(@cases $rt, $block_on;
+            signaling_flow, peer_connection, file_and_directory_transfer, resume_after_a_cut,
+            job_end_to_end, job_stop_and_cancel, registry_store, child_processes);
+    };
+    (@cases $rt:ty, $block_on:path; $($case:ident),*) => {
+        $(
+            #[test]
+            fn $case() {
+                let env = conformance::Env::start();
+                $block_on(conformance::$case::<$rt>(&env));
+            }
+        )*
     };
 }
 pub(crate) use suite;
@@ -78,7 +67,14 @@ pub struct Env {
     pub jwt: String,
     pub room: String,
     pub token: String,
-    worker: Option<(Arc<sleap_rtc_tokio::worker::Worker>, tokio::sync::oneshot::Sender<()>)>,
+}
+
+/// A running [`Worker`]; stopped (its job cancelled) when dropped.
+pub struct RunningWorker {
+    pub peer_id: String,
+    /// The worker's model registry (a directory).
+    pub registry: PathBuf,
+    _stop: tokio::sync::oneshot::Sender<()>,
 }
 
 impl Env {
@@ -112,32 +108,35 @@ impl Env {
             (server, jwt, room, token)
         });
         let ws = format!("ws://{}/ws", server.local_addrs()[0]);
-        Env { fixtures, server: Some(server), dir, ws, jwt, room, token, worker: None }
+        Env { fixtures, server: Some(server), dir, ws, jwt, room, token }
     }
 
-    /// Starts sleap-rtc-tokio's worker, driving the fake sleap-nn, on the fixtures' runtime.
-    pub fn start_worker(&mut self) {
+    /// Starts a [`Worker`] on `R` (its tasks on `R`'s executor, sleap-nn through
+    /// `R::spawn_process`), driving the fake sleap-nn, with a directory registry.
+    pub async fn start_worker<R: Runtime>(&self) -> RunningWorker {
         let fake = self.dir.path().join("sleap-nn");
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../cli/tests/fixtures/fake_sleap_nn.py");
         std::fs::write(&fake, format!("#!/bin/sh\nexec '{}' '{}' \"$@\"\n", python(), script.display()))
             .expect("write the fake sleap-nn");
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).expect("make it executable");
-        let mut cfg =
-            sleap_rtc_tokio::worker::WorkerConfig::new(&self.ws, &self.token, &self.dir.path().join("worker"), &fake);
-        cfg.peer = sleap_rtc_tokio::PeerOptions::loopback();
+        let registry = self.dir.path().join("registry");
+        let mut cfg = WorkerConfig::new(&self.ws, &self.token, &self.dir.path().join("worker"), &fake);
+        cfg.peer = PeerOptions::loopback();
         cfg.device = "cpu".into();
-        let worker = self.fixtures.block_on(sleap_rtc_tokio::worker::Worker::new(cfg)).expect("the worker starts");
+        cfg.registry = Some(registry.display().to_string());
+        let worker = Worker::<R>::new(cfg).await.expect("the worker starts");
+        assert!(worker.capabilities().sleap_nn_version.is_some(), "`sleap-nn --version` ran through R's processes");
         let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
         let w = worker.clone();
-        self.fixtures.spawn(async move {
+        R::spawn(async move {
             let _ = w
                 .run(async move {
                     let _ = stopped.await;
                 })
                 .await;
         });
-        self.worker = Some((worker, stop));
+        RunningWorker { peer_id: worker.peer_id().to_owned(), registry, _stop: stop }
     }
 
     /// Registered with the worker token.
@@ -160,9 +159,6 @@ impl Env {
 
 impl Drop for Env {
     fn drop(&mut self) {
-        if let Some((_, stop)) = self.worker.take() {
-            let _ = stop.send(());
-        }
         if let Some(s) = self.server.take() {
             self.fixtures.block_on(s.shutdown());
         }
@@ -349,8 +345,8 @@ pub async fn resume_after_a_cut<R: Runtime>(env: &Env) {
 }
 
 /// Waits until the worker started by [`Env::start_worker`] is registered; returns its peer id.
-pub async fn wait_for_worker<R: Runtime>(sig: &SignalingClient<R>, env: &Env) -> String {
-    let worker_id = env.worker.as_ref().map(|(w, _)| w.peer_id().to_owned()).expect("start_worker first");
+pub async fn wait_for_worker<R: Runtime>(sig: &SignalingClient<R>, worker: &RunningWorker) -> String {
+    let worker_id = worker.peer_id.clone();
     within::<R, _>("the worker registers", async {
         loop {
             let found = sig.discover(Filters::default()).await.unwrap_or_default();
@@ -369,11 +365,13 @@ pub fn assets() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../cli/assets")
 }
 
-/// A training job through `JobClient<R>`: ticket authentication, submission with an upload, the
-/// fake trainer's progress relayed, `job_done` completed, the run directory received.
+/// A training job from `JobClient<R>` to `Worker<R>`: ticket authentication (the worker fetches
+/// the server's JWKS), submission with an upload, the fake trainer's ZMQ progress relayed,
+/// `job_done` completed, the run directory received, the model published to the registry.
 pub async fn job_end_to_end<R: Runtime>(env: &Env) {
+    let worker = env.start_worker::<R>().await;
     let sig = env.client::<R>().await;
-    let worker_id = wait_for_worker(&sig, env).await;
+    let worker_id = wait_for_worker(&sig, &worker).await;
     let client = JobClient::connect(&sig, &worker_id, PeerOptions::loopback(), &ClientAuth::Ticket)
         .await
         .expect("connect and authenticate");
@@ -410,4 +408,134 @@ pub async fn job_end_to_end<R: Runtime>(env: &Env) {
     assert!(got.failed.is_empty(), "{got:?}");
     assert!(out.path().join("conformance/best.ckpt").is_file(), "{:?}", got.files);
     client.close().await;
+    // Published by the worker (files, then the manifest entry) through R's blocking pool.
+    let store = LocalStore::<R>::new(&worker.registry);
+    let m = within::<R, _>("the manifest", registry::manifest(&store, &env.room)).await.expect("the manifest");
+    let entry = m.models.values().next().expect("the trained model is in the registry");
+    assert_eq!(entry.trained_on_worker, worker_id);
+    assert!(entry.files.iter().any(|f| f.name == "best.ckpt"), "{entry:?}");
+}
+
+/// Submits a slow training job and waits for its first epoch.
+async fn slow_job<R: Runtime>(client: &JobClient<R>, name: &str) -> String {
+    let config = std::fs::read_to_string(assets().join("tiny_single.yaml")).expect("the bundled config");
+    let spec = json!({
+        "type": "train",
+        "labels_path": "labels.pkg.slp",
+        "config_contents": [format!("{config}\n# fake-sleap-nn: batch_ms=100\n")],
+        "max_epochs": 200,
+        "run_name": name,
+    });
+    let (job_id, upload) = client.submit(&spec, &[assets().join("labels.pkg.slp")]).await.expect("accepted");
+    let upload = upload.expect("the labels are uploaded");
+    assert!(within::<R, _>("the upload", upload.finish()).await.expect("uploaded").failed.is_empty());
+    within::<R, _>("the first epoch", async {
+        loop {
+            match client.next().await {
+                Some(JobMsg::JobProgress { progress: Progress::EpochEnd { .. }, .. }) => return,
+                Some(JobMsg::JobDone { status }) => panic!("ended before its first epoch: {status:?}"),
+                Some(_) => {}
+                None => panic!("the connection closed"),
+            }
+        }
+    })
+    .await;
+    job_id
+}
+
+async fn job_done<R: Runtime>(client: &JobClient<R>) -> sleap_rtc_core::job::JobStatus {
+    within::<R, _>("job_done", async {
+        loop {
+            match client.next().await {
+                Some(JobMsg::JobDone { status }) => return status,
+                Some(_) => {}
+                None => panic!("the connection closed before job_done"),
+            }
+        }
+    })
+    .await
+}
+
+/// A stop reaches the trainer as sleap-nn's ZMQ command (the worker's PUB socket) and ends the
+/// job early with its model; a cancel is SIGTERM to the trainer's process group. Both on `R`.
+pub async fn job_stop_and_cancel<R: Runtime>(env: &Env) {
+    let worker = env.start_worker::<R>().await;
+    let sig = env.client::<R>().await;
+    let worker_id = wait_for_worker(&sig, &worker).await;
+    let client = JobClient::connect(&sig, &worker_id, PeerOptions::loopback(), &ClientAuth::Ticket)
+        .await
+        .expect("connect and authenticate");
+
+    let job = slow_job(&client, "stopped").await;
+    client.stop(&job).expect("stop");
+    let status = job_done(&client).await;
+    assert_eq!(status.state, JobState::StoppedEarly, "{status:?}");
+
+    let job = slow_job(&client, "cancelled").await;
+    client.cancel(&job).expect("cancel");
+    let status = job_done(&client).await;
+    assert_eq!(status.state, JobState::Cancelled, "{status:?}");
+    client.close().await;
+}
+
+/// The directory registry store on `R`: create-only and compare-and-swap manifest writes, ids
+/// that are not path components refused, and a publish + verified pull of a run directory.
+pub async fn registry_store<R: Runtime>(_env: &Env) {
+    let d = tempfile::tempdir().expect("tempdir");
+    let s = LocalStore::<R>::new(d.path().join("reg"));
+    assert!(s.read_manifest("r1").await.expect("read").is_none());
+    assert!(s.write_manifest("r1", b"{}", None).await.expect("create"));
+    assert!(!s.write_manifest("r1", b"{1}", None).await.expect("write"), "create-only fails when it exists");
+    let (b, v) = s.read_manifest("r1").await.expect("read").expect("present");
+    assert_eq!(b, b"{}");
+    assert!(!s.write_manifest("r1", b"x", Some("stale")).await.expect("write"));
+    assert!(s.write_manifest("r1", b"x", Some(&v)).await.expect("write"));
+    for bad in ["..", "a/b", "", "r\0"] {
+        assert!(s.read_manifest(bad).await.is_err(), "{bad:?}");
+    }
+    let run = d.path().join("run");
+    std::fs::create_dir_all(&run).expect("mkdir");
+    let config = std::fs::read_to_string(assets().join("tiny_single.yaml")).expect("the bundled config");
+    std::fs::write(run.join("training_config.yaml"), &config).expect("write");
+    write_random(&run.join("best.ckpt"), 300_000, 7);
+    let info = registry::PublishInfo { trained_by: "me".into(), alias: Some("first".into()), ..Default::default() };
+    let e = registry::publish(&s, "r2", &run, info).await.expect("publish");
+    let (got, dir) = registry::pull(&s, "r2", "first", &d.path().join("pulled")).await.expect("pull");
+    assert_eq!(got.id, e.id);
+    assert_eq!(read(&dir.join("best.ckpt")), read(&run.join("best.ckpt")));
+}
+
+/// `Runtime::spawn_process` as the trainer uses it: both pipes read to the end while the child
+/// writes more than a pipe buffer to each, the exit code, no pid once reaped, a child that
+/// overruns its time limit killed, and a program that does not exist reported.
+pub async fn child_processes<R: Runtime>(_env: &Env) {
+    let sh = |script: &str| {
+        let mut c = std::process::Command::new("/bin/sh");
+        c.args(["-c", script]);
+        c
+    };
+    // 200 KB on stderr: a reader that closed stderr would kill the child (EPIPE) and lose stdout.
+    let chatty = "i=0; while [ $i -lt 4000 ]; do echo 'a warning line of about fifty bytes......' >&2; \
+                  i=$((i+1)); done; echo 1.2.3";
+    let (st, out) = within::<R, _>("output", sleap_rtc_driver::output::<R>(sh(chatty), WAIT)).await.expect("it runs");
+    assert!(st.success(), "{st:?}");
+    assert_eq!(String::from_utf8_lossy(&out).trim(), "1.2.3");
+
+    let mut child = R::spawn_process(sh("echo out; echo err >&2; exit 3")).expect("spawn");
+    assert!(child.id().is_some());
+    let (mut o, mut e) = (child.take_stdout().expect("stdout"), child.take_stderr().expect("stderr"));
+    assert!(child.take_stdout().is_none(), "a pipe is taken once");
+    let (mut ob, mut eb) = (String::new(), String::new());
+    use futures_util::AsyncReadExt;
+    within::<R, _>("pipes", async { (o.read_to_string(&mut ob).await, e.read_to_string(&mut eb).await) }).await;
+    let st = within::<R, _>("wait", child.wait()).await.expect("wait");
+    assert_eq!((ob.as_str(), eb.as_str(), st.code()), ("out\n", "err\n", Some(3)));
+    assert_eq!(child.id(), None, "no pid once reaped: nobody may signal a recycled one");
+
+    let t = std::time::Instant::now();
+    assert!(sleap_rtc_driver::output::<R>(sh("sleep 30"), Duration::from_millis(300)).await.is_none());
+    assert!(t.elapsed() < Duration::from_secs(20), "the time limit holds");
+
+    let missing = std::process::Command::new("/nonexistent/sleap-nn");
+    assert!(R::spawn_process(missing).is_err());
 }

@@ -11,7 +11,8 @@
 //! - [`conn::connect`] / [`conn::accept`]: WebRTC data-channel connections to a peer found
 //!   through signaling, over the runtime's UDP sockets; [`conn::PeerConnection`] sends and
 //!   receives control messages and files (resumable, verified).
-//! - [`client::JobClient`]: the client half of the job protocol.
+//! - [`client::JobClient`]: the client half of the job protocol; [`worker::Worker`] the worker
+//!   half, running `sleap-nn` through [`trainer`] and publishing to a model [`registry`].
 
 use std::future::Future;
 use std::io;
@@ -25,7 +26,10 @@ use futures_util::{Sink, Stream};
 pub mod client;
 pub mod conn;
 pub mod files;
+pub mod registry;
 pub mod signaling;
+pub mod trainer;
+pub mod worker;
 
 /// What a runtime provides to the drivers: tasks, a blocking pool, timers, UDP sockets, name
 /// resolution and a WebSocket connection. Everything else (protocol, flow control, file layout)
@@ -53,6 +57,76 @@ pub trait Runtime: Send + Sync + Sized + 'static {
     fn resolve(host: String, port: u16) -> impl Future<Output = io::Result<Vec<SocketAddr>>> + Send;
     /// Opens a WebSocket to `url` (`ws://` or `wss://`) and completes the handshake.
     fn ws_connect(url: String) -> impl Future<Output = Result<Self::Ws, WsError>> + Send;
+
+    /// A child process started by [`Runtime::spawn_process`].
+    type Child: ChildProcess;
+    /// Starts `cmd` with stdin from /dev/null, stdout and stderr piped (readable through
+    /// [`ChildProcess::take_stdout`]/[`ChildProcess::take_stderr`]), killed if the handle is
+    /// dropped before it exits. Everything else (argv, cwd, env, process group, `pre_exec`) is
+    /// as `cmd` says.
+    fn spawn_process(cmd: std::process::Command) -> io::Result<Self::Child>;
+    /// Runs `f`, a future of a tokio-based I/O library (zeromq's TCP transport, reqwest, the AWS
+    /// SDK), with a tokio reactor available. On tokio this is `f` itself; other runtimes
+    /// provide one (smol: async-compat's background single-thread tokio runtime).
+    fn tokio_compat<F: Future + Send>(f: F) -> impl Future<Output = F::Output> + Send;
+}
+
+/// A pipe from a child process.
+pub type ChildPipe = std::pin::Pin<Box<dyn futures_util::AsyncRead + Send>>;
+
+/// What the trainer needs of a running child process.
+pub trait ChildProcess: Send + 'static {
+    /// Its pid, `None` once it has been reaped.
+    fn id(&self) -> Option<u32>;
+    /// Its stdout, once.
+    fn take_stdout(&mut self) -> Option<ChildPipe>;
+    /// Its stderr, once.
+    fn take_stderr(&mut self) -> Option<ChildPipe>;
+    /// Waits for it to exit (and reaps it). Cancel-safe: may be dropped and called again.
+    fn wait(&mut self) -> impl Future<Output = io::Result<std::process::ExitStatus>> + Send;
+}
+
+/// Runs `cmd` to completion for at most `limit`: its exit status and stdout. stderr is read and
+/// discarded (closing it instead would kill a chatty child, one printing a Python warning say,
+/// with EPIPE). `None` if it could not be started, failed to be waited for, or ran too long (it
+/// is then killed).
+pub async fn output<R: Runtime>(
+    cmd: std::process::Command,
+    limit: Duration,
+) -> Option<(std::process::ExitStatus, Vec<u8>)> {
+    use futures_util::AsyncReadExt;
+    let mut child = R::spawn_process(cmd).ok()?;
+    let (mut out, mut err) = (child.take_stdout()?, child.take_stderr()?);
+    timeout::<R, _>(limit, async move {
+        let (mut buf, mut sink) = (Vec::new(), Vec::new());
+        let (o, _) = tokio::join!(out.read_to_end(&mut buf), err.read_to_end(&mut sink));
+        o.ok()?;
+        let st = child.wait().await.ok()?;
+        Some((st, buf))
+    })
+    .await
+    .ok()
+    .flatten()
+}
+
+/// Spawns `f` on `R`, returning a handle that stops it (the future is dropped at its next wake).
+pub fn spawn_abortable<R: Runtime, F: Future<Output = ()> + Send + 'static>(f: F) -> futures_util::future::AbortHandle {
+    let (f, handle) = futures_util::future::abortable(f);
+    R::spawn(async move {
+        let _ = f.await;
+    });
+    handle
+}
+
+/// Sleeps for `d` on `R`'s timer.
+pub async fn sleep<R: Runtime>(d: Duration) {
+    R::sleep_until(Instant::now() + d).await
+}
+
+/// Selects the TLS crypto provider (aws-lc-rs, already built for str0m's DTLS) for `wss://` and
+/// `https://` connections. Idempotent; called before any connection is made.
+pub fn init_tls() {
+    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
 
 /// The UDP operations a peer connection needs.
@@ -97,8 +171,8 @@ pub fn random_bytes(buf: &mut [u8]) {
 }
 
 /// Declares, in a runtime crate, the public API every runtime crate shares: the modules
-/// `signaling`, `conn`, `client` and `files` and the crate-root re-exports, with the generic
-/// types fixed to `$rt` (so `SignalingClient`, `PeerConnection` and `JobClient` are plain names,
+/// `signaling`, `conn`, `client`, `worker`, `trainer`, `registry` and `files` and the crate-root re-exports, with the generic
+/// types fixed to `$rt` (so `SignalingClient`, `PeerConnection`, `JobClient` and `Worker` are plain names,
 /// as in sleap-rtc-tokio before the split). Written once here so that the two crates cannot
 /// drift apart.
 #[macro_export]
@@ -134,8 +208,39 @@ macro_rules! runtime_api {
             /// An authenticated connection to a worker on this runtime.
             pub type JobClient = $crate::client::JobClient<$rt>;
         }
+        pub mod worker {
+            //! The worker half of the job protocol (see [`sleap_rtc_driver::worker`]).
+            pub use $crate::worker::{
+                AUTH_TIMEOUT, Capabilities, JournalEntry, PROGRESS_INTERVAL, ProgressBoard, WorkerConfig, WorkerError,
+                http_base, list_jobs, registry_summary,
+            };
+            /// A worker on this runtime.
+            pub type Worker = $crate::worker::Worker<$rt>;
+            /// GPU, sleap-nn version, free disk (see [`sleap_rtc_driver::worker::probe_capabilities`]).
+            pub async fn probe_capabilities(sleap_nn: &::std::path::Path, dir: &::std::path::Path) -> Capabilities {
+                $crate::worker::probe_capabilities::<$rt>(sleap_nn, dir).await
+            }
+        }
+        pub mod trainer {
+            //! Runs `sleap-nn` (see [`sleap_rtc_driver::trainer`]).
+            pub use $crate::trainer::{Exit, Launch, Supervision, TrainerError, TrainerEvent};
+            /// `sleap-nn --version` (see [`sleap_rtc_driver::trainer::sleap_nn_version`]).
+            pub async fn sleap_nn_version(program: &::std::path::Path) -> Option<String> {
+                $crate::trainer::sleap_nn_version::<$rt>(program).await
+            }
+        }
+        pub mod registry {
+            //! Model registry stores (see [`sleap_rtc_driver::registry`]).
+            pub use $crate::registry::{
+                MODEL_FILES, PublishInfo, Store, StoreError, dataset_hash, manifest, publish, pull, update,
+            };
+            /// A directory store on this runtime.
+            pub type LocalStore = $crate::registry::LocalStore<$rt>;
+            /// A directory or S3 store on this runtime.
+            pub type AnyStore = $crate::registry::AnyStore<$rt>;
+        }
         pub use conn::{ConnError, PeerConnection, PeerOptions, Received, Sent, Transfer, accept, connect};
         pub use signaling::{Registered, SignalingClient, SignalingError};
-        pub use $crate::files;
+        pub use $crate::{files, init_tls};
     };
 }

@@ -2,11 +2,15 @@
 //!
 //! The same API as `sleap-rtc-tokio` for the signaling client ([`signaling::SignalingClient`]),
 //! peer connections ([`conn::connect`], [`conn::accept`], [`conn::PeerConnection`]), file
-//! transfer ([`files`], [`conn::PeerConnection::send_files`]) and the job client
-//! ([`client::JobClient`]): both crates instantiate `sleap-rtc-driver`'s runtime-generic code,
-//! this one with [`Smol`] — async-io's reactor and timers, smol's global executor and blocking
-//! pool, async-tungstenite over async-net. No tokio runtime is started or needed; tokio's
-//! runtime-free `sync` channels are the API's channel types (see docs/runtime-seam.md).
+//! transfer ([`files`], [`conn::PeerConnection::send_files`]), the job client
+//! ([`client::JobClient`]) and the worker ([`worker::Worker`], with [`trainer`] and
+//! [`registry`]): both crates instantiate `sleap-rtc-driver`'s runtime-generic code, this one
+//! with [`Smol`] — async-io's reactor and timers, smol's global executor and blocking pool,
+//! async-tungstenite over async-net, async-process for `sleap-nn`. tokio's runtime-free `sync`
+//! channels are the API's channel types (see docs/runtime-seam.md). A client starts no tokio
+//! runtime; a worker's three tokio-based libraries (zeromq for sleap-nn's progress, reqwest for
+//! the server's JWKS, the AWS SDK for an S3 registry) run under async-compat, which starts one
+//! background thread with a single-threaded tokio reactor the first time one of them is used.
 
 use std::future::Future;
 use std::io;
@@ -86,10 +90,53 @@ impl sleap_rtc_driver::Runtime for Smol {
         init_tls();
         async move { async_tungstenite::smol::connect_async(url).await.map(|(ws, _)| ws) }
     }
+
+    type Child = SmolChild;
+
+    fn spawn_process(cmd: std::process::Command) -> io::Result<SmolChild> {
+        use smol::process::Stdio;
+        // `From` keeps argv, cwd, env, process group and pre_exec; the pipes are set here
+        // because async-process would otherwise make them inherited.
+        smol::process::Command::from(cmd)
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .kill_on_drop(true)
+            .spawn()
+            .map(|c| SmolChild { child: c, reaped: false })
+    }
+
+    fn tokio_compat<F: Future + Send>(f: F) -> impl Future<Output = F::Output> + Send {
+        async_compat::Compat::new(f)
+    }
 }
 
-/// Selects the TLS crypto provider (aws-lc-rs) for `wss://` servers. Idempotent; called before
-/// any connection is made.
-pub fn init_tls() {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+/// An async-process child.
+#[derive(Debug)]
+pub struct SmolChild {
+    child: smol::process::Child,
+    reaped: bool,
+}
+
+impl sleap_rtc_driver::ChildProcess for SmolChild {
+    fn id(&self) -> Option<u32> {
+        // async-process keeps the pid after reaping; the contract (tokio's) is `None` then, so
+        // that nobody signals a pid that may have been reused.
+        (!self.reaped).then(|| self.child.id())
+    }
+
+    fn take_stdout(&mut self) -> Option<sleap_rtc_driver::ChildPipe> {
+        self.child.stdout.take().map(|p| Box::pin(p) as _)
+    }
+
+    fn take_stderr(&mut self) -> Option<sleap_rtc_driver::ChildPipe> {
+        self.child.stderr.take().map(|p| Box::pin(p) as _)
+    }
+
+    async fn wait(&mut self) -> io::Result<std::process::ExitStatus> {
+        // `status()` would close stdin first; ours is /dev/null already.
+        let st = self.child.status().await?;
+        self.reaped = true;
+        Ok(st)
+    }
 }

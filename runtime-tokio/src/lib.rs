@@ -7,16 +7,10 @@
 //!   messages and files (resumable, verified).
 //! - [`client`], [`worker`], [`trainer`], [`registry`]: the job protocol's two halves.
 //!
-//! The first four modules are `sleap-rtc-driver`'s runtime-generic code with [`Tokio`] as the
-//! runtime (the same API as `sleap-rtc-smol`); the worker, trainer and registry are tokio-only.
-
-pub mod registry;
-pub mod trainer;
-pub mod worker;
+//! All of it is `sleap-rtc-driver`'s runtime-generic code with [`Tokio`] as the runtime (the
+//! same API as `sleap-rtc-smol`); this crate is only the [`sleap_rtc_driver::Runtime`] impl.
 
 sleap_rtc_driver::runtime_api!(crate::Tokio);
-
-pub(crate) use sleap_rtc_driver::random_bytes;
 
 use std::future::Future;
 use std::io;
@@ -79,10 +73,48 @@ impl sleap_rtc_driver::Runtime for Tokio {
         init_tls();
         async move { async_tungstenite::tokio::connect_async(url).await.map(|(ws, _)| ws) }
     }
+
+    type Child = TokioChild;
+
+    fn spawn_process(mut cmd: std::process::Command) -> io::Result<TokioChild> {
+        use std::process::Stdio;
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::piped());
+        tokio::process::Command::from(cmd).kill_on_drop(true).spawn().map(TokioChild)
+    }
+
+    fn tokio_compat<F: Future + Send>(f: F) -> impl Future<Output = F::Output> + Send {
+        f
+    }
 }
 
-/// Selects the TLS crypto provider (aws-lc-rs) for `wss://` and `https://` servers. Idempotent;
-/// called before any connection is made.
-pub fn init_tls() {
-    let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
+/// A tokio child process.
+#[derive(Debug)]
+pub struct TokioChild(tokio::process::Child);
+
+/// tokio's pipes implement tokio's `AsyncRead`; the driver reads through futures-io's.
+struct Pipe<T>(T);
+
+impl<T: tokio::io::AsyncRead + Unpin> futures_util::AsyncRead for Pipe<T> {
+    fn poll_read(self: std::pin::Pin<&mut Self>, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<usize>> {
+        let mut rb = tokio::io::ReadBuf::new(buf);
+        std::pin::Pin::new(&mut self.get_mut().0).poll_read(cx, &mut rb).map_ok(|()| rb.filled().len())
+    }
+}
+
+impl sleap_rtc_driver::ChildProcess for TokioChild {
+    fn id(&self) -> Option<u32> {
+        self.0.id()
+    }
+
+    fn take_stdout(&mut self) -> Option<sleap_rtc_driver::ChildPipe> {
+        self.0.stdout.take().map(|p| Box::pin(Pipe(p)) as _)
+    }
+
+    fn take_stderr(&mut self) -> Option<sleap_rtc_driver::ChildPipe> {
+        self.0.stderr.take().map(|p| Box::pin(Pipe(p)) as _)
+    }
+
+    fn wait(&mut self) -> impl Future<Output = io::Result<std::process::ExitStatus>> + Send {
+        self.0.wait()
+    }
 }

@@ -13,15 +13,15 @@
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::Stdio;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
+use futures_util::AsyncReadExt;
 use sleap_rtc_core::job::bridge::{InferenceLine, LogCoalescer, LogLine, ProgressRelay, parse_inference_line};
 use sleap_rtc_core::job::{Interrupt, Progress, Stream};
-use tokio::io::AsyncReadExt;
 use tokio::sync::{mpsc, watch};
-use tokio::time::Instant;
 use zeromq::{Socket, SocketRecv, SocketSend};
+
+use crate::{ChildPipe, ChildProcess, Runtime};
 
 /// What a running trainer reports.
 #[derive(Debug, Clone, PartialEq)]
@@ -87,16 +87,10 @@ pub struct Launch {
     pub log_file: PathBuf,
 }
 
-fn command(l: &Launch, args: &[String]) -> tokio::process::Command {
-    let mut c = tokio::process::Command::new(&l.program);
-    c.args(args)
-        .current_dir(&l.cwd)
-        .env("PYTHONUNBUFFERED", "1")
-        .stdin(Stdio::null())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .process_group(0)
-        .kill_on_drop(true);
+fn command(l: &Launch, args: &[String]) -> std::process::Command {
+    use std::os::unix::process::CommandExt;
+    let mut c = std::process::Command::new(&l.program);
+    c.args(args).current_dir(&l.cwd).env("PYTHONUNBUFFERED", "1").process_group(0);
     // SAFETY: only async-signal-safe calls (signal(2)) between fork and exec.
     unsafe {
         c.pre_exec(|| {
@@ -137,8 +131,8 @@ enum Out {
     Eof(Stream),
 }
 
-fn pump<R: tokio::io::AsyncRead + Unpin + Send + 'static>(mut r: R, s: Stream, tx: mpsc::Sender<Out>) {
-    tokio::spawn(async move {
+fn pump<R: Runtime>(mut r: ChildPipe, s: Stream, tx: mpsc::Sender<Out>) {
+    R::spawn(async move {
         let mut buf = vec![0u8; 16 * 1024];
         loop {
             match r.read(&mut buf).await {
@@ -157,17 +151,17 @@ fn pump<R: tokio::io::AsyncRead + Unpin + Send + 'static>(mut r: R, s: Stream, t
 /// Runs `sleap-nn train`. `args(publish_port, controller_port)` builds the argv once the ports are
 /// known. `interrupt` carries the user's stop/cancel; events go to `events`. Returns when the
 /// process has exited and its output is drained.
-pub async fn run_train(
+pub async fn run_train<R: Runtime>(
     launch: &Launch,
     args: impl FnOnce(u16, u16) -> Vec<String>,
     sup: &Supervision,
     mut interrupt: watch::Receiver<Option<Interrupt>>,
     events: mpsc::UnboundedSender<TrainerEvent>,
 ) -> Result<Exit, TrainerError> {
-    let (mut sub, mut ctl, publish_port, controller_port) = bind_zmq().await?;
+    // zeromq's transport is tokio's: its futures run under `tokio_compat`.
+    let (sub, ctl, publish_port, controller_port) = R::tokio_compat(bind_zmq()).await?;
     let argv = args(publish_port, controller_port);
-    let mut child = command(launch, &argv)
-        .spawn()
+    let mut child = R::spawn_process(command(launch, &argv))
         .map_err(|source| TrainerError::Spawn { program: launch.program.display().to_string(), source })?;
     let pid = child.id();
     tracing::info!(pid, publish_port, controller_port, "sleap-nn train started");
@@ -175,15 +169,25 @@ pub async fn run_train(
         let _ = events.send(TrainerEvent::Spawned(p));
     }
     let (zmq_tx, mut zmq_rx) = mpsc::channel::<String>(256);
-    let zmq_task = tokio::spawn(async move {
+    let zmq_task = crate::spawn_abortable::<R, _>(R::tokio_compat(async move {
+        let mut sub = sub;
         while let Ok(m) = sub.recv().await {
             let text = m.iter().next().map(|b| String::from_utf8_lossy(b).into_owned()).unwrap_or_default();
             if zmq_tx.send(text).await.is_err() {
                 break;
             }
         }
-    });
-    let mut sv = Supervisor::new(launch, sup, pid, events, &mut child);
+    }));
+    // The control socket lives in its own task too, so that every send runs under the tokio
+    // reactor; a send completes when the message is queued.
+    let (ctl_tx, mut ctl_rx) = mpsc::channel::<&'static str>(4);
+    let ctl_task = crate::spawn_abortable::<R, _>(R::tokio_compat(async move {
+        let mut ctl = ctl;
+        while let Some(m) = ctl_rx.recv().await {
+            let _ = ctl.send(zeromq::ZmqMessage::from(m)).await;
+        }
+    }));
+    let mut sv = Supervisor::<R>::new(launch, sup, pid, events, &mut child);
     let mut relay = ProgressRelay::new(sup.batch_every);
     let start = Instant::now();
     let mut next_stop_send: Option<Instant> = None;
@@ -232,13 +236,13 @@ pub async fn run_train(
                 exited = Some(Instant::now());
                 // A last ZMQ message (train_end) may still be in flight; sleap-nn lingers 1 s.
                 let deadline = Instant::now() + Duration::from_millis(300);
-                while let Ok(Some(text)) = tokio::time::timeout_at(deadline, zmq_rx.recv()).await {
+                while let Ok(Some(text)) = crate::timeout_at::<R, _>(deadline, zmq_rx.recv()).await {
                     for p in relay.on_message(&text, start.elapsed()) {
                         sv.progress(p);
                     }
                 }
             }
-            _ = tokio::time::sleep(sleep_for) => {}
+            _ = crate::sleep::<R>(sleep_for) => {}
         }
         let now = start.elapsed();
         if let Some(p) = relay.poll(now) {
@@ -252,7 +256,7 @@ pub async fn run_train(
         if let Some(t) = next_stop_send {
             if Instant::now() >= t && status.is_none() {
                 // Always a JSON object: a bare string crashes sleap-nn's controller.
-                let _ = ctl.send(zeromq::ZmqMessage::from(r#"{"command": "stop"}"#)).await;
+                let _ = ctl_tx.try_send(r#"{"command": "stop"}"#);
                 next_stop_send = Some(Instant::now() + sup.stop_resend);
             }
         }
@@ -265,6 +269,7 @@ pub async fn run_train(
         }
     }
     zmq_task.abort();
+    ctl_task.abort();
     let st = status.and_then(|s| s.ok());
     let mut exit = sv.finish(st);
     exit.train_end = relay.train_end;
@@ -273,15 +278,14 @@ pub async fn run_train(
 
 /// Runs `sleap-nn predict --gui` (or any inference argv): JSON lines on stdout become progress,
 /// an `{"error": true, ...}` line becomes the failure message.
-pub async fn run_predict(
+pub async fn run_predict<R: Runtime>(
     launch: &Launch,
     argv: &[String],
     sup: &Supervision,
     mut interrupt: watch::Receiver<Option<Interrupt>>,
     events: mpsc::UnboundedSender<TrainerEvent>,
 ) -> Result<Exit, TrainerError> {
-    let mut child = command(launch, argv)
-        .spawn()
+    let mut child = R::spawn_process(command(launch, argv))
         .map_err(|source| TrainerError::Spawn { program: launch.program.display().to_string(), source })?;
     let pid = child.id();
     tracing::info!(pid, "sleap-nn predict started");
@@ -289,7 +293,7 @@ pub async fn run_predict(
         let _ = events.send(TrainerEvent::Spawned(p));
     }
     let _ = events.send(TrainerEvent::Progress(Progress::Started { model: None }));
-    let mut sv = Supervisor::new(launch, sup, pid, events, &mut child);
+    let mut sv = Supervisor::<R>::new(launch, sup, pid, events, &mut child);
     sv.json_stdout = true;
     let start = Instant::now();
     let mut status = None;
@@ -315,7 +319,7 @@ pub async fn run_predict(
                 status = Some(st);
                 exited = Some(Instant::now());
             }
-            _ = tokio::time::sleep(sleep_for) => {}
+            _ = crate::sleep::<R>(sleep_for) => {}
         }
         sv.tick(start.elapsed());
     }
@@ -324,8 +328,8 @@ pub async fn run_predict(
 }
 
 /// The parts common to both kinds of run: output pumping, the log file, cancel escalation.
-struct Supervisor<'a> {
-    child: &'a mut tokio::process::Child,
+struct Supervisor<'a, R: Runtime> {
+    child: &'a mut R::Child,
     pid: Option<u32>,
     events: mpsc::UnboundedSender<TrainerEvent>,
     out_rx: mpsc::Receiver<Out>,
@@ -341,20 +345,20 @@ struct Supervisor<'a> {
     json_buf: Vec<u8>,
 }
 
-impl<'a> Supervisor<'a> {
+impl<'a, R: Runtime> Supervisor<'a, R> {
     fn new(
         launch: &Launch,
         sup: &Supervision,
         pid: Option<u32>,
         events: mpsc::UnboundedSender<TrainerEvent>,
-        child: &'a mut tokio::process::Child,
+        child: &'a mut R::Child,
     ) -> Self {
         let (tx, out_rx) = mpsc::channel(64);
-        if let Some(o) = child.stdout.take() {
-            pump(o, Stream::Stdout, tx.clone());
+        if let Some(o) = child.take_stdout() {
+            pump::<R>(o, Stream::Stdout, tx.clone());
         }
-        if let Some(e) = child.stderr.take() {
-            pump(e, Stream::Stderr, tx);
+        if let Some(e) = child.take_stderr() {
+            pump::<R>(e, Stream::Stderr, tx);
         }
         let log_file = std::fs::OpenOptions::new().create(true).append(true).open(&launch.log_file).ok();
         Supervisor {
@@ -508,14 +512,10 @@ impl<'a> Supervisor<'a> {
 }
 
 /// `sleap-nn --version`, e.g. `0.3.5`; `None` if it cannot be run.
-pub async fn sleap_nn_version(program: &Path) -> Option<String> {
-    let out = tokio::time::timeout(
-        Duration::from_secs(60),
-        tokio::process::Command::new(program).arg("--version").stdin(Stdio::null()).kill_on_drop(true).output(),
-    )
-    .await
-    .ok()?
-    .ok()?;
-    let text = String::from_utf8_lossy(&out.stdout);
-    out.status.success().then(|| text.trim().trim_start_matches("sleap-nn").trim().to_owned()).filter(|v| !v.is_empty())
+pub async fn sleap_nn_version<R: Runtime>(program: &Path) -> Option<String> {
+    let mut cmd = std::process::Command::new(program);
+    cmd.arg("--version");
+    let (status, stdout) = crate::output::<R>(cmd, Duration::from_secs(60)).await?;
+    let text = String::from_utf8_lossy(&stdout);
+    status.success().then(|| text.trim().trim_start_matches("sleap-nn").trim().to_owned()).filter(|v| !v.is_empty())
 }

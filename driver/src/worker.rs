@@ -24,6 +24,7 @@ use tokio::sync::{mpsc, watch};
 use crate::conn::{self, PeerConnection, PeerOptions, Received, Transfer};
 use crate::signaling::{SignalingClient, SignalingError};
 use crate::trainer::{self, Launch, Supervision, TrainerEvent};
+use crate::{Runtime, sleep, timeout};
 
 mod live;
 pub use live::{ProgressBoard, registry_summary};
@@ -114,24 +115,17 @@ pub struct Capabilities {
 }
 
 /// GPU from `nvidia-smi` when present, else "CPU"; sleap-nn's version; free disk in `dir`.
-pub async fn probe_capabilities(sleap_nn: &Path, dir: &Path) -> Capabilities {
+pub async fn probe_capabilities<R: Runtime>(sleap_nn: &Path, dir: &Path) -> Capabilities {
     let gpu = async {
-        let out = tokio::time::timeout(
-            Duration::from_secs(5),
-            tokio::process::Command::new("nvidia-smi")
-                .args(["--query-gpu=name,memory.total", "--format=csv,noheader,nounits"])
-                .kill_on_drop(true)
-                .output(),
-        )
-        .await
-        .ok()?
-        .ok()?;
-        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let mut cmd = std::process::Command::new("nvidia-smi");
+        cmd.args(["--query-gpu=name,memory.total", "--format=csv,noheader,nounits"]);
+        let (_, stdout) = crate::output::<R>(cmd, Duration::from_secs(5)).await?;
+        let text = String::from_utf8_lossy(&stdout).into_owned();
         let first = text.lines().next()?.to_owned();
         let (name, mem) = first.rsplit_once(',')?;
         Some((name.trim().to_owned(), mem.trim().parse::<u64>().ok()?))
     };
-    let (gpu, version) = tokio::join!(gpu, trainer::sleap_nn_version(sleap_nn));
+    let (gpu, version) = tokio::join!(gpu, trainer::sleap_nn_version::<R>(sleap_nn));
     let (gpu_model, gpu_memory_mb) = gpu.unwrap_or_else(|| ("CPU".into(), 0));
     Capabilities {
         gpu_model,
@@ -236,17 +230,17 @@ fn recover_journal(jobs: &Path) {
 // Jobs
 
 /// A job this worker process is running (or just ran).
-struct ActiveJob {
+struct ActiveJob<R: Runtime> {
     id: String,
     owner: String,
     dir: PathBuf,
-    started: tokio::time::Instant,
+    started: std::time::Instant,
     entry: Mutex<JournalEntry>,
-    attached: Mutex<Vec<Arc<PeerConnection>>>,
+    attached: Mutex<Vec<Arc<PeerConnection<R>>>>,
     interrupt: watch::Sender<Option<Interrupt>>,
 }
 
-impl ActiveJob {
+impl<R: Runtime> ActiveJob<R> {
     fn save(&self) {
         let Ok(e) = self.entry.lock() else { return };
         match serde_json::to_vec_pretty(&*e) {
@@ -294,15 +288,16 @@ enum Status {
 }
 
 /// Shared state of a running worker.
-pub struct Worker {
+pub struct Worker<R: Runtime> {
+    rt: std::marker::PhantomData<fn() -> R>,
     cfg: WorkerConfig,
     peer_id: String,
     jobs_dir: PathBuf,
     cache_dir: PathBuf,
     caps: Capabilities,
-    current: Mutex<Option<Arc<ActiveJob>>>,
+    current: Mutex<Option<Arc<ActiveJob<R>>>>,
     status: watch::Sender<(Status, Option<String>)>,
-    jwks: tokio::sync::Mutex<(Option<jsonwebtoken::jwk::JwkSet>, Option<tokio::time::Instant>)>,
+    jwks: tokio::sync::Mutex<(Option<jsonwebtoken::jwk::JwkSet>, Option<std::time::Instant>)>,
     http_base: String,
     /// The room we are registered in (for publishing models).
     room: Mutex<Option<String>>,
@@ -317,9 +312,9 @@ struct PeerCtx {
     me: String,
 }
 
-impl Worker {
+impl<R: Runtime> Worker<R> {
     /// Prepares the work directory, recovers the journal, probes capabilities.
-    pub async fn new(mut cfg: WorkerConfig) -> Result<Arc<Worker>, WorkerError> {
+    pub async fn new(mut cfg: WorkerConfig) -> Result<Arc<Worker<R>>, WorkerError> {
         let wd = |e| WorkerError::WorkDir(cfg.work_dir.clone(), e);
         std::fs::create_dir_all(&cfg.work_dir).map_err(wd)?;
         let work_dir = cfg.work_dir.canonicalize().map_err(|e| WorkerError::WorkDir(cfg.work_dir.clone(), e))?;
@@ -349,12 +344,13 @@ impl Worker {
                 id
             }
         };
-        let caps = probe_capabilities(&cfg.sleap_nn, &work_dir).await;
+        let caps = probe_capabilities::<R>(&cfg.sleap_nn, &work_dir).await;
         if caps.sleap_nn_version.is_none() {
             tracing::warn!(program = %cfg.sleap_nn.display(), "`sleap-nn --version` failed; jobs will fail until it works");
         }
         let http_base = http_base(&cfg.server);
         Ok(Arc::new(Worker {
+            rt: std::marker::PhantomData,
             cfg,
             peer_id,
             jobs_dir,
@@ -407,7 +403,7 @@ impl Worker {
     /// Runs until `shutdown` resolves: keeps a signaling registration (reconnecting with backoff)
     /// and serves every client it introduces. On shutdown the running job is cancelled.
     pub async fn run(self: &Arc<Self>, shutdown: impl std::future::Future<Output = ()>) -> Result<(), WorkerError> {
-        tokio::pin!(shutdown);
+        let mut shutdown = std::pin::pin!(shutdown);
         let mut backoff = self.cfg.backoff_start;
         loop {
             let register = Register {
@@ -419,7 +415,7 @@ impl Worker {
                 ..Default::default()
             };
             let attempt = tokio::select! {
-                r = SignalingClient::connect(&self.cfg.server, register) => r,
+                r = SignalingClient::<R>::connect(&self.cfg.server, register) => r,
                 _ = &mut shutdown => break,
             };
             match attempt {
@@ -440,7 +436,7 @@ impl Worker {
                 Err(e) => tracing::warn!(error = %e, retry_in = ?backoff, "cannot reach the signaling server"),
             }
             tokio::select! {
-                _ = tokio::time::sleep(backoff) => {}
+                _ = sleep::<R>(backoff) => {}
                 _ = &mut shutdown => break,
             }
             backoff = (backoff * 2).min(BACKOFF_MAX);
@@ -456,11 +452,11 @@ impl Worker {
             let _ = j.interrupt.send(Some(Interrupt::Cancel));
             let mut st = self.status.subscribe();
             let grace = self.cfg.supervision.cancel_grace + Duration::from_secs(5);
-            let _ = tokio::time::timeout(grace, st.wait_for(|(s, _)| *s == Status::Available)).await;
+            let _ = timeout::<R, _>(grace, st.wait_for(|(s, _)| *s == Status::Available)).await;
         }
     }
 
-    async fn serve_signaling(self: &Arc<Self>, sig: Arc<SignalingClient>) {
+    async fn serve_signaling(self: &Arc<Self>, sig: Arc<SignalingClient<R>>) {
         let ctx = PeerCtx { room: sig.registered().room_id.clone(), me: sig.peer_id().to_owned() };
         if let Ok(mut r) = self.room.lock() {
             *r = Some(ctx.room.clone());
@@ -470,9 +466,9 @@ impl Worker {
             let (me, sig) = (self.clone(), sig.clone());
             let mut rx = self.status.subscribe();
             let mut progress = self.progress.subscribe();
-            tokio::spawn(async move {
+            crate::spawn_abortable::<R, _>(async move {
                 let _ = sig.update_metadata(me.metadata()).await;
-                let mut last = tokio::time::Instant::now();
+                let mut last = std::time::Instant::now();
                 loop {
                     tokio::select! {
                         r = rx.changed() => if r.is_err() { break },
@@ -481,10 +477,10 @@ impl Worker {
                                 break;
                             }
                             // Changes that arrive meanwhile are folded into this one update.
-                            tokio::time::sleep_until(last + PROGRESS_INTERVAL).await;
+                            R::sleep_until(last + PROGRESS_INTERVAL).await;
                         }
                     }
-                    last = tokio::time::Instant::now();
+                    last = std::time::Instant::now();
                     if sig.update_metadata(me.metadata()).await.is_err() {
                         break;
                     }
@@ -495,7 +491,7 @@ impl Worker {
             if let ServerMessage::PeerMessage { from_peer_id, payload, .. } = &env.msg {
                 if payload.get("type").and_then(Value::as_str) == Some("registry_list") {
                     let (me, sig, to) = (self.clone(), sig.clone(), from_peer_id.clone());
-                    tokio::spawn(async move {
+                    R::spawn(async move {
                         let answer = me.answer_registry_list().await;
                         let _ = sig.send(json!({"type": "peer_message", "to_peer_id": to, "payload": answer}));
                     });
@@ -503,7 +499,7 @@ impl Worker {
                 if payload.get("type").and_then(Value::as_str) == Some("registry_query") {
                     let query = payload.get("model").and_then(Value::as_str).unwrap_or_default().to_owned();
                     let (me, sig, to) = (self.clone(), sig.clone(), from_peer_id.clone());
-                    tokio::spawn(async move {
+                    R::spawn(async move {
                         let answer = me.answer_registry_query(&query).await;
                         let _ = sig.send(json!({"type": "peer_message", "to_peer_id": to, "payload": answer}));
                     });
@@ -512,7 +508,7 @@ impl Worker {
             }
             if let ServerMessage::Offer(_) = &env.msg {
                 let (me, sig, ctx) = (self.clone(), sig.clone(), ctx.clone());
-                tokio::spawn(async move {
+                R::spawn(async move {
                     match conn::accept(&sig, &env.msg, me.cfg.peer.clone()).await {
                         Ok(c) => me.serve_peer(ctx, Arc::new(c)).await,
                         Err(e) => tracing::warn!(error = %e, "could not accept a connection"),
@@ -546,21 +542,24 @@ impl Worker {
         let url = format!("{}/.well-known/jwks.json", self.http_base);
         crate::init_tls();
         let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().map_err(|e| e.to_string())?;
-        let set: jsonwebtoken::jwk::JwkSet = http
-            .get(&url)
-            .send()
-            .await
-            .map_err(|e| format!("cannot fetch {url}: {e}"))?
-            .json()
-            .await
-            .map_err(|e| format!("bad JWKS from {url}: {e}"))?;
-        cache.1 = Some(tokio::time::Instant::now());
+        // reqwest is tokio-based: run it with a tokio reactor whatever our runtime is.
+        let set: jsonwebtoken::jwk::JwkSet = R::tokio_compat(async {
+            http.get(&url)
+                .send()
+                .await
+                .map_err(|e| format!("cannot fetch {url}: {e}"))?
+                .json()
+                .await
+                .map_err(|e| format!("bad JWKS from {url}: {e}"))
+        })
+        .await?;
+        cache.1 = Some(std::time::Instant::now());
         let k = find(&set).ok_or_else(|| "unknown signing key".to_owned());
         cache.0 = Some(set);
         k
     }
 
-    async fn verify_ticket(&self, ctx: &PeerCtx, c: &PeerConnection, ticket: &str) -> Result<String, AuthError> {
+    async fn verify_ticket(&self, ctx: &PeerCtx, c: &PeerConnection<R>, ticket: &str) -> Result<String, AuthError> {
         let header = jsonwebtoken::decode_header(ticket).map_err(|e| AuthError::BadSignature(e.to_string()))?;
         if header.alg != jsonwebtoken::Algorithm::EdDSA {
             return Err(AuthError::BadSignature("tickets are EdDSA-signed".into()));
@@ -584,12 +583,12 @@ impl Worker {
     }
 
     /// Returns the authenticated user id (or `room-secret`).
-    async fn authenticate(&self, ctx: &PeerCtx, c: &PeerConnection) -> Result<String, AuthError> {
+    async fn authenticate(&self, ctx: &PeerCtx, c: &PeerConnection<R>) -> Result<String, AuthError> {
         let nonce = random_hex(32);
         if self.cfg.room_secret.is_some() {
             let _ = c.send_message(&JobMsg::AuthChallenge { nonce: nonce.clone() }.to_value());
         }
-        let first = tokio::time::timeout(AUTH_TIMEOUT, async {
+        let first = timeout::<R, _>(AUTH_TIMEOUT, async {
             loop {
                 match c.recv_message().await {
                     None => return None,
@@ -618,7 +617,7 @@ impl Worker {
         }
     }
 
-    async fn serve_peer(self: Arc<Self>, ctx: PeerCtx, c: Arc<PeerConnection>) {
+    async fn serve_peer(self: Arc<Self>, ctx: PeerCtx, c: Arc<PeerConnection<R>>) {
         let peer = c.remote_peer().to_owned();
         let user = match self.authenticate(&ctx, &c).await {
             Ok(u) => u,
@@ -632,7 +631,7 @@ impl Worker {
                 tracing::warn!(%peer, %reason, "refused an unauthenticated client");
                 let _ = c.send_message(&JobMsg::AuthFailed { reason }.to_value());
                 // Let the refusal reach the client before the connection goes.
-                tokio::time::sleep(Duration::from_millis(300)).await;
+                sleep::<R>(Duration::from_millis(300)).await;
                 if let Ok(c) = Arc::try_unwrap(c) {
                     c.close().await;
                 }
@@ -655,7 +654,7 @@ impl Worker {
             match msg {
                 JobMsg::JobSubmit { client_job_id, spec, files } => {
                     let (me, c, user) = (self.clone(), c.clone(), user.clone());
-                    tokio::spawn(async move { me.submit(c, user, client_job_id, spec, files).await });
+                    R::spawn(async move { me.submit(c, user, client_job_id, spec, files).await });
                 }
                 JobMsg::JobStop { job_id } => self.interrupt(&c, &user, &job_id, Interrupt::Stop),
                 JobMsg::JobCancel { job_id } => self.interrupt(&c, &user, &job_id, Interrupt::Cancel),
@@ -677,11 +676,11 @@ impl Worker {
 
     // -- job requests --------------------------------------------------------------------------
 
-    fn reply_error(c: &PeerConnection, job_id: &str, code: ErrorCode, message: String) {
+    fn reply_error(c: &PeerConnection<R>, job_id: &str, code: ErrorCode, message: String) {
         let _ = c.send_message(&JobMsg::JobError { job_id: Some(job_id.to_owned()), code, message }.to_value());
     }
 
-    fn interrupt(&self, c: &PeerConnection, user: &str, job_id: &str, what: Interrupt) {
+    fn interrupt(&self, c: &PeerConnection<R>, user: &str, job_id: &str, what: Interrupt) {
         let job = self.current.lock().ok().and_then(|g| g.clone()).filter(|j| j.id == job_id);
         let Some(job) = job else {
             return Self::reply_error(
@@ -706,7 +705,7 @@ impl Worker {
         }
     }
 
-    async fn attach(&self, c: &Arc<PeerConnection>, user: &str, job_id: &str, fetch: bool) {
+    async fn attach(&self, c: &Arc<PeerConnection<R>>, user: &str, job_id: &str, fetch: bool) {
         let active = self.current.lock().ok().and_then(|g| g.clone()).filter(|j| j.id == job_id);
         let (owner, status, dir) = match &active {
             Some(j) => (j.owner.clone(), j.status(), j.dir.clone()),
@@ -822,7 +821,7 @@ impl Worker {
 
     async fn submit(
         self: Arc<Self>,
-        c: Arc<PeerConnection>,
+        c: Arc<PeerConnection<R>>,
         user: String,
         client_job_id: String,
         spec: Value,
@@ -893,7 +892,7 @@ impl Worker {
                 id: job_id.clone(),
                 owner: user,
                 dir: dir.clone(),
-                started: tokio::time::Instant::now(),
+                started: std::time::Instant::now(),
                 entry: Mutex::new(entry),
                 attached: Mutex::new(vec![c.clone()]),
                 interrupt: watch::channel(None).0,
@@ -937,8 +936,8 @@ impl Worker {
     /// Places what the cache already has as complete `.part`s and starts waiting for the upload.
     fn expect_upload(
         &self,
-        job: &ActiveJob,
-        c: &PeerConnection,
+        job: &ActiveJob<R>,
+        c: &PeerConnection<R>,
         files: &[FileEntry],
     ) -> Result<Option<Transfer<Received>>, String> {
         if files.is_empty() {
@@ -971,13 +970,13 @@ impl Worker {
 
     async fn receive_upload(
         &self,
-        job: &ActiveJob,
+        job: &ActiveJob<R>,
         files: &[FileEntry],
         upload: Result<Option<Transfer<Received>>, String>,
     ) -> Result<(), String> {
         let Some(t) = upload? else { return Ok(()) };
         let input = job.dir.join("input");
-        let got = tokio::time::timeout(Duration::from_secs(24 * 3600), t.finish())
+        let got = timeout::<R, _>(Duration::from_secs(24 * 3600), t.finish())
             .await
             .map_err(|_| "the upload did not finish within a day".to_owned())?
             .map_err(|e| e.to_string())?;
@@ -994,8 +993,7 @@ impl Worker {
             }
             let src = input.join(&f.name);
             let p = src.clone();
-            let actual =
-                tokio::task::spawn_blocking(move || crate::files::hash_file(&p)).await.ok().and_then(Result::ok);
+            let actual = R::spawn_blocking(move || crate::files::hash_file(&p)).await.and_then(Result::ok);
             if actual.as_deref() == Some(f.blake3.as_str()) {
                 let _ = std::fs::hard_link(&src, &cached);
             }
@@ -1041,10 +1039,10 @@ impl Worker {
             .collect()
     }
 
-    async fn registry(&self) -> Result<(crate::registry::AnyStore, String), String> {
+    async fn registry(&self) -> Result<(crate::registry::AnyStore<R>, String), String> {
         let root = self.cfg.registry.as_deref().ok_or("this worker has no model registry")?;
         let room = self.room.lock().ok().and_then(|r| r.clone()).ok_or("not registered in a room yet")?;
-        let store = crate::registry::AnyStore::open(root).await.map_err(|e| e.to_string())?;
+        let store = crate::registry::AnyStore::<R>::open(root).await.map_err(|e| e.to_string())?;
         Ok((store, room))
     }
 
@@ -1072,7 +1070,8 @@ impl Worker {
                 std::fs::File::options().write(true).open(&complete).and_then(|f| f.set_modified(SystemTime::now()));
             return Ok(dir);
         }
-        let _ = tokio::fs::remove_dir_all(&dir).await;
+        let d = dir.clone();
+        let _ = R::spawn_blocking(move || std::fs::remove_dir_all(d)).await;
         let (_, dir) = crate::registry::pull(&store, &room, &entry.id, &cache).await.map_err(|e| e.to_string())?;
         std::fs::write(&complete, b"").map_err(|e| e.to_string())?;
         let op = sleap_rtc_core::registry::Op::AddWorker { id: entry.id.clone(), worker: self.peer_id.clone() };
@@ -1147,21 +1146,27 @@ impl Worker {
     }
 
     /// Maps a spec path to an absolute worker path.
-    fn resolve(&self, job: &ActiveJob, p: &str) -> PathBuf {
+    fn resolve(&self, job: &ActiveJob<R>, p: &str) -> PathBuf {
         if p.starts_with('/') { PathBuf::from(p) } else { job.dir.join("input").join(p) }
     }
 
     /// Forwards trainer events to the attached clients and the journal.
-    fn relay(&self, job: &Arc<ActiveJob>) -> (mpsc::UnboundedSender<TrainerEvent>, tokio::task::JoinHandle<()>) {
+    /// The receiver completes when the relay has forwarded the last event.
+    fn relay(
+        &self,
+        job: &Arc<ActiveJob<R>>,
+    ) -> (mpsc::UnboundedSender<TrainerEvent>, tokio::sync::oneshot::Receiver<()>) {
         let (tx, mut rx) = mpsc::unbounded_channel::<TrainerEvent>();
         let job = job.clone();
         let published = self.cfg.publish_progress.then(|| self.progress.clone());
         let mut board = ProgressBoard::new(&job.id);
-        let task = tokio::spawn(async move {
+        let (done, task) = tokio::sync::oneshot::channel();
+        R::spawn(async move {
+            let _done = done;
             // Output lines are relayed at most LOG_BURST per second; a trainer that prints more
             // (a runaway loop) must not flood the client. The full output is in trainer.log.
             const LOG_BURST: u32 = 200;
-            let mut window = tokio::time::Instant::now();
+            let mut window = std::time::Instant::now();
             let (mut sent, mut dropped) = (0u32, 0u64);
             while let Some(ev) = rx.recv().await {
                 if window.elapsed() >= Duration::from_secs(1) {
@@ -1175,7 +1180,7 @@ impl Worker {
                             cr: false,
                         });
                     }
-                    window = tokio::time::Instant::now();
+                    window = std::time::Instant::now();
                     (sent, dropped) = (0, 0);
                 }
                 if let TrainerEvent::Log(_) = &ev {
@@ -1216,7 +1221,7 @@ impl Worker {
         (tx, task)
     }
 
-    async fn run_training(&self, job: &Arc<ActiveJob>, spec: &JobSpec) -> (JobState, String, Vec<String>) {
+    async fn run_training(&self, job: &Arc<ActiveJob<R>>, spec: &JobSpec) -> (JobState, String, Vec<String>) {
         let JobSpec::Train(t) = spec else { return (JobState::Failed, "not a training job".into(), vec![]) };
         // Configs: worker/uploaded files first, then inline ones (upstream's order).
         let mut configs = Vec::new();
@@ -1278,7 +1283,7 @@ impl Worker {
             let mut interrupt = job.interrupt.subscribe();
             interrupt.mark_changed();
             let pid_job = job.clone();
-            let exit = trainer::run_train(
+            let exit = trainer::run_train::<R>(
                 &launch,
                 move |publish_port, controller_port| {
                     let run = TrainRun { publish_port, controller_port, ..run };
@@ -1331,7 +1336,7 @@ impl Worker {
 
     /// Publishes a finished run to the room's registry, if one is configured. A failure to
     /// publish does not fail the job (the model still goes back to the client); it is reported.
-    async fn publish(&self, job: &Arc<ActiveJob>, run_dir: &Path, message: String) -> String {
+    async fn publish(&self, job: &Arc<ActiveJob<R>>, run_dir: &Path, message: String) -> String {
         let Some(root) = &self.cfg.registry else { return message };
         let Some(room) = self.room.lock().ok().and_then(|r| r.clone()) else { return message };
         let last = job.entry.lock().ok().and_then(|e| e.status.last_epoch.clone());
@@ -1348,7 +1353,7 @@ impl Worker {
             training_duration_sec: Some(job.started.elapsed().as_secs_f64()),
             ..Default::default()
         };
-        let store = match crate::registry::AnyStore::open(root).await {
+        let store = match crate::registry::AnyStore::<R>::open(root).await {
             Ok(s) => s,
             Err(err) => return format!("{message}; cannot open the registry {root}: {err}"),
         };
@@ -1367,7 +1372,7 @@ impl Worker {
         }
     }
 
-    async fn run_tracking(&self, job: &Arc<ActiveJob>, spec: &JobSpec) -> (JobState, String, Vec<String>) {
+    async fn run_tracking(&self, job: &Arc<ActiveJob<R>>, spec: &JobSpec) -> (JobState, String, Vec<String>) {
         let JobSpec::Track(t) = spec else { return (JobState::Failed, "not a track job".into(), vec![]) };
         let data = self.resolve(job, &t.data_path).display().to_string();
         let mut models: Vec<String> = Vec::new();
@@ -1398,7 +1403,7 @@ impl Worker {
         let (tx, relay_task) = self.relay(job);
         let mut interrupt = job.interrupt.subscribe();
         interrupt.mark_changed();
-        let exit = trainer::run_predict(&launch, &argv, &self.cfg.supervision, interrupt, tx).await;
+        let exit = trainer::run_predict::<R>(&launch, &argv, &self.cfg.supervision, interrupt, tx).await;
         let _ = relay_task.await;
         if !cached.is_empty() {
             self.trim_model_cache(&cached);
@@ -1427,7 +1432,7 @@ impl Worker {
         (JobState::Failed, why, vec![])
     }
 
-    async fn finish(&self, job: &Arc<ActiveJob>, state: JobState, message: String, results: Vec<String>) {
+    async fn finish(&self, job: &Arc<ActiveJob<R>>, state: JobState, message: String, results: Vec<String>) {
         let duration = job.started.elapsed().as_secs_f64();
         if let Ok(mut e) = job.entry.lock() {
             if e.job.transition(state).is_err() {
@@ -1448,13 +1453,13 @@ impl Worker {
         }
         self.progress.send_replace(None);
         let _ = self.status.send((Status::Available, None));
-        let conns: Vec<Arc<PeerConnection>> = job.attached.lock().map(|a| a.clone()).unwrap_or_default();
+        let conns: Vec<Arc<PeerConnection<R>>> = job.attached.lock().map(|a| a.clone()).unwrap_or_default();
         job.emit(&JobMsg::JobDone { status: status.clone() });
         if !results.is_empty() {
             for c in conns {
                 if c.state() != conn::ConnState::Closed {
                     let (dir, results) = (job.dir.clone(), results.clone());
-                    tokio::spawn(async move { send_results(c, &dir, &results).await });
+                    R::spawn(async move { send_results(c, &dir, &results).await });
                 }
             }
         }
@@ -1481,7 +1486,7 @@ fn evict_lru(
     }
 }
 
-async fn send_results(c: Arc<PeerConnection>, dir: &Path, results: &[String]) {
+async fn send_results<R: Runtime>(c: Arc<PeerConnection<R>>, dir: &Path, results: &[String]) {
     let paths: Vec<PathBuf> = results.iter().map(|r| dir.join(r)).collect();
     match c.send_files(&paths).await {
         Ok(t) => match t.finish().await {

@@ -9,7 +9,7 @@ use std::path::Path;
 use aws_sdk_s3::primitives::{ByteStream, Length};
 use aws_sdk_s3::types::{CompletedMultipartUpload, CompletedPart};
 
-use super::{Store, StoreError};
+use super::StoreError;
 
 /// Files larger than this go up in parts of this size.
 const PART: u64 = 64 << 20;
@@ -108,8 +108,10 @@ impl S3Store {
     }
 }
 
-impl Store for S3Store {
-    async fn read_manifest(&self, room: &str) -> Result<Option<(Vec<u8>, String)>, StoreError> {
+// Not a `Store` itself: the AWS SDK is tokio-based, and `AnyStore` runs these under the
+// runtime's `tokio_compat`.
+impl S3Store {
+    pub async fn read_manifest(&self, room: &str) -> Result<Option<(Vec<u8>, String)>, StoreError> {
         super::component("room id", room)?;
         let key = self.key(&[room, "manifest.json"]);
         match self.client.get_object().bucket(&self.bucket).key(&key).send().await {
@@ -123,7 +125,7 @@ impl Store for S3Store {
         }
     }
 
-    async fn write_manifest(&self, room: &str, bytes: &[u8], expected: Option<&str>) -> Result<bool, StoreError> {
+    pub async fn write_manifest(&self, room: &str, bytes: &[u8], expected: Option<&str>) -> Result<bool, StoreError> {
         super::component("room id", room)?;
         let key = self.key(&[room, "manifest.json"]);
         let mut req = self
@@ -151,7 +153,7 @@ impl Store for S3Store {
         }
     }
 
-    async fn put_file(&self, room: &str, model: &str, name: &str, src: &Path) -> Result<(), StoreError> {
+    pub async fn put_file(&self, room: &str, model: &str, name: &str, src: &Path) -> Result<(), StoreError> {
         super::component("room id", room)?;
         super::component("model id", model)?;
         sleap_rtc_core::transfer::validate_name(name).map_err(|e| StoreError::Other(e.to_string()))?;
@@ -165,7 +167,7 @@ impl Store for S3Store {
         Ok(())
     }
 
-    async fn get_file(&self, room: &str, model: &str, name: &str, dest: &Path) -> Result<(), StoreError> {
+    pub async fn get_file(&self, room: &str, model: &str, name: &str, dest: &Path) -> Result<(), StoreError> {
         use tokio::io::AsyncWriteExt;
         super::component("room id", room)?;
         super::component("model id", model)?;
@@ -181,7 +183,7 @@ impl Store for S3Store {
         Ok(())
     }
 
-    fn location(&self, room: &str, model: &str) -> String {
+    pub fn location(&self, room: &str, model: &str) -> String {
         format!("s3://{}/{}/", self.bucket, self.key(&[room, "models", model]))
     }
 }
