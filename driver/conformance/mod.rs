@@ -527,7 +527,10 @@ pub async fn child_processes<R: Runtime>(_env: &Env) {
     assert!(child.take_stdout().is_none(), "a pipe is taken once");
     let (mut ob, mut eb) = (String::new(), String::new());
     use futures_util::AsyncReadExt;
-    within::<R, _>("pipes", async { (o.read_to_string(&mut ob).await, e.read_to_string(&mut eb).await) }).await;
+    let (ro, re) =
+        within::<R, _>("pipes", async { (o.read_to_string(&mut ob).await, e.read_to_string(&mut eb).await) }).await;
+    ro.expect("stdout");
+    re.expect("stderr");
     let st = within::<R, _>("wait", child.wait()).await.expect("wait");
     assert_eq!((ob.as_str(), eb.as_str(), st.code()), ("out\n", "err\n", Some(3)));
     assert_eq!(child.id(), None, "no pid once reaped: nobody may signal a recycled one");
