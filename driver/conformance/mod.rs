@@ -120,8 +120,11 @@ impl Env {
             .expect("write the fake sleap-nn");
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).expect("make it executable");
+        // The job cases against the real trainer, by hand (CI does not install it, ~7 GB):
+        // SLEAP_RTC_CONFORMANCE_SLEAP_NN=~/.cache/sleap-rtc/sleap-nn-venv/bin/sleap-nn cargo test ...
+        let program = std::env::var_os("SLEAP_RTC_CONFORMANCE_SLEAP_NN").map(PathBuf::from).unwrap_or(fake);
         let registry = self.dir.path().join("registry");
-        let mut cfg = WorkerConfig::new(&self.ws, &self.token, &self.dir.path().join("worker"), &fake);
+        let mut cfg = WorkerConfig::new(&self.ws, &self.token, &self.dir.path().join("worker"), &program);
         cfg.peer = PeerOptions::loopback();
         cfg.device = "cpu".into();
         cfg.registry = Some(registry.display().to_string());
