@@ -10,6 +10,10 @@
 //! cargo build --release -p sleap-rtc --examples
 //! ./target/release/examples/job-bench            # needs python3 with pyzmq (SLEAP_RTC_TEST_PYTHON)
 //! ```
+//!
+//! `--smol-worker` measures sleap-rtc-smol's worker example instead of `sleap-rtc worker` (the
+//! same driver code on the other runtime; `cargo build --release -p sleap-rtc-smol --example
+//! worker` first).
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -80,10 +84,24 @@ impl Setup {
 
     // The child is handed to the caller, which kills and reaps it; the lint cannot see that.
     #[allow(clippy::zombie_processes)]
-    fn worker(&self, name: &str, sleap_nn: &Path, fake_env: &str) -> (std::process::Child, String) {
+    fn worker(&self, name: &str, sleap_nn: &Path, fake_env: &str, smol: bool) -> (std::process::Child, String) {
         let wd = self.dir.path().join(name);
-        let mut child = self
-            .cmd(&[
+        let mut child = if smol {
+            // The example stops when its stdin closes: keep a pipe open for its lifetime.
+            let ws = format!("{}/ws", self.url.replacen("http", "ws", 1));
+            Command::new(bin().parent().expect("target dir").join("examples/worker"))
+                .args([&wd, sleap_nn])
+                .env("SLEAP_RTC_SERVER", ws)
+                .env("SLEAP_RTC_TOKEN", &self.token)
+                .env("SLEAP_RTC_BIND", "127.0.0.1")
+                .env("FAKE_SLEAP_NN", fake_env)
+                .stdin(Stdio::piped())
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .expect("target/release/examples/worker (cargo build --release -p sleap-rtc-smol --example worker)")
+        } else {
+            self.cmd(&[
                 "worker",
                 "--token",
                 &self.token,
@@ -98,7 +116,8 @@ impl Setup {
             .stdout(Stdio::null())
             .stderr(Stdio::null())
             .spawn()
-            .unwrap();
+            .unwrap()
+        };
         let deadline = Instant::now() + Duration::from_secs(60);
         loop {
             let id = std::fs::read_to_string(wd.join("worker-id")).unwrap_or_default().trim().to_owned();
@@ -168,6 +187,8 @@ fn setup(rt: &tokio::runtime::Runtime) -> (Setup, sleap_rtc_server::Server) {
 }
 
 fn main() {
+    let smol = std::env::args().any(|a| a == "--smol-worker");
+    let which = if smol { "sleap-rtc-smol's example worker" } else { "sleap-rtc worker (tokio)" };
     let rt = tokio::runtime::Runtime::new().unwrap();
     let (s, _server) = setup(&rt);
     let cfg = manifest("assets/tiny_single.yaml");
@@ -186,7 +207,7 @@ fn main() {
     )
     .unwrap();
     std::process::Command::new("chmod").args(["+x", stub.to_str().unwrap()]).status().unwrap();
-    let (mut w, wid) = s.worker("stub-worker", &stub, "");
+    let (mut w, wid) = s.worker("stub-worker", &stub, "", smol);
     let big = s.dir.path().join("big.pkg.slp");
     {
         let mut f = std::fs::File::create(&big).unwrap();
@@ -203,7 +224,7 @@ fn main() {
         }
     }
     let small = manifest("assets/labels.pkg.slp");
-    println!("submit → trainer spawned (loopback, release):");
+    println!("submit → trainer spawned (loopback, release, {which}):");
     for (label, labels) in [
         ("188 KB package          ", &small),
         ("200 MB package, 1st     ", &big),
@@ -238,12 +259,12 @@ fn main() {
     )
     .unwrap();
     std::process::Command::new("chmod").args(["+x", fake.to_str().unwrap()]).status().unwrap();
-    println!("\nworker CPU while relaying progress to a connected client:");
+    println!("\nworker CPU while relaying progress to a connected client ({which}):");
     for (label, fake_env, epochs, steps) in [
         ("sleap-nn's pace (100 ms/batch)", "batch_ms=100 steps=10 startup_ms=300", 30, 10),
         ("stress (no delay per batch)   ", "batch_ms=0 steps=500 startup_ms=300", 8, 500),
     ] {
-        let (mut w, wid) = s.worker(&format!("relay-{epochs}"), &fake, fake_env);
+        let (mut w, wid) = s.worker(&format!("relay-{epochs}"), &fake, fake_env, smol);
         let pid = w.id();
         let cfgp = s.dir.path().join(format!("relay-{epochs}.yaml"));
         std::fs::write(

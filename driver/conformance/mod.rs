@@ -116,7 +116,9 @@ impl Env {
     pub async fn start_worker<R: Runtime>(&self) -> RunningWorker {
         let fake = self.dir.path().join("sleap-nn");
         let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../cli/tests/fixtures/fake_sleap_nn.py");
-        std::fs::write(&fake, format!("#!/bin/sh\nexec '{}' '{}' \"$@\"\n", python(), script.display()))
+        // Not `exec`: the trainer is then a member of the process group, not its leader, and a
+        // cancel reaches it only if the whole group is signalled.
+        std::fs::write(&fake, format!("#!/bin/sh\n'{}' '{}' \"$@\"\n", python(), script.display()))
             .expect("write the fake sleap-nn");
         use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(&fake, std::fs::Permissions::from_mode(0o755)).expect("make it executable");
@@ -460,7 +462,10 @@ async fn job_done<R: Runtime>(client: &JobClient<R>) -> sleap_rtc_core::job::Job
 }
 
 /// A stop reaches the trainer as sleap-nn's ZMQ command (the worker's PUB socket) and ends the
-/// job early with its model; a cancel is SIGTERM to the trainer's process group. Both on `R`.
+/// job early with its model (the SIGINT fallback comes only after 120 s, well past the wait);
+/// a cancel is SIGTERM to the trainer's process group: the fake trainer runs as a member of the
+/// group under a shell (see `start_worker`) and logs Lightning's "Received SIGTERM" line. Both
+/// on `R`.
 pub async fn job_stop_and_cancel<R: Runtime>(env: &Env) {
     let worker = env.start_worker::<R>().await;
     let sig = env.client::<R>().await;
@@ -476,8 +481,24 @@ pub async fn job_stop_and_cancel<R: Runtime>(env: &Env) {
 
     let job = slow_job(&client, "cancelled").await;
     client.cancel(&job).expect("cancel");
-    let status = job_done(&client).await;
+    let (status, logs) = within::<R, _>("job_done", async {
+        let mut logs = Vec::new();
+        loop {
+            match client.next().await {
+                Some(JobMsg::JobDone { status }) => return (status, logs),
+                Some(JobMsg::JobLog { text, .. }) => logs.push(text),
+                Some(_) => {}
+                None => panic!("the connection closed before job_done"),
+            }
+        }
+    })
+    .await;
     assert_eq!(status.state, JobState::Cancelled, "{status:?}");
+    assert!(
+        logs.iter().any(|l| l.contains("Received SIGTERM")),
+        "the trainer, a group member, got SIGTERM: {:?}",
+        &logs[logs.len().saturating_sub(5)..]
+    );
     client.close().await;
 }
 
@@ -508,9 +529,9 @@ pub async fn registry_store<R: Runtime>(_env: &Env) {
     assert_eq!(read(&dir.join("best.ckpt")), read(&run.join("best.ckpt")));
 }
 
-/// `Runtime::spawn_process` as the trainer uses it: both pipes read to the end while the child
-/// writes more than a pipe buffer to each, the exit code, no pid once reaped, a child that
-/// overruns its time limit killed, and a program that does not exist reported.
+/// `Runtime::spawn_process` as the trainer uses it: `output` reads stdout while the child writes
+/// more than a pipe buffer to stderr, both pipes and the exit code, no pid once reaped, a child
+/// that overruns its time limit killed, and a program that does not exist reported.
 pub async fn child_processes<R: Runtime>(_env: &Env) {
     let sh = |script: &str| {
         let mut c = std::process::Command::new("/bin/sh");
@@ -538,9 +559,21 @@ pub async fn child_processes<R: Runtime>(_env: &Env) {
     assert_eq!((ob.as_str(), eb.as_str(), st.code()), ("out\n", "err\n", Some(3)));
     assert_eq!(child.id(), None, "no pid once reaped: nobody may signal a recycled one");
 
-    let t = std::time::Instant::now();
-    assert!(sleap_rtc_driver::output::<R>(sh("sleep 30"), Duration::from_millis(300)).await.is_none());
-    assert!(t.elapsed() < Duration::from_secs(20), "the time limit holds");
+    let d = tempfile::tempdir().expect("tempdir");
+    let pid_file = d.path().join("pid");
+    let script = format!("echo $$ > '{}'; exec sleep 30", pid_file.display());
+    assert!(sleap_rtc_driver::output::<R>(sh(&script), Duration::from_millis(300)).await.is_none());
+    let pid = std::fs::read_to_string(&pid_file).expect("the child wrote its pid");
+    let stat = format!("/proc/{}/stat", pid.trim());
+    within::<R, _>("the overrunning child dies", async {
+        // Gone, or a zombie waiting for the runtime's reaper: either way no longer running.
+        while std::fs::read_to_string(&stat)
+            .is_ok_and(|s| !s.rsplit_once(')').is_some_and(|(_, r)| r.starts_with(" Z")))
+        {
+            R::sleep_until(std::time::Instant::now() + Duration::from_millis(20)).await;
+        }
+    })
+    .await;
 
     let missing = std::process::Command::new("/nonexistent/sleap-nn");
     assert!(R::spawn_process(missing).is_err());

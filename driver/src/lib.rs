@@ -32,8 +32,9 @@ pub mod trainer;
 pub mod worker;
 
 /// What a runtime provides to the drivers: tasks, a blocking pool, timers, UDP sockets, name
-/// resolution and a WebSocket connection. Everything else (protocol, flow control, file layout)
-/// is shared. Implemented by a zero-sized marker type (`sleap_rtc_tokio::Tokio`,
+/// resolution, a WebSocket connection, child processes, and a way to run tokio-based libraries'
+/// futures. Everything else (protocol, flow control, file layout, jobs, the trainer, registry
+/// stores) is shared. Implemented by a zero-sized marker type (`sleap_rtc_tokio::Tokio`,
 /// `sleap_rtc_smol::Smol`); the drivers only call its associated functions.
 pub trait Runtime: Send + Sync + Sized + 'static {
     /// A bound, non-blocking UDP socket registered with the runtime's reactor.
@@ -223,10 +224,30 @@ macro_rules! runtime_api {
         }
         pub mod trainer {
             //! Runs `sleap-nn` (see [`sleap_rtc_driver::trainer`]).
-            pub use $crate::trainer::{Exit, Launch, Supervision, TrainerError, TrainerEvent};
+            pub use $crate::trainer::{EventTx, Exit, InterruptRx, Launch, Supervision, TrainerError, TrainerEvent};
             /// `sleap-nn --version` (see [`sleap_rtc_driver::trainer::sleap_nn_version`]).
             pub async fn sleap_nn_version(program: &::std::path::Path) -> Option<String> {
                 $crate::trainer::sleap_nn_version::<$rt>(program).await
+            }
+            /// Runs `sleap-nn train` (see [`sleap_rtc_driver::trainer::run_train`]).
+            pub async fn run_train(
+                launch: &Launch,
+                args: impl FnOnce(u16, u16) -> Vec<String>,
+                sup: &Supervision,
+                interrupt: InterruptRx,
+                events: EventTx,
+            ) -> Result<Exit, TrainerError> {
+                $crate::trainer::run_train::<$rt>(launch, args, sup, interrupt, events).await
+            }
+            /// Runs `sleap-nn predict` (see [`sleap_rtc_driver::trainer::run_predict`]).
+            pub async fn run_predict(
+                launch: &Launch,
+                argv: &[String],
+                sup: &Supervision,
+                interrupt: InterruptRx,
+                events: EventTx,
+            ) -> Result<Exit, TrainerError> {
+                $crate::trainer::run_predict::<$rt>(launch, argv, sup, interrupt, events).await
             }
         }
         pub mod registry {

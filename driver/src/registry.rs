@@ -364,15 +364,13 @@ pub async fn publish<S: Store>(
     run_dir: &Path,
     info: PublishInfo,
 ) -> Result<ModelEntry, StoreError> {
-    let cfg_path = run_dir.join("training_config.yaml");
-    let config = std::fs::read_to_string(&cfg_path).map_err(io(cfg_path.display()))?;
-    if !run_dir.join("best.ckpt").is_file() {
-        return Err(StoreError::Other(format!("{} has no best.ckpt: not a trained model", run_dir.display())));
-    }
-    let dataset = if info.dataset_hash.is_empty() { "unknown".to_owned() } else { info.dataset_hash.clone() };
-    let id = sleap_rtc_core::registry::model_id(&config, &dataset);
     let dir = run_dir.to_path_buf();
-    let files: Vec<(ModelFile, PathBuf)> = blocking::<S::Rt, _>(move || {
+    let (config, files): (String, Vec<(ModelFile, PathBuf)>) = blocking::<S::Rt, _>(move || {
+        let cfg_path = dir.join("training_config.yaml");
+        let config = std::fs::read_to_string(&cfg_path).map_err(io(cfg_path.display()))?;
+        if !dir.join("best.ckpt").is_file() {
+            return Err(StoreError::Other(format!("{} has no best.ckpt: not a trained model", dir.display())));
+        }
         let mut out = Vec::new();
         for name in MODEL_FILES {
             let p = dir.join(name);
@@ -383,9 +381,11 @@ pub async fn publish<S: Store>(
                 }
             }
         }
-        Ok(out)
+        Ok((config, out))
     })
     .await?;
+    let dataset = if info.dataset_hash.is_empty() { "unknown".to_owned() } else { info.dataset_hash.clone() };
+    let id = sleap_rtc_core::registry::model_id(&config, &dataset);
     // The same config and dataset is the same model: if the room has it, its files stay as
     // published (a retraining's slightly different weights must not replace files whose hashes
     // the manifest records); only the entry is merged (workers, tags).
@@ -440,20 +440,24 @@ pub async fn pull<S: Store>(
     let m = manifest(store, room).await?;
     let e = m.resolve(query)?.clone();
     let dir = dest.join(&e.id);
-    std::fs::create_dir_all(&dir).map_err(io(dir.display()))?;
+    let d = dir.clone();
+    blocking::<S::Rt, _>(move || std::fs::create_dir_all(&d).map_err(io(d.display()))).await?;
     for f in &e.files {
         sleap_rtc_core::transfer::validate_name(&f.name).map_err(|err| StoreError::Other(err.to_string()))?;
         let fin = dir.join(&f.name);
         let part = dir.join(format!("{}.part", f.name));
         store.get_file(room, &e.id, &f.name, &part).await?;
-        let p2 = part.clone();
-        let shown = part.display().to_string();
-        let got = blocking::<S::Rt, _>(move || crate::files::hash_file(&p2).map_err(io(shown))).await?;
-        if got != f.blake3 {
-            let _ = std::fs::remove_file(&part);
-            return Err(StoreError::HashMismatch { name: f.name.clone(), expected: f.blake3.clone(), got });
-        }
-        std::fs::rename(&part, &fin).map_err(io(fin.display()))?;
+        let (name, expected) = (f.name.clone(), f.blake3.clone());
+        // Verified before it takes the final name: a bad download never looks like a model file.
+        blocking::<S::Rt, _>(move || {
+            let got = crate::files::hash_file(&part).map_err(io(part.display()))?;
+            if got != expected {
+                let _ = std::fs::remove_file(&part);
+                return Err(StoreError::HashMismatch { name, expected, got });
+            }
+            std::fs::rename(&part, &fin).map_err(io(fin.display()))
+        })
+        .await?;
     }
     Ok((e, dir))
 }

@@ -79,6 +79,11 @@ pub enum TrainerError {
     Spawn { program: String, source: std::io::Error },
 }
 
+/// The user's stop/cancel, as [`run_train`] and [`run_predict`] receive it.
+pub type InterruptRx = watch::Receiver<Option<Interrupt>>;
+/// Where [`run_train`] and [`run_predict`] send what the trainer does.
+pub type EventTx = mpsc::UnboundedSender<TrainerEvent>;
+
 /// A child process to run.
 pub struct Launch {
     pub program: PathBuf,
@@ -155,8 +160,8 @@ pub async fn run_train<R: Runtime>(
     launch: &Launch,
     args: impl FnOnce(u16, u16) -> Vec<String>,
     sup: &Supervision,
-    mut interrupt: watch::Receiver<Option<Interrupt>>,
-    events: mpsc::UnboundedSender<TrainerEvent>,
+    mut interrupt: InterruptRx,
+    events: EventTx,
 ) -> Result<Exit, TrainerError> {
     // zeromq's transport is tokio's: its futures run under `tokio_compat`.
     let (sub, ctl, publish_port, controller_port) = R::tokio_compat(bind_zmq()).await?;
@@ -282,8 +287,8 @@ pub async fn run_predict<R: Runtime>(
     launch: &Launch,
     argv: &[String],
     sup: &Supervision,
-    mut interrupt: watch::Receiver<Option<Interrupt>>,
-    events: mpsc::UnboundedSender<TrainerEvent>,
+    mut interrupt: InterruptRx,
+    events: EventTx,
 ) -> Result<Exit, TrainerError> {
     let mut child = R::spawn_process(command(launch, argv))
         .map_err(|source| TrainerError::Spawn { program: launch.program.display().to_string(), source })?;

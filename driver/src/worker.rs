@@ -906,7 +906,7 @@ impl<R: Runtime> Worker<R> {
         // Ready to receive before the client hears "accepted" and starts sending: an offer that
         // arrived first would find nobody waiting, and its refusal (an unsafe name, say) would go
         // unheard while the job waited for an upload.
-        let upload = self.expect_upload(&job, &c, &files);
+        let upload = self.expect_upload(&job, &c, &files).await;
         let _ = c.send_message(&JobMsg::JobAccepted { client_job_id, job_id: job_id.clone() }.to_value());
 
         let (state, message, results) = match self.receive_upload(&job, &files, upload).await {
@@ -934,7 +934,7 @@ impl<R: Runtime> Worker<R> {
     }
 
     /// Places what the cache already has as complete `.part`s and starts waiting for the upload.
-    fn expect_upload(
+    async fn expect_upload(
         &self,
         job: &ActiveJob<R>,
         c: &PeerConnection<R>,
@@ -945,26 +945,9 @@ impl<R: Runtime> Worker<R> {
         }
         let input = job.dir.join("input");
         // Files the worker already has (same content hash) are placed as complete `.part`s:
-        // the transfer then verifies them and sends nothing.
-        for f in files {
-            let cached = self.cache_dir.join(&f.blake3);
-            let ok_hash = f.blake3.len() == 64 && f.blake3.bytes().all(|b| b.is_ascii_hexdigit());
-            if !ok_hash || sleap_rtc_core::transfer::validate_name(&f.name).is_err() {
-                continue;
-            }
-            // symlink_metadata: a link planted in the cache must not make us copy whatever it
-            // points at into the job.
-            if std::fs::symlink_metadata(&cached).map(|m| m.file_type().is_file() && m.len() == f.size).unwrap_or(false)
-            {
-                let part = input.join(format!("{}{}", f.name, crate::files::PART_SUFFIX));
-                if let Some(parent) = part.parent() {
-                    let _ = std::fs::create_dir_all(parent);
-                }
-                // A copy, not a link: a resumed transfer appends to `.part`, which must never
-                // write into the cache.
-                let _ = std::fs::copy(&cached, &part);
-            }
-        }
+        // the transfer then verifies them and sends nothing. Copies of datasets: the blocking pool.
+        let (cache_dir, dir, wanted) = (self.cache_dir.clone(), input.clone(), files.to_vec());
+        R::spawn_blocking(move || place_cached(&cache_dir, &dir, &wanted)).await;
         c.receive_files(&input).map(Some).map_err(|e| e.to_string())
     }
 
@@ -998,21 +981,9 @@ impl<R: Runtime> Worker<R> {
                 let _ = std::fs::hard_link(&src, &cached);
             }
         }
-        self.trim_cache();
+        let (dir, cap) = (self.cache_dir.clone(), self.cfg.upload_cache_bytes);
+        R::spawn_blocking(move || trim_upload_cache(&dir, cap)).await;
         Ok(())
-    }
-
-    /// Keeps the upload cache under its cap, dropping the least recently modified entries.
-    fn trim_cache(&self) {
-        let Ok(rd) = std::fs::read_dir(&self.cache_dir) else { return };
-        let entries: Vec<(SystemTime, u64, PathBuf)> = rd
-            .flatten()
-            .filter_map(|e| {
-                let m = e.metadata().ok()?;
-                Some((m.modified().ok()?, m.len(), e.path()))
-            })
-            .collect();
-        evict_lru(entries, 0, self.cfg.upload_cache_bytes, |p| std::fs::remove_file(p));
     }
 
     /// Registry models a track job names must exist in the room's registry.
@@ -1079,35 +1050,6 @@ impl<R: Runtime> Worker<R> {
             tracing::warn!(model = %entry.id, error = %e, "cannot record this worker in available_on_workers");
         }
         Ok(dir)
-    }
-
-    /// Evicts least recently used models beyond the cap, never those in `keep` (the job's).
-    fn trim_model_cache(&self, keep: &[String]) {
-        let Ok(rd) = std::fs::read_dir(self.model_cache()) else { return };
-        let dirs: Vec<(SystemTime, u64, PathBuf)> = rd
-            .flatten()
-            .filter(|e| !keep.iter().any(|k| e.file_name() == k.as_str()))
-            .filter_map(|e| {
-                let used = std::fs::metadata(e.path().join(".complete")).and_then(|m| m.modified()).ok()?;
-                let size: u64 = std::fs::read_dir(e.path())
-                    .ok()?
-                    .flatten()
-                    .filter_map(|f| f.metadata().ok())
-                    .map(|m| m.len())
-                    .sum();
-                Some((used, size, e.path()))
-            })
-            .collect();
-        let keep_size: u64 = keep
-            .iter()
-            .flat_map(|k| std::fs::read_dir(self.model_cache().join(k)).into_iter().flatten().flatten())
-            .filter_map(|f| f.metadata().ok())
-            .map(|m| m.len())
-            .sum();
-        evict_lru(dirs, keep_size, self.cfg.model_cache_bytes, |p| {
-            tracing::info!(model = %p.display(), "evicted from the model cache");
-            std::fs::remove_dir_all(p)
-        });
     }
 
     /// `registry_query` (a signaling peer_message): does this worker have a model cached?
@@ -1344,10 +1286,13 @@ impl<R: Runtime> Worker<R> {
             Some(Progress::EpochEnd { epoch, loss, val_loss }) => (Some(epoch + 1), val_loss.or(loss)),
             _ => (None, None),
         };
+        // Reads and hashes the dataset splits: the blocking pool.
+        let dir = run_dir.to_path_buf();
+        let dataset_hash = R::spawn_blocking(move || crate::registry::dataset_hash(&dir)).await.unwrap_or_default();
         let info = crate::registry::PublishInfo {
             trained_by: job.owner.clone(),
             trained_on_worker: self.peer_id.clone(),
-            dataset_hash: crate::registry::dataset_hash(run_dir),
+            dataset_hash,
             epochs,
             final_loss,
             training_duration_sec: Some(job.started.elapsed().as_secs_f64()),
@@ -1406,7 +1351,8 @@ impl<R: Runtime> Worker<R> {
         let exit = trainer::run_predict::<R>(&launch, &argv, &self.cfg.supervision, interrupt, tx).await;
         let _ = relay_task.await;
         if !cached.is_empty() {
-            self.trim_model_cache(&cached);
+            let (cache, cap) = (self.model_cache(), self.cfg.model_cache_bytes);
+            R::spawn_blocking(move || trim_model_cache(&cache, &cached, cap)).await;
         }
         let exit = match exit {
             Ok(e) => e,
@@ -1462,6 +1408,67 @@ impl<R: Runtime> Worker<R> {
                     R::spawn(async move { send_results(c, &dir, &results).await });
                 }
             }
+        }
+    }
+}
+
+/// Keeps the upload cache under its cap, dropping the least recently modified entries.
+fn trim_upload_cache(dir: &Path, cap: u64) {
+    let Ok(rd) = std::fs::read_dir(dir) else { return };
+    let entries: Vec<(SystemTime, u64, PathBuf)> = rd
+        .flatten()
+        .filter_map(|e| {
+            let m = e.metadata().ok()?;
+            Some((m.modified().ok()?, m.len(), e.path()))
+        })
+        .collect();
+    evict_lru(entries, 0, cap, |p| std::fs::remove_file(p));
+}
+
+/// Evicts least recently used models from `cache` beyond `cap`, never those in `keep` (the
+/// job's).
+fn trim_model_cache(cache: &Path, keep: &[String], cap: u64) {
+    let Ok(rd) = std::fs::read_dir(cache) else { return };
+    let dirs: Vec<(SystemTime, u64, PathBuf)> = rd
+        .flatten()
+        .filter(|e| !keep.iter().any(|k| e.file_name() == k.as_str()))
+        .filter_map(|e| {
+            let used = std::fs::metadata(e.path().join(".complete")).and_then(|m| m.modified()).ok()?;
+            let size: u64 =
+                std::fs::read_dir(e.path()).ok()?.flatten().filter_map(|f| f.metadata().ok()).map(|m| m.len()).sum();
+            Some((used, size, e.path()))
+        })
+        .collect();
+    let keep_size: u64 = keep
+        .iter()
+        .flat_map(|k| std::fs::read_dir(cache.join(k)).into_iter().flatten().flatten())
+        .filter_map(|f| f.metadata().ok())
+        .map(|m| m.len())
+        .sum();
+    evict_lru(dirs, keep_size, cap, |p| {
+        tracing::info!(model = %p.display(), "evicted from the model cache");
+        std::fs::remove_dir_all(p)
+    });
+}
+
+/// Copies cached uploads (by content hash) into `input` as complete `.part`s.
+fn place_cached(cache_dir: &Path, input: &Path, files: &[FileEntry]) {
+    for f in files {
+        let cached = cache_dir.join(&f.blake3);
+        let ok_hash = f.blake3.len() == 64 && f.blake3.bytes().all(|b| b.is_ascii_hexdigit());
+        if !ok_hash || sleap_rtc_core::transfer::validate_name(&f.name).is_err() {
+            continue;
+        }
+        // symlink_metadata: a link planted in the cache must not make us copy whatever it
+        // points at into the job.
+        if std::fs::symlink_metadata(&cached).map(|m| m.file_type().is_file() && m.len() == f.size).unwrap_or(false) {
+            let part = input.join(format!("{}{}", f.name, crate::files::PART_SUFFIX));
+            if let Some(parent) = part.parent() {
+                let _ = std::fs::create_dir_all(parent);
+            }
+            // A copy, not a link: a resumed transfer appends to `.part`, which must never
+            // write into the cache.
+            let _ = std::fs::copy(&cached, &part);
         }
     }
 }

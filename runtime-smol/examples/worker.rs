@@ -10,6 +10,10 @@
 //!     cargo run -p sleap-rtc-smol --example worker -- /var/tmp/sleap-worker [path/to/sleap-nn]
 //! ```
 //!
+//! Optional: `SLEAP_RTC_REGISTRY` (a directory or `s3://` URL to publish trained models to;
+//! `s3://` needs the crate's `s3` feature), `SLEAP_RTC_BIND` (comma-separated local addresses for
+//! peer connections; default every interface).
+//!
 //! (`sleap-rtc room token` makes a worker token; `sleap-rtc worker --help` lists what the
 //! `WorkerConfig` fields mean.)
 
@@ -26,7 +30,11 @@ fn main() -> Result<(), Box<dyn Error>> {
         let work_dir = args.next().ok_or("usage: worker WORK_DIR [SLEAP_NN]")?;
         let sleap_nn = args.next().unwrap_or_else(|| "sleap-nn".into());
         let mut cfg = WorkerConfig::new(&server, &token, &work_dir, &sleap_nn);
-        cfg.registry = Some(work_dir.join("registry").display().to_string());
+        cfg.registry = std::env::var("SLEAP_RTC_REGISTRY").ok();
+        if let Ok(ips) = std::env::var("SLEAP_RTC_BIND") {
+            let ips: Result<Vec<std::net::IpAddr>, _> = ips.split(',').map(|ip| ip.trim().parse()).collect();
+            cfg.peer.bind_ips = ips.map_err(|e| format!("SLEAP_RTC_BIND: {e}"))?;
+        }
 
         let worker = Worker::new(cfg).await?;
         let caps = worker.capabilities();

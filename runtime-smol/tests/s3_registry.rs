@@ -1,7 +1,7 @@
 //! The S3 registry store on smol: the AWS SDK is tokio-based and runs under `Smol::tokio_compat`
 //! (async-compat's background reactor). Against a real moto server on 127.0.0.1: publish a run
 //! directory, see the manifest, pull it back verified, a manifest update. Everything runs under
-//! `smol::block_on`; no tokio runtime is started by the test.
+//! `smol::block_on`; the only tokio runtime is the one async-compat starts for the SDK.
 //!
 //! Alone in its test binary because the AWS SDK takes its endpoint and credentials from the
 //! environment, which is process-wide.

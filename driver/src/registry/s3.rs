@@ -14,6 +14,7 @@ use super::StoreError;
 /// Files larger than this go up in parts of this size.
 const PART: u64 = 64 << 20;
 
+/// An S3 (or compatible) store. Opaque: open it with `AnyStore::open("s3://...")`.
 #[derive(Debug, Clone)]
 pub struct S3Store {
     client: aws_sdk_s3::Client,
@@ -28,7 +29,7 @@ fn s3_err<E: std::fmt::Debug>(what: &str) -> impl FnOnce(E) -> StoreError + '_ {
 impl S3Store {
     /// `url` is `s3://bucket[/prefix]`. Path-style addressing is used when an endpoint override
     /// is set (S3-compatible stores rarely do virtual hosts).
-    pub async fn connect(url: &str) -> Result<S3Store, StoreError> {
+    pub(crate) async fn connect(url: &str) -> Result<S3Store, StoreError> {
         let rest = url.strip_prefix("s3://").ok_or_else(|| StoreError::Other(format!("{url}: not an s3:// URL")))?;
         let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
         if bucket.is_empty() {
@@ -108,10 +109,11 @@ impl S3Store {
     }
 }
 
-// Not a `Store` itself: the AWS SDK is tokio-based, and `AnyStore` runs these under the
-// runtime's `tokio_compat`.
+// Not a `Store` itself, and crate-private: the AWS SDK is tokio-based and these panic without a
+// tokio reactor, so they are only reached through `AnyStore`, which runs each under the runtime's
+// `tokio_compat`.
 impl S3Store {
-    pub async fn read_manifest(&self, room: &str) -> Result<Option<(Vec<u8>, String)>, StoreError> {
+    pub(crate) async fn read_manifest(&self, room: &str) -> Result<Option<(Vec<u8>, String)>, StoreError> {
         super::component("room id", room)?;
         let key = self.key(&[room, "manifest.json"]);
         match self.client.get_object().bucket(&self.bucket).key(&key).send().await {
@@ -125,7 +127,12 @@ impl S3Store {
         }
     }
 
-    pub async fn write_manifest(&self, room: &str, bytes: &[u8], expected: Option<&str>) -> Result<bool, StoreError> {
+    pub(crate) async fn write_manifest(
+        &self,
+        room: &str,
+        bytes: &[u8],
+        expected: Option<&str>,
+    ) -> Result<bool, StoreError> {
         super::component("room id", room)?;
         let key = self.key(&[room, "manifest.json"]);
         let mut req = self
@@ -153,7 +160,7 @@ impl S3Store {
         }
     }
 
-    pub async fn put_file(&self, room: &str, model: &str, name: &str, src: &Path) -> Result<(), StoreError> {
+    pub(crate) async fn put_file(&self, room: &str, model: &str, name: &str, src: &Path) -> Result<(), StoreError> {
         super::component("room id", room)?;
         super::component("model id", model)?;
         sleap_rtc_core::transfer::validate_name(name).map_err(|e| StoreError::Other(e.to_string()))?;
@@ -167,7 +174,7 @@ impl S3Store {
         Ok(())
     }
 
-    pub async fn get_file(&self, room: &str, model: &str, name: &str, dest: &Path) -> Result<(), StoreError> {
+    pub(crate) async fn get_file(&self, room: &str, model: &str, name: &str, dest: &Path) -> Result<(), StoreError> {
         use tokio::io::AsyncWriteExt;
         super::component("room id", room)?;
         super::component("model id", model)?;
@@ -183,7 +190,7 @@ impl S3Store {
         Ok(())
     }
 
-    pub fn location(&self, room: &str, model: &str) -> String {
+    pub(crate) fn location(&self, room: &str, model: &str) -> String {
         format!("s3://{}/{}/", self.bucket, self.key(&[room, "models", model]))
     }
 }
