@@ -370,16 +370,22 @@ pub fn assets() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../cli/assets")
 }
 
-/// A training job from `JobClient<R>` to `Worker<R>`: ticket authentication (the worker fetches
-/// the server's JWKS), submission with an upload, the fake trainer's ZMQ progress relayed,
-/// `job_done` completed, the run directory received, the model published to the registry.
-pub async fn job_end_to_end<R: Runtime>(env: &Env) {
+/// A worker on `R` and a client connected and authenticated to it (with a server ticket).
+async fn job_client<R: Runtime>(env: &Env) -> (RunningWorker, String, SignalingClient<R>, JobClient<R>) {
     let worker = env.start_worker::<R>().await;
     let sig = env.client::<R>().await;
     let worker_id = wait_for_worker(&sig, &worker).await;
     let client = JobClient::connect(&sig, &worker_id, PeerOptions::loopback(), &ClientAuth::Ticket)
         .await
         .expect("connect and authenticate");
+    (worker, worker_id, sig, client)
+}
+
+/// A training job from `JobClient<R>` to `Worker<R>`: ticket authentication (the worker fetches
+/// the server's JWKS), submission with an upload, the fake trainer's ZMQ progress relayed,
+/// `job_done` completed, the run directory received, the model published to the registry.
+pub async fn job_end_to_end<R: Runtime>(env: &Env) {
+    let (worker, worker_id, _sig, client) = job_client::<R>(env).await;
     let assets = assets();
     let config = std::fs::read_to_string(assets.join("tiny_single.yaml")).expect("the bundled config");
     let spec = json!({
@@ -448,11 +454,14 @@ async fn slow_job<R: Runtime>(client: &JobClient<R>, name: &str) -> String {
     job_id
 }
 
-async fn job_done<R: Runtime>(client: &JobClient<R>) -> sleap_rtc_core::job::JobStatus {
+/// Waits for `job_done`; returns the final status and the log lines relayed meanwhile.
+async fn job_done<R: Runtime>(client: &JobClient<R>) -> (sleap_rtc_core::job::JobStatus, Vec<String>) {
     within::<R, _>("job_done", async {
+        let mut logs = Vec::new();
         loop {
             match client.next().await {
-                Some(JobMsg::JobDone { status }) => return status,
+                Some(JobMsg::JobDone { status }) => return (status, logs),
+                Some(JobMsg::JobLog { text, .. }) => logs.push(text),
                 Some(_) => {}
                 None => panic!("the connection closed before job_done"),
             }
@@ -467,32 +476,16 @@ async fn job_done<R: Runtime>(client: &JobClient<R>) -> sleap_rtc_core::job::Job
 /// group under a shell (see `start_worker`) and logs Lightning's "Received SIGTERM" line. Both
 /// on `R`.
 pub async fn job_stop_and_cancel<R: Runtime>(env: &Env) {
-    let worker = env.start_worker::<R>().await;
-    let sig = env.client::<R>().await;
-    let worker_id = wait_for_worker(&sig, &worker).await;
-    let client = JobClient::connect(&sig, &worker_id, PeerOptions::loopback(), &ClientAuth::Ticket)
-        .await
-        .expect("connect and authenticate");
+    let (_worker, _, _sig, client) = job_client::<R>(env).await;
 
     let job = slow_job(&client, "stopped").await;
     client.stop(&job).expect("stop");
-    let status = job_done(&client).await;
+    let (status, _) = job_done(&client).await;
     assert_eq!(status.state, JobState::StoppedEarly, "{status:?}");
 
     let job = slow_job(&client, "cancelled").await;
     client.cancel(&job).expect("cancel");
-    let (status, logs) = within::<R, _>("job_done", async {
-        let mut logs = Vec::new();
-        loop {
-            match client.next().await {
-                Some(JobMsg::JobDone { status }) => return (status, logs),
-                Some(JobMsg::JobLog { text, .. }) => logs.push(text),
-                Some(_) => {}
-                None => panic!("the connection closed before job_done"),
-            }
-        }
-    })
-    .await;
+    let (status, logs) = job_done(&client).await;
     assert_eq!(status.state, JobState::Cancelled, "{status:?}");
     assert!(
         logs.iter().any(|l| l.contains("Received SIGTERM")),
