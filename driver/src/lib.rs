@@ -172,10 +172,10 @@ pub fn random_bytes(buf: &mut [u8]) {
 }
 
 /// Declares, in a runtime crate, the public API every runtime crate shares: the modules
-/// `signaling`, `conn`, `client`, `worker`, `trainer`, `registry` and `files` and the crate-root re-exports, with the generic
-/// types fixed to `$rt` (so `SignalingClient`, `PeerConnection`, `JobClient` and `Worker` are plain names,
-/// as in sleap-rtc-tokio before the split). Written once here so that the two crates cannot
-/// drift apart.
+/// `signaling`, `conn`, `client`, `worker`, `trainer`, `registry` and `files` and the crate-root
+/// re-exports, with the generic types fixed to `$rt` (so `SignalingClient`, `PeerConnection`,
+/// `JobClient` and `Worker` are plain names, as in sleap-rtc-tokio before the split). Written
+/// once here so that the two crates cannot drift apart.
 #[macro_export]
 macro_rules! runtime_api {
     ($rt:ty) => {
