@@ -89,22 +89,7 @@ impl Env {
         cfg.auth_rate_per_min = 1e6;
         let (server, jwt, room, token) = fixtures.block_on(async {
             let server = sleap_rtc_server::Server::start(cfg).await.expect("the signaling server starts");
-            let base = format!("http://{}", server.local_addrs()[0]);
-            let http = reqwest::Client::new();
-            let post = |path: &str, jwt: Option<&str>, body: Value| {
-                let mut r = http.post(format!("{base}{path}")).json(&body);
-                if let Some(j) = jwt {
-                    r = r.bearer_auth(j);
-                }
-                async move { r.send().await.expect("the server answers").json::<Value>().await.expect("JSON") }
-            };
-            let s = |v: &Value, k: &str| v[k].as_str().unwrap_or_else(|| panic!("no {k} in {v}")).to_owned();
-            let jwt = s(&post("/anonymous-signin", None, json!({})).await, "jwt");
-            let room = s(&post("/api/auth/rooms", Some(&jwt), json!({})).await, "room_id");
-            let token = s(
-                &post("/api/auth/token", Some(&jwt), json!({"room_id": room, "worker_name": "gpu"})).await,
-                "token_id",
-            );
+            let (jwt, room, token) = data::sign_in(&format!("http://{}", server.local_addrs()[0])).await;
             (server, jwt, room, token)
         });
         let ws = format!("ws://{}/ws", server.local_addrs()[0]);

@@ -4,7 +4,6 @@
 
 use std::time::Duration;
 
-use serde_json::{Value, json};
 use sleap_rtc_core::signal::{Register, ServerMessage};
 use sleap_rtc_tokio::{ConnError, PeerConnection, PeerOptions, SignalingClient, accept, connect};
 
@@ -27,21 +26,7 @@ pub async fn env_with(tweak: impl FnOnce(&mut sleap_rtc_server::Config)) -> Env 
     cfg.auth_rate_per_min = 1e6;
     tweak(&mut cfg);
     let server = sleap_rtc_server::Server::start(cfg).await.unwrap();
-    let base = format!("http://{}", server.local_addrs()[0]);
-    let http = reqwest::Client::new();
-    let post = |path: &str, jwt: Option<&str>, body: Value| {
-        let mut r = http.post(format!("{base}{path}")).json(&body);
-        if let Some(j) = jwt {
-            r = r.bearer_auth(j);
-        }
-        async move { r.send().await.unwrap().json::<Value>().await.unwrap() }
-    };
-    let jwt = post("/anonymous-signin", None, json!({})).await["jwt"].as_str().unwrap().to_owned();
-    let room = post("/api/auth/rooms", Some(&jwt), json!({})).await["room_id"].as_str().unwrap().to_owned();
-    let token = post("/api/auth/token", Some(&jwt), json!({"room_id": room, "worker_name": "gpu"})).await["token_id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
+    let (jwt, room, token) = data::sign_in(&format!("http://{}", server.local_addrs()[0])).await;
     Env { ws: format!("ws://{}/ws", server.local_addrs()[0]), server, _dir: dir, jwt, room, token }
 }
 
