@@ -343,7 +343,7 @@ pub async fn wait_for_worker<R: Runtime>(sig: &SignalingClient<R>, worker: &Runn
             if found.iter().any(|p| p.peer_id == worker_id) {
                 return;
             }
-            R::sleep_until(std::time::Instant::now() + Duration::from_millis(50)).await;
+            sleap_rtc_driver::sleep::<R>(Duration::from_millis(50)).await;
         }
     })
     .await;
@@ -356,45 +356,40 @@ pub fn assets() -> PathBuf {
 }
 
 /// A worker on `R` and a client connected and authenticated to it (with a server ticket).
-async fn job_client<R: Runtime>(env: &Env) -> (RunningWorker, String, SignalingClient<R>, JobClient<R>) {
+async fn job_client<R: Runtime>(env: &Env) -> (RunningWorker, SignalingClient<R>, JobClient<R>) {
     let worker = env.start_worker::<R>().await;
     let sig = env.client::<R>().await;
     let worker_id = wait_for_worker(&sig, &worker).await;
     let client = JobClient::connect(&sig, &worker_id, PeerOptions::loopback(), &ClientAuth::Ticket)
         .await
         .expect("connect and authenticate");
-    (worker, worker_id, sig, client)
+    (worker, sig, client)
+}
+
+/// Submits a training job with the bundled config and labels (`fake` is a `# fake-sleap-nn:`
+/// behaviour line, ignored by the real trainer) and waits until the labels are uploaded.
+async fn submit_training<R: Runtime>(client: &JobClient<R>, run_name: &str, max_epochs: u32, fake: &str) -> String {
+    let config = std::fs::read_to_string(assets().join("tiny_single.yaml")).expect("the bundled config");
+    let spec = json!({
+        "type": "train",
+        "labels_path": "labels.pkg.slp",
+        "config_contents": [format!("{config}\n# fake-sleap-nn: {fake}\n")],
+        "max_epochs": max_epochs,
+        "run_name": run_name,
+    });
+    let (job_id, upload) = client.submit(&spec, &[assets().join("labels.pkg.slp")]).await.expect("accepted");
+    let upload = upload.expect("the labels are uploaded");
+    assert!(within::<R, _>("the upload", upload.finish()).await.expect("uploaded").failed.is_empty());
+    job_id
 }
 
 /// A training job from `JobClient<R>` to `Worker<R>`: ticket authentication (the worker fetches
 /// the server's JWKS), submission with an upload, the fake trainer's ZMQ progress relayed,
 /// `job_done` completed, the run directory received, the model published to the registry.
 pub async fn job_end_to_end<R: Runtime>(env: &Env) {
-    let (worker, worker_id, _sig, client) = job_client::<R>(env).await;
-    let assets = assets();
-    let config = std::fs::read_to_string(assets.join("tiny_single.yaml")).expect("the bundled config");
-    let spec = json!({
-        "type": "train",
-        "labels_path": "labels.pkg.slp",
-        "config_contents": [config],
-        "max_epochs": 2,
-        "run_name": "conformance",
-    });
-    let (job_id, upload) = client.submit(&spec, &[assets.join("labels.pkg.slp")]).await.expect("accepted");
-    let upload = upload.expect("the labels are uploaded");
-    assert!(within::<R, _>("the upload", upload.finish()).await.expect("uploaded").failed.is_empty());
-    let (status, epochs) = within::<R, _>("job_done", async {
-        let mut epochs = 0;
-        loop {
-            match client.next().await {
-                Some(JobMsg::JobProgress { progress: Progress::EpochEnd { .. }, .. }) => epochs += 1,
-                Some(JobMsg::JobDone { status }) => return (status, epochs),
-                Some(_) => {}
-                None => panic!("the connection closed before job_done"),
-            }
-        }
-    })
-    .await;
+    let (worker, _sig, client) = job_client::<R>(env).await;
+    let job_id = submit_training(&client, "conformance", 2, "mode=ok").await;
+    let JobEnd { status, epochs, .. } = job_done(&client).await;
     assert_eq!(status.job_id, job_id);
     assert_eq!(status.state, JobState::Completed, "{status:?}");
     assert_eq!(epochs, 2, "every epoch's progress was relayed");
@@ -408,23 +403,13 @@ pub async fn job_end_to_end<R: Runtime>(env: &Env) {
     let store = LocalStore::<R>::new(&worker.registry);
     let m = within::<R, _>("the manifest", registry::manifest(&store, &env.room)).await.expect("the manifest");
     let entry = m.models.values().next().expect("the trained model is in the registry");
-    assert_eq!(entry.trained_on_worker, worker_id);
+    assert_eq!(entry.trained_on_worker, worker.peer_id);
     assert!(entry.files.iter().any(|f| f.name == "best.ckpt"), "{entry:?}");
 }
 
 /// Submits a slow training job and waits for its first epoch.
 async fn slow_job<R: Runtime>(client: &JobClient<R>, name: &str) -> String {
-    let config = std::fs::read_to_string(assets().join("tiny_single.yaml")).expect("the bundled config");
-    let spec = json!({
-        "type": "train",
-        "labels_path": "labels.pkg.slp",
-        "config_contents": [format!("{config}\n# fake-sleap-nn: batch_ms=100\n")],
-        "max_epochs": 200,
-        "run_name": name,
-    });
-    let (job_id, upload) = client.submit(&spec, &[assets().join("labels.pkg.slp")]).await.expect("accepted");
-    let upload = upload.expect("the labels are uploaded");
-    assert!(within::<R, _>("the upload", upload.finish()).await.expect("uploaded").failed.is_empty());
+    let job_id = submit_training(client, name, 200, "batch_ms=100").await;
     within::<R, _>("the first epoch", async {
         loop {
             match client.next().await {
@@ -439,14 +424,24 @@ async fn slow_job<R: Runtime>(client: &JobClient<R>, name: &str) -> String {
     job_id
 }
 
-/// Waits for `job_done`; returns the final status and the log lines relayed meanwhile.
-async fn job_done<R: Runtime>(client: &JobClient<R>) -> (sleap_rtc_core::job::JobStatus, Vec<String>) {
+/// How a job ended, and what was relayed on the way.
+struct JobEnd {
+    status: sleap_rtc_core::job::JobStatus,
+    /// Output lines relayed.
+    logs: Vec<String>,
+    /// `epoch_end` progress messages relayed.
+    epochs: u32,
+}
+
+/// Waits for `job_done`.
+async fn job_done<R: Runtime>(client: &JobClient<R>) -> JobEnd {
     within::<R, _>("job_done", async {
-        let mut logs = Vec::new();
+        let (mut logs, mut epochs) = (Vec::new(), 0);
         loop {
             match client.next().await {
-                Some(JobMsg::JobDone { status }) => return (status, logs),
+                Some(JobMsg::JobDone { status }) => return JobEnd { status, logs, epochs },
                 Some(JobMsg::JobLog { text, .. }) => logs.push(text),
+                Some(JobMsg::JobProgress { progress: Progress::EpochEnd { .. }, .. }) => epochs += 1,
                 Some(_) => {}
                 None => panic!("the connection closed before job_done"),
             }
@@ -461,16 +456,16 @@ async fn job_done<R: Runtime>(client: &JobClient<R>) -> (sleap_rtc_core::job::Jo
 /// group under a shell (see `start_worker`) and logs Lightning's "Received SIGTERM" line. Both
 /// on `R`.
 pub async fn job_stop_and_cancel<R: Runtime>(env: &Env) {
-    let (_worker, _, _sig, client) = job_client::<R>(env).await;
+    let (_worker, _sig, client) = job_client::<R>(env).await;
 
     let job = slow_job(&client, "stopped").await;
     client.stop(&job).expect("stop");
-    let (status, _) = job_done(&client).await;
+    let status = job_done(&client).await.status;
     assert_eq!(status.state, JobState::StoppedEarly, "{status:?}");
 
     let job = slow_job(&client, "cancelled").await;
     client.cancel(&job).expect("cancel");
-    let (status, logs) = job_done(&client).await;
+    let JobEnd { status, logs, .. } = job_done(&client).await;
     assert_eq!(status.state, JobState::Cancelled, "{status:?}");
     assert!(
         logs.iter().any(|l| l.contains("Received SIGTERM")),
@@ -548,7 +543,7 @@ pub async fn child_processes<R: Runtime>(_env: &Env) {
         while std::fs::read_to_string(&stat)
             .is_ok_and(|s| !s.rsplit_once(')').is_some_and(|(_, r)| r.starts_with(" Z")))
         {
-            R::sleep_until(std::time::Instant::now() + Duration::from_millis(20)).await;
+            sleap_rtc_driver::sleep::<R>(Duration::from_millis(20)).await;
         }
     })
     .await;
