@@ -13,6 +13,10 @@ fn main() -> anyhow::Result<()> {
     if a.role.is_none() {
         return bench::run_parent(a);
     }
+    // The TCP baseline's children need no runtime.
+    if let Some(r) = bench::run_plain(&a) {
+        return r;
+    }
     // The measured side: a 2-thread tokio runtime, as the benchmark always used.
     let rt = tokio::runtime::Builder::new_multi_thread().worker_threads(2).enable_all().build()?;
     rt.block_on(bench::child::<sleap_rtc_tokio::Tokio>(a))
