@@ -14,9 +14,13 @@ pub(crate) const COMMON_HEADER_SIZE: u32 = 12;
 pub(crate) const DATA_CHUNK_HEADER_SIZE: u32 = 16;
 pub(crate) const DEFAULT_MAX_MESSAGE_SIZE: u32 = 65536;
 
-// Default RTO values in milliseconds (RFC 4960)
-pub(crate) const RTO_INITIAL: u64 = 3000;
-pub(crate) const RTO_MIN: u64 = 1000;
+// Default RTO values in milliseconds. sleap-rtc patch: RFC 4960's 1 s minimum costs a second of
+// silence per lost retransmission (and per tail loss) on every path, whatever its RTT; like Linux
+// TCP we bound it at 200 ms. The RTO still follows SRTT + 4·RTTVAR above the minimum and backs off
+// exponentially. The initial RTO (before any RTT sample) is RFC 9260's 1 s rather than RFC 4960's
+// 3 s; lower would fire spuriously on long paths before the first measurement.
+pub(crate) const RTO_INITIAL: u64 = 1000;
+pub(crate) const RTO_MIN: u64 = 200;
 pub(crate) const RTO_MAX: u64 = 60000;
 
 // Default max retransmit value (RFC 4960 Section 15)

@@ -5903,3 +5903,30 @@ fn forward_only_marker_ack_does_not_reset_peer_errors() {
         (true, true, 2)
     );
 }
+
+// sleap-rtc patch: a SACK with more gap blocks than fit in the MTU reports the lowest ones and
+// still fits in one packet (it could not be sent at all before).
+#[test]
+fn sleap_rtc_sack_with_many_gaps_fits_in_one_packet() -> Result<()> {
+    let mtu = 1140;
+    let mut receiver = Association {
+        peer_last_tsn: 0,
+        mtu,
+        ..Default::default()
+    };
+    for i in 0..1000u32 {
+        let c = ChunkPayloadData {
+            tsn: 2 + 2 * i,
+            user_data: Bytes::from_static(b"x"),
+            ..Default::default()
+        };
+        assert!(receiver.payload_queue.push(c, 0));
+    }
+    let sack = receiver.create_selective_ack_chunk();
+    assert!(!sack.gap_ack_blocks.is_empty());
+    assert!(sack.gap_ack_blocks.len() < 1000);
+    assert_eq!(sack.gap_ack_blocks[0].start, 2);
+    let raw = receiver.create_packet(vec![Box::new(sack)]).marshal()?;
+    assert!(raw.len() <= mtu as usize, "{} bytes", raw.len());
+    Ok(())
+}

@@ -63,6 +63,7 @@ pub(crate) mod state;
 pub(crate) mod stats;
 pub(crate) mod stream;
 mod timer;
+mod bandwidth;
 
 #[cfg(test)]
 mod association_test;
@@ -303,6 +304,8 @@ pub struct Association {
     rwnd: u32,
     // slow start threshold
     pub(crate) ssthresh: u32,
+    /// sleap-rtc patch: delivery rate and minimum RTT for the loss response (bandwidth.rs).
+    pub(crate) bandwidth: bandwidth::BandwidthEstimator,
     partial_bytes_acked: u32,
     pub(crate) in_fast_recovery: bool,
     fast_recover_exit_point: u32,
@@ -404,6 +407,7 @@ impl Default for Association {
             rwnd: 0,
             // slow start threshold
             ssthresh: 0,
+            bandwidth: bandwidth::BandwidthEstimator::default(),
             partial_bytes_acked: 0,
             in_fast_recovery: false,
             fast_recover_exit_point: 0,
@@ -2548,6 +2552,7 @@ impl Association {
         // Peer delivery earns congestion credit even after its stream was reset.
         // Application credit below belongs only to the current stream generation.
         let total_bytes_acked = (outstanding_before - self.outbound_queue.inflight_bytes()) as i64;
+        self.bandwidth.on_acked(total_bytes_acked as u64, now);
 
         let mut cum_tsn_ack_point_advanced = false;
         if sna32lt(self.cumulative_tsn_ack_point, d.cumulative_tsn_ack) {
@@ -3059,6 +3064,11 @@ impl Association {
                         self.min_tsn2measure_rtt = self.my_next_tsn;
                         if let Some(since) = &c.since {
                             let rtt = now.duration_since(*since);
+                            self.bandwidth.on_rtt(rtt);
+                            // sleap-rtc patch: leave slow start once the bottleneck queue builds.
+                            if self.bandwidth.queue_building(rtt) && self.cwnd <= self.ssthresh && self.cwnd >= 32 * self.mtu {
+                                self.ssthresh = self.cwnd.saturating_sub(1).max(4 * self.mtu);
+                            }
                             let srtt = self.rto_mgr.set_new_rtt(rtt.as_millis() as u64);
                             trace!(
                                 "[{}] SACK: measured-rtt={} srtt={} new-rto={}",
@@ -3122,6 +3132,11 @@ impl Association {
                             self.min_tsn2measure_rtt = self.my_next_tsn;
                             if let Some(since) = &c.since {
                                 let rtt = now.duration_since(*since);
+                                self.bandwidth.on_rtt(rtt);
+                                // sleap-rtc patch: leave slow start once the bottleneck queue builds.
+                                if self.bandwidth.queue_building(rtt) && self.cwnd <= self.ssthresh && self.cwnd >= 32 * self.mtu {
+                                    self.ssthresh = self.cwnd.saturating_sub(1).max(4 * self.mtu);
+                                }
                                 let srtt = self.rto_mgr.set_new_rtt(rtt.as_millis() as u64);
                                 trace!(
                                     "[{}] SACK: measured-rtt={} srtt={} new-rto={}",
@@ -3224,7 +3239,11 @@ impl Association {
             //      reset partial_bytes_acked to (partial_bytes_acked - cwnd).
             if self.partial_bytes_acked >= self.cwnd && self.outbound_queue.pending_len() != 0 {
                 self.partial_bytes_acked -= self.cwnd;
-                self.cwnd += self.mtu;
+                // sleap-rtc patch: one MTU per round trip takes minutes to fill a path of
+                // thousands of packets after any reduction; grow by 1/64 of the window per
+                // round trip once that is more (Scalable TCP's rate), so the window follows the
+                // path in seconds. The loss response (Westwood+) keeps it from overrunning.
+                self.cwnd += self.mtu.max(self.cwnd / 64);
                 trace!(
                     "[{}] updated cwnd={} ssthresh={} acked={} (CA)",
                     self.side, self.cwnd, self.ssthresh, total_bytes_acked
@@ -3270,7 +3289,9 @@ impl Association {
                             //     last sent, according to the formula described in Section 7.2.3.
                             self.in_fast_recovery = true;
                             self.fast_recover_exit_point = htna;
-                            self.ssthresh = core::cmp::max(self.cwnd / 2, 4 * self.mtu);
+                            // sleap-rtc patch: Westwood+ instead of halving (bandwidth.rs).
+                            self.ssthresh =
+                                self.bandwidth.ssthresh_after_loss(self.cwnd, self.mtu);
                             self.cwnd = self.ssthresh;
                             self.partial_bytes_acked = 0;
                             self.will_retransmit_fast = true;
@@ -3748,6 +3769,14 @@ impl Association {
 
             let mut to_fast_retrans: Vec<Box<dyn Chunk + Send + Sync>> = vec![];
             let mut fast_retrans_size = COMMON_HEADER_SIZE;
+            // sleap-rtc patch: RFC 4960 retransmits one packet per fast-retransmit decision and
+            // leaves further losses of the same window to later SACKs or to T3-rtx. With windows
+            // of thousands of packets a burst of losses (a bottleneck queue overflowing) then
+            // ends in a timeout and a window of one MTU. Chunks with three miss indications are
+            // lost: resending them, up to a window's worth, replaces data that already left the
+            // network (RFC 6675's view of the pipe).
+            let mut full_packets: Vec<Vec<Box<dyn Chunk + Send + Sync>>> = vec![];
+            let mut budget = self.cwnd.max(self.mtu);
 
             let mut i = 0;
             loop {
@@ -3779,7 +3808,12 @@ impl Association {
                     let c = self.outbound_queue.get_mut(tsn).unwrap();
                     let data_chunk_size = DATA_CHUNK_HEADER_SIZE + c.user_data.len() as u32;
                     if self.mtu < fast_retrans_size + data_chunk_size {
-                        break;
+                        if budget < self.mtu || to_fast_retrans.is_empty() {
+                            break;
+                        }
+                        budget -= self.mtu;
+                        full_packets.push(core::mem::take(&mut to_fast_retrans));
+                        fast_retrans_size = COMMON_HEADER_SIZE;
                     }
 
                     fast_retrans_size += data_chunk_size;
@@ -3799,18 +3833,21 @@ impl Association {
                 i += 1;
             }
 
-            to_fast_retrans.retain(|chunk| {
-                let data = chunk.as_any().downcast_ref::<ChunkPayloadData>().unwrap();
-                !self.outbound_queue.is_abandoned(data.tsn)
-            });
-            if !to_fast_retrans.is_empty() {
-                if let Ok(raw) = self.create_packet(to_fast_retrans).marshal() {
-                    raw_packets.push(raw);
-                } else {
-                    warn!(
-                        "[{}] failed to serialize a DATA packet to be fast-retransmitted",
-                        self.side
-                    );
+            full_packets.push(to_fast_retrans);
+            for mut to_fast_retrans in full_packets {
+                to_fast_retrans.retain(|chunk| {
+                    let data = chunk.as_any().downcast_ref::<ChunkPayloadData>().unwrap();
+                    !self.outbound_queue.is_abandoned(data.tsn)
+                });
+                if !to_fast_retrans.is_empty() {
+                    if let Ok(raw) = self.create_packet(to_fast_retrans).marshal() {
+                        raw_packets.push(raw);
+                    } else {
+                        warn!(
+                            "[{}] failed to serialize a DATA packet to be fast-retransmitted",
+                            self.side
+                        );
+                    }
                 }
             }
         }
@@ -3946,6 +3983,10 @@ impl Association {
     /// or abandoned yet.
     fn get_data_packets_to_retransmit(&mut self, now: Instant) -> Vec<Packet> {
         self.expire_inflight_messages(now);
+        if !self.outbound_queue.retransmit_pending() {
+            return vec![];
+        }
+        let mut walked_all = false;
         let awnd = core::cmp::min(self.cwnd, self.rwnd);
         let mut chunks: Vec<ChunkPayloadData> = vec![];
         let mut bytes_to_send = 0;
@@ -3979,6 +4020,7 @@ impl Association {
 
                 bytes_to_send += c.user_data.len();
             } else {
+                walked_all = true;
                 break; // end of pending data
             }
 
@@ -4000,6 +4042,10 @@ impl Association {
             c.retransmit = false;
             c.nsent += 1;
             chunk.nsent = c.nsent;
+        }
+        // A walk cut short by the window or a zero-window probe leaves marked chunks behind.
+        if walked_all {
+            self.outbound_queue.clear_retransmit_pending();
         }
         self.bundle_data_chunks_into_packets(chunks)
     }
@@ -4177,11 +4223,23 @@ impl Association {
     }
 
     fn create_selective_ack_chunk(&mut self) -> ChunkSelectiveAck {
+        let mut gap_ack_blocks = self.payload_queue.get_gap_ack_blocks(self.peer_last_tsn);
+        let mut duplicate_tsn = self.payload_queue.pop_duplicates();
+        // sleap-rtc patch: a SACK must fit in one packet (RFC 9260 sec 6.2: report as many gap
+        // blocks, lowest first, and duplicates as fit). With a receive window of thousands of
+        // packets and losses, the list outgrows the MTU and the packet cannot be sent at all
+        // (str0m's DTLS layer refuses it).
+        const SACK_FIXED: u32 = 16; // chunk header + cumulative TSN + a_rwnd + the two counts
+        // (An association built by `Default`, in unit tests, has no MTU yet.)
+        let mtu = if self.mtu == 0 { crate::config::INITIAL_MTU } else { self.mtu };
+        let room = (mtu.saturating_sub(COMMON_HEADER_SIZE + SACK_FIXED) / 4) as usize;
+        gap_ack_blocks.truncate(room);
+        duplicate_tsn.truncate(room - gap_ack_blocks.len());
         ChunkSelectiveAck {
             cumulative_tsn_ack: self.peer_last_tsn,
             advertised_receiver_window_credit: self.get_my_receiver_window_credit(),
-            gap_ack_blocks: self.payload_queue.get_gap_ack_blocks(self.peer_last_tsn),
-            duplicate_tsn: self.payload_queue.pop_duplicates(),
+            gap_ack_blocks,
+            duplicate_tsn,
         }
     }
 
@@ -4352,7 +4410,10 @@ impl Association {
                 //      ssthresh = max(cwnd/2, 4*MTU)
                 //      cwnd = 1*MTU
 
-                self.ssthresh = core::cmp::max(self.cwnd / 2, 4 * self.mtu);
+                // sleap-rtc patch: Westwood+ instead of halving (bandwidth.rs). After a timeout
+                // the window may already be small (a recovery that stalled), so the estimate is
+                // not capped by it: slow start then returns to what the path delivered.
+                self.ssthresh = self.bandwidth.ssthresh_after_timeout(self.cwnd, self.mtu);
                 self.cwnd = self.mtu;
                 trace!(
                     "[{}] updated cwnd={} ssthresh={} inflight={} (RTO)",

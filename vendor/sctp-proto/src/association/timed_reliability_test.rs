@@ -36,6 +36,7 @@ fn timed_recovery_obeys_exact_deadline() {
                     c.retransmit = true;
                     c.miss_indicator = 3;
                 }
+                a.outbound_queue.set_retransmit_pending(); // sleap-rtc patch
                 let later = now + Duration::from_millis(delay);
                 let packets = if fast {
                     a.will_retransmit_fast = true;
@@ -71,6 +72,7 @@ fn timed_expiry_is_not_hidden_by_window_or_fast_packet_limit() {
             c.retransmit = true;
             c.miss_indicator = 3;
         }
+        a.outbound_queue.set_retransmit_pending(); // sleap-rtc patch
         a.cwnd = 0;
         a.mtu = 0;
         let later = now + Duration::from_millis(10);
@@ -162,6 +164,7 @@ fn timed_expiry_preserves_reliable_dcep_and_non_negotiated_traffic() {
                 _ => {}
             }
         }
+        a.outbound_queue.set_retransmit_pending(); // sleap-rtc patch
         assert!(
             !a.get_data_packets_to_retransmit(now + Duration::from_secs(2))
                 .is_empty()

@@ -1711,7 +1711,8 @@ fn test_assoc_delayed_ack() -> Result<()> {
     }
     let delay = (pair.time.duration_since(since).as_millis() as f64) / 1000.0;
     debug!("received in {} seconds", delay);
-    assert!(delay >= 0.2, "should be >= 200msec");
+    // sleap-rtc patch: the delayed-SACK timer is ACK_INTERVAL (50 ms), not 200 ms.
+    assert!(delay >= 0.05, "should be >= 50msec");
 
     pair.drive();
 

@@ -18,6 +18,14 @@ pub(crate) struct OutboundQueue {
     inflight: PayloadQueue,
     next_message_id: u64,
     next_unstarted_message_id: u64,
+    /// sleap-rtc patch: a message with a lifetime (or a deadline) was ever queued. Reliable
+    /// channels never queue one, so `expired_inflight` need not scan the in-flight queue for
+    /// deadlines on every poll. Sticky, hence conservative.
+    timed_seen: bool,
+    /// sleap-rtc patch: chunks were marked for retransmission (T3-rtx) and a retransmit walk has
+    /// not re-sent them all yet. Without it every poll walks the whole in-flight queue looking
+    /// for marked chunks (webrtc-rs/rtc 055b176a).
+    retransmit_pending: bool,
 }
 
 impl OutboundQueue {
@@ -33,6 +41,8 @@ impl OutboundQueue {
         // Never alias a still-queued message, even on counter exhaustion.
         self.next_message_id = message_id.checked_add(1).expect("message ID exhausted");
         for mut chunk in chunks {
+            self.timed_seen |= chunk.deadline.is_some()
+                || matches!(chunk.reliability, Some((crate::ReliabilityType::Timed, _)));
             chunk.message_id = message_id;
             self.pending.push(chunk);
         }
@@ -170,6 +180,9 @@ impl OutboundQueue {
     /// messages are excluded. Collect before abandonment mutates the queues so
     /// expiry is independent of send limits.
     pub(crate) fn expired_inflight(&self, now: Instant) -> Vec<u32> {
+        if !self.timed_seen {
+            return Vec::new();
+        }
         self.inflight
             .sorted
             .iter()
@@ -186,6 +199,21 @@ impl OutboundQueue {
 
     pub(crate) fn mark_all_to_retransmit(&mut self) {
         self.inflight.mark_all_to_retransmit();
+        self.retransmit_pending = true;
+    }
+
+    pub(crate) fn retransmit_pending(&self) -> bool {
+        self.retransmit_pending
+    }
+
+    /// For code (tests) that marks single chunks for retransmission by hand.
+    #[cfg(test)]
+    pub(crate) fn set_retransmit_pending(&mut self) {
+        self.retransmit_pending = true;
+    }
+
+    pub(crate) fn clear_retransmit_pending(&mut self) {
+        self.retransmit_pending = false;
     }
 
     pub(crate) fn pending_contains_stream(&self, stream: u16) -> bool {

@@ -5,12 +5,13 @@ use crate::util::*;
 use alloc::collections::VecDeque;
 use alloc::string::String;
 use alloc::vec::Vec;
-use std::collections::HashMap;
+use rustc_hash::FxHashMap;
 
 #[derive(Default, Debug)]
 pub(crate) struct PayloadQueue {
     // length: usize,
-    chunk_map: HashMap<u32, ChunkPayloadData>,
+    // sleap-rtc patch: FxHash; keys are TSNs chosen by us or checked against our window.
+    chunk_map: FxHashMap<u32, ChunkPayloadData>,
     pub(crate) sorted: VecDeque<u32>,
     dup_tsn: Vec<u32>,
     n_bytes: usize,
@@ -21,6 +22,20 @@ impl PayloadQueue {
         PayloadQueue::default()
     }
 
+    /// sleap-rtc patch: keeps `sorted` ordered by inserting at the right place instead of
+    /// re-sorting the whole queue on every push (webrtc-rs/rtc c6a720c1). Senders push
+    /// increasing TSNs, so the common case is an append.
+    fn insert_sorted(&mut self, tsn: u32) {
+        match self.sorted.back() {
+            Some(last) if !sna32lt(*last, tsn) => {
+                let at = self.sorted.partition_point(|t| sna32lt(*t, tsn));
+                self.sorted.insert(at, tsn);
+            }
+            _ => self.sorted.push_back(tsn),
+        }
+    }
+
+    #[allow(dead_code)]
     pub(crate) fn update_sorted_keys(&mut self) {
         self.sorted.make_contiguous().sort_by(|a, b| {
             if sna32lt(*a, *b) {
@@ -37,10 +52,8 @@ impl PayloadQueue {
 
     pub(crate) fn push_no_check(&mut self, p: ChunkPayloadData) {
         self.n_bytes += p.user_data.len();
-        self.sorted.push_back(p.tsn);
+        self.insert_sorted(p.tsn);
         self.chunk_map.insert(p.tsn, p);
-        //self.length += 1;
-        self.update_sorted_keys();
     }
 
     /// push pushes a payload data. If the payload data is already in our queue or
@@ -55,10 +68,8 @@ impl PayloadQueue {
         }
 
         self.n_bytes += p.user_data.len();
-        self.sorted.push_back(p.tsn);
+        self.insert_sorted(p.tsn);
         self.chunk_map.insert(p.tsn, p);
-        //self.length += 1;
-        self.update_sorted_keys();
 
         true
     }
