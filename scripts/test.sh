@@ -40,3 +40,7 @@ echo "==> cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "==> cargo test"
 cargo test --workspace --locked
+# The vendored sctp-proto (see vendor/sctp-proto/SLEAP-RTC-PATCH.md) is outside the workspace: its
+# own test suite, with its own lockfile.
+echo "==> cargo test (vendor/sctp-proto)"
+cargo test --manifest-path vendor/sctp-proto/Cargo.toml --locked
