@@ -11,12 +11,16 @@
 //! - [`registry`]: the room model registry: manifest, operations, optimistic-concurrency loop.
 //! - [`job`]: job specs and validation, the job state machine, the client↔worker control
 //!   messages, peer authentication, and the pure half of driving sleap-nn.
+//! - [`netsim`]: a model of one direction of a network path (delay, loss, bottleneck queue),
+//!   shared by the simulation tests and the emulated-path benchmark.
+//! - [`window`]: the bulk window that follows the path (delivery rate × a drain target).
 //! - `peer`, `session`, `stun` (feature `webrtc`, on by default): the str0m data-channel peer,
 //!   transfers over it with flow control, and STUN for server-reflexive candidates. The
 //!   signaling server builds without them.
 
 pub mod cluster;
 pub mod job;
+pub mod netsim;
 #[cfg(feature = "webrtc")]
 pub mod peer;
 pub mod registry;
@@ -27,3 +31,4 @@ pub mod signal;
 #[cfg(feature = "webrtc")]
 pub mod stun;
 pub mod transfer;
+pub mod window;

@@ -30,11 +30,17 @@ pub struct PeerConfig {
     /// LANs can use up to 1472 for fewer packets per byte (see BENCHMARKS.md).
     pub mtu: usize,
     /// Bytes str0m may buffer (written but not yet acknowledged) across both channels. Must
-    /// exceed the bulk high watermark so control messages still fit while bulk is busy.
+    /// exceed the bulk window's ceiling so control messages still fit while bulk is busy.
     pub max_buffered: usize,
-    /// Largest message we accept (advertised as `a=max-message-size`); also sets our SCTP
-    /// receive window to max(this, 1 MiB).
+    /// Largest message we accept (advertised as `a=max-message-size`).
     pub max_message_size: u32,
+    /// Our SCTP receive window: how many bytes the remote may have in flight to us. It caps a
+    /// connection at `receive_window / RTT`, so it is sized for long fat paths; memory is spent
+    /// only while packets are missing (data is handed on as soon as it is in order). str0m sets
+    /// the window to max(its receive message limit, 1 MiB), so the advertised
+    /// `a=max-message-size` becomes max(`max_message_size`, this); the session enforces its own,
+    /// smaller limits on what it accepts.
+    pub receive_window: u32,
     /// DTLS certificate to use. Generating one takes tens of milliseconds, so runtimes make one
     /// per process ([`generate_certificate`]) instead of one per connection.
     pub cert: Option<DtlsCert>,
@@ -47,7 +53,13 @@ pub fn generate_certificate() -> Option<DtlsCert> {
 
 impl Default for PeerConfig {
     fn default() -> Self {
-        PeerConfig { mtu: 1200, max_buffered: 1024 * 1024, max_message_size: 256 * 1024, cert: None }
+        PeerConfig {
+            mtu: 1200,
+            max_buffered: crate::window::WindowConfig::default().max + 1024 * 1024,
+            max_message_size: 256 * 1024,
+            receive_window: 16 * 1024 * 1024,
+            cert: None,
+        }
     }
 }
 
@@ -133,7 +145,7 @@ impl Peer {
             // The range is target..=warn-threshold: the start is the packet size str0m aims for.
             .set_mtu(mtu..=usize::MAX)
             .set_sctp_max_buffered_amount(cfg.max_buffered)
-            .set_sctp_max_message_size(cfg.max_message_size)
+            .set_sctp_max_message_size(cfg.max_message_size.max(cfg.receive_window))
             .build(now);
         Peer { rtc, pending: None, ctl: None, bulk: None, open_announced: false, closed: false }
     }

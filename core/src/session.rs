@@ -15,11 +15,16 @@ use crate::peer::{Peer, PeerConfig, PeerError, PeerEvent, PeerOutput};
 use crate::transfer::{
     self, Chunk, Manifest, Progress, Receiver, ReceiverAction, Sender, SenderEvent, TransferError, TransferMsg,
 };
+use crate::window::{BulkWindow, WindowConfig};
 
 /// Largest control message we send. Browsers and aiortc accept 256 KiB, but SCTP messages of
 /// that size cost latency on the shared association; 60 KiB is plenty for jobs and manifests of a
 /// few hundred files.
 pub const MAX_CTL_MESSAGE: usize = 60 * 1024;
+
+/// Largest control message we accept: the limit we advertised before the receive window grew
+/// (browsers and aiortc send at most this much in one message).
+pub const MAX_CTL_INBOUND: usize = 256 * 1024;
 
 /// Refuses a control message that is too large to send, with a clear reason.
 pub fn check_ctl_size(json: &str) -> Result<(), String> {
@@ -42,8 +47,18 @@ pub struct SessionConfig {
     pub peer: PeerConfig,
     /// Payload bytes per bulk frame.
     pub chunk: usize,
-    /// Stop reading new chunks while this many bytes are buffered in `bulk` (plus reads under way).
+    /// Stop reading new chunks while this many bytes are buffered in `bulk` (plus reads under
+    /// way)... at first: the window then follows the measured delivery rate (see
+    /// [`crate::window`]) up to `max_window`. This is its floor.
     pub high_water: usize,
+    /// The bulk window's ceiling. `peer.max_buffered` must exceed it (control messages need room)
+    /// and so should the remote's receive window (`peer.receive_window`). Set it to `high_water`
+    /// for a fixed window.
+    pub max_window: usize,
+    /// How long buffered bulk bytes should take to drain at the measured rate: about the longest
+    /// a control message waits behind bulk data. Paths with a longer round trip than this get
+    /// less than their bandwidth-delay product.
+    pub window_target: Duration,
     pub limits: transfer::Limits,
     /// How long an open connection may hear nothing from the other side before it is declared
     /// dead and closed. ICE consent checks make a live peer answer at least every 3 s, so
@@ -56,7 +71,9 @@ impl Default for SessionConfig {
         SessionConfig {
             peer: PeerConfig::default(),
             chunk: transfer::DEFAULT_CHUNK,
-            high_water: 64 * 1024,
+            high_water: WindowConfig::default().min,
+            max_window: WindowConfig::default().max,
+            window_target: WindowConfig::default().target,
             limits: transfer::Limits::default(),
             disconnect_timeout: Duration::from_secs(10),
         }
@@ -167,6 +184,9 @@ pub struct Session {
     last_heard: Instant,
     /// `Closed` was reported.
     closed: bool,
+    window: BulkWindow,
+    /// Bulk bytes str0m accepted so far (minus what it still buffers: what the peer acknowledged).
+    bulk_written: u64,
 }
 
 impl std::fmt::Debug for Session {
@@ -179,6 +199,12 @@ impl Session {
     pub fn new(cfg: SessionConfig, now: Instant) -> Session {
         let peer = Peer::new(&cfg.peer, now);
         Session {
+            window: BulkWindow::new(WindowConfig {
+                min: cfg.high_water,
+                max: cfg.max_window,
+                target: cfg.window_target,
+            }),
+            bulk_written: 0,
             cfg,
             peer,
             ctl_out: VecDeque::new(),
@@ -210,13 +236,29 @@ impl Session {
         data: &[u8],
     ) -> Result<(), PeerError> {
         self.last_heard = self.last_heard.max(now);
+        self.sample_window(now);
         self.peer.handle_receive(now, src, dst, data)
+    }
+
+    /// The bulk window now (bytes that may be buffered in the association).
+    pub fn bulk_window(&self) -> usize {
+        self.window.get()
+    }
+
+    fn sample_window(&mut self, now: Instant) {
+        if self.window.due(now) {
+            // The tail of a transfer drains the buffer: that is not the path's rate either.
+            let busy = self.outgoing.front().is_some_and(|o| o.sender.is_sending() && !o.sender.all_sent());
+            let acked = self.bulk_written.saturating_sub(self.peer.bulk_buffered() as u64);
+            self.window.sample(now, acked, busy);
+        }
     }
 
     pub fn handle_timeout(&mut self, now: Instant) -> Result<(), PeerError> {
         if self.open && now >= self.last_heard + self.cfg.disconnect_timeout && self.peer.is_alive() {
             self.abort();
         }
+        self.sample_window(now);
         self.peer.handle_timeout(now)
     }
 
@@ -369,6 +411,16 @@ impl Session {
     }
 
     fn on_ctl(&mut self, text: String) {
+        // The SCTP layer accepts messages up to the receive window (see `PeerConfig`); control
+        // messages of ours are far smaller, so anything larger is refused unread.
+        if text.len() > MAX_CTL_INBOUND {
+            self.events.push_back(SessionOutput::Event(SessionEvent::Message(
+                serde_json::json!({"type": "error", "code": "MESSAGE_TOO_LARGE",
+                    "message": format!("control message of {} bytes exceeds {MAX_CTL_INBOUND}", text.len())})
+                .to_string(),
+            )));
+            return;
+        }
         let ty = serde_json::from_str::<serde_json::Value>(&text)
             .ok()
             .and_then(|v| v.get("type").and_then(|t| t.as_str()).map(str::to_owned));
@@ -481,11 +533,13 @@ impl Session {
             if !self.peer.send_bulk(f)? {
                 return Ok(wrote);
             }
+            self.bulk_written += f.len() as u64;
             o.ready.pop_front();
             wrote = true;
         }
         let chunk = self.cfg.chunk;
-        while self.peer.bulk_buffered() + (o.reads_in_flight + o.ready.len()) * chunk < self.cfg.high_water {
+        let window = self.window.get();
+        while self.peer.bulk_buffered() + (o.reads_in_flight + o.ready.len()) * chunk < window {
             let Some(c) = o.sender.next_chunk() else { break };
             o.reads_in_flight += 1;
             let transfer = o.sender.transfer_id();

@@ -815,6 +815,11 @@ impl Sender {
     }
 
     /// True once every byte has been handed out by [`Sender::next_chunk`].
+    /// Accepted by the receiver and not over: frames are (or will be) going out.
+    pub fn is_sending(&self) -> bool {
+        self.state == SendState::Sending
+    }
+
     pub fn all_sent(&self) -> bool {
         self.state == SendState::Sending && self.file >= self.manifest.files.len()
     }
