@@ -149,6 +149,7 @@ pub fn enter_netns(fd: RawFd) -> std::io::Result<()> {
 /// and the senders, side 1 ("b") the receivers.
 pub struct NetPath {
     pub ns: [String; 2],
+    dev: [String; 2],
     pub addr: [Ipv4Addr; 2],
     ns_fds: [OwnedFd; 2],
     /// `links[0]`: a → b, `links[1]`: b → a.
@@ -191,7 +192,9 @@ impl NetPath {
             ip(&["link", "set", "dev", d, "netns", n])?;
             let (me, peer) = (addr[i].to_string(), addr[1 - i].to_string());
             ip(&["-n", n, "addr", "add", &me, "peer", &format!("{peer}/32"), "dev", d])?;
-            ip(&["-n", n, "link", "set", "dev", d, "mtu", "1500", "up"])?;
+            // A long device queue, so that when this process is descheduled packets wait for the
+            // forwarder instead of being dropped outside the model (drops still counted, below).
+            ip(&["-n", n, "link", "set", "dev", d, "mtu", "1500", "txqueuelen", "10000", "up"])?;
             ip(&["-n", n, "link", "set", "dev", "lo", "up"])?;
         }
         let ns_fds = [open_netns(&ns[0])?, open_netns(&ns[1])?];
@@ -209,11 +212,25 @@ impl NetPath {
                     .spawn(move || forward(&rx, &tx, dst, &link, &stop))?,
             );
         }
-        Ok(NetPath { ns, addr, ns_fds, links, params, seed, stop, threads })
+        Ok(NetPath { ns, dev, addr, ns_fds, links, params, seed, stop, threads })
     }
 
     pub fn ns_fd(&self, side: usize) -> RawFd {
         self.ns_fds[side].as_raw_fd()
+    }
+
+    /// Packets each device dropped because the forwarder did not read them in time (a → b is
+    /// device a's): losses the link model never saw.
+    pub fn device_drops(&self) -> [u64; 2] {
+        let drops = |i: usize| -> Option<u64> {
+            let out = Command::new("ip")
+                .args(["-n", &self.ns[i], "-s", "-j", "link", "show", "dev", &self.dev[i]])
+                .output()
+                .ok()?;
+            let v: serde_json::Value = serde_json::from_slice(&out.stdout).ok()?;
+            v.get(0)?.get("stats64")?.get("tx")?.get("dropped")?.as_u64()
+        };
+        [drops(0).unwrap_or(0), drops(1).unwrap_or(0)]
     }
 
     /// Starts both directions afresh with the same parameters and seeds, so that every transfer

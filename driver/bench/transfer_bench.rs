@@ -279,6 +279,16 @@ pub async fn child<R: Runtime>(a: Args) -> anyhow::Result<()> {
             let mut progress = incoming.progress.clone();
             let _ = progress.wait_for(|p| p.acked_bytes > 0).await;
             let t1 = Instant::now();
+            // Progress once a second, so that a transfer the parent stops at its time limit still
+            // has a figure.
+            let mut tick = progress.clone();
+            R::spawn(async move {
+                loop {
+                    R::sleep_until(Instant::now() + Duration::from_secs(1)).await;
+                    let n = tick.borrow_and_update().acked_bytes;
+                    println!("{}", json!({"progress": n, "secs": t1.elapsed().as_secs_f64()}));
+                }
+            });
             let r = incoming.finish().await?;
             let secs = t1.elapsed().as_secs_f64();
             let (cpu, rss) = usage();
@@ -476,6 +486,7 @@ struct Row {
     receiver: Exit,
     parent_cpu: f64,
     links: Option<[LinkStats; 2]>,
+    device_drops: [u64; 2],
 }
 
 fn self_cpu() -> f64 {
@@ -571,9 +582,24 @@ fn run_ours(ctx: &Ctx, a: &Args, n: usize) -> anyhow::Result<Row> {
         }
     };
     let (bytes, secs) =
-        r.done.as_ref().map_or((0, 0.0), |v| (v["bytes"].as_u64().unwrap_or(0), v["secs"].as_f64().unwrap_or(0.0)));
+        r.done.as_ref().map_or(r.progress, |v| (v["bytes"].as_u64().unwrap_or(0), v["secs"].as_f64().unwrap_or(0.0)));
+    if r.done.is_none() {
+        note +=
+            &format!("; {:.1} MiB of {:.1} MiB acknowledged", bytes as f64 / 1048576.0, ctx.size as f64 / 1048576.0);
+    }
     let _ = std::fs::remove_dir_all(&dst);
-    Ok(Row { name: "ours", verified, note, bytes, secs, sender: se, receiver: re, parent_cpu: 0.0, links: None })
+    Ok(Row {
+        name: "ours",
+        verified,
+        note,
+        bytes,
+        secs,
+        sender: se,
+        receiver: re,
+        parent_cpu: 0.0,
+        links: None,
+        device_drops: [0; 2],
+    })
 }
 
 fn print_side(v: &Value) {
@@ -707,7 +733,7 @@ fn finish_row(
             )
         }
     };
-    Row { name, verified, note, bytes, secs, sender, receiver, parent_cpu: 0.0, links: None }
+    Row { name, verified, note, bytes, secs, sender, receiver, parent_cpu: 0.0, links: None, device_drops: [0; 2] }
 }
 
 fn write_payload(src: &Path, size: u64) -> anyhow::Result<()> {
@@ -732,7 +758,8 @@ fn write_payload(src: &Path, size: u64) -> anyhow::Result<()> {
     Ok(())
 }
 
-fn parent(a: Args) -> anyhow::Result<()> {
+/// Ok(false): everything ran but some transfer did not verify (already reported).
+fn parent(a: Args) -> anyhow::Result<bool> {
     let _teardown = netpath::install_signal_teardown()?;
     for o in &a.only {
         if !["ours", "aiortc", "tcp"].contains(&o.as_str()) {
@@ -792,6 +819,7 @@ fn parent(a: Args) -> anyhow::Result<()> {
     );
     let mut rows = Vec::new();
     for (n, which) in a.only.iter().enumerate() {
+        let drops0 = ctx.path.as_ref().map(NetPath::device_drops);
         if let Some(p) = &ctx.path {
             p.reset();
         }
@@ -815,18 +843,23 @@ fn parent(a: Args) -> anyhow::Result<()> {
             receiver: Exit::default(),
             parent_cpu: 0.0,
             links: None,
+            device_drops: [0; 2],
         });
         row.parent_cpu = self_cpu() - cpu0;
         row.links = ctx.path.as_ref().map(NetPath::stats);
+        if let (Some(p), Some(d0)) = (&ctx.path, drops0) {
+            let d1 = p.device_drops();
+            row.device_drops = [d1[0].saturating_sub(d0[0]), d1[1].saturating_sub(d0[1])];
+        }
         rows.push(row);
     }
     print_table(&ctx, &rows);
     drop(ctx);
     let failed: Vec<String> = rows.iter().filter(|r| !r.verified).map(|r| r.name.to_owned()).collect();
     if !failed.is_empty() {
-        bail!("not verified: {}", failed.join(", "));
+        println!("not verified: {}", failed.join(", "));
     }
-    Ok(())
+    Ok(failed.is_empty())
 }
 
 fn print_table(ctx: &Ctx, rows: &[Row]) {
@@ -860,12 +893,15 @@ fn print_table(ctx: &Ctx, rows: &[Row]) {
     }
     if ctx.path.is_some() {
         println!();
-        println!("link, per transfer (a→b carries the data, b→a the acks):");
+        println!(
+            "link, per transfer (a→b carries the data, b→a the acks; device drops: packets the TUN device dropped \
+             because the forwarder fell behind, outside the model):"
+        );
         for r in rows {
             if let Some(l) = &r.links {
-                for (dir, s) in ["a→b", "b→a"].iter().zip(l) {
+                for ((dir, s), dev) in ["a→b", "b→a"].iter().zip(l).zip(r.device_drops) {
                     println!(
-                        "  {:<7} {dir}: sent {:>8}  delivered {:>8}  dropped random {:>6}  dropped queue {:>6}  dup {:>4}  reordered {:>4}  peak queue {:>7.0} KiB",
+                        "  {:<7} {dir}: sent {:>8}  delivered {:>8}  dropped random {:>6}  dropped queue {:>6}  dup {:>4}  reordered {:>4}  peak queue {:>7.0} KiB  device drops {:>4}",
                         r.name,
                         s.sent,
                         s.delivered,
@@ -873,7 +909,8 @@ fn print_table(ctx: &Ctx, rows: &[Row]) {
                         s.dropped_queue,
                         s.duplicated,
                         s.reordered,
-                        s.peak_queue as f64 / 1024.0
+                        s.peak_queue as f64 / 1024.0,
+                        dev
                     );
                 }
             }
@@ -898,5 +935,10 @@ pub fn init() -> Args {
 /// The parent process: starts the children, forwards packets when there is a path, and hosts
 /// the signaling server on a tokio runtime of its own (for both runtime crates).
 pub fn run_parent(a: Args) -> anyhow::Result<()> {
-    parent(a)
+    // A failed transfer is a result, not an error: no backtrace, just the exit status (the path
+    // is already torn down when `parent` returns).
+    if !parent(a)? {
+        std::process::exit(1);
+    }
+    Ok(())
 }
