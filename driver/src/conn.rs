@@ -28,6 +28,7 @@ use tokio::sync::{mpsc, oneshot, watch};
 
 use crate::files::{self, SendSet};
 use crate::signaling::{SignalingClient, SignalingError};
+use crate::udp::{self, RxBatch, TxBatch};
 use crate::{Runtime, UdpSocket};
 
 /// How a connection is set up.
@@ -306,14 +307,13 @@ async fn bind<R: Runtime>(
     let mut socks = Vec::new();
     let mut cands = Vec::new();
     for ip in &opts.bind_ips {
-        let sock = match std::net::UdpSocket::bind(SocketAddr::new(*ip, 0)) {
+        let sock = match udp::bind(SocketAddr::new(*ip, 0)) {
             Ok(s) => s,
             Err(e) => {
                 tracing::debug!(%ip, error = %e, "skipping address");
                 continue;
             }
         };
-        sock.set_nonblocking(true)?;
         let local = sock.local_addr()?;
         let sock = R::udp(sock)?;
         cands.extend(session.peer().add_local_candidate(local, None)?);
@@ -526,6 +526,7 @@ fn spawn<R: Runtime>(
         unclaimed: VecDeque::new(),
         incoming: HashMap::new(),
         io_tx: None,
+        tx: TxBatch::default(),
     };
     R::spawn(driver.run(cmd_rx));
     PeerConnection {
@@ -583,7 +584,18 @@ struct Driver<R: Runtime> {
     unclaimed: VecDeque<(u32, Manifest)>,
     incoming: HashMap<u32, InFiles>,
     io_tx: Option<mpsc::UnboundedSender<IoDone>>,
+    /// Datagrams the session produced that are not sent yet (see [`Driver::flush`]).
+    tx: TxBatch,
 }
+
+/// Datagrams fed to the session per wake-up before the driver looks at anything else (commands,
+/// file results, the timer): enough for long GSO runs out of the drains they cause, short enough
+/// to keep a burst to well under a millisecond or two.
+const BURST: usize = 64;
+
+/// Transmits buffered before they are sent even in the middle of a burst or a drain: about one
+/// full GSO send, so waiting longer would not make the sends fewer, only later.
+const TX_FLUSH: usize = 64;
 
 /// Receives from whichever socket has a datagram first.
 struct RecvAny<'a, U> {
@@ -615,8 +627,13 @@ impl<R: Runtime> Driver<R> {
     async fn run(mut self, mut cmd_rx: mpsc::UnboundedReceiver<Cmd>) {
         let (io_tx, mut io_rx) = mpsc::unbounded_channel();
         self.io_tx = Some(io_tx);
-        let mut buf = vec![0u8; 65_536];
+        let mut rx = RxBatch::new();
         let mut closing: Option<Instant> = None;
+        // One timer future, replaced only when the deadline moves (or after it fired: a
+        // completed future must not be polled again), not one per datagram.
+        let mut sleep = std::pin::pin!(R::sleep_until(Instant::now() + Duration::from_secs(3600)));
+        let mut sleep_at: Option<Instant> = None;
+        let mut timed_out = false;
         loop {
             let deadline = match self.drain().await {
                 Ok(d) => d,
@@ -625,6 +642,8 @@ impl<R: Runtime> Driver<R> {
                     break;
                 }
             };
+            // Everything goes out before the task waits for anything.
+            self.flush().await;
             if let Some(since) = closing {
                 if !self.session.peer().is_alive() {
                     break;
@@ -642,7 +661,24 @@ impl<R: Runtime> Driver<R> {
             if closing.is_some() {
                 wake = wake.min(Instant::now() + Duration::from_millis(200));
             }
-            let sleep = R::sleep_until(wake);
+            // A deadline that passed while a burst was being handled is served at once: with
+            // datagrams always ready, the (last, biased) timer branch below would never be
+            // reached. Only once in a row, so that a deadline str0m keeps in the past cannot
+            // shut out the other branches.
+            let now = Instant::now();
+            if wake <= now && !timed_out {
+                timed_out = true;
+                if let Err(e) = self.session.handle_timeout(now) {
+                    tracing::warn!(error = %e, "peer connection error");
+                    break;
+                }
+                continue;
+            }
+            timed_out = false;
+            if sleep_at != Some(wake) {
+                sleep.set(R::sleep_until(wake));
+                sleep_at = Some(wake);
+            }
             let res = tokio::select! {
                 biased;
                 c = cmd_rx.recv(), if closing.is_none() => match c {
@@ -655,21 +691,26 @@ impl<R: Runtime> Driver<R> {
                     Some(c) => { self.on_cmd(c); Ok(()) }
                 },
                 Some(d) = io_rx.recv() => { self.on_io_done(d); Ok(()) },
-                (n, src, local) = RecvAny { socks: &self.socks, buf: &mut buf } => {
-                    // Anyone can send us a datagram: one that str0m rejects is dropped, it must
-                    // not end the connection.
-                    if let Err(e) = self.session.handle_receive(Instant::now(), src, local, &buf[..n]) {
-                        tracing::debug!(%src, error = %e, "dropping a datagram str0m refused");
-                    }
-                    Ok(())
+                i = rx.recv(&self.socks, BURST) => self.receive_burst(&mut rx, i, deadline).await,
+                _ = &mut sleep => {
+                    sleep_at = None;
+                    self.session.handle_timeout(Instant::now())
                 }
-                _ = sleep => self.session.handle_timeout(Instant::now()),
             };
             if let Err(e) = res {
                 tracing::warn!(error = %e, "peer connection error");
                 break;
             }
         }
+        // Whatever the last drain queued (a DTLS close alert, an abort) still goes out.
+        self.flush().await;
+        tracing::debug!(
+            received = rx.received_datagrams,
+            recv_calls = rx.recv_calls,
+            sent = self.tx.sent_datagrams,
+            send_calls = self.tx.send_calls,
+            "connection ended: UDP datagrams and syscalls"
+        );
         let _ = self.state_tx.send(ConnState::Closed);
         for (_, o) in self.outgoing.drain() {
             if let Some(r) = o.reply {
@@ -686,26 +727,64 @@ impl<R: Runtime> Driver<R> {
         }
     }
 
-    /// Drains session output until its next timeout.
+    /// Feeds the datagrams `rx` holds (from socket `sock`), then whatever else is ready, up to
+    /// [`BURST`] datagrams or until `deadline`. Each one is followed by a full drain (str0m's
+    /// single-mutation invariant); only the sending is deferred, to [`Driver::flush`].
+    async fn receive_burst(
+        &mut self,
+        rx: &mut RxBatch,
+        mut sock: usize,
+        mut deadline: Instant,
+    ) -> Result<(), sleap_rtc_core::peer::PeerError> {
+        let mut fed = 0;
+        loop {
+            let Some(&(_, local)) = self.socks.get(sock) else { return Ok(()) };
+            let now = Instant::now();
+            for (src, data) in rx.datagrams() {
+                // Anyone can send us a datagram: one that str0m rejects is dropped, it must not
+                // end the connection.
+                if let Err(e) = self.session.handle_receive(now, src, local, data) {
+                    tracing::debug!(%src, error = %e, "dropping a datagram str0m refused");
+                }
+                deadline = self.drain().await?;
+                fed += 1;
+            }
+            if fed >= BURST || Instant::now() >= deadline {
+                return Ok(());
+            }
+            match rx.try_recv(&self.socks, BURST - fed) {
+                Some(i) => sock = i,
+                None => return Ok(()),
+            }
+        }
+    }
+
+    /// Drains session output until its next timeout. Transmits are queued (sent once the batch
+    /// is large, otherwise by the caller's [`Driver::flush`]).
     async fn drain(&mut self) -> Result<Instant, sleap_rtc_core::peer::PeerError> {
         loop {
             match self.session.poll_output()? {
                 SessionOutput::Timeout(t) => return Ok(t),
                 SessionOutput::Transmit { source, destination, contents } => {
-                    let sock = self.socks.iter().find(|(_, l)| *l == source).or(self.socks.first());
-                    if let Some((s, _)) = sock {
-                        match s.try_send_to(&contents, destination) {
-                            Ok(_) => {}
-                            Err(e) if e.kind() == io::ErrorKind::WouldBlock => {
-                                let _ = s.send_to(&contents, destination).await;
-                            }
-                            Err(e) => tracing::debug!(error = %e, %destination, "send failed"),
-                        }
+                    if self.socks.is_empty() {
+                        continue;
+                    }
+                    let sock = self.socks.iter().position(|(_, l)| *l == source).unwrap_or(0);
+                    self.tx.push(sock, destination, &contents);
+                    if self.tx.len() >= TX_FLUSH {
+                        self.flush().await;
                     }
                 }
                 SessionOutput::Io(io) => self.on_io(io),
                 SessionOutput::Event(e) => self.on_event(e),
             }
+        }
+    }
+
+    /// Sends the queued transmits (GSO runs where possible), waiting out a full socket buffer.
+    async fn flush(&mut self) {
+        if !self.tx.is_empty() {
+            self.tx.flush(&self.socks).await;
         }
     }
 

@@ -29,6 +29,7 @@ pub mod files;
 pub mod registry;
 pub mod signaling;
 pub mod trainer;
+pub mod udp;
 pub mod worker;
 
 /// What a runtime provides to the drivers: tasks, a blocking pool, timers, UDP sockets, name
@@ -130,14 +131,35 @@ pub fn init_tls() {
     let _ = rustls::crypto::aws_lc_rs::default_provider().install_default();
 }
 
-/// The UDP operations a peer connection needs.
+/// The UDP operations a peer connection needs. The sockets come from [`Runtime::udp`], bound by
+/// the driver ([`udp::bind`]). The single-datagram methods serve STUN gathering, before the peer
+/// can send anything; the connection itself runs on the batch methods, which [`udp::BatchIo`]
+/// implements for any runtime that can wait for readiness.
 pub trait UdpSocket: Send + Sync + 'static {
-    /// Receives one datagram, registering `cx`'s waker when none is ready.
+    /// Receives one datagram, registering `cx`'s waker when none is ready. (With GRO enabled,
+    /// which [`udp::BatchIo::new`] does on Linux, a train from a GSO sender would arrive here as
+    /// one buffer: only STUN answers are read this way.)
     fn poll_recv_from(&self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<(usize, SocketAddr)>>;
-    /// Sends without waiting (`WouldBlock` when the socket buffer is full).
+    /// Sends one datagram without waiting (`WouldBlock` when the socket buffer is full).
     fn try_send_to(&self, buf: &[u8], to: SocketAddr) -> io::Result<usize>;
-    /// Sends, waiting for room in the socket buffer.
-    fn send_to<'a>(&'a self, buf: &'a [u8], to: SocketAddr) -> impl Future<Output = io::Result<usize>> + Send + 'a;
+    /// Receives up to `bufs.len()` messages at once (recvmmsg), filling `meta[i]` for each
+    /// `bufs[i]` received; ready with how many (at least one). Registers `cx`'s waker when none
+    /// is ready. A message may hold several datagrams ([`udp::RecvMeta::stride`], GRO).
+    fn poll_recv_batch(
+        &self,
+        cx: &mut Context<'_>,
+        bufs: &mut [std::io::IoSliceMut<'_>],
+        meta: &mut [udp::RecvMeta],
+    ) -> Poll<io::Result<usize>>;
+    /// Sends the datagrams of `d` in one call without waiting (UDP GSO when `d` holds several;
+    /// never more than [`UdpSocket::max_segments`]). `WouldBlock` when the socket buffer is full,
+    /// and then none of them was sent: wait with [`UdpSocket::poll_writable`] and retry.
+    fn try_send_batch(&self, d: &udp::Datagrams<'_>) -> io::Result<()>;
+    /// Ready when the socket may have room to send again, registering `cx`'s waker otherwise.
+    fn poll_writable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>>;
+    /// Datagrams one [`UdpSocket::try_send_batch`] may carry (1: no GSO). May drop to 1 after a
+    /// device refused GSO.
+    fn max_segments(&self) -> usize;
 }
 
 /// `f` did not finish in time.

@@ -13,10 +13,12 @@
 //! background thread with a single-threaded tokio reactor the first time one of them is used.
 
 use std::future::Future;
-use std::io;
+use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
 use std::task::{Context, Poll};
 use std::time::Instant;
+
+use sleap_rtc_driver::udp::{BatchIo, Datagrams, RecvMeta};
 
 sleap_rtc_driver::runtime_api!(crate::Smol);
 
@@ -25,33 +27,59 @@ sleap_rtc_driver::runtime_api!(crate::Smol);
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Smol;
 
-/// A UDP socket registered with async-io's reactor.
+/// A UDP socket registered with async-io's reactor, with quinn-udp's state for the batch calls.
 #[derive(Debug)]
-pub struct SmolUdp(smol::Async<std::net::UdpSocket>);
+pub struct SmolUdp {
+    io: smol::Async<std::net::UdpSocket>,
+    batch: BatchIo,
+}
 
 impl sleap_rtc_driver::UdpSocket for SmolUdp {
     fn poll_recv_from(&self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<(usize, SocketAddr)>> {
-        loop {
-            // The socket is non-blocking (`Async::new` made it so): try first, and wait for
-            // readiness only when there is nothing to read.
-            match self.0.get_ref().recv_from(buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                r => return Poll::Ready(r),
-            }
-            match self.0.poll_readable(cx) {
-                Poll::Ready(Ok(())) => {}
-                Poll::Ready(Err(e)) => return Poll::Ready(Err(e)),
-                Poll::Pending => return Poll::Pending,
-            }
-        }
+        // The socket is non-blocking (`Async::new` made it so): try first, and wait for
+        // readiness only when there is nothing to read.
+        self.poll_read_with(cx, |s| s.recv_from(buf))
     }
 
     fn try_send_to(&self, buf: &[u8], to: SocketAddr) -> io::Result<usize> {
-        self.0.get_ref().send_to(buf, to)
+        self.io.get_ref().send_to(buf, to)
     }
 
-    fn send_to<'a>(&'a self, buf: &'a [u8], to: SocketAddr) -> impl Future<Output = io::Result<usize>> + Send + 'a {
-        self.0.send_to(buf, to)
+    fn poll_recv_batch(
+        &self,
+        cx: &mut Context<'_>,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<io::Result<usize>> {
+        self.poll_read_with(cx, |s| self.batch.recv(s, bufs, meta))
+    }
+
+    fn try_send_batch(&self, d: &Datagrams<'_>) -> io::Result<()> {
+        self.batch.send(self.io.get_ref(), d)
+    }
+
+    fn poll_writable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.io.poll_writable(cx)
+    }
+
+    fn max_segments(&self) -> usize {
+        self.batch.max_segments()
+    }
+}
+
+impl SmolUdp {
+    fn poll_read_with<T>(
+        &self,
+        cx: &mut Context<'_>,
+        mut op: impl FnMut(&std::net::UdpSocket) -> io::Result<T>,
+    ) -> Poll<io::Result<T>> {
+        loop {
+            match op(self.io.get_ref()) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                r => return Poll::Ready(r),
+            }
+            std::task::ready!(self.io.poll_readable(cx))?;
+        }
     }
 }
 
@@ -79,7 +107,8 @@ impl sleap_rtc_driver::Runtime for Smol {
     }
 
     fn udp(sock: std::net::UdpSocket) -> io::Result<SmolUdp> {
-        smol::Async::new(sock).map(SmolUdp)
+        let batch = BatchIo::new(&sock)?;
+        Ok(SmolUdp { io: smol::Async::new(sock)?, batch })
     }
 
     async fn resolve(host: String, port: u16) -> io::Result<Vec<SocketAddr>> {

@@ -13,32 +13,63 @@
 sleap_rtc_driver::runtime_api!(crate::Tokio);
 
 use std::future::Future;
-use std::io;
+use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
 use std::task::{Context, Poll};
 use std::time::Instant;
+
+use sleap_rtc_driver::udp::{BatchIo, Datagrams, RecvMeta};
+use tokio::io::Interest;
 
 /// The tokio [`sleap_rtc_driver::Runtime`]: tasks on the current tokio runtime, its blocking
 /// pool, timer and reactor.
 #[derive(Debug, Clone, Copy, Default)]
 pub struct Tokio;
 
-/// A tokio UDP socket.
+/// A tokio UDP socket, with quinn-udp's state for the batch calls.
 #[derive(Debug)]
-pub struct TokioUdp(tokio::net::UdpSocket);
+pub struct TokioUdp {
+    io: tokio::net::UdpSocket,
+    batch: BatchIo,
+}
 
 impl sleap_rtc_driver::UdpSocket for TokioUdp {
     fn poll_recv_from(&self, cx: &mut Context<'_>, buf: &mut [u8]) -> Poll<io::Result<(usize, SocketAddr)>> {
         let mut rb = tokio::io::ReadBuf::new(buf);
-        self.0.poll_recv_from(cx, &mut rb).map_ok(|src| (rb.filled().len(), src))
+        self.io.poll_recv_from(cx, &mut rb).map_ok(|src| (rb.filled().len(), src))
     }
 
     fn try_send_to(&self, buf: &[u8], to: SocketAddr) -> io::Result<usize> {
-        self.0.try_send_to(buf, to)
+        self.io.try_send_to(buf, to)
     }
 
-    fn send_to<'a>(&'a self, buf: &'a [u8], to: SocketAddr) -> impl Future<Output = io::Result<usize>> + Send + 'a {
-        self.0.send_to(buf, to)
+    fn poll_recv_batch(
+        &self,
+        cx: &mut Context<'_>,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> Poll<io::Result<usize>> {
+        // As quinn's tokio runtime does: `try_io` clears tokio's readiness on `WouldBlock`, so
+        // the next `poll_recv_ready` really waits.
+        loop {
+            std::task::ready!(self.io.poll_recv_ready(cx))?;
+            match self.io.try_io(Interest::READABLE, || self.batch.recv(&self.io, bufs, meta)) {
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                r => return Poll::Ready(r),
+            }
+        }
+    }
+
+    fn try_send_batch(&self, d: &Datagrams<'_>) -> io::Result<()> {
+        self.io.try_io(Interest::WRITABLE, || self.batch.send(&self.io, d))
+    }
+
+    fn poll_writable(&self, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        self.io.poll_send_ready(cx)
+    }
+
+    fn max_segments(&self) -> usize {
+        self.batch.max_segments()
     }
 }
 
@@ -62,7 +93,8 @@ impl sleap_rtc_driver::Runtime for Tokio {
     }
 
     fn udp(sock: std::net::UdpSocket) -> io::Result<TokioUdp> {
-        tokio::net::UdpSocket::from_std(sock).map(TokioUdp)
+        let batch = BatchIo::new(&sock)?;
+        Ok(TokioUdp { io: tokio::net::UdpSocket::from_std(sock)?, batch })
     }
 
     async fn resolve(host: String, port: u16) -> io::Result<Vec<SocketAddr>> {
