@@ -39,6 +39,9 @@ impl log::Log for Events {
             return;
         }
         let msg = r.args().to_string();
+        if std::env::var_os("PATH_SIM_TRACE").is_some() && (msg.contains("(FR)") || msg.contains("(RTO)")) {
+            eprintln!("{msg}");
+        }
         if msg.contains("T3-rtx timed out") {
             self.t3.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         } else if msg.ends_with("(FR)") {

@@ -13,6 +13,8 @@ use std::time::{Duration, Instant};
 
 /// Shortest interval one rate sample spans (ACK compression makes shorter ones noisy).
 const MIN_SAMPLE: Duration = Duration::from_millis(10);
+/// Rate samples the max filter remembers (about as many round trips).
+const SAMPLES: usize = 8;
 
 #[derive(Debug, Default)]
 pub(crate) struct BandwidthEstimator {
@@ -20,8 +22,12 @@ pub(crate) struct BandwidthEstimator {
     last_rtt: Duration,
     sample_start: Option<Instant>,
     sample_bytes: u64,
-    /// Bytes per second, filtered; 0 until the first sample.
-    bw: f64,
+    /// The last rate samples (bytes per second), one per round trip or so; the estimate is
+    /// their maximum (a windowed max filter, as BBR uses): a sample taken while losses were
+    /// being repaired, or while the window was still growing, understates what the path
+    /// carries, and an average would lag the window on every loss.
+    samples: [f64; SAMPLES],
+    next: usize,
     /// Consecutive RTT samples that showed a queue building.
     building_samples: u32,
 }
@@ -47,8 +53,8 @@ impl BandwidthEstimator {
         }
         // A span much longer than an RTT saw an idle sender or a timeout, not the path's rate.
         if elapsed <= span * 4 {
-            let sample = self.sample_bytes as f64 / elapsed.as_secs_f64();
-            self.bw = if self.bw == 0.0 { sample } else { 0.875 * self.bw + 0.125 * sample };
+            self.samples[self.next] = self.sample_bytes as f64 / elapsed.as_secs_f64();
+            self.next = (self.next + 1) % SAMPLES;
         }
         self.sample_start = Some(now);
         self.sample_bytes = 0;
@@ -57,7 +63,14 @@ impl BandwidthEstimator {
     /// Bandwidth × minimum RTT in bytes, once both were measured.
     pub(crate) fn bdp(&self) -> Option<u32> {
         let rtt = self.min_rtt?;
-        (self.bw > 0.0).then(|| (self.bw * rtt.as_secs_f64()).min(u32::MAX as f64) as u32)
+        let bw = self.samples.iter().copied().fold(0.0, f64::max);
+        (bw > 0.0).then(|| (bw * rtt.as_secs_f64()).min(u32::MAX as f64) as u32)
+    }
+
+    /// How long a chunk must have been outstanding before a gap report makes it lost: the
+    /// minimum RTT plus a quarter of it (RACK's reordering window, RFC 8985), at least 1 ms.
+    pub(crate) fn reorder_window(&self) -> Option<Duration> {
+        self.min_rtt.map(|m| m + (m / 4).max(Duration::from_millis(1)))
     }
 
     /// ssthresh after a timeout: the estimate, at least Reno's.
@@ -72,6 +85,7 @@ impl BandwidthEstimator {
     /// One sample per round trip can be inflated by the peer's delayed SACK (a lone trailing
     /// packet), so it takes three in a row.
     pub(crate) fn queue_building(&mut self, rtt: Duration) -> bool {
+        self.min_rtt = Some(self.min_rtt.map_or(rtt, |m| m.min(rtt)));
         let building = self.min_rtt.is_some_and(|min| {
             let slack = (min / 8).clamp(Duration::from_millis(4), Duration::from_millis(16));
             rtt > min + slack
@@ -113,6 +127,21 @@ mod tests {
     }
 
     #[test]
+    fn a_slow_sample_during_recovery_does_not_lower_the_estimate() {
+        let t0 = Instant::now();
+        let mut b = BandwidthEstimator::default();
+        b.on_rtt(Duration::from_millis(20));
+        let mut t = t0;
+        // 2 MB/s for a while, then two round trips at half that rate (a loss being repaired).
+        for rate in [2_000_000u64; 20].into_iter().chain([1_000_000; 2]) {
+            t += Duration::from_millis(20);
+            b.on_acked(rate / 50, t);
+        }
+        let bdp = b.bdp().unwrap() as f64;
+        assert!((bdp - 40_000.0).abs() < 2_000.0, "{bdp}");
+    }
+
+    #[test]
     fn a_queue_shows_after_three_inflated_samples() {
         let mut b = BandwidthEstimator::default();
         let ms = Duration::from_millis;
@@ -122,6 +151,16 @@ mod tests {
         assert!(!b.queue_building(ms(50)));
         assert!(!b.queue_building(ms(50)));
         assert!(b.queue_building(ms(50)));
+    }
+
+    #[test]
+    fn the_reordering_window_is_a_quarter_rtt_past_the_minimum() {
+        let mut b = BandwidthEstimator::default();
+        assert_eq!(b.reorder_window(), None);
+        b.on_rtt(Duration::from_millis(40));
+        assert_eq!(b.reorder_window(), Some(Duration::from_millis(50)));
+        b.on_rtt(Duration::from_micros(200));
+        assert_eq!(b.reorder_window(), Some(Duration::from_micros(1200)));
     }
 
     #[test]

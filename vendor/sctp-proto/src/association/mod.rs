@@ -59,6 +59,19 @@ use std::collections::HashMap;
 use std::time::Instant;
 use thiserror::Error;
 
+/// sleap-rtc patch: whether a chunk with three miss indications has also been outstanding for
+/// longer than the reordering window (no window before the first RTT sample: RFC 4960's rule).
+fn deemed_lost(
+    c: &ChunkPayloadData,
+    now: Instant,
+    reorder: Option<core::time::Duration>,
+) -> bool {
+    match (reorder, c.since) {
+        (Some(w), Some(since)) => now.saturating_duration_since(since) >= w,
+        _ => true,
+    }
+}
+
 pub(crate) mod state;
 pub(crate) mod stats;
 pub(crate) mod stream;
@@ -2564,6 +2577,12 @@ impl Association {
             self.cumulative_tsn_ack_point = d.cumulative_tsn_ack;
             cum_tsn_ack_point_advanced = true;
             self.on_cumulative_tsn_ack_point_advanced(total_bytes_acked, now);
+        } else if total_bytes_acked > 0 && self.cwnd >= self.ssthresh {
+            // sleap-rtc patch: RFC 4960 credits congestion avoidance only on SACKs that advance
+            // the cumulative ack, so while a loss is being repaired (about one round trip per
+            // loss) the bytes that gap blocks acknowledge earn nothing, and on a lossy path the
+            // window barely grows. They were delivered: count them.
+            self.partial_bytes_acked += total_bytes_acked as u32;
         }
 
         for (si, n_bytes_acked) in &bytes_acked_per_stream {
@@ -2590,7 +2609,7 @@ impl Association {
             self.rwnd = d.advertised_receiver_window_credit - bytes_outstanding;
         }
 
-        self.process_fast_retransmission(d.cumulative_tsn_ack, htna, cum_tsn_ack_point_advanced)?;
+        self.process_fast_retransmission(d.cumulative_tsn_ack, htna, cum_tsn_ack_point_advanced, now)?;
 
         if self.use_forward_tsn {
             self.advance_peer_tsn_ack_point();
@@ -3026,6 +3045,9 @@ impl Association {
     ) -> Result<(HashMap<u16, i64>, u32)> {
         let mut bytes_acked_per_stream = HashMap::new();
         let mut newly_acked_data = false;
+        // sleap-rtc patch: the shortest round trip of the chunks this SACK newly acknowledges
+        // (first transmissions only), for the slow-start exit below.
+        let mut sack_rtt: Option<core::time::Duration> = None;
         let earliest_outstanding = self.outbound_queue.earliest_outstanding_tsn();
 
         // New ack point, so pop cumulatively ACKed chunks from the outbound queue.
@@ -3050,6 +3072,12 @@ impl Association {
                             .entry(c.stream_identifier)
                             .or_insert(0) += n_bytes_acked;
                     }
+                    if c.nsent == 1 {
+                        if let Some(since) = c.since {
+                            let r = now.saturating_duration_since(since);
+                            sack_rtt = Some(sack_rtt.map_or(r, |m| m.min(r)));
+                        }
+                    }
 
                     // RFC 4960 sec 6.3.1.  RTO Calculation
                     //   C4)  When data is in flight and when allowed by rule C5 below, a new
@@ -3065,10 +3093,6 @@ impl Association {
                         if let Some(since) = &c.since {
                             let rtt = now.duration_since(*since);
                             self.bandwidth.on_rtt(rtt);
-                            // sleap-rtc patch: leave slow start once the bottleneck queue builds.
-                            if self.bandwidth.queue_building(rtt) && self.cwnd <= self.ssthresh && self.cwnd >= 32 * self.mtu {
-                                self.ssthresh = self.cwnd.saturating_sub(1).max(4 * self.mtu);
-                            }
                             let srtt = self.rto_mgr.set_new_rtt(rtt.as_millis() as u64);
                             trace!(
                                 "[{}] SACK: measured-rtt={} srtt={} new-rto={}",
@@ -3125,6 +3149,12 @@ impl Association {
                                 .entry(c.stream_identifier)
                                 .or_insert(0) += n_bytes_acked;
                         }
+                        if c.nsent == 1 {
+                            if let Some(since) = c.since {
+                                let r = now.saturating_duration_since(since);
+                                sack_rtt = Some(sack_rtt.map_or(r, |m| m.min(r)));
+                            }
+                        }
 
                         trace!("[{}] tsn={} has been sacked", self.side, c.tsn);
 
@@ -3133,10 +3163,6 @@ impl Association {
                             if let Some(since) = &c.since {
                                 let rtt = now.duration_since(*since);
                                 self.bandwidth.on_rtt(rtt);
-                                // sleap-rtc patch: leave slow start once the bottleneck queue builds.
-                                if self.bandwidth.queue_building(rtt) && self.cwnd <= self.ssthresh && self.cwnd >= 32 * self.mtu {
-                                    self.ssthresh = self.cwnd.saturating_sub(1).max(4 * self.mtu);
-                                }
                                 let srtt = self.rto_mgr.set_new_rtt(rtt.as_millis() as u64);
                                 trace!(
                                     "[{}] SACK: measured-rtt={} srtt={} new-rto={}",
@@ -3172,6 +3198,17 @@ impl Association {
         }) {
             self.timers.set(Timer::T3RTX, None);
         }
+        // sleap-rtc patch: leave slow start once the bottleneck queue builds (HyStart's delay
+        // test on every SACK, not once per round trip: slow start doubles the window each round
+        // trip, so a per-round-trip sample sees the queue only after it overflowed).
+        if let Some(r) = sack_rtt {
+            if self.bandwidth.queue_building(r)
+                && self.cwnd <= self.ssthresh
+                && self.cwnd >= 32 * self.mtu
+            {
+                self.ssthresh = self.cwnd.saturating_sub(1).max(4 * self.mtu);
+            }
+        }
         Ok((bytes_acked_per_stream, htna))
     }
 
@@ -3193,7 +3230,12 @@ impl Association {
         }
 
         // Update congestion control parameters
-        if self.cwnd <= self.ssthresh {
+        // sleap-rtc patch: `<`, not RFC 4960's `<=`: a loss sets cwnd = ssthresh, and at equality
+        // slow start's rule (no growth in fast recovery) froze the window for as long as
+        // recovery lasted; on a path with a loss every round trip that is always. Congestion
+        // avoidance keeps growing through recovery (the Westwood+ response already sized the
+        // window from what the path delivers).
+        if self.cwnd < self.ssthresh {
             // RFC 4096, sec 7.2.1.  Slow-Start
             //   o  When cwnd is less than or equal to ssthresh, an SCTP endpoint MUST
             //		use the slow-start algorithm to increase cwnd only if the current
@@ -3243,7 +3285,7 @@ impl Association {
                 // thousands of packets after any reduction; grow by 1/64 of the window per
                 // round trip once that is more (Scalable TCP's rate), so the window follows the
                 // path in seconds. The loss response (Westwood+) keeps it from overrunning.
-                self.cwnd += self.mtu.max(self.cwnd / 64);
+                self.cwnd += self.mtu.max(self.cwnd / 8);
                 trace!(
                     "[{}] updated cwnd={} ssthresh={} acked={} (CA)",
                     self.side, self.cwnd, self.ssthresh, total_bytes_acked
@@ -3257,7 +3299,9 @@ impl Association {
         cum_tsn_ack_point: u32,
         htna: u32,
         cum_tsn_ack_point_advanced: bool,
+        now: Instant,
     ) -> Result<()> {
+        let reorder = self.bandwidth.reorder_window();
         // HTNA algorithm - RFC 4960 Sec 7.2.4
         // Increment missIndicator of each chunks that the SACK reported missing
         // when either of the following is met:
@@ -3281,9 +3325,19 @@ impl Association {
             let mut tsn = cum_tsn_ack_point.wrapping_add(1);
             while sna32lt(tsn, max_tsn) {
                 if let Some(c) = self.outbound_queue.get_mut(tsn) {
-                    if !c.acked && !c.abandoned && c.miss_indicator < 3 {
-                        c.miss_indicator += 1;
-                        if c.miss_indicator == 3 && !self.in_fast_recovery {
+                    if !c.acked && !c.abandoned {
+                        if c.miss_indicator < 3 {
+                            c.miss_indicator += 1;
+                        }
+                        // sleap-rtc patch: three miss indications make a chunk lost only once
+                        // it is older than the reordering window (RACK's time test, RFC 8985):
+                        // with jitter, later packets overtake earlier ones all the time, and
+                        // each spurious fast retransmit used to cost a window reduction.
+                        if c.miss_indicator >= 3
+                            && c.nsent == 1
+                            && deemed_lost(c, now, reorder)
+                            && !self.in_fast_recovery
+                        {
                             // 2)  If not in Fast Recovery, adjust the ssthresh and cwnd of the
                             //     destination address(es) to which the missing DATA chunks were
                             //     last sent, according to the formula described in Section 7.2.3.
@@ -3313,7 +3367,9 @@ impl Association {
             }
         }
 
-        if self.in_fast_recovery && cum_tsn_ack_point_advanced {
+        // sleap-rtc patch: every SACK in recovery may make more chunks old enough to resend
+        // (see `deemed_lost`), not only those that advance the cumulative ack.
+        if self.in_fast_recovery {
             self.will_retransmit_fast = true;
         }
 
@@ -3772,11 +3828,28 @@ impl Association {
             // sleap-rtc patch: RFC 4960 retransmits one packet per fast-retransmit decision and
             // leaves further losses of the same window to later SACKs or to T3-rtx. With windows
             // of thousands of packets a burst of losses (a bottleneck queue overflowing) then
-            // ends in a timeout and a window of one MTU. Chunks with three miss indications are
-            // lost: resending them, up to a window's worth, replaces data that already left the
-            // network (RFC 6675's view of the pipe).
+            // ends in a timeout and a window of one MTU. As RFC 6675 does for TCP, count chunks
+            // with three miss indications as gone from the network: the first packet goes out
+            // as before, further ones while what is really in flight (the pipe) is under cwnd,
+            // so retransmissions follow the ACK clock instead of refilling a full queue.
             let mut full_packets: Vec<Vec<Box<dyn Chunk + Send + Sync>>> = vec![];
-            let mut budget = self.cwnd.max(self.mtu);
+            let reorder = self.bandwidth.reorder_window();
+            let mut lost = 0usize;
+            for k in 0..self.outbound_queue.inflight_len() as u32 {
+                let tsn = self.cumulative_tsn_ack_point.wrapping_add(k).wrapping_add(1);
+                if let Some(c) = self.outbound_queue.get(tsn) {
+                    if !c.acked
+                        && !c.abandoned
+                        && c.nsent == 1
+                        && c.miss_indicator >= 3
+                        && deemed_lost(c, now, reorder)
+                    {
+                        lost += c.user_data.len();
+                    }
+                }
+            }
+            let pipe = self.outbound_queue.inflight_bytes().saturating_sub(lost);
+            let mut budget = (self.cwnd as usize).saturating_sub(pipe) as u32;
 
             let mut i = 0;
             loop {
@@ -3785,7 +3858,12 @@ impl Association {
                     .wrapping_add(i)
                     .wrapping_add(1);
                 if let Some(c) = self.outbound_queue.get(tsn) {
-                    if c.acked || c.abandoned || c.nsent > 1 || c.miss_indicator < 3 {
+                    if c.acked
+                        || c.abandoned
+                        || c.nsent > 1
+                        || c.miss_indicator < 3
+                        || !deemed_lost(c, now, reorder)
+                    {
                         i += 1;
                         continue;
                     }
