@@ -105,29 +105,47 @@ fn a_long_clean_path_is_not_window_bound() {
     assert!(r.peak_window >= 4 << 20, "the window grew to only {} bytes", r.peak_window);
 }
 
+/// A connection that moves no files, for tests that watch the connection itself.
+struct Quiet {
+    w: World,
+    conn: common::simnet::Conn,
+    disk: Disk,
+    d: common::simnet::Drained,
+    files: Files,
+}
+
+impl Quiet {
+    fn new(link: LinkParams, seed: u64) -> Quiet {
+        let w = World::symmetric(Instant::now(), link, seed);
+        let conn = common::simnet::connect(w.now, &small_cfg());
+        Quiet { w, conn, disk: Disk::new(true), d: common::simnet::Drained::default(), files: Files::Bytes(vec![]) }
+    }
+
+    /// Drains both sides.
+    fn drain(&mut self) {
+        for is_a in [true, false] {
+            self.w.drain(&mut self.conn, is_a, &self.files, &mut self.disk, &mut self.d);
+        }
+    }
+}
+
 /// Runs an idle connection for `secs` of virtual time; from `silence_at` (if given) on, every
 /// datagram is lost (the other side crashed or the path went away). Returns (opened, closed at).
 fn idle(silence_at: Option<u64>, secs: u64) -> (usize, Option<Duration>) {
-    let start = Instant::now();
-    let mut w = World::symmetric(start, lossy(0.0, 0.0, 10, 5), 7);
-    let cfg = small_cfg();
-    let mut conn = common::simnet::connect(w.now, &cfg);
-    let mut disk = Disk::new(true);
-    let mut d = common::simnet::Drained::default();
-    let files = Files::Bytes(vec![]);
-    while w.now < start + Duration::from_secs(secs) {
-        if silence_at.is_some_and(|s| w.now >= start + Duration::from_secs(s)) {
-            w.blackout = true;
-            conn.wire.clear();
+    let mut q = Quiet::new(lossy(0.0, 0.0, 10, 5), 7);
+    let start = q.w.now;
+    while q.w.now < start + Duration::from_secs(secs) {
+        if silence_at.is_some_and(|s| q.w.now >= start + Duration::from_secs(s)) {
+            q.w.blackout = true;
+            q.conn.wire.clear();
         }
-        w.drain(&mut conn, true, &files, &mut disk, &mut d);
-        w.drain(&mut conn, false, &files, &mut disk, &mut d);
-        if d.closed == 2 {
-            return (d.opened, Some(w.now - start));
+        q.drain();
+        if q.d.closed == 2 {
+            return (q.d.opened, Some(q.w.now - start));
         }
-        w.step(&mut conn);
+        q.w.step(&mut q.conn);
     }
-    (d.opened, None)
+    (q.d.opened, None)
 }
 
 #[test]
@@ -149,27 +167,21 @@ fn a_vanished_peer_is_noticed_within_the_disconnect_timeout() {
 /// A control message larger than we accept is refused unread, with an error the app sees.
 #[test]
 fn an_oversized_control_message_is_refused() {
-    let start = Instant::now();
-    let mut w = World::symmetric(start, lossy(0.0, 0.0, 1, 0), 9);
-    let cfg = small_cfg();
-    let mut conn = common::simnet::connect(w.now, &cfg);
-    let mut disk = Disk::new(true);
-    let mut d = common::simnet::Drained::default();
-    let files = Files::Bytes(vec![]);
+    let mut q = Quiet::new(lossy(0.0, 0.0, 1, 0), 9);
+    let start = q.w.now;
     let mut sent = false;
-    while w.now < start + Duration::from_secs(20) {
-        w.drain(&mut conn, true, &files, &mut disk, &mut d);
-        w.drain(&mut conn, false, &files, &mut disk, &mut d);
-        if d.opened == 2 && !sent {
+    while q.w.now < start + Duration::from_secs(20) {
+        q.drain();
+        if q.d.opened == 2 && !sent {
             // Past our own sender's limit, so it goes straight to the channel.
             let big = format!("{{\"type\":\"x\",\"pad\":\"{}\"}}", "a".repeat(300 * 1024));
-            assert!(conn.a.session.peer().send_ctl(&big).expect("send"));
+            assert!(q.conn.a.session.peer().send_ctl(&big).expect("send"));
             sent = true;
         }
-        if d.messages.iter().any(|m| m.contains("MESSAGE_TOO_LARGE")) {
+        if q.d.messages.iter().any(|m| m.contains("MESSAGE_TOO_LARGE")) {
             return;
         }
-        w.step(&mut conn);
+        q.w.step(&mut q.conn);
     }
-    panic!("no refusal; messages: {:?}", d.messages.iter().map(|m| m.len()).collect::<Vec<_>>());
+    panic!("no refusal; messages: {:?}", q.d.messages.iter().map(|m| m.len()).collect::<Vec<_>>());
 }
