@@ -53,7 +53,7 @@ pub struct Args {
     /// Payload bytes per bulk frame (ours).
     #[arg(long, default_value_t = sleap_rtc_core::transfer::DEFAULT_CHUNK)]
     chunk: usize,
-    /// Bulk high watermark in bytes (ours).
+    /// Floor (and starting value) of the bulk window in bytes (ours); the window then follows the measured rate.
     #[arg(long)]
     high_water: Option<usize>,
     /// UDP payload size (str0m MTU, ours).
