@@ -11,7 +11,8 @@
 //! Flags: `--rtt MS`, `--jitter MS`, `--loss PERCENT`, `--burst PACKETS`, `--reorder PERCENT`,
 //! `--dup PERCENT`, `--rate MBIT`, `--queue-ms MS` (bottleneck queue as time at the rate),
 //! `--size N[KiB|MiB|GiB]`, `--seed N`, `--fixed-window BYTES` (the old behaviour: no adaptive
-//! window), `--chunk BYTES`, `--limit SECS` (virtual time).
+//! window), `--chunk BYTES`, `--limit SECS` (virtual time). `PATH_SIM_TRACE='(FR)|T3-rtx'`
+//! prints the sctp-proto and dimpl log records that contain any of the `|`-separated strings.
 
 #[path = "../tests/common/simnet.rs"]
 mod simnet;
@@ -23,36 +24,53 @@ use sleap_rtc_core::netsim::LinkParams;
 use sleap_rtc_core::session::SessionConfig;
 use sleap_rtc_core::transfer::Manifest;
 
-/// Counts sctp-proto's congestion events from its log records (it exposes no counters through
-/// str0m).
+/// Counts sctp-proto's congestion events and dimpl's refused records from their log records
+/// (neither exposes counters through str0m).
 struct Events {
     t3: std::sync::atomic::AtomicU64,
     fast_recovery: std::sync::atomic::AtomicU64,
+    /// Recoveries undone because the peer reported every resent chunk as a duplicate.
+    undone: std::sync::atomic::AtomicU64,
+    /// DTLS records dropped by the receiver's anti-replay window: reordered deeper than it, they
+    /// are lost to SCTP as if the path had dropped them.
+    replay_drops: std::sync::atomic::AtomicU64,
 }
 
 impl log::Log for Events {
     fn enabled(&self, m: &log::Metadata) -> bool {
-        m.target().starts_with("sctp_proto")
+        m.target().starts_with("sctp_proto") || m.target().starts_with("dimpl")
     }
     fn log(&self, r: &log::Record) {
         if !self.enabled(r.metadata()) {
             return;
         }
         let msg = r.args().to_string();
-        if std::env::var_os("PATH_SIM_TRACE").is_some() && (msg.contains("(FR)") || msg.contains("(RTO)")) {
-            eprintln!("{msg}");
+        // PATH_SIM_TRACE=a|b prints the sctp-proto and dimpl records that contain a or b (with the
+        // virtual time they happened at unknown: order is what a trace is for here).
+        if let Some(pat) = std::env::var_os("PATH_SIM_TRACE") {
+            if pat.to_str().is_some_and(|p| p.split('|').any(|p| msg.contains(p))) {
+                eprintln!("{msg}");
+            }
         }
         if msg.contains("T3-rtx timed out") {
             self.t3.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         } else if msg.ends_with("(FR)") {
             self.fast_recovery.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        } else if msg.ends_with("(undo)") {
+            self.undone.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        } else if msg == "Discarding replayed rec" {
+            self.replay_drops.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         }
     }
     fn flush(&self) {}
 }
 
-static EVENTS: Events =
-    Events { t3: std::sync::atomic::AtomicU64::new(0), fast_recovery: std::sync::atomic::AtomicU64::new(0) };
+static EVENTS: Events = Events {
+    t3: std::sync::atomic::AtomicU64::new(0),
+    fast_recovery: std::sync::atomic::AtomicU64::new(0),
+    undone: std::sync::atomic::AtomicU64::new(0),
+    replay_drops: std::sync::atomic::AtomicU64::new(0),
+};
 
 fn parse_size(s: &str) -> Result<u64, String> {
     let (n, mul) = [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)]
@@ -133,7 +151,7 @@ fn main() -> Result<(), String> {
     println!(
         "size {size} B: {} in {secs:.2} s virtual = {:.2} MB/s; verified {verified}; peak window {:.1} MiB; \
          data link: {} sent, {} random drops, {} queue drops (peak queue {:.0} KiB); ack link: {} sent; \
-         SCTP: {} fast recoveries, {} T3 timeouts; {:.1} s wall",
+         SCTP: {} fast recoveries ({} undone as spurious), {} T3 timeouts; DTLS: {} records refused as replays; {:.1} s wall",
         if r.completed { "completed" } else { "NOT completed" },
         r.bytes as f64 / secs.max(1e-9) / 1e6,
         r.peak_window as f64 / (1 << 20) as f64,
@@ -143,7 +161,9 @@ fn main() -> Result<(), String> {
         ab.peak_queue as f64 / 1024.0,
         ba.sent,
         EVENTS.fast_recovery.load(std::sync::atomic::Ordering::Relaxed),
+        EVENTS.undone.load(std::sync::atomic::Ordering::Relaxed),
         EVENTS.t3.load(std::sync::atomic::Ordering::Relaxed),
+        EVENTS.replay_drops.load(std::sync::atomic::Ordering::Relaxed),
         wall.elapsed().as_secs_f64(),
     );
     if !r.completed || !verified {

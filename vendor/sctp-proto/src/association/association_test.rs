@@ -5930,3 +5930,28 @@ fn sleap_rtc_sack_with_many_gaps_fits_in_one_packet() -> Result<()> {
     assert!(raw.len() <= mtu as usize, "{} bytes", raw.len());
     Ok(())
 }
+
+/// sleap-rtc patch: a DATA chunk received twice is listed among the next SACK's duplicate TSNs
+/// (RFC 9260 §6.2); the sender's recovery undo (undo.rs) depends on it. Before the patch the
+/// duplicate was refused before it reached the queue that records duplicates.
+#[test]
+fn test_duplicate_data_is_reported_in_the_next_sack() -> Result<()> {
+    let mut a = create_association(TransportConfig::default());
+    a.peer_last_tsn = 100;
+    let first = receive_capacity_fragment(101, true, true);
+    a.handle_data(&first)?;
+    assert!(a.create_selective_ack_chunk().duplicate_tsn.is_empty());
+    // Once below the cumulative point, and once more while still queued above a gap.
+    a.handle_data(&first)?;
+    let gapped = receive_capacity_fragment(103, true, true);
+    a.handle_data(&gapped)?;
+    a.handle_data(&gapped)?;
+    assert_eq!(a.create_selective_ack_chunk().duplicate_tsn, vec![101, 103]);
+    assert!(a.create_selective_ack_chunk().duplicate_tsn.is_empty(), "reported once");
+    // A flood of duplicates between two SACKs is held only up to a bound.
+    for _ in 0..1000 {
+        a.handle_data(&first)?;
+    }
+    assert_eq!(a.payload_queue.pop_duplicates().len(), 256);
+    Ok(())
+}

@@ -30,12 +30,38 @@ pub(crate) struct BandwidthEstimator {
     next: usize,
     /// Consecutive RTT samples that showed a queue building.
     building_samples: u32,
+    /// Smoothed RTT (RFC 6298's 1/8 gain): the reordering window's ceiling.
+    srtt: Option<Duration>,
+    /// Quarters of the minimum RTT in the reordering window (RACK's `reo_wnd_mult`; 0 means 1).
+    reorder_mult: u32,
+    /// Recoveries since a spurious one; after `REORDER_DECAY` the window narrows again.
+    recoveries_since_spurious: u32,
 }
+
+/// Recoveries without a spurious retransmission after which the reordering window returns to
+/// a quarter of the minimum RTT (RACK's 16).
+const REORDER_DECAY: u32 = 16;
 
 impl BandwidthEstimator {
     pub(crate) fn on_rtt(&mut self, rtt: Duration) {
         self.last_rtt = rtt;
         self.min_rtt = Some(self.min_rtt.map_or(rtt, |m| m.min(rtt)));
+        self.srtt = Some(self.srtt.map_or(rtt, |s| s - s / 8 + rtt / 8));
+    }
+
+    /// A fast recovery began.
+    pub(crate) fn on_recovery(&mut self) {
+        self.recoveries_since_spurious += 1;
+        if self.recoveries_since_spurious > REORDER_DECAY {
+            self.reorder_mult = 1;
+            self.recoveries_since_spurious = 0;
+        }
+    }
+
+    /// The peer reported a fast-retransmitted chunk twice: it was reordered, not lost.
+    pub(crate) fn on_spurious(&mut self) {
+        self.reorder_mult = (self.reorder_mult.max(1) + 1).min(64);
+        self.recoveries_since_spurious = 0;
     }
 
     /// `bytes` newly acknowledged (cumulatively or by gap blocks) by a SACK at `now`.
@@ -68,9 +94,15 @@ impl BandwidthEstimator {
     }
 
     /// How long a chunk must have been outstanding before a gap report makes it lost: the
-    /// minimum RTT plus a quarter of it (RACK's reordering window, RFC 8985), at least 1 ms.
+    /// minimum RTT plus RACK's reordering window (RFC 8985 §6.2): a quarter of the minimum RTT
+    /// (at least 1 ms) times a multiplier that each spurious recovery raises, never more than
+    /// the smoothed RTT.
     pub(crate) fn reorder_window(&self) -> Option<Duration> {
-        self.min_rtt.map(|m| m + (m / 4).max(Duration::from_millis(1)))
+        self.min_rtt.map(|m| {
+            let step = (m / 4).max(Duration::from_millis(1));
+            let ceiling = self.srtt.unwrap_or(m).max(step);
+            m + (step * self.reorder_mult.max(1)).min(ceiling)
+        })
     }
 
     /// ssthresh after a timeout: the estimate, at least Reno's.
@@ -107,6 +139,26 @@ impl BandwidthEstimator {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn spurious_recoveries_widen_the_reordering_window_up_to_the_smoothed_rtt() {
+        let mut b = BandwidthEstimator::default();
+        assert_eq!(b.reorder_window(), None);
+        b.on_rtt(Duration::from_millis(40));
+        let ms = |w: Option<Duration>| w.unwrap().as_millis();
+        assert_eq!(ms(b.reorder_window()), 50);
+        b.on_spurious();
+        assert_eq!(ms(b.reorder_window()), 60);
+        for _ in 0..10 {
+            b.on_spurious();
+        }
+        assert_eq!(ms(b.reorder_window()), 80, "capped at min RTT + SRTT");
+        // Sixteen recoveries without a spurious one: back to a quarter.
+        for _ in 0..=REORDER_DECAY {
+            b.on_recovery();
+        }
+        assert_eq!(ms(b.reorder_window()), 50);
+    }
 
     #[test]
     fn estimates_the_acked_rate_times_the_minimum_rtt() {

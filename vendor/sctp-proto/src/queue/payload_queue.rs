@@ -7,6 +7,9 @@ use alloc::string::String;
 use alloc::vec::Vec;
 use rustc_hash::FxHashMap;
 
+/// sleap-rtc patch: a bound on the duplicate reports held for one SACK.
+const MAX_DUPLICATES_KEPT: usize = 256;
+
 #[derive(Default, Debug)]
 pub(crate) struct PayloadQueue {
     // length: usize,
@@ -48,6 +51,15 @@ impl PayloadQueue {
 
     pub(crate) fn can_push(&self, p: &ChunkPayloadData, cumulative_tsn: u32) -> bool {
         !(self.chunk_map.contains_key(&p.tsn) || sna32lte(p.tsn, cumulative_tsn))
+    }
+
+    /// sleap-rtc patch: a DATA chunk `can_push` refused was a duplicate; the next SACK reports
+    /// it (RFC 9260 §6.2) so the sender can tell a spurious retransmission from a loss. The
+    /// SACK carries only as many as fit, so more than that between two SACKs are not kept.
+    pub(crate) fn note_duplicate(&mut self, tsn: u32) {
+        if self.dup_tsn.len() < MAX_DUPLICATES_KEPT {
+            self.dup_tsn.push(tsn);
+        }
     }
 
     pub(crate) fn push_no_check(&mut self, p: ChunkPayloadData) {
