@@ -21,6 +21,9 @@ export SLEAP_RTC_TEST_PYTHON="$VENV/bin/python"
 # test, cli/tests/dashboard.rs).
 PKGS=()
 command -v redis-server >/dev/null || PKGS+=(redis-server)
+# The vendored dimpl's OpenSSL interop tests link the system OpenSSL (vendor/dimpl/SLEAP-RTC-PATCH.md).
+command -v pkg-config >/dev/null || PKGS+=(pkg-config)
+[[ -f /usr/include/openssl/ssl.h ]] || PKGS+=(libssl-dev)
 [[ -x /usr/bin/chromium || -n "${SLEAP_RTC_TEST_CHROMIUM:-}" ]] || PKGS+=(chromium)
 if (( ${#PKGS[@]} )); then
   echo "==> installing ${PKGS[*]}"
@@ -44,3 +47,6 @@ cargo test --workspace --locked
 # own test suite, with its own lockfile.
 echo "==> cargo test (vendor/sctp-proto)"
 cargo test --manifest-path vendor/sctp-proto/Cargo.toml --locked
+# The vendored dimpl likewise (vendor/dimpl/SLEAP-RTC-PATCH.md).
+echo "==> cargo test (vendor/dimpl)"
+cargo test --manifest-path vendor/dimpl/Cargo.toml --locked

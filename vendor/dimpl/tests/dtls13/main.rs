@@ -1,4 +1,4 @@
-#[cfg(not(windows))]
+#[cfg(sleap_rtc_wolfssl)] // sleap-rtc patch: wolfSSL interop not built (SLEAP-RTC-PATCH.md)
 #[path = "../wolfssl/mod.rs"]
 mod wolfssl_helper;
 
@@ -13,5 +13,5 @@ mod key_update;
 mod reorder;
 mod retransmit;
 
-#[cfg(not(windows))]
+#[cfg(sleap_rtc_wolfssl)] // sleap-rtc patch: wolfSSL interop not built (SLEAP-RTC-PATCH.md)
 mod wolfssl;
