@@ -13,6 +13,10 @@
 //! `--size N[KiB|MiB|GiB]`, `--seed N`, `--fixed-window BYTES` (the old behaviour: no adaptive
 //! window), `--chunk BYTES`, `--limit SECS` (virtual time). `PATH_SIM_TRACE='(FR)|T3-rtx'`
 //! prints the sctp-proto and dimpl log records that contain any of the `|`-separated strings.
+//!
+//! `--jitter` without `--rate` is not a physical path: the unlimited link takes a whole window at
+//! one instant and the jitter shuffles it, the first packet of a burst behind thousands of later
+//! ones. Give jitter a bottleneck (`--rate`) for figures that mean something.
 
 #[path = "../tests/common/simnet.rs"]
 mod simnet;
