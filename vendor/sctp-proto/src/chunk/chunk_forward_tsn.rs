@@ -48,11 +48,7 @@ impl fmt::Display for ChunkForwardTsn {
 
 impl Chunk for ChunkForwardTsn {
     fn header(&self) -> ChunkHeader {
-        ChunkHeader {
-            typ: CT_FORWARD_TSN,
-            flags: 0,
-            value_length: self.value_length() as u16,
-        }
+        ChunkHeader { typ: CT_FORWARD_TSN, flags: 0, value_length: self.value_length() as u16 }
     }
 
     fn unmarshal(buf: &Bytes) -> Result<Self> {
@@ -80,10 +76,7 @@ impl Chunk for ChunkForwardTsn {
             streams.push(s);
         }
 
-        Ok(ChunkForwardTsn {
-            new_cumulative_tsn,
-            streams,
-        })
+        Ok(ChunkForwardTsn { new_cumulative_tsn, streams })
     }
 
     fn marshal_to(&self, writer: &mut BytesMut) -> Result<usize> {
@@ -137,11 +130,7 @@ impl fmt::Display for ChunkForwardTsnStream {
 
 impl Chunk for ChunkForwardTsnStream {
     fn header(&self) -> ChunkHeader {
-        ChunkHeader {
-            typ: ChunkType(0),
-            flags: 0,
-            value_length: self.value_length() as u16,
-        }
+        ChunkHeader { typ: ChunkType(0), flags: 0, value_length: self.value_length() as u16 }
     }
 
     fn unmarshal(buf: &Bytes) -> Result<Self> {
@@ -153,10 +142,7 @@ impl Chunk for ChunkForwardTsnStream {
         let identifier = reader.get_u16();
         let sequence = reader.get_u16();
 
-        Ok(ChunkForwardTsnStream {
-            identifier,
-            sequence,
-        })
+        Ok(ChunkForwardTsnStream { identifier, sequence })
     }
 
     fn marshal_to(&self, writer: &mut BytesMut) -> Result<usize> {
