@@ -1,8 +1,9 @@
 //! The client half of the job protocol: connect to a worker, prove room membership, submit a job
 //! with its uploads, follow it, stop or cancel it, attach to it again later, fetch its results.
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -46,10 +47,18 @@ pub enum JobClientError {
 
 const AUTH_WAIT: Duration = Duration::from_secs(20);
 const ACCEPT_WAIT: Duration = Duration::from_secs(60);
+/// How many messages may arrive while a reply is awaited before the worker counts as broken:
+/// they are all kept for [`JobClient::next`], so without a bound a worker that never answers
+/// could grow the queue for the whole wait.
+const MAX_HELD: usize = 10_000;
 
 /// An authenticated connection to a worker, on runtime `R`.
 pub struct JobClient<R> {
     conn: Arc<PeerConnection<R>>,
+    /// What arrived while `authenticate` or `submit` waited for its reply, oldest first. A worker
+    /// may send anything at any time (a log line of a job this client attached to, a state
+    /// change); dropping it would lose it for good, so [`JobClient::next`] hands it out first.
+    held: Mutex<VecDeque<JobMsg>>,
 }
 
 impl<R: Runtime> JobClient<R> {
@@ -61,7 +70,7 @@ impl<R: Runtime> JobClient<R> {
         how: &ClientAuth,
     ) -> Result<JobClient<R>, JobClientError> {
         let c = conn::connect(signaling, worker, opts).await?;
-        let client = JobClient { conn: Arc::new(c) };
+        let client = JobClient { conn: Arc::new(c), held: Mutex::new(VecDeque::new()) };
         client.authenticate(signaling, how).await?;
         Ok(client)
     }
@@ -79,7 +88,7 @@ impl<R: Runtime> JobClient<R> {
         }
         let wait = async {
             loop {
-                match self.next().await {
+                match self.recv().await {
                     None => return Err(JobClientError::Closed),
                     Some(JobMsg::AuthOk { .. }) => return Ok(()),
                     Some(JobMsg::AuthFailed { reason }) => return Err(JobClientError::AuthFailed(reason)),
@@ -103,7 +112,7 @@ impl<R: Runtime> JobClient<R> {
                             ));
                         }
                     },
-                    Some(_) => {}
+                    Some(other) => self.hold(other)?,
                 }
             }
         };
@@ -120,9 +129,32 @@ impl<R: Runtime> JobClient<R> {
         self.conn.send_message(&m.to_value()).map_err(JobClientError::from)
     }
 
-    /// Next job message from the worker; `None` once the connection is closed. Undecodable
-    /// messages are skipped (logged), never fatal.
+    /// Next job message from the worker, in the order the worker sent them (including those that
+    /// arrived while [`JobClient::connect`] or [`JobClient::submit`] waited for their reply);
+    /// `None` once the connection is closed and nothing is left. Undecodable messages are
+    /// skipped (logged), never fatal.
     pub async fn next(&self) -> Option<JobMsg> {
+        if let Some(m) = self.held.lock().unwrap_or_else(|e| e.into_inner()).pop_front() {
+            return Some(m);
+        }
+        self.recv().await
+    }
+
+    /// Keeps a message that is not the reply being awaited, for [`JobClient::next`].
+    fn hold(&self, m: JobMsg) -> Result<(), JobClientError> {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if held.len() >= MAX_HELD {
+            return Err(JobClientError::Protocol(format!(
+                "the worker sent more than {MAX_HELD} messages without answering"
+            )));
+        }
+        held.push_back(m);
+        Ok(())
+    }
+
+    /// Next message from the connection itself, bypassing `held`: everything held arrived
+    /// before it, so `next` keeps the worker's order by draining `held` first.
+    async fn recv(&self) -> Option<JobMsg> {
         loop {
             let text = self.conn.recv_message().await?;
             match JobMsg::decode(&text) {
@@ -155,14 +187,14 @@ impl<R: Runtime> JobClient<R> {
         self.send(&JobMsg::JobSubmit { client_job_id: client_job_id.clone(), spec: spec.clone(), files })?;
         let wait = async {
             loop {
-                match self.next().await {
+                match self.recv().await {
                     None => return Err(JobClientError::Closed),
                     Some(JobMsg::JobAccepted { client_job_id: c, job_id }) if c == client_job_id => return Ok(job_id),
                     Some(JobMsg::JobRejected { client_job_id: c, errors }) if c == client_job_id => {
                         return Err(JobClientError::Rejected(errors));
                     }
                     Some(JobMsg::JobError { message, .. }) => return Err(JobClientError::Protocol(message)),
-                    Some(_) => {}
+                    Some(other) => self.hold(other)?,
                 }
             }
         };
