@@ -43,6 +43,8 @@ pub enum JobClientError {
     Timeout(Duration, &'static str),
     #[error("cannot read the files to upload: {0}")]
     Files(std::io::Error),
+    #[error(transparent)]
+    NoRandomness(#[from] crate::NoRandomness),
 }
 
 const AUTH_WAIT: Duration = Duration::from_secs(20);
@@ -182,7 +184,7 @@ impl<R: Runtime> JobClient<R> {
                 .map_err(JobClientError::Files)?;
             Some(set)
         };
-        let client_job_id = format!("c{:08x}", rand_u32());
+        let client_job_id = format!("c{:08x}", rand_u32()?);
         let files = set.as_ref().map(|s| s.manifest.files.clone()).unwrap_or_default();
         self.send(&JobMsg::JobSubmit { client_job_id: client_job_id.clone(), spec: spec.clone(), files })?;
         let wait = async {
@@ -236,8 +238,8 @@ impl<R: Runtime> JobClient<R> {
     }
 }
 
-fn rand_u32() -> u32 {
+fn rand_u32() -> Result<u32, crate::NoRandomness> {
     let mut b = [0u8; 4];
-    crate::random_bytes(&mut b);
-    u32::from_le_bytes(b)
+    crate::random_bytes(&mut b)?;
+    Ok(u32::from_le_bytes(b))
 }

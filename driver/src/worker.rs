@@ -102,6 +102,8 @@ pub enum WorkerError {
     WorkDir(PathBuf, std::io::Error),
     #[error("the signaling server refused this worker: {0}")]
     Refused(String),
+    #[error(transparent)]
+    NoRandomness(#[from] crate::NoRandomness),
 }
 
 /// What the worker tells the room about itself (`metadata.properties`, upstream's keys).
@@ -191,10 +193,10 @@ fn unix_now() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
-fn random_hex(bytes: usize) -> String {
+fn random_hex(bytes: usize) -> Result<String, crate::NoRandomness> {
     let mut b = vec![0u8; bytes];
-    crate::random_bytes(&mut b);
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    crate::random_bytes(&mut b)?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -373,7 +375,7 @@ impl<R: Runtime> Worker<R> {
                     .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
                     .take(24)
                     .collect();
-                let id = format!("worker-{base}-{}", random_hex(3));
+                let id = format!("worker-{base}-{}", random_hex(3)?);
                 std::fs::write(&id_file, &id).map_err(|e| WorkerError::WorkDir(id_file.clone(), e))?;
                 id
             }
@@ -616,10 +618,17 @@ impl<R: Runtime> Worker<R> {
 
     /// Returns the authenticated user id (or `room-secret`).
     async fn authenticate(&self, ctx: &PeerCtx, c: &PeerConnection<R>) -> Result<String, AuthError> {
-        let nonce = random_hex(32);
-        if self.cfg.room_secret.is_some() {
+        // Only the room-secret proof covers a nonce; a ticket is bound to the connection instead.
+        let nonce = if self.cfg.room_secret.is_some() {
+            let nonce = random_hex(32).map_err(|e| {
+                tracing::error!(error = %e, "cannot make a challenge nonce");
+                AuthError::NoChallenge
+            })?;
             let _ = c.send_message(&JobMsg::AuthChallenge { nonce: nonce.clone() }.to_value());
-        }
+            nonce
+        } else {
+            String::new()
+        };
         let first = timeout::<R, _>(AUTH_TIMEOUT, async {
             loop {
                 match c.recv_message().await {
@@ -881,7 +890,16 @@ impl<R: Runtime> Worker<R> {
         if !errors.is_empty() {
             return reject(errors);
         }
-        let job_id = format!("job_{}", random_hex(8));
+        let job_id = match random_hex(8) {
+            Ok(h) => format!("job_{h}"),
+            Err(e) => {
+                return reject(vec![FieldError::new(
+                    "worker",
+                    ErrorCode::Internal,
+                    format!("cannot make a job id: {e}"),
+                )]);
+            }
+        };
         let dir = self.jobs_dir.join(&job_id);
         let job = {
             let Ok(mut cur) = self.current.lock() else { return };
