@@ -233,7 +233,7 @@ macro_rules! runtime_api {
             //! The worker half of the job protocol (see [`sleap_rtc_driver::worker`]).
             pub use $crate::worker::{
                 AUTH_TIMEOUT, Capabilities, JournalEntry, PROGRESS_INTERVAL, ProgressBoard, WorkerConfig, WorkerError,
-                http_base, list_jobs, registry_summary,
+                http_base, registry_summary,
             };
             /// A worker on this runtime.
             pub type Worker = $crate::worker::Worker<$rt>;

@@ -1566,19 +1566,6 @@ pub fn http_base(ws_url: &str) -> String {
     format!("{scheme}://{host}")
 }
 
-/// Lists jobs in a work directory's journal (newest first), for `sleap-rtc job list` on a worker.
-pub fn list_jobs(work_dir: &Path) -> Vec<JournalEntry> {
-    let jobs = work_dir.join("jobs");
-    let mut out: Vec<JournalEntry> = std::fs::read_dir(&jobs)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| read_journal(&jobs, &e.file_name().to_string_lossy()))
-        .collect();
-    out.sort_by(|a, b| b.created_at.total_cmp(&a.created_at));
-    out
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
