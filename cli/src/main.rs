@@ -117,7 +117,7 @@ enum RoomCmd {
 struct ConnArgs {
     #[command(flatten)]
     server: ServerArg,
-    /// Room id (default: the room stored by `login`, if any).
+    /// Room id (required: `login` stores no room).
     #[arg(long, env = "SLEAP_RTC_ROOM")]
     room: Option<String>,
     /// Credential: a user JWT or an account key (default: what `login` stored).
@@ -631,4 +631,27 @@ fn main() {
     // Peer connections close in background tasks; do not wait for them.
     rt.shutdown_timeout(Duration::from_millis(500));
     std::process::exit(code);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::CommandFactory;
+
+    /// `--room` promised a default "stored by `login`", which nothing stores: a user who
+    /// believed it got "--room is required" after logging in.
+    #[test]
+    fn room_help_promises_no_room_from_login() {
+        let cli = Cli::command();
+        for sub in ["workers", "train", "track"] {
+            let help = cli
+                .find_subcommand(sub)
+                .and_then(|c| c.get_arguments().find(|a| a.get_id() == "room"))
+                .and_then(|a| a.get_help())
+                .map(|h| h.to_string())
+                .unwrap_or_else(|| panic!("`{sub}` has a documented --room"));
+            assert!(!help.contains("stored by"), "{sub} --room: {help}");
+            assert!(help.contains("required"), "{sub} --room: {help}");
+        }
+    }
 }

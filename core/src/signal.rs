@@ -29,62 +29,79 @@ pub enum RequestId {
 /// Longest accepted `request_id` string; longer ones are refused so echoes stay cheap.
 pub const MAX_REQUEST_ID_LEN: usize = 128;
 
-/// Machine-readable error codes. Upstream codes keep their upstream spelling.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "SCREAMING_SNAKE_CASE")]
-pub enum ErrorCode {
-    InvalidJson,
-    InvalidMessage,
-    UnknownMessageType,
-    MessageTooLarge,
-    NotRegistered,
-    AlreadyRegistered,
-    RegistrationPending,
-    AuthFailed,
-    RoomNotFound,
-    RoomExpired,
-    RoomFull,
-    ServerFull,
-    PeerIdTaken,
-    InvalidPeerId,
-    MetadataTooLarge,
-    ReservedMetadataKey,
-    NotInRoom,
-    PeerNotFound,
-    PeerNotInRoom,
-    SenderMismatch,
-    DeliveryFailed,
-    RateLimited,
-    Internal,
+/// Declares [`ErrorCode`] from one list of `Variant => "WIRE_SPELLING"`, so that encoding and
+/// decoding cannot disagree and a new code cannot be added to one direction only.
+macro_rules! error_codes {
+    ($($variant:ident => $wire:literal,)*) => {
+        /// Machine-readable error codes. Upstream codes keep their upstream spelling.
+        ///
+        /// `Unknown` keeps a code this build does not know (a newer or an upstream server's):
+        /// without it one unfamiliar code made the whole frame undecodable, and a client waited
+        /// for a timeout instead of showing the refusal. It encodes back as the same string.
+        #[derive(Debug, Clone, PartialEq, Eq, Hash)]
+        pub enum ErrorCode {
+            $($variant,)*
+            /// A code this build does not know, kept verbatim.
+            Unknown(String),
+        }
+
+        impl ErrorCode {
+            /// Every code this build knows.
+            pub const KNOWN: &[ErrorCode] = &[$(ErrorCode::$variant,)*];
+
+            pub fn as_str(&self) -> &str {
+                match self {
+                    $(ErrorCode::$variant => $wire,)*
+                    ErrorCode::Unknown(s) => s,
+                }
+            }
+
+            /// The code spelled `s` on the wire; never fails (see [`ErrorCode::Unknown`]).
+            pub fn parse(s: &str) -> ErrorCode {
+                match s {
+                    $($wire => ErrorCode::$variant,)*
+                    other => ErrorCode::Unknown(other.to_owned()),
+                }
+            }
+        }
+    };
 }
 
-impl ErrorCode {
-    pub fn as_str(self) -> &'static str {
-        match self {
-            ErrorCode::InvalidJson => "INVALID_JSON",
-            ErrorCode::InvalidMessage => "INVALID_MESSAGE",
-            ErrorCode::UnknownMessageType => "UNKNOWN_MESSAGE_TYPE",
-            ErrorCode::MessageTooLarge => "MESSAGE_TOO_LARGE",
-            ErrorCode::NotRegistered => "NOT_REGISTERED",
-            ErrorCode::AlreadyRegistered => "ALREADY_REGISTERED",
-            ErrorCode::RegistrationPending => "REGISTRATION_PENDING",
-            ErrorCode::AuthFailed => "AUTH_FAILED",
-            ErrorCode::RoomNotFound => "ROOM_NOT_FOUND",
-            ErrorCode::RoomExpired => "ROOM_EXPIRED",
-            ErrorCode::RoomFull => "ROOM_FULL",
-            ErrorCode::ServerFull => "SERVER_FULL",
-            ErrorCode::PeerIdTaken => "PEER_ID_TAKEN",
-            ErrorCode::InvalidPeerId => "INVALID_PEER_ID",
-            ErrorCode::MetadataTooLarge => "METADATA_TOO_LARGE",
-            ErrorCode::ReservedMetadataKey => "RESERVED_METADATA_KEY",
-            ErrorCode::NotInRoom => "NOT_IN_ROOM",
-            ErrorCode::PeerNotFound => "PEER_NOT_FOUND",
-            ErrorCode::PeerNotInRoom => "PEER_NOT_IN_ROOM",
-            ErrorCode::SenderMismatch => "SENDER_MISMATCH",
-            ErrorCode::DeliveryFailed => "DELIVERY_FAILED",
-            ErrorCode::RateLimited => "RATE_LIMITED",
-            ErrorCode::Internal => "INTERNAL",
-        }
+error_codes! {
+    InvalidJson => "INVALID_JSON",
+    InvalidMessage => "INVALID_MESSAGE",
+    UnknownMessageType => "UNKNOWN_MESSAGE_TYPE",
+    MessageTooLarge => "MESSAGE_TOO_LARGE",
+    NotRegistered => "NOT_REGISTERED",
+    AlreadyRegistered => "ALREADY_REGISTERED",
+    RegistrationPending => "REGISTRATION_PENDING",
+    AuthFailed => "AUTH_FAILED",
+    RoomNotFound => "ROOM_NOT_FOUND",
+    RoomExpired => "ROOM_EXPIRED",
+    RoomFull => "ROOM_FULL",
+    ServerFull => "SERVER_FULL",
+    PeerIdTaken => "PEER_ID_TAKEN",
+    InvalidPeerId => "INVALID_PEER_ID",
+    MetadataTooLarge => "METADATA_TOO_LARGE",
+    ReservedMetadataKey => "RESERVED_METADATA_KEY",
+    NotInRoom => "NOT_IN_ROOM",
+    PeerNotFound => "PEER_NOT_FOUND",
+    PeerNotInRoom => "PEER_NOT_IN_ROOM",
+    SenderMismatch => "SENDER_MISMATCH",
+    DeliveryFailed => "DELIVERY_FAILED",
+    RateLimited => "RATE_LIMITED",
+    Internal => "INTERNAL",
+}
+
+impl Serialize for ErrorCode {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_str(self.as_str())
+    }
+}
+
+impl<'de> Deserialize<'de> for ErrorCode {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        Ok(ErrorCode::parse(&String::deserialize(d)?))
     }
 }
 
@@ -748,6 +765,37 @@ mod tests {
         assert_eq!(v["reason"], "Room not found");
         assert_eq!(v["request_id"], 3);
         assert_eq!(ServerEnvelope::from_json(&env.to_json()).unwrap(), env);
+    }
+
+    /// A refusal with a code this build does not know must still reach the client as a refusal
+    /// (it used to make the whole frame undecodable: the client waited for a timeout).
+    #[test]
+    fn unknown_error_code_decodes_and_round_trips() {
+        let text = r#"{"type":"error","code":"TOKEN_REVOKED","message":"gone","reason":"gone","request_id":4}"#;
+        let env = ServerEnvelope::from_json(text).unwrap();
+        match &env.msg {
+            ServerMessage::Error { code, message, .. } => {
+                assert_eq!(*code, ErrorCode::Unknown("TOKEN_REVOKED".into()));
+                assert_eq!(message, "gone");
+            }
+            other => panic!("{other:?}"),
+        }
+        assert_eq!(env.request_id, Some(RequestId::Num(4)));
+        let v: Value = serde_json::from_str(&env.to_json()).unwrap();
+        assert_eq!(v["code"], "TOKEN_REVOKED");
+        assert_eq!(ServerEnvelope::from_json(&env.to_json()).unwrap(), env);
+    }
+
+    #[test]
+    fn known_error_codes_keep_their_wire_spelling() {
+        for code in ErrorCode::KNOWN {
+            let wire = serde_json::to_value(code).unwrap();
+            assert_eq!(wire, Value::String(code.as_str().to_owned()));
+            assert_eq!(&serde_json::from_value::<ErrorCode>(wire).unwrap(), code);
+        }
+        assert_eq!(serde_json::to_value(ErrorCode::PeerIdTaken).unwrap(), "PEER_ID_TAKEN");
+        assert_eq!(ErrorCode::parse("RATE_LIMITED"), ErrorCode::RateLimited);
+        assert!(serde_json::from_value::<ErrorCode>(serde_json::json!(7)).is_err(), "a code is a string");
     }
 
     #[test]

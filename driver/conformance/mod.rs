@@ -22,7 +22,7 @@ use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use serde_json::{Value, json};
-use sleap_rtc_core::job::{JobMsg, JobState, Progress};
+use sleap_rtc_core::job::{JobMsg, JobState, Progress, Stream};
 use sleap_rtc_core::signal::{Filters, Register, ServerMessage};
 use sleap_rtc_driver::client::{ClientAuth, JobClient};
 use sleap_rtc_driver::conn::{self, ConnState, PeerConnection, PeerOptions};
@@ -41,7 +41,8 @@ macro_rules! suite {
     ($rt:ty, $block_on:path) => {
         conformance::suite!(@cases $rt, $block_on;
             signaling_flow, peer_connection, file_and_directory_transfer, resume_after_a_cut,
-            job_end_to_end, job_stop_and_cancel, registry_store, child_processes);
+            job_end_to_end, job_stop_and_cancel, job_client_keeps_what_it_did_not_wait_for,
+            registry_store, child_processes);
     };
     (@cases $rt:ty, $block_on:path; $($case:ident),*) => {
         $(
@@ -473,6 +474,61 @@ pub async fn job_stop_and_cancel<R: Runtime>(env: &Env) {
         &logs[logs.len().saturating_sub(5)..]
     );
     client.close().await;
+}
+
+/// Whatever a worker sends while the client waits for `auth_ok` or `job_accepted` comes out of
+/// `JobClient::next` afterwards, in the worker's order, before what followed the reply (both
+/// waits used to drop it). The worker is played by hand over a real connection, so it can send
+/// what a real worker sends only in races: output of another job, a reply to someone else.
+pub async fn job_client_keeps_what_it_did_not_wait_for<R: Runtime>(env: &Env) {
+    let worker_sig = env.worker::<R>().await;
+    let client_sig = env.client::<R>().await;
+    let log = |text: &str| JobMsg::JobLog {
+        job_id: "job_other".into(),
+        stream: Stream::Stdout,
+        text: text.into(),
+        cr: false,
+    };
+    let state = JobMsg::JobState { job_id: "job_other".into(), state: JobState::Running, message: None };
+    let someone_elses = JobMsg::JobAccepted { client_job_id: "c-not-ours".into(), job_id: "job_x".into() };
+    let send = |w: &PeerConnection<R>, msgs: &[JobMsg]| {
+        for m in msgs {
+            w.send_message(&m.to_value()).expect("the fake worker sends");
+        }
+    };
+
+    let fake_worker = async {
+        let offer = next_offer(&worker_sig).await;
+        let w = conn::accept(&worker_sig, &offer, PeerOptions::loopback()).await.expect("the answerer connects");
+        let first = within::<R, _>("the ticket", w.recv_message()).await.expect("open");
+        assert!(matches!(JobMsg::decode(&first), Ok(Some(JobMsg::AuthTicket { .. }))), "{first}");
+        send(&w, &[log("before auth_ok"), state.clone(), JobMsg::AuthOk { worker: worker_sig.peer_id().into() }]);
+        w
+    };
+    let how = ClientAuth::Ticket;
+    let (client, w) =
+        join(JobClient::connect(&client_sig, worker_sig.peer_id(), PeerOptions::loopback(), &how), fake_worker).await;
+    let client = client.expect("connect and authenticate");
+
+    let fake_worker = async {
+        let text = within::<R, _>("job_submit", w.recv_message()).await.expect("open");
+        let Ok(Some(JobMsg::JobSubmit { client_job_id, .. })) = JobMsg::decode(&text) else {
+            panic!("expected job_submit, got {text}")
+        };
+        let ours = JobMsg::JobAccepted { client_job_id, job_id: "job_1".into() };
+        send(&w, &[log("while submitting"), someone_elses.clone(), ours, log("after job_accepted")]);
+    };
+    let spec = json!({"type": "train", "labels_path": "/data/labels.slp"});
+    let (submitted, ()) = join(within::<R, _>("the submission", client.submit(&spec, &[])), fake_worker).await;
+    assert_eq!(submitted.expect("accepted").0, "job_1");
+
+    let mut got = Vec::new();
+    for _ in 0..5 {
+        got.push(within::<R, _>("a held message", client.next()).await.expect("the connection is open"));
+    }
+    assert_eq!(got, [log("before auth_ok"), state, log("while submitting"), someone_elses, log("after job_accepted")]);
+    client.close().await;
+    w.close().await;
 }
 
 /// The directory registry store on `R`: create-only and compare-and-swap manifest writes, ids

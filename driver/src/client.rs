@@ -1,8 +1,9 @@
 //! The client half of the job protocol: connect to a worker, prove room membership, submit a job
 //! with its uploads, follow it, stop or cancel it, attach to it again later, fetch its results.
 
+use std::collections::VecDeque;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use serde_json::{Value, json};
@@ -42,14 +43,24 @@ pub enum JobClientError {
     Timeout(Duration, &'static str),
     #[error("cannot read the files to upload: {0}")]
     Files(std::io::Error),
+    #[error(transparent)]
+    NoRandomness(#[from] crate::NoRandomness),
 }
 
 const AUTH_WAIT: Duration = Duration::from_secs(20);
 const ACCEPT_WAIT: Duration = Duration::from_secs(60);
+/// How many messages may arrive while a reply is awaited before the worker counts as broken:
+/// they are all kept for [`JobClient::next`], so without a bound a worker that never answers
+/// could grow the queue for the whole wait.
+const MAX_HELD: usize = 10_000;
 
 /// An authenticated connection to a worker, on runtime `R`.
 pub struct JobClient<R> {
     conn: Arc<PeerConnection<R>>,
+    /// What arrived while `authenticate` or `submit` waited for its reply, oldest first. A worker
+    /// may send anything at any time (a log line of a job this client attached to, a state
+    /// change); dropping it would lose it for good, so [`JobClient::next`] hands it out first.
+    held: Mutex<VecDeque<JobMsg>>,
 }
 
 impl<R: Runtime> JobClient<R> {
@@ -61,7 +72,7 @@ impl<R: Runtime> JobClient<R> {
         how: &ClientAuth,
     ) -> Result<JobClient<R>, JobClientError> {
         let c = conn::connect(signaling, worker, opts).await?;
-        let client = JobClient { conn: Arc::new(c) };
+        let client = JobClient { conn: Arc::new(c), held: Mutex::new(VecDeque::new()) };
         client.authenticate(signaling, how).await?;
         Ok(client)
     }
@@ -79,7 +90,7 @@ impl<R: Runtime> JobClient<R> {
         }
         let wait = async {
             loop {
-                match self.next().await {
+                match self.recv().await {
                     None => return Err(JobClientError::Closed),
                     Some(JobMsg::AuthOk { .. }) => return Ok(()),
                     Some(JobMsg::AuthFailed { reason }) => return Err(JobClientError::AuthFailed(reason)),
@@ -103,7 +114,7 @@ impl<R: Runtime> JobClient<R> {
                             ));
                         }
                     },
-                    Some(_) => {}
+                    Some(other) => self.hold(other)?,
                 }
             }
         };
@@ -120,9 +131,32 @@ impl<R: Runtime> JobClient<R> {
         self.conn.send_message(&m.to_value()).map_err(JobClientError::from)
     }
 
-    /// Next job message from the worker; `None` once the connection is closed. Undecodable
-    /// messages are skipped (logged), never fatal.
+    /// Next job message from the worker, in the order the worker sent them (including those that
+    /// arrived while [`JobClient::connect`] or [`JobClient::submit`] waited for their reply);
+    /// `None` once the connection is closed and nothing is left. Undecodable messages are
+    /// skipped (logged), never fatal.
     pub async fn next(&self) -> Option<JobMsg> {
+        if let Some(m) = self.held.lock().unwrap_or_else(|e| e.into_inner()).pop_front() {
+            return Some(m);
+        }
+        self.recv().await
+    }
+
+    /// Keeps a message that is not the reply being awaited, for [`JobClient::next`].
+    fn hold(&self, m: JobMsg) -> Result<(), JobClientError> {
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        if held.len() >= MAX_HELD {
+            return Err(JobClientError::Protocol(format!(
+                "the worker sent more than {MAX_HELD} messages without answering"
+            )));
+        }
+        held.push_back(m);
+        Ok(())
+    }
+
+    /// Next message from the connection itself, bypassing `held`: everything held arrived
+    /// before it, so `next` keeps the worker's order by draining `held` first.
+    async fn recv(&self) -> Option<JobMsg> {
         loop {
             let text = self.conn.recv_message().await?;
             match JobMsg::decode(&text) {
@@ -150,19 +184,19 @@ impl<R: Runtime> JobClient<R> {
                 .map_err(JobClientError::Files)?;
             Some(set)
         };
-        let client_job_id = format!("c{:08x}", rand_u32());
+        let client_job_id = format!("c{:08x}", rand_u32()?);
         let files = set.as_ref().map(|s| s.manifest.files.clone()).unwrap_or_default();
         self.send(&JobMsg::JobSubmit { client_job_id: client_job_id.clone(), spec: spec.clone(), files })?;
         let wait = async {
             loop {
-                match self.next().await {
+                match self.recv().await {
                     None => return Err(JobClientError::Closed),
                     Some(JobMsg::JobAccepted { client_job_id: c, job_id }) if c == client_job_id => return Ok(job_id),
                     Some(JobMsg::JobRejected { client_job_id: c, errors }) if c == client_job_id => {
                         return Err(JobClientError::Rejected(errors));
                     }
                     Some(JobMsg::JobError { message, .. }) => return Err(JobClientError::Protocol(message)),
-                    Some(_) => {}
+                    Some(other) => self.hold(other)?,
                 }
             }
         };
@@ -204,8 +238,8 @@ impl<R: Runtime> JobClient<R> {
     }
 }
 
-fn rand_u32() -> u32 {
+fn rand_u32() -> Result<u32, crate::NoRandomness> {
     let mut b = [0u8; 4];
-    crate::random_bytes(&mut b);
-    u32::from_le_bytes(b)
+    crate::random_bytes(&mut b)?;
+    Ok(u32::from_le_bytes(b))
 }

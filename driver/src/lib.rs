@@ -180,17 +180,15 @@ pub async fn timeout<R: Runtime, F: Future>(d: Duration, f: F) -> Result<F::Outp
     timeout_at::<R, F>(Instant::now() + d, f).await
 }
 
-/// Fills `buf` from the OS's random source (getrandom(2)). The fallback, for kernels without it
-/// (< 3.17), mixes time and pid: unique enough for ids, never used for secrets here.
-pub fn random_bytes(buf: &mut [u8]) {
-    // SAFETY: getrandom(2) writes at most `buf.len()` bytes into our buffer.
-    let n = unsafe { libc::getrandom(buf.as_mut_ptr().cast(), buf.len(), 0) };
-    if n != buf.len() as isize {
-        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0);
-        let mut x = blake3::Hasher::new();
-        x.update(&t.to_le_bytes()).update(&std::process::id().to_le_bytes());
-        x.finalize_xof().fill(buf);
-    }
+/// The operating system gave no random bytes. Nothing here falls back to a guessable source
+/// (the room-secret challenge nonce is made with these bytes), so whatever needed them fails.
+#[derive(Debug, thiserror::Error)]
+#[error("no randomness from the operating system: {0}")]
+pub struct NoRandomness(getrandom::Error);
+
+/// Fills `buf` from the operating system's random source.
+pub fn random_bytes(buf: &mut [u8]) -> Result<(), NoRandomness> {
+    getrandom::fill(buf).map_err(NoRandomness)
 }
 
 /// Declares, in a runtime crate, the public API every runtime crate shares: the modules
@@ -235,7 +233,7 @@ macro_rules! runtime_api {
             //! The worker half of the job protocol (see [`sleap_rtc_driver::worker`]).
             pub use $crate::worker::{
                 AUTH_TIMEOUT, Capabilities, JournalEntry, PROGRESS_INTERVAL, ProgressBoard, WorkerConfig, WorkerError,
-                http_base, list_jobs, registry_summary,
+                http_base, registry_summary,
             };
             /// A worker on this runtime.
             pub type Worker = $crate::worker::Worker<$rt>;
@@ -286,4 +284,80 @@ macro_rules! runtime_api {
         pub use signaling::{Registered, SignalingClient, SignalingError};
         pub use $crate::{files, init_tls};
     };
+}
+
+#[cfg(test)]
+mod tests {
+    /// Set in the child that [`no_randomness_is_an_error_not_a_guess`] re-executes.
+    const CHILD: &str = "SLEAP_RTC_TEST_NO_RANDOMNESS";
+
+    /// With the kernel's random source blocked (a seccomp filter refusing getrandom(2) and any
+    /// file open, so /dev/urandom is out of reach too), `random_bytes` must fail. It used to
+    /// fill the buffer from the time and the pid instead: a guessable room-secret nonce.
+    #[cfg(all(target_os = "linux", any(target_arch = "x86_64", target_arch = "aarch64")))]
+    #[test]
+    fn no_randomness_is_an_error_not_a_guess() {
+        if std::env::var_os(CHILD).is_some() {
+            // The filter is confined to this thread (no TSYNC), which leaves through `_exit`: no
+            // other code runs under it, not even the harness's report.
+            block_randomness();
+            let code = match super::random_bytes(&mut [0u8; 16]) {
+                Err(_) => 0,
+                Ok(()) => 1,
+            };
+            // SAFETY: ends the process; nothing is left that needs unwinding or flushing.
+            unsafe { libc::_exit(code) }
+        }
+        let exe = std::env::current_exe().expect("the test binary's path");
+        let status = std::process::Command::new(exe)
+            .args(["--exact", "tests::no_randomness_is_an_error_not_a_guess", "--test-threads=1"])
+            .env(CHILD, "1")
+            .stdout(std::process::Stdio::null())
+            .status()
+            .expect("the child runs");
+        assert_eq!(status.code(), Some(0), "random_bytes produced bytes without the OS's random source");
+    }
+
+    /// Installs, on the calling thread, a seccomp filter under which getrandom(2) fails with
+    /// EPERM (which the getrandom crate answers by reading /dev/urandom) and every open fails
+    /// with ENOENT.
+    #[cfg(all(target_os = "linux", any(target_arch = "x86_64", target_arch = "aarch64")))]
+    fn block_randomness() {
+        use libc::{BPF_ABS, BPF_JEQ, BPF_JMP, BPF_K, BPF_LD, BPF_RET, BPF_W, sock_filter, sock_fprog};
+        #[cfg(target_arch = "x86_64")]
+        const ARCH: u32 = 0xC000_003E; // AUDIT_ARCH_X86_64
+        #[cfg(target_arch = "aarch64")]
+        const ARCH: u32 = 0xC000_00B7; // AUDIT_ARCH_AARCH64
+        let stmt = |code: u32, k: u32| sock_filter { code: code as u16, jt: 0, jf: 0, k };
+        let jeq = |k: u32, jt: u8, jf: u8| sock_filter { code: (BPF_JMP | BPF_JEQ | BPF_K) as u16, jt, jf, k };
+        let ret = |k: u32| stmt(BPF_RET | BPF_K, k);
+        let errno = |e: i32| ret(libc::SECCOMP_RET_ERRNO | e as u32);
+        #[cfg(target_arch = "x86_64")]
+        let open = libc::SYS_open as u32;
+        #[cfg(target_arch = "aarch64")]
+        let open = libc::SYS_openat as u32; // aarch64 has no open(2)
+        // Jump offsets count from the next instruction.
+        let prog = [
+            // seccomp_data: `nr` at offset 0, `arch` at 4. A foreign arch is left alone.
+            stmt(BPF_LD | BPF_W | BPF_ABS, 4),
+            jeq(ARCH, 0, 4),
+            stmt(BPF_LD | BPF_W | BPF_ABS, 0),
+            jeq(libc::SYS_getrandom as u32, 3, 0),
+            jeq(libc::SYS_openat as u32, 3, 0),
+            jeq(open, 2, 0),
+            ret(libc::SECCOMP_RET_ALLOW),
+            errno(libc::EPERM),
+            errno(libc::ENOENT),
+        ];
+        let fprog = sock_fprog { len: prog.len() as u16, filter: prog.as_ptr().cast_mut() };
+        // SAFETY: `fprog` points at `prog`, alive for the call; the kernel copies the program.
+        unsafe {
+            assert_eq!(libc::prctl(libc::PR_SET_NO_NEW_PRIVS, 1, 0, 0, 0), 0, "no_new_privs");
+            assert_eq!(
+                libc::prctl(libc::PR_SET_SECCOMP, libc::SECCOMP_MODE_FILTER, &fprog as *const sock_fprog),
+                0,
+                "seccomp filter"
+            );
+        }
+    }
 }

@@ -29,6 +29,8 @@ pub enum StoreError {
     Other(String),
     #[error("{name}: downloaded content does not match the registry's hash (expected {expected}, got {got})")]
     HashMismatch { name: String, expected: String, got: String },
+    #[error(transparent)]
+    NoRandomness(#[from] crate::NoRandomness),
 }
 
 fn io(what: impl std::fmt::Display) -> impl FnOnce(std::io::Error) -> StoreError {
@@ -286,10 +288,10 @@ fn now_rfc3339() -> String {
     format!("{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}Z", rem / 3600, rem % 3600 / 60, rem % 60)
 }
 
-fn jitter() -> u64 {
+fn jitter() -> Result<u64, crate::NoRandomness> {
     let mut b = [0u8; 8];
-    crate::random_bytes(&mut b);
-    u64::from_le_bytes(b)
+    crate::random_bytes(&mut b)?;
+    Ok(u64::from_le_bytes(b))
 }
 
 /// Applies `ops` to a room's manifest with optimistic concurrency; returns the stored manifest.
@@ -304,7 +306,7 @@ pub async fn update<S: Store>(store: &S, room: &str, ops: Vec<Op>) -> Result<Man
             }
             Step::Write { bytes, expected } => {
                 let ok = store.write_manifest(room, &bytes, expected.as_deref()).await?;
-                u.on_write(ok, jitter())?
+                u.on_write(ok, jitter()?)?
             }
             Step::Backoff(d) => {
                 crate::sleep::<S::Rt>(d).await;

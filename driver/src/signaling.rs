@@ -15,7 +15,9 @@ use std::time::Duration;
 use async_tungstenite::tungstenite::Message;
 use futures_util::{SinkExt, StreamExt};
 use serde_json::{Value, json};
-use sleap_rtc_core::signal::{Filters, IceServer, PeerInfo, Register, RequestId, ServerEnvelope, ServerMessage};
+use sleap_rtc_core::signal::{
+    ErrorCode, Filters, IceServer, PeerInfo, Register, RequestId, ServerEnvelope, ServerMessage,
+};
 use tokio::sync::{mpsc, oneshot};
 
 use crate::Runtime;
@@ -27,7 +29,7 @@ pub enum SignalingError {
     #[error("the signaling connection closed")]
     Closed,
     #[error("the server refused: {code}: {message}")]
-    Refused { code: String, message: String },
+    Refused { code: ErrorCode, message: String },
     #[error("no answer from the signaling server within {0:?}")]
     Timeout(Duration),
     #[error("unexpected reply: {0}")]
@@ -187,7 +189,7 @@ impl<R: Runtime> SignalingClient<R> {
             Ok(Ok(env)) => env,
         };
         if let ServerMessage::Error { code, message, .. } = &env.msg {
-            return Err(SignalingError::Refused { code: code.to_string(), message: message.clone() });
+            return Err(SignalingError::Refused { code: code.clone(), message: message.clone() });
         }
         Ok(env)
     }

@@ -17,7 +17,7 @@ use sleap_rtc_core::job::{
     ErrorCode, FieldError, Interrupt, Job, JobMsg, JobSpec, JobState, JobStatus, PathRef, PathVerdict, Progress,
     Stream, check_paths, parse_spec,
 };
-use sleap_rtc_core::signal::{Register, ServerMessage};
+use sleap_rtc_core::signal::{ErrorCode as SignalCode, Register, ServerMessage};
 use sleap_rtc_core::transfer::FileEntry;
 use tokio::sync::{mpsc, watch};
 
@@ -102,6 +102,8 @@ pub enum WorkerError {
     WorkDir(PathBuf, std::io::Error),
     #[error("the signaling server refused this worker: {0}")]
     Refused(String),
+    #[error(transparent)]
+    NoRandomness(#[from] crate::NoRandomness),
 }
 
 /// What the worker tells the room about itself (`metadata.properties`, upstream's keys).
@@ -149,6 +151,40 @@ fn free_disk_mb(dir: &Path) -> u64 {
     }
 }
 
+/// Whether a refused registration will be refused again however long the worker waits, so that
+/// retrying would only hide a misconfiguration. Exhaustive on purpose: a new code must be
+/// decided here, not fall into a default.
+fn refusal_is_final(code: &SignalCode) -> bool {
+    match code {
+        // A bad or revoked worker token, or a room that was deleted.
+        SignalCode::AuthFailed | SignalCode::RoomNotFound => true,
+        SignalCode::InvalidJson
+        | SignalCode::InvalidMessage
+        | SignalCode::UnknownMessageType
+        | SignalCode::MessageTooLarge
+        | SignalCode::NotRegistered
+        | SignalCode::AlreadyRegistered
+        | SignalCode::RegistrationPending
+        | SignalCode::RoomExpired
+        | SignalCode::RoomFull
+        | SignalCode::ServerFull
+        | SignalCode::PeerIdTaken
+        | SignalCode::InvalidPeerId
+        | SignalCode::MetadataTooLarge
+        | SignalCode::ReservedMetadataKey
+        | SignalCode::NotInRoom
+        | SignalCode::PeerNotFound
+        | SignalCode::PeerNotInRoom
+        | SignalCode::SenderMismatch
+        | SignalCode::DeliveryFailed
+        | SignalCode::RateLimited
+        | SignalCode::Internal => false,
+        // A newer or foreign server's code: a worker is a long-running service, so it keeps
+        // retrying (with backoff, logged) rather than exit on something it cannot judge.
+        SignalCode::Unknown(_) => false,
+    }
+}
+
 fn hostname() -> String {
     std::fs::read_to_string("/proc/sys/kernel/hostname").map(|s| s.trim().to_owned()).unwrap_or_else(|_| "host".into())
 }
@@ -157,10 +193,10 @@ fn unix_now() -> f64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs_f64()).unwrap_or(0.0)
 }
 
-fn random_hex(bytes: usize) -> String {
+fn random_hex(bytes: usize) -> Result<String, crate::NoRandomness> {
     let mut b = vec![0u8; bytes];
-    crate::random_bytes(&mut b);
-    b.iter().map(|x| format!("{x:02x}")).collect()
+    crate::random_bytes(&mut b)?;
+    Ok(b.iter().map(|x| format!("{x:02x}")).collect())
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -339,7 +375,7 @@ impl<R: Runtime> Worker<R> {
                     .filter(|c| c.is_ascii_alphanumeric() || *c == '-')
                     .take(24)
                     .collect();
-                let id = format!("worker-{base}-{}", random_hex(3));
+                let id = format!("worker-{base}-{}", random_hex(3)?);
                 std::fs::write(&id_file, &id).map_err(|e| WorkerError::WorkDir(id_file.clone(), e))?;
                 id
             }
@@ -428,9 +464,7 @@ impl<R: Runtime> Worker<R> {
                         _ = &mut shutdown => break,
                     }
                 }
-                Err(SignalingError::Refused { code, message })
-                    if matches!(code.as_str(), "AUTH_FAILED" | "TOKEN_REVOKED" | "ROOM_NOT_FOUND" | "FORBIDDEN") =>
-                {
+                Err(SignalingError::Refused { code, message }) if refusal_is_final(&code) => {
                     return Err(WorkerError::Refused(format!("{code}: {message}")));
                 }
                 Err(e) => tracing::warn!(error = %e, retry_in = ?backoff, "cannot reach the signaling server"),
@@ -584,10 +618,17 @@ impl<R: Runtime> Worker<R> {
 
     /// Returns the authenticated user id (or `room-secret`).
     async fn authenticate(&self, ctx: &PeerCtx, c: &PeerConnection<R>) -> Result<String, AuthError> {
-        let nonce = random_hex(32);
-        if self.cfg.room_secret.is_some() {
+        // Only the room-secret proof covers a nonce; a ticket is bound to the connection instead.
+        let nonce = if self.cfg.room_secret.is_some() {
+            let nonce = random_hex(32).map_err(|e| {
+                tracing::error!(error = %e, "cannot make a challenge nonce");
+                AuthError::NoChallenge
+            })?;
             let _ = c.send_message(&JobMsg::AuthChallenge { nonce: nonce.clone() }.to_value());
-        }
+            nonce
+        } else {
+            String::new()
+        };
         let first = timeout::<R, _>(AUTH_TIMEOUT, async {
             loop {
                 match c.recv_message().await {
@@ -849,7 +890,16 @@ impl<R: Runtime> Worker<R> {
         if !errors.is_empty() {
             return reject(errors);
         }
-        let job_id = format!("job_{}", random_hex(8));
+        let job_id = match random_hex(8) {
+            Ok(h) => format!("job_{h}"),
+            Err(e) => {
+                return reject(vec![FieldError::new(
+                    "worker",
+                    ErrorCode::Internal,
+                    format!("cannot make a job id: {e}"),
+                )]);
+            }
+        };
         let dir = self.jobs_dir.join(&job_id);
         let job = {
             let Ok(mut cur) = self.current.lock() else { return };
@@ -1516,15 +1566,16 @@ pub fn http_base(ws_url: &str) -> String {
     format!("{scheme}://{host}")
 }
 
-/// Lists jobs in a work directory's journal (newest first), for `sleap-rtc job list` on a worker.
-pub fn list_jobs(work_dir: &Path) -> Vec<JournalEntry> {
-    let jobs = work_dir.join("jobs");
-    let mut out: Vec<JournalEntry> = std::fs::read_dir(&jobs)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| read_journal(&jobs, &e.file_name().to_string_lossy()))
-        .collect();
-    out.sort_by(|a, b| b.created_at.total_cmp(&a.created_at));
-    out
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// The worker used to compare the refusal's code with strings, two of which no server code
+    /// could ever produce; a code it does not know must not end the worker either.
+    #[test]
+    fn only_a_bad_token_or_a_deleted_room_stops_the_worker() {
+        let final_codes: Vec<&SignalCode> = SignalCode::KNOWN.iter().filter(|c| refusal_is_final(c)).collect();
+        assert_eq!(final_codes, [&SignalCode::AuthFailed, &SignalCode::RoomNotFound]);
+        assert!(!refusal_is_final(&SignalCode::Unknown("TOKEN_REVOKED".into())));
+    }
 }

@@ -124,6 +124,14 @@ impl From<StoreError> for ApiError {
     }
 }
 
+impl From<crate::auth::NoRandomness> for ApiError {
+    fn from(e: crate::auth::NoRandomness) -> Self {
+        tracing::error!(error = %e, "cannot make an id or a secret");
+        // 503, which every minting handler lists already: the server is unable, the request fine.
+        Self::new(StatusCode::SERVICE_UNAVAILABLE, "RANDOMNESS_UNAVAILABLE", "no system randomness; try again")
+    }
+}
+
 impl From<anyhow::Error> for ApiError {
     fn from(e: anyhow::Error) -> Self {
         tracing::error!(error = %e, "internal error");
@@ -509,7 +517,7 @@ async fn anonymous_signin(State(state): S, ConnectInfo(addr): ConnectInfo<Socket
     if !state.allow_auth_call(client_ip(&addr)).await {
         return Err(ApiError::rate_limited());
     }
-    let id = new_id();
+    let id = new_id()?;
     let user = User { username: format!("anon-{}", &id[..8]), id, created_at: unix_now() };
     state.store.put_user(&user).await?;
     let jwt = state.keys.issue(&user.id, &user.username, unix_now())?;
@@ -524,9 +532,9 @@ async fn me(State(state): S, user: AuthUser) -> ApiResult {
 
 async fn new_room(state: &AppState, user: &AuthUser, name: String, ttl_secs: i64) -> ApiResult<(Room, String)> {
     let now = unix_now();
-    let token = new_room_token();
+    let token = new_room_token()?;
     let room = Room {
-        id: new_id(),
+        id: new_id()?,
         name,
         created_by: user.user_id.clone(),
         token_hash: hash_secret(&token),
@@ -684,7 +692,7 @@ async fn delete_room(State(state): S, user: AuthUser, P(id): P<String>) -> ApiRe
 #[utoipa::path(post, path = "/api/auth/rooms/{id}/invite", tag = "rooms", security(("bearer" = [])), params(("id" = String, Path, description = "Room id")), responses((status = 200, description = "A single-use invite code, shown once", body = InviteCreated), (status = 400, description = "Malformed request (bad JSON, query or path)", body = ErrorBody), (status = 401, description = "Missing, invalid or expired credentials", body = ErrorBody), (status = 403, description = "Not allowed for this caller", body = ErrorBody), (status = 404, description = "No such resource (or no access to it)", body = ErrorBody), (status = 503, description = "Storage unavailable or server at capacity", body = ErrorBody)))]
 async fn create_invite(State(state): S, user: AuthUser, P(id): P<String>) -> ApiResult {
     owner(&state, &id, &user.user_id, "create invites").await?;
-    let code = new_invite_code();
+    let code = new_invite_code()?;
     let inv = Invite {
         code_hash: hash_secret(&code),
         room_id: id.clone(),
@@ -819,10 +827,10 @@ async fn create_worker_token(State(state): S, user: AuthUser, Body(b): Body<Crea
     membership(&state, &b.room_id, &user.user_id).await.map_err(|e| {
         if e.status == StatusCode::NOT_FOUND { ApiError::forbidden("You don't have access to this room") } else { e }
     })?;
-    let secret = new_secret(WORKER_TOKEN_PREFIX);
+    let secret = new_secret(WORKER_TOKEN_PREFIX)?;
     let now = unix_now();
     let t = WorkerToken {
-        id: new_id(),
+        id: new_id()?,
         secret_hash: hash_secret(&secret),
         user_id: user.user_id,
         room_id: b.room_id,
@@ -923,9 +931,9 @@ async fn create_account_key(State(state): S, user: AuthUser, Body(b): Body<Creat
         Some(d) => Some(unix_now() + days(Some(d), 365, "expires_in_days")? * DAY),
         None => None,
     };
-    let secret = new_secret(ACCOUNT_KEY_PREFIX);
+    let secret = new_secret(ACCOUNT_KEY_PREFIX)?;
     let k = AccountKey {
-        id: new_id(),
+        id: new_id()?,
         secret_hash: hash_secret(&secret),
         user_id: user.user_id,
         name,
@@ -984,6 +992,14 @@ mod tests {
         let lab = vec!["https://lab.example.org/".to_owned()];
         assert!(origin_allowed(&h(Some("https://lab.example.org"), "rtc.example.org"), &lab));
         assert!(origin_allowed(&h(Some("https://evil.example"), "x"), &["*".to_owned()]));
+    }
+
+    /// Minting an id or a secret without the OS's randomness is refused with a status every
+    /// minting handler documents (it used to panic inside the handler, dropping the connection).
+    #[test]
+    fn no_randomness_is_a_documented_refusal() {
+        let e = ApiError::from(crate::auth::NoRandomness(getrandom::Error::UNEXPECTED));
+        assert_eq!((e.status, e.code), (StatusCode::SERVICE_UNAVAILABLE, "RANDOMNESS_UNAVAILABLE"));
     }
 
     #[test]

@@ -161,22 +161,27 @@ fn write_private(path: &Path, bytes: &[u8]) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// The operating system gave no random bytes. Ids and secrets are made from nothing else (a
+/// guessable fallback would mint guessable credentials), so whatever needed them is refused.
+#[derive(Debug, thiserror::Error)]
+#[error("no randomness from the operating system: {0}")]
+pub struct NoRandomness(pub(crate) getrandom::Error);
+
 /// `n` random bytes from the OS.
-pub fn random_bytes<const N: usize>() -> [u8; N] {
+pub fn random_bytes<const N: usize>() -> Result<[u8; N], NoRandomness> {
     let mut b = [0u8; N];
-    // The OS RNG failing is unrecoverable for a server that mints credentials.
-    getrandom::fill(&mut b).expect("operating system random number generator failed");
-    b
+    getrandom::fill(&mut b).map_err(NoRandomness)?;
+    Ok(b)
 }
 
 /// A 96-bit random identifier in lowercase hex (24 characters).
-pub fn new_id() -> String {
-    hex(&random_bytes::<12>())
+pub fn new_id() -> Result<String, NoRandomness> {
+    Ok(hex(&random_bytes::<12>()?))
 }
 
 /// A short random suffix for server-assigned peer ids.
-pub fn short_suffix() -> String {
-    hex(&random_bytes::<3>())
+pub fn short_suffix() -> Result<String, NoRandomness> {
+    Ok(hex(&random_bytes::<3>()?))
 }
 
 fn hex(b: &[u8]) -> String {
@@ -184,13 +189,13 @@ fn hex(b: &[u8]) -> String {
 }
 
 /// A secret with `prefix` and 192 random bits, url-safe.
-pub fn new_secret(prefix: &str) -> String {
-    format!("{prefix}{}", B64.encode(random_bytes::<24>()))
+pub fn new_secret(prefix: &str) -> Result<String, NoRandomness> {
+    Ok(format!("{prefix}{}", B64.encode(random_bytes::<24>()?)))
 }
 
 /// A room token: 128 random bits, url-safe (upstream used 24 bits, B6).
-pub fn new_room_token() -> String {
-    B64.encode(random_bytes::<16>())
+pub fn new_room_token() -> Result<String, NoRandomness> {
+    Ok(B64.encode(random_bytes::<16>()?))
 }
 
 /// Crockford base32 without ambiguous letters: easy to read aloud and type.
@@ -198,8 +203,8 @@ const INVITE_ALPHABET: &[u8; 32] = b"0123456789ABCDEFGHJKMNPQRSTVWXYZ";
 pub const INVITE_LEN: usize = 12;
 
 /// A 60-bit invite code, upper case, e.g. `7KQ2M9XW4HTR`.
-pub fn new_invite_code() -> String {
-    random_bytes::<INVITE_LEN>().iter().map(|b| INVITE_ALPHABET[(b & 31) as usize] as char).collect()
+pub fn new_invite_code() -> Result<String, NoRandomness> {
+    Ok(random_bytes::<INVITE_LEN>()?.iter().map(|b| INVITE_ALPHABET[(b & 31) as usize] as char).collect())
 }
 
 /// Normalizes what a user typed (case, spaces, dashes) into the canonical invite code.
@@ -250,14 +255,14 @@ mod tests {
 
     #[test]
     fn secrets_hash_and_match() {
-        let s = new_secret(ACCOUNT_KEY_PREFIX);
+        let s = new_secret(ACCOUNT_KEY_PREFIX).unwrap();
         assert!(s.starts_with("slp_acct_") && s.len() == 9 + 32);
         let h = hash_secret(&s);
         assert!(secret_matches(&s, &h));
         assert!(!secret_matches("slp_acct_x", &h));
         assert!(!secret_matches(&s, "not-hex"));
-        assert_eq!(new_id().len(), 24);
+        assert_eq!(new_id().unwrap().len(), 24);
         assert_eq!(normalize_invite(" abcd-efgh "), "ABCDEFGH");
-        assert_eq!(new_invite_code().len(), INVITE_LEN);
+        assert_eq!(new_invite_code().unwrap().len(), INVITE_LEN);
     }
 }

@@ -345,7 +345,7 @@ impl Cluster {
             );
         }
         let instance = loop {
-            let id = u64::from_le_bytes(crate::auth::random_bytes::<8>());
+            let id = u64::from_le_bytes(crate::auth::random_bytes::<8>()?);
             if id != 0 {
                 break id;
             }

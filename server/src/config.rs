@@ -130,6 +130,12 @@ pub struct Config {
     /// Seconds to wait for connections to close on SIGTERM before exiting anyway.
     #[arg(long, env = "SLEAP_RTC_SHUTDOWN_GRACE_SECS", default_value_t = 10)]
     pub shutdown_grace_secs: u64,
+
+    /// Seconds between sweeps that delete rooms expired for over 7 days from storage, with their
+    /// members, worker tokens and invites (until then an expired room is listed as expired and
+    /// can be extended). With DynamoDB its TTL does this instead.
+    #[arg(long, env = "SLEAP_RTC_ROOM_PURGE_SECS", default_value_t = 3600, value_parser = clap::value_parser!(u64).range(1..=86_400))]
+    pub room_purge_secs: u64,
 }
 
 impl Config {

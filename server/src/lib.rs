@@ -94,6 +94,40 @@ pub fn unix_now() -> i64 {
     (now_millis().0 / 1000) as i64
 }
 
+/// Rooms deleted per store call: the SQLite store serves one call at a time, so a backlog (the
+/// first sweep after an upgrade) must not hold it for long.
+const PURGE_BATCH: usize = 500;
+
+/// Deletes long-expired rooms from storage, every `--room-purge-secs` (and once at start). The
+/// hub only evicts an expired room's live peers; without this the store kept every room forever.
+async fn purge_expired_rooms(state: Arc<AppState>, mut stop: watch::Receiver<bool>) {
+    let mut tick = tokio::time::interval(Duration::from_secs(state.config.room_purge_secs));
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.wait_for(|s| *s) => return,
+        }
+        loop {
+            match state.store.purge_expired_rooms(unix_now(), PURGE_BATCH).await {
+                Ok(n) => {
+                    state.metrics.rooms_expired.inc_by(n);
+                    if n > 0 {
+                        tracing::info!(rooms = n, "deleted expired rooms");
+                    }
+                    if n < PURGE_BATCH as u64 {
+                        break;
+                    }
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "cannot delete expired rooms; trying again at the next sweep");
+                    break;
+                }
+            }
+        }
+    }
+}
+
 /// A running server.
 pub struct Server {
     state: Arc<AppState>,
@@ -206,6 +240,7 @@ impl Server {
                 }
             }
         }));
+        tasks.push(tokio::spawn(purge_expired_rooms(state.clone(), stop.subscribe())));
         Ok(Server { state, addrs, tasks, stop })
     }
 

@@ -37,6 +37,8 @@ pub struct Metrics {
     /// Cluster mode: messages read from this instance's inbox.
     pub cluster_received: Counter,
     pub cluster_decode_errors: Counter,
+    /// Expired rooms this server deleted from storage.
+    pub rooms_expired: Counter,
 }
 
 impl Default for Metrics {
@@ -63,6 +65,7 @@ impl Metrics {
             cluster_sent: Counter::default(),
             cluster_received: Counter::default(),
             cluster_decode_errors: Counter::default(),
+            rooms_expired: Counter::default(),
             registry: Registry::default(),
         };
         registry.register("ws_connections_opened", "WebSocket connections accepted", m.connections_total.clone());
@@ -94,6 +97,11 @@ impl Metrics {
             "cluster_decode_errors",
             "Inbox messages that could not be decoded",
             m.cluster_decode_errors.clone(),
+        );
+        registry.register(
+            "rooms_expired",
+            "Expired rooms deleted from storage after their grace period",
+            m.rooms_expired.clone(),
         );
         Metrics { registry, ..m }
     }

@@ -35,6 +35,10 @@ impl From<rusqlite::Error> for StoreError {
 
 pub type Result<T> = std::result::Result<T, StoreError>;
 
+/// How long an expired room stays (listed as expired, and its owner can still extend it) before
+/// it is deleted with everything that belongs to it; the same for every backend.
+pub const ROOM_GRACE_SECS: i64 = 7 * 86_400;
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct User {
     pub id: String,
@@ -139,6 +143,10 @@ pub trait Store: Send + Sync + 'static {
     async fn update_room(&self, id: &str, name: Option<&str>, expires_at: Option<Option<i64>>) -> Result<Option<Room>>;
     /// Deletes a room with its memberships, worker tokens and invites, atomically.
     async fn delete_room(&self, id: &str) -> Result<bool>;
+    /// Deletes up to `limit` rooms that expired more than [`ROOM_GRACE_SECS`] before `now`, each
+    /// like [`Store::delete_room`]; returns how many. A backend whose database deletes them by
+    /// itself (DynamoDB's TTL) returns 0.
+    async fn purge_expired_rooms(&self, now: i64, limit: usize) -> Result<u64>;
 
     /// Adds a membership; `false` if the user already is a member.
     async fn add_member(&self, m: &Membership) -> Result<bool>;
@@ -182,6 +190,7 @@ CREATE TABLE IF NOT EXISTS users (
 CREATE TABLE IF NOT EXISTS rooms (
     id TEXT PRIMARY KEY, name TEXT NOT NULL, created_by TEXT NOT NULL, token_hash TEXT NOT NULL,
     created_at INTEGER NOT NULL, expires_at INTEGER);
+CREATE INDEX IF NOT EXISTS rooms_expires ON rooms(expires_at);
 CREATE TABLE IF NOT EXISTS memberships (
     user_id TEXT NOT NULL, room_id TEXT NOT NULL REFERENCES rooms(id) ON DELETE CASCADE,
     role TEXT NOT NULL, invited_by TEXT, joined_at INTEGER NOT NULL, PRIMARY KEY (user_id, room_id));
@@ -338,6 +347,20 @@ impl Store for SqliteStore {
         let id = id.to_owned();
         // Foreign keys cascade to memberships, tokens and invites inside this one statement.
         self.with(move |c| Ok(c.execute("DELETE FROM rooms WHERE id = ?1", [id])? > 0)).await
+    }
+
+    async fn purge_expired_rooms(&self, now: i64, limit: usize) -> Result<u64> {
+        let before = now.saturating_sub(ROOM_GRACE_SECS);
+        let limit = i64::try_from(limit).unwrap_or(i64::MAX);
+        // Cascades like `delete_room`; `changes` counts the rooms alone.
+        self.with(move |c| {
+            let n = c.execute(
+                "DELETE FROM rooms WHERE id IN (SELECT id FROM rooms WHERE expires_at <= ?1 LIMIT ?2)",
+                params![before, limit],
+            )?;
+            Ok(n as u64)
+        })
+        .await
     }
 
     async fn add_member(&self, m: &Membership) -> Result<bool> {

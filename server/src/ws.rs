@@ -262,6 +262,11 @@ fn backend(e: crate::store::StoreError) -> SignalError {
     refuse(ErrorCode::Internal, "storage unavailable; try again")
 }
 
+fn no_randomness(e: crate::auth::NoRandomness) -> SignalError {
+    tracing::error!(error = %e, "cannot make a peer id during registration");
+    refuse(ErrorCode::Internal, "no system randomness; try again")
+}
+
 /// Keeps only characters valid in peer ids so a worker name can prefix a default id.
 fn id_part(s: &str) -> String {
     let p: String = s.chars().filter(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.')).take(40).collect();
@@ -351,7 +356,7 @@ async fn verify_registration(state: &AppState, req: &RegisterRequest) -> Result<
     }
     Ok(Grant {
         room_id,
-        default_peer_id: format!("{base}-{}", short_suffix()),
+        default_peer_id: format!("{base}-{}", short_suffix().map_err(no_randomness)?),
         principal: Principal { user_id, credential_id },
         room_expires_at: room.expires_at.map(|t| sleap_rtc_core::room::Millis((t.max(0) as u64).saturating_mul(1000))),
         token_echo,

@@ -76,3 +76,47 @@ async fn health_jwks_and_metrics() {
     assert_eq!(st, 426);
     s.stop().await;
 }
+
+/// Rooms expired for longer than the grace period are deleted from the SQLite file by the
+/// periodic sweep, with their memberships, worker tokens and invites, and counted in
+/// `/metrics`; a room that expired recently (still listed, still extendable) and a live one
+/// stay. The sweep used to exist only for live peers: the database kept every room forever.
+#[tokio::test]
+async fn expired_rooms_are_deleted_from_storage_and_counted() {
+    use sleap_rtc_server::store::ROOM_GRACE_SECS;
+    let s = start_with(|c| c.room_purge_secs = 1).await;
+    let (jwt, _) = s.signin().await;
+    let (gone, _) = s.room(&jwt).await;
+    let (recent, _) = s.room(&jwt).await;
+    let (live, _) = s.room(&jwt).await;
+    s.worker_token(&jwt, &gone, "w").await;
+    s.ok("POST", &format!("/api/auth/rooms/{gone}/invite"), Some(&jwt), None).await;
+
+    // Room lifetimes are whole days through the API: age the rooms in the file itself.
+    let db = rusqlite::Connection::open(s.dir.path().join("sleap-rtc.sqlite")).unwrap();
+    let now = sleap_rtc_server::unix_now();
+    let set_expiry = |room: &str, at: i64| {
+        db.execute("UPDATE rooms SET expires_at = ?2 WHERE id = ?1", rusqlite::params![room, at]).unwrap()
+    };
+    assert_eq!(set_expiry(&gone, now - ROOM_GRACE_SECS - 60), 1);
+    assert_eq!(set_expiry(&recent, now - 60), 1);
+    let count = |sql: &str, room: &str| db.query_row(sql, [room], |r| r.get::<_, i64>(0)).unwrap();
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while count("SELECT count(*) FROM rooms WHERE id = ?1", &gone) > 0 {
+        assert!(std::time::Instant::now() < deadline, "the long-expired room is still in the database");
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    for table in ["memberships", "worker_tokens", "invites"] {
+        assert_eq!(count(&format!("SELECT count(*) FROM {table} WHERE room_id = ?1"), &gone), 0, "{table}");
+    }
+    assert_eq!(count("SELECT count(*) FROM rooms WHERE id = ?1", &recent), 1, "still within its grace");
+    assert_eq!(count("SELECT count(*) FROM rooms WHERE id = ?1", &live), 1);
+    let (st, _) = s.call("GET", &format!("/api/auth/rooms/{gone}"), Some(&jwt), None).await;
+    assert_eq!(st, 404);
+    assert_eq!(s.ok("GET", &format!("/api/auth/rooms/{recent}"), Some(&jwt), None).await["expired"], true);
+
+    let text = s.client.get(format!("{}/metrics", s.http)).send().await.unwrap().text().await.unwrap();
+    assert!(text.contains("sleap_rtc_rooms_expired_total 1\n"), "{text}");
+    s.stop().await;
+}

@@ -72,6 +72,9 @@ pub enum AuthError {
     Timeout,
     #[error("the first message must prove room membership")]
     Missing,
+    /// The worker could not make a challenge nonce (its system has no randomness to give).
+    #[error("the worker cannot make a challenge; try again later")]
+    NoChallenge,
 }
 
 /// Fingerprints compare without regard to case or the algorithm prefix's spacing.

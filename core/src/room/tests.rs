@@ -87,7 +87,7 @@ impl Harness {
 
 fn error_code(m: &ServerMessage) -> ErrorCode {
     match m {
-        ServerMessage::Error { code, .. } => *code,
+        ServerMessage::Error { code, .. } => code.clone(),
         other => panic!("expected error, got {other:?}"),
     }
 }
