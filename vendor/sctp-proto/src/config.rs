@@ -239,7 +239,8 @@ pub struct EndpointConfig {
     /// AID generator factory
     ///
     /// Create a aid generator for local aid in Endpoint struct
-    pub(crate) aid_generator_factory: Arc<dyn Fn() -> Box<dyn AssociationIdGenerator> + Send + Sync>,
+    pub(crate) aid_generator_factory:
+        Arc<dyn Fn() -> Box<dyn AssociationIdGenerator> + Send + Sync>,
 }
 
 impl Default for EndpointConfig {
@@ -251,7 +252,8 @@ impl Default for EndpointConfig {
 impl EndpointConfig {
     /// Create a default config
     pub fn new() -> Self {
-        let aid_factory: fn() -> Box<dyn AssociationIdGenerator> = || Box::<RandomAssociationIdGenerator>::default();
+        let aid_factory: fn() -> Box<dyn AssociationIdGenerator> =
+            || Box::<RandomAssociationIdGenerator>::default();
         Self {
             max_payload_size: INITIAL_MTU - (COMMON_HEADER_SIZE + DATA_CHUNK_HEADER_SIZE),
             aid_generator_factory: Arc::new(aid_factory),
@@ -322,7 +324,10 @@ pub struct ServerConfig {
 
 impl Default for ServerConfig {
     fn default() -> Self {
-        ServerConfig { transport: Arc::new(TransportConfig::default()), concurrent_associations: 100_000 }
+        ServerConfig {
+            transport: Arc::new(TransportConfig::default()),
+            concurrent_associations: 100_000,
+        }
     }
 }
 
@@ -373,7 +378,11 @@ pub struct ClientConfig {
 
 impl Default for ClientConfig {
     fn default() -> Self {
-        ClientConfig { transport: Arc::new(TransportConfig::default()), local_sctp_init: None, remote_sctp_init: None }
+        ClientConfig {
+            transport: Arc::new(TransportConfig::default()),
+            local_sctp_init: None,
+            remote_sctp_init: None,
+        }
     }
 }
 

@@ -75,8 +75,8 @@ pub use crate::chunk::chunk_payload_data::{ChunkPayloadData, PayloadProtocolIden
 
 mod config;
 pub use crate::config::{
-    ClientConfig, DEFAULT_SCTP_PORT, EndpointConfig, MAX_SNAP_INIT_BYTES, ServerConfig, TransportConfig,
-    generate_snap_token,
+    ClientConfig, DEFAULT_SCTP_PORT, EndpointConfig, MAX_SNAP_INIT_BYTES, ServerConfig,
+    TransportConfig, generate_snap_token,
 };
 
 mod endpoint;

@@ -112,7 +112,11 @@ impl<'a> BytesArray<'a> {
             length += chunk.len();
         }
 
-        Self { chunks, consumed: 0, length }
+        Self {
+            chunks,
+            consumed: 0,
+            length,
+        }
     }
 }
 
@@ -288,35 +292,115 @@ mod test {
             let s2b = s1.checked_add(MAX_BACKWARD_DISTANCE);
 
             if let (Some(s2f), Some(s2b)) = (s2f, s2b) {
-                assert!(sna32lt(s1, s2f), "s1 < s2 should be true: s1={} s2={}", s1, s2f);
-                assert!(!sna32lt(s1, s2b), "s1 < s2 should be false: s1={} s2={}", s1, s2b);
+                assert!(
+                    sna32lt(s1, s2f),
+                    "s1 < s2 should be true: s1={} s2={}",
+                    s1,
+                    s2f
+                );
+                assert!(
+                    !sna32lt(s1, s2b),
+                    "s1 < s2 should be false: s1={} s2={}",
+                    s1,
+                    s2b
+                );
 
-                assert!(!sna32gt(s1, s2f), "s1 > s2 should be false: s1={} s2={}", s1, s2f);
-                assert!(sna32gt(s1, s2b), "s1 > s2 should be true: s1={} s2={}", s1, s2b);
+                assert!(
+                    !sna32gt(s1, s2f),
+                    "s1 > s2 should be false: s1={} s2={}",
+                    s1,
+                    s2f
+                );
+                assert!(
+                    sna32gt(s1, s2b),
+                    "s1 > s2 should be true: s1={} s2={}",
+                    s1,
+                    s2b
+                );
 
-                assert!(sna32lte(s1, s2f), "s1 <= s2 should be true: s1={} s2={}", s1, s2f);
-                assert!(!sna32lte(s1, s2b), "s1 <= s2 should be false: s1={} s2={}", s1, s2b);
+                assert!(
+                    sna32lte(s1, s2f),
+                    "s1 <= s2 should be true: s1={} s2={}",
+                    s1,
+                    s2f
+                );
+                assert!(
+                    !sna32lte(s1, s2b),
+                    "s1 <= s2 should be false: s1={} s2={}",
+                    s1,
+                    s2b
+                );
 
-                assert!(!sna32gte(s1, s2f), "s1 >= s2 should be fales: s1={} s2={}", s1, s2f);
-                assert!(sna32gte(s1, s2b), "s1 >= s2 should be true: s1={} s2={}", s1, s2b);
+                assert!(
+                    !sna32gte(s1, s2f),
+                    "s1 >= s2 should be fales: s1={} s2={}",
+                    s1,
+                    s2f
+                );
+                assert!(
+                    sna32gte(s1, s2b),
+                    "s1 >= s2 should be true: s1={} s2={}",
+                    s1,
+                    s2b
+                );
 
-                assert!(sna32eq(s2b, s2b), "s2 == s2 should be true: s2={} s2={}", s2b, s2b);
-                assert!(sna32lte(s2b, s2b), "s2 == s2 should be true: s2={} s2={}", s2b, s2b);
-                assert!(sna32gte(s2b, s2b), "s2 == s2 should be true: s2={} s2={}", s2b, s2b);
+                assert!(
+                    sna32eq(s2b, s2b),
+                    "s2 == s2 should be true: s2={} s2={}",
+                    s2b,
+                    s2b
+                );
+                assert!(
+                    sna32lte(s2b, s2b),
+                    "s2 == s2 should be true: s2={} s2={}",
+                    s2b,
+                    s2b
+                );
+                assert!(
+                    sna32gte(s2b, s2b),
+                    "s2 == s2 should be true: s2={} s2={}",
+                    s2b,
+                    s2b
+                );
             }
 
             if let Some(s1add1) = s1.checked_add(1) {
-                assert!(!sna32eq(s1, s1add1), "s1 == s1+1 should be false: s1={} s1+1={}", s1, s1add1);
+                assert!(
+                    !sna32eq(s1, s1add1),
+                    "s1 == s1+1 should be false: s1={} s1+1={}",
+                    s1,
+                    s1add1
+                );
             }
 
             if let Some(s1sub1) = s1.checked_sub(1) {
-                assert!(!sna32eq(s1, s1sub1), "s1 == s1-1 hould be false: s1={} s1-1={}", s1, s1sub1);
+                assert!(
+                    !sna32eq(s1, s1sub1),
+                    "s1 == s1-1 hould be false: s1={} s1-1={}",
+                    s1,
+                    s1sub1
+                );
             }
 
-            assert!(sna32eq(s1, s1), "s1 == s1 should be true: s1={} s2={}", s1, s1);
-            assert!(sna32lte(s1, s1), "s1 == s1 should be true: s1={} s2={}", s1, s1);
+            assert!(
+                sna32eq(s1, s1),
+                "s1 == s1 should be true: s1={} s2={}",
+                s1,
+                s1
+            );
+            assert!(
+                sna32lte(s1, s1),
+                "s1 == s1 should be true: s1={} s2={}",
+                s1,
+                s1
+            );
 
-            assert!(sna32gte(s1, s1), "s1 == s1 should be true: s1={} s2={}", s1, s1);
+            assert!(
+                sna32gte(s1, s1),
+                "s1 == s1 should be true: s1={} s2={}",
+                s1,
+                s1
+            );
         }
 
         Ok(())
@@ -335,34 +419,114 @@ mod test {
             let s2b = s1.checked_add(MAX_BACKWARD_DISTANCE);
 
             if let (Some(s2f), Some(s2b)) = (s2f, s2b) {
-                assert!(sna16lt(s1, s2f), "s1 < s2 should be true: s1={} s2={}", s1, s2f);
-                assert!(!sna16lt(s1, s2b), "s1 < s2 should be false: s1={} s2={}", s1, s2b);
+                assert!(
+                    sna16lt(s1, s2f),
+                    "s1 < s2 should be true: s1={} s2={}",
+                    s1,
+                    s2f
+                );
+                assert!(
+                    !sna16lt(s1, s2b),
+                    "s1 < s2 should be false: s1={} s2={}",
+                    s1,
+                    s2b
+                );
 
-                assert!(!sna16gt(s1, s2f), "s1 > s2 should be fales: s1={} s2={}", s1, s2f);
-                assert!(sna16gt(s1, s2b), "s1 > s2 should be true: s1={} s2={}", s1, s2b);
+                assert!(
+                    !sna16gt(s1, s2f),
+                    "s1 > s2 should be fales: s1={} s2={}",
+                    s1,
+                    s2f
+                );
+                assert!(
+                    sna16gt(s1, s2b),
+                    "s1 > s2 should be true: s1={} s2={}",
+                    s1,
+                    s2b
+                );
 
-                assert!(sna16lte(s1, s2f), "s1 <= s2 should be true: s1={} s2={}", s1, s2f);
-                assert!(!sna16lte(s1, s2b), "s1 <= s2 should be false: s1={} s2={}", s1, s2b);
+                assert!(
+                    sna16lte(s1, s2f),
+                    "s1 <= s2 should be true: s1={} s2={}",
+                    s1,
+                    s2f
+                );
+                assert!(
+                    !sna16lte(s1, s2b),
+                    "s1 <= s2 should be false: s1={} s2={}",
+                    s1,
+                    s2b
+                );
 
-                assert!(!sna16gte(s1, s2f), "s1 >= s2 should be fales: s1={} s2={}", s1, s2f);
-                assert!(sna16gte(s1, s2b), "s1 >= s2 should be true: s1={} s2={}", s1, s2b);
+                assert!(
+                    !sna16gte(s1, s2f),
+                    "s1 >= s2 should be fales: s1={} s2={}",
+                    s1,
+                    s2f
+                );
+                assert!(
+                    sna16gte(s1, s2b),
+                    "s1 >= s2 should be true: s1={} s2={}",
+                    s1,
+                    s2b
+                );
 
-                assert!(sna16eq(s2b, s2b), "s2 == s2 should be true: s2={} s2={}", s2b, s2b);
-                assert!(sna16lte(s2b, s2b), "s2 == s2 should be true: s2={} s2={}", s2b, s2b);
-                assert!(sna16gte(s2b, s2b), "s2 == s2 should be true: s2={} s2={}", s2b, s2b);
+                assert!(
+                    sna16eq(s2b, s2b),
+                    "s2 == s2 should be true: s2={} s2={}",
+                    s2b,
+                    s2b
+                );
+                assert!(
+                    sna16lte(s2b, s2b),
+                    "s2 == s2 should be true: s2={} s2={}",
+                    s2b,
+                    s2b
+                );
+                assert!(
+                    sna16gte(s2b, s2b),
+                    "s2 == s2 should be true: s2={} s2={}",
+                    s2b,
+                    s2b
+                );
             }
 
-            assert!(sna16eq(s1, s1), "s1 == s1 should be true: s1={} s2={}", s1, s1);
+            assert!(
+                sna16eq(s1, s1),
+                "s1 == s1 should be true: s1={} s2={}",
+                s1,
+                s1
+            );
 
             if let Some(s1add1) = s1.checked_add(1) {
-                assert!(!sna16eq(s1, s1add1), "s1 == s1+1 should be false: s1={} s1+1={}", s1, s1add1);
+                assert!(
+                    !sna16eq(s1, s1add1),
+                    "s1 == s1+1 should be false: s1={} s1+1={}",
+                    s1,
+                    s1add1
+                );
             }
             if let Some(s1sub1) = s1.checked_sub(1) {
-                assert!(!sna16eq(s1, s1sub1), "s1 == s1-1 hould be false: s1={} s1-1={}", s1, s1sub1);
+                assert!(
+                    !sna16eq(s1, s1sub1),
+                    "s1 == s1-1 hould be false: s1={} s1-1={}",
+                    s1,
+                    s1sub1
+                );
             }
 
-            assert!(sna16lte(s1, s1), "s1 == s1 should be true: s1={} s2={}", s1, s1);
-            assert!(sna16gte(s1, s1), "s1 == s1 should be true: s1={} s2={}", s1, s1);
+            assert!(
+                sna16lte(s1, s1),
+                "s1 == s1 should be true: s1={} s2={}",
+                s1,
+                s1
+            );
+            assert!(
+                sna16gte(s1, s1),
+                "s1 == s1 should be true: s1={} s2={}",
+                s1,
+                s1
+            );
         }
 
         Ok(())

@@ -14,7 +14,10 @@ struct Peer {
 }
 impl Peer {
     fn receive(&mut self, now: Instant, remote: SocketAddr, bytes: Bytes) {
-        let (_, e) = self.ep.handle(now, remote, None, None, bytes).expect("routable SCTP packet");
+        let (_, e) = self
+            .ep
+            .handle(now, remote, None, None, bytes)
+            .expect("routable SCTP packet");
         match e {
             DatagramEvent::AssociationEvent(e) => self.assoc.handle_event(e),
             _ => panic!("unexpected association"),
@@ -29,7 +32,11 @@ impl Peer {
                 }
             }
             while self.assoc.poll().is_some() {}
-            let Some(t) = self.assoc.poll_transmit(now).or_else(|| self.ep.poll_transmit()) else {
+            let Some(t) = self
+                .assoc
+                .poll_transmit(now)
+                .or_else(|| self.ep.poll_transmit())
+            else {
                 break;
             };
             match t.payload {
@@ -57,8 +64,15 @@ fn pairs(reliability: ReliabilityType) -> (Peer, Peer) {
     let addr_b: SocketAddr = "127.0.0.1:5001".parse().unwrap();
     let mut ep_a = Endpoint::new(Arc::new(EndpointConfig::new()), None);
     let mut ep_b = Endpoint::new(Arc::new(EndpointConfig::new()), None);
-    let (ha, mut a) = ep_a.connect(ClientConfig::new().with_snap(ta.clone(), tb.clone()), addr_b).unwrap();
-    let (hb, mut b) = ep_b.connect(ClientConfig::new().with_snap(tb, ta), addr_a).unwrap();
+    let (ha, mut a) = ep_a
+        .connect(
+            ClientConfig::new().with_snap(ta.clone(), tb.clone()),
+            addr_b,
+        )
+        .unwrap();
+    let (hb, mut b) = ep_b
+        .connect(ClientConfig::new().with_snap(tb, ta), addr_a)
+        .unwrap();
     for assoc in [&mut a, &mut b] {
         assoc
             .open_stream(0, PayloadProtocolIdentifier::Binary)
@@ -66,7 +80,20 @@ fn pairs(reliability: ReliabilityType) -> (Peer, Peer) {
             .set_reliability_params(true, reliability, 0)
             .unwrap();
     }
-    (Peer { ep: ep_a, assoc: a, handle: ha, addr: addr_a }, Peer { ep: ep_b, assoc: b, handle: hb, addr: addr_b })
+    (
+        Peer {
+            ep: ep_a,
+            assoc: a,
+            handle: ha,
+            addr: addr_a,
+        },
+        Peer {
+            ep: ep_b,
+            assoc: b,
+            handle: hb,
+            addr: addr_b,
+        },
+    )
 }
 fn chunks(bytes: &[u8]) -> Vec<(u8, Option<u32>)> {
     let mut result = Vec::new();
@@ -141,13 +168,24 @@ fn simulate(reliability: ReliabilityType) {
             }
         }
     }
-    println!("mode={reliability:?}, sent={sent}, received={received}, counts DATA/FWD/SACK each second:");
+    println!(
+        "mode={reliability:?}, sent={sent}, received={received}, counts DATA/FWD/SACK each second:"
+    );
     for (i, c) in counts.iter().enumerate() {
         println!("{}: {:?}", i, c);
     }
-    assert_eq!(sent, received, "zero-drop ordered IP path should deliver every original DATA");
-    assert!(counts.iter().all(|c| c[1] == 0), "unlost DATA must never generate FORWARD-TSN");
-    assert!(counts[14].iter().all(|n| *n == 0), "settles once source traffic stops");
+    assert_eq!(
+        sent, received,
+        "zero-drop ordered IP path should deliver every original DATA"
+    );
+    assert!(
+        counts.iter().all(|c| c[1] == 0),
+        "unlost DATA must never generate FORWARD-TSN"
+    );
+    assert!(
+        counts[14].iter().all(|n| *n == 0),
+        "settles once source traffic stops"
+    );
 }
 #[test]
 fn zero_retransmits_does_not_amplify_acknowledgements() {
@@ -159,9 +197,17 @@ fn zero_retransmits_does_not_amplify_acknowledgements() {
 fn retransmit_limit_is_applied_when_recovery_is_needed() {
     for limit in [0, 1, 2] {
         let (mut a, mut b) = pairs(ReliabilityType::Rexmit);
-        a.assoc.stream(0).unwrap().set_reliability_params(true, ReliabilityType::Rexmit, limit).unwrap();
+        a.assoc
+            .stream(0)
+            .unwrap()
+            .set_reliability_params(true, ReliabilityType::Rexmit, limit)
+            .unwrap();
         let base = Instant::now();
-        a.assoc.stream(0).unwrap().write(b"intentionally dropped").unwrap();
+        a.assoc
+            .stream(0)
+            .unwrap()
+            .write(b"intentionally dropped")
+            .unwrap();
         let mut data = 0;
         let mut forwarded = false;
         // Deliberately drop DATA and deliver control packets. Drive real timeout
@@ -184,7 +230,10 @@ fn retransmit_limit_is_applied_when_recovery_is_needed() {
             }
         }
         assert_eq!(data, 1 + limit, "maxRTX={limit}");
-        assert!(forwarded, "abandoned DATA must advance without another incoming SACK");
+        assert!(
+            forwarded,
+            "abandoned DATA must advance without another incoming SACK"
+        );
     }
 }
 
@@ -203,12 +252,20 @@ fn run(reorder: bool) {
     }
     let mut sacks = Vec::new();
     for (i, ms) in [(0, 50), (1, 60)] {
-        b.receive(base + Duration::from_millis(ms), a.addr, transmissions[i].clone());
+        b.receive(
+            base + Duration::from_millis(ms),
+            a.addr,
+            transmissions[i].clone(),
+        );
         sacks.extend(b.drain(base + Duration::from_millis(ms)));
     }
     assert_eq!(b.messages(), vec![b"first".to_vec(), b"second".to_vec()]);
     if !reorder {
-        b.receive(base + Duration::from_millis(70), a.addr, transmissions[2].clone());
+        b.receive(
+            base + Duration::from_millis(70),
+            a.addr,
+            transmissions[2].clone(),
+        );
     }
     assert!(!sacks.is_empty(), "initial data must generate SACK");
     for p in sacks {
@@ -217,7 +274,9 @@ fn run(reorder: bool) {
     }
     let forwards = a.drain(base + Duration::from_millis(110));
     assert!(
-        !forwards.iter().any(|p| chunks(p).iter().any(|(ty, _)| *ty == 192)),
+        !forwards
+            .iter()
+            .any(|p| chunks(p).iter().any(|(ty, _)| *ty == 192)),
         "original DATA remains in flight until recovery is needed"
     );
     for p in forwards {
@@ -225,11 +284,21 @@ fn run(reorder: bool) {
         b.receive(base + Duration::from_millis(160), a.addr, p);
     }
     if reorder {
-        println!("170ms B receives delayed original DATA {:?}", chunks(&transmissions[2]));
-        b.receive(base + Duration::from_millis(170), a.addr, transmissions[2].clone());
+        println!(
+            "170ms B receives delayed original DATA {:?}",
+            chunks(&transmissions[2])
+        );
+        b.receive(
+            base + Duration::from_millis(170),
+            a.addr,
+            transmissions[2].clone(),
+        );
     }
     let got = b.messages();
-    println!("reorder={reorder}: held message delivered={} (no network packet was dropped)", !got.is_empty());
+    println!(
+        "reorder={reorder}: held message delivered={} (no network packet was dropped)",
+        !got.is_empty()
+    );
     assert_eq!(got, vec![b"held".to_vec()]);
 }
 
@@ -245,10 +314,18 @@ fn fragmented_zero_retransmits_abandons_pending_tails_and_releases_credit() {
     for unordered in [false, true] {
         for size in [3000, 24000] {
             let (mut a, mut b) = pairs(ReliabilityType::Rexmit);
-            a.assoc.stream(0).unwrap().set_reliability_params(unordered, ReliabilityType::Rexmit, 0).unwrap();
+            a.assoc
+                .stream(0)
+                .unwrap()
+                .set_reliability_params(unordered, ReliabilityType::Rexmit, 0)
+                .unwrap();
             let base = Instant::now();
             a.assoc.stream(0).unwrap().write(&vec![7; size]).unwrap();
-            a.assoc.stream(0).unwrap().write(b"following message").unwrap();
+            a.assoc
+                .stream(0)
+                .unwrap()
+                .write(b"following message")
+                .unwrap();
             let mut ab = VecDeque::<(u64, Bytes)>::new();
             let mut ba = VecDeque::<(u64, Bytes)>::new();
             let mut transmissions = HashMap::<u32, usize>::new();
@@ -291,7 +368,11 @@ fn fragmented_zero_retransmits_abandons_pending_tails_and_releases_credit() {
                 transmissions.values().all(|n| *n == 1),
                 "RTX0 retransmitted a fragment: size={size}, unordered={unordered}"
             );
-            assert_eq!(messages, vec![b"following message".to_vec()], "size={size}, unordered={unordered}");
+            assert_eq!(
+                messages,
+                vec![b"following message".to_vec()],
+                "size={size}, unordered={unordered}"
+            );
             assert_eq!(
                 a.assoc.stream(0).unwrap().buffered_amount().unwrap(),
                 0,
@@ -308,10 +389,18 @@ fn fragment_retry_limits_and_lost_forward_recovery() {
         for size in [3000, 24000] {
             for limit in [0, 1, 2] {
                 let (mut a, mut b) = pairs(ReliabilityType::Rexmit);
-                a.assoc.stream(0).unwrap().set_reliability_params(unordered, ReliabilityType::Rexmit, limit).unwrap();
+                a.assoc
+                    .stream(0)
+                    .unwrap()
+                    .set_reliability_params(unordered, ReliabilityType::Rexmit, limit)
+                    .unwrap();
                 let base = Instant::now();
                 a.assoc.stream(0).unwrap().write(&vec![7; size]).unwrap();
-                a.assoc.stream(0).unwrap().write(b"following message").unwrap();
+                a.assoc
+                    .stream(0)
+                    .unwrap()
+                    .write(b"following message")
+                    .unwrap();
                 let mut ab = VecDeque::<(u64, Bytes)>::new();
                 let mut ba = VecDeque::<(u64, Bytes)>::new();
                 let mut transmissions = HashMap::<u32, usize>::new();
@@ -365,10 +454,18 @@ fn fragment_retry_limits_and_lost_forward_recovery() {
 #[test]
 fn lost_prefix_sacks_do_not_strand_the_next_ordered_message() {
     let (mut a, mut b) = pairs(ReliabilityType::Rexmit);
-    a.assoc.stream(0).unwrap().set_reliability_params(false, ReliabilityType::Rexmit, 0).unwrap();
+    a.assoc
+        .stream(0)
+        .unwrap()
+        .set_reliability_params(false, ReliabilityType::Rexmit, 0)
+        .unwrap();
     let now = Instant::now();
     a.assoc.stream(0).unwrap().write(&vec![7; 24000]).unwrap();
-    a.assoc.stream(0).unwrap().write(b"following message").unwrap();
+    a.assoc
+        .stream(0)
+        .unwrap()
+        .write(b"following message")
+        .unwrap();
     // Deliver every fragment allowed by the initial congestion window, but
     // lose the SACKs. The receiver holds an incomplete, contiguous prefix.
     for packet in a.drain(now) {
@@ -422,8 +519,16 @@ fn unordered_abandonment_preserves_next_ordered_message() {
             a.receive(now, b.addr, packet);
         }
         if forwarded {
-            a.assoc.stream(0).unwrap().set_reliability_params(false, ReliabilityType::Reliable, 0).unwrap();
-            a.assoc.stream(0).unwrap().write(b"ordered successor").unwrap();
+            a.assoc
+                .stream(0)
+                .unwrap()
+                .set_reliability_params(false, ReliabilityType::Reliable, 0)
+                .unwrap();
+            a.assoc
+                .stream(0)
+                .unwrap()
+                .write(b"ordered successor")
+                .unwrap();
             for packet in a.drain(now) {
                 b.receive(now, a.addr, packet);
             }
@@ -439,7 +544,11 @@ fn timed_streams_accept_existing_write_methods_after_idle() {
     for unordered in [false, true] {
         for method in 0..5 {
             let (mut a, mut b) = pairs(ReliabilityType::Timed);
-            a.assoc.stream(0).unwrap().set_reliability_params(unordered, ReliabilityType::Timed, 10).unwrap();
+            a.assoc
+                .stream(0)
+                .unwrap()
+                .set_reliability_params(unordered, ReliabilityType::Timed, 10)
+                .unwrap();
             let base = Instant::now();
             assert!(a.drain(base).is_empty());
             let now = base + Duration::from_secs(3600);
@@ -466,16 +575,31 @@ fn timed_streams_accept_existing_write_methods_after_idle() {
 fn zero_lifetime_timed_writes_preserve_following_ordered_delivery() {
     for unordered in [false, true] {
         let (mut a, mut b) = pairs(ReliabilityType::Timed);
-        a.assoc.stream(0).unwrap().set_reliability_params(unordered, ReliabilityType::Timed, 0).unwrap();
+        a.assoc
+            .stream(0)
+            .unwrap()
+            .set_reliability_params(unordered, ReliabilityType::Timed, 0)
+            .unwrap();
         a.assoc.stream(0).unwrap().write(&vec![7; 3000]).unwrap();
-        a.assoc.stream(0).unwrap().set_reliability_params(false, ReliabilityType::Reliable, 0).unwrap();
-        a.assoc.stream(0).unwrap().write(b"following message").unwrap();
+        a.assoc
+            .stream(0)
+            .unwrap()
+            .set_reliability_params(false, ReliabilityType::Reliable, 0)
+            .unwrap();
+        a.assoc
+            .stream(0)
+            .unwrap()
+            .write(b"following message")
+            .unwrap();
         let now = Instant::now();
         for packet in a.drain(now) {
             b.receive(now, a.addr, packet);
         }
         assert_eq!(b.messages(), vec![b"following message".to_vec()]);
-        assert_eq!(a.assoc.stream(0).unwrap().buffered_amount().unwrap(), b"following message".len());
+        assert_eq!(
+            a.assoc.stream(0).unwrap().buffered_amount().unwrap(),
+            b"following message".len()
+        );
     }
 }
 
@@ -485,11 +609,23 @@ fn fragmented_timed_messages_expire_through_loss_and_reordering() {
     for unordered in [false, true] {
         for size in [3000, 24000] {
             let (mut a, mut b) = pairs(ReliabilityType::Rexmit);
-            a.assoc.stream(0).unwrap().set_reliability_params(unordered, ReliabilityType::Timed, 10).unwrap();
+            a.assoc
+                .stream(0)
+                .unwrap()
+                .set_reliability_params(unordered, ReliabilityType::Timed, 10)
+                .unwrap();
             let base = Instant::now();
             a.assoc.stream(0).unwrap().write(&vec![7; size]).unwrap();
-            a.assoc.stream(0).unwrap().set_reliability_params(unordered, ReliabilityType::Reliable, 0).unwrap();
-            a.assoc.stream(0).unwrap().write(b"following message").unwrap();
+            a.assoc
+                .stream(0)
+                .unwrap()
+                .set_reliability_params(unordered, ReliabilityType::Reliable, 0)
+                .unwrap();
+            a.assoc
+                .stream(0)
+                .unwrap()
+                .write(b"following message")
+                .unwrap();
             let mut ab = VecDeque::<(u64, Bytes)>::new();
             let mut ba = VecDeque::<(u64, Bytes)>::new();
             let mut transmissions = HashMap::<u32, usize>::new();
@@ -518,9 +654,12 @@ fn fragmented_timed_messages_expire_through_loss_and_reordering() {
                     let types = chunks(&packet);
                     let mut offset = 12;
                     while offset + 4 <= packet.len() {
-                        let length = u16::from_be_bytes([packet[offset + 2], packet[offset + 3]]) as usize;
+                        let length =
+                            u16::from_be_bytes([packet[offset + 2], packet[offset + 3]]) as usize;
                         if packet[offset] == 0 && length > 16 && packet[offset + 16] == 7 {
-                            let tsn = u32::from_be_bytes(packet[offset + 4..offset + 8].try_into().unwrap());
+                            let tsn = u32::from_be_bytes(
+                                packet[offset + 4..offset + 8].try_into().unwrap(),
+                            );
                             *transmissions.entry(tsn).or_default() += 1;
                             assert!(ms < 10, "expired timed DATA reached the wire at {ms}ms");
                         }
@@ -541,7 +680,11 @@ fn fragmented_timed_messages_expire_through_loss_and_reordering() {
                 transmissions.values().all(|n| *n == 1),
                 "timed message retransmitted after expiry: size={size}, unordered={unordered}"
             );
-            assert_eq!(messages, vec![b"following message".to_vec()], "size={size}, unordered={unordered}");
+            assert_eq!(
+                messages,
+                vec![b"following message".to_vec()],
+                "size={size}, unordered={unordered}"
+            );
             assert_eq!(
                 a.assoc.stream(0).unwrap().buffered_amount().unwrap(),
                 0,

@@ -8,7 +8,15 @@ use super::*;
 const ACCEPT_CH_SIZE: usize = 16;
 
 fn create_association(config: TransportConfig) -> Association {
-    Association::new(None, Arc::new(config), 1400, 0, SocketAddr::from_str("0.0.0.0:0").unwrap(), None, Instant::now())
+    Association::new(
+        None,
+        Arc::new(config),
+        1400,
+        0,
+        SocketAddr::from_str("0.0.0.0:0").unwrap(),
+        None,
+        Instant::now(),
+    )
 }
 
 #[test]
@@ -26,13 +34,19 @@ fn test_assoc_is_closing() {
         AssociationState::CookieEchoed,
         AssociationState::Established,
     ] {
-        let a = Association { state, ..Default::default() };
+        let a = Association {
+            state,
+            ..Default::default()
+        };
 
         assert!(!a.is_closing(), "{state} should not be closing");
     }
 
     for state in closing_states {
-        let a = Association { state, ..Default::default() };
+        let a = Association {
+            state,
+            ..Default::default()
+        };
 
         assert!(a.is_closing(), "{state} should be closing");
         assert!(!a.is_closed(), "{state} should not be closed");
@@ -66,10 +80,14 @@ fn reconfig_response_result(packets: &[Packet], rsn: u32) -> Option<ReconfigResu
     packets.iter().find_map(|packet| {
         packet.chunks.iter().find_map(|chunk| {
             let reconfig = chunk.as_any().downcast_ref::<ChunkReconfig>()?;
-            reconfig.param_a.iter().chain(reconfig.param_b.iter()).find_map(|param| {
-                let response = param.as_any().downcast_ref::<ParamReconfigResponse>()?;
-                (response.reconfig_response_sequence_number == rsn).then_some(response.result)
-            })
+            reconfig
+                .param_a
+                .iter()
+                .chain(reconfig.param_b.iter())
+                .find_map(|param| {
+                    let response = param.as_any().downcast_ref::<ParamReconfigResponse>()?;
+                    (response.reconfig_response_sequence_number == rsn).then_some(response.result)
+                })
         })
     })
 }
@@ -78,20 +96,26 @@ fn reconfig_response_result(packets: &[Packet], rsn: u32) -> Option<ReconfigResu
 fn test_reconfig_in_progress_timeout_does_not_consume_retry_budget() -> Result<()> {
     let now = Instant::now();
     let rsn = 7;
-    let mut a =
-        create_association(TransportConfig::default().with_max_init_retransmits(Some(0)).with_rto_initial_ms(1));
+    let mut a = create_association(
+        TransportConfig::default()
+            .with_max_init_retransmits(Some(0))
+            .with_rto_initial_ms(1),
+    );
 
     insert_active_reset(&mut a, rsn, 1);
     a.timers.start(Timer::Reconfig, now, a.rto_mgr.get_rto());
 
-    let response: Box<dyn Param + Send + Sync> =
-        Box::new(ParamReconfigResponse { reconfig_response_sequence_number: rsn, result: ReconfigResult::InProgress });
+    let response: Box<dyn Param + Send + Sync> = Box::new(ParamReconfigResponse {
+        reconfig_response_sequence_number: rsn,
+        result: ReconfigResult::InProgress,
+    });
     a.handle_reconfig_param(&response, &mut vec![])?;
 
     // The outbound path restarts the timer after processing InProgress. RFC
     // 6525 section 5.2.7 H2 requires the next expiry to retransmit without
     // incrementing the error counter.
-    a.timers.restart_if_stale(Timer::Reconfig, now, a.rto_mgr.get_rto());
+    a.timers
+        .restart_if_stale(Timer::Reconfig, now, a.rto_mgr.get_rto());
     let deadline = a.timers.get(Timer::Reconfig).unwrap();
     a.handle_timeout(deadline);
 
@@ -119,15 +143,20 @@ fn test_reset_complete_only_for_successful_reconfig_response() -> Result<()> {
         a.pending_reset_completions.insert(stream_id);
         insert_active_reset(&mut a, rsn, stream_id);
 
-        let response: Box<dyn Param + Send + Sync> =
-            Box::new(ParamReconfigResponse { reconfig_response_sequence_number: rsn, result });
+        let response: Box<dyn Param + Send + Sync> = Box::new(ParamReconfigResponse {
+            reconfig_response_sequence_number: rsn,
+            result,
+        });
         a.handle_reconfig_param(&response, &mut vec![])?;
 
         let completed = matches!(
             a.poll(),
             Some(Event::Stream(StreamEvent::ResetComplete { id })) if id == stream_id
         );
-        let should_complete = matches!(result, ReconfigResult::SuccessNop | ReconfigResult::SuccessPerformed);
+        let should_complete = matches!(
+            result,
+            ReconfigResult::SuccessNop | ReconfigResult::SuccessPerformed
+        );
         assert_eq!(completed, should_complete, "unexpected result for {result}");
     }
 
@@ -156,8 +185,15 @@ fn test_reconfig_retransmission_failure_is_terminal() {
 #[test]
 fn test_ambiguous_reset_failure_keeps_existing_stream_quarantined() -> Result<()> {
     let stream_id = 1;
-    let mut a = Association { state: AssociationState::Established, my_next_tsn: 1, ..Default::default() };
-    assert!(a.create_stream(stream_id, false, PayloadProtocolIdentifier::Binary).is_some());
+    let mut a = Association {
+        state: AssociationState::Established,
+        my_next_tsn: 1,
+        ..Default::default()
+    };
+    assert!(
+        a.create_stream(stream_id, false, PayloadProtocolIdentifier::Binary)
+            .is_some()
+    );
 
     a.stream(stream_id)?.stop()?;
     let _ = a.gather_outbound(Instant::now());
@@ -181,8 +217,10 @@ fn test_denied_reset_emits_terminal_event_and_remains_quarantined() -> Result<()
     a.pending_reset_completions.insert(stream_id);
     insert_active_reset(&mut a, rsn, stream_id);
 
-    let response: Box<dyn Param + Send + Sync> =
-        Box::new(ParamReconfigResponse { reconfig_response_sequence_number: rsn, result: ReconfigResult::Denied });
+    let response: Box<dyn Param + Send + Sync> = Box::new(ParamReconfigResponse {
+        reconfig_response_sequence_number: rsn,
+        result: ReconfigResult::Denied,
+    });
     a.handle_reconfig_param(&response, &mut vec![])?;
 
     assert!(matches!(
@@ -194,7 +232,10 @@ fn test_denied_reset_emits_terminal_event_and_remains_quarantined() -> Result<()
     ));
     assert!(!a.pending_reset_completions.contains(&stream_id));
     assert!(
-        matches!(a.open_stream(stream_id, PayloadProtocolIdentifier::Binary), Err(Error::ErrStreamResetPending)),
+        matches!(
+            a.open_stream(stream_id, PayloadProtocolIdentifier::Binary),
+            Err(Error::ErrStreamResetPending)
+        ),
         "the quarantine must prevent the failed stream ID from being reused"
     );
     Ok(())
@@ -205,7 +246,10 @@ fn test_reset_complete_preserves_stream_generations() {
     let stream_id = 1;
     let mut a = Association::default();
 
-    assert!(a.create_stream(stream_id, false, PayloadProtocolIdentifier::Binary).is_some());
+    assert!(
+        a.create_stream(stream_id, false, PayloadProtocolIdentifier::Binary)
+            .is_some()
+    );
     a.unregister_stream(stream_id, true);
 
     // Incoming DATA can recreate an id while the previous reciprocal reset is
@@ -243,8 +287,10 @@ fn test_reset_complete_preserves_generations_through_responses() -> Result<()> {
     // incarnations. Each successful reset response must complete one.
     a.pending_reset_completions.insert(stream_id);
     a.pending_reset_completions.insert(stream_id);
-    a.reconfigs.insert(first_rsn, outgoing_reset(first_rsn, stream_id));
-    a.reconfigs.insert(second_rsn, outgoing_reset(second_rsn, stream_id));
+    a.reconfigs
+        .insert(first_rsn, outgoing_reset(first_rsn, stream_id));
+    a.reconfigs
+        .insert(second_rsn, outgoing_reset(second_rsn, stream_id));
 
     for rsn in [first_rsn, second_rsn] {
         a.active_reconfig = Some(rsn);
@@ -264,7 +310,10 @@ fn test_reset_complete_preserves_generations_through_responses() -> Result<()> {
         })
         .count();
 
-    assert_eq!(reset_complete, 2, "each completed stream generation needs its own ResetComplete");
+    assert_eq!(
+        reset_complete, 2,
+        "each completed stream generation needs its own ResetComplete"
+    );
     Ok(())
 }
 
@@ -278,10 +327,15 @@ fn test_overlapping_generations_success_then_denied_reports_success() -> Result<
     a.reconfigs.insert(7, outgoing_reset(7, stream_id));
     a.reconfigs.insert(8, outgoing_reset(8, stream_id));
 
-    for (rsn, result) in [(7, ReconfigResult::SuccessPerformed), (8, ReconfigResult::Denied)] {
+    for (rsn, result) in [
+        (7, ReconfigResult::SuccessPerformed),
+        (8, ReconfigResult::Denied),
+    ] {
         a.active_reconfig = Some(rsn);
-        let response: Box<dyn Param + Send + Sync> =
-            Box::new(ParamReconfigResponse { reconfig_response_sequence_number: rsn, result });
+        let response: Box<dyn Param + Send + Sync> = Box::new(ParamReconfigResponse {
+            reconfig_response_sequence_number: rsn,
+            result,
+        });
         a.handle_reconfig_param(&response, &mut vec![])?;
     }
 
@@ -294,7 +348,10 @@ fn test_overlapping_generations_success_then_denied_reports_success() -> Result<
         })
         .count();
 
-    assert_eq!(reset_complete, 1, "the successful generation still needs its ResetComplete");
+    assert_eq!(
+        reset_complete, 1,
+        "the successful generation still needs its ResetComplete"
+    );
     Ok(())
 }
 
@@ -308,10 +365,15 @@ fn test_overlapping_generations_denied_then_success_reports_only_success() -> Re
     a.reconfigs.insert(7, outgoing_reset(7, stream_id));
     a.reconfigs.insert(8, outgoing_reset(8, stream_id));
 
-    for (rsn, result) in [(7, ReconfigResult::Denied), (8, ReconfigResult::SuccessPerformed)] {
+    for (rsn, result) in [
+        (7, ReconfigResult::Denied),
+        (8, ReconfigResult::SuccessPerformed),
+    ] {
         a.active_reconfig = Some(rsn);
-        let response: Box<dyn Param + Send + Sync> =
-            Box::new(ParamReconfigResponse { reconfig_response_sequence_number: rsn, result });
+        let response: Box<dyn Param + Send + Sync> = Box::new(ParamReconfigResponse {
+            reconfig_response_sequence_number: rsn,
+            result,
+        });
         a.handle_reconfig_param(&response, &mut vec![])?;
     }
 
@@ -324,7 +386,10 @@ fn test_overlapping_generations_denied_then_success_reports_only_success() -> Re
         })
         .count();
 
-    assert_eq!(reset_complete, 1, "the denied generation must not inherit a later successful completion");
+    assert_eq!(
+        reset_complete, 1,
+        "the denied generation must not inherit a later successful completion"
+    );
     Ok(())
 }
 
@@ -335,7 +400,8 @@ fn test_outgoing_reset_implicitly_acknowledges_pending_request() -> Result<()> {
     let mut a = Association::default();
 
     insert_active_reset(&mut a, local_rsn, stream_id);
-    a.timers.start(Timer::Reconfig, Instant::now(), a.rto_mgr.get_rto());
+    a.timers
+        .start(Timer::Reconfig, Instant::now(), a.rto_mgr.get_rto());
 
     // RFC 6525 section 5.2.2 E1: the response sequence number carried by an
     // incoming Outgoing Reset Request acknowledges our matching request.
@@ -347,7 +413,10 @@ fn test_outgoing_reset_implicitly_acknowledges_pending_request() -> Result<()> {
     });
     a.handle_reconfig_param(&request, &mut vec![])?;
 
-    assert!(!a.reconfigs.contains_key(&local_rsn), "the implicitly acknowledged request must no longer be in flight");
+    assert!(
+        !a.reconfigs.contains_key(&local_rsn),
+        "the implicitly acknowledged request must no longer be in flight"
+    );
     assert!(
         a.timers.get(Timer::Reconfig).is_none(),
         "the timer must stop after the final in-flight request is acknowledged"
@@ -358,8 +427,14 @@ fn test_outgoing_reset_implicitly_acknowledges_pending_request() -> Result<()> {
 #[test]
 fn test_outgoing_reset_does_not_ack_unsent_reciprocal() -> Result<()> {
     let stream_id = 1;
-    let mut a = Association { my_next_tsn: 1, ..Default::default() };
-    assert!(a.create_stream(stream_id, false, PayloadProtocolIdentifier::Binary).is_some());
+    let mut a = Association {
+        my_next_tsn: 1,
+        ..Default::default()
+    };
+    assert!(
+        a.create_stream(stream_id, false, PayloadProtocolIdentifier::Binary)
+            .is_some()
+    );
 
     // Handling this request queues a reciprocal Outgoing Reset Request in
     // `reply`, but it has not been transmitted and its timer is not running.
@@ -413,10 +488,15 @@ fn test_reset_complete_does_not_override_newer_failure() -> Result<()> {
     a.reconfigs.insert(7, outgoing_reset(7, stream_id));
     a.reconfigs.insert(8, outgoing_reset(8, stream_id));
 
-    for (rsn, result) in [(7, ReconfigResult::SuccessPerformed), (8, ReconfigResult::Denied)] {
+    for (rsn, result) in [
+        (7, ReconfigResult::SuccessPerformed),
+        (8, ReconfigResult::Denied),
+    ] {
         a.active_reconfig = Some(rsn);
-        let response: Box<dyn Param + Send + Sync> =
-            Box::new(ParamReconfigResponse { reconfig_response_sequence_number: rsn, result });
+        let response: Box<dyn Param + Send + Sync> = Box::new(ParamReconfigResponse {
+            reconfig_response_sequence_number: rsn,
+            result,
+        });
         a.handle_reconfig_param(&response, &mut vec![])?;
     }
 
@@ -431,15 +511,24 @@ fn test_reset_complete_does_not_override_newer_failure() -> Result<()> {
             reason: StreamResetError::Denied,
         })) if id == stream_id
     ));
-    assert!(matches!(a.open_stream(stream_id, PayloadProtocolIdentifier::Binary), Err(Error::ErrStreamResetPending)));
+    assert!(matches!(
+        a.open_stream(stream_id, PayloadProtocolIdentifier::Binary),
+        Err(Error::ErrStreamResetPending)
+    ));
     Ok(())
 }
 
 #[test]
 fn test_reconfig_response_does_not_ack_unsent_reciprocal() -> Result<()> {
     let stream_id = 1;
-    let mut a = Association { my_next_tsn: 1, ..Default::default() };
-    assert!(a.create_stream(stream_id, false, PayloadProtocolIdentifier::Binary).is_some());
+    let mut a = Association {
+        my_next_tsn: 1,
+        ..Default::default()
+    };
+    assert!(
+        a.create_stream(stream_id, false, PayloadProtocolIdentifier::Binary)
+            .is_some()
+    );
 
     let request: Box<dyn Param + Send + Sync> = Box::new(ParamOutgoingResetRequest {
         reconfig_request_sequence_number: 7,
@@ -482,11 +571,18 @@ fn test_reconfig_response_does_not_ack_unsent_reciprocal() -> Result<()> {
 fn test_outgoing_reset_does_not_ack_unsent_reciprocal_with_unrelated_timer() -> Result<()> {
     let stream_id = 1;
     let sent_rsn = 99;
-    let mut a = Association { my_next_tsn: 1, ..Default::default() };
-    assert!(a.create_stream(stream_id, false, PayloadProtocolIdentifier::Binary).is_some());
+    let mut a = Association {
+        my_next_tsn: 1,
+        ..Default::default()
+    };
+    assert!(
+        a.create_stream(stream_id, false, PayloadProtocolIdentifier::Binary)
+            .is_some()
+    );
 
     insert_active_reset(&mut a, sent_rsn, 2);
-    a.timers.start(Timer::Reconfig, Instant::now(), a.rto_mgr.get_rto());
+    a.timers
+        .start(Timer::Reconfig, Instant::now(), a.rto_mgr.get_rto());
 
     // The global timer belongs to the already-sent request above. Processing
     // this incoming request queues a distinct reciprocal, but does not send it.
@@ -538,14 +634,22 @@ fn test_failed_generation_stays_quarantined_after_other_success() -> Result<()> 
 
     // The older generation completes, but the newer generation is denied.
     // A success for the former cannot make the latter safe to reuse.
-    for (rsn, result) in [(7, ReconfigResult::SuccessPerformed), (8, ReconfigResult::Denied)] {
+    for (rsn, result) in [
+        (7, ReconfigResult::SuccessPerformed),
+        (8, ReconfigResult::Denied),
+    ] {
         a.active_reconfig = Some(rsn);
-        let response: Box<dyn Param + Send + Sync> =
-            Box::new(ParamReconfigResponse { reconfig_response_sequence_number: rsn, result });
+        let response: Box<dyn Param + Send + Sync> = Box::new(ParamReconfigResponse {
+            reconfig_response_sequence_number: rsn,
+            result,
+        });
         a.handle_reconfig_param(&response, &mut vec![])?;
     }
 
-    assert!(matches!(a.open_stream(stream_id, PayloadProtocolIdentifier::Binary), Err(Error::ErrStreamResetPending)));
+    assert!(matches!(
+        a.open_stream(stream_id, PayloadProtocolIdentifier::Binary),
+        Err(Error::ErrStreamResetPending)
+    ));
     Ok(())
 }
 
@@ -553,11 +657,19 @@ fn test_failed_generation_stays_quarantined_after_other_success() -> Result<()> 
 fn test_second_reconfig_request_stays_buffered_while_timer_runs() -> Result<()> {
     let stream_id = 1;
     let sent_rsn = 99;
-    let mut a = Association { state: AssociationState::Established, my_next_tsn: 1, ..Default::default() };
-    assert!(a.create_stream(stream_id, false, PayloadProtocolIdentifier::Binary).is_some());
+    let mut a = Association {
+        state: AssociationState::Established,
+        my_next_tsn: 1,
+        ..Default::default()
+    };
+    assert!(
+        a.create_stream(stream_id, false, PayloadProtocolIdentifier::Binary)
+            .is_some()
+    );
 
     insert_active_reset(&mut a, sent_rsn, 2);
-    a.timers.start(Timer::Reconfig, Instant::now(), a.rto_mgr.get_rto());
+    a.timers
+        .start(Timer::Reconfig, Instant::now(), a.rto_mgr.get_rto());
 
     // Processing the peer's request creates a reciprocal request while another
     // local request is already in flight. RFC 6525 section 5.1.1 requires the
@@ -606,7 +718,10 @@ fn test_peer_recreated_quarantined_stream_is_not_writable() -> Result<()> {
     insert_active_reset(&mut a, 7, stream_id);
 
     assert!(a.get_or_create_stream(stream_id).is_some());
-    assert!(!a.stream(stream_id)?.is_writable(), "a pending reciprocal reset must quarantine the outgoing direction");
+    assert!(
+        !a.stream(stream_id)?.is_writable(),
+        "a pending reciprocal reset must quarantine the outgoing direction"
+    );
     Ok(())
 }
 
@@ -614,10 +729,16 @@ fn test_peer_recreated_quarantined_stream_is_not_writable() -> Result<()> {
 fn test_pending_reset_blocks_existing_stream_writes() -> Result<()> {
     let stream_id = 1;
     let mut a = Association::default();
-    assert!(a.create_stream(stream_id, false, PayloadProtocolIdentifier::Binary).is_some());
+    assert!(
+        a.create_stream(stream_id, false, PayloadProtocolIdentifier::Binary)
+            .is_some()
+    );
     insert_active_reset(&mut a, 7, stream_id);
 
-    assert!(!a.stream(stream_id)?.is_writable(), "new SSNs must not be assigned while an outgoing reset is pending");
+    assert!(
+        !a.stream(stream_id)?.is_writable(),
+        "new SSNs must not be assigned while an outgoing reset is pending"
+    );
     Ok(())
 }
 
@@ -626,7 +747,10 @@ fn test_reset_completion_does_not_reopen_finished_write_half() -> Result<()> {
     let stream_id = 1;
     let rsn = 7;
     let mut a = Association::default();
-    assert!(a.create_stream(stream_id, false, PayloadProtocolIdentifier::Binary).is_some());
+    assert!(
+        a.create_stream(stream_id, false, PayloadProtocolIdentifier::Binary)
+            .is_some()
+    );
     insert_active_reset(&mut a, rsn, stream_id);
 
     // Finishing the write half is permanent, including while a reset request
@@ -639,7 +763,10 @@ fn test_reset_completion_does_not_reopen_finished_write_half() -> Result<()> {
     });
     a.handle_reconfig_param(&response, &mut vec![])?;
 
-    assert!(!a.stream(stream_id)?.is_writable(), "reset completion must not undo Stream::finish()");
+    assert!(
+        !a.stream(stream_id)?.is_writable(),
+        "reset completion must not undo Stream::finish()"
+    );
     Ok(())
 }
 
@@ -648,7 +775,10 @@ fn test_successful_outgoing_reset_restarts_stream_sequence_number() -> Result<()
     let stream_id = 1;
     let rsn = 7;
     let mut a = Association::default();
-    assert!(a.create_stream(stream_id, false, PayloadProtocolIdentifier::Binary).is_some());
+    assert!(
+        a.create_stream(stream_id, false, PayloadProtocolIdentifier::Binary)
+            .is_some()
+    );
     a.streams.get_mut(&stream_id).unwrap().sequence_number = 9;
     insert_active_reset(&mut a, rsn, stream_id);
 
@@ -668,7 +798,10 @@ fn test_successful_outgoing_reset_restarts_stream_sequence_number() -> Result<()
 
 #[test]
 fn test_only_one_buffered_reconfig_is_sent_when_timer_is_idle() {
-    let mut a = Association { state: AssociationState::Established, ..Default::default() };
+    let mut a = Association {
+        state: AssociationState::Established,
+        ..Default::default()
+    };
 
     for (rsn, stream_id) in [(7, 1), (8, 2)] {
         insert_queued_reset(&mut a, rsn, stream_id);
@@ -692,10 +825,14 @@ fn test_only_one_buffered_reconfig_is_sent_when_timer_is_idle() {
 
 #[test]
 fn test_close_discards_buffered_reconfig_requests() -> Result<()> {
-    let mut a = Association { state: AssociationState::Established, ..Default::default() };
+    let mut a = Association {
+        state: AssociationState::Established,
+        ..Default::default()
+    };
     insert_active_reset(&mut a, 7, 1);
     insert_queued_reset(&mut a, 8, 2);
-    a.timers.start(Timer::Reconfig, Instant::now(), a.rto_mgr.get_rto());
+    a.timers
+        .start(Timer::Reconfig, Instant::now(), a.rto_mgr.get_rto());
 
     a.close()?;
 
@@ -710,14 +847,20 @@ fn test_close_discards_buffered_reconfig_requests() -> Result<()> {
 
 #[test]
 fn test_in_progress_keeps_later_request_buffered() -> Result<()> {
-    let mut a = Association { state: AssociationState::Established, ..Default::default() };
+    let mut a = Association {
+        state: AssociationState::Established,
+        ..Default::default()
+    };
 
     insert_active_reset(&mut a, 7, 1);
     insert_queued_reset(&mut a, 8, 2);
-    a.timers.start(Timer::Reconfig, Instant::now(), a.rto_mgr.get_rto());
+    a.timers
+        .start(Timer::Reconfig, Instant::now(), a.rto_mgr.get_rto());
 
-    let response: Box<dyn Param + Send + Sync> =
-        Box::new(ParamReconfigResponse { reconfig_response_sequence_number: 7, result: ReconfigResult::InProgress });
+    let response: Box<dyn Param + Send + Sync> = Box::new(ParamReconfigResponse {
+        reconfig_response_sequence_number: 7,
+        result: ReconfigResult::InProgress,
+    });
     a.handle_reconfig_param(&response, &mut vec![])?;
     assert!(a.reconfigs.contains_key(&7));
 
@@ -729,15 +872,27 @@ fn test_in_progress_keeps_later_request_buffered() -> Result<()> {
 
 #[test]
 fn test_local_reset_stays_queued_while_reconfig_timer_runs() -> Result<()> {
-    let mut a = Association { state: AssociationState::Established, my_next_tsn: 1, ..Default::default() };
+    let mut a = Association {
+        state: AssociationState::Established,
+        my_next_tsn: 1,
+        ..Default::default()
+    };
 
     insert_active_reset(&mut a, 7, 1);
-    a.timers.start(Timer::Reconfig, Instant::now(), a.rto_mgr.get_rto());
+    a.timers
+        .start(Timer::Reconfig, Instant::now(), a.rto_mgr.get_rto());
     a.send_reset_request(2)?;
 
     let _ = a.poll_transmit(Instant::now());
-    assert_eq!(a.reconfigs.len(), 1, "a locally initiated reset must remain queued while another request is in flight");
-    assert_eq!(a.pending_reset_streams.iter().copied().collect::<Vec<_>>(), [2]);
+    assert_eq!(
+        a.reconfigs.len(),
+        1,
+        "a locally initiated reset must remain queued while another request is in flight"
+    );
+    assert_eq!(
+        a.pending_reset_streams.iter().copied().collect::<Vec<_>>(),
+        [2]
+    );
 
     let response: Box<dyn Param + Send + Sync> = Box::new(ParamReconfigResponse {
         reconfig_response_sequence_number: 7,
@@ -753,10 +908,18 @@ fn test_local_reset_stays_queued_while_reconfig_timer_runs() -> Result<()> {
 
 #[test]
 fn test_local_reset_does_not_overtake_pending_data() -> Result<()> {
-    let mut a = Association { state: AssociationState::Established, my_next_tsn: 1, ..Default::default() };
+    let mut a = Association {
+        state: AssociationState::Established,
+        my_next_tsn: 1,
+        ..Default::default()
+    };
     queue_inflight(
         &mut a,
-        ChunkPayloadData { tsn: 1, user_data: Bytes::from_static(b"inflight"), ..Default::default() },
+        ChunkPayloadData {
+            tsn: 1,
+            user_data: Bytes::from_static(b"inflight"),
+            ..Default::default()
+        },
     );
     queue_pending(
         &mut a,
@@ -812,15 +975,25 @@ fn test_local_reset_is_not_blocked_by_unrelated_pending_data() -> Result<()> {
 
     let _ = a.gather_outbound(Instant::now());
 
-    assert!(a.active_reconfig.is_some(), "flow-controlled DATA on another stream must not starve this reset");
-    assert!(a.outbound_queue.pending_len() != 0, "the test requires the unrelated DATA to remain flow controlled");
+    assert!(
+        a.active_reconfig.is_some(),
+        "flow-controlled DATA on another stream must not starve this reset"
+    );
+    assert!(
+        a.outbound_queue.pending_len() != 0,
+        "the test requires the unrelated DATA to remain flow controlled"
+    );
     Ok(())
 }
 
 #[test]
 fn test_reset_sender_last_tsn_wraps_at_zero() -> Result<()> {
     let stream_id = 1;
-    let mut a = Association { state: AssociationState::Established, my_next_tsn: 0, ..Default::default() };
+    let mut a = Association {
+        state: AssociationState::Established,
+        my_next_tsn: 0,
+        ..Default::default()
+    };
     a.send_reset_request(stream_id)?;
 
     let _ = a.gather_outbound(Instant::now());
@@ -833,7 +1006,11 @@ fn test_reset_sender_last_tsn_wraps_at_zero() -> Result<()> {
         .as_ref()
         .and_then(|param| param.as_any().downcast_ref::<ParamOutgoingResetRequest>())
         .unwrap();
-    assert_eq!(reset.sender_last_tsn, u32::MAX, "the TSN preceding zero must wrap to u32::MAX");
+    assert_eq!(
+        reset.sender_last_tsn,
+        u32::MAX,
+        "the TSN preceding zero must wrap to u32::MAX"
+    );
     Ok(())
 }
 
@@ -881,8 +1058,14 @@ fn test_reset_sender_last_tsn_is_last_assigned_not_ack_point() -> Result<()> {
 
     let _ = a.gather_outbound(Instant::now());
 
-    let rsn = a.active_reconfig.expect("unacknowledged DATA of another stream must not hold back this reset");
-    assert_eq!(sender_last_tsn(&a, rsn), 100, "RFC 6525 section 5.1.2, A3: the last assigned TSN, not the ack point");
+    let rsn = a
+        .active_reconfig
+        .expect("unacknowledged DATA of another stream must not hold back this reset");
+    assert_eq!(
+        sender_last_tsn(&a, rsn),
+        100,
+        "RFC 6525 section 5.1.2, A3: the last assigned TSN, not the ack point"
+    );
     Ok(())
 }
 
@@ -897,7 +1080,11 @@ fn test_queued_reset_sender_last_tsn_is_last_assigned_not_ack_point() -> Result<
     let _ = a.gather_outbound(Instant::now());
 
     assert_eq!(a.active_reconfig, Some(7));
-    assert_eq!(sender_last_tsn(&a, 7), 100, "RFC 6525 section 5.1.2, A3: the last assigned TSN, not the ack point");
+    assert_eq!(
+        sender_last_tsn(&a, 7),
+        100,
+        "RFC 6525 section 5.1.2, A3: the last assigned TSN, not the ack point"
+    );
     Ok(())
 }
 
@@ -915,14 +1102,21 @@ fn test_reset_request_sequence_number_wraps() -> Result<()> {
     let _ = a.gather_outbound(Instant::now());
 
     assert_eq!(a.active_reconfig, Some(u32::MAX));
-    assert_eq!(a.my_next_rsn, 0, "the re-configuration request sequence number must wrap");
+    assert_eq!(
+        a.my_next_rsn, 0,
+        "the re-configuration request sequence number must wrap"
+    );
     Ok(())
 }
 
 #[test]
 fn test_local_reset_acknowledges_latest_peer_request_sequence() -> Result<()> {
     let peer_rsn = 41;
-    let mut a = Association { state: AssociationState::Established, my_next_tsn: 1, ..Default::default() };
+    let mut a = Association {
+        state: AssociationState::Established,
+        my_next_tsn: 1,
+        ..Default::default()
+    };
 
     let peer_request: Box<dyn Param + Send + Sync> = Box::new(ParamOutgoingResetRequest {
         reconfig_request_sequence_number: peer_rsn,
@@ -962,7 +1156,10 @@ fn test_reciprocal_reset_covers_preexisting_pending_data() -> Result<()> {
         mtu: 1400,
         ..Default::default()
     };
-    assert!(a.create_stream(stream_id, false, PayloadProtocolIdentifier::Binary).is_some());
+    assert!(
+        a.create_stream(stream_id, false, PayloadProtocolIdentifier::Binary)
+            .is_some()
+    );
     queue_pending(
         &mut a,
         ChunkPayloadData {
@@ -1002,7 +1199,10 @@ fn test_reciprocal_reset_covers_preexisting_pending_data() -> Result<()> {
     // The DATA is in flight now. A further poll must still hold the request:
     // the boundary needs the peer's acknowledgement, not only a TSN.
     let _ = a.gather_outbound(now);
-    assert!(a.active_reconfig.is_none(), "the reciprocal reset must stay held while the DATA is in flight");
+    assert!(
+        a.active_reconfig.is_none(),
+        "the reciprocal reset must stay held while the DATA is in flight"
+    );
     assert_eq!(a.control_queue.len(), 1);
 
     a.handle_sack(
@@ -1042,7 +1242,10 @@ fn test_peer_reset_subsumes_local_reset_waiting_for_data_ack() -> Result<()> {
         mtu: 1400,
         ..Default::default()
     };
-    assert!(a.create_stream(stream_id, false, PayloadProtocolIdentifier::Binary).is_some());
+    assert!(
+        a.create_stream(stream_id, false, PayloadProtocolIdentifier::Binary)
+            .is_some()
+    );
     queue_inflight(
         &mut a,
         ChunkPayloadData {
@@ -1068,7 +1271,11 @@ fn test_peer_reset_subsumes_local_reset_waiting_for_data_ack() -> Result<()> {
     a.handle_reconfig_param(&request, &mut reply)?;
     a.control_queue.extend(reply);
     a.handle_sack(
-        &ChunkSelectiveAck { cumulative_tsn_ack: 1, advertised_receiver_window_credit: 1400, ..Default::default() },
+        &ChunkSelectiveAck {
+            cumulative_tsn_ack: 1,
+            advertised_receiver_window_credit: 1400,
+            ..Default::default()
+        },
         now,
     )?;
 
@@ -1087,7 +1294,8 @@ fn test_peer_reset_subsumes_local_reset_waiting_for_data_ack() -> Result<()> {
         Event::Stream(StreamEvent::ResetComplete { id }) if id == stream_id
     )));
     assert_eq!(
-        a.open_stream(stream_id, PayloadProtocolIdentifier::Binary).map(|_| ()),
+        a.open_stream(stream_id, PayloadProtocolIdentifier::Binary)
+            .map(|_| ()),
         Ok(()),
         "a completed simultaneous close must not leave an older local reset queued"
     );
@@ -1109,7 +1317,9 @@ fn test_queued_reset_is_sent_when_pending_timed_data_expires() -> Result<()> {
         mtu: 1400,
         ..Default::default()
     };
-    let mut stream = a.create_stream(stream_id, false, PayloadProtocolIdentifier::Binary).unwrap();
+    let mut stream = a
+        .create_stream(stream_id, false, PayloadProtocolIdentifier::Binary)
+        .unwrap();
     stream.set_reliability_params(false, ReliabilityType::Timed, 0)?;
     stream.write(b"expires before transmission")?;
     insert_queued_reset(&mut a, 7, stream_id);
@@ -1120,9 +1330,9 @@ fn test_queued_reset_is_sent_when_pending_timed_data_expires() -> Result<()> {
     assert_eq!(a.outbound_queue.inflight_len(), 0);
     assert_eq!(a.my_next_tsn, 1, "expired DATA must not receive a TSN");
     assert!(
-        packets
-            .iter()
-            .any(|raw| { Association::packet_reconfig_request_rsn(&Packet::unmarshal(raw).unwrap()) == Some(7) }),
+        packets.iter().any(|raw| {
+            Association::packet_reconfig_request_rsn(&Packet::unmarshal(raw).unwrap()) == Some(7)
+        }),
         "expiring pending DATA must release the queued reset in the same poll"
     );
     assert_eq!(a.active_reconfig, Some(7));
@@ -1141,7 +1351,10 @@ fn test_data_above_deferred_reset_boundary_waits_for_new_generation() -> Result<
         max_payload_size: 1200,
         ..Default::default()
     };
-    assert!(a.create_stream(stream_id, false, PayloadProtocolIdentifier::Binary).is_some());
+    assert!(
+        a.create_stream(stream_id, false, PayloadProtocolIdentifier::Binary)
+            .is_some()
+    );
 
     let request: Box<dyn Param + Send + Sync> = Box::new(ParamOutgoingResetRequest {
         reconfig_request_sequence_number: 7,
@@ -1164,7 +1377,10 @@ fn test_data_above_deferred_reset_boundary_waits_for_new_generation() -> Result<
         ..Default::default()
     })?;
 
-    assert!(a.poll().is_none(), "post-reset DATA must not notify the old stream generation");
+    assert!(
+        a.poll().is_none(),
+        "post-reset DATA must not notify the old stream generation"
+    );
     assert!(
         a.stream(stream_id)?.read()?.is_none(),
         "post-reset DATA must not be readable before the reset boundary arrives"
@@ -1207,7 +1423,10 @@ fn test_reset_boundary_data_remains_readable_before_finished() -> Result<()> {
         max_payload_size: 1200,
         ..Default::default()
     };
-    assert!(a.create_stream(stream_id, false, PayloadProtocolIdentifier::Binary).is_some());
+    assert!(
+        a.create_stream(stream_id, false, PayloadProtocolIdentifier::Binary)
+            .is_some()
+    );
 
     let request: Box<dyn Param + Send + Sync> = Box::new(ParamOutgoingResetRequest {
         reconfig_request_sequence_number: 7,
@@ -1238,7 +1457,10 @@ fn test_reset_boundary_data_remains_readable_before_finished() -> Result<()> {
         }
     }
 
-    assert!(a.poll().is_none(), "Finished must remain hidden until the readable boundary DATA is drained");
+    assert!(
+        a.poll().is_none(),
+        "Finished must remain hidden until the readable boundary DATA is drained"
+    );
 
     let message = a.stream(stream_id)?.read()?.unwrap();
     let mut payload = [0; 4];
@@ -1266,7 +1488,10 @@ fn test_successive_resets_preserve_each_unread_generation() -> Result<()> {
         max_payload_size: 1200,
         ..Default::default()
     };
-    assert!(a.create_stream(stream_id, false, PayloadProtocolIdentifier::Binary).is_some());
+    assert!(
+        a.create_stream(stream_id, false, PayloadProtocolIdentifier::Binary)
+            .is_some()
+    );
 
     let first_reset: Box<dyn Param + Send + Sync> = Box::new(ParamOutgoingResetRequest {
         reconfig_request_sequence_number: 7,
@@ -1338,7 +1563,10 @@ fn test_successive_resets_preserve_each_unread_generation() -> Result<()> {
     let mut payload = [0; 5];
     assert_eq!(second.read(&mut payload)?, payload.len());
     assert_eq!(&payload, b"gen-b");
-    assert!(a.stream(stream_id).is_err(), "generation B was also reset and must retire after it is drained");
+    assert!(
+        a.stream(stream_id).is_err(),
+        "generation B was also reset and must retire after it is drained"
+    );
 
     while let Some(event) = a.poll() {
         match event {
@@ -1366,7 +1594,10 @@ fn association_with_retiring_boundary_data() -> Result<Association> {
         use_forward_tsn: true,
         ..Default::default()
     };
-    assert!(a.create_stream(stream_id, false, PayloadProtocolIdentifier::Binary).is_some());
+    assert!(
+        a.create_stream(stream_id, false, PayloadProtocolIdentifier::Binary)
+            .is_some()
+    );
     let reset: Box<dyn Param + Send + Sync> = Box::new(ParamOutgoingResetRequest {
         reconfig_request_sequence_number: 7,
         reconfig_response_sequence_number: u32::MAX,
@@ -1414,7 +1645,10 @@ fn test_forward_tsn_skip_is_applied_to_reset_successor() -> Result<()> {
     let mut a = association_with_retiring_boundary_data()?;
     a.handle_forward_tsn(&ChunkForwardTsn {
         new_cumulative_tsn: 2,
-        streams: vec![ChunkForwardTsnStream { identifier: 1, sequence: 0 }],
+        streams: vec![ChunkForwardTsnStream {
+            identifier: 1,
+            sequence: 0,
+        }],
     })?;
     assert_successor_ssn_one_is_readable(a)
 }
@@ -1424,7 +1658,11 @@ fn test_i_forward_tsn_skip_is_applied_to_reset_successor() -> Result<()> {
     let mut a = association_with_retiring_boundary_data()?;
     a.handle_i_forward_tsn(&ChunkIForwardTsn {
         new_cumulative_tsn: 2,
-        streams: vec![ChunkIForwardTsnStream { identifier: 1, unordered: false, mid: 0 }],
+        streams: vec![ChunkIForwardTsnStream {
+            identifier: 1,
+            unordered: false,
+            mid: 0,
+        }],
     })?;
     assert_successor_ssn_one_is_readable(a)
 }
@@ -1442,7 +1680,10 @@ fn test_forward_tsn_during_in_progress_reset_applies_to_old_generation() -> Resu
         use_forward_tsn: true,
         ..Default::default()
     };
-    assert!(a.create_stream(stream_id, false, PayloadProtocolIdentifier::Binary).is_some());
+    assert!(
+        a.create_stream(stream_id, false, PayloadProtocolIdentifier::Binary)
+            .is_some()
+    );
     let reset: Box<dyn Param + Send + Sync> = Box::new(ParamOutgoingResetRequest {
         reconfig_request_sequence_number: 7,
         reconfig_response_sequence_number: u32::MAX,
@@ -1456,7 +1697,10 @@ fn test_forward_tsn_during_in_progress_reset_applies_to_old_generation() -> Resu
     // advances beyond that boundary.
     a.handle_forward_tsn(&ChunkForwardTsn {
         new_cumulative_tsn: 2,
-        streams: vec![ChunkForwardTsnStream { identifier: stream_id, sequence: 0 }],
+        streams: vec![ChunkForwardTsnStream {
+            identifier: stream_id,
+            sequence: 0,
+        }],
     })?;
 
     a.handle_data(&ChunkPayloadData {
@@ -1518,7 +1762,10 @@ fn test_forward_tsn_skip_is_scoped_to_queued_reset_generation() -> Result<()> {
         // unrelated stream, so the aggregate cumulative point cannot identify
         // which stream generation the per-stream SSN describes.
         new_cumulative_tsn: 3,
-        streams: vec![ChunkForwardTsnStream { identifier: 1, sequence: 0 }],
+        streams: vec![ChunkForwardTsnStream {
+            identifier: 1,
+            sequence: 0,
+        }],
     })?;
     assert_generation_c_ssn_zero_is_readable(a)
 }
@@ -1531,7 +1778,10 @@ fn test_retransmitted_forward_tsn_stays_with_reset_generation() -> Result<()> {
     // and lets its pending reset complete.
     a.handle_forward_tsn(&ChunkForwardTsn {
         new_cumulative_tsn: 2,
-        streams: vec![ChunkForwardTsnStream { identifier: 1, sequence: 0 }],
+        streams: vec![ChunkForwardTsnStream {
+            identifier: 1,
+            sequence: 0,
+        }],
     })?;
     assert!(!a.reconfig_requests.contains_key(&8));
 
@@ -1540,7 +1790,10 @@ fn test_retransmitted_forward_tsn_stays_with_reset_generation() -> Result<()> {
     // repeated entry still belongs to generation B, not the future tail.
     a.handle_forward_tsn(&ChunkForwardTsn {
         new_cumulative_tsn: 3,
-        streams: vec![ChunkForwardTsnStream { identifier: 1, sequence: 0 }],
+        streams: vec![ChunkForwardTsnStream {
+            identifier: 1,
+            sequence: 0,
+        }],
     })?;
 
     assert_generation_c_ssn_zero_is_readable(a)
@@ -1561,7 +1814,10 @@ fn assert_successor_ssn_one_after_reused_forward_ssn(mut a: Association) -> Resu
         user_data: Bytes::from_static(b"gen-c"),
         ..Default::default()
     })?;
-    let generation_c = a.stream(1)?.read()?.expect("generation C SSN 1 should follow its abandoned SSN 0");
+    let generation_c = a
+        .stream(1)?
+        .read()?
+        .expect("generation C SSN 1 should follow its abandoned SSN 0");
     let mut payload = [0; 5];
     assert_eq!(generation_c.read(&mut payload)?, payload.len());
     assert_eq!(&payload, b"gen-c");
@@ -1574,7 +1830,10 @@ fn test_successor_forward_tsn_can_reuse_reset_ssn() -> Result<()> {
     for new_cumulative_tsn in [2, 3] {
         a.handle_forward_tsn(&ChunkForwardTsn {
             new_cumulative_tsn,
-            streams: vec![ChunkForwardTsnStream { identifier: 1, sequence: 0 }],
+            streams: vec![ChunkForwardTsnStream {
+                identifier: 1,
+                sequence: 0,
+            }],
         })?;
     }
     assert_successor_ssn_one_after_reused_forward_ssn(a)
@@ -1586,7 +1845,11 @@ fn test_successor_i_forward_tsn_can_reuse_reset_mid() -> Result<()> {
     for new_cumulative_tsn in [2, 3] {
         a.handle_i_forward_tsn(&ChunkIForwardTsn {
             new_cumulative_tsn,
-            streams: vec![ChunkIForwardTsnStream { identifier: 1, unordered: false, mid: 0 }],
+            streams: vec![ChunkIForwardTsnStream {
+                identifier: 1,
+                unordered: false,
+                mid: 0,
+            }],
         })?;
     }
     assert_successor_ssn_one_after_reused_forward_ssn(a)
@@ -1598,7 +1861,10 @@ fn test_repeated_old_forward_tsn_does_not_skip_later_successor_ssn() -> Result<(
     for new_cumulative_tsn in [2, 3] {
         a.handle_forward_tsn(&ChunkForwardTsn {
             new_cumulative_tsn,
-            streams: vec![ChunkForwardTsnStream { identifier: 1, sequence: 1 }],
+            streams: vec![ChunkForwardTsnStream {
+                identifier: 1,
+                sequence: 1,
+            }],
         })?;
     }
 
@@ -1616,7 +1882,10 @@ fn test_repeated_old_forward_tsn_does_not_skip_later_successor_ssn() -> Result<(
             user_data: Bytes::copy_from_slice(bytes),
             ..Default::default()
         })?;
-        let message = a.stream(1)?.read()?.expect("an old-generation repeat must not skip a live successor SSN");
+        let message = a
+            .stream(1)?
+            .read()?
+            .expect("an old-generation repeat must not skip a live successor SSN");
         let mut payload = [0; 4];
         assert_eq!(message.read(&mut payload)?, bytes.len());
         assert_eq!(&payload[..bytes.len()], bytes);
@@ -1629,7 +1898,10 @@ fn test_repeated_old_forward_tsn_preserves_partial_successor_above_cumulative() 
     let mut a = association_with_queued_second_reset()?;
     a.handle_forward_tsn(&ChunkForwardTsn {
         new_cumulative_tsn: 2,
-        streams: vec![ChunkForwardTsnStream { identifier: 1, sequence: 0 }],
+        streams: vec![ChunkForwardTsnStream {
+            identifier: 1,
+            sequence: 0,
+        }],
     })?;
     a.handle_data(&ChunkPayloadData {
         tsn: 4,
@@ -1645,7 +1917,10 @@ fn test_repeated_old_forward_tsn_preserves_partial_successor_above_cumulative() 
     // not discard generation C's fragment at TSN 4.
     a.handle_forward_tsn(&ChunkForwardTsn {
         new_cumulative_tsn: 3,
-        streams: vec![ChunkForwardTsnStream { identifier: 1, sequence: 0 }],
+        streams: vec![ChunkForwardTsnStream {
+            identifier: 1,
+            sequence: 0,
+        }],
     })?;
 
     let old = a.stream(1)?.read()?.unwrap();
@@ -1661,7 +1936,10 @@ fn test_repeated_old_forward_tsn_preserves_partial_successor_above_cumulative() 
         ..Default::default()
     })?;
 
-    let message = a.stream(1)?.read()?.expect("the successor fragments should still reassemble");
+    let message = a
+        .stream(1)?
+        .read()?
+        .expect("the successor fragments should still reassemble");
     let mut payload = [0; 9];
     assert_eq!(message.read(&mut payload)?, payload.len());
     assert_eq!(&payload, b"live-data");
@@ -1704,7 +1982,10 @@ fn test_deferred_forward_tsn_discards_partial_missing_pre_cumulative_tsn() -> Re
     }
     a.handle_forward_tsn(&ChunkForwardTsn {
         new_cumulative_tsn: 2,
-        streams: vec![ChunkForwardTsnStream { identifier: 1, sequence: 0 }],
+        streams: vec![ChunkForwardTsnStream {
+            identifier: 1,
+            sequence: 0,
+        }],
     })?;
 
     assert_eq!(
@@ -1716,7 +1997,10 @@ fn test_deferred_forward_tsn_discards_partial_missing_pre_cumulative_tsn() -> Re
     let mut payload = [0; 3];
     assert_eq!(old.read(&mut payload)?, payload.len());
 
-    let next = a.stream(1)?.read()?.expect("discarding abandoned SSN 0 must unblock complete SSN 1");
+    let next = a
+        .stream(1)?
+        .read()?
+        .expect("discarding abandoned SSN 0 must unblock complete SSN 1");
     let mut payload = [0; 4];
     assert_eq!(next.read(&mut payload)?, payload.len());
     assert_eq!(&payload, b"next");
@@ -1729,7 +2013,10 @@ fn test_reordered_successor_waits_before_consuming_old_forward_tsn() -> Result<(
     for new_cumulative_tsn in [2, 3] {
         a.handle_forward_tsn(&ChunkForwardTsn {
             new_cumulative_tsn,
-            streams: vec![ChunkForwardTsnStream { identifier: 1, sequence: 0 }],
+            streams: vec![ChunkForwardTsnStream {
+                identifier: 1,
+                sequence: 0,
+            }],
         })?;
     }
     a.handle_data(&ChunkPayloadData {
@@ -1745,7 +2032,10 @@ fn test_reordered_successor_waits_before_consuming_old_forward_tsn() -> Result<(
     let old = a.stream(1)?.read()?.unwrap();
     let mut payload = [0; 3];
     assert_eq!(old.read(&mut payload)?, payload.len());
-    assert!(a.stream(1)?.read()?.is_none(), "SSN 1 must wait while SSN 0's post-FWD TSN is still missing");
+    assert!(
+        a.stream(1)?.read()?.is_none(),
+        "SSN 1 must wait while SSN 0's post-FWD TSN is still missing"
+    );
 
     a.handle_data(&ChunkPayloadData {
         tsn: 4,
@@ -1757,7 +2047,10 @@ fn test_reordered_successor_waits_before_consuming_old_forward_tsn() -> Result<(
         ..Default::default()
     })?;
     for expected in [b"zero".as_slice(), b"one".as_slice()] {
-        let message = a.stream(1)?.read()?.expect("successor messages should become readable in SSN order");
+        let message = a
+            .stream(1)?
+            .read()?
+            .expect("successor messages should become readable in SSN order");
         let mut payload = [0; 4];
         assert_eq!(message.read(&mut payload)?, expected.len());
         assert_eq!(&payload[..expected.len()], expected);
@@ -1771,7 +2064,10 @@ fn test_reordered_successor_waits_before_consuming_repeated_old_forward_tsn() ->
     for new_cumulative_tsn in [2, 3] {
         a.handle_forward_tsn(&ChunkForwardTsn {
             new_cumulative_tsn,
-            streams: vec![ChunkForwardTsnStream { identifier: 1, sequence: 1 }],
+            streams: vec![ChunkForwardTsnStream {
+                identifier: 1,
+                sequence: 1,
+            }],
         })?;
     }
     a.handle_data(&ChunkPayloadData {
@@ -1787,7 +2083,10 @@ fn test_reordered_successor_waits_before_consuming_repeated_old_forward_tsn() ->
     let old = a.stream(1)?.read()?.unwrap();
     let mut payload = [0; 3];
     assert_eq!(old.read(&mut payload)?, payload.len());
-    assert!(a.stream(1)?.read()?.is_none(), "SSN 1 must wait while SSN 0's post-FWD TSN is still missing");
+    assert!(
+        a.stream(1)?.read()?.is_none(),
+        "SSN 1 must wait while SSN 0's post-FWD TSN is still missing"
+    );
 
     a.handle_data(&ChunkPayloadData {
         tsn: 4,
@@ -1799,7 +2098,10 @@ fn test_reordered_successor_waits_before_consuming_repeated_old_forward_tsn() ->
         ..Default::default()
     })?;
     for expected in [b"zero".as_slice(), b"one".as_slice()] {
-        let message = a.stream(1)?.read()?.expect("successor messages should become readable in SSN order");
+        let message = a
+            .stream(1)?
+            .read()?
+            .expect("successor messages should become readable in SSN order");
         let mut payload = [0; 4];
         assert_eq!(message.read(&mut payload)?, expected.len());
         assert_eq!(&payload[..expected.len()], expected);
@@ -1812,7 +2114,10 @@ fn test_successor_forward_tsn_releases_covered_out_of_order_message() -> Result<
     let mut a = association_with_queued_second_reset()?;
     a.handle_forward_tsn(&ChunkForwardTsn {
         new_cumulative_tsn: 2,
-        streams: vec![ChunkForwardTsnStream { identifier: 1, sequence: 0 }],
+        streams: vec![ChunkForwardTsnStream {
+            identifier: 1,
+            sequence: 0,
+        }],
     })?;
     a.handle_data(&ChunkPayloadData {
         tsn: 5,
@@ -1828,14 +2133,20 @@ fn test_successor_forward_tsn_releases_covered_out_of_order_message() -> Result<
     // abandons both missing SSN 0 and the already-complete SSN 1.
     a.handle_forward_tsn(&ChunkForwardTsn {
         new_cumulative_tsn: 5,
-        streams: vec![ChunkForwardTsnStream { identifier: 1, sequence: 1 }],
+        streams: vec![ChunkForwardTsnStream {
+            identifier: 1,
+            sequence: 1,
+        }],
     })?;
 
     let old = a.stream(1)?.read()?.unwrap();
     let mut payload = [0; 3];
     assert_eq!(old.read(&mut payload)?, payload.len());
 
-    let successor = a.stream(1)?.read()?.expect("the successor skip must release the complete covered message");
+    let successor = a
+        .stream(1)?
+        .read()?
+        .expect("the successor skip must release the complete covered message");
     let mut payload = [0; 3];
     assert_eq!(successor.read(&mut payload)?, payload.len());
     assert_eq!(&payload, b"one");
@@ -1847,7 +2158,10 @@ fn test_cross_generation_forward_tsn_does_not_skip_uncovered_successor_ssn() -> 
     let mut a = association_with_queued_second_reset()?;
     a.handle_forward_tsn(&ChunkForwardTsn {
         new_cumulative_tsn: 2,
-        streams: vec![ChunkForwardTsnStream { identifier: 1, sequence: 1 }],
+        streams: vec![ChunkForwardTsnStream {
+            identifier: 1,
+            sequence: 1,
+        }],
     })?;
     a.handle_data(&ChunkPayloadData {
         tsn: 4,
@@ -1863,7 +2177,10 @@ fn test_cross_generation_forward_tsn_does_not_skip_uncovered_successor_ssn() -> 
     // 0. The old maximum SSN must not also skip successor SSN 1.
     a.handle_forward_tsn(&ChunkForwardTsn {
         new_cumulative_tsn: 4,
-        streams: vec![ChunkForwardTsnStream { identifier: 1, sequence: 1 }],
+        streams: vec![ChunkForwardTsnStream {
+            identifier: 1,
+            sequence: 1,
+        }],
     })?;
 
     let old = a.stream(1)?.read()?.unwrap();
@@ -1883,7 +2200,10 @@ fn test_cross_generation_forward_tsn_does_not_skip_uncovered_successor_ssn() -> 
         user_data: Bytes::from_static(b"one"),
         ..Default::default()
     })?;
-    let one = a.stream(1)?.read()?.expect("the successor SSN outside the covered TSN range must remain live");
+    let one = a
+        .stream(1)?
+        .read()?
+        .expect("the successor SSN outside the covered TSN range must remain live");
     let mut payload = [0; 3];
     assert_eq!(one.read(&mut payload)?, payload.len());
     assert_eq!(&payload, b"one");
@@ -1895,7 +2215,10 @@ fn test_successor_forward_tsn_releases_covered_message_before_lost_tail() -> Res
     let mut a = association_with_queued_second_reset()?;
     a.handle_forward_tsn(&ChunkForwardTsn {
         new_cumulative_tsn: 2,
-        streams: vec![ChunkForwardTsnStream { identifier: 1, sequence: 0 }],
+        streams: vec![ChunkForwardTsnStream {
+            identifier: 1,
+            sequence: 0,
+        }],
     })?;
     a.handle_data(&ChunkPayloadData {
         tsn: 4,
@@ -1911,13 +2234,19 @@ fn test_successor_forward_tsn_releases_covered_message_before_lost_tail() -> Res
     // complete covered SSN 1 can be released before SSN 2 is observed.
     a.handle_forward_tsn(&ChunkForwardTsn {
         new_cumulative_tsn: 5,
-        streams: vec![ChunkForwardTsnStream { identifier: 1, sequence: 2 }],
+        streams: vec![ChunkForwardTsnStream {
+            identifier: 1,
+            sequence: 2,
+        }],
     })?;
 
     let old = a.stream(1)?.read()?.unwrap();
     let mut payload = [0; 3];
     assert_eq!(old.read(&mut payload)?, payload.len());
-    let one = a.stream(1)?.read()?.expect("covered successor data must not wait for the lost final SSN");
+    let one = a
+        .stream(1)?
+        .read()?
+        .expect("covered successor data must not wait for the lost final SSN");
     let mut payload = [0; 3];
     assert_eq!(one.read(&mut payload)?, payload.len());
     assert_eq!(&payload, b"one");
@@ -1929,11 +2258,17 @@ fn test_resolved_successor_prefix_releases_message_before_stale_tail() -> Result
     let mut a = association_with_queued_second_reset()?;
     a.handle_forward_tsn(&ChunkForwardTsn {
         new_cumulative_tsn: 2,
-        streams: vec![ChunkForwardTsnStream { identifier: 1, sequence: 2 }],
+        streams: vec![ChunkForwardTsnStream {
+            identifier: 1,
+            sequence: 2,
+        }],
     })?;
     a.handle_forward_tsn(&ChunkForwardTsn {
         new_cumulative_tsn: 3,
-        streams: vec![ChunkForwardTsnStream { identifier: 1, sequence: 2 }],
+        streams: vec![ChunkForwardTsnStream {
+            identifier: 1,
+            sequence: 2,
+        }],
     })?;
     a.handle_data(&ChunkPayloadData {
         tsn: 4,
@@ -1948,7 +2283,10 @@ fn test_resolved_successor_prefix_releases_message_before_stale_tail() -> Result
     let old = a.stream(1)?.read()?.unwrap();
     let mut payload = [0; 3];
     assert_eq!(old.read(&mut payload)?, payload.len());
-    let one = a.stream(1)?.read()?.expect("resolved successor data must not wait for the stale old tail");
+    let one = a
+        .stream(1)?
+        .read()?
+        .expect("resolved successor data must not wait for the stale old tail");
     let mut payload = [0; 3];
     assert_eq!(one.read(&mut payload)?, payload.len());
     assert_eq!(&payload, b"one");
@@ -1960,7 +2298,10 @@ fn assert_covered_partial_after_unaffected_anchor_is_discarded(last_ssn: u16) ->
     for new_cumulative_tsn in [2, 3] {
         a.handle_forward_tsn(&ChunkForwardTsn {
             new_cumulative_tsn,
-            streams: vec![ChunkForwardTsnStream { identifier: 1, sequence: last_ssn }],
+            streams: vec![ChunkForwardTsnStream {
+                identifier: 1,
+                sequence: last_ssn,
+            }],
         })?;
     }
     for chunk in [
@@ -2032,7 +2373,10 @@ fn test_drained_generation_discards_retained_forward_suffix() -> Result<()> {
     })?;
     a.handle_forward_tsn(&ChunkForwardTsn {
         new_cumulative_tsn: 5,
-        streams: vec![ChunkForwardTsnStream { identifier: 1, sequence: 2 }],
+        streams: vec![ChunkForwardTsnStream {
+            identifier: 1,
+            sequence: 2,
+        }],
     })?;
 
     let old = a.stream(1)?.read()?.unwrap();
@@ -2043,9 +2387,11 @@ fn test_drained_generation_discards_retained_forward_suffix() -> Result<()> {
     assert_eq!(one.read(&mut payload)?, payload.len());
     assert_eq!(&payload, b"one");
     assert!(
-        a.deferred_forward_tsns
-            .get(&1)
-            .is_none_or(|updates| { updates.iter().all(|update| update.generation_boundary != Some(5)) }),
+        a.deferred_forward_tsns.get(&1).is_none_or(|updates| {
+            updates
+                .iter()
+                .all(|update| update.generation_boundary != Some(5))
+        }),
         "a drained reset generation must discard its retained ambiguous suffix"
     );
     Ok(())
@@ -2056,7 +2402,10 @@ fn test_first_reset_discards_retained_tail_forward_suffix() -> Result<()> {
     let mut a = association_with_queued_second_reset()?;
     a.handle_forward_tsn(&ChunkForwardTsn {
         new_cumulative_tsn: 2,
-        streams: vec![ChunkForwardTsnStream { identifier: 1, sequence: 0 }],
+        streams: vec![ChunkForwardTsnStream {
+            identifier: 1,
+            sequence: 0,
+        }],
     })?;
     a.handle_data(&ChunkPayloadData {
         tsn: 4,
@@ -2069,7 +2418,10 @@ fn test_first_reset_discards_retained_tail_forward_suffix() -> Result<()> {
     })?;
     a.handle_forward_tsn(&ChunkForwardTsn {
         new_cumulative_tsn: 5,
-        streams: vec![ChunkForwardTsnStream { identifier: 1, sequence: 2 }],
+        streams: vec![ChunkForwardTsnStream {
+            identifier: 1,
+            sequence: 2,
+        }],
     })?;
 
     let old = a.stream(1)?.read()?.unwrap();
@@ -2079,7 +2431,11 @@ fn test_first_reset_discards_retained_tail_forward_suffix() -> Result<()> {
     let mut payload = [0; 3];
     assert_eq!(one.read(&mut payload)?, payload.len());
     assert_eq!(&payload, b"one");
-    assert!(a.deferred_forward_tsns[&1].iter().any(|update| update.generation_boundary.is_none()));
+    assert!(
+        a.deferred_forward_tsns[&1]
+            .iter()
+            .any(|update| update.generation_boundary.is_none())
+    );
 
     let reset: Box<dyn Param + Send + Sync> = Box::new(ParamOutgoingResetRequest {
         reconfig_request_sequence_number: 9,
@@ -2100,7 +2456,11 @@ fn test_i_forward_tsn_skip_is_scoped_to_queued_reset_generation() -> Result<()> 
     let mut a = association_with_queued_second_reset()?;
     a.handle_i_forward_tsn(&ChunkIForwardTsn {
         new_cumulative_tsn: 3,
-        streams: vec![ChunkIForwardTsnStream { identifier: 1, unordered: false, mid: 0 }],
+        streams: vec![ChunkIForwardTsnStream {
+            identifier: 1,
+            unordered: false,
+            mid: 0,
+        }],
     })?;
     assert_generation_c_ssn_zero_is_readable(a)
 }
@@ -2140,7 +2500,10 @@ fn test_later_reset_claims_tail_forward_tsn_generation() -> Result<()> {
     let mut a = association_with_retiring_boundary_data()?;
     a.handle_forward_tsn(&ChunkForwardTsn {
         new_cumulative_tsn: 2,
-        streams: vec![ChunkForwardTsnStream { identifier: 1, sequence: 0 }],
+        streams: vec![ChunkForwardTsnStream {
+            identifier: 1,
+            sequence: 0,
+        }],
     })?;
     assert_later_reset_claims_tail_forward_tsn(a)
 }
@@ -2150,7 +2513,11 @@ fn test_later_reset_claims_tail_i_forward_tsn_generation() -> Result<()> {
     let mut a = association_with_retiring_boundary_data()?;
     a.handle_i_forward_tsn(&ChunkIForwardTsn {
         new_cumulative_tsn: 2,
-        streams: vec![ChunkIForwardTsnStream { identifier: 1, unordered: false, mid: 0 }],
+        streams: vec![ChunkIForwardTsnStream {
+            identifier: 1,
+            unordered: false,
+            mid: 0,
+        }],
     })?;
     assert_later_reset_claims_tail_forward_tsn(a)
 }
@@ -2190,7 +2557,10 @@ fn test_forward_tsn_preserves_complete_deferred_message() -> Result<()> {
         // abandoned. RFC 3758 requires the stranded complete message to be
         // made available when the skip advances the ordered stream.
         new_cumulative_tsn: 3,
-        streams: vec![ChunkForwardTsnStream { identifier: 1, sequence: 1 }],
+        streams: vec![ChunkForwardTsnStream {
+            identifier: 1,
+            sequence: 1,
+        }],
     })?;
     assert_received_message_survives_forward_tsn(a)
 }
@@ -2216,7 +2586,10 @@ fn test_forward_tsn_preserves_out_of_order_complete_deferred_message() -> Result
     // that this receiver already holds for the successor generation.
     a.handle_forward_tsn(&ChunkForwardTsn {
         new_cumulative_tsn: 3,
-        streams: vec![ChunkForwardTsnStream { identifier: 1, sequence: 0 }],
+        streams: vec![ChunkForwardTsnStream {
+            identifier: 1,
+            sequence: 0,
+        }],
     })?;
 
     assert_received_message_survives_forward_tsn(a)
@@ -2227,7 +2600,11 @@ fn test_i_forward_tsn_preserves_complete_deferred_message() -> Result<()> {
     let mut a = association_with_complete_deferred_successor()?;
     a.handle_i_forward_tsn(&ChunkIForwardTsn {
         new_cumulative_tsn: 3,
-        streams: vec![ChunkIForwardTsnStream { identifier: 1, unordered: false, mid: 1 }],
+        streams: vec![ChunkIForwardTsnStream {
+            identifier: 1,
+            unordered: false,
+            mid: 1,
+        }],
     })?;
     assert_received_message_survives_forward_tsn(a)
 }
@@ -2254,7 +2631,10 @@ fn assert_abandoned_unordered_fragment_is_discarded(mut a: Association) -> Resul
     assert_eq!(&payload, b"old");
 
     assert_eq!(
-        a.streams.get(&1).map(StreamState::get_num_bytes_in_reassembly_queue).unwrap_or_default(),
+        a.streams
+            .get(&1)
+            .map(StreamState::get_num_bytes_in_reassembly_queue)
+            .unwrap_or_default(),
         0,
         "an abandoned partial unordered message must not survive replay"
     );
@@ -2265,7 +2645,10 @@ fn assert_abandoned_unordered_fragment_is_discarded(mut a: Association) -> Resul
 #[test]
 fn test_forward_tsn_discards_deferred_unordered_fragment() -> Result<()> {
     let mut a = association_with_deferred_unordered_fragment()?;
-    a.handle_forward_tsn(&ChunkForwardTsn { new_cumulative_tsn: 3, streams: vec![] })?;
+    a.handle_forward_tsn(&ChunkForwardTsn {
+        new_cumulative_tsn: 3,
+        streams: vec![],
+    })?;
     assert_abandoned_unordered_fragment_is_discarded(a)
 }
 
@@ -2274,7 +2657,11 @@ fn test_i_forward_tsn_discards_deferred_unordered_fragment() -> Result<()> {
     let mut a = association_with_deferred_unordered_fragment()?;
     a.handle_i_forward_tsn(&ChunkIForwardTsn {
         new_cumulative_tsn: 3,
-        streams: vec![ChunkIForwardTsnStream { identifier: 1, unordered: true, mid: 0 }],
+        streams: vec![ChunkIForwardTsnStream {
+            identifier: 1,
+            unordered: true,
+            mid: 0,
+        }],
     })?;
     assert_abandoned_unordered_fragment_is_discarded(a)
 }
@@ -2282,9 +2669,16 @@ fn test_i_forward_tsn_discards_deferred_unordered_fragment() -> Result<()> {
 #[test]
 fn test_forward_tsn_releases_abandoned_deferred_fragment_credit_immediately() -> Result<()> {
     let mut a = association_with_deferred_unordered_fragment()?;
-    let old_generation_bytes = a.streams.get(&1).unwrap().get_num_bytes_in_reassembly_queue() as u32;
+    let old_generation_bytes = a
+        .streams
+        .get(&1)
+        .unwrap()
+        .get_num_bytes_in_reassembly_queue() as u32;
 
-    a.handle_forward_tsn(&ChunkForwardTsn { new_cumulative_tsn: 3, streams: vec![] })?;
+    a.handle_forward_tsn(&ChunkForwardTsn {
+        new_cumulative_tsn: 3,
+        streams: vec![],
+    })?;
 
     assert_eq!(
         a.get_my_receiver_window_credit(),
@@ -2300,14 +2694,26 @@ fn test_deferred_unordered_forward_tsn_updates_are_coalesced() -> Result<()> {
     a.streams.get_mut(&1).unwrap().unordered = true;
 
     for new_cumulative_tsn in 2..=9 {
-        a.handle_forward_tsn(&ChunkForwardTsn { new_cumulative_tsn, streams: vec![] })?;
+        a.handle_forward_tsn(&ChunkForwardTsn {
+            new_cumulative_tsn,
+            streams: vec![],
+        })?;
     }
 
     let updates = a.deferred_forward_tsns.get(&1).unwrap();
-    assert_eq!(updates.len(), 1, "newer unordered cumulative TSNs supersede older updates for the same generation");
+    assert_eq!(
+        updates.len(),
+        1,
+        "newer unordered cumulative TSNs supersede older updates for the same generation"
+    );
     assert!(matches!(
         updates.front(),
-        Some(DeferredForwardTsn { kind: DeferredForwardTsnKind::Unordered { new_cumulative_tsn: 9 }, .. })
+        Some(DeferredForwardTsn {
+            kind: DeferredForwardTsnKind::Unordered {
+                new_cumulative_tsn: 9
+            },
+            ..
+        })
     ));
     Ok(())
 }
@@ -2318,17 +2724,25 @@ fn test_deferred_tail_ordered_forward_tsn_duplicates_are_coalesced() -> Result<(
     for new_cumulative_tsn in 2..=9 {
         a.handle_forward_tsn(&ChunkForwardTsn {
             new_cumulative_tsn,
-            streams: vec![ChunkForwardTsnStream { identifier: 1, sequence: 0 }],
+            streams: vec![ChunkForwardTsnStream {
+                identifier: 1,
+                sequence: 0,
+            }],
         })?;
     }
 
     let ordered: Vec<_> = a.deferred_forward_tsns[&1]
         .iter()
         .filter(|update| {
-            update.generation_boundary.is_none() && matches!(update.kind, DeferredForwardTsnKind::Ordered { .. })
+            update.generation_boundary.is_none()
+                && matches!(update.kind, DeferredForwardTsnKind::Ordered { .. })
         })
         .collect();
-    assert_eq!(ordered.len(), 1, "lost-SACK repeats for an ambiguous tail SSN should coalesce");
+    assert_eq!(
+        ordered.len(),
+        1,
+        "lost-SACK repeats for an ambiguous tail SSN should coalesce"
+    );
     Ok(())
 }
 
@@ -2346,28 +2760,43 @@ fn test_deferred_bounded_ordered_forward_tsn_updates_are_coalesced() -> Result<(
     for new_cumulative_tsn in 2..=9 {
         a.handle_forward_tsn(&ChunkForwardTsn {
             new_cumulative_tsn,
-            streams: vec![ChunkForwardTsnStream { identifier: 1, sequence: (new_cumulative_tsn - 2) as u16 }],
+            streams: vec![ChunkForwardTsnStream {
+                identifier: 1,
+                sequence: (new_cumulative_tsn - 2) as u16,
+            }],
         })?;
     }
 
     let ordered: Vec<_> = a.deferred_forward_tsns[&1]
         .iter()
         .filter(|update| {
-            update.generation_boundary == Some(10) && matches!(update.kind, DeferredForwardTsnKind::Ordered { .. })
+            update.generation_boundary == Some(10)
+                && matches!(update.kind, DeferredForwardTsnKind::Ordered { .. })
         })
         .collect();
-    assert_eq!(ordered.len(), 1, "a newer ordered skip supersedes older skips for the same reset boundary");
-    assert!(matches!(ordered[0].kind, DeferredForwardTsnKind::Ordered { last_ssn: 7, .. }));
+    assert_eq!(
+        ordered.len(),
+        1,
+        "a newer ordered skip supersedes older skips for the same reset boundary"
+    );
+    assert!(matches!(
+        ordered[0].kind,
+        DeferredForwardTsnKind::Ordered { last_ssn: 7, .. }
+    ));
     Ok(())
 }
 
 #[test]
 fn test_unread_retiring_stream_does_not_block_unrelated_events() -> Result<()> {
     let mut a = association_with_retiring_boundary_data()?;
-    assert!(a.create_stream(2, false, PayloadProtocolIdentifier::Binary).is_some());
+    assert!(
+        a.create_stream(2, false, PayloadProtocolIdentifier::Binary)
+            .is_some()
+    );
 
     assert!(
-        core::iter::from_fn(|| a.poll()).any(|event| matches!(event, Event::Stream(StreamEvent::Readable { id: 1 })))
+        core::iter::from_fn(|| a.poll())
+            .any(|event| matches!(event, Event::Stream(StreamEvent::Readable { id: 1 })))
     );
     assert!(a.poll().is_none(), "stream 1 Finished should still wait");
 
@@ -2382,7 +2811,10 @@ fn test_unread_retiring_stream_does_not_block_unrelated_events() -> Result<()> {
     })?;
 
     assert!(matches!(a.poll(), Some(Event::DatagramReceived)));
-    assert!(matches!(a.poll(), Some(Event::Stream(StreamEvent::Readable { id: 2 }))));
+    assert!(matches!(
+        a.poll(),
+        Some(Event::Stream(StreamEvent::Readable { id: 2 }))
+    ));
     Ok(())
 }
 
@@ -2390,24 +2822,35 @@ fn test_unread_retiring_stream_does_not_block_unrelated_events() -> Result<()> {
 fn test_stop_discards_unread_retiring_data_and_unblocks_finished() -> Result<()> {
     let mut a = association_with_retiring_boundary_data()?;
     assert!(
-        core::iter::from_fn(|| a.poll()).any(|event| matches!(event, Event::Stream(StreamEvent::Readable { id: 1 })))
+        core::iter::from_fn(|| a.poll())
+            .any(|event| matches!(event, Event::Stream(StreamEvent::Readable { id: 1 })))
     );
     assert!(a.poll().is_none(), "Finished should wait for old DATA");
 
     a.stream(1)?.stop()?;
-    assert!(matches!(a.poll(), Some(Event::Stream(StreamEvent::Finished { id: 1 }))));
+    assert!(matches!(
+        a.poll(),
+        Some(Event::Stream(StreamEvent::Finished { id: 1 }))
+    ));
     Ok(())
 }
 
 #[test]
 fn test_stop_during_retirement_does_not_queue_duplicate_reset() -> Result<()> {
     let mut a = association_with_retiring_boundary_data()?;
-    assert_eq!(a.reconfigs.len(), 1, "peer reset should queue one reciprocal");
+    assert_eq!(
+        a.reconfigs.len(),
+        1,
+        "peer reset should queue one reciprocal"
+    );
     assert!(a.pending_reset_streams.is_empty());
 
     a.stream(1)?.stop()?;
 
-    assert!(a.pending_reset_streams.is_empty(), "the reciprocal already resets this outgoing stream");
+    assert!(
+        a.pending_reset_streams.is_empty(),
+        "the reciprocal already resets this outgoing stream"
+    );
     assert_eq!(a.reconfigs.len(), 1);
     Ok(())
 }
@@ -2428,7 +2871,10 @@ fn assert_shutdown_during_retirement_allows_reuse(close: bool) -> Result<()> {
     });
     a.handle_reconfig_param(&response, &mut vec![])?;
 
-    assert!(!a.streams.contains_key(&1), "a completed reciprocal reset must remove the locally shut down stream");
+    assert!(
+        !a.streams.contains_key(&1),
+        "a completed reciprocal reset must remove the locally shut down stream"
+    );
     assert!(
         a.open_stream(1, PayloadProtocolIdentifier::Binary).is_ok(),
         "ResetComplete must make the retired stream id reusable"
@@ -2523,7 +2969,10 @@ fn test_stop_discards_deferred_successor_bytes_and_notifications() -> Result<()>
     a.stream(1)?.stop()?;
 
     assert_eq!(
-        a.streams.get(&1).unwrap().get_num_bytes_in_reassembly_queue(),
+        a.streams
+            .get(&1)
+            .unwrap()
+            .get_num_bytes_in_reassembly_queue(),
         0,
         "stop must not strand bytes in a write-only successor"
     );
@@ -2599,7 +3048,10 @@ fn test_duplicate_stream_ids_retire_only_one_generation() -> Result<()> {
         max_payload_size: 1200,
         ..Default::default()
     };
-    assert!(a.create_stream(stream_id, false, PayloadProtocolIdentifier::Binary).is_some());
+    assert!(
+        a.create_stream(stream_id, false, PayloadProtocolIdentifier::Binary)
+            .is_some()
+    );
     a.handle_data(&ChunkPayloadData {
         tsn: 1,
         stream_identifier: stream_id,
@@ -2620,7 +3072,13 @@ fn test_duplicate_stream_ids_retire_only_one_generation() -> Result<()> {
 
     assert_eq!(a.retiring_streams.get(&stream_id).unwrap().len(), 1);
     assert_eq!(a.pending_reset_completions.0.get(&stream_id), Some(&1));
-    assert_eq!(a.reconfigs.values().flat_map(Association::reconfig_stream_ids).collect::<Vec<_>>(), vec![stream_id]);
+    assert_eq!(
+        a.reconfigs
+            .values()
+            .flat_map(Association::reconfig_stream_ids)
+            .collect::<Vec<_>>(),
+        vec![stream_id]
+    );
     Ok(())
 }
 
@@ -2650,7 +3108,10 @@ fn test_reconfig_rejects_two_outgoing_resets_without_mutation() -> Result<()> {
 
     assert!(result.is_err(), "two Outgoing Reset parameters are invalid");
     assert_eq!(a.retiring_streams.get(&1).unwrap().len(), boundaries_before);
-    assert_eq!(a.pending_reset_completions.0.get(&1).copied(), completions_before);
+    assert_eq!(
+        a.pending_reset_completions.0.get(&1).copied(),
+        completions_before
+    );
     assert_eq!(a.reconfigs.len(), reconfigs_before);
     Ok(())
 }
@@ -2668,7 +3129,10 @@ fn test_stop_before_reset_boundary_does_not_leave_finished_blocked() -> Result<(
         ..Default::default()
     };
     for id in [stream_id, 2] {
-        assert!(a.create_stream(id, false, PayloadProtocolIdentifier::Binary).is_some());
+        assert!(
+            a.create_stream(id, false, PayloadProtocolIdentifier::Binary)
+                .is_some()
+        );
     }
 
     // TSN 2 is readable but cannot advance the cumulative point past missing
@@ -2747,7 +3211,10 @@ fn test_future_peer_reconfig_sequence_is_rejected() -> Result<()> {
         my_next_tsn: 1,
         ..Default::default()
     };
-    assert!(a.create_stream(stream_id, false, PayloadProtocolIdentifier::Binary).is_some());
+    assert!(
+        a.create_stream(stream_id, false, PayloadProtocolIdentifier::Binary)
+            .is_some()
+    );
 
     let future: Box<dyn Param + Send + Sync> = Box::new(ParamOutgoingResetRequest {
         reconfig_request_sequence_number: 42,
@@ -2758,7 +3225,10 @@ fn test_future_peer_reconfig_sequence_is_rejected() -> Result<()> {
     let mut reply = vec![];
     a.handle_reconfig_param(&future, &mut reply)?;
 
-    assert_eq!(reconfig_response_result(&reply, 42), Some(ReconfigResult::ErrorBadSequenceNumber));
+    assert_eq!(
+        reconfig_response_result(&reply, 42),
+        Some(ReconfigResult::ErrorBadSequenceNumber)
+    );
     assert_eq!(a.peer_last_reconfig_rsn, 40);
     assert!(a.max_completed_reconfig_rsn.is_none());
     assert!(a.streams.contains_key(&stream_id));
@@ -2785,7 +3255,10 @@ fn test_peer_reconfig_sequence_accepts_wrap_to_zero() -> Result<()> {
         my_next_tsn: 1,
         ..Default::default()
     };
-    assert!(a.create_stream(stream_id, false, PayloadProtocolIdentifier::Binary).is_some());
+    assert!(
+        a.create_stream(stream_id, false, PayloadProtocolIdentifier::Binary)
+            .is_some()
+    );
 
     let request: Box<dyn Param + Send + Sync> = Box::new(ParamOutgoingResetRequest {
         reconfig_request_sequence_number: 0,
@@ -2796,7 +3269,10 @@ fn test_peer_reconfig_sequence_accepts_wrap_to_zero() -> Result<()> {
     let mut reply = vec![];
     a.handle_reconfig_param(&request, &mut reply)?;
 
-    assert_ne!(reconfig_response_result(&reply, 0), Some(ReconfigResult::ErrorBadSequenceNumber));
+    assert_ne!(
+        reconfig_response_result(&reply, 0),
+        Some(ReconfigResult::ErrorBadSequenceNumber)
+    );
     assert_eq!(a.peer_last_reconfig_rsn, 0);
     assert_eq!(a.max_completed_reconfig_rsn, Some(0));
     assert!(!a.streams.contains_key(&stream_id));
@@ -2805,9 +3281,15 @@ fn test_peer_reconfig_sequence_accepts_wrap_to_zero() -> Result<()> {
 
 #[test]
 fn test_empty_reset_stream_list_resets_all_streams() -> Result<()> {
-    let mut a = Association { my_next_tsn: 1, ..Default::default() };
+    let mut a = Association {
+        my_next_tsn: 1,
+        ..Default::default()
+    };
     for stream_id in [1, 2] {
-        assert!(a.create_stream(stream_id, false, PayloadProtocolIdentifier::Binary).is_some());
+        assert!(
+            a.create_stream(stream_id, false, PayloadProtocolIdentifier::Binary)
+                .is_some()
+        );
     }
 
     let request: Box<dyn Param + Send + Sync> = Box::new(ParamOutgoingResetRequest {
@@ -2819,10 +3301,26 @@ fn test_empty_reset_stream_list_resets_all_streams() -> Result<()> {
     let mut reply = vec![];
     a.handle_reconfig_param(&request, &mut reply)?;
 
-    assert!(a.streams.is_empty(), "an omitted stream list means all streams");
-    let reciprocal_ids = a.reconfigs.values().next().map(Association::reconfig_stream_ids).unwrap_or_default();
-    assert!(reciprocal_ids.is_empty(), "reset-all must remain compact on the wire");
-    let mut completion_ids = a.reconfig_reset_streams.values().next().cloned().unwrap_or_default();
+    assert!(
+        a.streams.is_empty(),
+        "an omitted stream list means all streams"
+    );
+    let reciprocal_ids = a
+        .reconfigs
+        .values()
+        .next()
+        .map(Association::reconfig_stream_ids)
+        .unwrap_or_default();
+    assert!(
+        reciprocal_ids.is_empty(),
+        "reset-all must remain compact on the wire"
+    );
+    let mut completion_ids = a
+        .reconfig_reset_streams
+        .values()
+        .next()
+        .cloned()
+        .unwrap_or_default();
     completion_ids.sort_unstable();
     assert_eq!(completion_ids, vec![1, 2]);
     Ok(())
@@ -2830,9 +3328,19 @@ fn test_empty_reset_stream_list_resets_all_streams() -> Result<()> {
 
 #[test]
 fn test_reset_all_reciprocal_fits_reconfig_chunk_length() -> Result<()> {
-    let mut a = Association { my_next_tsn: 1, ..Default::default() };
+    let mut a = Association {
+        my_next_tsn: 1,
+        ..Default::default()
+    };
     for stream_id in 0..32_758u32 {
-        assert!(a.create_stream(stream_id as StreamId, false, PayloadProtocolIdentifier::Binary,).is_some());
+        assert!(
+            a.create_stream(
+                stream_id as StreamId,
+                false,
+                PayloadProtocolIdentifier::Binary,
+            )
+            .is_some()
+        );
     }
 
     let request: Box<dyn Param + Send + Sync> = Box::new(ParamOutgoingResetRequest {
@@ -2875,7 +3383,10 @@ fn test_blocked_reconfig_does_not_allow_later_rsn_to_overtake() {
 
     let now = Instant::now();
     let _ = a.gather_outbound(now);
-    assert!(a.active_reconfig.is_none(), "RSN 8 must not overtake RSN 7 while RSN 7 waits for its DATA boundary");
+    assert!(
+        a.active_reconfig.is_none(),
+        "RSN 8 must not overtake RSN 7 while RSN 7 waits for its DATA boundary"
+    );
     assert_eq!(a.control_queue.len(), 2);
 
     a.cwnd = 1400;
@@ -2888,7 +3399,11 @@ fn test_blocked_reconfig_does_not_allow_later_rsn_to_overtake() {
     assert_eq!(a.control_queue.len(), 2);
 
     a.handle_sack(
-        &ChunkSelectiveAck { cumulative_tsn_ack: 1, advertised_receiver_window_credit: 1400, ..Default::default() },
+        &ChunkSelectiveAck {
+            cumulative_tsn_ack: 1,
+            advertised_receiver_window_credit: 1400,
+            ..Default::default()
+        },
         now,
     )
     .unwrap();
@@ -2899,15 +3414,23 @@ fn test_blocked_reconfig_does_not_allow_later_rsn_to_overtake() {
 
 #[test]
 fn test_retransmission_does_not_send_buffered_reconfigs() {
-    let mut a = Association { state: AssociationState::Established, ..Default::default() };
+    let mut a = Association {
+        state: AssociationState::Established,
+        ..Default::default()
+    };
 
     insert_active_reset(&mut a, 7, 1);
     insert_queued_reset(&mut a, 8, 2);
-    a.timers.start(Timer::Reconfig, Instant::now(), a.rto_mgr.get_rto());
+    a.timers
+        .start(Timer::Reconfig, Instant::now(), a.rto_mgr.get_rto());
     a.will_retransmit_reconfig = true;
 
     let (packets, _) = a.gather_outbound(Instant::now());
-    assert_eq!(packets.len(), 1, "retransmission must include only the request associated with the running timer");
+    assert_eq!(
+        packets.len(),
+        1,
+        "retransmission must include only the request associated with the running timer"
+    );
 }
 
 fn association_with_inflight_data(cumulative_tsn_ack_point: u32, now: Instant) -> Association {
@@ -2966,7 +3489,10 @@ fn test_data_retransmission_wraps_tsn() -> Result<()> {
         let packets = a.get_data_packets_to_retransmit(now);
         assert_eq!(packets.len(), 1);
         let packet = Packet::unmarshal(&packets[0].marshal()?)?;
-        let retransmitted_tsns = [cumulative_tsn.wrapping_add(1), cumulative_tsn.wrapping_add(3)];
+        let retransmitted_tsns = [
+            cumulative_tsn.wrapping_add(1),
+            cumulative_tsn.wrapping_add(3),
+        ];
         assert_retransmitted_packet(&packet, &retransmitted_tsns);
         for tsn in retransmitted_tsns {
             let chunk = a.outbound_queue.get(tsn).unwrap();
@@ -3003,7 +3529,10 @@ fn test_zero_window_probe_wraps_tsn() -> Result<()> {
         assert_eq!(packets.len(), 1);
         assert_retransmitted_packet(&packets[0], &[cumulative_tsn.wrapping_add(1)]);
         for offset in [2, 3] {
-            let chunk = a.outbound_queue.get(cumulative_tsn.wrapping_add(offset)).unwrap();
+            let chunk = a
+                .outbound_queue
+                .get(cumulative_tsn.wrapping_add(offset))
+                .unwrap();
             assert!(chunk.retransmit);
             assert_eq!(chunk.nsent, 1);
         }
@@ -3019,7 +3548,10 @@ fn test_fast_retransmission_wraps_tsn() -> Result<()> {
         let mut a = association_with_inflight_data(cumulative_tsn, now);
         let acked_tsn = cumulative_tsn.wrapping_add(2);
         a.outbound_queue.mark_as_acked(acked_tsn);
-        let retransmitted_tsns = [cumulative_tsn.wrapping_add(1), cumulative_tsn.wrapping_add(3)];
+        let retransmitted_tsns = [
+            cumulative_tsn.wrapping_add(1),
+            cumulative_tsn.wrapping_add(3),
+        ];
         for tsn in retransmitted_tsns {
             a.outbound_queue.get_mut(tsn).unwrap().miss_indicator = 3;
             a.loss_candidates.push(tsn); // sleap-rtc patch
@@ -3046,13 +3578,22 @@ fn test_cumulative_sack_wraps_tsn() -> Result<()> {
         let mut a = association_with_inflight_data(cumulative_tsn, now);
         a.timers.start(Timer::T3RTX, now, a.rto_mgr.get_rto());
         let ack_tsn = cumulative_tsn.wrapping_add(2);
-        let (bytes_acked, htna) =
-            a.process_selective_ack(&ChunkSelectiveAck { cumulative_tsn_ack: ack_tsn, ..Default::default() }, now)?;
+        let (bytes_acked, htna) = a.process_selective_ack(
+            &ChunkSelectiveAck {
+                cumulative_tsn_ack: ack_tsn,
+                ..Default::default()
+            },
+            now,
+        )?;
 
         assert_eq!(bytes_acked, HashMap::from([(1, 14)]));
         assert_eq!(htna, ack_tsn);
         assert_eq!(a.outbound_queue.inflight_len(), 1);
-        assert!(a.outbound_queue.get(cumulative_tsn.wrapping_add(3)).is_some());
+        assert!(
+            a.outbound_queue
+                .get(cumulative_tsn.wrapping_add(3))
+                .is_some()
+        );
         assert!(a.timers.get(Timer::T3RTX).is_none());
     }
     Ok(())
@@ -3063,9 +3604,16 @@ fn test_gap_sack_wraps_tsn() -> Result<()> {
     let now = Instant::now();
     for cumulative_tsn in [10, u32::MAX - 1, u32::MAX] {
         let mut sender = association_with_inflight_data(cumulative_tsn, now);
-        let mut receiver = Association { peer_last_tsn: cumulative_tsn, ..Default::default() };
+        let mut receiver = Association {
+            peer_last_tsn: cumulative_tsn,
+            ..Default::default()
+        };
         for offset in [2, 3] {
-            let data = sender.outbound_queue.get(cumulative_tsn.wrapping_add(offset)).unwrap().clone();
+            let data = sender
+                .outbound_queue
+                .get(cumulative_tsn.wrapping_add(offset))
+                .unwrap()
+                .clone();
             assert!(receiver.payload_queue.push(data, cumulative_tsn));
         }
         let sack = receiver.create_selective_ack_chunk();
@@ -3075,7 +3623,10 @@ fn test_gap_sack_wraps_tsn() -> Result<()> {
         assert_eq!(htna, cumulative_tsn.wrapping_add(3));
         assert_eq!(sender.outbound_queue.inflight_bytes(), 7);
         for offset in [1, 2, 3] {
-            let data = sender.outbound_queue.get(cumulative_tsn.wrapping_add(offset)).unwrap();
+            let data = sender
+                .outbound_queue
+                .get(cumulative_tsn.wrapping_add(offset))
+                .unwrap();
             assert_eq!(data.acked, offset != 1);
         }
     }
@@ -3093,7 +3644,10 @@ fn test_fast_recovery_wraps_tsn() -> Result<()> {
             a.fast_recover_exit_point = htna;
             a.outbound_queue.mark_as_acked(htna);
             for offset in [1, 2] {
-                a.outbound_queue.get_mut(cumulative_tsn.wrapping_add(offset)).unwrap().miss_indicator = 2;
+                a.outbound_queue
+                    .get_mut(cumulative_tsn.wrapping_add(offset))
+                    .unwrap()
+                    .miss_indicator = 2;
             }
 
             a.process_fast_retransmission(cumulative_tsn, htna, true, now)?; // sleap-rtc patch: takes the time
@@ -3102,7 +3656,10 @@ fn test_fast_recovery_wraps_tsn() -> Result<()> {
             assert!(a.will_retransmit_fast);
             assert_eq!(a.fast_recover_exit_point, htna);
             for offset in [1, 2] {
-                let chunk = a.outbound_queue.get(cumulative_tsn.wrapping_add(offset)).unwrap();
+                let chunk = a
+                    .outbound_queue
+                    .get(cumulative_tsn.wrapping_add(offset))
+                    .unwrap();
                 assert_eq!(chunk.miss_indicator, 3);
             }
             assert_eq!(a.outbound_queue.get(htna).unwrap().miss_indicator, 0);
@@ -3119,7 +3676,10 @@ fn test_forward_tsn_wraparound() -> Result<()> {
             let mut a = association_with_inflight_data(cumulative_tsn, now);
             a.use_forward_tsn = true;
             for offset in [1, 2] {
-                a.outbound_queue.get_mut(cumulative_tsn.wrapping_add(offset)).unwrap().abandoned = true;
+                a.outbound_queue
+                    .get_mut(cumulative_tsn.wrapping_add(offset))
+                    .unwrap()
+                    .abandoned = true;
             }
 
             if from_timeout {
@@ -3135,13 +3695,19 @@ fn test_forward_tsn_wraparound() -> Result<()> {
                 )?;
             }
 
-            assert_eq!(a.advanced_peer_tsn_ack_point, cumulative_tsn.wrapping_add(2));
+            assert_eq!(
+                a.advanced_peer_tsn_ack_point,
+                cumulative_tsn.wrapping_add(2)
+            );
             assert!(a.will_send_forward_tsn);
             let packets = a.gather_outbound_forward_tsn_packets(vec![]);
             assert_eq!(packets.len(), 1);
             let packet = Packet::unmarshal(&packets[0])?;
             assert_eq!(packet.chunks.len(), 1);
-            let forward = packet.chunks[0].as_any().downcast_ref::<ChunkForwardTsn>().unwrap();
+            let forward = packet.chunks[0]
+                .as_any()
+                .downcast_ref::<ChunkForwardTsn>()
+                .unwrap();
             assert_eq!(forward.new_cumulative_tsn, cumulative_tsn.wrapping_add(2));
             assert_eq!(forward.streams.len(), 1);
             assert_eq!(forward.streams[0].identifier, 1);
@@ -3161,7 +3727,8 @@ fn test_older_completion_does_not_make_newer_generation_writable() -> Result<()>
     a.pending_reset_completions.insert(stream_id);
     insert_active_reset(&mut a, 7, stream_id);
     insert_queued_reset(&mut a, 8, stream_id);
-    a.timers.start(Timer::Reconfig, Instant::now(), a.rto_mgr.get_rto());
+    a.timers
+        .start(Timer::Reconfig, Instant::now(), a.rto_mgr.get_rto());
 
     assert!(a.get_or_create_stream(stream_id).is_some());
     assert!(!a.stream(stream_id)?.is_writable());
@@ -3201,10 +3768,13 @@ fn test_stale_completion_does_not_override_newer_denial() -> Result<()> {
     a.streams.get_mut(&stream_id).unwrap().sequence_number = 1;
     a.unregister_stream(stream_id, true);
     insert_active_reset(&mut a, 8, stream_id);
-    a.timers.start(Timer::Reconfig, Instant::now(), a.rto_mgr.get_rto());
+    a.timers
+        .start(Timer::Reconfig, Instant::now(), a.rto_mgr.get_rto());
 
-    let denied: Box<dyn Param + Send + Sync> =
-        Box::new(ParamReconfigResponse { reconfig_response_sequence_number: 8, result: ReconfigResult::Denied });
+    let denied: Box<dyn Param + Send + Sync> = Box::new(ParamReconfigResponse {
+        reconfig_response_sequence_number: 8,
+        result: ReconfigResult::Denied,
+    });
     a.handle_reconfig_param(&denied, &mut vec![])?;
 
     // Polling the stale completion must not resurrect reuse permission after
@@ -3214,13 +3784,20 @@ fn test_stale_completion_does_not_override_newer_denial() -> Result<()> {
         Some(Event::Stream(StreamEvent::ResetComplete { id })) if id == stream_id
     ));
 
-    assert!(matches!(a.open_stream(stream_id, PayloadProtocolIdentifier::Binary), Err(Error::ErrStreamResetPending)));
+    assert!(matches!(
+        a.open_stream(stream_id, PayloadProtocolIdentifier::Binary),
+        Err(Error::ErrStreamResetPending)
+    ));
     Ok(())
 }
 
 #[test]
 fn test_create_forward_tsn_forward_one_abandoned() -> Result<()> {
-    let mut a = Association { cumulative_tsn_ack_point: 9, advanced_peer_tsn_ack_point: 10, ..Default::default() };
+    let mut a = Association {
+        cumulative_tsn_ack_point: 9,
+        advanced_peer_tsn_ack_point: 10,
+        ..Default::default()
+    };
 
     queue_inflight(
         &mut a,
@@ -3250,7 +3827,11 @@ fn test_create_forward_tsn_forward_one_abandoned() -> Result<()> {
 
 #[test]
 fn test_create_forward_tsn_forward_two_abandoned_with_the_same_si() -> Result<()> {
-    let mut a = Association { cumulative_tsn_ack_point: 9, advanced_peer_tsn_ack_point: 12, ..Default::default() };
+    let mut a = Association {
+        cumulative_tsn_ack_point: 9,
+        advanced_peer_tsn_ack_point: 12,
+        ..Default::default()
+    };
 
     queue_inflight(
         &mut a,
@@ -3324,22 +3905,35 @@ fn test_create_forward_tsn_forward_two_abandoned_with_the_same_si() -> Result<()
 
 #[test]
 fn test_handle_forward_tsn_forward_3unreceived_chunks() -> Result<()> {
-    let mut a = Association { use_forward_tsn: true, ..Default::default() };
+    let mut a = Association {
+        use_forward_tsn: true,
+        ..Default::default()
+    };
 
     let prev_tsn = a.peer_last_tsn;
 
     let fwdtsn = ChunkForwardTsn {
         new_cumulative_tsn: a.peer_last_tsn + 3,
-        streams: vec![ChunkForwardTsnStream { identifier: 0, sequence: 0 }],
+        streams: vec![ChunkForwardTsnStream {
+            identifier: 0,
+            sequence: 0,
+        }],
     };
 
     let p = a.handle_forward_tsn(&fwdtsn)?;
 
     let delayed_ack_triggered = a.delayed_ack_triggered;
     let immediate_ack_triggered = a.immediate_ack_triggered;
-    assert_eq!(a.peer_last_tsn, prev_tsn + 3, "peerLastTSN should advance by 3 ");
+    assert_eq!(
+        a.peer_last_tsn,
+        prev_tsn + 3,
+        "peerLastTSN should advance by 3 "
+    );
     assert!(delayed_ack_triggered, "delayed sack should be triggered");
-    assert!(!immediate_ack_triggered, "immediate sack should NOT be triggered");
+    assert!(
+        !immediate_ack_triggered,
+        "immediate sack should NOT be triggered"
+    );
     assert!(p.is_empty(), "should return empty");
 
     Ok(())
@@ -3347,7 +3941,10 @@ fn test_handle_forward_tsn_forward_3unreceived_chunks() -> Result<()> {
 
 #[test]
 fn test_handle_forward_tsn_forward_1for1_missing() -> Result<()> {
-    let mut a = Association { use_forward_tsn: true, ..Default::default() };
+    let mut a = Association {
+        use_forward_tsn: true,
+        ..Default::default()
+    };
 
     let prev_tsn = a.peer_last_tsn;
 
@@ -3367,16 +3964,26 @@ fn test_handle_forward_tsn_forward_1for1_missing() -> Result<()> {
 
     let fwdtsn = ChunkForwardTsn {
         new_cumulative_tsn: a.peer_last_tsn + 1,
-        streams: vec![ChunkForwardTsnStream { identifier: 0, sequence: 1 }],
+        streams: vec![ChunkForwardTsnStream {
+            identifier: 0,
+            sequence: 1,
+        }],
     };
 
     let p = a.handle_forward_tsn(&fwdtsn)?;
 
     let delayed_ack_triggered = a.delayed_ack_triggered;
     let immediate_ack_triggered = a.immediate_ack_triggered;
-    assert_eq!(a.peer_last_tsn, prev_tsn + 2, "peerLastTSN should advance by 2");
+    assert_eq!(
+        a.peer_last_tsn,
+        prev_tsn + 2,
+        "peerLastTSN should advance by 2"
+    );
     assert!(delayed_ack_triggered, "delayed sack should be triggered");
-    assert!(!immediate_ack_triggered, "immediate sack should NOT be triggered");
+    assert!(
+        !immediate_ack_triggered,
+        "immediate sack should NOT be triggered"
+    );
     assert!(p.is_empty(), "should return empty");
 
     Ok(())
@@ -3384,7 +3991,10 @@ fn test_handle_forward_tsn_forward_1for1_missing() -> Result<()> {
 
 #[test]
 fn test_handle_forward_tsn_forward_1for2_missing() -> Result<()> {
-    let mut a = Association { use_forward_tsn: true, ..Default::default() };
+    let mut a = Association {
+        use_forward_tsn: true,
+        ..Default::default()
+    };
 
     a.use_forward_tsn = true;
     let prev_tsn = a.peer_last_tsn;
@@ -3405,14 +4015,24 @@ fn test_handle_forward_tsn_forward_1for2_missing() -> Result<()> {
 
     let fwdtsn = ChunkForwardTsn {
         new_cumulative_tsn: a.peer_last_tsn + 1,
-        streams: vec![ChunkForwardTsnStream { identifier: 0, sequence: 1 }],
+        streams: vec![ChunkForwardTsnStream {
+            identifier: 0,
+            sequence: 1,
+        }],
     };
 
     let p = a.handle_forward_tsn(&fwdtsn)?;
 
     let immediate_ack_triggered = a.immediate_ack_triggered;
-    assert_eq!(a.peer_last_tsn, prev_tsn + 1, "peerLastTSN should advance by 1");
-    assert!(immediate_ack_triggered, "immediate sack should be triggered");
+    assert_eq!(
+        a.peer_last_tsn,
+        prev_tsn + 1,
+        "peerLastTSN should advance by 1"
+    );
+    assert!(
+        immediate_ack_triggered,
+        "immediate sack should be triggered"
+    );
     assert!(p.is_empty(), "should return empty");
 
     Ok(())
@@ -3420,13 +4040,19 @@ fn test_handle_forward_tsn_forward_1for2_missing() -> Result<()> {
 
 #[test]
 fn test_handle_forward_tsn_dup_forward_tsn_chunk_should_generate_sack() -> Result<()> {
-    let mut a = Association { use_forward_tsn: true, ..Default::default() };
+    let mut a = Association {
+        use_forward_tsn: true,
+        ..Default::default()
+    };
 
     let prev_tsn = a.peer_last_tsn;
 
     let fwdtsn = ChunkForwardTsn {
         new_cumulative_tsn: a.peer_last_tsn,
-        streams: vec![ChunkForwardTsnStream { identifier: 0, sequence: 1 }],
+        streams: vec![ChunkForwardTsnStream {
+            identifier: 0,
+            sequence: 1,
+        }],
     };
 
     let p = a.handle_forward_tsn(&fwdtsn)?;
@@ -3454,7 +4080,10 @@ fn queued_chunk(tsn: u32) -> ChunkPayloadData {
 /// hang per chunk; the cost must follow the queue, not the size of the jump.
 #[test]
 fn test_handle_forward_tsn_huge_gap_is_bounded() -> Result<()> {
-    let mut a = Association { use_forward_tsn: true, ..Default::default() };
+    let mut a = Association {
+        use_forward_tsn: true,
+        ..Default::default()
+    };
     let gap: u32 = 1 << 30;
 
     // One chunk the jump abandons, one beyond it that must survive.
@@ -3462,10 +4091,16 @@ fn test_handle_forward_tsn_huge_gap_is_bounded() -> Result<()> {
     assert!(a.payload_queue.push(queued_chunk(gap + 5), 0));
 
     let start = Instant::now();
-    a.handle_forward_tsn(&ChunkForwardTsn { new_cumulative_tsn: gap, streams: vec![] })?;
+    a.handle_forward_tsn(&ChunkForwardTsn {
+        new_cumulative_tsn: gap,
+        streams: vec![],
+    })?;
     let elapsed = start.elapsed();
 
-    assert!(elapsed < Duration::from_secs(2), "advance must be bounded by queued data, took {elapsed:?}");
+    assert!(
+        elapsed < Duration::from_secs(2),
+        "advance must be bounded by queued data, took {elapsed:?}"
+    );
     assert_eq!(a.peer_last_tsn, gap, "should reach the new cumulative TSN");
     assert!(a.payload_queue.get(5).is_none(), "abandoned chunk dropped");
     assert!(a.payload_queue.get(gap + 5).is_some(), "later chunk kept");
@@ -3477,14 +4112,23 @@ fn test_handle_forward_tsn_huge_gap_is_bounded() -> Result<()> {
 /// The I-FORWARD-TSN handler (RFC 8260) carries its own copy of the advance.
 #[test]
 fn test_handle_i_forward_tsn_huge_gap_is_bounded() -> Result<()> {
-    let mut a = Association { use_forward_tsn: true, ..Default::default() };
+    let mut a = Association {
+        use_forward_tsn: true,
+        ..Default::default()
+    };
     let gap: u32 = 1 << 30;
 
     let start = Instant::now();
-    a.handle_i_forward_tsn(&ChunkIForwardTsn { new_cumulative_tsn: gap, streams: vec![] })?;
+    a.handle_i_forward_tsn(&ChunkIForwardTsn {
+        new_cumulative_tsn: gap,
+        streams: vec![],
+    })?;
     let elapsed = start.elapsed();
 
-    assert!(elapsed < Duration::from_secs(2), "advance must be bounded by queued data, took {elapsed:?}");
+    assert!(
+        elapsed < Duration::from_secs(2),
+        "advance must be bounded by queued data, took {elapsed:?}"
+    );
     assert_eq!(a.peer_last_tsn, gap, "should reach the new cumulative TSN");
 
     Ok(())
@@ -3495,11 +4139,12 @@ fn test_assoc_create_new_stream() -> Result<()> {
     let mut a = Association::default();
 
     for i in 0..ACCEPT_CH_SIZE {
-        let stream_identifier = if let Some(s) = a.create_stream(i as u16, true, PayloadProtocolIdentifier::Unknown) {
-            s.stream_identifier
-        } else {
-            panic!("{} should success", i);
-        };
+        let stream_identifier =
+            if let Some(s) = a.create_stream(i as u16, true, PayloadProtocolIdentifier::Unknown) {
+                s.stream_identifier
+            } else {
+                panic!("{} should success", i);
+            };
         let result = a.streams.get(&stream_identifier);
         assert!(result.is_some(), "should be in a.streams map");
     }
@@ -3527,7 +4172,11 @@ fn handle_init_test(name: &str, initial_state: AssociationState, expect_err: boo
     let mut a = create_association(TransportConfig::default());
     a.set_state(initial_state);
     let pkt = Packet {
-        common_header: CommonHeader { source_port: 5001, destination_port: 5002, ..Default::default() },
+        common_header: CommonHeader {
+            source_port: 5001,
+            destination_port: 5002,
+            ..Default::default()
+        },
         ..Default::default()
     };
     let mut init = ChunkInit {
@@ -3548,7 +4197,11 @@ fn handle_init_test(name: &str, initial_state: AssociationState, expect_err: boo
         assert!(result.is_ok(), "{} should be ok", name);
     }
     assert_eq!(
-        if init.initial_tsn == 0 { u32::MAX } else { init.initial_tsn - 1 },
+        if init.initial_tsn == 0 {
+            u32::MAX
+        } else {
+            init.initial_tsn - 1
+        },
         a.peer_last_tsn,
         "{} should match",
         name
@@ -3556,26 +4209,63 @@ fn handle_init_test(name: &str, initial_state: AssociationState, expect_err: boo
     assert_eq!(1001, a.my_max_num_outbound_streams, "{} should match", name);
     assert_eq!(1002, a.my_max_num_inbound_streams, "{} should match", name);
     assert_eq!(5678, a.peer_verification_tag, "{} should match", name);
-    assert_eq!(pkt.common_header.source_port, a.destination_port, "{} should match", name);
-    assert_eq!(pkt.common_header.destination_port, a.source_port, "{} should match", name);
+    assert_eq!(
+        pkt.common_header.source_port, a.destination_port,
+        "{} should match",
+        name
+    );
+    assert_eq!(
+        pkt.common_header.destination_port, a.source_port,
+        "{} should match",
+        name
+    );
     assert!(a.use_forward_tsn, "{} should be set to true", name);
-    assert_eq!(512 * 1024, a.rwnd, "{} rwnd should be initialized from peer's advertised_receiver_window_credit", name);
-    assert_eq!(a.rwnd, a.ssthresh, "{} ssthresh should be initialized to rwnd", name);
+    assert_eq!(
+        512 * 1024,
+        a.rwnd,
+        "{} rwnd should be initialized from peer's advertised_receiver_window_credit",
+        name
+    );
+    assert_eq!(
+        a.rwnd, a.ssthresh,
+        "{} ssthresh should be initialized to rwnd",
+        name
+    );
 }
 
 #[test]
 fn test_assoc_handle_init() -> Result<()> {
     handle_init_test("normal", AssociationState::Closed, false);
 
-    handle_init_test("unexpected state established", AssociationState::Established, true);
+    handle_init_test(
+        "unexpected state established",
+        AssociationState::Established,
+        true,
+    );
 
-    handle_init_test("unexpected state shutdownAckSent", AssociationState::ShutdownAckSent, true);
+    handle_init_test(
+        "unexpected state shutdownAckSent",
+        AssociationState::ShutdownAckSent,
+        true,
+    );
 
-    handle_init_test("unexpected state shutdownPending", AssociationState::ShutdownPending, true);
+    handle_init_test(
+        "unexpected state shutdownPending",
+        AssociationState::ShutdownPending,
+        true,
+    );
 
-    handle_init_test("unexpected state shutdownReceived", AssociationState::ShutdownReceived, true);
+    handle_init_test(
+        "unexpected state shutdownReceived",
+        AssociationState::ShutdownReceived,
+        true,
+    );
 
-    handle_init_test("unexpected state shutdownSent", AssociationState::ShutdownSent, true);
+    handle_init_test(
+        "unexpected state shutdownSent",
+        AssociationState::ShutdownSent,
+        true,
+    );
 
     Ok(())
 }
@@ -3593,13 +4283,21 @@ fn test_assoc_max_send_message_size_default() -> Result<()> {
         let p = Bytes::from(vec![0u8; 65537]);
 
         if let Err(err) = s.write_sctp(&p.slice(..65536), ppi) {
-            assert_ne!(Error::ErrOutboundPacketTooLarge, err, "should be not Error::ErrOutboundPacketTooLarge");
+            assert_ne!(
+                Error::ErrOutboundPacketTooLarge,
+                err,
+                "should be not Error::ErrOutboundPacketTooLarge"
+            );
         } else {
             panic!("should be error");
         }
 
         if let Err(err) = s.write_sctp(&p.slice(..65537), ppi) {
-            assert_eq!(Error::ErrOutboundPacketTooLarge, err, "should be Error::ErrOutboundPacketTooLarge");
+            assert_eq!(
+                Error::ErrOutboundPacketTooLarge,
+                err,
+                "should be Error::ErrOutboundPacketTooLarge"
+            );
         } else {
             panic!("should be error");
         }
@@ -3621,13 +4319,21 @@ fn test_assoc_max_send_message_size_explicit() -> Result<()> {
         let p = Bytes::from(vec![0u8; 30001]);
 
         if let Err(err) = s.write_sctp(&p.slice(..30000), ppi) {
-            assert_ne!(Error::ErrOutboundPacketTooLarge, err, "should be not Error::ErrOutboundPacketTooLarge");
+            assert_ne!(
+                Error::ErrOutboundPacketTooLarge,
+                err,
+                "should be not Error::ErrOutboundPacketTooLarge"
+            );
         } else {
             panic!("should be error");
         }
 
         if let Err(err) = s.write_sctp(&p.slice(..30001), ppi) {
-            assert_eq!(Error::ErrOutboundPacketTooLarge, err, "should be Error::ErrOutboundPacketTooLarge");
+            assert_eq!(
+                Error::ErrOutboundPacketTooLarge,
+                err,
+                "should be Error::ErrOutboundPacketTooLarge"
+            );
         } else {
             panic!("should be error");
         }
@@ -3664,7 +4370,11 @@ fn test_assoc_max_receive_message_size_default() -> Result<()> {
     };
 
     if let Err(err) = a.handle_data(&too_large) {
-        assert_eq!(Error::ErrInboundPacketTooLarge, err, "should be Error::ErrInboundPacketTooLarge");
+        assert_eq!(
+            Error::ErrInboundPacketTooLarge,
+            err,
+            "should be Error::ErrInboundPacketTooLarge"
+        );
     } else {
         panic!("should be error");
     }
@@ -3698,7 +4408,11 @@ fn test_assoc_max_receive_message_size_explicit() -> Result<()> {
     };
 
     if let Err(err) = a.handle_data(&second_chunk) {
-        assert_eq!(Error::ErrInboundPacketTooLarge, err, "should be Error::ErrInboundPacketTooLarge");
+        assert_eq!(
+            Error::ErrInboundPacketTooLarge,
+            err,
+            "should be Error::ErrInboundPacketTooLarge"
+        );
     } else {
         panic!("should be error");
     }
@@ -3708,7 +4422,9 @@ fn test_assoc_max_receive_message_size_explicit() -> Result<()> {
 
 #[test]
 fn test_assoc_max_message_size_asymmetric() -> Result<()> {
-    let config = TransportConfig::default().with_max_send_message_size(1024).with_max_receive_message_size(30000);
+    let config = TransportConfig::default()
+        .with_max_send_message_size(1024)
+        .with_max_receive_message_size(30000);
 
     let mut a = create_association(config);
     assert_eq!(1024, a.max_send_message_size, "should match");
@@ -3722,13 +4438,21 @@ fn test_assoc_max_message_size_asymmetric() -> Result<()> {
         let p = Bytes::from(vec![0u8; 1025]);
 
         if let Err(err) = s.write_sctp(&p.slice(..1024), ppi) {
-            assert_ne!(Error::ErrOutboundPacketTooLarge, err, "should be not Error::ErrOutboundPacketTooLarge");
+            assert_ne!(
+                Error::ErrOutboundPacketTooLarge,
+                err,
+                "should be not Error::ErrOutboundPacketTooLarge"
+            );
         } else {
             panic!("should be error");
         }
 
         if let Err(err) = s.write_sctp(&p.slice(..1025), ppi) {
-            assert_eq!(Error::ErrOutboundPacketTooLarge, err, "should be Error::ErrOutboundPacketTooLarge");
+            assert_eq!(
+                Error::ErrOutboundPacketTooLarge,
+                err,
+                "should be Error::ErrOutboundPacketTooLarge"
+            );
         } else {
             panic!("should be error");
         }
@@ -3757,7 +4481,11 @@ fn test_assoc_max_message_size_asymmetric() -> Result<()> {
     };
 
     if let Err(err) = a.handle_data(&too_large) {
-        assert_eq!(Error::ErrInboundPacketTooLarge, err, "should be Error::ErrInboundPacketTooLarge");
+        assert_eq!(
+            Error::ErrInboundPacketTooLarge,
+            err,
+            "should be Error::ErrInboundPacketTooLarge"
+        );
     } else {
         panic!("should be error");
     }
@@ -3777,9 +4505,21 @@ fn test_generate_out_of_band_init() {
     assert!(parsed.initiate_tag != 0, "Initiate tag should not be zero");
     // Token always advertises u16::MAX for stream counts;
     // actual limits are applied from TransportConfig during negotiation.
-    assert_eq!(parsed.num_outbound_streams, u16::MAX, "Outbound streams should always be u16::MAX in token");
-    assert_eq!(parsed.num_inbound_streams, u16::MAX, "Inbound streams should always be u16::MAX in token");
-    assert_eq!(parsed.advertised_receiver_window_credit, config.max_receive_buffer_size(), "ARWND should match config");
+    assert_eq!(
+        parsed.num_outbound_streams,
+        u16::MAX,
+        "Outbound streams should always be u16::MAX in token"
+    );
+    assert_eq!(
+        parsed.num_inbound_streams,
+        u16::MAX,
+        "Inbound streams should always be u16::MAX in token"
+    );
+    assert_eq!(
+        parsed.advertised_receiver_window_credit,
+        config.max_receive_buffer_size(),
+        "ARWND should match config"
+    );
 }
 
 #[test]
@@ -3812,10 +4552,16 @@ fn test_generate_out_of_band_init_uniqueness() {
     let parsed2 = ChunkInit::unmarshal(&init2).unwrap();
 
     // Initiate tags should be different (random)
-    assert_ne!(parsed1.initiate_tag, parsed2.initiate_tag, "Initiate tags should be unique across calls");
+    assert_ne!(
+        parsed1.initiate_tag, parsed2.initiate_tag,
+        "Initiate tags should be unique across calls"
+    );
 
     // Initial TSNs should be different (random)
-    assert_ne!(parsed1.initial_tsn, parsed2.initial_tsn, "Initial TSNs should be unique across calls");
+    assert_ne!(
+        parsed1.initial_tsn, parsed2.initial_tsn,
+        "Initial TSNs should be unique across calls"
+    );
 }
 
 #[test]
@@ -3850,14 +4596,26 @@ fn test_out_of_band_association_creation() {
     );
 
     // Verify handshake is marked complete
-    assert!(assoc.handshake_completed, "Out-of-band init association should have handshake completed");
+    assert!(
+        assoc.handshake_completed,
+        "Out-of-band init association should have handshake completed"
+    );
 
     // Verify verification tags
-    assert_eq!(assoc.my_verification_tag, local_init.initiate_tag, "My verification tag should match local init");
-    assert_eq!(assoc.peer_verification_tag, remote_init.initiate_tag, "Peer verification tag should match remote init");
+    assert_eq!(
+        assoc.my_verification_tag, local_init.initiate_tag,
+        "My verification tag should match local init"
+    );
+    assert_eq!(
+        assoc.peer_verification_tag, remote_init.initiate_tag,
+        "Peer verification tag should match remote init"
+    );
 
     // Verify TSN setup
-    assert_eq!(assoc.my_next_tsn, local_init.initial_tsn, "My next TSN should match local init");
+    assert_eq!(
+        assoc.my_next_tsn, local_init.initial_tsn,
+        "My next TSN should match local init"
+    );
     assert_eq!(
         assoc.peer_last_tsn,
         remote_init.initial_tsn.wrapping_sub(1),
@@ -3865,13 +4623,19 @@ fn test_out_of_band_association_creation() {
     );
 
     // Verify rwnd
-    assert_eq!(assoc.rwnd, remote_init.advertised_receiver_window_credit, "rwnd should match remote advertised credit");
+    assert_eq!(
+        assoc.rwnd, remote_init.advertised_receiver_window_credit,
+        "rwnd should match remote advertised credit"
+    );
 }
 
 #[test]
 fn test_out_of_band_association_stream_negotiation() {
-    let config =
-        Arc::new(TransportConfig::default().with_max_num_outbound_streams(100).with_max_num_inbound_streams(200));
+    let config = Arc::new(
+        TransportConfig::default()
+            .with_max_num_outbound_streams(100)
+            .with_max_num_inbound_streams(200),
+    );
 
     // Remote uses default config — token always advertises u16::MAX
     let remote_config = TransportConfig::default();
@@ -3890,17 +4654,29 @@ fn test_out_of_band_association_stream_negotiation() {
 
     let remote_addr: SocketAddr = "192.168.1.1:5000".parse().unwrap();
 
-    let assoc =
-        Association::new_with_out_of_band_init(config.clone(), 1200, remote_addr, None, local_init, remote_init)
-            .expect("Should create out-of-band init association");
+    let assoc = Association::new_with_out_of_band_init(
+        config.clone(),
+        1200,
+        remote_addr,
+        None,
+        local_init,
+        remote_init,
+    )
+    .expect("Should create out-of-band init association");
 
     // Stream limits should be clamped by the local config, since the
     // remote token always offers u16::MAX.
     // my_max_num_outbound_streams = min(config.max_out=100, remote_in=MAX) = 100
-    assert_eq!(assoc.my_max_num_outbound_streams, 100, "Outbound streams should be clamped by local config");
+    assert_eq!(
+        assoc.my_max_num_outbound_streams, 100,
+        "Outbound streams should be clamped by local config"
+    );
 
     // my_max_num_inbound_streams = min(config.max_in=200, remote_out=MAX) = 200
-    assert_eq!(assoc.my_max_num_inbound_streams, 200, "Inbound streams should be clamped by local config");
+    assert_eq!(
+        assoc.my_max_num_inbound_streams, 200,
+        "Inbound streams should be clamped by local config"
+    );
 }
 
 #[test]
@@ -3916,13 +4692,23 @@ fn test_out_of_band_connected_event() {
 
     let remote_addr: SocketAddr = "192.168.1.1:5000".parse().unwrap();
 
-    let mut assoc =
-        Association::new_with_out_of_band_init(local_config.clone(), 1200, remote_addr, None, local_init, remote_init)
-            .expect("Should create out-of-band init association");
+    let mut assoc = Association::new_with_out_of_band_init(
+        local_config.clone(),
+        1200,
+        remote_addr,
+        None,
+        local_init,
+        remote_init,
+    )
+    .expect("Should create out-of-band init association");
 
     // Poll should return a Connected event
     let event = assoc.poll();
-    assert!(matches!(event, Some(Event::Connected)), "Should emit Connected event, got {:?}", event);
+    assert!(
+        matches!(event, Some(Event::Connected)),
+        "Should emit Connected event, got {:?}",
+        event
+    );
 }
 
 #[test]
@@ -3941,14 +4727,26 @@ fn test_out_of_band_symmetric_setup() {
     let addr_b: SocketAddr = "192.168.1.2:5000".parse().unwrap();
 
     // Create association A (local=A, remote=B)
-    let assoc_a =
-        Association::new_with_out_of_band_init(config_a.clone(), 1200, addr_b, None, init_a.clone(), init_b.clone())
-            .expect("Should create association A");
+    let assoc_a = Association::new_with_out_of_band_init(
+        config_a.clone(),
+        1200,
+        addr_b,
+        None,
+        init_a.clone(),
+        init_b.clone(),
+    )
+    .expect("Should create association A");
 
     // Create association B (local=B, remote=A)
-    let assoc_b =
-        Association::new_with_out_of_band_init(config_b.clone(), 1200, addr_a, None, init_b.clone(), init_a.clone())
-            .expect("Should create association B");
+    let assoc_b = Association::new_with_out_of_band_init(
+        config_b.clone(),
+        1200,
+        addr_a,
+        None,
+        init_b.clone(),
+        init_a.clone(),
+    )
+    .expect("Should create association B");
 
     // Verify both are in ESTABLISHED state
     assert_eq!(assoc_a.state(), AssociationState::Established);
@@ -3973,9 +4771,10 @@ fn test_out_of_band_with_forward_tsn_support() {
     // Verify supported extensions are present
     let mut has_forward_tsn = false;
     for param in &local_init.params {
-        if let Some(ext) =
-            param.as_any().downcast_ref::<crate::param::param_supported_extensions::ParamSupportedExtensions>()
-        {
+        if let Some(ext) = param
+            .as_any()
+            .downcast_ref::<crate::param::param_supported_extensions::ParamSupportedExtensions>(
+        ) {
             for ct in &ext.chunk_types {
                 if *ct == crate::chunk::chunk_type::CT_FORWARD_TSN {
                     has_forward_tsn = true;
@@ -3983,15 +4782,27 @@ fn test_out_of_band_with_forward_tsn_support() {
             }
         }
     }
-    assert!(has_forward_tsn, "Generated INIT should include ForwardTSN support");
+    assert!(
+        has_forward_tsn,
+        "Generated INIT should include ForwardTSN support"
+    );
 
     let remote_addr: SocketAddr = "192.168.1.1:5000".parse().unwrap();
 
-    let assoc =
-        Association::new_with_out_of_band_init(local_config.clone(), 1200, remote_addr, None, local_init, remote_init)
-            .expect("Should create out-of-band init association");
+    let assoc = Association::new_with_out_of_band_init(
+        local_config.clone(),
+        1200,
+        remote_addr,
+        None,
+        local_init,
+        remote_init,
+    )
+    .expect("Should create out-of-band init association");
 
-    assert!(assoc.use_forward_tsn, "Out-of-band init association should have ForwardTSN enabled");
+    assert!(
+        assoc.use_forward_tsn,
+        "Out-of-band init association should have ForwardTSN enabled"
+    );
 }
 
 #[test]
@@ -4011,12 +4822,22 @@ fn test_out_of_band_initial_tsn_zero_wrap() {
     let local_init = ChunkInit::unmarshal(&actual_local_init_bytes).unwrap();
     let remote_addr: SocketAddr = "192.168.1.1:5000".parse().unwrap();
 
-    let assoc =
-        Association::new_with_out_of_band_init(config.clone(), 1200, remote_addr, None, local_init, remote_init)
-            .expect("Should create out-of-band init association");
+    let assoc = Association::new_with_out_of_band_init(
+        config.clone(),
+        1200,
+        remote_addr,
+        None,
+        local_init,
+        remote_init,
+    )
+    .expect("Should create out-of-band init association");
 
     // peer_last_tsn should be u32::MAX when initial_tsn is 0
-    assert_eq!(assoc.peer_last_tsn, u32::MAX, "peer_last_tsn should wrap to MAX when initial_tsn is 0");
+    assert_eq!(
+        assoc.peer_last_tsn,
+        u32::MAX,
+        "peer_last_tsn should wrap to MAX when initial_tsn is 0"
+    );
 }
 
 #[test]
@@ -4033,12 +4854,21 @@ fn test_out_of_band_rwnd_negotiation() {
 
     let remote_addr: SocketAddr = "192.168.1.1:5000".parse().unwrap();
 
-    let assoc =
-        Association::new_with_out_of_band_init(local_config.clone(), 1200, remote_addr, None, local_init, remote_init)
-            .expect("Should create out-of-band init association");
+    let assoc = Association::new_with_out_of_band_init(
+        local_config.clone(),
+        1200,
+        remote_addr,
+        None,
+        local_init,
+        remote_init,
+    )
+    .expect("Should create out-of-band init association");
 
     // rwnd should be set to remote's advertised receiver window credit
-    assert_eq!(assoc.rwnd, 300_000, "rwnd should be remote's advertised window");
+    assert_eq!(
+        assoc.rwnd, 300_000,
+        "rwnd should be remote's advertised window"
+    );
 }
 
 #[test]
@@ -4065,26 +4895,37 @@ fn test_initial_cwnd_small_mtu() {
 }
 
 fn first_transmit_common_header(a: &mut Association) -> CommonHeader {
-    let transmit = a.poll_transmit(Instant::now()).expect("client association should emit an INIT");
+    let transmit = a
+        .poll_transmit(Instant::now())
+        .expect("client association should emit an INIT");
 
     let raw = match transmit.payload {
         Payload::RawEncode(ref raws) => raws.first().expect("at least one packet").clone(),
         _ => panic!("outbound transmit should encode"),
     };
 
-    Packet::unmarshal(&raw).expect("INIT should unmarshal").common_header
+    Packet::unmarshal(&raw)
+        .expect("INIT should unmarshal")
+        .common_header
 }
 
 #[test]
 fn test_client_uses_configured_sctp_ports() {
-    let mut a = create_association(TransportConfig::default().with_local_port(41234).with_remote_port(9899));
+    let mut a = create_association(
+        TransportConfig::default()
+            .with_local_port(41234)
+            .with_remote_port(9899),
+    );
 
     assert_eq!(41234, a.source_port);
     assert_eq!(9899, a.destination_port);
 
     let header = first_transmit_common_header(&mut a);
     assert_eq!(41234, header.source_port, "INIT source port on the wire");
-    assert_eq!(9899, header.destination_port, "INIT destination port on the wire");
+    assert_eq!(
+        9899, header.destination_port,
+        "INIT destination port on the wire"
+    );
 }
 
 #[test]
@@ -4100,10 +4941,20 @@ fn test_client_defaults_to_well_known_sctp_port() {
 
 #[test]
 fn test_out_of_band_init_uses_configured_sctp_ports() {
-    let local_init = ChunkInit { initiate_tag: 1, ..Default::default() };
-    let remote_init = ChunkInit { initiate_tag: 2, ..Default::default() };
+    let local_init = ChunkInit {
+        initiate_tag: 1,
+        ..Default::default()
+    };
+    let remote_init = ChunkInit {
+        initiate_tag: 2,
+        ..Default::default()
+    };
     let a = Association::new_with_out_of_band_init(
-        Arc::new(TransportConfig::default().with_local_port(6001).with_remote_port(6002)),
+        Arc::new(
+            TransportConfig::default()
+                .with_local_port(6001)
+                .with_remote_port(6002),
+        ),
         1400,
         SocketAddr::from_str("0.0.0.0:0").unwrap(),
         None,
@@ -4129,13 +4980,15 @@ fn receive_capacity_fragment(tsn: u32, first: bool, last: bool) -> ChunkPayloadD
 
 fn receive_capacity_datagram(a: &mut Association, chunk: ChunkPayloadData) -> Result<()> {
     let packet = a.create_packet(vec![Box::new(chunk)]).marshal()?;
-    a.handle_event(AssociationEvent(AssociationEventInner::Datagram(Transmit {
-        now: Instant::now(),
-        remote: a.remote_addr(),
-        ecn: None,
-        local_ip: None,
-        payload: Payload::PartialDecode(crate::packet::PartialDecode::unmarshal(&packet)?),
-    })));
+    a.handle_event(AssociationEvent(AssociationEventInner::Datagram(
+        Transmit {
+            now: Instant::now(),
+            remote: a.remote_addr(),
+            ecn: None,
+            local_ip: None,
+            payload: Payload::PartialDecode(crate::packet::PartialDecode::unmarshal(&packet)?),
+        },
+    )));
     Ok(())
 }
 
@@ -4143,11 +4996,14 @@ fn receive_capacity_datagram(a: &mut Association, chunk: ChunkPayloadData) -> Re
 fn test_receive_capacity_reports_undrainable_message() -> Result<()> {
     for unordered in [false, true] {
         for initial_tsn in [0u32, u32::MAX - 16] {
-            let mut a = create_association(TransportConfig::default().with_max_receive_buffer_size(32 * 1024));
+            let mut a = create_association(
+                TransportConfig::default().with_max_receive_buffer_size(32 * 1024),
+            );
             a.set_state(AssociationState::Established);
             a.peer_last_tsn = initial_tsn;
             for index in 1..=32 {
-                let mut fragment = receive_capacity_fragment(initial_tsn.wrapping_add(index), index == 1, false);
+                let mut fragment =
+                    receive_capacity_fragment(initial_tsn.wrapping_add(index), index == 1, false);
                 fragment.unordered = unordered;
                 receive_capacity_datagram(&mut a, fragment)?;
                 if index < 32 {
@@ -4159,12 +5015,17 @@ fn test_receive_capacity_reports_undrainable_message() -> Result<()> {
             assert!(a.is_closed());
             assert!(core::iter::from_fn(|| a.poll()).any(|event| matches!(
                 event,
-                Event::AssociationLost { reason: AssociationError::ReceiveBufferExhausted }
+                Event::AssociationLost {
+                    reason: AssociationError::ReceiveBufferExhausted
+                }
             )));
             let packets = a.gather_outbound(Instant::now()).0;
             assert_eq!(packets.len(), 1);
             let packet = crate::packet::PartialDecode::unmarshal(&packets[0])?.finish()?;
-            let abort = packet.chunks[0].as_any().downcast_ref::<ChunkAbort>().unwrap();
+            let abort = packet.chunks[0]
+                .as_any()
+                .downcast_ref::<ChunkAbort>()
+                .unwrap();
             assert_eq!(abort.error_causes[0].code, crate::chunk::OUT_OF_RESOURCE);
             // Closing actually releases storage, rather than inventing credit.
             assert_eq!(a.get_my_receiver_window_credit(), 32 * 1024);
@@ -4175,7 +5036,8 @@ fn test_receive_capacity_reports_undrainable_message() -> Result<()> {
 
 #[test]
 fn test_receive_capacity_zero_window_preserves_backpressure() -> Result<()> {
-    let mut a = create_association(TransportConfig::default().with_max_receive_buffer_size(32 * 1024));
+    let mut a =
+        create_association(TransportConfig::default().with_max_receive_buffer_size(32 * 1024));
     a.set_state(AssociationState::Established);
     a.peer_last_tsn = 0;
     for tsn in 1..=32 {
@@ -4185,7 +5047,10 @@ fn test_receive_capacity_zero_window_preserves_backpressure() -> Result<()> {
     a.ack_state = AckState::Immediate;
     let packets = a.gather_outbound_sack_packets(vec![]);
     let packet = crate::packet::PartialDecode::unmarshal(&packets[0])?.finish()?;
-    let sack = packet.chunks[0].as_any().downcast_ref::<ChunkSelectiveAck>().unwrap();
+    let sack = packet.chunks[0]
+        .as_any()
+        .downcast_ref::<ChunkSelectiveAck>()
+        .unwrap();
     assert_eq!(sack.advertised_receiver_window_credit, 0);
     assert_eq!(sack.cumulative_tsn_ack, 32);
     let mut next = receive_capacity_fragment(33, true, true);
@@ -4206,7 +5071,8 @@ fn test_receive_capacity_zero_window_preserves_backpressure() -> Result<()> {
 
 #[test]
 fn test_receive_capacity_gap_fill_and_duplicates() -> Result<()> {
-    let mut a = create_association(TransportConfig::default().with_max_receive_buffer_size(32 * 1024));
+    let mut a =
+        create_association(TransportConfig::default().with_max_receive_buffer_size(32 * 1024));
     a.peer_last_tsn = u32::MAX - 16;
     let initial_tsn = a.peer_last_tsn;
     // Lose the beginning fragment and reorder the ending fragment. Accepted
@@ -4219,7 +5085,11 @@ fn test_receive_capacity_gap_fill_and_duplicates() -> Result<()> {
         assert_eq!(a.get_my_receiver_window_credit(), credit);
     }
     assert_eq!(a.get_my_receiver_window_credit(), 0);
-    a.handle_data(&receive_capacity_fragment(initial_tsn.wrapping_add(1), true, false))?;
+    a.handle_data(&receive_capacity_fragment(
+        initial_tsn.wrapping_add(1),
+        true,
+        false,
+    ))?;
     assert_eq!(a.peer_last_tsn, initial_tsn.wrapping_add(33));
     assert_eq!(a.get_my_receiver_window_credit(), 0);
     assert!(a.stream(1)?.read()?.is_some());
@@ -4229,7 +5099,8 @@ fn test_receive_capacity_gap_fill_and_duplicates() -> Result<()> {
 
 #[test]
 fn test_receive_capacity_shared_by_incomplete_streams() -> Result<()> {
-    let mut a = create_association(TransportConfig::default().with_max_receive_buffer_size(32 * 1024));
+    let mut a =
+        create_association(TransportConfig::default().with_max_receive_buffer_size(32 * 1024));
     a.set_state(AssociationState::Established);
     a.peer_last_tsn = 0;
     for tsn in 1..=32 {
@@ -4239,10 +5110,12 @@ fn test_receive_capacity_shared_by_incomplete_streams() -> Result<()> {
         receive_capacity_datagram(&mut a, chunk)?;
     }
     assert!(a.is_closed());
-    assert!(
-        core::iter::from_fn(|| a.poll())
-            .any(|event| matches!(event, Event::AssociationLost { reason: AssociationError::ReceiveBufferExhausted }))
-    );
+    assert!(core::iter::from_fn(|| a.poll()).any(|event| matches!(
+        event,
+        Event::AssociationLost {
+            reason: AssociationError::ReceiveBufferExhausted
+        }
+    )));
     Ok(())
 }
 
@@ -4265,14 +5138,18 @@ fn test_receive_capacity_counts_retiring_and_deferred_data() -> Result<()> {
     assert!(a.stream(1)?.read()?.is_none());
     let mut tail = receive_capacity_fragment(3, false, false);
     tail.user_data = Bytes::from_static(b"new");
-    assert_eq!(a.handle_data(&tail).unwrap_err(), Error::ErrReceiveBufferExhausted);
+    assert_eq!(
+        a.handle_data(&tail).unwrap_err(),
+        Error::ErrReceiveBufferExhausted
+    );
     assert_eq!(a.get_my_receiver_window_credit(), 0);
     Ok(())
 }
 
 #[test]
 fn test_receive_capacity_detected_after_reading_last_complete_message() -> Result<()> {
-    let mut a = create_association(TransportConfig::default().with_max_receive_buffer_size(32 * 1024));
+    let mut a =
+        create_association(TransportConfig::default().with_max_receive_buffer_size(32 * 1024));
     a.set_state(AssociationState::Established);
     a.peer_last_tsn = 0;
     let mut complete = receive_capacity_fragment(1, true, true);
@@ -4296,18 +5173,23 @@ fn test_receive_capacity_detected_after_reading_last_complete_message() -> Resul
             _ => None,
         })
         .expect("receive-capacity closure preserves final stats");
-    assert_eq!((final_stats.messages_received, final_stats.bytes_received), (1, 3));
-    assert!(
-        events
-            .iter()
-            .any(|event| matches!(event, Event::AssociationLost { reason: AssociationError::ReceiveBufferExhausted }))
+    assert_eq!(
+        (final_stats.messages_received, final_stats.bytes_received),
+        (1, 3)
     );
+    assert!(events.iter().any(|event| matches!(
+        event,
+        Event::AssociationLost {
+            reason: AssociationError::ReceiveBufferExhausted
+        }
+    )));
     Ok(())
 }
 
 #[test]
 fn test_receive_capacity_reports_exhaustion_after_forward_tsn_gap_closure() -> Result<()> {
-    let mut a = create_association(TransportConfig::default().with_max_receive_buffer_size(32 * 1024));
+    let mut a =
+        create_association(TransportConfig::default().with_max_receive_buffer_size(32 * 1024));
     a.set_state(AssociationState::Established);
     a.use_forward_tsn = true;
     a.peer_last_tsn = 0;
@@ -4319,27 +5201,40 @@ fn test_receive_capacity_reports_exhaustion_after_forward_tsn_gap_closure() -> R
     assert!(!a.is_closed());
     assert_eq!(a.get_my_receiver_window_credit(), 0);
     assert!(a.stream(1)?.read()?.is_none());
-    let forward =
-        ChunkForwardTsn { new_cumulative_tsn: 1, streams: vec![ChunkForwardTsnStream { identifier: 2, sequence: 0 }] };
+    let forward = ChunkForwardTsn {
+        new_cumulative_tsn: 1,
+        streams: vec![ChunkForwardTsnStream {
+            identifier: 2,
+            sequence: 0,
+        }],
+    };
     let packet = a.create_packet(vec![Box::new(forward)]).marshal()?;
-    a.handle_event(AssociationEvent(AssociationEventInner::Datagram(Transmit {
-        now: Instant::now(),
-        remote: a.remote_addr(),
-        ecn: None,
-        local_ip: None,
-        payload: Payload::PartialDecode(crate::packet::PartialDecode::unmarshal(&packet)?),
-    })));
-    assert!(a.is_closed(), "FORWARD-TSN must reject the now-undrainable receive buffer");
+    a.handle_event(AssociationEvent(AssociationEventInner::Datagram(
+        Transmit {
+            now: Instant::now(),
+            remote: a.remote_addr(),
+            ecn: None,
+            local_ip: None,
+            payload: Payload::PartialDecode(crate::packet::PartialDecode::unmarshal(&packet)?),
+        },
+    )));
     assert!(
-        core::iter::from_fn(|| a.poll())
-            .any(|event| matches!(event, Event::AssociationLost { reason: AssociationError::ReceiveBufferExhausted }))
+        a.is_closed(),
+        "FORWARD-TSN must reject the now-undrainable receive buffer"
     );
+    assert!(core::iter::from_fn(|| a.poll()).any(|event| matches!(
+        event,
+        Event::AssociationLost {
+            reason: AssociationError::ReceiveBufferExhausted
+        }
+    )));
     Ok(())
 }
 
 #[test]
 fn test_receive_capacity_stopped_stream_cannot_supply_backpressure() -> Result<()> {
-    let mut a = create_association(TransportConfig::default().with_max_receive_buffer_size(32 * 1024));
+    let mut a =
+        create_association(TransportConfig::default().with_max_receive_buffer_size(32 * 1024));
     a.set_state(AssociationState::Established);
     a.peer_last_tsn = 0;
     receive_capacity_datagram(&mut a, receive_capacity_fragment(1, true, true))?;
@@ -4378,17 +5273,23 @@ fn test_receive_capacity_stopped_stream_cannot_supply_backpressure() -> Result<(
             assert_eq!(a.get_my_receiver_window_credit(), 0);
         }
     }
-    assert!(a.is_closed(), "a stopped read half cannot make receive storage drainable");
     assert!(
-        core::iter::from_fn(|| a.poll())
-            .any(|event| matches!(event, Event::AssociationLost { reason: AssociationError::ReceiveBufferExhausted }))
+        a.is_closed(),
+        "a stopped read half cannot make receive storage drainable"
     );
+    assert!(core::iter::from_fn(|| a.poll()).any(|event| matches!(
+        event,
+        Event::AssociationLost {
+            reason: AssociationError::ReceiveBufferExhausted
+        }
+    )));
     Ok(())
 }
 
 #[test]
 fn test_receive_capacity_detected_when_last_readable_stream_stops() -> Result<()> {
-    let mut a = create_association(TransportConfig::default().with_max_receive_buffer_size(32 * 1024));
+    let mut a =
+        create_association(TransportConfig::default().with_max_receive_buffer_size(32 * 1024));
     a.set_state(AssociationState::Established);
     a.peer_last_tsn = 0;
     receive_capacity_datagram(&mut a, receive_capacity_fragment(1, true, true))?;
@@ -4400,11 +5301,16 @@ fn test_receive_capacity_detected_when_last_readable_stream_stops() -> Result<()
     assert!(!a.is_closed());
     assert_eq!(a.get_my_receiver_window_credit(), 0);
     a.stream(1)?.stop()?;
-    assert!(a.is_closed(), "stop must detect storage the API can no longer drain");
     assert!(
-        core::iter::from_fn(|| a.poll())
-            .any(|event| matches!(event, Event::AssociationLost { reason: AssociationError::ReceiveBufferExhausted }))
+        a.is_closed(),
+        "stop must detect storage the API can no longer drain"
     );
+    assert!(core::iter::from_fn(|| a.poll()).any(|event| matches!(
+        event,
+        Event::AssociationLost {
+            reason: AssociationError::ReceiveBufferExhausted
+        }
+    )));
     Ok(())
 }
 
@@ -4426,7 +5332,11 @@ fn test_data_channel_stats_acceptance_and_delivery() -> Result<()> {
     stream.write_with_ppi(b"control", PayloadProtocolIdentifier::Dcep)?;
     stream.write_with_ppi(b"unknown", PayloadProtocolIdentifier::Unknown)?;
     stream.write(b"")?;
-    let mut buffers = [Bytes::new(), Bytes::from_static(b"first"), Bytes::from_static(b"second")];
+    let mut buffers = [
+        Bytes::new(),
+        Bytes::from_static(b"first"),
+        Bytes::from_static(b"second"),
+    ];
     assert_eq!(stream.write_chunks(&mut buffers)?, 5);
     assert_eq!(buffers[2], b"second"[..]);
     let stats = stream.stats()?;
@@ -4477,16 +5387,22 @@ fn test_data_channel_stats_acceptance_and_delivery() -> Result<()> {
 fn test_data_channel_stats_retirement_reuse_and_loss() -> Result<()> {
     let mut a = create_association(TransportConfig::default());
     a.set_state(AssociationState::Established);
-    let initial = a.create_stream(4, false, PayloadProtocolIdentifier::Binary).unwrap().stats()?;
-    a.streams.get_mut(&4).unwrap().handle_data(&ChunkPayloadData {
-        tsn: 1,
-        stream_identifier: 4,
-        beginning_fragment: true,
-        ending_fragment: true,
-        payload_type: PayloadProtocolIdentifier::StringEmpty,
-        user_data: Bytes::from_static(&[0]),
-        ..Default::default()
-    })?;
+    let initial = a
+        .create_stream(4, false, PayloadProtocolIdentifier::Binary)
+        .unwrap()
+        .stats()?;
+    a.streams
+        .get_mut(&4)
+        .unwrap()
+        .handle_data(&ChunkPayloadData {
+            tsn: 1,
+            stream_identifier: 4,
+            beginning_fragment: true,
+            ending_fragment: true,
+            payload_type: PayloadProtocolIdentifier::StringEmpty,
+            user_data: Bytes::from_static(&[0]),
+            ..Default::default()
+        })?;
     a.retire_stream(4, 1);
     assert!(a.stream(4).unwrap().read()?.is_some());
     let mut finals = vec![];
@@ -4497,8 +5413,14 @@ fn test_data_channel_stats_retirement_reuse_and_loss() -> Result<()> {
     }
     assert_eq!(finals.len(), 1);
     assert_eq!(finals[0].generation, initial.generation);
-    assert_eq!((finals[0].messages_received, finals[0].bytes_received), (1, 0));
-    let fresh = a.create_stream(4, false, PayloadProtocolIdentifier::Binary).unwrap().stats()?;
+    assert_eq!(
+        (finals[0].messages_received, finals[0].bytes_received),
+        (1, 0)
+    );
+    let fresh = a
+        .create_stream(4, false, PayloadProtocolIdentifier::Binary)
+        .unwrap()
+        .stats()?;
     assert_ne!(fresh.generation, initial.generation);
     assert_eq!(fresh.messages_received, 0);
     a.close()?;
@@ -4517,10 +5439,17 @@ fn test_data_channel_stats_retirement_reuse_and_loss() -> Result<()> {
 fn test_data_channel_stats_receive_projection_and_isolation() -> Result<()> {
     let mut a = create_association(TransportConfig::default());
     a.set_state(AssociationState::Established);
-    a.create_stream(1, false, PayloadProtocolIdentifier::Binary).unwrap();
-    let untouched = a.create_stream(2, false, PayloadProtocolIdentifier::Binary).unwrap().stats()?;
+    a.create_stream(1, false, PayloadProtocolIdentifier::Binary)
+        .unwrap();
+    let untouched = a
+        .create_stream(2, false, PayloadProtocolIdentifier::Binary)
+        .unwrap()
+        .stats()?;
     let mut other = create_association(TransportConfig::default());
-    let separate = other.create_stream(1, false, PayloadProtocolIdentifier::Binary).unwrap().stats()?;
+    let separate = other
+        .create_stream(1, false, PayloadProtocolIdentifier::Binary)
+        .unwrap()
+        .stats()?;
     let payloads = [
         (PayloadProtocolIdentifier::Binary, &b"abc"[..]),
         (PayloadProtocolIdentifier::String, "é".as_bytes()),
@@ -4530,16 +5459,19 @@ fn test_data_channel_stats_receive_projection_and_isolation() -> Result<()> {
         (PayloadProtocolIdentifier::Unknown, &b"unknown"[..]),
     ];
     for (i, (ppi, data)) in payloads.into_iter().enumerate() {
-        a.streams.get_mut(&1).unwrap().handle_data(&ChunkPayloadData {
-            tsn: i as u32 + 1,
-            stream_sequence_number: i as u16,
-            stream_identifier: 1,
-            beginning_fragment: true,
-            ending_fragment: true,
-            payload_type: ppi,
-            user_data: Bytes::copy_from_slice(data),
-            ..Default::default()
-        })?;
+        a.streams
+            .get_mut(&1)
+            .unwrap()
+            .handle_data(&ChunkPayloadData {
+                tsn: i as u32 + 1,
+                stream_sequence_number: i as u16,
+                stream_identifier: 1,
+                beginning_fragment: true,
+                ending_fragment: true,
+                payload_type: ppi,
+                user_data: Bytes::copy_from_slice(data),
+                ..Default::default()
+            })?;
         a.stream(1)?.read()?.unwrap();
     }
     let stats = a.stream(1)?.stats()?;
@@ -4556,26 +5488,39 @@ fn test_data_channel_stats_receive_projection_and_isolation() -> Result<()> {
 #[test]
 fn test_data_channel_stats_failed_queue_and_abandoned_receive() -> Result<()> {
     let mut a = create_association(TransportConfig::default());
-    let before = a.create_stream(1, false, PayloadProtocolIdentifier::Binary).unwrap().stats()?;
+    let before = a
+        .create_stream(1, false, PayloadProtocolIdentifier::Binary)
+        .unwrap()
+        .stats()?;
     // Queueing rejects a write before the association is established.
     assert!(a.stream(1)?.write(b"not accepted").is_err());
     assert_eq!(a.stream(1)?.stats()?, before);
     a.set_state(AssociationState::Established);
-    a.streams.get_mut(&1).unwrap().handle_data(&ChunkPayloadData {
-        tsn: 1,
-        stream_identifier: 1,
-        beginning_fragment: true,
-        ending_fragment: false,
-        payload_type: PayloadProtocolIdentifier::Binary,
-        user_data: Bytes::from_static(b"incomplete"),
-        ..Default::default()
-    })?;
+    a.streams
+        .get_mut(&1)
+        .unwrap()
+        .handle_data(&ChunkPayloadData {
+            tsn: 1,
+            stream_identifier: 1,
+            beginning_fragment: true,
+            ending_fragment: false,
+            payload_type: PayloadProtocolIdentifier::Binary,
+            user_data: Bytes::from_static(b"incomplete"),
+            ..Default::default()
+        })?;
     assert!(a.stream(1)?.read()?.is_none());
-    a.streams.get_mut(&1).unwrap().reassembly_queue.forward_tsn_for_ordered(0);
+    a.streams
+        .get_mut(&1)
+        .unwrap()
+        .reassembly_queue
+        .forward_tsn_for_ordered(0);
     assert!(a.stream(1)?.read()?.is_none());
     assert_eq!(a.stream(1)?.stats()?, before);
     a.next_stream_generation = u64::MAX;
-    assert!(a.create_stream(2, false, PayloadProtocolIdentifier::Binary).is_none());
+    assert!(
+        a.create_stream(2, false, PayloadProtocolIdentifier::Binary)
+            .is_none()
+    );
     assert_eq!(a.stream(1)?.stats()?, before);
     Ok(())
 }
@@ -4590,7 +5535,9 @@ fn queue_inflight(a: &mut Association, mut chunk: ChunkPayloadData) {
     chunk.ending_fragment = true;
     let tsn = chunk.tsn;
     queue_pending(a, chunk);
-    a.outbound_queue.send_next(&mut { tsn }, Instant::now()).unwrap();
+    a.outbound_queue
+        .send_next(&mut { tsn }, Instant::now())
+        .unwrap();
 }
 
 fn fragmented_retransmission_fixture(limit: u32) -> Association {
@@ -4606,9 +5553,12 @@ fn fragmented_retransmission_fixture(limit: u32) -> Association {
         mtu: 1400,
         ..Default::default()
     };
-    a.create_stream(1, false, PayloadProtocolIdentifier::Binary).unwrap();
+    a.create_stream(1, false, PayloadProtocolIdentifier::Binary)
+        .unwrap();
     let mut stream = a.stream(1).unwrap();
-    stream.set_reliability_params(false, ReliabilityType::Rexmit, limit).unwrap();
+    stream
+        .set_reliability_params(false, ReliabilityType::Rexmit, limit)
+        .unwrap();
     stream.write(b"abcdefghij").unwrap();
     a
 }
@@ -4621,10 +5571,13 @@ fn test_fast_retransmission_abandons_message_and_pending_tail() {
     a.send_next_data_chunk(now).unwrap();
     for tsn in 1..=2 {
         a.outbound_queue.get_mut(tsn).unwrap().miss_indicator = 3;
-        a.loss_candidates.push(tsn); // sleap-rtc patch
+            a.loss_candidates.push(tsn); // sleap-rtc patch
     }
     a.will_retransmit_fast = true;
-    assert!(a.gather_outbound_fast_retransmission_packets(vec![], now).is_empty());
+    assert!(
+        a.gather_outbound_fast_retransmission_packets(vec![], now)
+            .is_empty()
+    );
     assert!(a.outbound_queue.is_abandoned(1));
     assert!(a.outbound_queue.is_abandoned(2));
     assert_eq!(a.outbound_queue.pending_len(), 0);
@@ -4633,7 +5586,10 @@ fn test_fast_retransmission_abandons_message_and_pending_tail() {
     let packets = a.gather_outbound_forward_tsn_packets(vec![]);
     assert_eq!(packets.len(), 1);
     let packet = Packet::unmarshal(&packets[0]).unwrap();
-    let forward = packet.chunks[0].as_any().downcast_ref::<ChunkForwardTsn>().unwrap();
+    let forward = packet.chunks[0]
+        .as_any()
+        .downcast_ref::<ChunkForwardTsn>()
+        .unwrap();
     assert_eq!(forward.new_cumulative_tsn, 3);
     assert_eq!(forward.streams[0].identifier, 1);
     assert_eq!(forward.streams[0].sequence, 0);
@@ -4669,7 +5625,11 @@ fn test_fast_retry_counts_toward_timer_retransmission_limit() {
             a.loss_candidates.push(tsn); // sleap-rtc patch
         }
         a.will_retransmit_fast = true;
-        assert_eq!(a.gather_outbound_fast_retransmission_packets(vec![], now).len(), 1);
+        assert_eq!(
+            a.gather_outbound_fast_retransmission_packets(vec![], now)
+                .len(),
+            1
+        );
         for tsn in 1..=3 {
             assert_eq!(a.outbound_queue.get(tsn).unwrap().nsent, 2);
             assert!(!a.outbound_queue.is_abandoned(tsn));
@@ -4702,14 +5662,20 @@ fn abandoned_retry_message_releases_credit_without_ack_credit() {
     assert_eq!(
         a.events
             .iter()
-            .filter(|event| matches!(event, Event::Stream(StreamEvent::BufferedAmountLow { id: 1 })))
+            .filter(|event| matches!(
+                event,
+                Event::Stream(StreamEvent::BufferedAmountLow { id: 1 })
+            ))
             .count(),
         1
     );
     let rto = a.rto_mgr.get_rto();
     let (credit, _) = a
         .process_selective_ack(
-            &ChunkSelectiveAck { cumulative_tsn_ack: 3, ..Default::default() },
+            &ChunkSelectiveAck {
+                cumulative_tsn_ack: 3,
+                ..Default::default()
+            },
             now + Duration::from_millis(200),
         )
         .unwrap();
@@ -4725,13 +5691,17 @@ fn retry_abandonment_does_not_credit_reused_stream() {
     a.send_next_data_chunk(now).unwrap();
     // Model the old stream's removal while its retransmission metadata remains.
     a.streams.remove(&1);
-    a.create_stream(1, false, PayloadProtocolIdentifier::Binary).unwrap();
+    a.create_stream(1, false, PayloadProtocolIdentifier::Binary)
+        .unwrap();
     a.stream(1).unwrap().write(b"new").unwrap();
     a.outbound_queue.mark_all_to_retransmit();
     assert!(a.get_data_packets_to_retransmit(now).is_empty());
     assert_eq!(a.stream(1).unwrap().buffered_amount().unwrap(), 3);
     assert_eq!(a.outbound_queue.pending_bytes(), 3);
-    assert!(a.events.iter().all(|event| !matches!(event, Event::Stream(StreamEvent::BufferedAmountLow { id: 1 }))));
+    assert!(a.events.iter().all(|event| !matches!(
+        event,
+        Event::Stream(StreamEvent::BufferedAmountLow { id: 1 })
+    )));
 }
 
 #[test]
@@ -4767,21 +5737,30 @@ fn check_old_generation_ack_credit(gap_ack: bool) {
     a.send_next_data_chunk(now).unwrap();
     // Same generation transition as retry_abandonment_does_not_credit_reused_stream.
     a.streams.remove(&1);
-    a.create_stream(1, false, PayloadProtocolIdentifier::Binary).unwrap();
+    a.create_stream(1, false, PayloadProtocolIdentifier::Binary)
+        .unwrap();
     a.stream(1).unwrap().write(b"new").unwrap();
     let sack = ChunkSelectiveAck {
         cumulative_tsn_ack: if gap_ack { 0 } else { 1 },
-        gap_ack_blocks: if gap_ack { vec![GapAckBlock { start: 1, end: 1 }] } else { vec![] },
+        gap_ack_blocks: if gap_ack {
+            vec![GapAckBlock { start: 1, end: 1 }]
+        } else {
+            vec![]
+        },
         advertised_receiver_window_credit: 100,
         ..Default::default()
     };
-    a.handle_sack(&sack, now + Duration::from_millis(20)).unwrap();
+    a.handle_sack(&sack, now + Duration::from_millis(20))
+        .unwrap();
     assert_eq!(
         a.stream(1).unwrap().buffered_amount().unwrap(),
         3,
         "old generation ACK must not release new stream credit (gap={gap_ack})"
     );
-    assert!(a.events.iter().all(|event| !matches!(event, Event::Stream(StreamEvent::BufferedAmountLow { id: 1 }))));
+    assert!(a.events.iter().all(|event| !matches!(
+        event,
+        Event::Stream(StreamEvent::BufferedAmountLow { id: 1 })
+    )));
 }
 
 #[test]
@@ -4807,12 +5786,23 @@ fn cancelled_retry_batch_reuses_window_for_unrelated_message() {
     a.outbound_queue.mark_all_to_retransmit();
     a.cwnd = 4;
     let packets = a.get_data_packets_to_retransmit(now);
-    assert_eq!(packets.len(), 1, "cancelled siblings must release this batch's window");
+    assert_eq!(
+        packets.len(),
+        1,
+        "cancelled siblings must release this batch's window"
+    );
     assert_eq!(packets[0].chunks.len(), 1);
-    let data = packets[0].chunks[0].as_any().downcast_ref::<ChunkPayloadData>().unwrap();
+    let data = packets[0].chunks[0]
+        .as_any()
+        .downcast_ref::<ChunkPayloadData>()
+        .unwrap();
     assert_eq!(data.tsn, 4);
     assert_eq!(&data.user_data[..], b"live");
-    assert_eq!(a.outbound_queue.get(1).unwrap().nsent, 1, "cancelled selection was never sent");
+    assert_eq!(
+        a.outbound_queue.get(1).unwrap().nsent,
+        1,
+        "cancelled selection was never sent"
+    );
 }
 
 #[test]
@@ -4830,14 +5820,20 @@ fn gap_ack_after_abandoned_prefix_restarts_outstanding_timer() {
     a.handle_sack(
         &ChunkSelectiveAck {
             cumulative_tsn_ack: 0,
-            gap_ack_blocks: vec![crate::chunk::chunk_selective_ack::GapAckBlock { start: 4, end: 4 }],
+            gap_ack_blocks: vec![crate::chunk::chunk_selective_ack::GapAckBlock {
+                start: 4,
+                end: 4,
+            }],
             advertised_receiver_window_credit: 100,
             ..Default::default()
         },
         ack_time,
     )
     .unwrap();
-    assert_eq!(a.timers.get(Timer::T3RTX), Some(ack_time + Duration::from_millis(a.rto_mgr.get_rto())));
+    assert_eq!(
+        a.timers.get(Timer::T3RTX),
+        Some(ack_time + Duration::from_millis(a.rto_mgr.get_rto()))
+    );
 }
 
 #[test]
@@ -4848,19 +5844,33 @@ fn late_ack_of_abandoned_data_resets_errors_but_duplicates_do_not() {
     assert!(a.abandon_if_needed(1, now));
     a.timers = TimerTable::new(None, Some(1), 60000);
     a.timers.start(Timer::T3RTX, now, 1);
-    assert_eq!(a.timers.is_expired(Timer::T3RTX, now + Duration::from_millis(1)), (true, false, 1));
+    assert_eq!(
+        a.timers
+            .is_expired(Timer::T3RTX, now + Duration::from_millis(1)),
+        (true, false, 1)
+    );
     let sack = ChunkSelectiveAck {
         cumulative_tsn_ack: 0,
         gap_ack_blocks: vec![crate::chunk::chunk_selective_ack::GapAckBlock { start: 1, end: 1 }],
         advertised_receiver_window_credit: 100,
         ..Default::default()
     };
-    a.handle_sack(&sack, now + Duration::from_millis(2)).unwrap();
+    a.handle_sack(&sack, now + Duration::from_millis(2))
+        .unwrap();
     a.timers.start(Timer::T3RTX, now, 1);
-    assert_eq!(a.timers.is_expired(Timer::T3RTX, now + Duration::from_millis(2)), (true, false, 1));
-    a.handle_sack(&sack, now + Duration::from_millis(3)).unwrap();
+    assert_eq!(
+        a.timers
+            .is_expired(Timer::T3RTX, now + Duration::from_millis(2)),
+        (true, false, 1)
+    );
+    a.handle_sack(&sack, now + Duration::from_millis(3))
+        .unwrap();
     a.timers.start(Timer::T3RTX, now, 1);
-    assert_eq!(a.timers.is_expired(Timer::T3RTX, now + Duration::from_millis(4)), (true, true, 2));
+    assert_eq!(
+        a.timers
+            .is_expired(Timer::T3RTX, now + Duration::from_millis(4)),
+        (true, true, 2)
+    );
 }
 
 #[test]
@@ -4872,11 +5882,18 @@ fn forward_only_marker_ack_does_not_reset_peer_errors() {
     assert_eq!(a.outbound_queue.get(2).unwrap().nsent, 0);
     a.timers = TimerTable::new(None, Some(1), 60000);
     a.timers.start(Timer::T3RTX, now, 1);
-    assert_eq!(a.timers.is_expired(Timer::T3RTX, now + Duration::from_millis(1)), (true, false, 1));
+    assert_eq!(
+        a.timers
+            .is_expired(Timer::T3RTX, now + Duration::from_millis(1)),
+        (true, false, 1)
+    );
     a.handle_sack(
         &ChunkSelectiveAck {
             cumulative_tsn_ack: 0,
-            gap_ack_blocks: vec![crate::chunk::chunk_selective_ack::GapAckBlock { start: 2, end: 2 }],
+            gap_ack_blocks: vec![crate::chunk::chunk_selective_ack::GapAckBlock {
+                start: 2,
+                end: 2,
+            }],
             advertised_receiver_window_credit: 100,
             ..Default::default()
         },
@@ -4884,7 +5901,11 @@ fn forward_only_marker_ack_does_not_reset_peer_errors() {
     )
     .unwrap();
     a.timers.start(Timer::T3RTX, now, 1);
-    assert_eq!(a.timers.is_expired(Timer::T3RTX, now + Duration::from_millis(4)), (true, true, 2));
+    assert_eq!(
+        a.timers
+            .is_expired(Timer::T3RTX, now + Duration::from_millis(4)),
+        (true, true, 2)
+    );
 }
 
 // sleap-rtc patch: a SACK with more gap blocks than fit in the MTU reports the lowest ones and
@@ -4892,9 +5913,17 @@ fn forward_only_marker_ack_does_not_reset_peer_errors() {
 #[test]
 fn sleap_rtc_sack_with_many_gaps_fits_in_one_packet() -> Result<()> {
     let mtu = 1140;
-    let mut receiver = Association { peer_last_tsn: 0, mtu, ..Default::default() };
+    let mut receiver = Association {
+        peer_last_tsn: 0,
+        mtu,
+        ..Default::default()
+    };
     for i in 0..1000u32 {
-        let c = ChunkPayloadData { tsn: 2 + 2 * i, user_data: Bytes::from_static(b"x"), ..Default::default() };
+        let c = ChunkPayloadData {
+            tsn: 2 + 2 * i,
+            user_data: Bytes::from_static(b"x"),
+            ..Default::default()
+        };
         assert!(receiver.payload_queue.push(c, 0));
     }
     let sack = receiver.create_selective_ack_chunk();

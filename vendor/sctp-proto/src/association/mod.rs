@@ -61,18 +61,22 @@ use thiserror::Error;
 
 /// sleap-rtc patch: whether a chunk with three miss indications has also been outstanding for
 /// longer than the reordering window (no window before the first RTT sample: RFC 4960's rule).
-fn deemed_lost(c: &ChunkPayloadData, now: Instant, reorder: Option<core::time::Duration>) -> bool {
+fn deemed_lost(
+    c: &ChunkPayloadData,
+    now: Instant,
+    reorder: Option<core::time::Duration>,
+) -> bool {
     match (reorder, c.since) {
         (Some(w), Some(since)) => now.saturating_duration_since(since) >= w,
         _ => true,
     }
 }
 
-mod bandwidth;
 pub(crate) mod state;
 pub(crate) mod stats;
 pub(crate) mod stream;
 mod timer;
+mod bandwidth;
 mod undo;
 
 #[cfg(test)]
@@ -182,8 +186,13 @@ impl PendingResetCompletions {
 
 #[derive(Debug, Copy, Clone)]
 enum DeferredForwardTsnKind {
-    Ordered { last_ssn: u16, new_cumulative_tsn: u32 },
-    Unordered { new_cumulative_tsn: u32 },
+    Ordered {
+        last_ssn: u16,
+        new_cumulative_tsn: u32,
+    },
+    Unordered {
+        new_cumulative_tsn: u32,
+    },
 }
 
 #[derive(Debug, Copy, Clone)]
@@ -476,8 +485,16 @@ impl Association {
             my_max_num_inbound_streams: config.max_num_inbound_streams(),
             max_payload_size,
 
-            rto_mgr: RtoManager::new(config.rto_initial_ms(), config.rto_min_ms(), config.rto_max_ms()),
-            timers: TimerTable::new(config.max_init_retransmits(), config.max_data_retransmits(), config.rto_max_ms()),
+            rto_mgr: RtoManager::new(
+                config.rto_initial_ms(),
+                config.rto_min_ms(),
+                config.rto_max_ms(),
+            ),
+            timers: TimerTable::new(
+                config.max_init_retransmits(),
+                config.max_data_retransmits(),
+                config.rto_max_ms(),
+            ),
 
             mtu,
             cwnd,
@@ -508,11 +525,23 @@ impl Association {
         local_ip: Option<IpAddr>,
         now: Instant,
     ) -> Self {
-        let side = if server_config.is_some() { Side::Server } else { Side::Client };
+        let side = if server_config.is_some() {
+            Side::Server
+        } else {
+            Side::Client
+        };
 
         let tsn = random::<NonZeroU32>().get();
 
-        let mut this = Self::new_common(config, max_payload_size, remote_addr, local_ip, side, local_aid, tsn);
+        let mut this = Self::new_common(
+            config,
+            max_payload_size,
+            remote_addr,
+            local_ip,
+            side,
+            local_aid,
+            tsn,
+        );
 
         if side.is_client() {
             let mut init = ChunkInit {
@@ -528,7 +557,8 @@ impl Association {
             this.set_state(AssociationState::CookieWait);
             this.stored_init = Some(init);
             let _ = this.send_init();
-            this.timers.start(Timer::T1Init, now, this.rto_mgr.get_rto());
+            this.timers
+                .start(Timer::T1Init, now, this.rto_mgr.get_rto());
         }
 
         this
@@ -570,7 +600,11 @@ impl Association {
         // acts as server so that log lines are distinguishable. This is purely
         // cosmetic — equal tags are impossible because the caller in
         // `connect_with_snap` rejects that case with `AidCollision`.
-        let side = if local_init.initiate_tag <= remote_init.initiate_tag { Side::Server } else { Side::Client };
+        let side = if local_init.initiate_tag <= remote_init.initiate_tag {
+            Side::Server
+        } else {
+            Side::Client
+        };
 
         // Use the TSN from our local INIT chunk
         let tsn = local_init.initial_tsn;
@@ -587,10 +621,14 @@ impl Association {
 
         // Negotiate stream counts: use the smaller of our config limit and
         // what the remote offers (RFC 4960 §5.1.1 cross-negotiation).
-        this.my_max_num_inbound_streams =
-            core::cmp::min(config.max_num_inbound_streams(), remote_init.num_outbound_streams);
-        this.my_max_num_outbound_streams =
-            core::cmp::min(config.max_num_outbound_streams(), remote_init.num_inbound_streams);
+        this.my_max_num_inbound_streams = core::cmp::min(
+            config.max_num_inbound_streams(),
+            remote_init.num_outbound_streams,
+        );
+        this.my_max_num_outbound_streams = core::cmp::min(
+            config.max_num_outbound_streams(),
+            remote_init.num_inbound_streams,
+        );
 
         this.peer_verification_tag = remote_init.initiate_tag;
 
@@ -629,7 +667,9 @@ impl Association {
         let mut selected = None;
         for (index, event) in self.events.iter().enumerate() {
             if let Event::Stream(StreamEvent::Finished { id }) = event {
-                if self.state != AssociationState::Closed && !self.ready_stream_finishes.contains(id) {
+                if self.state != AssociationState::Closed
+                    && !self.ready_stream_finishes.contains(id)
+                {
                     blocked_streams.insert(*id);
                     continue;
                 }
@@ -651,10 +691,14 @@ impl Association {
                 if let Some(stream_id) = stream_id {
                     if blocked_streams.contains(&stream_id) {
                         let terminal_for_delivered_generation =
-                            matches!(stream_event, StreamEvent::ResetComplete { .. } | StreamEvent::ResetFailed { .. })
-                                && self.delivered_stream_finishes.contains(&stream_id);
-                        let readable_current_generation =
-                            matches!(stream_event, StreamEvent::Opened { .. } | StreamEvent::Readable { .. });
+                            matches!(
+                                stream_event,
+                                StreamEvent::ResetComplete { .. } | StreamEvent::ResetFailed { .. }
+                            ) && self.delivered_stream_finishes.contains(&stream_id);
+                        let readable_current_generation = matches!(
+                            stream_event,
+                            StreamEvent::Opened { .. } | StreamEvent::Readable { .. }
+                        );
                         if !terminal_for_delivered_generation && !readable_current_generation {
                             continue;
                         }
@@ -667,7 +711,10 @@ impl Association {
         }
 
         if let Some(index) = selected {
-            let x = self.events.remove(index).expect("selected event must exist");
+            let x = self
+                .events
+                .remove(index)
+                .expect("selected event must exist");
             match &x {
                 Event::Stream(StreamEvent::Finished { id }) => {
                     self.ready_stream_finishes.take_one(*id);
@@ -675,7 +722,9 @@ impl Association {
                         self.delivered_stream_finishes.insert(*id);
                     }
                 }
-                Event::Stream(StreamEvent::ResetComplete { id } | StreamEvent::ResetFailed { id, .. }) => {
+                Event::Stream(
+                    StreamEvent::ResetComplete { id } | StreamEvent::ResetFailed { id, .. },
+                ) => {
                     self.delivered_stream_finishes.take_one(*id);
                 }
                 _ => {}
@@ -818,20 +867,29 @@ impl Association {
     fn receive_capacity_exhausted(&self) -> bool {
         self.get_my_receiver_window_credit() == 0
             && (!self.deferred_reset_data.is_empty()
-                || self.streams.values().any(|s| s.get_num_bytes_in_reassembly_queue() > 0))
+                || self
+                    .streams
+                    .values()
+                    .any(|s| s.get_num_bytes_in_reassembly_queue() > 0))
             && self.payload_queue.is_empty()
             && !self.streams.values().any(|s| {
-                matches!(s.state, RecvSendState::Readable | RecvSendState::ReadWritable)
-                    && s.reassembly_queue.is_readable()
+                matches!(
+                    s.state,
+                    RecvSendState::Readable | RecvSendState::ReadWritable
+                ) && s.reassembly_queue.is_readable()
             })
     }
 
     fn abort_receive_capacity(&mut self) {
         let _ = self.close_with_reason(AssociationError::ReceiveBufferExhausted);
         let abort = ChunkAbort {
-            error_causes: vec![crate::chunk::ErrorCause { code: crate::chunk::OUT_OF_RESOURCE, raw: Bytes::new() }],
+            error_causes: vec![crate::chunk::ErrorCause {
+                code: crate::chunk::OUT_OF_RESOURCE,
+                raw: Bytes::new(),
+            }],
         };
-        self.control_queue.push_back(self.create_packet(vec![Box::new(abort)]));
+        self.control_queue
+            .push_back(self.create_packet(vec![Box::new(abort)]));
     }
 
     /// Returns Association statistics
@@ -969,11 +1027,31 @@ impl Association {
             self.events.push_back(Event::AssociationLost { reason });
 
             debug!("[{}] association closed", self.side);
-            debug!("[{}] stats nDATAs (in) : {}", self.side, self.stats.get_num_datas());
-            debug!("[{}] stats nSACKs (in) : {}", self.side, self.stats.get_num_sacks());
-            debug!("[{}] stats nT3Timeouts : {}", self.side, self.stats.get_num_t3timeouts());
-            debug!("[{}] stats nAckTimeouts: {}", self.side, self.stats.get_num_ack_timeouts());
-            debug!("[{}] stats nFastRetrans: {}", self.side, self.stats.get_num_fast_retrans());
+            debug!(
+                "[{}] stats nDATAs (in) : {}",
+                self.side,
+                self.stats.get_num_datas()
+            );
+            debug!(
+                "[{}] stats nSACKs (in) : {}",
+                self.side,
+                self.stats.get_num_sacks()
+            );
+            debug!(
+                "[{}] stats nT3Timeouts : {}",
+                self.side,
+                self.stats.get_num_t3timeouts()
+            );
+            debug!(
+                "[{}] stats nAckTimeouts: {}",
+                self.side,
+                self.stats.get_num_ack_timeouts()
+            );
+            debug!(
+                "[{}] stats nFastRetrans: {}",
+                self.side,
+                self.stats.get_num_fast_retrans()
+            );
         }
 
         Ok(())
@@ -1002,7 +1080,12 @@ impl Association {
 
     /// accept_stream accepts a stream
     pub fn accept_stream(&mut self) -> Option<Stream<'_>> {
-        self.stream_queue.pop_front().map(move |stream_identifier| Stream { stream_identifier, association: self })
+        self.stream_queue
+            .pop_front()
+            .map(move |stream_identifier| Stream {
+                stream_identifier,
+                association: self,
+            })
     }
 
     /// stream returns a stream
@@ -1010,7 +1093,10 @@ impl Association {
         if !self.streams.contains_key(&stream_identifier) {
             Err(Error::ErrStreamNotExisted)
         } else {
-            Ok(Stream { stream_identifier, association: self })
+            Ok(Stream {
+                stream_identifier,
+                association: self,
+            })
         }
     }
 
@@ -1072,10 +1158,12 @@ impl Association {
             let reset_blocked = self.stream_reset_blocked(id);
             if !reset_blocked {
                 let application_closed = notify
-                    && self
-                        .streams
-                        .get(&id)
-                        .is_some_and(|stream| matches!(stream.state, RecvSendState::Closed | RecvSendState::Writable));
+                    && self.streams.get(&id).is_some_and(|stream| {
+                        matches!(
+                            stream.state,
+                            RecvSendState::Closed | RecvSendState::Writable
+                        )
+                    });
                 if application_closed {
                     self.unregister_stream(id, false);
                 } else if let Some(stream) = self.streams.get_mut(&id) {
@@ -1086,17 +1174,23 @@ impl Association {
                 }
             }
             if notify {
-                self.events.push_back(Event::Stream(StreamEvent::ResetComplete { id }));
+                self.events
+                    .push_back(Event::Stream(StreamEvent::ResetComplete { id }));
             }
         }
     }
 
     /// Report a terminal reset failure and keep the stream id quarantined.
-    fn emit_reset_failed(&mut self, ids: impl IntoIterator<Item = StreamId>, reason: StreamResetError) {
+    fn emit_reset_failed(
+        &mut self,
+        ids: impl IntoIterator<Item = StreamId>,
+        reason: StreamResetError,
+    ) {
         for id in ids {
             self.pending_reset_completions.take_one(id);
             self.failed_reset_streams.insert(id);
-            self.events.push_back(Event::Stream(StreamEvent::ResetFailed { id, reason }));
+            self.events
+                .push_back(Event::Stream(StreamEvent::ResetFailed { id, reason }));
         }
     }
 
@@ -1112,7 +1206,10 @@ impl Association {
         })
     }
 
-    fn reset_request_affects_stream(request: &ParamOutgoingResetRequest, stream_id: StreamId) -> bool {
+    fn reset_request_affects_stream(
+        request: &ParamOutgoingResetRequest,
+        stream_id: StreamId,
+    ) -> bool {
         request.stream_identifiers.is_empty() || request.stream_identifiers.contains(&stream_id)
     }
 
@@ -1126,7 +1223,8 @@ impl Association {
 
     /// Whether a request currently prevents assigning new SSNs for this stream.
     fn stream_reset_in_progress(&self, stream_id: StreamId) -> bool {
-        self.pending_reset_streams.contains(&stream_id) || self.has_pending_reset_for_stream(stream_id)
+        self.pending_reset_streams.contains(&stream_id)
+            || self.has_pending_reset_for_stream(stream_id)
     }
 
     fn reconfig_stream_ids(c: &ChunkReconfig) -> Vec<StreamId> {
@@ -1141,12 +1239,16 @@ impl Association {
     fn packet_reconfig_request_rsn(packet: &Packet) -> Option<u32> {
         packet.chunks.iter().find_map(|chunk| {
             let reconfig = chunk.as_any().downcast_ref::<ChunkReconfig>()?;
-            reconfig.param_a.iter().chain(reconfig.param_b.iter()).find_map(|param| {
-                param
-                    .as_any()
-                    .downcast_ref::<ParamOutgoingResetRequest>()
-                    .map(|request| request.reconfig_request_sequence_number)
-            })
+            reconfig
+                .param_a
+                .iter()
+                .chain(reconfig.param_b.iter())
+                .find_map(|param| {
+                    param
+                        .as_any()
+                        .downcast_ref::<ParamOutgoingResetRequest>()
+                        .map(|request| request.reconfig_request_sequence_number)
+                })
         })
     }
 
@@ -1166,7 +1268,10 @@ impl Association {
             })
         }
 
-        ChunkReconfig { param_a: update(&c.param_a, sender_last_tsn), param_b: update(&c.param_b, sender_last_tsn) }
+        ChunkReconfig {
+            param_a: update(&c.param_a, sender_last_tsn),
+            param_b: update(&c.param_b, sender_last_tsn),
+        }
     }
 
     /// Whether DATA of this stream is still queued or not yet cumulatively
@@ -1194,7 +1299,9 @@ impl Association {
             if stream_ids.is_empty() {
                 self.outbound_queue.pending_len() != 0 || self.outbound_queue.inflight_len() != 0
             } else {
-                stream_ids.iter().any(|id| self.stream_has_unacked_data(*id))
+                stream_ids
+                    .iter()
+                    .any(|id| self.stream_has_unacked_data(*id))
             }
         })
     }
@@ -1203,19 +1310,33 @@ impl Association {
         // Fixed at send time so it covers DATA that received a TSN after the
         // request was queued (RFC 6525 section 5.1.2, A3).
         let sender_last_tsn = self.my_next_tsn.wrapping_sub(1);
-        let reconfig = self.reconfigs.get(&rsn).map(|c| Self::reconfig_with_sender_last_tsn(c, sender_last_tsn))?;
+        let reconfig = self
+            .reconfigs
+            .get(&rsn)
+            .map(|c| Self::reconfig_with_sender_last_tsn(c, sender_last_tsn))?;
         self.reconfigs.insert(rsn, reconfig.clone());
         Some(self.create_packet(vec![Box::new(reconfig)]))
     }
 
     /// Finish the one request associated with the running Re-configuration Timer.
-    fn finish_reconfig(&mut self, rsn: u32, outcome: core::result::Result<(), StreamResetError>) -> bool {
+    fn finish_reconfig(
+        &mut self,
+        rsn: u32,
+        outcome: core::result::Result<(), StreamResetError>,
+    ) -> bool {
         if self.active_reconfig != Some(rsn) {
             return false;
         }
 
-        let fallback_ids = self.reconfigs.remove(&rsn).map(|c| Self::reconfig_stream_ids(&c)).unwrap_or_default();
-        let ids = self.reconfig_reset_streams.remove(&rsn).unwrap_or(fallback_ids);
+        let fallback_ids = self
+            .reconfigs
+            .remove(&rsn)
+            .map(|c| Self::reconfig_stream_ids(&c))
+            .unwrap_or_default();
+        let ids = self
+            .reconfig_reset_streams
+            .remove(&rsn)
+            .unwrap_or(fallback_ids);
         self.active_reconfig = None;
         self.will_retransmit_reconfig = false;
         self.timers.stop(Timer::Reconfig);
@@ -1244,7 +1365,9 @@ impl Association {
     }
 
     fn queue_stream_finished(&mut self, stream_identifier: StreamId, ready: bool) {
-        self.events.push_back(Event::Stream(StreamEvent::Finished { id: stream_identifier }));
+        self.events.push_back(Event::Stream(StreamEvent::Finished {
+            id: stream_identifier,
+        }));
         // Every Finished owes a terminal reset event, even if the peer
         // re-creates the stream id before the handshake completes.
         self.pending_reset_completions.insert(stream_identifier);
@@ -1270,8 +1393,10 @@ impl Association {
         }
 
         let has_readable_data = self.streams.get(&stream_identifier).is_some_and(|stream| {
-            matches!(stream.state, RecvSendState::Readable | RecvSendState::ReadWritable)
-                && stream.get_num_bytes_in_reassembly_queue() != 0
+            matches!(
+                stream.state,
+                RecvSendState::Readable | RecvSendState::ReadWritable
+            ) && stream.get_num_bytes_in_reassembly_queue() != 0
         });
 
         if !has_readable_data {
@@ -1299,18 +1424,26 @@ impl Association {
             return Ok(());
         }
 
-        let inherited_state =
-            self.streams.get(&stream_identifier).map(|stream| stream.state).unwrap_or(RecvSendState::ReadWritable);
+        let inherited_state = self
+            .streams
+            .get(&stream_identifier)
+            .map(|stream| stream.state)
+            .unwrap_or(RecvSendState::ReadWritable);
         if let Some(mut stream) = self.streams.remove(&stream_identifier) {
-            self.events.push_back(Event::DataChannelStatsFinal(stream.stats));
+            self.events
+                .push_back(Event::DataChannelStatsFinal(stream.stats));
             stream.state = RecvSendState::Closed;
         }
 
         loop {
             let (completed_boundary, next_boundary) = {
-                let boundaries =
-                    self.retiring_streams.get_mut(&stream_identifier).expect("retiring stream must retain a boundary");
-                let completed = boundaries.pop_front().expect("retiring stream must have a current generation");
+                let boundaries = self
+                    .retiring_streams
+                    .get_mut(&stream_identifier)
+                    .expect("retiring stream must retain a boundary");
+                let completed = boundaries
+                    .pop_front()
+                    .expect("retiring stream must have a current generation");
                 (completed, boundaries.front().copied())
             };
             self.discard_deferred_forward_tsns_through(stream_identifier, completed_boundary);
@@ -1323,7 +1456,11 @@ impl Association {
                 return result;
             };
 
-            self.release_deferred_generation_data(stream_identifier, completed_boundary, next_boundary)?;
+            self.release_deferred_generation_data(
+                stream_identifier,
+                completed_boundary,
+                next_boundary,
+            )?;
             self.inherit_stream_state(stream_identifier, inherited_state);
 
             let has_unread_data = self
@@ -1338,14 +1475,19 @@ impl Association {
             // Finished event can become ready immediately, and any forwarding
             // state scoped to it must not leak into the following generation.
             if let Some(mut stream) = self.streams.remove(&stream_identifier) {
-                self.events.push_back(Event::DataChannelStatsFinal(stream.stats));
+                self.events
+                    .push_back(Event::DataChannelStatsFinal(stream.stats));
                 stream.state = RecvSendState::Closed;
             }
             self.discard_deferred_forward_tsns_through(stream_identifier, next_boundary);
         }
     }
 
-    fn inherit_stream_state(&mut self, stream_identifier: StreamId, inherited_state: RecvSendState) {
+    fn inherit_stream_state(
+        &mut self,
+        stream_identifier: StreamId,
+        inherited_state: RecvSendState,
+    ) {
         if let Some(stream) = self.streams.get_mut(&stream_identifier) {
             stream.state = ((stream.state as u8) & (inherited_state as u8)).into();
         }
@@ -1365,12 +1507,15 @@ impl Association {
         let discarded_tsns: Vec<u32> = self
             .deferred_reset_data
             .iter()
-            .filter_map(|(tsn, chunk)| (chunk.stream_identifier == stream_identifier).then_some(*tsn))
+            .filter_map(|(tsn, chunk)| {
+                (chunk.stream_identifier == stream_identifier).then_some(*tsn)
+            })
             .collect();
         for tsn in discarded_tsns {
             self.payload_queue.mark_as_acked(tsn);
         }
-        self.deferred_reset_data.retain(|_, chunk| chunk.stream_identifier != stream_identifier);
+        self.deferred_reset_data
+            .retain(|_, chunk| chunk.stream_identifier != stream_identifier);
         self.deferred_forward_tsns.remove(&stream_identifier);
         self.events.retain(|event| {
             !matches!(
@@ -1382,7 +1527,8 @@ impl Association {
         });
 
         if let Some(stream) = self.streams.get_mut(&stream_identifier) {
-            stream.reassembly_queue = ReassemblyQueue::new(stream_identifier, self.max_receive_message_size);
+            stream.reassembly_queue =
+                ReassemblyQueue::new(stream_identifier, self.max_receive_message_size);
         }
         if !self.stream_reset_blocked(stream_identifier) {
             self.unregister_stream(stream_identifier, false);
@@ -1392,7 +1538,10 @@ impl Association {
     /// set_state atomically sets the state of the Association.
     fn set_state(&mut self, new_state: AssociationState) {
         if new_state != self.state {
-            debug!("[{}] state change: '{}' => '{}'", self.side, self.state, new_state,);
+            debug!(
+                "[{}] state change: '{}' => '{}'",
+                self.side, self.state, new_state,
+            );
         }
         self.state = new_state;
     }
@@ -1536,11 +1685,20 @@ impl Association {
     }
 
     #[allow(clippy::borrowed_box)]
-    fn handle_chunk(&mut self, p: &Packet, chunk: &Box<dyn Chunk + Send + Sync>, now: Instant) -> Result<()> {
+    fn handle_chunk(
+        &mut self,
+        p: &Packet,
+        chunk: &Box<dyn Chunk + Send + Sync>,
+        now: Instant,
+    ) -> Result<()> {
         chunk.check()?;
         let chunk_any = chunk.as_any();
         let packets = if let Some(c) = chunk_any.downcast_ref::<ChunkInit>() {
-            if c.is_ack { self.handle_init_ack(p, c, now)? } else { self.handle_init(p, c)? }
+            if c.is_ack {
+                self.handle_init_ack(p, c, now)?
+            } else {
+                self.handle_init(p, c)?
+            }
         } else if let Some(c) = chunk_any.downcast_ref::<ChunkAbort>() {
             let mut err_str = String::new();
             for e in &c.error_causes {
@@ -1614,13 +1772,20 @@ impl Association {
         }
 
         // Should we be setting any of these permanently until we've ACKed further?
-        self.my_max_num_inbound_streams = core::cmp::min(i.num_inbound_streams, self.my_max_num_inbound_streams);
-        self.my_max_num_outbound_streams = core::cmp::min(i.num_outbound_streams, self.my_max_num_outbound_streams);
+        self.my_max_num_inbound_streams =
+            core::cmp::min(i.num_inbound_streams, self.my_max_num_inbound_streams);
+        self.my_max_num_outbound_streams =
+            core::cmp::min(i.num_outbound_streams, self.my_max_num_outbound_streams);
         self.peer_verification_tag = i.initiate_tag;
         self.source_port = p.common_header.destination_port;
         self.destination_port = p.common_header.source_port;
 
-        self.apply_remote_init_params(i.initial_tsn, i.advertised_receiver_window_credit, &i.params, "init");
+        self.apply_remote_init_params(
+            i.initial_tsn,
+            i.advertised_receiver_window_credit,
+            &i.params,
+            "init",
+        );
 
         let mut outbound = Packet {
             common_header: CommonHeader {
@@ -1656,7 +1821,12 @@ impl Association {
         Ok(vec![outbound])
     }
 
-    fn handle_init_ack(&mut self, p: &Packet, i: &ChunkInitAck, now: Instant) -> Result<Vec<Packet>> {
+    fn handle_init_ack(
+        &mut self,
+        p: &Packet,
+        i: &ChunkInitAck,
+        now: Instant,
+    ) -> Result<Vec<Packet>> {
         let state = self.state();
         debug!("[{}] chunkInitAck received in state '{}'", self.side, state);
         if state != AssociationState::CookieWait {
@@ -1669,28 +1839,42 @@ impl Association {
             return Ok(vec![]);
         }
 
-        self.my_max_num_inbound_streams = core::cmp::min(i.num_inbound_streams, self.my_max_num_inbound_streams);
-        self.my_max_num_outbound_streams = core::cmp::min(i.num_outbound_streams, self.my_max_num_outbound_streams);
+        self.my_max_num_inbound_streams =
+            core::cmp::min(i.num_inbound_streams, self.my_max_num_inbound_streams);
+        self.my_max_num_outbound_streams =
+            core::cmp::min(i.num_outbound_streams, self.my_max_num_outbound_streams);
         self.peer_verification_tag = i.initiate_tag;
-        if self.source_port != p.common_header.destination_port || self.destination_port != p.common_header.source_port
+        if self.source_port != p.common_header.destination_port
+            || self.destination_port != p.common_header.source_port
         {
             warn!("[{}] handle_init_ack: port mismatch", self.side);
             return Ok(vec![]);
         }
 
-        self.apply_remote_init_params(i.initial_tsn, i.advertised_receiver_window_credit, &i.params, "initAck");
+        self.apply_remote_init_params(
+            i.initial_tsn,
+            i.advertised_receiver_window_credit,
+            &i.params,
+            "initAck",
+        );
 
         self.timers.stop(Timer::T1Init);
         self.stored_init = None;
 
-        let cookie_param = i.params.iter().find_map(|param| param.as_any().downcast_ref::<ParamStateCookie>());
+        let cookie_param = i
+            .params
+            .iter()
+            .find_map(|param| param.as_any().downcast_ref::<ParamStateCookie>());
 
         if let Some(v) = cookie_param {
-            self.stored_cookie_echo = Some(ChunkCookieEcho { cookie: v.cookie.clone() });
+            self.stored_cookie_echo = Some(ChunkCookieEcho {
+                cookie: v.cookie.clone(),
+            });
 
             self.send_cookie_echo()?;
 
-            self.timers.start(Timer::T1Cookie, now, self.rto_mgr.get_rto());
+            self.timers
+                .start(Timer::T1Cookie, now, self.rto_mgr.get_rto());
 
             self.set_state(AssociationState::CookieEchoed);
 
@@ -1717,7 +1901,10 @@ impl Association {
                     })],
                 }]);
             } else {
-                warn!("[{}] failed to handle Heartbeat, no ParamHeartbeatInfo", self.side,);
+                warn!(
+                    "[{}] failed to handle Heartbeat, no ParamHeartbeatInfo",
+                    self.side,
+                );
             }
         }
 
@@ -1735,7 +1922,9 @@ impl Association {
                         return Ok(vec![]);
                     }
                 }
-                AssociationState::Closed | AssociationState::CookieWait | AssociationState::CookieEchoed => {
+                AssociationState::Closed
+                | AssociationState::CookieWait
+                | AssociationState::CookieEchoed => {
                     if my_cookie.cookie != c.cookie {
                         return Ok(vec![]);
                     }
@@ -1797,7 +1986,9 @@ impl Association {
     }
 
     fn current_reset_boundary(&self, stream_identifier: StreamId) -> Option<u32> {
-        self.retiring_streams.get(&stream_identifier).and_then(|boundaries| boundaries.front().copied())
+        self.retiring_streams
+            .get(&stream_identifier)
+            .and_then(|boundaries| boundaries.front().copied())
     }
 
     fn pending_reset_boundary(&self, stream_identifier: StreamId) -> Option<u32> {
@@ -1809,7 +2000,8 @@ impl Association {
 
     fn forward_tsn_applies_to_current_generation(&self, stream_identifier: StreamId) -> bool {
         let current_boundary = self.current_reset_boundary(stream_identifier);
-        current_boundary.is_none() || current_boundary == self.pending_reset_boundary(stream_identifier)
+        current_boundary.is_none()
+            || current_boundary == self.pending_reset_boundary(stream_identifier)
     }
 
     fn apply_or_defer_ordered_forward_tsn(
@@ -1821,15 +2013,23 @@ impl Association {
         if !self.forward_tsn_applies_to_current_generation(stream_identifier) {
             let generation_boundary = self.pending_reset_boundary(stream_identifier);
             let kind = {
-                let updates = self.deferred_forward_tsns.entry(stream_identifier).or_default();
+                let updates = self
+                    .deferred_forward_tsns
+                    .entry(stream_identifier)
+                    .or_default();
                 let previous = updates.iter_mut().find(|update| {
                     if update.generation_boundary != generation_boundary {
                         return false;
                     }
-                    let DeferredForwardTsnKind::Ordered { last_ssn: previous_ssn, .. } = update.kind else {
+                    let DeferredForwardTsnKind::Ordered {
+                        last_ssn: previous_ssn,
+                        ..
+                    } = update.kind
+                    else {
                         return false;
                     };
-                    previous_ssn == last_ssn || (generation_boundary.is_some() && sna16lt(previous_ssn, last_ssn))
+                    previous_ssn == last_ssn
+                        || (generation_boundary.is_some() && sna16lt(previous_ssn, last_ssn))
                 });
 
                 if let Some(previous) = previous {
@@ -1848,36 +2048,60 @@ impl Association {
                     }
                     previous.kind
                 } else {
-                    let kind = DeferredForwardTsnKind::Ordered { last_ssn, new_cumulative_tsn };
-                    updates.push_back(DeferredForwardTsn { generation_boundary, kind });
+                    let kind = DeferredForwardTsnKind::Ordered {
+                        last_ssn,
+                        new_cumulative_tsn,
+                    };
+                    updates.push_back(DeferredForwardTsn {
+                        generation_boundary,
+                        kind,
+                    });
                     kind
                 }
             };
-            self.prune_deferred_reset_data_for_forward_tsn(stream_identifier, generation_boundary, kind);
+            self.prune_deferred_reset_data_for_forward_tsn(
+                stream_identifier,
+                generation_boundary,
+                kind,
+            );
             return;
         }
 
-        let became_readable = self.streams.get_mut(&stream_identifier).is_some_and(|stream| {
-            let was_readable = stream.reassembly_queue.is_readable();
-            stream.reassembly_queue.forward_tsn_for_ordered(last_ssn);
-            !was_readable && stream.reassembly_queue.is_readable()
-        });
+        let became_readable = self
+            .streams
+            .get_mut(&stream_identifier)
+            .is_some_and(|stream| {
+                let was_readable = stream.reassembly_queue.is_readable();
+                stream.reassembly_queue.forward_tsn_for_ordered(last_ssn);
+                !was_readable && stream.reassembly_queue.is_readable()
+            });
         if became_readable {
-            self.events.push_back(Event::Stream(StreamEvent::Readable { id: stream_identifier }));
+            self.events.push_back(Event::Stream(StreamEvent::Readable {
+                id: stream_identifier,
+            }));
         }
     }
 
-    fn apply_or_defer_unordered_forward_tsn(&mut self, stream_identifier: StreamId, new_cumulative_tsn: u32) {
+    fn apply_or_defer_unordered_forward_tsn(
+        &mut self,
+        stream_identifier: StreamId,
+        new_cumulative_tsn: u32,
+    ) {
         if !self.forward_tsn_applies_to_current_generation(stream_identifier) {
             let generation_boundary = self.pending_reset_boundary(stream_identifier);
             let effective_cumulative_tsn = {
-                let updates = self.deferred_forward_tsns.entry(stream_identifier).or_default();
+                let updates = self
+                    .deferred_forward_tsns
+                    .entry(stream_identifier)
+                    .or_default();
                 if let Some(previous_cumulative_tsn) = updates.iter_mut().find_map(|update| {
                     if update.generation_boundary != generation_boundary {
                         return None;
                     }
                     match &mut update.kind {
-                        DeferredForwardTsnKind::Unordered { new_cumulative_tsn } => Some(new_cumulative_tsn),
+                        DeferredForwardTsnKind::Unordered { new_cumulative_tsn } => {
+                            Some(new_cumulative_tsn)
+                        }
                         DeferredForwardTsnKind::Ordered { .. } => None,
                     }
                 }) {
@@ -1896,13 +2120,17 @@ impl Association {
             self.prune_deferred_reset_data_for_forward_tsn(
                 stream_identifier,
                 generation_boundary,
-                DeferredForwardTsnKind::Unordered { new_cumulative_tsn: effective_cumulative_tsn },
+                DeferredForwardTsnKind::Unordered {
+                    new_cumulative_tsn: effective_cumulative_tsn,
+                },
             );
             return;
         }
 
         if let Some(stream) = self.streams.get_mut(&stream_identifier) {
-            stream.reassembly_queue.forward_tsn_for_unordered(new_cumulative_tsn);
+            stream
+                .reassembly_queue
+                .forward_tsn_for_unordered(new_cumulative_tsn);
         }
     }
 
@@ -1919,19 +2147,27 @@ impl Association {
         update: DeferredForwardTsn,
     ) -> Option<(DeferredForwardTsnKind, bool)> {
         match update.kind {
-            DeferredForwardTsnKind::Ordered { last_ssn, new_cumulative_tsn } => {
-                self.streams.get(&stream_identifier).and_then(|stream| {
-                    stream
-                        .reassembly_queue
-                        .applicable_forward_tsn_for_ordered_bounded(last_ssn, new_cumulative_tsn, self.peer_last_tsn)
-                        .map(|applicable_last_ssn| {
-                            (
-                                DeferredForwardTsnKind::Ordered { last_ssn: applicable_last_ssn, new_cumulative_tsn },
-                                applicable_last_ssn == last_ssn,
-                            )
-                        })
-                })
-            }
+            DeferredForwardTsnKind::Ordered {
+                last_ssn,
+                new_cumulative_tsn,
+            } => self.streams.get(&stream_identifier).and_then(|stream| {
+                stream
+                    .reassembly_queue
+                    .applicable_forward_tsn_for_ordered_bounded(
+                        last_ssn,
+                        new_cumulative_tsn,
+                        self.peer_last_tsn,
+                    )
+                    .map(|applicable_last_ssn| {
+                        (
+                            DeferredForwardTsnKind::Ordered {
+                                last_ssn: applicable_last_ssn,
+                                new_cumulative_tsn,
+                            },
+                            applicable_last_ssn == last_ssn,
+                        )
+                    })
+            }),
             DeferredForwardTsnKind::Unordered { .. } => Some((update.kind, true)),
         }
     }
@@ -1972,7 +2208,11 @@ impl Association {
                 retain
             });
         }
-        if self.deferred_forward_tsns.get(&stream_identifier).is_some_and(VecDeque::is_empty) {
+        if self
+            .deferred_forward_tsns
+            .get(&stream_identifier)
+            .is_some_and(VecDeque::is_empty)
+        {
             self.deferred_forward_tsns.remove(&stream_identifier);
         }
 
@@ -1980,11 +2220,18 @@ impl Association {
             let was_readable = stream.reassembly_queue.is_readable();
             for kind in ready {
                 match kind {
-                    DeferredForwardTsnKind::Ordered { last_ssn, new_cumulative_tsn } => {
-                        stream.reassembly_queue.forward_tsn_for_ordered_bounded(last_ssn, new_cumulative_tsn);
+                    DeferredForwardTsnKind::Ordered {
+                        last_ssn,
+                        new_cumulative_tsn,
+                    } => {
+                        stream
+                            .reassembly_queue
+                            .forward_tsn_for_ordered_bounded(last_ssn, new_cumulative_tsn);
                     }
                     DeferredForwardTsnKind::Unordered { new_cumulative_tsn } => {
-                        stream.reassembly_queue.forward_tsn_for_unordered(new_cumulative_tsn);
+                        stream
+                            .reassembly_queue
+                            .forward_tsn_for_unordered(new_cumulative_tsn);
                     }
                 }
             }
@@ -1993,11 +2240,17 @@ impl Association {
             false
         };
         if became_readable {
-            self.events.push_back(Event::Stream(StreamEvent::Readable { id: stream_identifier }));
+            self.events.push_back(Event::Stream(StreamEvent::Readable {
+                id: stream_identifier,
+            }));
         }
     }
 
-    fn discard_deferred_forward_tsns_through(&mut self, stream_identifier: StreamId, boundary: u32) {
+    fn discard_deferred_forward_tsns_through(
+        &mut self,
+        stream_identifier: StreamId,
+        boundary: u32,
+    ) {
         if let Some(updates) = self.deferred_forward_tsns.get_mut(&stream_identifier) {
             updates.retain(|update| update.generation_boundary != Some(boundary));
             if updates.is_empty() {
@@ -2046,7 +2299,10 @@ impl Association {
             }
         }
         match kind {
-            DeferredForwardTsnKind::Ordered { last_ssn, new_cumulative_tsn } => {
+            DeferredForwardTsnKind::Ordered {
+                last_ssn,
+                new_cumulative_tsn,
+            } => {
                 queue.forward_tsn_for_ordered_bounded(last_ssn, new_cumulative_tsn);
             }
             DeferredForwardTsnKind::Unordered { new_cumulative_tsn } => {
@@ -2062,7 +2318,8 @@ impl Association {
             .chain(queue.unordered_chunks.iter())
             .map(|chunk| chunk.tsn)
             .collect();
-        self.deferred_reset_data.retain(|tsn, _| !targeted_tsns.contains(tsn) || retained_tsns.contains(tsn));
+        self.deferred_reset_data
+            .retain(|tsn, _| !targeted_tsns.contains(tsn) || retained_tsns.contains(tsn));
     }
 
     fn deliver_deferred_reset_data(&mut self, d: &ChunkPayloadData) -> Result<()> {
@@ -2075,7 +2332,9 @@ impl Association {
             let queued = stream.handle_data(d)?;
             self.events.push_back(Event::DatagramReceived);
             if queued && stream.reassembly_queue.is_readable() {
-                self.events.push_back(Event::Stream(StreamEvent::Readable { id: d.stream_identifier }));
+                self.events.push_back(Event::Stream(StreamEvent::Readable {
+                    id: d.stream_identifier,
+                }));
             }
         }
 
@@ -2109,7 +2368,11 @@ impl Association {
         Ok(())
     }
 
-    fn deferred_generation_bounds(&self, stream_identifier: StreamId, tsn: u32) -> Option<(u32, Option<u32>)> {
+    fn deferred_generation_bounds(
+        &self,
+        stream_identifier: StreamId,
+        tsn: u32,
+    ) -> Option<(u32, Option<u32>)> {
         let retirement_boundaries = self.retiring_streams.get(&stream_identifier);
         let pending_boundary = self
             .reconfig_requests
@@ -2117,8 +2380,10 @@ impl Association {
             .find(|request| Self::reset_request_affects_stream(request, stream_identifier))
             .map(|request| request.sender_last_tsn);
 
-        let mut boundaries: Vec<u32> =
-            retirement_boundaries.into_iter().flat_map(|boundaries| boundaries.iter().copied()).collect();
+        let mut boundaries: Vec<u32> = retirement_boundaries
+            .into_iter()
+            .flat_map(|boundaries| boundaries.iter().copied())
+            .collect();
         if let Some(pending_boundary) = pending_boundary {
             if boundaries.last().copied() != Some(pending_boundary) {
                 boundaries.push(pending_boundary);
@@ -2136,7 +2401,8 @@ impl Association {
     }
 
     fn validate_deferred_reset_data(&self, d: &ChunkPayloadData) -> Result<()> {
-        let Some((lower, upper)) = self.deferred_generation_bounds(d.stream_identifier, d.tsn) else {
+        let Some((lower, upper)) = self.deferred_generation_bounds(d.stream_identifier, d.tsn)
+        else {
             return Ok(());
         };
 
@@ -2152,7 +2418,8 @@ impl Association {
             .collect();
         chunks.sort_unstable_by_key(|chunk| chunk.tsn.wrapping_sub(lower));
 
-        let mut validation_queue = ReassemblyQueue::new(d.stream_identifier, self.max_receive_message_size);
+        let mut validation_queue =
+            ReassemblyQueue::new(d.stream_identifier, self.max_receive_message_size);
         for chunk in chunks {
             validation_queue.push(chunk)?;
         }
@@ -2167,7 +2434,8 @@ impl Association {
             .filter(|chunk| !self.data_is_above_pending_reset(chunk))
             .cloned()
             .collect();
-        let stream_ids: FxHashSet<StreamId> = ready.iter().map(|chunk| chunk.stream_identifier).collect();
+        let stream_ids: FxHashSet<StreamId> =
+            ready.iter().map(|chunk| chunk.stream_identifier).collect();
 
         for chunk in ready {
             self.deliver_deferred_reset_data(&chunk)?;
@@ -2181,7 +2449,13 @@ impl Association {
     }
 
     fn handle_data(&mut self, d: &ChunkPayloadData) -> Result<Vec<Packet>> {
-        trace!("[{}] DATA: tsn={} immediateSack={} len={}", self.side, d.tsn, d.immediate_sack, d.user_data.len());
+        trace!(
+            "[{}] DATA: tsn={} immediateSack={} len={}",
+            self.side,
+            d.tsn,
+            d.immediate_sack,
+            d.user_data.len()
+        );
         self.stats.inc_datas();
 
         let can_push = self.payload_queue.can_push(d, self.peer_last_tsn);
@@ -2252,7 +2526,9 @@ impl Association {
                 self.payload_queue.push(d.clone(), self.peer_last_tsn);
                 self.events.push_back(Event::DatagramReceived);
                 if queued && s.reassembly_queue.is_readable() {
-                    self.events.push_back(Event::Stream(StreamEvent::Readable { id: d.stream_identifier }))
+                    self.events.push_back(Event::Stream(StreamEvent::Readable {
+                        id: d.stream_identifier,
+                    }))
                 }
             }
             // A deferred skip may describe this successor generation. Queue
@@ -2267,7 +2543,10 @@ impl Association {
     fn handle_sack(&mut self, d: &ChunkSelectiveAck, now: Instant) -> Result<Vec<Packet>> {
         trace!(
             "[{}] {}, SACK: cumTSN={} a_rwnd={}",
-            self.side, self.cumulative_tsn_ack_point, d.cumulative_tsn_ack, d.advertised_receiver_window_credit
+            self.side,
+            self.cumulative_tsn_ack_point,
+            d.cumulative_tsn_ack,
+            d.advertised_receiver_window_credit
         );
         let state = self.state();
         if state != AssociationState::Established
@@ -2313,7 +2592,10 @@ impl Association {
             if let Some((cwnd, ssthresh)) = proof.restore {
                 self.cwnd = self.cwnd.max(cwnd);
                 self.ssthresh = self.ssthresh.max(ssthresh);
-                trace!("[{}] updated cwnd={} ssthresh={} (undo)", self.side, self.cwnd, self.ssthresh);
+                trace!(
+                    "[{}] updated cwnd={} ssthresh={} (undo)",
+                    self.side, self.cwnd, self.ssthresh
+                );
             }
         }
 
@@ -2338,7 +2620,8 @@ impl Association {
         for (si, n_bytes_acked) in &bytes_acked_per_stream {
             if let Some(s) = self.streams.get_mut(si) {
                 if s.on_buffer_released(*n_bytes_acked) {
-                    self.events.push_back(Event::Stream(StreamEvent::BufferedAmountLow { id: *si }))
+                    self.events
+                        .push_back(Event::Stream(StreamEvent::BufferedAmountLow { id: *si }))
                 }
             }
         }
@@ -2364,7 +2647,10 @@ impl Association {
             self.advance_peer_tsn_ack_point();
 
             // RFC 3758 Sec 3.5 C3
-            if sna32gt(self.advanced_peer_tsn_ack_point, self.cumulative_tsn_ack_point) {
+            if sna32gt(
+                self.advanced_peer_tsn_ack_point,
+                self.cumulative_tsn_ack_point,
+            ) {
                 self.will_send_forward_tsn = true;
                 debug!(
                     "[{}] handleSack {}: sna32GT({}, {})",
@@ -2404,7 +2690,9 @@ impl Association {
         if !self.use_forward_tsn {
             warn!("[{}] received FwdTSN but not enabled", self.side);
             // Return an error chunk
-            let cerr = ChunkError { error_causes: vec![ErrorCauseUnrecognizedChunkType::default()] };
+            let cerr = ChunkError {
+                error_causes: vec![ErrorCauseUnrecognizedChunkType::default()],
+            };
 
             let outbound = Packet {
                 common_header: CommonHeader {
@@ -2456,7 +2744,11 @@ impl Association {
         // corresponding streams so that the abandoned chunks can be removed
         // from the reassemblyQueue.
         for forwarded in &c.streams {
-            self.apply_or_defer_ordered_forward_tsn(forwarded.identifier, forwarded.sequence, c.new_cumulative_tsn);
+            self.apply_or_defer_ordered_forward_tsn(
+                forwarded.identifier,
+                forwarded.sequence,
+                c.new_cumulative_tsn,
+            );
         }
 
         // TSN may be forwarded for unordered chunks. ForwardTSN chunk does not
@@ -2479,7 +2771,9 @@ impl Association {
 
         if !self.use_forward_tsn {
             warn!("[{}] received I-FwdTSN but not enabled", self.side);
-            let cerr = ChunkError { error_causes: vec![ErrorCauseUnrecognizedChunkType::default()] };
+            let cerr = ChunkError {
+                error_causes: vec![ErrorCauseUnrecognizedChunkType::default()],
+            };
 
             let outbound = Packet {
                 common_header: CommonHeader {
@@ -2508,7 +2802,10 @@ impl Association {
         // Handle per-stream entries using the explicit unordered flag
         for forwarded in &c.streams {
             if forwarded.unordered {
-                self.apply_or_defer_unordered_forward_tsn(forwarded.identifier, c.new_cumulative_tsn);
+                self.apply_or_defer_unordered_forward_tsn(
+                    forwarded.identifier,
+                    c.new_cumulative_tsn,
+                );
             } else {
                 // MID maps to SSN for ordered streams; truncate to u16
                 self.apply_or_defer_ordered_forward_tsn(
@@ -2576,7 +2873,8 @@ impl Association {
     }
 
     fn reevaluate_pending_reset_requests(&mut self, reply: &mut Vec<Packet>) -> Result<()> {
-        let requests: Vec<ParamOutgoingResetRequest> = self.reconfig_requests.values().cloned().collect();
+        let requests: Vec<ParamOutgoingResetRequest> =
+            self.reconfig_requests.values().cloned().collect();
         for request in requests {
             let seq = request.reconfig_request_sequence_number;
             self.reset_streams_if_any(&request, false, reply)?;
@@ -2588,7 +2886,10 @@ impl Association {
     }
 
     /// A common routine for handle_data and handle_forward_tsn routines
-    fn handle_peer_last_tsn_and_acknowledgement(&mut self, sack_immediately: bool) -> Result<Vec<Packet>> {
+    fn handle_peer_last_tsn_and_acknowledgement(
+        &mut self,
+        sack_immediately: bool,
+    ) -> Result<Vec<Packet>> {
         let mut reply = vec![];
 
         // Try to advance peer_last_tsn
@@ -2630,7 +2931,12 @@ impl Association {
 
         let has_packet_loss = !self.payload_queue.is_empty();
         if has_packet_loss {
-            trace!("[{}] packetloss: {}", self.side, self.payload_queue.get_gap_ack_blocks_string(self.peer_last_tsn));
+            trace!(
+                "[{}] packetloss: {}",
+                self.side,
+                self.payload_queue
+                    .get_gap_ack_blocks_string(self.peer_last_tsn)
+            );
         }
 
         if (self.ack_state != AckState::Immediate
@@ -2652,7 +2958,11 @@ impl Association {
     }
 
     #[allow(clippy::borrowed_box)]
-    fn handle_reconfig_param(&mut self, raw: &Box<dyn Param + Send + Sync>, reply: &mut Vec<Packet>) -> Result<()> {
+    fn handle_reconfig_param(
+        &mut self,
+        raw: &Box<dyn Param + Send + Sync>,
+        reply: &mut Vec<Packet>,
+    ) -> Result<()> {
         if let Some(p) = raw.as_any().downcast_ref::<ParamOutgoingResetRequest>() {
             // RFC 6525 section 5.2.2 E1: the response sequence number in an
             // Outgoing Reset Request implicitly acknowledges our request.
@@ -2663,7 +2973,9 @@ impl Association {
             // is still in reconfig_requests, so we must let those through for
             // re-evaluation (the TSN may have advanced).
             if !self.reconfig_requests.contains_key(&seq)
-                && self.max_completed_reconfig_rsn.is_some_and(|w| sna32lte(seq, w))
+                && self
+                    .max_completed_reconfig_rsn
+                    .is_some_and(|w| sna32lte(seq, w))
             {
                 // Retransmission of an already-completed request. Resend the response
                 // but do NOT reprocess stream resets (stream IDs may have been reused).
@@ -2677,11 +2989,17 @@ impl Association {
                 // already deferred in reconfig_requests is a retransmission and
                 // remains eligible for re-evaluation.
                 if !self.reconfig_requests.is_empty() {
-                    self.push_reconfig_response(reply, seq, ReconfigResult::ErrorRequestAlreadyInProgress);
+                    self.push_reconfig_response(
+                        reply,
+                        seq,
+                        ReconfigResult::ErrorRequestAlreadyInProgress,
+                    );
                     return Ok(());
                 }
 
-                if self.peer_reconfig_rsn_initialized && seq != self.peer_last_reconfig_rsn.wrapping_add(1) {
+                if self.peer_reconfig_rsn_initialized
+                    && seq != self.peer_last_reconfig_rsn.wrapping_add(1)
+                {
                     self.push_reconfig_response(reply, seq, ReconfigResult::ErrorBadSequenceNumber);
                     return Ok(());
                 }
@@ -2737,7 +3055,12 @@ impl Association {
         }
     }
 
-    fn push_reconfig_response(&self, reply: &mut Vec<Packet>, sequence_number: u32, result: ReconfigResult) {
+    fn push_reconfig_response(
+        &self,
+        reply: &mut Vec<Packet>,
+        sequence_number: u32,
+        result: ReconfigResult,
+    ) {
         reply.push(self.create_packet(vec![Box::new(ChunkReconfig {
             param_a: Some(Box::new(ParamReconfigResponse {
                 reconfig_response_sequence_number: sequence_number,
@@ -2747,7 +3070,11 @@ impl Association {
         })]));
     }
 
-    fn process_selective_ack(&mut self, d: &ChunkSelectiveAck, now: Instant) -> Result<(HashMap<u16, i64>, u32)> {
+    fn process_selective_ack(
+        &mut self,
+        d: &ChunkSelectiveAck,
+        now: Instant,
+    ) -> Result<(HashMap<u16, i64>, u32)> {
         let mut bytes_acked_per_stream = HashMap::new();
         let mut newly_acked_data = false;
         // sleap-rtc patch: the shortest round trip of the chunks this SACK newly acknowledges
@@ -2773,7 +3100,9 @@ impl Association {
                         .get(&c.stream_identifier)
                         .is_some_and(|stream| c.message_id < stream.first_message_id)
                     {
-                        *bytes_acked_per_stream.entry(c.stream_identifier).or_insert(0) += n_bytes_acked;
+                        *bytes_acked_per_stream
+                            .entry(c.stream_identifier)
+                            .or_insert(0) += n_bytes_acked;
                     }
                     if c.nsent == 1 {
                         if let Some(since) = c.since {
@@ -2839,8 +3168,11 @@ impl Association {
                 } else {
                     (false, false)
                 };
-                let n_bytes_acked =
-                    if is_existed && !is_acked { self.outbound_queue.mark_as_acked(tsn) as i64 } else { 0 };
+                let n_bytes_acked = if is_existed && !is_acked {
+                    self.outbound_queue.mark_as_acked(tsn) as i64
+                } else {
+                    0
+                };
 
                 if let Some(c) = self.outbound_queue.get(tsn) {
                     if !is_acked && !c.abandoned {
@@ -2850,7 +3182,9 @@ impl Association {
                             .get(&c.stream_identifier)
                             .is_some_and(|stream| c.message_id < stream.first_message_id)
                         {
-                            *bytes_acked_per_stream.entry(c.stream_identifier).or_insert(0) += n_bytes_acked;
+                            *bytes_acked_per_stream
+                                .entry(c.stream_identifier)
+                                .or_insert(0) += n_bytes_acked;
                         }
                         if c.nsent == 1 {
                             if let Some(since) = c.since {
@@ -2896,7 +3230,8 @@ impl Association {
         // RFC 4960 R3 applies to the earliest outstanding DATA, even when
         // abandoned TSNs precede it or it is acknowledged by a Gap ACK.
         if earliest_outstanding.is_some_and(|tsn| {
-            sna32lte(tsn, d.cumulative_tsn_ack) || self.outbound_queue.get(tsn).is_some_and(|c| c.acked)
+            sna32lte(tsn, d.cumulative_tsn_ack)
+                || self.outbound_queue.get(tsn).is_some_and(|c| c.acked)
         }) {
             self.timers.set(Timer::T3RTX, None);
         }
@@ -2904,7 +3239,10 @@ impl Association {
         // test on every SACK, not once per round trip: slow start doubles the window each round
         // trip, so a per-round-trip sample sees the queue only after it overflowed).
         if let Some(r) = sack_rtt {
-            if self.bandwidth.queue_building(r) && self.cwnd <= self.ssthresh && self.cwnd >= 32 * self.mtu {
+            if self.bandwidth.queue_building(r)
+                && self.cwnd <= self.ssthresh
+                && self.cwnd >= 32 * self.mtu
+            {
                 self.ssthresh = self.cwnd.saturating_sub(1).max(4 * self.mtu);
             }
         }
@@ -2916,11 +3254,16 @@ impl Association {
         //   R2)  Whenever all outstanding data sent to an address have been
         //        acknowledged, turn off the T3-rtx timer of that address.
         if self.outbound_queue.inflight_len() == 0 {
-            trace!("[{}] SACK: no more packet in-flight (pending={})", self.side, self.outbound_queue.pending_len());
+            trace!(
+                "[{}] SACK: no more packet in-flight (pending={})",
+                self.side,
+                self.outbound_queue.pending_len()
+            );
             self.timers.stop(Timer::T3RTX);
         } else {
             trace!("[{}] T3-rtx timer start (pt2)", self.side);
-            self.timers.restart_if_stale(Timer::T3RTX, now, self.rto_mgr.get_rto());
+            self.timers
+                .restart_if_stale(Timer::T3RTX, now, self.rto_mgr.get_rto());
         }
 
         // Update congestion control parameters
@@ -3011,7 +3354,9 @@ impl Association {
                 htna
             } else {
                 // b) increment for all TSNs reported missing
-                cum_tsn_ack_point.wrapping_add(self.outbound_queue.inflight_len() as u32).wrapping_add(1)
+                cum_tsn_ack_point
+                    .wrapping_add(self.outbound_queue.inflight_len() as u32)
+                    .wrapping_add(1)
             };
 
             let mut tsn = cum_tsn_ack_point.wrapping_add(1);
@@ -3043,7 +3388,8 @@ impl Association {
                             self.undo.start(self.cwnd, self.ssthresh);
                             self.bandwidth.on_recovery();
                             // sleap-rtc patch: Westwood+ instead of halving (bandwidth.rs).
-                            self.ssthresh = self.bandwidth.ssthresh_after_loss(self.cwnd, self.mtu);
+                            self.ssthresh =
+                                self.bandwidth.ssthresh_after_loss(self.cwnd, self.mtu);
                             self.cwnd = self.ssthresh;
                             self.partial_bytes_acked = 0;
                             self.will_retransmit_fast = true;
@@ -3076,11 +3422,17 @@ impl Association {
 
     /// The caller must hold the lock. This method was only added because the
     /// linter was complaining about the "cognitive complexity" of handle_sack.
-    fn postprocess_sack(&mut self, state: AssociationState, mut should_awake_write_loop: bool, now: Instant) {
+    fn postprocess_sack(
+        &mut self,
+        state: AssociationState,
+        mut should_awake_write_loop: bool,
+        now: Instant,
+    ) {
         if self.outbound_queue.inflight_len() != 0 {
             // Start timer. (noop if already started)
             trace!("[{}] T3-rtx timer start (pt3)", self.side);
-            self.timers.restart_if_stale(Timer::T3RTX, now, self.rto_mgr.get_rto());
+            self.timers
+                .restart_if_stale(Timer::T3RTX, now, self.rto_mgr.get_rto());
         } else if state == AssociationState::ShutdownPending {
             // No more outstanding, send shutdown.
             should_awake_write_loop = true;
@@ -3127,7 +3479,8 @@ impl Association {
                     self.retire_stream(id, p.sender_last_tsn);
                 }
             }
-            self.reconfig_requests.remove(&p.reconfig_request_sequence_number);
+            self.reconfig_requests
+                .remove(&p.reconfig_request_sequence_number);
         } else {
             debug!(
                 "[{}] resetStream(): senderLastTSN={} > peer_last_tsn={}",
@@ -3148,13 +3501,15 @@ impl Association {
         if !sis_to_reset.is_empty() {
             // The reciprocal also satisfies local closes still waiting for DATA
             // acknowledgements. Keep one reset for this outgoing generation.
-            self.pending_reset_streams.retain(|id| !sis_to_reset.contains(id));
+            self.pending_reset_streams
+                .retain(|id| !sis_to_reset.contains(id));
 
             let rsn = self.generate_next_rsn();
             // Refreshed when the request is actually sent (refresh_unsent_reconfig).
             let tsn = self.my_next_tsn.wrapping_sub(1);
             let reset_all = p.stream_identifiers.is_empty();
-            self.reconfig_reset_streams.insert(rsn, sis_to_reset.clone());
+            self.reconfig_reset_streams
+                .insert(rsn, sis_to_reset.clone());
 
             let c = ChunkReconfig {
                 param_a: Some(Box::new(ParamOutgoingResetRequest {
@@ -3236,20 +3591,32 @@ impl Association {
 
         if accept {
             self.stream_queue.push_back(stream_identifier);
-            self.events.push_back(Event::Stream(StreamEvent::Opened { id: stream_identifier }));
+            self.events.push_back(Event::Stream(StreamEvent::Opened {
+                id: stream_identifier,
+            }));
         }
 
         self.streams.insert(stream_identifier, s);
 
-        Some(Stream { stream_identifier, association: self })
+        Some(Stream {
+            stream_identifier,
+            association: self,
+        })
     }
 
     /// get_or_create_stream gets or creates a stream. The caller should hold the lock.
     fn get_or_create_stream(&mut self, stream_identifier: StreamId) -> Option<Stream<'_>> {
         if self.streams.contains_key(&stream_identifier) {
-            Some(Stream { stream_identifier, association: self })
+            Some(Stream {
+                stream_identifier,
+                association: self,
+            })
         } else {
-            self.create_stream(stream_identifier, true, PayloadProtocolIdentifier::default())
+            self.create_stream(
+                stream_identifier,
+                true,
+                PayloadProtocolIdentifier::default(),
+            )
         }
     }
 
@@ -3284,19 +3651,27 @@ impl Association {
                 raw_packets = self.gather_outbound_forward_tsn_packets(raw_packets);
                 (raw_packets, true)
             }
-            AssociationState::ShutdownPending | AssociationState::ShutdownSent | AssociationState::ShutdownReceived => {
+            AssociationState::ShutdownPending
+            | AssociationState::ShutdownSent
+            | AssociationState::ShutdownReceived => {
                 raw_packets = self.gather_data_packets_to_retransmit(raw_packets, now);
                 raw_packets = self.gather_outbound_fast_retransmission_packets(raw_packets, now);
                 raw_packets = self.gather_outbound_sack_packets(raw_packets);
                 raw_packets = self.gather_outbound_forward_tsn_packets(raw_packets);
                 self.gather_outbound_shutdown_packets(raw_packets, now)
             }
-            AssociationState::ShutdownAckSent => self.gather_outbound_shutdown_packets(raw_packets, now),
+            AssociationState::ShutdownAckSent => {
+                self.gather_outbound_shutdown_packets(raw_packets, now)
+            }
             _ => (raw_packets, true),
         }
     }
 
-    fn gather_outbound_control_packets(&mut self, mut raw_packets: Vec<Bytes>, now: Instant) -> Vec<Bytes> {
+    fn gather_outbound_control_packets(
+        &mut self,
+        mut raw_packets: Vec<Bytes>,
+        now: Instant,
+    ) -> Vec<Bytes> {
         if !self.control_queue.is_empty() {
             let mut buffered = VecDeque::new();
             let mut request_blocked = false;
@@ -3309,7 +3684,9 @@ impl Association {
                     continue;
                 }
 
-                if outgoing_rsn.is_some_and(|rsn| self.active_reconfig.is_some() && self.active_reconfig != Some(rsn)) {
+                if outgoing_rsn.is_some_and(|rsn| {
+                    self.active_reconfig.is_some() && self.active_reconfig != Some(rsn)
+                }) {
                     request_blocked = true;
                     buffered.push_back(p);
                     continue;
@@ -3324,7 +3701,11 @@ impl Association {
                     continue;
                 }
 
-                let p = if let Some(rsn) = outgoing_rsn { self.refresh_unsent_reconfig(rsn).unwrap_or(p) } else { p };
+                let p = if let Some(rsn) = outgoing_rsn {
+                    self.refresh_unsent_reconfig(rsn).unwrap_or(p)
+                } else {
+                    p
+                };
 
                 match p.marshal() {
                     Ok(raw) => {
@@ -3347,32 +3728,45 @@ impl Association {
         }
 
         if self.active_reconfig.is_some() {
-            self.timers.restart_if_stale(Timer::Reconfig, now, self.rto_mgr.get_rto());
+            self.timers
+                .restart_if_stale(Timer::Reconfig, now, self.rto_mgr.get_rto());
         }
 
         raw_packets
     }
 
-    fn gather_data_packets_to_retransmit(&mut self, mut raw_packets: Vec<Bytes>, now: Instant) -> Vec<Bytes> {
+    fn gather_data_packets_to_retransmit(
+        &mut self,
+        mut raw_packets: Vec<Bytes>,
+        now: Instant,
+    ) -> Vec<Bytes> {
         for p in &self.get_data_packets_to_retransmit(now) {
             if let Ok(raw) = p.marshal() {
                 raw_packets.push(raw);
             } else {
-                warn!("[{}] failed to serialize a DATA packet to be retransmitted", self.side);
+                warn!(
+                    "[{}] failed to serialize a DATA packet to be retransmitted",
+                    self.side
+                );
             }
         }
 
         raw_packets
     }
 
-    fn gather_outbound_data_and_reconfig_packets(&mut self, mut raw_packets: Vec<Bytes>, now: Instant) -> Vec<Bytes> {
+    fn gather_outbound_data_and_reconfig_packets(
+        &mut self,
+        mut raw_packets: Vec<Bytes>,
+        now: Instant,
+    ) -> Vec<Bytes> {
         // Pop unsent data chunks from the pending queue to send as much as
         // cwnd and rwnd allow.
         let chunks = self.pop_pending_data_chunks_to_send(now);
         if !chunks.is_empty() {
             // Start timer. (noop if already started)
             trace!("[{}] T3-rtx timer start (pt1)", self.side);
-            self.timers.restart_if_stale(Timer::T3RTX, now, self.rto_mgr.get_rto());
+            self.timers
+                .restart_if_stale(Timer::T3RTX, now, self.rto_mgr.get_rto());
 
             for p in &self.bundle_data_chunks_into_packets(chunks) {
                 if let Ok(raw) = p.marshal() {
@@ -3392,7 +3786,10 @@ impl Association {
                     if let Ok(raw) = p.marshal() {
                         raw_packets.push(raw);
                     } else {
-                        warn!("[{}] failed to serialize a RECONFIG packet to be retransmitted", self.side,);
+                        warn!(
+                            "[{}] failed to serialize a RECONFIG packet to be retransmitted",
+                            self.side,
+                        );
                     }
                 }
             }
@@ -3400,19 +3797,30 @@ impl Association {
 
         // RFC 6525 section 5.1.1 permits only one request in flight. Keep
         // application resets separate from DATA until that request completes.
-        if self.active_reconfig.is_none() && self.reconfigs.is_empty() && !self.pending_reset_streams.is_empty() {
+        if self.active_reconfig.is_none()
+            && self.reconfigs.is_empty()
+            && !self.pending_reset_streams.is_empty()
+        {
             // DATA on an unrelated stream must not starve a reset. A stream is
             // ready once the peer has acknowledged all of its DATA.
-            let stream_ids: Vec<StreamId> =
-                self.pending_reset_streams.iter().copied().filter(|id| !self.stream_has_unacked_data(*id)).collect();
+            let stream_ids: Vec<StreamId> = self
+                .pending_reset_streams
+                .iter()
+                .copied()
+                .filter(|id| !self.stream_has_unacked_data(*id))
+                .collect();
             if stream_ids.is_empty() {
                 return raw_packets;
             }
-            self.pending_reset_streams.retain(|id| !stream_ids.contains(id));
+            self.pending_reset_streams
+                .retain(|id| !stream_ids.contains(id));
 
             let rsn = self.generate_next_rsn();
             let tsn = self.my_next_tsn.wrapping_sub(1);
-            debug!("[{}] sending RECONFIG: rsn={} tsn={} streams={:?}", self.side, rsn, tsn, stream_ids);
+            debug!(
+                "[{}] sending RECONFIG: rsn={} tsn={} streams={:?}",
+                self.side, rsn, tsn, stream_ids
+            );
 
             self.reconfig_reset_streams.insert(rsn, stream_ids.clone());
             let c = ChunkReconfig {
@@ -3431,7 +3839,10 @@ impl Association {
                 self.active_reconfig = Some(rsn);
                 raw_packets.push(raw);
             } else {
-                warn!("[{}] failed to serialize a RECONFIG packet to be transmitted", self.side);
+                warn!(
+                    "[{}] failed to serialize a RECONFIG packet to be transmitted",
+                    self.side
+                );
                 // Preserve the request for a later serialization attempt.
                 self.control_queue.push_back(p);
             }
@@ -3440,13 +3851,18 @@ impl Association {
         // The timer belongs to exactly the request selected above or while
         // draining the control queue.
         if self.active_reconfig.is_some() {
-            self.timers.restart_if_stale(Timer::Reconfig, now, self.rto_mgr.get_rto());
+            self.timers
+                .restart_if_stale(Timer::Reconfig, now, self.rto_mgr.get_rto());
         }
 
         raw_packets
     }
 
-    fn gather_outbound_fast_retransmission_packets(&mut self, mut raw_packets: Vec<Bytes>, now: Instant) -> Vec<Bytes> {
+    fn gather_outbound_fast_retransmission_packets(
+        &mut self,
+        mut raw_packets: Vec<Bytes>,
+        now: Instant,
+    ) -> Vec<Bytes> {
         self.expire_inflight_messages(now);
         if self.will_retransmit_fast {
             self.will_retransmit_fast = false;
@@ -3465,7 +3881,9 @@ impl Association {
             let cum = self.cumulative_tsn_ack_point;
             let queue = &self.outbound_queue;
             self.loss_candidates.retain(|&tsn| {
-                queue.get(tsn).is_some_and(|c| !c.acked && !c.abandoned && c.nsent == 1 && c.miss_indicator >= 3)
+                queue.get(tsn).is_some_and(|c| {
+                    !c.acked && !c.abandoned && c.nsent == 1 && c.miss_indicator >= 3
+                })
             });
             if !self.loss_candidates.is_sorted_by_key(|&tsn| tsn.wrapping_sub(cum)) {
                 self.loss_candidates.sort_unstable_by_key(|&tsn| tsn.wrapping_sub(cum));
@@ -3484,7 +3902,12 @@ impl Association {
             let candidates = core::mem::take(&mut self.loss_candidates);
             for &tsn in &candidates {
                 if let Some(c) = self.outbound_queue.get(tsn) {
-                    if c.acked || c.abandoned || c.nsent > 1 || c.miss_indicator < 3 || !deemed_lost(c, now, reorder) {
+                    if c.acked
+                        || c.abandoned
+                        || c.nsent > 1
+                        || c.miss_indicator < 3
+                        || !deemed_lost(c, now, reorder)
+                    {
                         continue;
                     }
 
@@ -3542,7 +3965,10 @@ impl Association {
                     if let Ok(raw) = self.create_packet(to_fast_retrans).marshal() {
                         raw_packets.push(raw);
                     } else {
-                        warn!("[{}] failed to serialize a DATA packet to be fast-retransmitted", self.side);
+                        warn!(
+                            "[{}] failed to serialize a DATA packet to be fast-retransmitted",
+                            self.side
+                        );
                     }
                 }
             }
@@ -3568,7 +3994,10 @@ impl Association {
 
     /// RFC 3758 section 3.5 C1-C2: advance over abandoned messages' sent TSNs.
     fn advance_peer_tsn_ack_point(&mut self) {
-        if sna32lt(self.advanced_peer_tsn_ack_point, self.cumulative_tsn_ack_point) {
+        if sna32lt(
+            self.advanced_peer_tsn_ack_point,
+            self.cumulative_tsn_ack_point,
+        ) {
             self.advanced_peer_tsn_ack_point = self.cumulative_tsn_ack_point;
         }
         let mut next = self.advanced_peer_tsn_ack_point.wrapping_add(1);
@@ -3585,7 +4014,10 @@ impl Association {
             let previous = self.advanced_peer_tsn_ack_point;
             self.advance_peer_tsn_ack_point();
             if sna32gt(self.advanced_peer_tsn_ack_point, previous)
-                && sna32gt(self.advanced_peer_tsn_ack_point, self.cumulative_tsn_ack_point)
+                && sna32gt(
+                    self.advanced_peer_tsn_ack_point,
+                    self.cumulative_tsn_ack_point,
+                )
             {
                 self.will_send_forward_tsn = true;
             }
@@ -3597,7 +4029,10 @@ impl Association {
         );*/
         if self.will_send_forward_tsn {
             self.will_send_forward_tsn = false;
-            if sna32gt(self.advanced_peer_tsn_ack_point, self.cumulative_tsn_ack_point) {
+            if sna32gt(
+                self.advanced_peer_tsn_ack_point,
+                self.cumulative_tsn_ack_point,
+            ) {
                 let fwd_tsn = self.create_forward_tsn();
                 if let Ok(raw) = self.create_packet(vec![Box::new(fwd_tsn)]).marshal() {
                     raw_packets.push(raw);
@@ -3610,16 +4045,23 @@ impl Association {
         raw_packets
     }
 
-    fn gather_outbound_shutdown_packets(&mut self, mut raw_packets: Vec<Bytes>, now: Instant) -> (Vec<Bytes>, bool) {
+    fn gather_outbound_shutdown_packets(
+        &mut self,
+        mut raw_packets: Vec<Bytes>,
+        now: Instant,
+    ) -> (Vec<Bytes>, bool) {
         let mut ok = true;
 
         if self.will_send_shutdown {
             self.will_send_shutdown = false;
 
-            let shutdown = ChunkShutdown { cumulative_tsn_ack: self.cumulative_tsn_ack_point };
+            let shutdown = ChunkShutdown {
+                cumulative_tsn_ack: self.cumulative_tsn_ack_point,
+            };
 
             if let Ok(raw) = self.create_packet(vec![Box::new(shutdown)]).marshal() {
-                self.timers.start(Timer::T2Shutdown, now, self.rto_mgr.get_rto());
+                self.timers
+                    .start(Timer::T2Shutdown, now, self.rto_mgr.get_rto());
                 raw_packets.push(raw);
             } else {
                 warn!("[{}] failed to serialize a Shutdown packet", self.side);
@@ -3630,7 +4072,8 @@ impl Association {
             let shutdown_ack = ChunkShutdownAck {};
 
             if let Ok(raw) = self.create_packet(vec![Box::new(shutdown_ack)]).marshal() {
-                self.timers.start(Timer::T2Shutdown, now, self.rto_mgr.get_rto());
+                self.timers
+                    .start(Timer::T2Shutdown, now, self.rto_mgr.get_rto());
                 raw_packets.push(raw);
             } else {
                 warn!("[{}] failed to serialize a ShutdownAck packet", self.side);
@@ -3640,11 +4083,17 @@ impl Association {
 
             let shutdown_complete = ChunkShutdownComplete {};
 
-            if let Ok(raw) = self.create_packet(vec![Box::new(shutdown_complete)]).marshal() {
+            if let Ok(raw) = self
+                .create_packet(vec![Box::new(shutdown_complete)])
+                .marshal()
+            {
                 raw_packets.push(raw);
                 ok = false;
             } else {
-                warn!("[{}] failed to serialize a ShutdownComplete packet", self.side);
+                warn!(
+                    "[{}] failed to serialize a ShutdownComplete packet",
+                    self.side
+                );
             }
         }
 
@@ -3666,7 +4115,10 @@ impl Association {
         let mut done = false;
         let mut i = 0;
         while !done {
-            let tsn = self.cumulative_tsn_ack_point.wrapping_add(i).wrapping_add(1);
+            let tsn = self
+                .cumulative_tsn_ack_point
+                .wrapping_add(i)
+                .wrapping_add(1);
             if let Some(c) = self.outbound_queue.get(tsn) {
                 if !c.retransmit {
                     i += 1;
@@ -3742,7 +4194,9 @@ impl Association {
                                 stream.sequence_number = stream.sequence_number.wrapping_sub(1);
                             }
                             if stream.on_buffer_released(bytes as i64) {
-                                self.events.push_back(Event::Stream(StreamEvent::BufferedAmountLow { id }));
+                                self.events.push_back(Event::Stream(
+                                    StreamEvent::BufferedAmountLow { id },
+                                ));
                             }
                         }
                         continue;
@@ -3827,14 +4281,16 @@ impl Association {
             for tsn in self.outbound_queue.expired_inflight(now) {
                 abandoned |= self.abandon_if_needed(tsn, now);
             }
-            while let Some((id, message_id, bytes)) =
-                self.outbound_queue.expire_pending_tail(now, &mut self.my_next_tsn)
+            while let Some((id, message_id, bytes)) = self
+                .outbound_queue
+                .expire_pending_tail(now, &mut self.my_next_tsn)
             {
                 self.release_abandoned_buffer(id, message_id, bytes);
                 abandoned = true;
             }
             if abandoned {
-                self.timers.restart_if_stale(Timer::T3RTX, now, self.rto_mgr.get_rto());
+                self.timers
+                    .restart_if_stale(Timer::T3RTX, now, self.rto_mgr.get_rto());
             }
         }
     }
@@ -3856,7 +4312,9 @@ impl Association {
             return false;
         }
         let Some((reliability_type, reliability_value)) = c.reliability.or_else(|| {
-            self.streams.get(&c.stream_identifier).map(|stream| (stream.reliability_type, stream.reliability_value))
+            self.streams
+                .get(&c.stream_identifier)
+                .map(|stream| (stream.reliability_type, stream.reliability_value))
         }) else {
             return false;
         };
@@ -3880,7 +4338,8 @@ impl Association {
     fn release_abandoned_buffer(&mut self, id: u16, message_id: u64, bytes: usize) {
         if let Some(stream) = self.streams.get_mut(&id) {
             if message_id >= stream.first_message_id && stream.on_buffer_released(bytes as i64) {
-                self.events.push_back(Event::Stream(StreamEvent::BufferedAmountLow { id }));
+                self.events
+                    .push_back(Event::Stream(StreamEvent::BufferedAmountLow { id }));
             }
         }
     }
@@ -3934,12 +4393,18 @@ impl Association {
             i = i.wrapping_add(1);
         }
 
-        let mut fwd_tsn = ChunkForwardTsn { new_cumulative_tsn: self.advanced_peer_tsn_ack_point, streams: vec![] };
+        let mut fwd_tsn = ChunkForwardTsn {
+            new_cumulative_tsn: self.advanced_peer_tsn_ack_point,
+            streams: vec![],
+        };
 
         let mut stream_str = String::new();
         for (si, ssn) in &stream_map {
             stream_str += format!("(si={} ssn={})", si, ssn).as_str();
-            fwd_tsn.streams.push(ChunkForwardTsnStream { identifier: *si, sequence: *ssn });
+            fwd_tsn.streams.push(ChunkForwardTsnStream {
+                identifier: *si,
+                sequence: *ssn,
+            });
         }
         trace!(
             "[{}] building fwd_tsn: newCumulativeTSN={} cumTSN={} - {}",
@@ -4006,7 +4471,10 @@ impl Association {
     }
 
     fn on_ack_timeout(&mut self) {
-        trace!("[{}] ack timed out (ack_state: {})", self.side, self.ack_state);
+        trace!(
+            "[{}] ack timed out (ack_state: {})",
+            self.side, self.ack_state
+        );
         self.stats.inc_ack_timeouts();
         self.ack_state = AckState::Immediate;
         self.awake_write_loop();
@@ -4016,18 +4484,27 @@ impl Association {
         match timer_id {
             Timer::T1Init => {
                 if let Err(err) = self.send_init() {
-                    debug!("[{}] failed to retransmit init (n_rtos={}): {:?}", self.side, n_rtos, err);
+                    debug!(
+                        "[{}] failed to retransmit init (n_rtos={}): {:?}",
+                        self.side, n_rtos, err
+                    );
                 }
             }
 
             Timer::T1Cookie => {
                 if let Err(err) = self.send_cookie_echo() {
-                    debug!("[{}] failed to retransmit cookie-echo (n_rtos={}): {:?}", self.side, n_rtos, err);
+                    debug!(
+                        "[{}] failed to retransmit cookie-echo (n_rtos={}): {:?}",
+                        self.side, n_rtos, err
+                    );
                 }
             }
 
             Timer::T2Shutdown => {
-                debug!("[{}] retransmission of shutdown timeout (n_rtos={})", self.side, n_rtos);
+                debug!(
+                    "[{}] retransmission of shutdown timeout (n_rtos={})",
+                    self.side, n_rtos
+                );
                 let state = self.state();
                 match state {
                     AssociationState::ShutdownSent => {
@@ -4077,7 +4554,10 @@ impl Association {
                     self.advance_peer_tsn_ack_point();
 
                     // RFC 3758 Sec 3.5 C3
-                    if sna32gt(self.advanced_peer_tsn_ack_point, self.cumulative_tsn_ack_point) {
+                    if sna32gt(
+                        self.advanced_peer_tsn_ack_point,
+                        self.cumulative_tsn_ack_point,
+                    ) {
                         self.will_send_forward_tsn = true;
                         debug!(
                             "[{}] on_retransmission_timeout {}: sna32GT({}, {})",
@@ -4111,12 +4591,16 @@ impl Association {
         match id {
             Timer::T1Init => {
                 error!("[{}] retransmission failure: T1-init", self.side);
-                self.error = Some(AssociationError::HandshakeFailed(Error::ErrHandshakeInitAck));
+                self.error = Some(AssociationError::HandshakeFailed(
+                    Error::ErrHandshakeInitAck,
+                ));
             }
 
             Timer::T1Cookie => {
                 error!("[{}] retransmission failure: T1-cookie", self.side);
-                self.error = Some(AssociationError::HandshakeFailed(Error::ErrHandshakeCookieEcho));
+                self.error = Some(AssociationError::HandshakeFailed(
+                    Error::ErrHandshakeCookieEcho,
+                ));
             }
 
             Timer::T2Shutdown => {
@@ -4133,7 +4617,10 @@ impl Association {
 
             Timer::Reconfig => {
                 if let Some(rsn) = self.active_reconfig {
-                    error!("[{}] retransmission failure: Reconfig rsn={}", self.side, rsn);
+                    error!(
+                        "[{}] retransmission failure: Reconfig rsn={}",
+                        self.side, rsn
+                    );
                     self.finish_reconfig(rsn, Err(StreamResetError::Failed));
                 } else {
                     self.timers.stop(Timer::Reconfig);

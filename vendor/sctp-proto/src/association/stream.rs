@@ -53,7 +53,9 @@ impl DataChannelStats {
             PayloadProtocolIdentifier::String | PayloadProtocolIdentifier::Binary => {
                 Some(u64::try_from(len).unwrap_or(u64::MAX))
             }
-            PayloadProtocolIdentifier::StringEmpty | PayloadProtocolIdentifier::BinaryEmpty => Some(0),
+            PayloadProtocolIdentifier::StringEmpty | PayloadProtocolIdentifier::BinaryEmpty => {
+                Some(0)
+            }
             _ => None,
         }
     }
@@ -200,7 +202,11 @@ pub struct Stream<'a> {
 impl<'a> Stream<'a> {
     /// Return a read-only snapshot for the current stream generation.
     pub fn stats(&self) -> Result<DataChannelStats> {
-        self.association.streams.get(&self.stream_identifier).map(|s| s.stats).ok_or(Error::ErrStreamClosed)
+        self.association
+            .streams
+            .get(&self.stream_identifier)
+            .map(|s| s.stats)
+            .ok_or(Error::ErrStreamClosed)
     }
 
     /// read reads a packet of len(p) bytes, dropping the Payload Protocol Identifier.
@@ -215,21 +221,22 @@ impl<'a> Stream<'a> {
     /// Returns EOF when the stream is reset or an error if the stream is closed
     /// otherwise.
     pub fn read_sctp(&mut self) -> Result<Option<Chunks>> {
-        let (message, drained, generation) = if let Some(s) = self.association.streams.get_mut(&self.stream_identifier)
-        {
-            if s.state != RecvSendState::ReadWritable && s.state != RecvSendState::Readable {
-                return Err(Error::ErrStreamClosed);
-            }
+        let (message, drained, generation) =
+            if let Some(s) = self.association.streams.get_mut(&self.stream_identifier) {
+                if s.state != RecvSendState::ReadWritable && s.state != RecvSendState::Readable {
+                    return Err(Error::ErrStreamClosed);
+                }
 
-            let message = s.reassembly_queue.read();
-            let drained = message.is_some() && s.reassembly_queue.get_num_bytes() == 0;
-            (message, drained, s.stats.generation)
-        } else {
-            return Err(Error::ErrStreamClosed);
-        };
+                let message = s.reassembly_queue.read();
+                let drained = message.is_some() && s.reassembly_queue.get_num_bytes() == 0;
+                (message, drained, s.stats.generation)
+            } else {
+                return Err(Error::ErrStreamClosed);
+            };
 
         if drained {
-            self.association.finish_retiring_stream(self.stream_identifier)?;
+            self.association
+                .finish_retiring_stream(self.stream_identifier)?;
         }
 
         // A DATA chunk may exceed the last few bytes of receive credit. Reading
@@ -246,10 +253,17 @@ impl<'a> Stream<'a> {
                 .filter(|s| s.stats.generation == generation)
                 .map(|s| &mut s.stats)
                 .or_else(|| {
-                    self.association.events.iter_mut().find_map(|event| match event {
-                        crate::Event::DataChannelStatsFinal(stats) if stats.generation == generation => Some(stats),
-                        _ => None,
-                    })
+                    self.association
+                        .events
+                        .iter_mut()
+                        .find_map(|event| match event {
+                            crate::Event::DataChannelStatsFinal(stats)
+                                if stats.generation == generation =>
+                            {
+                                Some(stats)
+                            }
+                            _ => None,
+                        })
                 });
             if let Some(stats) = stats {
                 stats.received(message.ppi, message.len());
@@ -281,7 +295,10 @@ impl<'a> Stream<'a> {
 
     /// write writes len(p) bytes from p with the default Payload Protocol Identifier
     pub fn write_chunk(&mut self, p: &Bytes) -> Result<usize> {
-        self.write_source(&mut ByteSlice::from_slice(p), self.get_default_payload_type()?)
+        self.write_source(
+            &mut ByteSlice::from_slice(p),
+            self.get_default_payload_type()?,
+        )
     }
 
     /// Send data on the given stream
@@ -291,11 +308,18 @@ impl<'a> Stream<'a> {
     /// it will not count this chunk as fully written. However
     /// the chunk will be advanced and contain only non-written data after the call.
     pub fn write_chunks(&mut self, data: &mut [Bytes]) -> Result<usize> {
-        self.write_source(&mut BytesArray::from_chunks(data), self.get_default_payload_type()?)
+        self.write_source(
+            &mut BytesArray::from_chunks(data),
+            self.get_default_payload_type()?,
+        )
     }
 
     /// write_source writes BytesSource to the DTLS connection
-    fn write_source<B: BytesSource>(&mut self, source: &mut B, ppi: PayloadProtocolIdentifier) -> Result<usize> {
+    fn write_source<B: BytesSource>(
+        &mut self,
+        source: &mut B,
+        ppi: PayloadProtocolIdentifier,
+    ) -> Result<usize> {
         if !self.is_writable() {
             return Err(Error::ErrStreamClosed);
         }
@@ -333,9 +357,13 @@ impl<'a> Stream<'a> {
 
             if is_buffered_amount_high {
                 trace!("StreamEvent::BufferedAmountHigh");
-                self.association.events.push_back(crate::association::Event::Stream(StreamEvent::BufferedAmountHigh {
-                    id: self.stream_identifier,
-                }));
+                self.association
+                    .events
+                    .push_back(crate::association::Event::Stream(
+                        StreamEvent::BufferedAmountHigh {
+                            id: self.stream_identifier,
+                        },
+                    ));
             }
 
             Ok(p.len())
@@ -357,7 +385,10 @@ impl<'a> Stream<'a> {
         // Outgoing SSN Reset Request for this stream is pending. A failed
         // reset also quarantines the outgoing direction because the peer may
         // already have reset its corresponding incoming stream.
-        if self.association.stream_reset_blocked(self.stream_identifier) {
+        if self
+            .association
+            .stream_reset_blocked(self.stream_identifier)
+        {
             return false;
         }
         if let Some(s) = self.association.streams.get(&self.stream_identifier) {
@@ -376,14 +407,24 @@ impl<'a> Stream<'a> {
     /// `StreamEvent::Finished` followed by `StreamEvent::ResetComplete` or
     /// `StreamEvent::ResetFailed`.
     pub fn stop(&mut self) -> Result<()> {
-        let retiring = self.association.retiring_streams.contains_key(&self.stream_identifier);
+        let retiring = self
+            .association
+            .retiring_streams
+            .contains_key(&self.stream_identifier);
         let reset = self
             .association
             .streams
             .get(&self.stream_identifier)
-            .is_some_and(|s| s.state == RecvSendState::Readable || s.state == RecvSendState::ReadWritable);
+            .is_some_and(|s| {
+                s.state == RecvSendState::Readable || s.state == RecvSendState::ReadWritable
+            });
 
-        if reset && !retiring && !self.association.stream_reset_in_progress(self.stream_identifier) {
+        if reset
+            && !retiring
+            && !self
+                .association
+                .stream_reset_in_progress(self.stream_identifier)
+        {
             // Reset the outgoing stream
             // https://tools.ietf.org/html/rfc6525
             //
@@ -391,7 +432,8 @@ impl<'a> Stream<'a> {
             // is the only fallible step, and failing after the state
             // mutation would leave the stream half-closed with the reset
             // silently dropped and unretryable.
-            self.association.send_reset_request(self.stream_identifier)?;
+            self.association
+                .send_reset_request(self.stream_identifier)?;
         }
 
         if let Some(s) = self.association.streams.get_mut(&self.stream_identifier) {
@@ -402,7 +444,8 @@ impl<'a> Stream<'a> {
         // preserving unread boundary DATA, discard that old generation now so
         // its Finished event and unrelated association events cannot stall.
         if retiring {
-            self.association.discard_retiring_streams(self.stream_identifier);
+            self.association
+                .discard_retiring_streams(self.stream_identifier);
         }
 
         if self.association.receive_capacity_exhausted() {
@@ -440,7 +483,10 @@ impl<'a> Stream<'a> {
     }
 
     /// set_default_payload_type sets the default payload type used by write.
-    pub fn set_default_payload_type(&mut self, default_payload_type: PayloadProtocolIdentifier) -> Result<()> {
+    pub fn set_default_payload_type(
+        &mut self,
+        default_payload_type: PayloadProtocolIdentifier,
+    ) -> Result<()> {
         if let Some(s) = self.association.streams.get_mut(&self.stream_identifier) {
             s.default_payload_type = default_payload_type;
             Ok(())
@@ -463,9 +509,17 @@ impl<'a> Stream<'a> {
     /// Timed-message lifetimes start at the next [`Association::poll_transmit`], using its
     /// caller-supplied time, and include waiting for send credit after that poll. Each
     /// accepted message retains its reliability policy even if the stream settings change.
-    pub fn set_reliability_params(&mut self, unordered: bool, rel_type: ReliabilityType, rel_val: u32) -> Result<()> {
+    pub fn set_reliability_params(
+        &mut self,
+        unordered: bool,
+        rel_type: ReliabilityType,
+        rel_val: u32,
+    ) -> Result<()> {
         if let Some(s) = self.association.streams.get_mut(&self.stream_identifier) {
-            debug!("[{}] reliability params: ordered={} type={} value={}", s.side, !unordered, rel_type, rel_val);
+            debug!(
+                "[{}] reliability params: ordered={} type={} value={}",
+                s.side, !unordered, rel_type, rel_val
+            );
             s.unordered = unordered;
             s.reliability_type = rel_type;
             s.reliability_value = rel_val;
@@ -575,7 +629,10 @@ impl StreamState {
         default_payload_type: PayloadProtocolIdentifier,
     ) -> Self {
         StreamState {
-            stats: DataChannelStats { stream_identifier, ..Default::default() },
+            stats: DataChannelStats {
+                stream_identifier,
+                ..Default::default()
+            },
             first_message_id: 0,
             side,
             stream_identifier,
@@ -597,7 +654,11 @@ impl StreamState {
         self.reassembly_queue.push(pd.clone())
     }
 
-    fn packetize(&mut self, raw: &Bytes, ppi: PayloadProtocolIdentifier) -> (bool, Vec<ChunkPayloadData>) {
+    fn packetize(
+        &mut self,
+        raw: &Bytes,
+        ppi: PayloadProtocolIdentifier,
+    ) -> (bool, Vec<ChunkPayloadData>) {
         let mut i = 0;
         let mut remaining = raw.len();
 
@@ -647,7 +708,8 @@ impl StreamState {
         let new_amount = self.buffered_amount;
 
         // Check if we crossed the high threshold
-        let is_buffered_amount_high = old_amount < self.buffered_amount_high && new_amount >= self.buffered_amount_high;
+        let is_buffered_amount_high =
+            old_amount < self.buffered_amount_high && new_amount >= self.buffered_amount_high;
 
         (is_buffered_amount_high, chunks)
     }
@@ -662,7 +724,10 @@ impl StreamState {
         let from_amount = self.buffered_amount;
         let new_amount = if from_amount < n_bytes_released as usize {
             self.buffered_amount = 0;
-            error!("[{}] released buffer size {} should be <= {}", self.side, n_bytes_released, 0,);
+            error!(
+                "[{}] released buffer size {} should be <= {}",
+                self.side, n_bytes_released, 0,
+            );
             0
         } else {
             self.buffered_amount -= n_bytes_released as usize;
@@ -699,7 +764,10 @@ mod stats_tests {
             bytes_received: u64::MAX - 1,
             ..Default::default()
         };
-        for ppi in [PayloadProtocolIdentifier::Binary, PayloadProtocolIdentifier::String] {
+        for ppi in [
+            PayloadProtocolIdentifier::Binary,
+            PayloadProtocolIdentifier::String,
+        ] {
             stats.sent(ppi, 2);
             stats.received(ppi, 2);
         }
@@ -707,7 +775,10 @@ mod stats_tests {
         assert_eq!(stats.bytes_sent, u64::MAX);
         assert_eq!(stats.messages_received, u64::MAX);
         assert_eq!(stats.bytes_received, u64::MAX);
-        for ppi in [PayloadProtocolIdentifier::Dcep, PayloadProtocolIdentifier::Unknown] {
+        for ppi in [
+            PayloadProtocolIdentifier::Dcep,
+            PayloadProtocolIdentifier::Unknown,
+        ] {
             let mut stats = DataChannelStats::default();
             stats.sent(ppi, 10);
             stats.received(ppi, 10);

@@ -13,9 +13,12 @@ fn timed_fixture(unordered: bool) -> Association {
         mtu: 1400,
         ..Default::default()
     };
-    a.create_stream(1, false, PayloadProtocolIdentifier::Binary).unwrap();
+    a.create_stream(1, false, PayloadProtocolIdentifier::Binary)
+        .unwrap();
     let mut stream = a.stream(1).unwrap();
-    stream.set_reliability_params(unordered, ReliabilityType::Timed, 10).unwrap();
+    stream
+        .set_reliability_params(unordered, ReliabilityType::Timed, 10)
+        .unwrap();
     stream.write(b"abcdefghij").unwrap();
     a
 }
@@ -40,7 +43,10 @@ fn timed_recovery_obeys_exact_deadline() {
                     a.will_retransmit_fast = true;
                     a.gather_outbound_fast_retransmission_packets(vec![], later)
                 } else {
-                    a.get_data_packets_to_retransmit(later).into_iter().map(|p| p.marshal().unwrap()).collect()
+                    a.get_data_packets_to_retransmit(later)
+                        .into_iter()
+                        .map(|p| p.marshal().unwrap())
+                        .collect()
                 };
                 assert_eq!(packets.is_empty(), delay >= 10);
                 for tsn in 1..=3 {
@@ -74,7 +80,10 @@ fn timed_expiry_is_not_hidden_by_window_or_fast_packet_limit() {
         let later = now + Duration::from_millis(10);
         if fast {
             a.will_retransmit_fast = true;
-            assert!(a.gather_outbound_fast_retransmission_packets(vec![], later).is_empty());
+            assert!(
+                a.gather_outbound_fast_retransmission_packets(vec![], later)
+                    .is_empty()
+            );
         } else {
             assert!(a.get_data_packets_to_retransmit(later).is_empty());
         }
@@ -115,7 +124,10 @@ fn timed_expiry_preserves_delivered_message_and_gap_acked_siblings() {
         let end = if all_delivered { 3 } else { 2 };
         for tsn in 1..=end {
             let released = a.outbound_queue.mark_as_acked(tsn);
-            a.streams.get_mut(&1).unwrap().on_buffer_released(released as i64);
+            a.streams
+                .get_mut(&1)
+                .unwrap()
+                .on_buffer_released(released as i64);
         }
         let later = now + Duration::from_secs(2);
         a.outbound_queue.mark_all_to_retransmit();
@@ -155,7 +167,10 @@ fn timed_expiry_preserves_reliable_dcep_and_non_negotiated_traffic() {
             }
         }
         a.outbound_queue.set_retransmit_pending(); // sleap-rtc patch
-        assert!(!a.get_data_packets_to_retransmit(now + Duration::from_secs(2)).is_empty());
+        assert!(
+            !a.get_data_packets_to_retransmit(now + Duration::from_secs(2))
+                .is_empty()
+        );
         assert!(!a.outbound_queue.is_abandoned(1));
     }
 }
@@ -165,10 +180,17 @@ fn timed_expiry_uses_original_message_deadline_after_stream_changes() {
     let now = Instant::now();
     let mut a = timed_fixture(false);
     a.send_next_data_chunk(now).unwrap();
-    a.stream(1).unwrap().set_reliability_params(false, ReliabilityType::Reliable, 0).unwrap();
+    a.stream(1)
+        .unwrap()
+        .set_reliability_params(false, ReliabilityType::Reliable, 0)
+        .unwrap();
     // A later fragment's transmission time cannot restart the lifetime.
-    a.send_next_data_chunk(now + Duration::from_millis(9)).unwrap();
-    assert!(a.pop_pending_data_chunks_to_send(now + Duration::from_millis(10)).is_empty());
+    a.send_next_data_chunk(now + Duration::from_millis(9))
+        .unwrap();
+    assert!(
+        a.pop_pending_data_chunks_to_send(now + Duration::from_millis(10))
+            .is_empty()
+    );
     assert!(a.outbound_queue.is_abandoned(1));
     assert!(a.outbound_queue.is_abandoned(2));
     assert!(a.outbound_queue.is_abandoned(3));
@@ -177,17 +199,24 @@ fn timed_expiry_uses_original_message_deadline_after_stream_changes() {
 #[test]
 fn timed_shutdown_retries_lost_forward_tsn() {
     let now = Instant::now();
-    for state in [AssociationState::ShutdownPending, AssociationState::ShutdownSent, AssociationState::ShutdownReceived]
-    {
+    for state in [
+        AssociationState::ShutdownPending,
+        AssociationState::ShutdownSent,
+        AssociationState::ShutdownReceived,
+    ] {
         let mut a = timed_fixture(false);
         a.gather_outbound(now);
         a.state = state;
         let later = now + Duration::from_secs(2);
         let (packets, _) = a.gather_outbound(later);
         let contains_forward = |packets: &[Bytes]| {
-            packets
-                .iter()
-                .any(|raw| Packet::unmarshal(raw).unwrap().chunks.iter().any(|c| c.as_any().is::<ChunkForwardTsn>()))
+            packets.iter().any(|raw| {
+                Packet::unmarshal(raw)
+                    .unwrap()
+                    .chunks
+                    .iter()
+                    .any(|c| c.as_any().is::<ChunkForwardTsn>())
+            })
         };
         assert!(contains_forward(&packets));
         assert!(a.timers.get(Timer::T3RTX).is_some());
@@ -197,7 +226,13 @@ fn timed_shutdown_retries_lost_forward_tsn() {
         assert!(contains_forward(&packets));
         assert!(a.timers.get(Timer::T3RTX).is_some());
         for raw in packets {
-            assert!(Packet::unmarshal(&raw).unwrap().chunks.iter().all(|c| !c.as_any().is::<ChunkPayloadData>()));
+            assert!(
+                Packet::unmarshal(&raw)
+                    .unwrap()
+                    .chunks
+                    .iter()
+                    .all(|c| !c.as_any().is::<ChunkPayloadData>())
+            );
         }
     }
 }
@@ -208,8 +243,14 @@ fn timed_expiry_abandons_tail_after_entire_prefix_was_gap_acked() {
     let mut a = timed_fixture(false);
     a.send_next_data_chunk(now).unwrap();
     let released = a.outbound_queue.mark_as_acked(1);
-    a.streams.get_mut(&1).unwrap().on_buffer_released(released as i64);
-    assert!(a.pop_pending_data_chunks_to_send(now + Duration::from_millis(10)).is_empty());
+    a.streams
+        .get_mut(&1)
+        .unwrap()
+        .on_buffer_released(released as i64);
+    assert!(
+        a.pop_pending_data_chunks_to_send(now + Duration::from_millis(10))
+            .is_empty()
+    );
     assert_eq!(a.outbound_queue.pending_len(), 0);
     assert!(a.outbound_queue.is_abandoned(2));
     assert!(a.outbound_queue.get(1).unwrap().acked);
@@ -222,12 +263,22 @@ fn timed_expiry_retains_forward_recovery_after_prefix_cumulative_ack() {
     let now = Instant::now();
     let mut a = timed_fixture(false);
     a.send_next_data_chunk(now).unwrap();
-    a.process_selective_ack(&ChunkSelectiveAck { cumulative_tsn_ack: 1, ..Default::default() }, now).unwrap();
+    a.process_selective_ack(
+        &ChunkSelectiveAck {
+            cumulative_tsn_ack: 1,
+            ..Default::default()
+        },
+        now,
+    )
+    .unwrap();
     a.cumulative_tsn_ack_point = 1;
     a.streams.get_mut(&1).unwrap().on_buffer_released(4);
     assert_eq!(a.outbound_queue.inflight_len(), 0);
     assert!(a.timers.get(Timer::T3RTX).is_none());
-    assert!(a.pop_pending_data_chunks_to_send(now + Duration::from_millis(10)).is_empty());
+    assert!(
+        a.pop_pending_data_chunks_to_send(now + Duration::from_millis(10))
+            .is_empty()
+    );
     assert_eq!(a.outbound_queue.pending_len(), 0);
     assert_eq!(a.stream(1).unwrap().buffered_amount().unwrap(), 0);
     assert!(a.outbound_queue.is_abandoned(2));
@@ -239,9 +290,12 @@ fn timed_expiry_retains_forward_recovery_after_prefix_cumulative_ack() {
 fn pending_timed_messages_keep_distinct_lifetimes_across_polls() {
     let now = Instant::now();
     let mut a = timed_fixture(false);
-    a.create_stream(2, false, PayloadProtocolIdentifier::Binary).unwrap();
+    a.create_stream(2, false, PayloadProtocolIdentifier::Binary)
+        .unwrap();
     let mut blocker = a.stream(2).unwrap();
-    blocker.set_reliability_params(true, ReliabilityType::Reliable, 0).unwrap();
+    blocker
+        .set_reliability_params(true, ReliabilityType::Reliable, 0)
+        .unwrap();
     blocker.write(b"hold").unwrap();
     a.cwnd = 4;
     let chunks = a.pop_pending_data_chunks_to_send(now);
@@ -249,9 +303,15 @@ fn pending_timed_messages_keep_distinct_lifetimes_across_polls() {
     assert_eq!(chunks[0].stream_identifier, 2);
 
     a.stream(1).unwrap().write(b"new").unwrap();
-    assert!(a.pop_pending_data_chunks_to_send(now + Duration::from_millis(5)).is_empty());
+    assert!(
+        a.pop_pending_data_chunks_to_send(now + Duration::from_millis(5))
+            .is_empty()
+    );
     assert_eq!(a.stream(1).unwrap().buffered_amount().unwrap(), 13);
-    assert!(a.pop_pending_data_chunks_to_send(now + Duration::from_millis(10)).is_empty());
+    assert!(
+        a.pop_pending_data_chunks_to_send(now + Duration::from_millis(10))
+            .is_empty()
+    );
     assert_eq!(a.stream(1).unwrap().buffered_amount().unwrap(), 3);
     assert_eq!(a.my_next_tsn, 2, "the unsent expired message needs no TSN");
 
@@ -261,7 +321,10 @@ fn pending_timed_messages_keep_distinct_lifetimes_across_polls() {
     assert_eq!(chunks[0].user_data.as_ref(), b"new");
     assert_eq!(chunks[0].stream_sequence_number, 0);
     assert_eq!(chunks[0].deadline, Some(now + Duration::from_millis(15)));
-    assert!(a.get_data_packets_to_retransmit(now + Duration::from_millis(15)).is_empty());
+    assert!(
+        a.get_data_packets_to_retransmit(now + Duration::from_millis(15))
+            .is_empty()
+    );
     assert!(a.outbound_queue.is_abandoned(2));
     assert_eq!(a.stream(1).unwrap().buffered_amount().unwrap(), 0);
 }

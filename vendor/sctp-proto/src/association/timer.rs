@@ -19,8 +19,14 @@ pub(crate) enum Timer {
 }
 
 impl Timer {
-    pub(crate) const VALUES: [Self; TIMER_COUNT] =
-        [Timer::T1Init, Timer::T1Cookie, Timer::T2Shutdown, Timer::T3RTX, Timer::Reconfig, Timer::Ack];
+    pub(crate) const VALUES: [Self; TIMER_COUNT] = [
+        Timer::T1Init,
+        Timer::T1Cookie,
+        Timer::T2Shutdown,
+        Timer::T3RTX,
+        Timer::Reconfig,
+        Timer::Ack,
+    ];
 }
 
 /// A table of data associated with each distinct kind of `Timer`
@@ -49,7 +55,11 @@ impl Default for TimerTable {
 }
 
 impl TimerTable {
-    pub fn new(max_init_retransmits: Option<usize>, max_data_retransmits: Option<usize>, rto_max: u64) -> Self {
+    pub fn new(
+        max_init_retransmits: Option<usize>,
+        max_data_retransmits: Option<usize>,
+        rto_max: u64,
+    ) -> Self {
         TimerTable {
             max_retrans: [
                 max_init_retransmits, //T1Init
@@ -169,7 +179,15 @@ impl Default for RtoManager {
 impl RtoManager {
     /// Creates a new RtoManager with configurable RTO values.
     pub(crate) fn new(rto_initial: u64, rto_min: u64, rto_max: u64) -> Self {
-        RtoManager { srtt: 0, rttvar: 0.0, rto: rto_initial, no_update: false, rto_initial, rto_min, rto_max }
+        RtoManager {
+            srtt: 0,
+            rttvar: 0.0,
+            rto: rto_initial,
+            no_update: false,
+            rto_initial,
+            rto_min,
+            rto_max,
+        }
     }
 
     /// set_new_rtt takes a newly measured RTT then adjust the RTO in msec.
@@ -224,5 +242,9 @@ fn calculate_next_timeout(rto: u64, n_rtos: usize, rto_max: u64) -> u64 {
     //        <- RTO * 2 ("back off the timer").  The maximum value discussed
     //        in rule C7 above (RTO.max) may be used to provide an upper bound
     //        to this doubling operation.
-    if n_rtos < 31 { core::cmp::min(rto << n_rtos, rto_max) } else { rto_max }
+    if n_rtos < 31 {
+        core::cmp::min(rto << n_rtos, rto_max)
+    } else {
+        rto_max
+    }
 }

@@ -41,7 +41,11 @@ impl fmt::Display for ChunkAbort {
 
 impl Chunk for ChunkAbort {
     fn header(&self) -> ChunkHeader {
-        ChunkHeader { typ: CT_ABORT, flags: 0, value_length: self.value_length() as u16 }
+        ChunkHeader {
+            typ: CT_ABORT,
+            flags: 0,
+            value_length: self.value_length() as u16,
+        }
     }
 
     fn unmarshal(raw: &Bytes) -> Result<Self> {
@@ -76,7 +80,9 @@ impl Chunk for ChunkAbort {
     }
 
     fn value_length(&self) -> usize {
-        self.error_causes.iter().fold(0, |length, ec| length + ec.length())
+        self.error_causes
+            .iter()
+            .fold(0, |length, ec| length + ec.length())
     }
 
     fn as_any(&self) -> &(dyn Any + Send + Sync) {

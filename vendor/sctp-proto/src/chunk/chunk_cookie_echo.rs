@@ -24,7 +24,11 @@ impl fmt::Display for ChunkCookieEcho {
 
 impl Chunk for ChunkCookieEcho {
     fn header(&self) -> ChunkHeader {
-        ChunkHeader { typ: CT_COOKIE_ECHO, flags: 0, value_length: self.value_length() as u16 }
+        ChunkHeader {
+            typ: CT_COOKIE_ECHO,
+            flags: 0,
+            value_length: self.value_length() as u16,
+        }
     }
 
     fn unmarshal(raw: &Bytes) -> Result<Self> {

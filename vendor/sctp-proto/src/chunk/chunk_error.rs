@@ -43,7 +43,11 @@ impl fmt::Display for ChunkError {
 
 impl Chunk for ChunkError {
     fn header(&self) -> ChunkHeader {
-        ChunkHeader { typ: CT_ERROR, flags: 0, value_length: self.value_length() as u16 }
+        ChunkHeader {
+            typ: CT_ERROR,
+            flags: 0,
+            value_length: self.value_length() as u16,
+        }
     }
 
     fn unmarshal(raw: &Bytes) -> Result<Self> {
@@ -78,7 +82,9 @@ impl Chunk for ChunkError {
     }
 
     fn value_length(&self) -> usize {
-        self.error_causes.iter().fold(0, |length, ec| length + ec.length())
+        self.error_causes
+            .iter()
+            .fold(0, |length, ec| length + ec.length())
     }
 
     fn as_any(&self) -> &(dyn Any + Send + Sync) {

@@ -48,7 +48,11 @@ impl fmt::Display for ChunkForwardTsn {
 
 impl Chunk for ChunkForwardTsn {
     fn header(&self) -> ChunkHeader {
-        ChunkHeader { typ: CT_FORWARD_TSN, flags: 0, value_length: self.value_length() as u16 }
+        ChunkHeader {
+            typ: CT_FORWARD_TSN,
+            flags: 0,
+            value_length: self.value_length() as u16,
+        }
     }
 
     fn unmarshal(buf: &Bytes) -> Result<Self> {
@@ -76,7 +80,10 @@ impl Chunk for ChunkForwardTsn {
             streams.push(s);
         }
 
-        Ok(ChunkForwardTsn { new_cumulative_tsn, streams })
+        Ok(ChunkForwardTsn {
+            new_cumulative_tsn,
+            streams,
+        })
     }
 
     fn marshal_to(&self, writer: &mut BytesMut) -> Result<usize> {
@@ -130,7 +137,11 @@ impl fmt::Display for ChunkForwardTsnStream {
 
 impl Chunk for ChunkForwardTsnStream {
     fn header(&self) -> ChunkHeader {
-        ChunkHeader { typ: ChunkType(0), flags: 0, value_length: self.value_length() as u16 }
+        ChunkHeader {
+            typ: ChunkType(0),
+            flags: 0,
+            value_length: self.value_length() as u16,
+        }
     }
 
     fn unmarshal(buf: &Bytes) -> Result<Self> {
@@ -142,7 +153,10 @@ impl Chunk for ChunkForwardTsnStream {
         let identifier = reader.get_u16();
         let sequence = reader.get_u16();
 
-        Ok(ChunkForwardTsnStream { identifier, sequence })
+        Ok(ChunkForwardTsnStream {
+            identifier,
+            sequence,
+        })
     }
 
     fn marshal_to(&self, writer: &mut BytesMut) -> Result<usize> {

@@ -74,7 +74,11 @@ impl Chunk for ChunkHeader {
             }
         }
 
-        Ok(ChunkHeader { typ, flags, value_length: length - CHUNK_HEADER_SIZE as u16 })
+        Ok(ChunkHeader {
+            typ,
+            flags,
+            value_length: length - CHUNK_HEADER_SIZE as u16,
+        })
     }
 
     fn marshal_to(&self, writer: &mut BytesMut) -> Result<usize> {

@@ -41,7 +41,11 @@ impl fmt::Display for ChunkHeartbeat {
 
 impl Chunk for ChunkHeartbeat {
     fn header(&self) -> ChunkHeader {
-        ChunkHeader { typ: CT_HEARTBEAT, flags: 0, value_length: self.value_length() as u16 }
+        ChunkHeader {
+            typ: CT_HEARTBEAT,
+            flags: 0,
+            value_length: self.value_length() as u16,
+        }
     }
 
     fn unmarshal(raw: &Bytes) -> Result<Self> {
@@ -55,7 +59,8 @@ impl Chunk for ChunkHeartbeat {
             return Err(Error::ErrHeartbeatNotLongEnoughInfo);
         }
 
-        let p = build_param(&raw.slice(CHUNK_HEADER_SIZE..CHUNK_HEADER_SIZE + header.value_length()))?;
+        let p =
+            build_param(&raw.slice(CHUNK_HEADER_SIZE..CHUNK_HEADER_SIZE + header.value_length()))?;
         if p.header().typ != ParamType::HeartbeatInfo {
             return Err(Error::ErrHeartbeatParam);
         }
@@ -77,7 +82,9 @@ impl Chunk for ChunkHeartbeat {
     }
 
     fn value_length(&self) -> usize {
-        self.params.iter().fold(0, |length, p| length + PARAM_HEADER_LENGTH + p.value_length())
+        self.params.iter().fold(0, |length, p| {
+            length + PARAM_HEADER_LENGTH + p.value_length()
+        })
     }
 
     fn as_any(&self) -> &(dyn Any + Send + Sync) {

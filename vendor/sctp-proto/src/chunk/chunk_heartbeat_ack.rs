@@ -43,7 +43,11 @@ impl fmt::Display for ChunkHeartbeatAck {
 
 impl Chunk for ChunkHeartbeatAck {
     fn header(&self) -> ChunkHeader {
-        ChunkHeader { typ: CT_HEARTBEAT_ACK, flags: 0, value_length: self.value_length() as u16 }
+        ChunkHeader {
+            typ: CT_HEARTBEAT_ACK,
+            flags: 0,
+            value_length: self.value_length() as u16,
+        }
     }
 
     fn unmarshal(raw: &Bytes) -> Result<Self> {
@@ -57,7 +61,8 @@ impl Chunk for ChunkHeartbeatAck {
             return Err(Error::ErrHeartbeatNotLongEnoughInfo);
         }
 
-        let p = build_param(&raw.slice(CHUNK_HEADER_SIZE..CHUNK_HEADER_SIZE + header.value_length()))?;
+        let p =
+            build_param(&raw.slice(CHUNK_HEADER_SIZE..CHUNK_HEADER_SIZE + header.value_length()))?;
         if p.header().typ != ParamType::HeartbeatInfo {
             return Err(Error::ErrHeartbeatParam);
         }

@@ -32,7 +32,10 @@ impl fmt::Display for ChunkIForwardTsn {
         let mut res = vec![self.header().to_string()];
         res.push(format!("New Cumulative TSN: {}", self.new_cumulative_tsn));
         for s in &self.streams {
-            res.push(format!(" - si={}, unordered={}, mid={}", s.identifier, s.unordered, s.mid));
+            res.push(format!(
+                " - si={}, unordered={}, mid={}",
+                s.identifier, s.unordered, s.mid
+            ));
         }
         write!(f, "{}", res.join("\n"))
     }
@@ -40,7 +43,11 @@ impl fmt::Display for ChunkIForwardTsn {
 
 impl Chunk for ChunkIForwardTsn {
     fn header(&self) -> ChunkHeader {
-        ChunkHeader { typ: CT_I_FORWARD_TSN, flags: 0, value_length: self.value_length() as u16 }
+        ChunkHeader {
+            typ: CT_I_FORWARD_TSN,
+            flags: 0,
+            value_length: self.value_length() as u16,
+        }
     }
 
     fn unmarshal(buf: &Bytes) -> Result<Self> {
@@ -67,11 +74,18 @@ impl Chunk for ChunkIForwardTsn {
             let _reserved = entry_buf.get_u8();
             let mid = entry_buf.get_u32();
 
-            streams.push(ChunkIForwardTsnStream { identifier, unordered: (flags & 0x01) != 0, mid });
+            streams.push(ChunkIForwardTsnStream {
+                identifier,
+                unordered: (flags & 0x01) != 0,
+                mid,
+            });
             offset += I_FORWARD_TSN_STREAM_ENTRY_LENGTH;
         }
 
-        Ok(ChunkIForwardTsn { new_cumulative_tsn, streams })
+        Ok(ChunkIForwardTsn {
+            new_cumulative_tsn,
+            streams,
+        })
     }
 
     fn marshal_to(&self, writer: &mut BytesMut) -> Result<usize> {

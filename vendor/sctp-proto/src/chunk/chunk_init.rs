@@ -278,6 +278,8 @@ impl ChunkInit {
         // An implementation supporting this (Supported Extensions Parameter)
         // extension MUST list the ASCONF, the ASCONF-ACK, and the AUTH chunks
         // in its INIT and INIT-ACK parameters.
-        self.params.push(Box::new(ParamSupportedExtensions { chunk_types: vec![CT_RECONFIG, CT_FORWARD_TSN] }));
+        self.params.push(Box::new(ParamSupportedExtensions {
+            chunk_types: vec![CT_RECONFIG, CT_FORWARD_TSN],
+        }));
     }
 }

@@ -167,7 +167,11 @@ impl Chunk for ChunkPayloadData {
             flags |= 1 << 3;
         }
 
-        ChunkHeader { typ: CT_PAYLOAD_DATA, flags, value_length: self.value_length() as u16 }
+        ChunkHeader {
+            typ: CT_PAYLOAD_DATA,
+            flags,
+            value_length: self.value_length() as u16,
+        }
     }
 
     fn unmarshal(raw: &Bytes) -> Result<Self> {
@@ -192,8 +196,9 @@ impl Chunk for ChunkPayloadData {
         let stream_identifier = reader.get_u16();
         let stream_sequence_number = reader.get_u16();
         let payload_type: PayloadProtocolIdentifier = reader.get_u32().into();
-        let user_data =
-            raw.slice(CHUNK_HEADER_SIZE + PAYLOAD_DATA_HEADER_SIZE..CHUNK_HEADER_SIZE + header.value_length());
+        let user_data = raw.slice(
+            CHUNK_HEADER_SIZE + PAYLOAD_DATA_HEADER_SIZE..CHUNK_HEADER_SIZE + header.value_length(),
+        );
 
         Ok(ChunkPayloadData {
             unordered,

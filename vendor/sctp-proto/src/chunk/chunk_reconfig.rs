@@ -27,7 +27,10 @@ pub(crate) struct ChunkReconfig {
 
 impl Clone for ChunkReconfig {
     fn clone(&self) -> Self {
-        ChunkReconfig { param_a: self.param_a.as_ref().cloned(), param_b: self.param_b.as_ref().cloned() }
+        ChunkReconfig {
+            param_a: self.param_a.as_ref().cloned(),
+            param_b: self.param_b.as_ref().cloned(),
+        }
     }
 }
 
@@ -47,7 +50,11 @@ impl fmt::Display for ChunkReconfig {
 
 impl Chunk for ChunkReconfig {
     fn header(&self) -> ChunkHeader {
-        ChunkHeader { typ: CT_RECONFIG, flags: 0, value_length: self.value_length() as u16 }
+        ChunkHeader {
+            typ: CT_RECONFIG,
+            flags: 0,
+            value_length: self.value_length() as u16,
+        }
     }
 
     fn unmarshal(raw: &Bytes) -> Result<Self> {
@@ -61,17 +68,23 @@ impl Chunk for ChunkReconfig {
             return Err(Error::ErrChunkTooShort);
         }
 
-        let param_a = build_param(&raw.slice(CHUNK_HEADER_SIZE..CHUNK_HEADER_SIZE + header.value_length()))?;
+        let param_a =
+            build_param(&raw.slice(CHUNK_HEADER_SIZE..CHUNK_HEADER_SIZE + header.value_length()))?;
 
         let padding = get_padding_size(PARAM_HEADER_LENGTH + param_a.value_length());
         let offset = CHUNK_HEADER_SIZE + PARAM_HEADER_LENGTH + param_a.value_length() + padding;
         let param_b = if CHUNK_HEADER_SIZE + header.value_length() > offset {
-            Some(build_param(&raw.slice(offset..CHUNK_HEADER_SIZE + header.value_length()))?)
+            Some(build_param(
+                &raw.slice(offset..CHUNK_HEADER_SIZE + header.value_length()),
+            )?)
         } else {
             None
         };
 
-        Ok(ChunkReconfig { param_a: Some(param_a), param_b })
+        Ok(ChunkReconfig {
+            param_a: Some(param_a),
+            param_b,
+        })
     }
 
     fn marshal_to(&self, writer: &mut BytesMut) -> Result<usize> {
@@ -94,7 +107,10 @@ impl Chunk for ChunkReconfig {
     }
 
     fn check(&self) -> Result<()> {
-        let param_a = self.param_a.as_ref().ok_or(Error::ErrChunkReconfigInvalidParamA)?;
+        let param_a = self
+            .param_a
+            .as_ref()
+            .ok_or(Error::ErrChunkReconfigInvalidParamA)?;
         let Some(param_b) = &self.param_b else {
             return Ok(());
         };

@@ -73,7 +73,11 @@ pub(crate) const SELECTIVE_ACK_HEADER_SIZE: usize = 12;
 
 impl Chunk for ChunkSelectiveAck {
     fn header(&self) -> ChunkHeader {
-        ChunkHeader { typ: CT_SACK, flags: 0, value_length: self.value_length() as u16 }
+        ChunkHeader {
+            typ: CT_SACK,
+            flags: 0,
+            value_length: self.value_length() as u16,
+        }
     }
 
     fn unmarshal(raw: &Bytes) -> Result<Self> {
@@ -97,7 +101,9 @@ impl Chunk for ChunkSelectiveAck {
         // The reader is bounded by header.value_length(), so we
         // must check against that, not raw.len() which may include
         // subsequent chunks.
-        if header.value_length() < SELECTIVE_ACK_HEADER_SIZE + (4 * gap_ack_blocks_len + 4 * duplicate_tsn_len) {
+        if header.value_length()
+            < SELECTIVE_ACK_HEADER_SIZE + (4 * gap_ack_blocks_len + 4 * duplicate_tsn_len)
+        {
             return Err(Error::ErrSackSizeNotLargeEnoughInfo);
         }
 
@@ -112,7 +118,12 @@ impl Chunk for ChunkSelectiveAck {
             duplicate_tsn.push(reader.get_u32());
         }
 
-        Ok(ChunkSelectiveAck { cumulative_tsn_ack, advertised_receiver_window_credit, gap_ack_blocks, duplicate_tsn })
+        Ok(ChunkSelectiveAck {
+            cumulative_tsn_ack,
+            advertised_receiver_window_credit,
+            gap_ack_blocks,
+            duplicate_tsn,
+        })
     }
 
     fn marshal_to(&self, writer: &mut BytesMut) -> Result<usize> {

@@ -25,7 +25,11 @@ impl fmt::Display for ChunkShutdown {
 
 impl Chunk for ChunkShutdown {
     fn header(&self) -> ChunkHeader {
-        ChunkHeader { typ: CT_SHUTDOWN, flags: 0, value_length: self.value_length() as u16 }
+        ChunkHeader {
+            typ: CT_SHUTDOWN,
+            flags: 0,
+            value_length: self.value_length() as u16,
+        }
     }
 
     fn unmarshal(raw: &Bytes) -> Result<Self> {

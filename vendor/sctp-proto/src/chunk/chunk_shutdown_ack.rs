@@ -19,7 +19,11 @@ impl fmt::Display for ChunkShutdownAck {
 
 impl Chunk for ChunkShutdownAck {
     fn header(&self) -> ChunkHeader {
-        ChunkHeader { typ: CT_SHUTDOWN_ACK, flags: 0, value_length: self.value_length() as u16 }
+        ChunkHeader {
+            typ: CT_SHUTDOWN_ACK,
+            flags: 0,
+            value_length: self.value_length() as u16,
+        }
     }
 
     fn unmarshal(raw: &Bytes) -> Result<Self> {

@@ -82,7 +82,13 @@ mod test {
         ];
 
         for (ct, expected) in tests {
-            assert_eq!(ct.to_string(), expected, "failed to stringify chunkType {}, expected {}", ct, expected);
+            assert_eq!(
+                ct.to_string(),
+                expected,
+                "failed to stringify chunkType {}, expected {}",
+                ct,
+                expected
+            );
         }
     }
 }

@@ -79,7 +79,9 @@ impl fmt::Display for ErrorCauseCode {
             UNRECOGNIZED_PARAMETERS => "Unrecognized Parameters",
             NO_USER_DATA => "No User Data",
             COOKIE_RECEIVED_WHILE_SHUTTING_DOWN => "Cookie Received While Shutting Down",
-            RESTART_OF_AN_ASSOCIATION_WITH_NEW_ADDRESSES => "Restart Of An Association With New Addresses",
+            RESTART_OF_AN_ASSOCIATION_WITH_NEW_ADDRESSES => {
+                "Restart Of An Association With New Addresses"
+            }
             USER_INITIATED_ABORT => "User Initiated Abort",
             PROTOCOL_VIOLATION => "Protocol Violation",
             _ => others.as_str(),

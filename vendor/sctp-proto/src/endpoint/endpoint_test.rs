@@ -95,7 +95,9 @@ struct TestEndpoint {
 impl TestEndpoint {
     fn new(endpoint: Endpoint, addr: SocketAddr) -> Self {
         let socket = UdpSocket::bind(addr).expect("failed to bind UDP socket");
-        socket.set_read_timeout(Some(Duration::new(0, 10_000_000))).unwrap();
+        socket
+            .set_read_timeout(Some(Duration::new(0, 10_000_000)))
+            .unwrap();
 
         Self {
             endpoint,
@@ -224,8 +226,14 @@ impl Pair {
     }
 
     pub fn new_from_endpoint(client: Endpoint, server: Endpoint) -> Self {
-        let server_addr = SocketAddr::new(Ipv6Addr::LOCALHOST.into(), SERVER_PORTS.lock().unwrap().next().unwrap());
-        let client_addr = SocketAddr::new(Ipv6Addr::LOCALHOST.into(), CLIENT_PORTS.lock().unwrap().next().unwrap());
+        let server_addr = SocketAddr::new(
+            Ipv6Addr::LOCALHOST.into(),
+            SERVER_PORTS.lock().unwrap().next().unwrap(),
+        );
+        let client_addr = SocketAddr::new(
+            Ipv6Addr::LOCALHOST.into(),
+            CLIENT_PORTS.lock().unwrap().next().unwrap(),
+        );
         Self {
             server: TestEndpoint::new(server, server_addr),
             client: TestEndpoint::new(client, client_addr),
@@ -278,7 +286,9 @@ impl Pair {
                         socket.send_to(&content, x.remote).unwrap();
                     }
                     if self.server.addr == x.remote {
-                        self.server.inbound.push_back((self.time + self.latency, x.ecn, content));
+                        self.server
+                            .inbound
+                            .push_back((self.time + self.latency, x.ecn, content));
                     }
                 }
             }
@@ -294,7 +304,9 @@ impl Pair {
                         socket.send_to(&content, x.remote).unwrap();
                     }
                     if self.client.addr == x.remote {
-                        self.client.inbound.push_back((self.time + self.latency, x.ecn, content));
+                        self.client
+                            .inbound
+                            .push_back((self.time + self.latency, x.ecn, content));
                     }
                 }
             }
@@ -322,9 +334,15 @@ impl Pair {
     }
 
     fn finish_connect(&mut self, client_ch: AssociationHandle, server_ch: AssociationHandle) {
-        assert_matches!(self.client_conn_mut(client_ch).poll(), Some(Event::Connected));
+        assert_matches!(
+            self.client_conn_mut(client_ch).poll(),
+            Some(Event::Connected)
+        );
 
-        assert_matches!(self.server_conn_mut(server_ch).poll(), Some(Event::Connected));
+        assert_matches!(
+            self.server_conn_mut(server_ch).poll(),
+            Some(Event::Connected)
+        );
     }
 
     pub fn client_conn_mut(&mut self, ch: AssociationHandle) -> &mut Association {
@@ -385,8 +403,12 @@ fn establish_session_pair(
     si: u16,
 ) -> Result<()> {
     let hello_msg = Bytes::from_static(b"Hello");
-    let _ = pair.client_conn_mut(client_ch).open_stream(si, PayloadProtocolIdentifier::Binary)?;
-    let _ = pair.client_stream(client_ch, si)?.write_sctp(&hello_msg, PayloadProtocolIdentifier::Dcep)?;
+    let _ = pair
+        .client_conn_mut(client_ch)
+        .open_stream(si, PayloadProtocolIdentifier::Binary)?;
+    let _ = pair
+        .client_stream(client_ch, si)?
+        .write_sctp(&hello_msg, PayloadProtocolIdentifier::Dcep)?;
     pair.drive();
 
     {
@@ -417,7 +439,12 @@ fn establish_session_pair(
     Ok(())
 }
 
-fn close_association_pair(_pair: &mut Pair, _client_ch: AssociationHandle, _server_ch: AssociationHandle, _si: u16) {
+fn close_association_pair(
+    _pair: &mut Pair,
+    _client_ch: AssociationHandle,
+    _server_ch: AssociationHandle,
+    _si: u16,
+) {
     /*TODO:
     // Close client
     tokio::spawn(async move {
@@ -455,7 +482,9 @@ fn test_assoc_reliable_simple() -> Result<()> {
         assert_eq!(0, a.buffered_amount(), "incorrect bufferedAmount");
     }
 
-    let n = pair.client_stream(client_ch, si)?.write_sctp(&msg, PayloadProtocolIdentifier::Binary)?;
+    let n = pair
+        .client_stream(client_ch, si)?
+        .write_sctp(&msg, PayloadProtocolIdentifier::Binary)?;
     assert_eq!(msg.len(), n, "unexpected length of received data");
     {
         let a = pair.client_conn_mut(client_ch);
@@ -470,7 +499,12 @@ fn test_assoc_reliable_simple() -> Result<()> {
     assert_eq!(ppi, PayloadProtocolIdentifier::Binary, "unexpected ppi");
 
     {
-        let q = &pair.client_conn_mut(client_ch).streams.get(&si).unwrap().reassembly_queue;
+        let q = &pair
+            .client_conn_mut(client_ch)
+            .streams
+            .get(&si)
+            .unwrap()
+            .reassembly_queue;
         assert!(!q.is_readable(), "should no longer be readable");
     }
 
@@ -504,15 +538,19 @@ fn test_assoc_reliable_ordered_reordered() -> Result<()> {
     }
 
     sbuf[0..4].copy_from_slice(&0u32.to_be_bytes());
-    let n =
-        pair.client_stream(client_ch, si)?.write_sctp(&Bytes::from(sbuf.clone()), PayloadProtocolIdentifier::Binary)?;
+    let n = pair.client_stream(client_ch, si)?.write_sctp(
+        &Bytes::from(sbuf.clone()),
+        PayloadProtocolIdentifier::Binary,
+    )?;
     assert_eq!(sbuf.len(), n, "unexpected length of received data");
     pair.client.drive(pair.time, pair.server.addr);
     pair.client.delay_outbound(); // Delay it
 
     sbuf[0..4].copy_from_slice(&1u32.to_be_bytes());
-    let n =
-        pair.client_stream(client_ch, si)?.write_sctp(&Bytes::from(sbuf.clone()), PayloadProtocolIdentifier::Binary)?;
+    let n = pair.client_stream(client_ch, si)?.write_sctp(
+        &Bytes::from(sbuf.clone()),
+        PayloadProtocolIdentifier::Binary,
+    )?;
     assert_eq!(sbuf.len(), n, "unexpected length of received data");
     pair.client.drive(pair.time, pair.server.addr);
     pair.client.finish_delay(); // Reorder it
@@ -526,19 +564,32 @@ fn test_assoc_reliable_ordered_reordered() -> Result<()> {
     chunks.read(&mut buf)?;
     assert_eq!(n, sbuf.len(), "unexpected length of received data");
     assert_eq!(ppi, PayloadProtocolIdentifier::Binary, "unexpected ppi");
-    assert_eq!(u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]), 0, "unexpected received data");
+    assert_eq!(
+        u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]),
+        0,
+        "unexpected received data"
+    );
 
     let chunks = pair.server_stream(server_ch, si)?.read_sctp()?.unwrap();
     let (n, ppi) = (chunks.len(), chunks.ppi);
     chunks.read(&mut buf)?;
     assert_eq!(n, sbuf.len(), "unexpected length of received data");
     assert_eq!(ppi, PayloadProtocolIdentifier::Binary, "unexpected ppi");
-    assert_eq!(u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]), 1, "unexpected received data");
+    assert_eq!(
+        u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]),
+        1,
+        "unexpected received data"
+    );
 
     pair.drive();
 
     {
-        let q = &pair.client_conn_mut(client_ch).streams.get(&si).unwrap().reassembly_queue;
+        let q = &pair
+            .client_conn_mut(client_ch)
+            .streams
+            .get(&si)
+            .unwrap()
+            .reassembly_queue;
         assert!(!q.is_readable(), "should no longer be readable");
     }
 
@@ -565,12 +616,21 @@ fn test_assoc_reliable_ordered_fragmented_then_defragmented() -> Result<()> {
 
     establish_session_pair(&mut pair, client_ch, server_ch, si)?;
 
-    pair.client_stream(client_ch, si)?.set_reliability_params(false, ReliabilityType::Reliable, 0)?;
-    pair.server_stream(server_ch, si)?.set_reliability_params(false, ReliabilityType::Reliable, 0)?;
+    pair.client_stream(client_ch, si)?.set_reliability_params(
+        false,
+        ReliabilityType::Reliable,
+        0,
+    )?;
+    pair.server_stream(server_ch, si)?.set_reliability_params(
+        false,
+        ReliabilityType::Reliable,
+        0,
+    )?;
 
-    let n = pair
-        .client_stream(client_ch, si)?
-        .write_sctp(&Bytes::from(sbufl.clone()), PayloadProtocolIdentifier::Binary)?;
+    let n = pair.client_stream(client_ch, si)?.write_sctp(
+        &Bytes::from(sbufl.clone()),
+        PayloadProtocolIdentifier::Binary,
+    )?;
     assert_eq!(sbufl.len(), n, "unexpected length of received data");
 
     pair.drive();
@@ -586,7 +646,12 @@ fn test_assoc_reliable_ordered_fragmented_then_defragmented() -> Result<()> {
     pair.drive();
 
     {
-        let q = &pair.client_conn_mut(client_ch).streams.get(&si).unwrap().reassembly_queue;
+        let q = &pair
+            .client_conn_mut(client_ch)
+            .streams
+            .get(&si)
+            .unwrap()
+            .reassembly_queue;
         assert!(!q.is_readable(), "should no longer be readable");
     }
 
@@ -613,12 +678,21 @@ fn test_assoc_reliable_unordered_fragmented_then_defragmented() -> Result<()> {
 
     establish_session_pair(&mut pair, client_ch, server_ch, si)?;
 
-    pair.client_stream(client_ch, si)?.set_reliability_params(true, ReliabilityType::Reliable, 0)?;
-    pair.server_stream(server_ch, si)?.set_reliability_params(true, ReliabilityType::Reliable, 0)?;
+    pair.client_stream(client_ch, si)?.set_reliability_params(
+        true,
+        ReliabilityType::Reliable,
+        0,
+    )?;
+    pair.server_stream(server_ch, si)?.set_reliability_params(
+        true,
+        ReliabilityType::Reliable,
+        0,
+    )?;
 
-    let n = pair
-        .client_stream(client_ch, si)?
-        .write_sctp(&Bytes::from(sbufl.clone()), PayloadProtocolIdentifier::Binary)?;
+    let n = pair.client_stream(client_ch, si)?.write_sctp(
+        &Bytes::from(sbufl.clone()),
+        PayloadProtocolIdentifier::Binary,
+    )?;
     assert_eq!(sbufl.len(), n, "unexpected length of received data");
 
     pair.drive();
@@ -634,7 +708,12 @@ fn test_assoc_reliable_unordered_fragmented_then_defragmented() -> Result<()> {
     pair.drive();
 
     {
-        let q = &pair.client_conn_mut(client_ch).streams.get(&si).unwrap().reassembly_queue;
+        let q = &pair
+            .client_conn_mut(client_ch)
+            .streams
+            .get(&si)
+            .unwrap()
+            .reassembly_queue;
         assert!(!q.is_readable(), "should no longer be readable");
     }
 
@@ -657,19 +736,31 @@ fn test_assoc_reliable_unordered_ordered() -> Result<()> {
 
     establish_session_pair(&mut pair, client_ch, server_ch, si)?;
 
-    pair.client_stream(client_ch, si)?.set_reliability_params(true, ReliabilityType::Reliable, 0)?;
-    pair.server_stream(server_ch, si)?.set_reliability_params(true, ReliabilityType::Reliable, 0)?;
+    pair.client_stream(client_ch, si)?.set_reliability_params(
+        true,
+        ReliabilityType::Reliable,
+        0,
+    )?;
+    pair.server_stream(server_ch, si)?.set_reliability_params(
+        true,
+        ReliabilityType::Reliable,
+        0,
+    )?;
 
     sbuf[0..4].copy_from_slice(&0u32.to_be_bytes());
-    let n =
-        pair.client_stream(client_ch, si)?.write_sctp(&Bytes::from(sbuf.clone()), PayloadProtocolIdentifier::Binary)?;
+    let n = pair.client_stream(client_ch, si)?.write_sctp(
+        &Bytes::from(sbuf.clone()),
+        PayloadProtocolIdentifier::Binary,
+    )?;
     assert_eq!(sbuf.len(), n, "unexpected length of received data");
     pair.client.drive(pair.time, pair.server.addr);
     pair.client.delay_outbound(); // Delay it
 
     sbuf[0..4].copy_from_slice(&1u32.to_be_bytes());
-    let n =
-        pair.client_stream(client_ch, si)?.write_sctp(&Bytes::from(sbuf.clone()), PayloadProtocolIdentifier::Binary)?;
+    let n = pair.client_stream(client_ch, si)?.write_sctp(
+        &Bytes::from(sbuf.clone()),
+        PayloadProtocolIdentifier::Binary,
+    )?;
     assert_eq!(sbuf.len(), n, "unexpected length of received data");
     pair.client.drive(pair.time, pair.server.addr);
     pair.client.finish_delay(); // Reorder it
@@ -683,19 +774,32 @@ fn test_assoc_reliable_unordered_ordered() -> Result<()> {
     chunks.read(&mut buf)?;
     assert_eq!(n, sbuf.len(), "unexpected length of received data");
     assert_eq!(ppi, PayloadProtocolIdentifier::Binary, "unexpected ppi");
-    assert_eq!(u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]), 1, "unexpected received data");
+    assert_eq!(
+        u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]),
+        1,
+        "unexpected received data"
+    );
 
     let chunks = pair.server_stream(server_ch, si)?.read_sctp()?.unwrap();
     let (n, ppi) = (chunks.len(), chunks.ppi);
     chunks.read(&mut buf)?;
     assert_eq!(n, sbuf.len(), "unexpected length of received data");
     assert_eq!(ppi, PayloadProtocolIdentifier::Binary, "unexpected ppi");
-    assert_eq!(u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]), 0, "unexpected received data");
+    assert_eq!(
+        u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]),
+        0,
+        "unexpected received data"
+    );
 
     pair.drive();
 
     {
-        let q = &pair.client_conn_mut(client_ch).streams.get(&si).unwrap().reassembly_queue;
+        let q = &pair
+            .client_conn_mut(client_ch)
+            .streams
+            .get(&si)
+            .unwrap()
+            .reassembly_queue;
         assert!(!q.is_readable(), "should no longer be readable");
     }
 
@@ -721,13 +825,17 @@ fn test_assoc_reliable_retransmission() -> Result<()> {
 
     establish_session_pair(&mut pair, client_ch, server_ch, si)?;
 
-    let n = pair.client_stream(client_ch, si)?.write_sctp(&msg1, PayloadProtocolIdentifier::Binary)?;
+    let n = pair
+        .client_stream(client_ch, si)?
+        .write_sctp(&msg1, PayloadProtocolIdentifier::Binary)?;
     assert_eq!(msg1.len(), n, "unexpected length of received data");
     pair.drive_client(); // send data to server
     pair.server.inbound.clear(); // Lose it
     debug!("dropping packet");
 
-    let n = pair.client_stream(client_ch, si)?.write_sctp(&msg2, PayloadProtocolIdentifier::Binary)?;
+    let n = pair
+        .client_stream(client_ch, si)?
+        .write_sctp(&msg2, PayloadProtocolIdentifier::Binary)?;
     assert_eq!(msg2.len(), n, "unexpected length of received data");
 
     pair.drive();
@@ -751,14 +859,22 @@ fn test_assoc_reliable_retransmission() -> Result<()> {
     pair.drive();
 
     {
-        let q = &pair.client_conn_mut(client_ch).streams.get(&si).unwrap().reassembly_queue;
+        let q = &pair
+            .client_conn_mut(client_ch)
+            .streams
+            .get(&si)
+            .unwrap()
+            .reassembly_queue;
         assert!(!q.is_readable(), "should no longer be readable");
     }
 
     let sent = pair.client_stream(client_ch, si)?.stats()?;
     let received = pair.server_stream(server_ch, si)?.stats()?;
     assert_eq!((sent.messages_sent, sent.bytes_sent), (2, 7));
-    assert_eq!((received.messages_received, received.bytes_received), (2, 7));
+    assert_eq!(
+        (received.messages_received, received.bytes_received),
+        (2, 7)
+    );
 
     close_association_pair(&mut pair, client_ch, server_ch, si);
 
@@ -781,7 +897,9 @@ fn test_assoc_reliable_short_buffer() -> Result<()> {
         assert_eq!(0, a.buffered_amount(), "incorrect bufferedAmount");
     }
 
-    let n = pair.client_stream(client_ch, si)?.write_sctp(&msg, PayloadProtocolIdentifier::Binary)?;
+    let n = pair
+        .client_stream(client_ch, si)?
+        .write_sctp(&msg, PayloadProtocolIdentifier::Binary)?;
     assert_eq!(msg.len(), n, "unexpected length of received data");
     {
         let a = pair.client_conn_mut(client_ch);
@@ -795,11 +913,20 @@ fn test_assoc_reliable_short_buffer() -> Result<()> {
     let result = chunks.read(&mut buf);
     assert!(result.is_err(), "expected error to be io.ErrShortBuffer");
     if let Err(err) = result {
-        assert_eq!(Error::ErrShortBuffer, err, "expected error to be io.ErrShortBuffer");
+        assert_eq!(
+            Error::ErrShortBuffer,
+            err,
+            "expected error to be io.ErrShortBuffer"
+        );
     }
 
     {
-        let q = &pair.client_conn_mut(client_ch).streams.get(&si).unwrap().reassembly_queue;
+        let q = &pair
+            .client_conn_mut(client_ch)
+            .streams
+            .get(&si)
+            .unwrap()
+            .reassembly_queue;
         assert!(!q.is_readable(), "should no longer be readable");
     }
 
@@ -829,22 +956,28 @@ fn test_assoc_unreliable_rexmit_ordered_no_fragment() -> Result<()> {
 
     // When we set the reliability value to 0 [times], then it will cause
     // the chunk to be abandoned immediately after the first transmission.
-    pair.client_stream(client_ch, si)?.set_reliability_params(false, ReliabilityType::Rexmit, 0)?;
-    pair.server_stream(server_ch, si)?.set_reliability_params(false, ReliabilityType::Rexmit, 0)?; // doesn't matter
+    pair.client_stream(client_ch, si)?
+        .set_reliability_params(false, ReliabilityType::Rexmit, 0)?;
+    pair.server_stream(server_ch, si)?
+        .set_reliability_params(false, ReliabilityType::Rexmit, 0)?; // doesn't matter
 
     //br.drop_next_nwrites(0, 1).await; // drop the first packet (second one should be sacked)
 
     sbuf[0..4].copy_from_slice(&0u32.to_be_bytes());
-    let n =
-        pair.client_stream(client_ch, si)?.write_sctp(&Bytes::from(sbuf.clone()), PayloadProtocolIdentifier::Binary)?;
+    let n = pair.client_stream(client_ch, si)?.write_sctp(
+        &Bytes::from(sbuf.clone()),
+        PayloadProtocolIdentifier::Binary,
+    )?;
     assert_eq!(sbuf.len(), n, "unexpected length of received data");
     pair.drive_client(); // send data to server
     pair.server.inbound.clear(); // Lose it
     debug!("dropping packet");
 
     sbuf[0..4].copy_from_slice(&1u32.to_be_bytes());
-    let n =
-        pair.client_stream(client_ch, si)?.write_sctp(&Bytes::from(sbuf.clone()), PayloadProtocolIdentifier::Binary)?;
+    let n = pair.client_stream(client_ch, si)?.write_sctp(
+        &Bytes::from(sbuf.clone()),
+        PayloadProtocolIdentifier::Binary,
+    )?;
     assert_eq!(sbuf.len(), n, "unexpected length of received data");
 
     debug!("flush_buffers");
@@ -858,13 +991,22 @@ fn test_assoc_unreliable_rexmit_ordered_no_fragment() -> Result<()> {
     chunks.read(&mut buf)?;
     assert_eq!(n, sbuf.len(), "unexpected length of received data");
     assert_eq!(ppi, PayloadProtocolIdentifier::Binary, "unexpected ppi");
-    assert_eq!(u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]), 1, "unexpected received data");
+    assert_eq!(
+        u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]),
+        1,
+        "unexpected received data"
+    );
 
     debug!("process");
     pair.drive();
 
     {
-        let q = &pair.client_conn_mut(client_ch).streams.get(&si).unwrap().reassembly_queue;
+        let q = &pair
+            .client_conn_mut(client_ch)
+            .streams
+            .get(&si)
+            .unwrap()
+            .reassembly_queue;
         assert!(!q.is_readable(), "should no longer be readable");
     }
 
@@ -894,21 +1036,27 @@ fn test_assoc_unreliable_rexmit_ordered_fragment() -> Result<()> {
     }
     // When we set the reliability value to 0 [times], then it will cause
     // the chunk to be abandoned immediately after the first transmission.
-    pair.client_stream(client_ch, si)?.set_reliability_params(false, ReliabilityType::Rexmit, 0)?;
-    pair.server_stream(server_ch, si)?.set_reliability_params(false, ReliabilityType::Rexmit, 0)?; // doesn't matter
+    pair.client_stream(client_ch, si)?
+        .set_reliability_params(false, ReliabilityType::Rexmit, 0)?;
+    pair.server_stream(server_ch, si)?
+        .set_reliability_params(false, ReliabilityType::Rexmit, 0)?; // doesn't matter
 
     //br.drop_next_nwrites(0, 1).await; // drop the first packet (second one should be sacked)
 
     sbuf[0..4].copy_from_slice(&0u32.to_be_bytes());
-    let n =
-        pair.client_stream(client_ch, si)?.write_sctp(&Bytes::from(sbuf.clone()), PayloadProtocolIdentifier::Binary)?;
+    let n = pair.client_stream(client_ch, si)?.write_sctp(
+        &Bytes::from(sbuf.clone()),
+        PayloadProtocolIdentifier::Binary,
+    )?;
     assert_eq!(sbuf.len(), n, "unexpected length of received data");
     pair.drive_client(); // send data to server
     pair.server.inbound.clear(); // Lose it
 
     sbuf[0..4].copy_from_slice(&1u32.to_be_bytes());
-    let n =
-        pair.client_stream(client_ch, si)?.write_sctp(&Bytes::from(sbuf.clone()), PayloadProtocolIdentifier::Binary)?;
+    let n = pair.client_stream(client_ch, si)?.write_sctp(
+        &Bytes::from(sbuf.clone()),
+        PayloadProtocolIdentifier::Binary,
+    )?;
     assert_eq!(sbuf.len(), n, "unexpected length of received data");
 
     //log::debug!("flush_buffers");
@@ -922,13 +1070,22 @@ fn test_assoc_unreliable_rexmit_ordered_fragment() -> Result<()> {
     chunks.read(&mut buf)?;
     assert_eq!(n, sbuf.len(), "unexpected length of received data");
     assert_eq!(ppi, PayloadProtocolIdentifier::Binary, "unexpected ppi");
-    assert_eq!(u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]), 1, "unexpected received data");
+    assert_eq!(
+        u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]),
+        1,
+        "unexpected received data"
+    );
 
     //log::debug!("process");
     pair.drive();
 
     {
-        let q = &pair.client_conn_mut(client_ch).streams.get(&si).unwrap().reassembly_queue;
+        let q = &pair
+            .client_conn_mut(client_ch)
+            .streams
+            .get(&si)
+            .unwrap()
+            .reassembly_queue;
         assert!(!q.is_readable(), "should no longer be readable");
     }
 
@@ -953,21 +1110,27 @@ fn test_assoc_unreliable_rexmit_unordered_no_fragment() -> Result<()> {
 
     // When we set the reliability value to 0 [times], then it will cause
     // the chunk to be abandoned immediately after the first transmission.
-    pair.client_stream(client_ch, si)?.set_reliability_params(true, ReliabilityType::Rexmit, 0)?;
-    pair.server_stream(server_ch, si)?.set_reliability_params(true, ReliabilityType::Rexmit, 0)?; // doesn't matter
+    pair.client_stream(client_ch, si)?
+        .set_reliability_params(true, ReliabilityType::Rexmit, 0)?;
+    pair.server_stream(server_ch, si)?
+        .set_reliability_params(true, ReliabilityType::Rexmit, 0)?; // doesn't matter
 
     //br.drop_next_nwrites(0, 1).await; // drop the first packet (second one should be sacked)
 
     sbuf[0..4].copy_from_slice(&0u32.to_be_bytes());
-    let n =
-        pair.client_stream(client_ch, si)?.write_sctp(&Bytes::from(sbuf.clone()), PayloadProtocolIdentifier::Binary)?;
+    let n = pair.client_stream(client_ch, si)?.write_sctp(
+        &Bytes::from(sbuf.clone()),
+        PayloadProtocolIdentifier::Binary,
+    )?;
     assert_eq!(sbuf.len(), n, "unexpected length of received data");
     pair.drive_client(); // send data to server
     pair.server.inbound.clear(); // Lose it
 
     sbuf[0..4].copy_from_slice(&1u32.to_be_bytes());
-    let n =
-        pair.client_stream(client_ch, si)?.write_sctp(&Bytes::from(sbuf.clone()), PayloadProtocolIdentifier::Binary)?;
+    let n = pair.client_stream(client_ch, si)?.write_sctp(
+        &Bytes::from(sbuf.clone()),
+        PayloadProtocolIdentifier::Binary,
+    )?;
     assert_eq!(sbuf.len(), n, "unexpected length of received data");
 
     //log::debug!("flush_buffers");
@@ -981,13 +1144,22 @@ fn test_assoc_unreliable_rexmit_unordered_no_fragment() -> Result<()> {
     chunks.read(&mut buf)?;
     assert_eq!(n, sbuf.len(), "unexpected length of received data");
     assert_eq!(ppi, PayloadProtocolIdentifier::Binary, "unexpected ppi");
-    assert_eq!(u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]), 1, "unexpected received data");
+    assert_eq!(
+        u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]),
+        1,
+        "unexpected received data"
+    );
 
     //log::debug!("process");
     pair.drive();
 
     {
-        let q = &pair.client_conn_mut(client_ch).streams.get(&si).unwrap().reassembly_queue;
+        let q = &pair
+            .client_conn_mut(client_ch)
+            .streams
+            .get(&si)
+            .unwrap()
+            .reassembly_queue;
         assert!(!q.is_readable(), "should no longer be readable");
     }
 
@@ -1012,20 +1184,26 @@ fn test_assoc_unreliable_rexmit_unordered_fragment() -> Result<()> {
 
     // When we set the reliability value to 0 [times], then it will cause
     // the chunk to be abandoned immediately after the first transmission.
-    pair.client_stream(client_ch, si)?.set_reliability_params(true, ReliabilityType::Rexmit, 0)?;
-    pair.server_stream(server_ch, si)?.set_reliability_params(true, ReliabilityType::Rexmit, 0)?; // doesn't matter
+    pair.client_stream(client_ch, si)?
+        .set_reliability_params(true, ReliabilityType::Rexmit, 0)?;
+    pair.server_stream(server_ch, si)?
+        .set_reliability_params(true, ReliabilityType::Rexmit, 0)?; // doesn't matter
 
     sbuf[0..4].copy_from_slice(&0u32.to_be_bytes());
-    let n =
-        pair.client_stream(client_ch, si)?.write_sctp(&Bytes::from(sbuf.clone()), PayloadProtocolIdentifier::Binary)?;
+    let n = pair.client_stream(client_ch, si)?.write_sctp(
+        &Bytes::from(sbuf.clone()),
+        PayloadProtocolIdentifier::Binary,
+    )?;
     assert_eq!(sbuf.len(), n, "unexpected length of received data");
     pair.client.drive(pair.time, pair.server.addr);
     pair.client.outbound.clear();
     //debug!("outbound len={}", pair.client.outbound.len());
 
     sbuf[0..4].copy_from_slice(&1u32.to_be_bytes());
-    let n =
-        pair.client_stream(client_ch, si)?.write_sctp(&Bytes::from(sbuf.clone()), PayloadProtocolIdentifier::Binary)?;
+    let n = pair.client_stream(client_ch, si)?.write_sctp(
+        &Bytes::from(sbuf.clone()),
+        PayloadProtocolIdentifier::Binary,
+    )?;
     assert_eq!(sbuf.len(), n, "unexpected length of received data");
 
     pair.drive();
@@ -1038,16 +1216,33 @@ fn test_assoc_unreliable_rexmit_unordered_fragment() -> Result<()> {
     chunks.read(&mut buf)?;
     assert_eq!(n, sbuf.len(), "unexpected length of received data");
     assert_eq!(ppi, PayloadProtocolIdentifier::Binary, "unexpected ppi");
-    assert_eq!(u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]), 1, "unexpected received data");
+    assert_eq!(
+        u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]),
+        1,
+        "unexpected received data"
+    );
 
     //log::debug!("process");
     pair.drive();
 
     {
-        let q = &pair.client_conn_mut(client_ch).streams.get(&si).unwrap().reassembly_queue;
+        let q = &pair
+            .client_conn_mut(client_ch)
+            .streams
+            .get(&si)
+            .unwrap()
+            .reassembly_queue;
         assert!(!q.is_readable(), "should no longer be readable");
-        assert_eq!(0, q.unordered.len(), "should be nothing in the unordered queue");
-        assert_eq!(0, q.unordered_chunks.len(), "should be nothing in the unorderedChunks list");
+        assert_eq!(
+            0,
+            q.unordered.len(),
+            "should be nothing in the unordered queue"
+        );
+        assert_eq!(
+            0,
+            q.unordered_chunks.len(),
+            "should be nothing in the unorderedChunks list"
+        );
     }
 
     close_association_pair(&mut pair, client_ch, server_ch, si);
@@ -1061,41 +1256,73 @@ fn test_pending_timed_expiry_window_stall() -> Result<()> {
         for initial_ssn in [1, u16::MAX] {
             let (mut pair, client, server) = create_association_pair(AckMode::NoDelay, 0)?;
             establish_session_pair(&mut pair, client, server, 3)?;
-            pair.client_conn_mut(client).streams.get_mut(&3).unwrap().sequence_number = initial_ssn;
-            pair.server_conn_mut(server).streams.get_mut(&3).unwrap().reassembly_queue.next_ssn = initial_ssn;
+            pair.client_conn_mut(client)
+                .streams
+                .get_mut(&3)
+                .unwrap()
+                .sequence_number = initial_ssn;
+            pair.server_conn_mut(server)
+                .streams
+                .get_mut(&3)
+                .unwrap()
+                .reassembly_queue
+                .next_ssn = initial_ssn;
             let now = pair.time;
             // Leave reliable DATA in flight so the stalled window cannot send a probe.
-            pair.client_conn_mut(client).open_stream(4, PayloadProtocolIdentifier::Binary)?.write(b"blocker")?;
+            pair.client_conn_mut(client)
+                .open_stream(4, PayloadProtocolIdentifier::Binary)?
+                .write(b"blocker")?;
             pair.client.drive(now, pair.server.addr);
             let old_cwnd = pair.client_conn_mut(client).cwnd;
             pair.client_conn_mut(client).cwnd = 7;
-            pair.client_stream(client, 3)?.set_reliability_params(unordered, ReliabilityType::Timed, 10)?;
+            pair.client_stream(client, 3)?.set_reliability_params(
+                unordered,
+                ReliabilityType::Timed,
+                10,
+            )?;
             while pair.client_conn_mut(client).poll().is_some() {}
             let old = vec![42; 3000];
             pair.client_stream(client, 3)?.write(&old)?;
             // Start the lifetime while congestion credit still prevents transmission.
             pair.client.drive(now, pair.server.addr);
-            pair.client.drive(now + Duration::from_millis(9), pair.server.addr);
+            pair.client
+                .drive(now + Duration::from_millis(9), pair.server.addr);
             assert_eq!(pair.client_stream(client, 3)?.buffered_amount()?, old.len());
             // Changing the stream policy cannot extend an accepted message's lifetime.
-            pair.client_stream(client, 3)?.set_reliability_params(unordered, ReliabilityType::Reliable, 0)?;
+            pair.client_stream(client, 3)?.set_reliability_params(
+                unordered,
+                ReliabilityType::Reliable,
+                0,
+            )?;
             // Exact deadline expiry precedes the first TSN assignment even with a closed window.
-            pair.client.drive(now + Duration::from_millis(10), pair.server.addr);
+            pair.client
+                .drive(now + Duration::from_millis(10), pair.server.addr);
             assert_eq!(pair.client_stream(client, 3)?.buffered_amount()?, 0);
-            pair.client.drive(now + Duration::from_millis(11), pair.server.addr);
+            pair.client
+                .drive(now + Duration::from_millis(11), pair.server.addr);
             let mut low_events = 0;
             while let Some(event) = pair.client_conn_mut(client).poll() {
-                if matches!(event, Event::Stream(StreamEvent::BufferedAmountLow { id: 3 })) {
+                if matches!(
+                    event,
+                    Event::Stream(StreamEvent::BufferedAmountLow { id: 3 })
+                ) {
                     low_events += 1;
                 }
             }
             assert_eq!(low_events, 1, "expiry releases buffer credit exactly once");
             pair.time = now + Duration::from_millis(20);
             pair.client_conn_mut(client).cwnd = old_cwnd;
-            pair.client_stream(client, 3)?.set_reliability_params(unordered, ReliabilityType::Reliable, 0)?;
+            pair.client_stream(client, 3)?.set_reliability_params(
+                unordered,
+                ReliabilityType::Reliable,
+                0,
+            )?;
             pair.client_stream(client, 3)?.write(b"fresh")?;
             pair.drive();
-            let chunks = pair.server_stream(server, 3)?.read()?.expect("fresh message");
+            let chunks = pair
+                .server_stream(server, 3)?
+                .read()?
+                .expect("fresh message");
             let mut data = vec![0; chunks.len()];
             chunks.read(&mut data)?;
             assert_eq!(data, b"fresh");
@@ -1216,7 +1443,8 @@ fn test_assoc_congestion_control_congestion_avoidance() -> Result<()> {
         *b = (i & 0xff) as u8;
     }
 
-    let (mut pair, client_ch, server_ch) = create_association_pair(AckMode::Normal, max_receive_buffer_size)?;
+    let (mut pair, client_ch, server_ch) =
+        create_association_pair(AckMode::Normal, max_receive_buffer_size)?;
 
     establish_session_pair(&mut pair, client_ch, server_ch, si)?;
 
@@ -1227,9 +1455,10 @@ fn test_assoc_congestion_control_congestion_avoidance() -> Result<()> {
 
     for i in 0..n_packets_to_send {
         sbuf[0..4].copy_from_slice(&i.to_be_bytes());
-        let n = pair
-            .client_stream(client_ch, si)?
-            .write_sctp(&Bytes::from(sbuf.clone()), PayloadProtocolIdentifier::Binary)?;
+        let n = pair.client_stream(client_ch, si)?.write_sctp(
+            &Bytes::from(sbuf.clone()),
+            PayloadProtocolIdentifier::Binary,
+        )?;
         assert_eq!(sbuf.len(), n, "unexpected length of received data");
     }
     pair.drive_client();
@@ -1239,7 +1468,9 @@ fn test_assoc_congestion_control_congestion_avoidance() -> Result<()> {
 
     // Repeat calling br.Tick() until the buffered amount becomes 0
     let mut n_packets_received = 0u32;
-    while pair.client_conn_mut(client_ch).buffered_amount() > 0 && n_packets_received < n_packets_to_send {
+    while pair.client_conn_mut(client_ch).buffered_amount() > 0
+        && n_packets_received < n_packets_to_send
+    {
         /*println!("timestamp: {:?}", pair.time);
         println!(
             "buffered_amount {}, pair.server.inbound {}, n_packets_received {}, n_packets_to_send {}",
@@ -1271,13 +1502,19 @@ fn test_assoc_congestion_control_congestion_avoidance() -> Result<()> {
     pair.drive();
     //println!("timestamp: {:?}", pair.time);
 
-    assert_eq!(n_packets_received, n_packets_to_send, "unexpected num of packets received");
+    assert_eq!(
+        n_packets_received, n_packets_to_send,
+        "unexpected num of packets received"
+    );
 
     {
         let a = pair.client_conn_mut(client_ch);
 
         assert!(!a.in_fast_recovery, "should not be in fast-recovery");
-        assert!(a.cwnd > a.ssthresh, "should be in congestion avoidance mode");
+        assert!(
+            a.cwnd > a.ssthresh,
+            "should be in congestion avoidance mode"
+        );
         assert!(
             a.ssthresh >= max_receive_buffer_size,
             "{} should not be less than the initial size of 128KB {}",
@@ -1288,13 +1525,20 @@ fn test_assoc_congestion_control_congestion_avoidance() -> Result<()> {
         debug!("nSACKs      : {}", a.stats.get_num_sacks());
         debug!("nT3Timeouts: {}", a.stats.get_num_t3timeouts());
 
-        assert!(a.stats.get_num_sacks() <= n_packets_to_send as u64 / 2, "too many sacks");
+        assert!(
+            a.stats.get_num_sacks() <= n_packets_to_send as u64 / 2,
+            "too many sacks"
+        );
         assert_eq!(0, a.stats.get_num_t3timeouts(), "should be no retransmit");
     }
     {
         assert_eq!(
             0,
-            pair.server_conn_mut(server_ch).streams.get(&si).unwrap().get_num_bytes_in_reassembly_queue(),
+            pair.server_conn_mut(server_ch)
+                .streams
+                .get(&si)
+                .unwrap()
+                .get_num_bytes_in_reassembly_queue(),
             "reassembly queue should be empty"
         );
 
@@ -1302,7 +1546,11 @@ fn test_assoc_congestion_control_congestion_avoidance() -> Result<()> {
 
         debug!("nDATAs      : {}", b.stats.get_num_datas());
 
-        assert_eq!(n_packets_to_send as u64, b.stats.get_num_datas(), "packet count mismatch");
+        assert_eq!(
+            n_packets_to_send as u64,
+            b.stats.get_num_datas(),
+            "packet count mismatch"
+        );
     }
 
     close_association_pair(&mut pair, client_ch, server_ch, si);
@@ -1323,15 +1571,17 @@ fn test_assoc_congestion_control_slow_reader() -> Result<()> {
         *b = (i & 0xff) as u8;
     }
 
-    let (mut pair, client_ch, server_ch) = create_association_pair(AckMode::Normal, max_receive_buffer_size)?;
+    let (mut pair, client_ch, server_ch) =
+        create_association_pair(AckMode::Normal, max_receive_buffer_size)?;
 
     establish_session_pair(&mut pair, client_ch, server_ch, si)?;
 
     for i in 0..n_packets_to_send {
         sbuf[0..4].copy_from_slice(&i.to_be_bytes());
-        let n = pair
-            .client_stream(client_ch, si)?
-            .write_sctp(&Bytes::from(sbuf.clone()), PayloadProtocolIdentifier::Binary)?;
+        let n = pair.client_stream(client_ch, si)?.write_sctp(
+            &Bytes::from(sbuf.clone()),
+            PayloadProtocolIdentifier::Binary,
+        )?;
         assert_eq!(sbuf.len(), n, "unexpected length of received data");
     }
     pair.drive_client();
@@ -1343,7 +1593,9 @@ fn test_assoc_congestion_control_slow_reader() -> Result<()> {
     // 3. Stat reading a1's data
     let mut n_packets_received = 0u32;
     let mut has_rtoed = false;
-    while pair.client_conn_mut(client_ch).buffered_amount() > 0 && n_packets_received < n_packets_to_send {
+    while pair.client_conn_mut(client_ch).buffered_amount() > 0
+        && n_packets_received < n_packets_to_send
+    {
         /*println!(
             "buffered_amount {}, pair.server.inbound {}, n_packets_received {}, n_packets_to_send {}",
             pair.client_conn_mut(client_ch).buffered_amount(),
@@ -1353,7 +1605,9 @@ fn test_assoc_congestion_control_slow_reader() -> Result<()> {
         );*/
 
         if !has_rtoed {
-            let rwnd = pair.server_conn_mut(server_ch).get_my_receiver_window_credit();
+            let rwnd = pair
+                .server_conn_mut(server_ch)
+                .get_my_receiver_window_credit();
             let cwnd = pair.client_conn_mut(client_ch).cwnd;
             let cmtu = pair.client_conn_mut(client_ch).mtu;
             if cwnd > cmtu || rwnd > 0 {
@@ -1384,10 +1638,17 @@ fn test_assoc_congestion_control_slow_reader() -> Result<()> {
 
     pair.drive();
 
-    assert_eq!(n_packets_received, n_packets_to_send, "unexpected num of packets received");
+    assert_eq!(
+        n_packets_received, n_packets_to_send,
+        "unexpected num of packets received"
+    );
     assert_eq!(
         0,
-        pair.server_conn_mut(server_ch).streams.get(&si).unwrap().get_num_bytes_in_reassembly_queue(),
+        pair.server_conn_mut(server_ch)
+            .streams
+            .get(&si)
+            .unwrap()
+            .get_num_bytes_in_reassembly_queue(),
         "reassembly queue should be empty"
     );
 
@@ -1426,8 +1687,10 @@ fn test_assoc_delayed_ack() -> Result<()> {
         pair.server_conn_mut(server_ch).stats.reset();
     }
 
-    let n =
-        pair.client_stream(client_ch, si)?.write_sctp(&Bytes::from(sbuf.clone()), PayloadProtocolIdentifier::Binary)?;
+    let n = pair.client_stream(client_ch, si)?.write_sctp(
+        &Bytes::from(sbuf.clone()),
+        PayloadProtocolIdentifier::Binary,
+    )?;
     assert_eq!(sbuf.len(), n, "unexpected length of received data");
     pair.drive_client();
 
@@ -1456,7 +1719,11 @@ fn test_assoc_delayed_ack() -> Result<()> {
     assert_eq!(n_packets_received, 1, "unexpected num of packets received");
     assert_eq!(
         0,
-        pair.server_conn_mut(server_ch).streams.get(&si).unwrap().get_num_bytes_in_reassembly_queue(),
+        pair.server_conn_mut(server_ch)
+            .streams
+            .get(&si)
+            .unwrap()
+            .get_num_bytes_in_reassembly_queue(),
         "reassembly queue should be empty"
     );
 
@@ -1474,8 +1741,16 @@ fn test_assoc_delayed_ack() -> Result<()> {
         debug!("nAckTimeouts: {}", b.stats.get_num_ack_timeouts());
 
         assert_eq!(1, b.stats.get_num_datas(), "DATA chunk count mismatch");
-        assert_eq!(a_num_sacks, b.stats.get_num_datas(), "sack count should be equal to the number of data chunks");
-        assert_eq!(1, b.stats.get_num_ack_timeouts(), "ackTimeout count mismatch");
+        assert_eq!(
+            a_num_sacks,
+            b.stats.get_num_datas(),
+            "sack count should be equal to the number of data chunks"
+        );
+        assert_eq!(
+            1,
+            b.stats.get_num_ack_timeouts(),
+            "ackTimeout count mismatch"
+        );
     }
 
     close_association_pair(&mut pair, client_ch, server_ch, si);
@@ -1499,7 +1774,9 @@ fn test_assoc_reset_close_one_way() -> Result<()> {
         assert_eq!(0, a.buffered_amount(), "incorrect bufferedAmount");
     }
 
-    let n = pair.client_stream(client_ch, si)?.write_sctp(&msg, PayloadProtocolIdentifier::Binary)?;
+    let n = pair
+        .client_stream(client_ch, si)?
+        .write_sctp(&msg, PayloadProtocolIdentifier::Binary)?;
     assert_eq!(msg.len(), n, "unexpected length of received data");
     {
         let a = pair.client_conn_mut(client_ch);
@@ -1556,7 +1833,9 @@ fn test_assoc_reset_close_both_ways() -> Result<()> {
         assert_eq!(0, a.buffered_amount(), "incorrect bufferedAmount");
     }
 
-    let n = pair.client_stream(client_ch, si)?.write_sctp(&msg, PayloadProtocolIdentifier::Binary)?;
+    let n = pair
+        .client_stream(client_ch, si)?
+        .write_sctp(&msg, PayloadProtocolIdentifier::Binary)?;
     assert_eq!(msg.len(), n, "unexpected length of received data");
     {
         let a = pair.client_conn_mut(client_ch);
@@ -1634,10 +1913,16 @@ fn test_assoc_abort() -> Result<()> {
 
     let transmit = {
         let abort = ChunkAbort {
-            error_causes: vec![ErrorCauseProtocolViolation { code: PROTOCOL_VIOLATION, ..Default::default() }],
+            error_causes: vec![ErrorCauseProtocolViolation {
+                code: PROTOCOL_VIOLATION,
+                ..Default::default()
+            }],
         };
 
-        let packet = pair.client_conn_mut(client_ch).create_packet(vec![Box::new(abort)]).marshal()?;
+        let packet = pair
+            .client_conn_mut(client_ch)
+            .create_packet(vec![Box::new(abort)])
+            .marshal()?;
 
         Transmit {
             now: pair.time,
@@ -1649,8 +1934,14 @@ fn test_assoc_abort() -> Result<()> {
     };
 
     // Both associations are established
-    assert_eq!(AssociationState::Established, pair.client_conn_mut(client_ch).state());
-    assert_eq!(AssociationState::Established, pair.server_conn_mut(server_ch).state());
+    assert_eq!(
+        AssociationState::Established,
+        pair.client_conn_mut(client_ch).state()
+    );
+    assert_eq!(
+        AssociationState::Established,
+        pair.server_conn_mut(server_ch).state()
+    );
 
     debug!("send ChunkAbort");
     pair.client.outbound.push_back(transmit);
@@ -1658,8 +1949,14 @@ fn test_assoc_abort() -> Result<()> {
     pair.drive();
 
     // The receiving association should be closed because it got an ABORT
-    assert_eq!(AssociationState::Established, pair.client_conn_mut(client_ch).state());
-    assert_eq!(AssociationState::Closed, pair.server_conn_mut(server_ch).state());
+    assert_eq!(
+        AssociationState::Established,
+        pair.client_conn_mut(client_ch).state()
+    );
+    assert_eq!(
+        AssociationState::Closed,
+        pair.server_conn_mut(server_ch).state()
+    );
 
     close_association_pair(&mut pair, client_ch, server_ch, si);
 
@@ -1674,7 +1971,11 @@ fn test_association_handle_packet_before_init() -> Result<()> {
         (
             "InitAck",
             Packet {
-                common_header: CommonHeader { source_port: 1, destination_port: 1, verification_tag: 0 },
+                common_header: CommonHeader {
+                    source_port: 1,
+                    destination_port: 1,
+                    verification_tag: 0,
+                },
                 chunks: vec![Box::new(ChunkInit {
                     is_ack: true,
                     initiate_tag: 1,
@@ -1688,39 +1989,62 @@ fn test_association_handle_packet_before_init() -> Result<()> {
         (
             "Abort",
             Packet {
-                common_header: CommonHeader { source_port: 1, destination_port: 1, verification_tag: 0 },
+                common_header: CommonHeader {
+                    source_port: 1,
+                    destination_port: 1,
+                    verification_tag: 0,
+                },
                 chunks: vec![Box::<ChunkAbort>::default()],
             },
         ),
         (
             "CoockeEcho",
             Packet {
-                common_header: CommonHeader { source_port: 1, destination_port: 1, verification_tag: 0 },
+                common_header: CommonHeader {
+                    source_port: 1,
+                    destination_port: 1,
+                    verification_tag: 0,
+                },
                 chunks: vec![Box::<ChunkCookieEcho>::default()],
             },
         ),
         (
             "HeartBeat",
             Packet {
-                common_header: CommonHeader { source_port: 1, destination_port: 1, verification_tag: 0 },
+                common_header: CommonHeader {
+                    source_port: 1,
+                    destination_port: 1,
+                    verification_tag: 0,
+                },
                 chunks: vec![Box::<ChunkHeartbeat>::default()],
             },
         ),
         (
             "PayloadData",
             Packet {
-                common_header: CommonHeader { source_port: 1, destination_port: 1, verification_tag: 0 },
+                common_header: CommonHeader {
+                    source_port: 1,
+                    destination_port: 1,
+                    verification_tag: 0,
+                },
                 chunks: vec![Box::<ChunkPayloadData>::default()],
             },
         ),
         (
             "Sack",
             Packet {
-                common_header: CommonHeader { source_port: 1, destination_port: 1, verification_tag: 0 },
+                common_header: CommonHeader {
+                    source_port: 1,
+                    destination_port: 1,
+                    verification_tag: 0,
+                },
                 chunks: vec![Box::new(ChunkSelectiveAck {
                     cumulative_tsn_ack: 1000,
                     advertised_receiver_window_credit: 1500,
-                    gap_ack_blocks: vec![GapAckBlock { start: 100, end: 200 }],
+                    gap_ack_blocks: vec![GapAckBlock {
+                        start: 100,
+                        end: 200,
+                    }],
                     ..Default::default()
                 })],
             },
@@ -1728,7 +2052,11 @@ fn test_association_handle_packet_before_init() -> Result<()> {
         (
             "Reconfig",
             Packet {
-                common_header: CommonHeader { source_port: 1, destination_port: 1, verification_tag: 0 },
+                common_header: CommonHeader {
+                    source_port: 1,
+                    destination_port: 1,
+                    verification_tag: 0,
+                },
                 chunks: vec![Box::new(ChunkReconfig {
                     param_a: Some(Box::<ParamOutgoingResetRequest>::default()),
                     param_b: Some(Box::<ParamReconfigResponse>::default()),
@@ -1738,35 +2066,58 @@ fn test_association_handle_packet_before_init() -> Result<()> {
         (
             "ForwardTSN",
             Packet {
-                common_header: CommonHeader { source_port: 1, destination_port: 1, verification_tag: 0 },
-                chunks: vec![Box::new(ChunkForwardTsn { new_cumulative_tsn: 100, ..Default::default() })],
+                common_header: CommonHeader {
+                    source_port: 1,
+                    destination_port: 1,
+                    verification_tag: 0,
+                },
+                chunks: vec![Box::new(ChunkForwardTsn {
+                    new_cumulative_tsn: 100,
+                    ..Default::default()
+                })],
             },
         ),
         (
             "Error",
             Packet {
-                common_header: CommonHeader { source_port: 1, destination_port: 1, verification_tag: 0 },
+                common_header: CommonHeader {
+                    source_port: 1,
+                    destination_port: 1,
+                    verification_tag: 0,
+                },
                 chunks: vec![Box::<ChunkError>::default()],
             },
         ),
         (
             "Shutdown",
             Packet {
-                common_header: CommonHeader { source_port: 1, destination_port: 1, verification_tag: 0 },
+                common_header: CommonHeader {
+                    source_port: 1,
+                    destination_port: 1,
+                    verification_tag: 0,
+                },
                 chunks: vec![Box::<ChunkShutdown>::default()],
             },
         ),
         (
             "ShutdownAck",
             Packet {
-                common_header: CommonHeader { source_port: 1, destination_port: 1, verification_tag: 0 },
+                common_header: CommonHeader {
+                    source_port: 1,
+                    destination_port: 1,
+                    verification_tag: 0,
+                },
                 chunks: vec![Box::new(ChunkShutdownAck)],
             },
         ),
         (
             "ShutdownComplete",
             Packet {
-                common_header: CommonHeader { source_port: 1, destination_port: 1, verification_tag: 0 },
+                common_header: CommonHeader {
+                    source_port: 1,
+                    destination_port: 1,
+                    verification_tag: 0,
+                },
                 chunks: vec![Box::new(ChunkShutdownComplete)],
             },
         ),
@@ -1782,13 +2133,15 @@ fn test_association_handle_packet_before_init() -> Result<()> {
         let mut a = Association::new(None, config, 1400, 0, remote, None, Instant::now());
 
         let packet = packet.marshal()?;
-        a.handle_event(AssociationEvent(AssociationEventInner::Datagram(Transmit {
-            now: Instant::now(),
-            remote,
-            ecn: None,
-            local_ip: None,
-            payload: Payload::RawEncode(vec![packet]),
-        })));
+        a.handle_event(AssociationEvent(AssociationEventInner::Datagram(
+            Transmit {
+                now: Instant::now(),
+                remote,
+                ecn: None,
+                local_ip: None,
+                payload: Payload::RawEncode(vec![packet]),
+            },
+        )));
 
         a.close()?;
     }
@@ -1814,9 +2167,10 @@ fn test_old_rtx_on_regular_acks() -> Result<()> {
     for i in 0..20u32 {
         println!("sending packet {}", i);
         sbuf[0..4].copy_from_slice(&i.to_be_bytes());
-        let n = pair
-            .client_stream(client_ch, si)?
-            .write_sctp(&Bytes::from(sbuf.clone()), PayloadProtocolIdentifier::Binary)?;
+        let n = pair.client_stream(client_ch, si)?.write_sctp(
+            &Bytes::from(sbuf.clone()),
+            PayloadProtocolIdentifier::Binary,
+        )?;
         assert_eq!(sbuf.len(), n, "unexpected length of received data");
         pair.client.drive(pair.time, pair.server.addr);
 
@@ -1838,7 +2192,12 @@ fn test_old_rtx_on_regular_acks() -> Result<()> {
     // All packets must readable correctly
     for i in 0..20 {
         {
-            let q = &pair.server_conn_mut(server_ch).streams.get(&si).unwrap().reassembly_queue;
+            let q = &pair
+                .server_conn_mut(server_ch)
+                .streams
+                .get(&si)
+                .unwrap()
+                .reassembly_queue;
             println!("q.is_readable()={}", q.is_readable());
             assert!(q.is_readable(), "should be readable at {}", i);
         }
@@ -1848,7 +2207,11 @@ fn test_old_rtx_on_regular_acks() -> Result<()> {
         chunks.read(&mut buf)?;
         assert_eq!(n, sbuf.len(), "unexpected length of received data");
         assert_eq!(ppi, PayloadProtocolIdentifier::Binary, "unexpected ppi");
-        assert_eq!(u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]), i, "unexpected received data");
+        assert_eq!(
+            u32::from_be_bytes([buf[0], buf[1], buf[2], buf[3]]),
+            i,
+            "unexpected received data"
+        );
     }
 
     close_association_pair(&mut pair, client_ch, server_ch, si);
@@ -2203,11 +2566,19 @@ fn test_assoc_reset_duplicate_reconfig_request() -> Result<()> {
     pair.drive();
 
     // Verify stream 1 is gone on the server
-    assert!(pair.server_stream(server_ch, si).is_err(), "stream 1 should be removed after reset");
+    assert!(
+        pair.server_stream(server_ch, si).is_err(),
+        "stream 1 should be removed after reset"
+    );
 
     // Server opens a new stream 1
-    let _ = pair.server_conn_mut(server_ch).open_stream(si, PayloadProtocolIdentifier::Binary)?;
-    assert!(pair.server_stream(server_ch, si).is_ok(), "new stream 1 should exist");
+    let _ = pair
+        .server_conn_mut(server_ch)
+        .open_stream(si, PayloadProtocolIdentifier::Binary)?;
+    assert!(
+        pair.server_stream(server_ch, si).is_ok(),
+        "new stream 1 should exist"
+    );
 
     // Inject the captured reconfig packets again (simulating retransmission)
     for packet in captured_packets {
@@ -2239,9 +2610,10 @@ fn test_assoc_reset_inprogress_completed_via_tsn_advance_then_retransmit() -> Re
 
     // Write data so my_next_tsn advances on the client; the RECONFIG
     // sender_last_tsn will include this TSN.
-    let _ = pair
-        .client_stream(client_ch, si)?
-        .write_sctp(&Bytes::from_static(b"payload"), PayloadProtocolIdentifier::Binary)?;
+    let _ = pair.client_stream(client_ch, si)?.write_sctp(
+        &Bytes::from_static(b"payload"),
+        PayloadProtocolIdentifier::Binary,
+    )?;
 
     // Drive client to generate the DATA packet(s).
     pair.drive_client();
@@ -2251,14 +2623,23 @@ fn test_assoc_reset_inprogress_completed_via_tsn_advance_then_retransmit() -> Re
 
     // A reset of stream 1 sent ahead of the acknowledgement of that DATA, as
     // a peer that does not wait for it would send it.
-    let reconfig_packet = (pair.time, None, pair.client_conn_mut(client_ch).early_reset_request(vec![si]).marshal()?);
+    let reconfig_packet = (
+        pair.time,
+        None,
+        pair.client_conn_mut(client_ch)
+            .early_reset_request(vec![si])
+            .marshal()?,
+    );
 
     // Step 1: Deliver only the RECONFIG. Server hasn't seen the withheld
     // DATA so peer_last_tsn < sender_last_tsn → InProgress.
     pair.server.inbound.push_back(reconfig_packet.clone());
     pair.drive_server();
 
-    assert!(pair.server_stream(server_ch, si).is_ok(), "stream should survive InProgress reset");
+    assert!(
+        pair.server_stream(server_ch, si).is_ok(),
+        "stream should survive InProgress reset"
+    );
 
     // Step 2: Now deliver the withheld DATA.
     // The TSN-advance loop in handle_data will complete the pending
@@ -2273,14 +2654,25 @@ fn test_assoc_reset_inprogress_completed_via_tsn_advance_then_retransmit() -> Re
 
     // The boundary DATA must remain readable even though the reset completed.
     // Draining it retires the old stream generation.
-    let boundary_data = pair.server_stream(server_ch, si)?.read()?.expect("boundary DATA should survive the reset");
+    let boundary_data = pair
+        .server_stream(server_ch, si)?
+        .read()?
+        .expect("boundary DATA should survive the reset");
     assert_eq!(boundary_data.len(), b"payload".len());
 
-    assert!(pair.server_stream(server_ch, si).is_err(), "stream should retire after its boundary DATA is drained");
+    assert!(
+        pair.server_stream(server_ch, si).is_err(),
+        "stream should retire after its boundary DATA is drained"
+    );
 
     // Step 3: Reopen stream 1 with the same ID.
-    let _ = pair.server_conn_mut(server_ch).open_stream(si, PayloadProtocolIdentifier::Binary)?;
-    assert!(pair.server_stream(server_ch, si).is_ok(), "new stream 1 should exist");
+    let _ = pair
+        .server_conn_mut(server_ch)
+        .open_stream(si, PayloadProtocolIdentifier::Binary)?;
+    assert!(
+        pair.server_stream(server_ch, si).is_ok(),
+        "new stream 1 should exist"
+    );
 
     // Step 4: Replay the original RECONFIG (simulating a late retransmission).
     // If the watermark was not updated during the TSN-advance completion,
@@ -2310,9 +2702,10 @@ fn test_assoc_reset_inprogress_reconfig_retransmission() -> Result<()> {
 
     // Write data so my_next_tsn advances on the client; the RECONFIG
     // sender_last_tsn will include this TSN.
-    let _ = pair
-        .client_stream(client_ch, si)?
-        .write_sctp(&Bytes::from_static(b"payload"), PayloadProtocolIdentifier::Binary)?;
+    let _ = pair.client_stream(client_ch, si)?.write_sctp(
+        &Bytes::from_static(b"payload"),
+        PayloadProtocolIdentifier::Binary,
+    )?;
 
     // Drive client to generate the DATA packet(s).
     pair.drive_client();
@@ -2322,7 +2715,13 @@ fn test_assoc_reset_inprogress_reconfig_retransmission() -> Result<()> {
 
     // A reset of stream 1 sent ahead of the acknowledgement of that DATA, as
     // a peer that does not wait for it would send it.
-    let reconfig_packet = (pair.time, None, pair.client_conn_mut(client_ch).early_reset_request(vec![si]).marshal()?);
+    let reconfig_packet = (
+        pair.time,
+        None,
+        pair.client_conn_mut(client_ch)
+            .early_reset_request(vec![si])
+            .marshal()?,
+    );
 
     // Deliver only the RECONFIG. The server hasn't seen the withheld
     // DATA so peer_last_tsn < sender_last_tsn → InProgress.
@@ -2330,7 +2729,10 @@ fn test_assoc_reset_inprogress_reconfig_retransmission() -> Result<()> {
     pair.drive_server();
 
     // Stream should still exist (reset is InProgress, not completed).
-    assert!(pair.server_stream(server_ch, si).is_ok(), "stream should survive InProgress reset");
+    assert!(
+        pair.server_stream(server_ch, si).is_ok(),
+        "stream should survive InProgress reset"
+    );
 
     // Inject the RECONFIG again (simulating retransmission) together with
     // the withheld DATA so the TSN can finally advance.
@@ -2344,10 +2746,16 @@ fn test_assoc_reset_inprogress_reconfig_retransmission() -> Result<()> {
 
     // The boundary DATA must remain readable even though the reset completed.
     // Draining it retires the old stream generation.
-    let boundary_data = pair.server_stream(server_ch, si)?.read()?.expect("boundary DATA should survive the reset");
+    let boundary_data = pair
+        .server_stream(server_ch, si)?
+        .read()?
+        .expect("boundary DATA should survive the reset");
     assert_eq!(boundary_data.len(), b"payload".len());
 
-    assert!(pair.server_stream(server_ch, si).is_err(), "stream should retire after its boundary DATA is drained");
+    assert!(
+        pair.server_stream(server_ch, si).is_err(),
+        "stream should retire after its boundary DATA is drained"
+    );
 
     Ok(())
 }
@@ -2395,7 +2803,12 @@ fn data_tsns(inbound: &VecDeque<(Instant, Option<EcnCodepoint>, Bytes)>) -> Vec<
     inbound
         .iter()
         .flat_map(|(_, _, raw)| Packet::unmarshal(raw).unwrap().chunks)
-        .filter_map(|chunk| chunk.as_any().downcast_ref::<ChunkPayloadData>().map(|data| data.tsn))
+        .filter_map(|chunk| {
+            chunk
+                .as_any()
+                .downcast_ref::<ChunkPayloadData>()
+                .map(|data| data.tsn)
+        })
         .collect()
 }
 
@@ -2415,12 +2828,17 @@ fn test_assoc_reset_after_loss_waits_only_for_the_lossy_stream() -> Result<()> {
     establish_session_pair(&mut pair, client_ch, server_ch, other_si)?;
 
     // Lose the DATA of one stream; the other stream's DATA is acknowledged.
-    let _ = pair
-        .client_stream(client_ch, lossy_si)?
-        .write_sctp(&Bytes::from_static(b"lost"), PayloadProtocolIdentifier::Binary)?;
+    let _ = pair.client_stream(client_ch, lossy_si)?.write_sctp(
+        &Bytes::from_static(b"lost"),
+        PayloadProtocolIdentifier::Binary,
+    )?;
     pair.drive_client();
     let lost_tsns = data_tsns(&pair.server.inbound);
-    assert_eq!(lost_tsns.len(), 1, "the write must produce exactly one DATA chunk");
+    assert_eq!(
+        lost_tsns.len(),
+        1,
+        "the write must produce exactly one DATA chunk"
+    );
     let lost_tsn = lost_tsns[0];
     pair.server.inbound.clear();
 
@@ -2430,7 +2848,10 @@ fn test_assoc_reset_after_loss_waits_only_for_the_lossy_stream() -> Result<()> {
     pair.drive_client();
     let (requests, _) = reconfig_traffic(&pair.server.inbound);
     assert_eq!(
-        requests.iter().map(|request| request.stream_identifiers.clone()).collect::<Vec<_>>(),
+        requests
+            .iter()
+            .map(|request| request.stream_identifiers.clone())
+            .collect::<Vec<_>>(),
         [vec![other_si]],
         "only the stream without unacknowledged DATA may be reset right away"
     );
@@ -2456,7 +2877,11 @@ fn test_assoc_reset_after_loss_waits_only_for_the_lossy_stream() -> Result<()> {
         "the peer defers the early reset behind the lost DATA: {results:?}"
     );
     assert!(
-        results.iter().filter(|r| **r == ReconfigResult::SuccessPerformed).count() >= 2,
+        results
+            .iter()
+            .filter(|r| **r == ReconfigResult::SuccessPerformed)
+            .count()
+            >= 2,
         "both resets are performed once the lost DATA has arrived: {results:?}"
     );
     assert_eq!(completed_resets(&mut pair, client_ch), [lossy_si, other_si]);
@@ -2476,10 +2901,12 @@ fn test_assoc_reset_follows_abandoned_data() -> Result<()> {
     let datas_received = pair.server_conn_mut(server_ch).stats.get_num_datas();
 
     // Abandoned after its first transmission, which is lost.
-    pair.client_stream(client_ch, si)?.set_reliability_params(false, ReliabilityType::Rexmit, 0)?;
-    let _ = pair
-        .client_stream(client_ch, si)?
-        .write_sctp(&Bytes::from_static(b"abandoned"), PayloadProtocolIdentifier::Binary)?;
+    pair.client_stream(client_ch, si)?
+        .set_reliability_params(false, ReliabilityType::Rexmit, 0)?;
+    let _ = pair.client_stream(client_ch, si)?.write_sctp(
+        &Bytes::from_static(b"abandoned"),
+        PayloadProtocolIdentifier::Binary,
+    )?;
     pair.drive_client();
     pair.server.inbound.clear();
 
@@ -2499,7 +2926,10 @@ fn test_assoc_reset_follows_abandoned_data() -> Result<()> {
         }
     }
     assert!(
-        !results.is_empty() && results.iter().all(|r| *r == ReconfigResult::SuccessPerformed),
+        !results.is_empty()
+            && results
+                .iter()
+                .all(|r| *r == ReconfigResult::SuccessPerformed),
         "the reset must be performed at once, never deferred: {results:?}"
     );
     assert_eq!(completed_resets(&mut pair, client_ch), [si]);
@@ -2533,8 +2963,14 @@ fn test_assoc_open_stream_rejects_pending_reset_id() -> Result<()> {
 
     // Client's stream 1 is removed, but the outgoing RE-CONFIG is still pending.
     // open_stream should reject this stream ID.
-    assert!(pair.client_stream(client_ch, si).is_err(), "stream 1 should be removed from client");
-    match pair.client_conn_mut(client_ch).open_stream(si, PayloadProtocolIdentifier::Binary) {
+    assert!(
+        pair.client_stream(client_ch, si).is_err(),
+        "stream 1 should be removed from client"
+    );
+    match pair
+        .client_conn_mut(client_ch)
+        .open_stream(si, PayloadProtocolIdentifier::Binary)
+    {
         Err(Error::ErrStreamResetPending) => {}
         other => panic!("expected ErrStreamResetPending, got {:?}", other.err()),
     }
@@ -2543,8 +2979,13 @@ fn test_assoc_open_stream_rejects_pending_reset_id() -> Result<()> {
     pair.drive();
 
     // Now the RE-CONFIG is acknowledged, stream 1 should be available for reuse
-    let _ = pair.client_conn_mut(client_ch).open_stream(si, PayloadProtocolIdentifier::Binary)?;
-    assert!(pair.client_stream(client_ch, si).is_ok(), "stream 1 should be available after RE-CONFIG is acknowledged");
+    let _ = pair
+        .client_conn_mut(client_ch)
+        .open_stream(si, PayloadProtocolIdentifier::Binary)?;
+    assert!(
+        pair.client_stream(client_ch, si).is_ok(),
+        "stream 1 should be available after RE-CONFIG is acknowledged"
+    );
 
     Ok(())
 }
@@ -2572,7 +3013,10 @@ fn test_assoc_reconfig_failure_keeps_stream_quarantined() -> Result<()> {
     pair.server.inbound.clear();
 
     // Verify open_stream is blocked by the pending outgoing RE-CONFIG
-    match pair.client_conn_mut(client_ch).open_stream(si, PayloadProtocolIdentifier::Binary) {
+    match pair
+        .client_conn_mut(client_ch)
+        .open_stream(si, PayloadProtocolIdentifier::Binary)
+    {
         Err(Error::ErrStreamResetPending) => {}
         Err(e) => panic!("expected ErrStreamResetPending, got Err({:?})", e),
         Ok(_) => panic!("expected ErrStreamResetPending, got Ok"),
@@ -2602,7 +3046,8 @@ fn test_assoc_reconfig_failure_keeps_stream_quarantined() -> Result<()> {
     // The in-flight request is abandoned, but without a terminal success the
     // stream ID remains quarantined and must not be reused.
     assert!(matches!(
-        pair.client_conn_mut(client_ch).open_stream(si, PayloadProtocolIdentifier::Binary),
+        pair.client_conn_mut(client_ch)
+            .open_stream(si, PayloadProtocolIdentifier::Binary),
         Err(Error::ErrStreamResetPending)
     ));
 
@@ -2613,7 +3058,11 @@ fn test_assoc_reconfig_failure_keeps_stream_quarantined() -> Result<()> {
 fn test_configured_sctp_ports_complete_handshake() -> Result<()> {
     let mut pair = Pair::default();
     let config = ClientConfig {
-        transport: Arc::new(TransportConfig::default().with_local_port(41234).with_remote_port(9899)),
+        transport: Arc::new(
+            TransportConfig::default()
+                .with_local_port(41234)
+                .with_remote_port(9899),
+        ),
         ..Default::default()
     };
 
@@ -2627,8 +3076,13 @@ fn test_connect_rejects_zero_sctp_port() {
 
     for (local_port, remote_port) in [(0, 5000), (5000, 0)] {
         for use_snap in [false, true] {
-            let transport = TransportConfig::default().with_local_port(local_port).with_remote_port(remote_port);
-            let mut config = ClientConfig { transport: Arc::new(transport), ..Default::default() };
+            let transport = TransportConfig::default()
+                .with_local_port(local_port)
+                .with_remote_port(remote_port);
+            let mut config = ClientConfig {
+                transport: Arc::new(transport),
+                ..Default::default()
+            };
             if use_snap {
                 let local_init = generate_snap_token(&config.transport).unwrap();
                 let remote_init = generate_snap_token(&config.transport).unwrap();
@@ -2636,7 +3090,10 @@ fn test_connect_rejects_zero_sctp_port() {
             }
 
             let mut endpoint = Endpoint::new(Arc::new(EndpointConfig::default()), None);
-            assert_matches!(endpoint.connect(config, remote), Err(ConnectError::InvalidSctpPort));
+            assert_matches!(
+                endpoint.connect(config, remote),
+                Err(ConnectError::InvalidSctpPort)
+            );
         }
     }
 }
@@ -2652,27 +3109,39 @@ fn test_snap_connect_established_and_transmit_uses_peer_verification_tag() {
     let remote_init_bytes = generate_snap_token(&remote_transport).expect("generate remote init");
 
     // Parse remote to check verification tag later
-    let remote_init = ChunkInit::unmarshal(&remote_init_bytes).expect("unmarshal remote INIT chunk");
+    let remote_init =
+        ChunkInit::unmarshal(&remote_init_bytes).expect("unmarshal remote INIT chunk");
 
     let mut endpoint = Endpoint::new(Arc::new(EndpointConfig::default()), None);
     let remote_addr: SocketAddr = "127.0.0.1:5000".parse().unwrap();
 
     let client_config = ClientConfig::new().with_snap(local_init_bytes, remote_init_bytes);
-    let (_ch, mut assoc) = endpoint.connect(client_config, remote_addr).expect("SNAP connect should succeed");
+    let (_ch, mut assoc) = endpoint
+        .connect(client_config, remote_addr)
+        .expect("SNAP connect should succeed");
 
     assert_eq!(assoc.state(), AssociationState::Established);
     assert_matches!(assoc.poll(), Some(Event::Connected));
 
     // Ensure outbound packets use the peer's initiate_tag as the verification tag.
-    let mut stream = assoc.open_stream(1, PayloadProtocolIdentifier::Binary).expect("open stream");
+    let mut stream = assoc
+        .open_stream(1, PayloadProtocolIdentifier::Binary)
+        .expect("open stream");
     let msg = Bytes::from_static(b"hello");
-    stream.write_sctp(&msg, PayloadProtocolIdentifier::Binary).expect("write_sctp");
+    stream
+        .write_sctp(&msg, PayloadProtocolIdentifier::Binary)
+        .expect("write_sctp");
 
-    let transmit = assoc.poll_transmit(now).expect("expected at least one outbound datagram");
+    let transmit = assoc
+        .poll_transmit(now)
+        .expect("expected at least one outbound datagram");
     let Payload::RawEncode(datagrams) = transmit.payload else {
         panic!("expected RawEncode transmit");
     };
-    assert!(!datagrams.is_empty(), "expected at least one outbound packet");
+    assert!(
+        !datagrams.is_empty(),
+        "expected at least one outbound packet"
+    );
 
     let pkt = Packet::unmarshal(&datagrams[0]).expect("unmarshal outbound packet");
     assert_eq!(
@@ -2684,7 +3153,10 @@ fn test_snap_connect_established_and_transmit_uses_peer_verification_tag() {
 #[test]
 fn test_server_accepts_init_with_supported_address_types() {
     let now = Instant::now();
-    let mut endpoint = Endpoint::new(Arc::new(EndpointConfig::default()), Some(Arc::new(ServerConfig::default())));
+    let mut endpoint = Endpoint::new(
+        Arc::new(EndpointConfig::default()),
+        Some(Arc::new(ServerConfig::default())),
+    );
     let remote: SocketAddr = "127.0.0.1:5000".parse().unwrap();
     let init = ChunkInit {
         initiate_tag: 0x1122_3344,
@@ -2698,22 +3170,32 @@ fn test_server_accepts_init_with_supported_address_types() {
         ..Default::default()
     };
     let packet = Packet {
-        common_header: CommonHeader { source_port: 5000, destination_port: 5000, verification_tag: 0 },
+        common_header: CommonHeader {
+            source_port: 5000,
+            destination_port: 5000,
+            verification_tag: 0,
+        },
         chunks: vec![Box::new(init)],
     };
 
-    let (_, DatagramEvent::NewAssociation(mut association)) =
-        endpoint.handle(now, remote, None, None, packet.marshal().unwrap()).expect("INIT should create an association")
+    let (_, DatagramEvent::NewAssociation(mut association)) = endpoint
+        .handle(now, remote, None, None, packet.marshal().unwrap())
+        .expect("INIT should create an association")
     else {
         panic!("expected a new association");
     };
 
-    let transmit = association.poll_transmit(now).expect("server should respond to INIT");
+    let transmit = association
+        .poll_transmit(now)
+        .expect("server should respond to INIT");
     let Payload::RawEncode(datagrams) = transmit.payload else {
         panic!("expected encoded INIT ACK");
     };
     let response = Packet::unmarshal(&datagrams[0]).expect("valid INIT ACK packet");
-    let init_ack = response.chunks[0].as_any().downcast_ref::<ChunkInit>().expect("server should send INIT ACK");
+    let init_ack = response.chunks[0]
+        .as_any()
+        .downcast_ref::<ChunkInit>()
+        .expect("server should send INIT ACK");
     assert!(init_ack.is_ack);
 }
 
@@ -2721,26 +3203,47 @@ fn test_server_accepts_init_with_supported_address_types() {
 fn test_server_retransmitted_init_routes_to_existing_association() {
     let now = Instant::now();
 
-    let mut endpoint = Endpoint::new(Arc::new(EndpointConfig::default()), Some(Arc::new(ServerConfig::default())));
+    let mut endpoint = Endpoint::new(
+        Arc::new(EndpointConfig::default()),
+        Some(Arc::new(ServerConfig::default())),
+    );
 
     let remote: SocketAddr = "127.0.0.1:5000".parse().unwrap();
     let init_tag: u32 = 0x1122_3344;
 
-    let init = ChunkInit { is_ack: false, initiate_tag: init_tag, ..Default::default() };
+    let init = ChunkInit {
+        is_ack: false,
+        initiate_tag: init_tag,
+        ..Default::default()
+    };
 
     let pkt = Packet {
-        common_header: CommonHeader { source_port: 5000, destination_port: 5000, verification_tag: 0 },
+        common_header: CommonHeader {
+            source_port: 5000,
+            destination_port: 5000,
+            verification_tag: 0,
+        },
         chunks: vec![Box::new(init)],
     };
 
     let bytes = pkt.marshal().expect("marshal INIT packet");
 
-    let (ch1, ev1) = endpoint.handle(now, remote, None, None, bytes.clone()).expect("first INIT should be handled");
-    assert!(matches!(ev1, DatagramEvent::NewAssociation(_)), "first INIT should create a new association");
+    let (ch1, ev1) = endpoint
+        .handle(now, remote, None, None, bytes.clone())
+        .expect("first INIT should be handled");
+    assert!(
+        matches!(ev1, DatagramEvent::NewAssociation(_)),
+        "first INIT should create a new association"
+    );
 
     // Same INIT retransmitted: should route to the same association handle.
-    let (ch2, ev2) = endpoint.handle(now, remote, None, None, bytes).expect("retransmitted INIT should be handled");
-    assert_eq!(ch2, ch1, "retransmitted INIT should map to same association");
+    let (ch2, ev2) = endpoint
+        .handle(now, remote, None, None, bytes)
+        .expect("retransmitted INIT should be handled");
+    assert_eq!(
+        ch2, ch1,
+        "retransmitted INIT should map to same association"
+    );
     assert!(
         matches!(ev2, DatagramEvent::AssociationEvent(_)),
         "retransmitted INIT should be routed to existing association"
@@ -2756,7 +3259,13 @@ fn test_snap_rejects_invalid_remote_bytes() {
     let client_config = ClientConfig::new().with_snap(local_init, Bytes::from_static(b"nope"));
     let res = endpoint.connect(client_config, remote_addr);
     assert!(
-        matches!(res, Err(ConnectError::Snap(SnapError::ParseFailed { side: SnapSide::Remote, .. }))),
+        matches!(
+            res,
+            Err(ConnectError::Snap(SnapError::ParseFailed {
+                side: SnapSide::Remote,
+                ..
+            }))
+        ),
         "invalid remote bytes should fail with ParseFailed"
     );
 }
@@ -2770,7 +3279,13 @@ fn test_snap_rejects_invalid_local_bytes() {
     let client_config = ClientConfig::new().with_snap(Bytes::from_static(b"nope"), remote_init);
     let res = endpoint.connect(client_config, remote_addr);
     assert!(
-        matches!(res, Err(ConnectError::Snap(SnapError::ParseFailed { side: SnapSide::Local, .. }))),
+        matches!(
+            res,
+            Err(ConnectError::Snap(SnapError::ParseFailed {
+                side: SnapSide::Local,
+                ..
+            }))
+        ),
         "invalid local bytes should fail with ParseFailed"
     );
 }
@@ -2781,13 +3296,22 @@ fn test_snap_rejects_remote_init_ack() {
     let remote_addr: SocketAddr = "127.0.0.1:5000".parse().unwrap();
 
     let local_init = generate_snap_token(&TransportConfig::default()).expect("local init");
-    let remote_init_ack = ChunkInit { is_ack: true, initiate_tag: 1, ..Default::default() };
+    let remote_init_ack = ChunkInit {
+        is_ack: true,
+        initiate_tag: 1,
+        ..Default::default()
+    };
     let remote_bytes = remote_init_ack.marshal().expect("marshal remote INIT-ACK");
 
     let client_config = ClientConfig::new().with_snap(local_init, remote_bytes);
     let res = endpoint.connect(client_config, remote_addr);
     assert!(
-        matches!(res, Err(ConnectError::Snap(SnapError::InvalidInitAck { side: SnapSide::Remote }))),
+        matches!(
+            res,
+            Err(ConnectError::Snap(SnapError::InvalidInitAck {
+                side: SnapSide::Remote
+            }))
+        ),
         "remote INIT-ACK should be rejected"
     );
 }
@@ -2798,13 +3322,22 @@ fn test_snap_rejects_remote_init_with_zero_initiate_tag() {
     let remote_addr: SocketAddr = "127.0.0.1:5000".parse().unwrap();
 
     let local_init = generate_snap_token(&TransportConfig::default()).expect("local init");
-    let remote_init = ChunkInit { is_ack: false, initiate_tag: 0, ..Default::default() };
+    let remote_init = ChunkInit {
+        is_ack: false,
+        initiate_tag: 0,
+        ..Default::default()
+    };
     let remote_bytes = remote_init.marshal().expect("marshal remote INIT");
 
     let client_config = ClientConfig::new().with_snap(local_init, remote_bytes);
     let res = endpoint.connect(client_config, remote_addr);
     assert!(
-        matches!(res, Err(ConnectError::Snap(SnapError::ZeroInitiateTag { side: SnapSide::Remote }))),
+        matches!(
+            res,
+            Err(ConnectError::Snap(SnapError::ZeroInitiateTag {
+                side: SnapSide::Remote
+            }))
+        ),
         "remote INIT with initiate_tag=0 should be rejected"
     );
 }
@@ -2816,9 +3349,13 @@ fn test_snap_partial_config_falls_back_to_handshake() {
 
     // Only local_sctp_init set, remote missing — should fall back to normal handshake
     let local_init = generate_snap_token(&TransportConfig::default()).expect("local init");
-    let client_config = ClientConfig { local_sctp_init: Some(local_init), ..Default::default() };
-    let (_ch, assoc) =
-        endpoint.connect(client_config, remote_addr).expect("partial SNAP config should fall back to handshake");
+    let client_config = ClientConfig {
+        local_sctp_init: Some(local_init),
+        ..Default::default()
+    };
+    let (_ch, assoc) = endpoint
+        .connect(client_config, remote_addr)
+        .expect("partial SNAP config should fall back to handshake");
     assert_eq!(
         assoc.state(),
         AssociationState::CookieWait,
@@ -2827,9 +3364,13 @@ fn test_snap_partial_config_falls_back_to_handshake() {
 
     // Only remote_sctp_init set, local missing — should fall back to normal handshake
     let remote_init = generate_snap_token(&TransportConfig::default()).expect("remote init");
-    let client_config = ClientConfig { remote_sctp_init: Some(remote_init), ..Default::default() };
-    let (_ch, assoc) =
-        endpoint.connect(client_config, remote_addr).expect("partial SNAP config should fall back to handshake");
+    let client_config = ClientConfig {
+        remote_sctp_init: Some(remote_init),
+        ..Default::default()
+    };
+    let (_ch, assoc) = endpoint
+        .connect(client_config, remote_addr)
+        .expect("partial SNAP config should fall back to handshake");
     assert_eq!(
         assoc.state(),
         AssociationState::CookieWait,
@@ -2857,7 +3398,10 @@ fn test_snap_rejects_reused_local_init() {
     let cfg2 = ClientConfig::new().with_snap(local_init, remote2);
     let res2 = endpoint.connect(cfg2, remote_addr);
     assert!(
-        matches!(res2, Err(ConnectError::Snap(SnapError::AidCollision { .. }))),
+        matches!(
+            res2,
+            Err(ConnectError::Snap(SnapError::AidCollision { .. }))
+        ),
         "second SNAP connect should fail due to AID collision"
     );
 }
@@ -2868,13 +3412,22 @@ fn test_snap_rejects_local_init_ack() {
     let remote_addr: SocketAddr = "127.0.0.1:5000".parse().unwrap();
 
     let remote_init = generate_snap_token(&TransportConfig::default()).expect("remote init");
-    let local_init_ack = ChunkInit { is_ack: true, initiate_tag: 1, ..Default::default() };
+    let local_init_ack = ChunkInit {
+        is_ack: true,
+        initiate_tag: 1,
+        ..Default::default()
+    };
     let local_bytes = local_init_ack.marshal().expect("marshal local INIT-ACK");
 
     let client_config = ClientConfig::new().with_snap(local_bytes, remote_init);
     let res = endpoint.connect(client_config, remote_addr);
     assert!(
-        matches!(res, Err(ConnectError::Snap(SnapError::InvalidInitAck { side: SnapSide::Local }))),
+        matches!(
+            res,
+            Err(ConnectError::Snap(SnapError::InvalidInitAck {
+                side: SnapSide::Local
+            }))
+        ),
         "local INIT-ACK should be rejected"
     );
 }
@@ -2885,13 +3438,22 @@ fn test_snap_rejects_local_init_with_zero_initiate_tag() {
     let remote_addr: SocketAddr = "127.0.0.1:5000".parse().unwrap();
 
     let remote_init = generate_snap_token(&TransportConfig::default()).expect("remote init");
-    let local_init = ChunkInit { is_ack: false, initiate_tag: 0, ..Default::default() };
+    let local_init = ChunkInit {
+        is_ack: false,
+        initiate_tag: 0,
+        ..Default::default()
+    };
     let local_bytes = local_init.marshal().expect("marshal local INIT");
 
     let client_config = ClientConfig::new().with_snap(local_bytes, remote_init);
     let res = endpoint.connect(client_config, remote_addr);
     assert!(
-        matches!(res, Err(ConnectError::Snap(SnapError::ZeroInitiateTag { side: SnapSide::Local }))),
+        matches!(
+            res,
+            Err(ConnectError::Snap(SnapError::ZeroInitiateTag {
+                side: SnapSide::Local
+            }))
+        ),
         "local INIT with initiate_tag=0 should be rejected"
     );
 }
@@ -2912,7 +3474,13 @@ fn test_snap_rejects_empty_bytes() {
     let cfg = ClientConfig::new().with_snap(valid.clone(), Bytes::new());
     let res = endpoint.connect(cfg, remote_addr);
     assert!(
-        matches!(res, Err(ConnectError::Snap(SnapError::ParseFailed { side: SnapSide::Remote, .. }))),
+        matches!(
+            res,
+            Err(ConnectError::Snap(SnapError::ParseFailed {
+                side: SnapSide::Remote,
+                ..
+            }))
+        ),
         "empty remote bytes should fail parsing"
     );
 
@@ -2920,7 +3488,13 @@ fn test_snap_rejects_empty_bytes() {
     let cfg = ClientConfig::new().with_snap(Bytes::new(), valid);
     let res = endpoint.connect(cfg, remote_addr);
     assert!(
-        matches!(res, Err(ConnectError::Snap(SnapError::ParseFailed { side: SnapSide::Local, .. }))),
+        matches!(
+            res,
+            Err(ConnectError::Snap(SnapError::ParseFailed {
+                side: SnapSide::Local,
+                ..
+            }))
+        ),
         "empty local bytes should fail parsing"
     );
 }
@@ -2938,14 +3512,26 @@ fn test_snap_rejects_truncated_bytes() {
     let cfg = ClientConfig::new().with_snap(valid.clone(), truncated.clone());
     let res = endpoint.connect(cfg, remote_addr);
     assert!(
-        matches!(res, Err(ConnectError::Snap(SnapError::ParseFailed { side: SnapSide::Remote, .. }))),
+        matches!(
+            res,
+            Err(ConnectError::Snap(SnapError::ParseFailed {
+                side: SnapSide::Remote,
+                ..
+            }))
+        ),
         "truncated remote bytes should fail parsing"
     );
 
     let cfg = ClientConfig::new().with_snap(truncated, valid);
     let res = endpoint.connect(cfg, remote_addr);
     assert!(
-        matches!(res, Err(ConnectError::Snap(SnapError::ParseFailed { side: SnapSide::Local, .. }))),
+        matches!(
+            res,
+            Err(ConnectError::Snap(SnapError::ParseFailed {
+                side: SnapSide::Local,
+                ..
+            }))
+        ),
         "truncated local bytes should fail parsing"
     );
 }
@@ -2964,7 +3550,13 @@ fn test_snap_rejects_oversized_bytes() {
     let cfg = ClientConfig::new().with_snap(valid.clone(), oversized.clone());
     let res = endpoint.connect(cfg, remote_addr);
     assert!(
-        matches!(res, Err(ConnectError::Snap(SnapError::OversizedInit { side: SnapSide::Remote, .. }))),
+        matches!(
+            res,
+            Err(ConnectError::Snap(SnapError::OversizedInit {
+                side: SnapSide::Remote,
+                ..
+            }))
+        ),
         "oversized remote bytes should be rejected"
     );
 
@@ -2972,7 +3564,13 @@ fn test_snap_rejects_oversized_bytes() {
     let cfg = ClientConfig::new().with_snap(oversized, valid);
     let res = endpoint.connect(cfg, remote_addr);
     assert!(
-        matches!(res, Err(ConnectError::Snap(SnapError::OversizedInit { side: SnapSide::Local, .. }))),
+        matches!(
+            res,
+            Err(ConnectError::Snap(SnapError::OversizedInit {
+                side: SnapSide::Local,
+                ..
+            }))
+        ),
         "oversized local bytes should be rejected"
     );
 }
@@ -2997,7 +3595,13 @@ fn test_snap_rejects_remote_init_zero_inbound_streams() {
     let cfg = ClientConfig::new().with_snap(local_init, remote_bytes);
     let res = endpoint.connect(cfg, remote_addr);
     assert!(
-        matches!(res, Err(ConnectError::Snap(SnapError::InvalidInit { side: SnapSide::Remote, .. }))),
+        matches!(
+            res,
+            Err(ConnectError::Snap(SnapError::InvalidInit {
+                side: SnapSide::Remote,
+                ..
+            }))
+        ),
         "remote INIT with num_inbound_streams=0 should be rejected: got {:?}",
         res
     );
@@ -3023,7 +3627,13 @@ fn test_snap_rejects_remote_init_zero_outbound_streams() {
     let cfg = ClientConfig::new().with_snap(local_init, remote_bytes);
     let res = endpoint.connect(cfg, remote_addr);
     assert!(
-        matches!(res, Err(ConnectError::Snap(SnapError::InvalidInit { side: SnapSide::Remote, .. }))),
+        matches!(
+            res,
+            Err(ConnectError::Snap(SnapError::InvalidInit {
+                side: SnapSide::Remote,
+                ..
+            }))
+        ),
         "remote INIT with num_outbound_streams=0 should be rejected: got {:?}",
         res
     );
@@ -3049,7 +3659,13 @@ fn test_snap_rejects_remote_init_small_arwnd() {
     let cfg = ClientConfig::new().with_snap(local_init, remote_bytes);
     let res = endpoint.connect(cfg, remote_addr);
     assert!(
-        matches!(res, Err(ConnectError::Snap(SnapError::InvalidInit { side: SnapSide::Remote, .. }))),
+        matches!(
+            res,
+            Err(ConnectError::Snap(SnapError::InvalidInit {
+                side: SnapSide::Remote,
+                ..
+            }))
+        ),
         "remote INIT with a_rwnd < 1500 should be rejected: got {:?}",
         res
     );
@@ -3075,7 +3691,13 @@ fn test_snap_rejects_local_init_zero_inbound_streams() {
     let cfg = ClientConfig::new().with_snap(local_bytes, remote_init);
     let res = endpoint.connect(cfg, remote_addr);
     assert!(
-        matches!(res, Err(ConnectError::Snap(SnapError::InvalidInit { side: SnapSide::Local, .. }))),
+        matches!(
+            res,
+            Err(ConnectError::Snap(SnapError::InvalidInit {
+                side: SnapSide::Local,
+                ..
+            }))
+        ),
         "local INIT with num_inbound_streams=0 should be rejected: got {:?}",
         res
     );
@@ -3101,7 +3723,13 @@ fn test_snap_rejects_local_init_small_arwnd() {
     let cfg = ClientConfig::new().with_snap(local_bytes, remote_init);
     let res = endpoint.connect(cfg, remote_addr);
     assert!(
-        matches!(res, Err(ConnectError::Snap(SnapError::InvalidInit { side: SnapSide::Local, .. }))),
+        matches!(
+            res,
+            Err(ConnectError::Snap(SnapError::InvalidInit {
+                side: SnapSide::Local,
+                ..
+            }))
+        ),
         "local INIT with a_rwnd=0 should be rejected: got {:?}",
         res
     );
@@ -3112,7 +3740,10 @@ fn test_snap_generate_token_roundtrip_is_valid() {
     let config = TransportConfig::default();
     let bytes = generate_snap_token(&config).expect("generate token");
 
-    assert!(bytes.len() <= crate::config::MAX_SNAP_INIT_BYTES, "generated token should be within MAX_SNAP_INIT_BYTES");
+    assert!(
+        bytes.len() <= crate::config::MAX_SNAP_INIT_BYTES,
+        "generated token should be within MAX_SNAP_INIT_BYTES"
+    );
 
     let init = ChunkInit::unmarshal(&bytes).expect("unmarshal generated token");
     assert!(!init.is_ack, "generated token should be INIT, not INIT-ACK");
@@ -3120,10 +3751,14 @@ fn test_snap_generate_token_roundtrip_is_valid() {
     assert_ne!(init.initial_tsn, 0, "initial_tsn must not be zero");
     assert_eq!(init.num_outbound_streams, u16::MAX);
     assert_eq!(init.num_inbound_streams, u16::MAX);
-    assert_eq!(init.advertised_receiver_window_credit, config.max_receive_buffer_size());
+    assert_eq!(
+        init.advertised_receiver_window_credit,
+        config.max_receive_buffer_size()
+    );
 
     // check() should pass for a token we generated ourselves
-    init.check().expect("check() should pass on generated token");
+    init.check()
+        .expect("check() should pass on generated token");
 }
 
 #[test]
@@ -3135,7 +3770,10 @@ fn test_snap_generate_token_unique_per_call() {
 
     let i1 = ChunkInit::unmarshal(&t1).expect("parse t1");
     let i2 = ChunkInit::unmarshal(&t2).expect("parse t2");
-    assert_ne!(i1.initiate_tag, i2.initiate_tag, "initiate_tags should differ");
+    assert_ne!(
+        i1.initiate_tag, i2.initiate_tag,
+        "initiate_tags should differ"
+    );
 }
 
 #[test]
@@ -3160,7 +3798,13 @@ fn test_snap_rejects_wrong_chunk_type_bytes() {
     let cfg = ClientConfig::new().with_snap(valid, sack_bytes);
     let res = endpoint.connect(cfg, remote_addr);
     assert!(
-        matches!(res, Err(ConnectError::Snap(SnapError::ParseFailed { side: SnapSide::Remote, .. }))),
+        matches!(
+            res,
+            Err(ConnectError::Snap(SnapError::ParseFailed {
+                side: SnapSide::Remote,
+                ..
+            }))
+        ),
         "SACK bytes should fail to parse as INIT: got {:?}",
         res
     );
@@ -3173,7 +3817,10 @@ fn test_snap_rejects_both_sides_empty() {
 
     let cfg = ClientConfig::new().with_snap(Bytes::new(), Bytes::new());
     let res = endpoint.connect(cfg, remote_addr);
-    assert!(matches!(res, Err(ConnectError::Snap(SnapError::ParseFailed { .. }))), "two empty byte slices should fail");
+    assert!(
+        matches!(res, Err(ConnectError::Snap(SnapError::ParseFailed { .. }))),
+        "two empty byte slices should fail"
+    );
 }
 
 #[test]
@@ -3189,7 +3836,13 @@ fn test_snap_rejects_random_garbage_bytes() {
     let cfg = ClientConfig::new().with_snap(valid.clone(), garbage.clone());
     let res = endpoint.connect(cfg, remote_addr);
     assert!(
-        matches!(res, Err(ConnectError::Snap(SnapError::ParseFailed { side: SnapSide::Remote, .. }))),
+        matches!(
+            res,
+            Err(ConnectError::Snap(SnapError::ParseFailed {
+                side: SnapSide::Remote,
+                ..
+            }))
+        ),
         "garbage remote bytes should fail: got {:?}",
         res
     );
@@ -3197,7 +3850,13 @@ fn test_snap_rejects_random_garbage_bytes() {
     let cfg = ClientConfig::new().with_snap(garbage, valid);
     let res = endpoint.connect(cfg, remote_addr);
     assert!(
-        matches!(res, Err(ConnectError::Snap(SnapError::ParseFailed { side: SnapSide::Local, .. }))),
+        matches!(
+            res,
+            Err(ConnectError::Snap(SnapError::ParseFailed {
+                side: SnapSide::Local,
+                ..
+            }))
+        ),
         "garbage local bytes should fail: got {:?}",
         res
     );
@@ -3229,8 +3888,14 @@ fn test_snap_end_to_end_bidirectional_data() {
     let init_a = generate_snap_token(&transport).expect("init A");
     let init_b = generate_snap_token(&transport).expect("init B");
 
-    let addr_a: SocketAddr = SocketAddr::new(Ipv6Addr::LOCALHOST.into(), CLIENT_PORTS.lock().unwrap().next().unwrap());
-    let addr_b: SocketAddr = SocketAddr::new(Ipv6Addr::LOCALHOST.into(), CLIENT_PORTS.lock().unwrap().next().unwrap());
+    let addr_a: SocketAddr = SocketAddr::new(
+        Ipv6Addr::LOCALHOST.into(),
+        CLIENT_PORTS.lock().unwrap().next().unwrap(),
+    );
+    let addr_b: SocketAddr = SocketAddr::new(
+        Ipv6Addr::LOCALHOST.into(),
+        CLIENT_PORTS.lock().unwrap().next().unwrap(),
+    );
 
     // Both sides are clients (no server config) — this is the SNAP model.
     let mut ep_a = Endpoint::new(endpoint_config.clone(), None);
@@ -3253,8 +3918,12 @@ fn test_snap_end_to_end_bidirectional_data() {
     // A writes to B.
     let si = 1u16;
     let msg_a = Bytes::from_static(b"hello from A");
-    let mut stream_a = assoc_a.open_stream(si, PayloadProtocolIdentifier::Binary).expect("open stream A");
-    stream_a.write_sctp(&msg_a, PayloadProtocolIdentifier::Binary).expect("write A");
+    let mut stream_a = assoc_a
+        .open_stream(si, PayloadProtocolIdentifier::Binary)
+        .expect("open stream A");
+    stream_a
+        .write_sctp(&msg_a, PayloadProtocolIdentifier::Binary)
+        .expect("write A");
 
     // Pump transmits from A into B via Endpoint::handle.
     while let Some(transmit) = assoc_a.poll_transmit(now) {
@@ -3275,7 +3944,12 @@ fn test_snap_end_to_end_bidirectional_data() {
     assert_eq!(accepted.stream_identifier, si);
 
     let mut buf = vec![0u8; 64];
-    let chunks = assoc_b.stream(si).expect("get stream B").read_sctp().expect("read B").expect("expected data");
+    let chunks = assoc_b
+        .stream(si)
+        .expect("get stream B")
+        .read_sctp()
+        .expect("read B")
+        .expect("expected data");
     let n = chunks.read(&mut buf).expect("read payload");
     assert_eq!(&buf[..n], b"hello from A");
 
@@ -3302,7 +3976,12 @@ fn test_snap_end_to_end_bidirectional_data() {
     }
 
     // A should now have data back from B.
-    let chunks = assoc_a.stream(si).expect("get stream A").read_sctp().expect("read A").expect("expected data from B");
+    let chunks = assoc_a
+        .stream(si)
+        .expect("get stream A")
+        .read_sctp()
+        .expect("read A")
+        .expect("expected data from B");
     let n = chunks.read(&mut buf).expect("read payload from B");
     assert_eq!(&buf[..n], b"hello from B");
 }
@@ -3317,15 +3996,25 @@ fn test_snap_association_drains_cleanly() {
     let local_init = generate_snap_token(&TransportConfig::default()).expect("local init");
     let remote_init = generate_snap_token(&TransportConfig::default()).expect("remote init");
 
-    let local_tag = ChunkInit::unmarshal(&local_init).expect("parse local").initiate_tag;
-    let remote_tag = ChunkInit::unmarshal(&remote_init).expect("parse remote").initiate_tag;
+    let local_tag = ChunkInit::unmarshal(&local_init)
+        .expect("parse local")
+        .initiate_tag;
+    let remote_tag = ChunkInit::unmarshal(&remote_init)
+        .expect("parse remote")
+        .initiate_tag;
 
     let cfg = ClientConfig::new().with_snap(local_init, remote_init);
     let (ch, _assoc) = endpoint.connect(cfg, remote_addr).expect("SNAP connect");
 
     // Endpoint should have entries in both routing tables.
-    assert!(endpoint.association_ids.contains_key(&local_tag), "local_tag should be in association_ids");
-    assert!(endpoint.association_ids_init.contains_key(&remote_tag), "remote_tag should be in association_ids_init");
+    assert!(
+        endpoint.association_ids.contains_key(&local_tag),
+        "local_tag should be in association_ids"
+    );
+    assert!(
+        endpoint.association_ids_init.contains_key(&remote_tag),
+        "remote_tag should be in association_ids_init"
+    );
 
     // Simulate draining: send the Drained endpoint event.
     let drain_event = EndpointEvent(EndpointEventInner::Drained);
@@ -3346,8 +4035,14 @@ fn test_snap_association_drains_cleanly() {
 #[ignore = "manual end-to-end transfer measurement"]
 fn measure_queue_transfer() {
     for (name, transfer) in [
-        ("unfragmented", test_assoc_reliable_simple as fn() -> Result<()>),
-        ("fragmented", test_assoc_reliable_ordered_fragmented_then_defragmented),
+        (
+            "unfragmented",
+            test_assoc_reliable_simple as fn() -> Result<()>,
+        ),
+        (
+            "fragmented",
+            test_assoc_reliable_ordered_fragmented_then_defragmented,
+        ),
     ] {
         let mut samples = Vec::new();
         for _ in 0..21 {
@@ -3356,6 +4051,11 @@ fn measure_queue_transfer() {
             samples.push(start.elapsed().as_nanos());
         }
         samples.sort_unstable();
-        std::println!("{name}: median={} ns min={} max={}", samples[10], samples[0], samples[20]);
+        std::println!(
+            "{name}: median={} ns min={} max={}",
+            samples[10],
+            samples[0],
+            samples[20]
+        );
     }
 }

@@ -109,7 +109,11 @@ impl Endpoint {
     /// Process `EndpointEvent`s emitted from related `Association`s
     ///
     /// In turn, processing this event may return a `AssociationEvent` for the same `Association`.
-    pub fn handle_event(&mut self, ch: AssociationHandle, event: EndpointEvent) -> Option<AssociationEvent> {
+    pub fn handle_event(
+        &mut self,
+        ch: AssociationHandle,
+        event: EndpointEvent,
+    ) -> Option<AssociationEvent> {
         match event.0 {
             EndpointEventInner::Drained => {
                 let conn = self.associations.remove(ch.0);
@@ -161,13 +165,15 @@ impl Endpoint {
         if let Some(ch) = known_ch {
             return Some((
                 ch,
-                DatagramEvent::AssociationEvent(AssociationEvent(AssociationEventInner::Datagram(Transmit {
-                    now,
-                    remote,
-                    ecn,
-                    payload: Payload::PartialDecode(partial_decode),
-                    local_ip,
-                }))),
+                DatagramEvent::AssociationEvent(AssociationEvent(AssociationEventInner::Datagram(
+                    Transmit {
+                        now,
+                        remote,
+                        ecn,
+                        payload: Payload::PartialDecode(partial_decode),
+                        local_ip,
+                    },
+                ))),
             ));
         }
 
@@ -227,7 +233,15 @@ impl Endpoint {
                 let remote_aid = RandomAssociationIdGenerator::new().generate_aid();
                 let local_aid = self.new_aid();
 
-                Ok(self.add_association(remote_aid, local_aid, remote, None, Instant::now(), None, config.transport))
+                Ok(self.add_association(
+                    remote_aid,
+                    local_aid,
+                    remote,
+                    None,
+                    Instant::now(),
+                    None,
+                    config.transport,
+                ))
             }
         }
     }
@@ -255,18 +269,28 @@ impl Endpoint {
         }
 
         let local_init = ChunkInit::unmarshal(&local_snap_bytes).map_err(|err| {
-            ConnectError::Snap(SnapError::ParseFailed { side: SnapSide::Local, reason: err.to_string() })
+            ConnectError::Snap(SnapError::ParseFailed {
+                side: SnapSide::Local,
+                reason: err.to_string(),
+            })
         })?;
         let remote_init = ChunkInit::unmarshal(&remote_snap_bytes).map_err(|err| {
-            ConnectError::Snap(SnapError::ParseFailed { side: SnapSide::Remote, reason: err.to_string() })
+            ConnectError::Snap(SnapError::ParseFailed {
+                side: SnapSide::Remote,
+                reason: err.to_string(),
+            })
         })?;
 
         // Validate both chunks are INIT (not INIT-ACK)
         if local_init.is_ack {
-            return Err(ConnectError::Snap(SnapError::InvalidInitAck { side: SnapSide::Local }));
+            return Err(ConnectError::Snap(SnapError::InvalidInitAck {
+                side: SnapSide::Local,
+            }));
         }
         if remote_init.is_ack {
-            return Err(ConnectError::Snap(SnapError::InvalidInitAck { side: SnapSide::Remote }));
+            return Err(ConnectError::Snap(SnapError::InvalidInitAck {
+                side: SnapSide::Remote,
+            }));
         }
 
         let local_aid = local_init.initiate_tag;
@@ -274,27 +298,41 @@ impl Endpoint {
 
         // RFC 4960 Section 3.3.2: The Initiate Tag MUST NOT take the value 0.
         if local_aid == 0 {
-            return Err(ConnectError::Snap(SnapError::ZeroInitiateTag { side: SnapSide::Local }));
+            return Err(ConnectError::Snap(SnapError::ZeroInitiateTag {
+                side: SnapSide::Local,
+            }));
         }
         if remote_aid == 0 {
-            return Err(ConnectError::Snap(SnapError::ZeroInitiateTag { side: SnapSide::Remote }));
+            return Err(ConnectError::Snap(SnapError::ZeroInitiateTag {
+                side: SnapSide::Remote,
+            }));
         }
 
         // initial_tsn=0 is degenerate: wrapping_sub(1) yields u32::MAX for
         // peer_last_tsn, which would accept nearly all incoming TSNs.
         if local_init.initial_tsn == 0 {
-            return Err(ConnectError::Snap(SnapError::ZeroInitialTsn { side: SnapSide::Local }));
+            return Err(ConnectError::Snap(SnapError::ZeroInitialTsn {
+                side: SnapSide::Local,
+            }));
         }
         if remote_init.initial_tsn == 0 {
-            return Err(ConnectError::Snap(SnapError::ZeroInitialTsn { side: SnapSide::Remote }));
+            return Err(ConnectError::Snap(SnapError::ZeroInitialTsn {
+                side: SnapSide::Remote,
+            }));
         }
 
         // RFC 4960 §3.3.2 / §5.1: validate stream counts, a_rwnd, etc.
         local_init.check().map_err(|err| {
-            ConnectError::Snap(SnapError::InvalidInit { side: SnapSide::Local, reason: err.to_string() })
+            ConnectError::Snap(SnapError::InvalidInit {
+                side: SnapSide::Local,
+                reason: err.to_string(),
+            })
         })?;
         remote_init.check().map_err(|err| {
-            ConnectError::Snap(SnapError::InvalidInit { side: SnapSide::Remote, reason: err.to_string() })
+            ConnectError::Snap(SnapError::InvalidInit {
+                side: SnapSide::Remote,
+                reason: err.to_string(),
+            })
         })?;
 
         // Check for collision BEFORE allocating any resources.
@@ -350,7 +388,10 @@ impl Endpoint {
         self.association_ids.insert(local_aid, ch);
         self.association_ids_init.insert(remote_aid, ch);
 
-        debug!("Created SNAP association: local_aid={:#x} remote_aid={:#x}", local_aid, remote_aid);
+        debug!(
+            "Created SNAP association: local_aid={:#x} remote_aid={:#x}",
+            local_aid, remote_aid
+        );
 
         Ok((ch, conn))
     }
@@ -396,20 +437,29 @@ impl Endpoint {
         let remote_aid = *partial_decode.initiate_tag.as_ref().unwrap();
         let local_aid = self.new_aid();
 
-        let (ch, mut conn) =
-            self.add_association(remote_aid, local_aid, remote, local_ip, now, Some(server_config), transport_config);
+        let (ch, mut conn) = self.add_association(
+            remote_aid,
+            local_aid,
+            remote,
+            local_ip,
+            now,
+            Some(server_config),
+            transport_config,
+        );
 
         // Map the peer's INIT Initiate Tag so that retransmitted INITs (which use
         // verification_tag=0) can be routed to the association created for the first INIT.
         self.association_ids_init.insert(remote_aid, ch);
 
-        conn.handle_event(AssociationEvent(AssociationEventInner::Datagram(Transmit {
-            now,
-            remote,
-            ecn,
-            payload: Payload::PartialDecode(partial_decode),
-            local_ip,
-        })));
+        conn.handle_event(AssociationEvent(AssociationEventInner::Datagram(
+            Transmit {
+                now,
+                remote,
+                ecn,
+                payload: Payload::PartialDecode(partial_decode),
+                local_ip,
+            },
+        )));
 
         Some((ch, conn))
     }
@@ -586,9 +636,15 @@ impl fmt::Display for AidCollisionKind {
         match self {
             AidCollisionKind::LocalEqualsRemote => f.write_str("local_aid equals remote_aid"),
             AidCollisionKind::LocalInAssociationIds => f.write_str("local_aid in association_ids"),
-            AidCollisionKind::RemoteInAssociationIds => f.write_str("remote_aid in association_ids"),
-            AidCollisionKind::RemoteInAssociationIdsInit => f.write_str("remote_aid in association_ids_init"),
-            AidCollisionKind::LocalInAssociationIdsInit => f.write_str("local_aid in association_ids_init"),
+            AidCollisionKind::RemoteInAssociationIds => {
+                f.write_str("remote_aid in association_ids")
+            }
+            AidCollisionKind::RemoteInAssociationIdsInit => {
+                f.write_str("remote_aid in association_ids_init")
+            }
+            AidCollisionKind::LocalInAssociationIdsInit => {
+                f.write_str("local_aid in association_ids_init")
+            }
         }
     }
 }

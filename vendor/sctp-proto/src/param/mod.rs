@@ -73,7 +73,9 @@ pub(crate) fn build_param(raw_param: &Bytes) -> Result<Box<dyn Param + Send + Sy
         ParamType::ReqHmacAlgo => Ok(Box::new(ParamRequestedHmacAlgorithm::unmarshal(raw_param)?)),
         ParamType::ChunkList => Ok(Box::new(ParamChunkList::unmarshal(raw_param)?)),
         ParamType::StateCookie => Ok(Box::new(ParamStateCookie::unmarshal(raw_param)?)),
-        ParamType::SupportedAddrTypes => Ok(Box::new(ParamSupportedAddressTypes::unmarshal(raw_param)?)),
+        ParamType::SupportedAddrTypes => {
+            Ok(Box::new(ParamSupportedAddressTypes::unmarshal(raw_param)?))
+        }
         ParamType::HeartbeatInfo => Ok(Box::new(ParamHeartbeatInfo::unmarshal(raw_param)?)),
         ParamType::OutSsnResetReq => Ok(Box::new(ParamOutgoingResetRequest::unmarshal(raw_param)?)),
         ParamType::ReconfigResp => Ok(Box::new(ParamReconfigResponse::unmarshal(raw_param)?)),

@@ -16,14 +16,21 @@ impl fmt::Display for ParamChunkList {
             f,
             "{} {}",
             self.header(),
-            self.chunk_types.iter().map(|ct| ct.to_string()).collect::<Vec<String>>().join(" ")
+            self.chunk_types
+                .iter()
+                .map(|ct| ct.to_string())
+                .collect::<Vec<String>>()
+                .join(" ")
         )
     }
 }
 
 impl Param for ParamChunkList {
     fn header(&self) -> ParamHeader {
-        ParamHeader { typ: ParamType::ChunkList, value_length: self.value_length() as u16 }
+        ParamHeader {
+            typ: ParamType::ChunkList,
+            value_length: self.value_length() as u16,
+        }
     }
 
     fn unmarshal(raw: &Bytes) -> Result<Self> {
@@ -33,7 +40,8 @@ impl Param for ParamChunkList {
             return Err(Error::ErrParamTypeUnexpected);
         }
 
-        let reader = &mut raw.slice(PARAM_HEADER_LENGTH..PARAM_HEADER_LENGTH + header.value_length());
+        let reader =
+            &mut raw.slice(PARAM_HEADER_LENGTH..PARAM_HEADER_LENGTH + header.value_length());
 
         let mut chunk_types = vec![];
         while reader.has_remaining() {

@@ -19,7 +19,10 @@ impl fmt::Display for ParamForwardTsnSupported {
 
 impl Param for ParamForwardTsnSupported {
     fn header(&self) -> ParamHeader {
-        ParamHeader { typ: ParamType::ForwardTsnSupp, value_length: self.value_length() as u16 }
+        ParamHeader {
+            typ: ParamType::ForwardTsnSupp,
+            value_length: self.value_length() as u16,
+        }
     }
 
     fn unmarshal(raw: &Bytes) -> Result<Self> {

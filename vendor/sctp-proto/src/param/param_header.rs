@@ -36,7 +36,10 @@ impl Param for ParamHeader {
             return Err(Error::ErrParamHeaderTooShort);
         }
 
-        Ok(ParamHeader { typ, value_length: (len - PARAM_HEADER_LENGTH) as u16 })
+        Ok(ParamHeader {
+            typ,
+            value_length: (len - PARAM_HEADER_LENGTH) as u16,
+        })
     }
 
     fn marshal_to(&self, writer: &mut BytesMut) -> Result<usize> {

@@ -13,13 +13,19 @@ impl fmt::Display for ParamHeartbeatInfo {
 
 impl Param for ParamHeartbeatInfo {
     fn header(&self) -> ParamHeader {
-        ParamHeader { typ: ParamType::HeartbeatInfo, value_length: self.value_length() as u16 }
+        ParamHeader {
+            typ: ParamType::HeartbeatInfo,
+            value_length: self.value_length() as u16,
+        }
     }
 
     fn unmarshal(raw: &Bytes) -> Result<Self> {
         let header = ParamHeader::unmarshal(raw)?;
-        let heartbeat_information = raw.slice(PARAM_HEADER_LENGTH..PARAM_HEADER_LENGTH + header.value_length());
-        Ok(ParamHeartbeatInfo { heartbeat_information })
+        let heartbeat_information =
+            raw.slice(PARAM_HEADER_LENGTH..PARAM_HEADER_LENGTH + header.value_length());
+        Ok(ParamHeartbeatInfo {
+            heartbeat_information,
+        })
     }
 
     fn marshal_to(&self, buf: &mut BytesMut) -> Result<usize> {

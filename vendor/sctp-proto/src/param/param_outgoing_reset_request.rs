@@ -63,7 +63,10 @@ impl fmt::Display for ParamOutgoingResetRequest {
 
 impl Param for ParamOutgoingResetRequest {
     fn header(&self) -> ParamHeader {
-        ParamHeader { typ: ParamType::OutSsnResetReq, value_length: self.value_length() as u16 }
+        ParamHeader {
+            typ: ParamType::OutSsnResetReq,
+            value_length: self.value_length() as u16,
+        }
     }
 
     fn unmarshal(raw: &Bytes) -> Result<Self> {
@@ -71,16 +74,19 @@ impl Param for ParamOutgoingResetRequest {
         if header.value_length() < PARAM_OUTGOING_RESET_REQUEST_STREAM_IDENTIFIERS_OFFSET {
             return Err(Error::ErrSsnResetRequestParamTooShort);
         }
-        if (header.value_length() - PARAM_OUTGOING_RESET_REQUEST_STREAM_IDENTIFIERS_OFFSET) % 2 != 0 {
+        if (header.value_length() - PARAM_OUTGOING_RESET_REQUEST_STREAM_IDENTIFIERS_OFFSET) % 2 != 0
+        {
             return Err(Error::ErrSsnResetRequestParamInvalidLength);
         }
 
-        let reader = &mut raw.slice(PARAM_HEADER_LENGTH..PARAM_HEADER_LENGTH + header.value_length());
+        let reader =
+            &mut raw.slice(PARAM_HEADER_LENGTH..PARAM_HEADER_LENGTH + header.value_length());
         let reconfig_request_sequence_number = reader.get_u32();
         let reconfig_response_sequence_number = reader.get_u32();
         let sender_last_tsn = reader.get_u32();
 
-        let lim = (header.value_length() - PARAM_OUTGOING_RESET_REQUEST_STREAM_IDENTIFIERS_OFFSET) / 2;
+        let lim =
+            (header.value_length() - PARAM_OUTGOING_RESET_REQUEST_STREAM_IDENTIFIERS_OFFSET) / 2;
         let mut stream_identifiers = vec![];
         for _ in 0..lim {
             stream_identifiers.push(reader.get_u16());

@@ -13,12 +13,16 @@ impl fmt::Display for ParamRandom {
 
 impl Param for ParamRandom {
     fn header(&self) -> ParamHeader {
-        ParamHeader { typ: ParamType::Random, value_length: self.value_length() as u16 }
+        ParamHeader {
+            typ: ParamType::Random,
+            value_length: self.value_length() as u16,
+        }
     }
 
     fn unmarshal(raw: &Bytes) -> Result<Self> {
         let header = ParamHeader::unmarshal(raw)?;
-        let random_data = raw.slice(PARAM_HEADER_LENGTH..PARAM_HEADER_LENGTH + header.value_length());
+        let random_data =
+            raw.slice(PARAM_HEADER_LENGTH..PARAM_HEADER_LENGTH + header.value_length());
         Ok(ParamRandom { random_data })
     }
 

@@ -24,7 +24,9 @@ impl fmt::Display for ReconfigResult {
             ReconfigResult::SuccessPerformed => "1: Success - Performed",
             ReconfigResult::Denied => "2: Denied",
             ReconfigResult::ErrorWrongSsn => "3: Error - Wrong SSN",
-            ReconfigResult::ErrorRequestAlreadyInProgress => "4: Error - Request already in progress",
+            ReconfigResult::ErrorRequestAlreadyInProgress => {
+                "4: Error - Request already in progress"
+            }
             ReconfigResult::ErrorBadSequenceNumber => "5: Error - Bad Sequence Number",
             ReconfigResult::InProgress => "6: In progress",
             _ => "Unknown ReconfigResult",
@@ -76,13 +78,22 @@ pub(crate) struct ParamReconfigResponse {
 
 impl fmt::Display for ParamReconfigResponse {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{} {} {}", self.header(), self.reconfig_response_sequence_number, self.result)
+        write!(
+            f,
+            "{} {} {}",
+            self.header(),
+            self.reconfig_response_sequence_number,
+            self.result
+        )
     }
 }
 
 impl Param for ParamReconfigResponse {
     fn header(&self) -> ParamHeader {
-        ParamHeader { typ: ParamType::ReconfigResp, value_length: self.value_length() as u16 }
+        ParamHeader {
+            typ: ParamType::ReconfigResp,
+            value_length: self.value_length() as u16,
+        }
     }
 
     fn unmarshal(raw: &Bytes) -> Result<Self> {
@@ -91,12 +102,16 @@ impl Param for ParamReconfigResponse {
             return Err(Error::ErrReconfigRespParamTooShort);
         }
 
-        let reader = &mut raw.slice(PARAM_HEADER_LENGTH..PARAM_HEADER_LENGTH + header.value_length());
+        let reader =
+            &mut raw.slice(PARAM_HEADER_LENGTH..PARAM_HEADER_LENGTH + header.value_length());
 
         let reconfig_response_sequence_number = reader.get_u32();
         let result = reader.get_u32().into();
 
-        Ok(ParamReconfigResponse { reconfig_response_sequence_number, result })
+        Ok(ParamReconfigResponse {
+            reconfig_response_sequence_number,
+            result,
+        })
     }
 
     fn marshal_to(&self, buf: &mut BytesMut) -> Result<usize> {

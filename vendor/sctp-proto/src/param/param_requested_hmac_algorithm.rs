@@ -50,20 +50,28 @@ impl fmt::Display for ParamRequestedHmacAlgorithm {
             f,
             "{} {}",
             self.header(),
-            self.available_algorithms.iter().map(|ct| ct.to_string()).collect::<Vec<String>>().join(" "),
+            self.available_algorithms
+                .iter()
+                .map(|ct| ct.to_string())
+                .collect::<Vec<String>>()
+                .join(" "),
         )
     }
 }
 
 impl Param for ParamRequestedHmacAlgorithm {
     fn header(&self) -> ParamHeader {
-        ParamHeader { typ: ParamType::ReqHmacAlgo, value_length: self.value_length() as u16 }
+        ParamHeader {
+            typ: ParamType::ReqHmacAlgo,
+            value_length: self.value_length() as u16,
+        }
     }
 
     fn unmarshal(raw: &Bytes) -> Result<Self> {
         let header = ParamHeader::unmarshal(raw)?;
 
-        let reader = &mut raw.slice(PARAM_HEADER_LENGTH..PARAM_HEADER_LENGTH + header.value_length());
+        let reader =
+            &mut raw.slice(PARAM_HEADER_LENGTH..PARAM_HEADER_LENGTH + header.value_length());
 
         let mut available_algorithms = vec![];
         let mut offset = 0;
@@ -78,7 +86,9 @@ impl Param for ParamRequestedHmacAlgorithm {
             offset += 2;
         }
 
-        Ok(ParamRequestedHmacAlgorithm { available_algorithms })
+        Ok(ParamRequestedHmacAlgorithm {
+            available_algorithms,
+        })
     }
 
     fn marshal_to(&self, buf: &mut BytesMut) -> Result<usize> {

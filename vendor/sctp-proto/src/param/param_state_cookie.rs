@@ -16,7 +16,10 @@ impl fmt::Display for ParamStateCookie {
 
 impl Param for ParamStateCookie {
     fn header(&self) -> ParamHeader {
-        ParamHeader { typ: ParamType::StateCookie, value_length: self.value_length() as u16 }
+        ParamHeader {
+            typ: ParamType::StateCookie,
+            value_length: self.value_length() as u16,
+        }
     }
 
     fn unmarshal(raw: &Bytes) -> Result<Self> {
@@ -50,6 +53,8 @@ impl ParamStateCookie {
         cookie.resize(32, 0);
         rand::rng().fill(cookie.as_mut());
 
-        ParamStateCookie { cookie: cookie.freeze() }
+        ParamStateCookie {
+            cookie: cookie.freeze(),
+        }
     }
 }

@@ -35,7 +35,10 @@ impl fmt::Display for ParamSupportedAddressTypes {
 
 impl Param for ParamSupportedAddressTypes {
     fn header(&self) -> ParamHeader {
-        ParamHeader { typ: ParamType::SupportedAddrTypes, value_length: self.value_length() as u16 }
+        ParamHeader {
+            typ: ParamType::SupportedAddrTypes,
+            value_length: self.value_length() as u16,
+        }
     }
 
     fn unmarshal(raw: &Bytes) -> Result<Self> {
@@ -45,7 +48,8 @@ impl Param for ParamSupportedAddressTypes {
             return Err(Error::ErrSupportedAddressTypesParamInvalidLength);
         }
 
-        let reader = &mut raw.slice(PARAM_HEADER_LENGTH..PARAM_HEADER_LENGTH + header.value_length());
+        let reader =
+            &mut raw.slice(PARAM_HEADER_LENGTH..PARAM_HEADER_LENGTH + header.value_length());
         let mut address_types = Vec::with_capacity(reader.remaining() / 2);
         while reader.has_remaining() {
             address_types.push(ParamType::from(reader.get_u16()));

@@ -16,20 +16,28 @@ impl fmt::Display for ParamSupportedExtensions {
             f,
             "{} {}",
             self.header(),
-            self.chunk_types.iter().map(|ct| ct.to_string()).collect::<Vec<String>>().join(" "),
+            self.chunk_types
+                .iter()
+                .map(|ct| ct.to_string())
+                .collect::<Vec<String>>()
+                .join(" "),
         )
     }
 }
 
 impl Param for ParamSupportedExtensions {
     fn header(&self) -> ParamHeader {
-        ParamHeader { typ: ParamType::SupportedExt, value_length: self.value_length() as u16 }
+        ParamHeader {
+            typ: ParamType::SupportedExt,
+            value_length: self.value_length() as u16,
+        }
     }
 
     fn unmarshal(raw: &Bytes) -> Result<Self> {
         let header = ParamHeader::unmarshal(raw)?;
 
-        let reader = &mut raw.slice(PARAM_HEADER_LENGTH..PARAM_HEADER_LENGTH + header.value_length());
+        let reader =
+            &mut raw.slice(PARAM_HEADER_LENGTH..PARAM_HEADER_LENGTH + header.value_length());
 
         let mut chunk_types = vec![];
         while reader.has_remaining() {

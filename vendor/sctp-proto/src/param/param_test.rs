@@ -32,7 +32,13 @@ static PARAM_HEADER_BYTES: Bytes = Bytes::from_static(&[0x0, 0x1, 0x0, 0x4]);
 
 #[test]
 fn test_param_header_success() -> Result<()> {
-    let tests = vec![(PARAM_HEADER_BYTES.clone(), ParamHeader { typ: ParamType::HeartbeatInfo, value_length: 0 })];
+    let tests = vec![(
+        PARAM_HEADER_BYTES.clone(),
+        ParamHeader {
+            typ: ParamType::HeartbeatInfo,
+            value_length: 0,
+        },
+    )];
 
     for (binary, parsed) in tests {
         let actual = ParamHeader::unmarshal(&binary)?;
@@ -49,7 +55,10 @@ fn test_param_header_unmarshal_failure() -> Result<()> {
     let tests = vec![
         ("header too short", PARAM_HEADER_BYTES.slice(..2)),
         // {"wrong param type", []byte{0x0, 0x0, 0x0, 0x4}}, // Not possible to fail parseParamType atm.
-        ("reported length below header length", Bytes::from_static(&[0x0, 0xd, 0x0, 0x3])),
+        (
+            "reported length below header length",
+            Bytes::from_static(&[0x0, 0xd, 0x0, 0x3]),
+        ),
         ("wrong reported length", CHUNK_RECONFIG_PARAM_A.slice(0..4)),
     ];
 
@@ -70,7 +79,10 @@ static PARAM_FORWARD_TSN_SUPPORTED_BYTES: Bytes = Bytes::from_static(&[0xc0, 0x0
 
 #[test]
 fn test_param_forward_tsn_supported_success() -> Result<()> {
-    let tests = vec![(PARAM_FORWARD_TSN_SUPPORTED_BYTES.clone(), ParamForwardTsnSupported {})];
+    let tests = vec![(
+        PARAM_FORWARD_TSN_SUPPORTED_BYTES.clone(),
+        ParamForwardTsnSupported {},
+    )];
 
     for (binary, parsed) in tests {
         let actual = ParamForwardTsnSupported::unmarshal(&binary)?;
@@ -100,10 +112,12 @@ fn test_param_forward_tsn_supported_failure() -> Result<()> {
 use super::param_outgoing_reset_request::*;
 
 static CHUNK_RECONFIG_PARAM_A: Bytes = Bytes::from_static(&[
-    0x0, 0xd, 0x0, 0x16, 0x0, 0x0, 0x0, 0x1, 0x0, 0x0, 0x0, 0x2, 0x0, 0x0, 0x0, 0x3, 0x0, 0x4, 0x0, 0x5, 0x0, 0x6,
+    0x0, 0xd, 0x0, 0x16, 0x0, 0x0, 0x0, 0x1, 0x0, 0x0, 0x0, 0x2, 0x0, 0x0, 0x0, 0x3, 0x0, 0x4, 0x0,
+    0x5, 0x0, 0x6,
 ]);
-static CHUNK_RECONFIG_PARAM_B: Bytes =
-    Bytes::from_static(&[0x0, 0xd, 0x0, 0x10, 0x0, 0x0, 0x0, 0x1, 0x0, 0x0, 0x0, 0x2, 0x0, 0x0, 0x0, 0x3]);
+static CHUNK_RECONFIG_PARAM_B: Bytes = Bytes::from_static(&[
+    0x0, 0xd, 0x0, 0x10, 0x0, 0x0, 0x0, 0x1, 0x0, 0x0, 0x0, 0x2, 0x0, 0x0, 0x0, 0x3,
+]);
 
 #[test]
 fn test_param_outgoing_reset_request_success() -> Result<()> {
@@ -146,7 +160,8 @@ fn test_param_outgoing_reset_request_failure() -> Result<()> {
         (
             "odd stream identifier bytes",
             Bytes::from_static(&[
-                0x0, 0xd, 0x0, 0x11, 0x0, 0x0, 0x0, 0x1, 0x0, 0x0, 0x0, 0x2, 0x0, 0x0, 0x0, 0x3, 0xff,
+                0x0, 0xd, 0x0, 0x11, 0x0, 0x0, 0x0, 0x1, 0x0, 0x0, 0x0, 0x2, 0x0, 0x0, 0x0, 0x3,
+                0xff,
             ]),
         ),
     ];
@@ -171,7 +186,10 @@ static CHUNK_RECONFIG_RESPONCE: Bytes =
 fn test_param_reconfig_response_success() -> Result<()> {
     let tests = vec![(
         CHUNK_RECONFIG_RESPONCE.clone(),
-        ParamReconfigResponse { reconfig_response_sequence_number: 1, result: ReconfigResult::SuccessPerformed },
+        ParamReconfigResponse {
+            reconfig_response_sequence_number: 1,
+            result: ReconfigResult::SuccessPerformed,
+        },
     )];
 
     for (binary, parsed) in tests {
@@ -188,7 +206,10 @@ fn test_param_reconfig_response_success() -> Result<()> {
 fn test_param_reconfig_response_failure() -> Result<()> {
     let tests = vec![
         ("packet too short", CHUNK_RECONFIG_RESPONCE.slice(..8)),
-        ("param too short", Bytes::from_static(&[0x0, 0x10, 0x0, 0x4])),
+        (
+            "param too short",
+            Bytes::from_static(&[0x0, 0x10, 0x0, 0x4]),
+        ),
     ];
 
     for (name, binary) in tests {
@@ -206,8 +227,14 @@ fn test_reconfig_result_stringer() -> Result<()> {
         (ReconfigResult::SuccessPerformed, "1: Success - Performed"),
         (ReconfigResult::Denied, "2: Denied"),
         (ReconfigResult::ErrorWrongSsn, "3: Error - Wrong SSN"),
-        (ReconfigResult::ErrorRequestAlreadyInProgress, "4: Error - Request already in progress"),
-        (ReconfigResult::ErrorBadSequenceNumber, "5: Error - Bad Sequence Number"),
+        (
+            ReconfigResult::ErrorRequestAlreadyInProgress,
+            "4: Error - Request already in progress",
+        ),
+        (
+            ReconfigResult::ErrorBadSequenceNumber,
+            "5: Error - Bad Sequence Number",
+        ),
         (ReconfigResult::InProgress, "6: In progress"),
     ];
 
@@ -256,27 +283,37 @@ fn test_build_param_failure() -> Result<()> {
 ///////////////////////////////////////////////////////////////////
 use super::param_supported_address_types::*;
 
-static PARAM_SUPPORTED_ADDRESS_TYPES_BYTES: Bytes = Bytes::from_static(&[0x0, 0xc, 0x0, 0x6, 0x0, 0x5]);
+static PARAM_SUPPORTED_ADDRESS_TYPES_BYTES: Bytes =
+    Bytes::from_static(&[0x0, 0xc, 0x0, 0x6, 0x0, 0x5]);
 
 #[test]
 fn test_param_supported_address_types_success() -> Result<()> {
     let tests = vec![
         (
             PARAM_SUPPORTED_ADDRESS_TYPES_BYTES.clone(),
-            ParamSupportedAddressTypes { address_types: vec![ParamType::Ipv4Addr] },
+            ParamSupportedAddressTypes {
+                address_types: vec![ParamType::Ipv4Addr],
+            },
         ),
         (
             Bytes::from_static(&[0x0, 0xc, 0x0, 0x8, 0x0, 0x5, 0x0, 0x6]),
-            ParamSupportedAddressTypes { address_types: vec![ParamType::Ipv4Addr, ParamType::Ipv6Addr] },
+            ParamSupportedAddressTypes {
+                address_types: vec![ParamType::Ipv4Addr, ParamType::Ipv6Addr],
+            },
         ),
         (
             Bytes::from_static(&[0x0, 0xc, 0x0, 0x8, 0x0, 0x5, 0x0, 0xb]),
-            ParamSupportedAddressTypes { address_types: vec![ParamType::Ipv4Addr, ParamType::HostNameAddr] },
+            ParamSupportedAddressTypes {
+                address_types: vec![ParamType::Ipv4Addr, ParamType::HostNameAddr],
+            },
         ),
         (
             Bytes::from_static(&[0x0, 0xc, 0x0, 0x8, 0x0, 0x5, 0x9, 0x9]),
             ParamSupportedAddressTypes {
-                address_types: vec![ParamType::Ipv4Addr, ParamType::Unknown { param_type: 0x0909 }],
+                address_types: vec![
+                    ParamType::Ipv4Addr,
+                    ParamType::Unknown { param_type: 0x0909 },
+                ],
             },
         ),
     ];
@@ -301,7 +338,12 @@ fn test_param_supported_address_types_failure() -> Result<()> {
 
     for (name, binary, expected) in tests {
         let result = ParamSupportedAddressTypes::unmarshal(&binary);
-        assert_eq!(Err(expected), result, "expected unmarshal: {} to fail.", name);
+        assert_eq!(
+            Err(expected),
+            result,
+            "expected unmarshal: {} to fail.",
+            name
+        );
     }
 
     Ok(())

@@ -29,7 +29,12 @@ impl Display for ParamUnknown {
 
 impl Param for ParamUnknown {
     fn header(&self) -> ParamHeader {
-        ParamHeader { typ: ParamType::Unknown { param_type: self.typ }, value_length: self.value.len() as u16 }
+        ParamHeader {
+            typ: ParamType::Unknown {
+                param_type: self.typ,
+            },
+            value_length: self.value.len() as u16,
+        }
     }
 
     fn as_any(&self) -> &(dyn Any + Send + Sync) {
@@ -42,7 +47,10 @@ impl Param for ParamUnknown {
     {
         let header = ParamHeader::unmarshal(raw)?;
         let value = raw.slice(PARAM_HEADER_LENGTH..PARAM_HEADER_LENGTH + header.value_length());
-        Ok(Self { typ: header.typ.into(), value })
+        Ok(Self {
+            typ: header.typ.into(),
+            value,
+        })
     }
 
     fn marshal_to(&self, buf: &mut BytesMut) -> crate::error::Result<usize> {

@@ -41,8 +41,8 @@ impl OutboundQueue {
         // Never alias a still-queued message, even on counter exhaustion.
         self.next_message_id = message_id.checked_add(1).expect("message ID exhausted");
         for mut chunk in chunks {
-            self.timed_seen |=
-                chunk.deadline.is_some() || matches!(chunk.reliability, Some((crate::ReliabilityType::Timed, _)));
+            self.timed_seen |= chunk.deadline.is_some()
+                || matches!(chunk.reliability, Some((crate::ReliabilityType::Timed, _)));
             chunk.message_id = message_id;
             self.pending.push(chunk);
         }
@@ -54,7 +54,8 @@ impl OutboundQueue {
 
     pub(crate) fn start_timed_messages(&mut self, now: Instant) {
         if self.next_unstarted_message_id != self.next_message_id {
-            self.pending.start_timed_messages(self.next_unstarted_message_id, now);
+            self.pending
+                .start_timed_messages(self.next_unstarted_message_id, now);
             self.next_unstarted_message_id = self.next_message_id;
         }
     }
@@ -80,7 +81,11 @@ impl OutboundQueue {
     }
 
     /// Assign the next TSN and retain the chunk in the hash-indexed flight queue.
-    pub(crate) fn send_next(&mut self, next_tsn: &mut u32, now: Instant) -> Option<ChunkPayloadData> {
+    pub(crate) fn send_next(
+        &mut self,
+        next_tsn: &mut u32,
+        now: Instant,
+    ) -> Option<ChunkPayloadData> {
         self.start_timed_messages(now);
         let c = self.pending.peek()?;
         let mut chunk = self.pending.pop(c.beginning_fragment, c.unordered)?;
@@ -127,7 +132,11 @@ impl OutboundQueue {
     }
 
     /// A cumulatively acknowledged prefix may no longer have an inflight anchor.
-    pub(crate) fn expire_pending_tail(&mut self, now: Instant, next_tsn: &mut u32) -> Option<(u16, u64, usize)> {
+    pub(crate) fn expire_pending_tail(
+        &mut self,
+        now: Instant,
+        next_tsn: &mut u32,
+    ) -> Option<(u16, u64, usize)> {
         let chunk = self.pending.peek()?;
         if chunk.beginning_fragment
             || chunk.payload_type == crate::PayloadProtocolIdentifier::Dcep
@@ -136,10 +145,16 @@ impl OutboundQueue {
             return None;
         }
         let message_id = chunk.message_id;
-        self.abandon_message(message_id, chunk.stream_identifier, next_tsn).map(|(id, bytes)| (id, message_id, bytes))
+        self.abandon_message(message_id, chunk.stream_identifier, next_tsn)
+            .map(|(id, bytes)| (id, message_id, bytes))
     }
 
-    fn abandon_message(&mut self, message_id: u64, stream: u16, next_tsn: &mut u32) -> Option<(u16, usize)> {
+    fn abandon_message(
+        &mut self,
+        message_id: u64,
+        stream: u16,
+        next_tsn: &mut u32,
+    ) -> Option<(u16, usize)> {
         let inflight_bytes = self.inflight.abandon_message(message_id);
         let mut terminal = None;
         let bytes = self.pending.remove_message(message_id, |mut chunk| {
@@ -218,11 +233,11 @@ impl OutboundQueue {
     }
 
     pub(crate) fn earliest_outstanding_tsn(&self) -> Option<u32> {
-        self.inflight
-            .sorted
-            .iter()
-            .copied()
-            .find(|tsn| self.inflight.get(*tsn).is_some_and(|c| !c.acked && !c.abandoned))
+        self.inflight.sorted.iter().copied().find(|tsn| {
+            self.inflight
+                .get(*tsn)
+                .is_some_and(|c| !c.acked && !c.abandoned)
+        })
     }
 
     pub(crate) fn inflight_len(&self) -> usize {

@@ -27,7 +27,10 @@ fn unordered_priority_and_message_selection_survive_prefix_ack() {
 
     for (tsn, stream) in [(10, 3), (11, 4), (12, 1)] {
         assert_eq!(q.peek_pending().unwrap().stream_identifier, stream);
-        assert_eq!(q.send_next(&mut { tsn }, now).unwrap().stream_identifier, stream);
+        assert_eq!(
+            q.send_next(&mut { tsn }, now).unwrap().stream_identifier,
+            stream
+        );
         q.pop(tsn).unwrap();
     }
     // The entire sent prefix is gone, but the selected message must survive.
@@ -75,7 +78,11 @@ fn abandonment_discards_pending_tail_and_does_not_alias_unordered_messages() {
     assert!(!q.is_abandoned(1));
     assert_eq!(q.pending_len(), 1);
     assert_eq!(q.pending_bytes(), 8);
-    assert_eq!(q.abandon(3, &mut next_tsn), Some((7, 0)), "release each byte only once");
+    assert_eq!(
+        q.abandon(3, &mut next_tsn),
+        Some((7, 0)),
+        "release each byte only once"
+    );
 
     // One terminal TSN skips the unsent tail without retaining its fragments.
     assert!(q.is_abandoned(4));
@@ -138,13 +145,19 @@ fn tsn_lookup_and_retirement_across_wraparound() {
         let tsn = first.wrapping_add(i);
         for remaining in i..12 {
             let next = first.wrapping_add(remaining);
-            assert_eq!(q.get(next).unwrap().stream_identifier, (remaining / 3) as u16);
+            assert_eq!(
+                q.get(next).unwrap().stream_identifier,
+                (remaining / 3) as u16
+            );
             assert_eq!(q.is_abandoned(next), (3..6).contains(&remaining));
         }
         assert_eq!(q.pop(tsn).unwrap().tsn, tsn);
         assert!(q.get(tsn).is_none());
         assert_eq!(q.inflight_len(), (11 - i) as usize);
-        assert_eq!(q.inflight_bytes(), ((i + 1)..12).filter(|n| !(3..6).contains(n)).count() * 8);
+        assert_eq!(
+            q.inflight_bytes(),
+            ((i + 1)..12).filter(|n| !(3..6).contains(n)).count() * 8
+        );
     }
     assert_eq!(q.inflight_len(), 0);
 }
@@ -162,7 +175,10 @@ fn tsn_lookup_after_repeated_insertions_and_removals() {
             q.pop(tsn - 8).unwrap();
         }
         for outstanding in tsn.saturating_sub(7)..=tsn {
-            assert_eq!(q.get(outstanding).unwrap().stream_identifier, outstanding as u16);
+            assert_eq!(
+                q.get(outstanding).unwrap().stream_identifier,
+                outstanding as u16
+            );
         }
     }
     for tsn in 120..128 {
@@ -221,7 +237,11 @@ fn abandonment_matches_interleaved_fragments_by_message_tag() {
     // Exercise the storage independently of the current non-interleaving DATA
     // scheduler. Stream ID, SSN, and unordered flag deliberately match.
     let first = u32::MAX - 2;
-    for (i, (mut a, mut b)) in message(7, true, 3).into_iter().zip(message(7, true, 3)).enumerate() {
+    for (i, (mut a, mut b)) in message(7, true, 3)
+        .into_iter()
+        .zip(message(7, true, 3))
+        .enumerate()
+    {
         a.message_id = 10;
         b.message_id = 11;
         a.tsn = first.wrapping_add(2 * i as u32);
@@ -231,7 +251,10 @@ fn abandonment_matches_interleaved_fragments_by_message_tag() {
     }
     q.mark_all_to_retransmit();
     let mut next_tsn = first.wrapping_add(6);
-    assert_eq!(q.abandon(first.wrapping_add(2), &mut next_tsn), Some((7, 24)));
+    assert_eq!(
+        q.abandon(first.wrapping_add(2), &mut next_tsn),
+        Some((7, 24))
+    );
     assert_eq!(next_tsn, first.wrapping_add(6));
     for i in 0..6 {
         let tsn = first.wrapping_add(i);
@@ -281,7 +304,11 @@ fn pending_expiry_deadlines_ssn_wrap_and_exemptions() {
     use core::time::Duration;
     let now = Instant::now();
     for unordered in [false, true] {
-        for delay in [Duration::ZERO, Duration::from_millis(10), Duration::from_secs(u32::MAX as u64)] {
+        for delay in [
+            Duration::ZERO,
+            Duration::from_millis(10),
+            Duration::from_secs(u32::MAX as u64),
+        ] {
             let mut q = OutboundQueue::default();
             let mut expired = message(1, unordered, 3);
             for c in &mut expired {
@@ -300,7 +327,10 @@ fn pending_expiry_deadlines_ssn_wrap_and_exemptions() {
             let fresh = q.send_next(&mut tsn, now + delay).unwrap();
             assert_eq!(fresh.tsn, 99);
             assert_eq!(tsn, 100);
-            assert_eq!(fresh.stream_sequence_number, if unordered { 0 } else { u16::MAX });
+            assert_eq!(
+                fresh.stream_sequence_number,
+                if unordered { 0 } else { u16::MAX }
+            );
         }
     }
     for exemption in 0..3 {

@@ -40,9 +40,13 @@ impl PayloadQueue {
 
     #[allow(dead_code)]
     pub(crate) fn update_sorted_keys(&mut self) {
-        self.sorted
-            .make_contiguous()
-            .sort_by(|a, b| if sna32lt(*a, *b) { core::cmp::Ordering::Less } else { core::cmp::Ordering::Greater });
+        self.sorted.make_contiguous().sort_by(|a, b| {
+            if sna32lt(*a, *b) {
+                core::cmp::Ordering::Less
+            } else {
+                core::cmp::Ordering::Greater
+            }
+        });
     }
 
     pub(crate) fn can_push(&self, p: &ChunkPayloadData, cumulative_tsn: u32) -> bool {
@@ -168,7 +172,10 @@ impl PayloadQueue {
 
             match gap_ack_blocks.last_mut() {
                 Some(block) if block.end.checked_add(1) == Some(offset) => block.end = offset,
-                _ => gap_ack_blocks.push(GapAckBlock { start: offset, end: offset }),
+                _ => gap_ack_blocks.push(GapAckBlock {
+                    start: offset,
+                    end: offset,
+                }),
             }
         }
 
@@ -210,7 +217,9 @@ impl PayloadQueue {
     }
 
     pub(crate) fn contains_stream(&self, stream_identifier: u16) -> bool {
-        self.chunk_map.values().any(|chunk| chunk.stream_identifier == stream_identifier)
+        self.chunk_map
+            .values()
+            .any(|chunk| chunk.stream_identifier == stream_identifier)
     }
 
     pub(crate) fn is_empty(&self) -> bool {

@@ -37,8 +37,14 @@ impl PendingQueue {
     /// Both queues retain message-ID order, so old pending messages need no rescan.
     pub(crate) fn start_timed_messages(&mut self, first_message_id: u64, now: Instant) {
         for queue in [&mut self.ordered_queue, &mut self.unordered_queue] {
-            for chunk in queue.iter_mut().rev().take_while(|chunk| chunk.message_id >= first_message_id) {
-                if chunk.deadline.is_some() || chunk.payload_type == crate::PayloadProtocolIdentifier::Dcep {
+            for chunk in queue
+                .iter_mut()
+                .rev()
+                .take_while(|chunk| chunk.message_id >= first_message_id)
+            {
+                if chunk.deadline.is_some()
+                    || chunk.payload_type == crate::PayloadProtocolIdentifier::Dcep
+                {
                     continue;
                 }
                 if let Some((crate::ReliabilityType::Timed, lifetime)) = chunk.reliability {
@@ -66,7 +72,11 @@ impl PendingQueue {
         self.ordered_queue.front()
     }
 
-    pub(crate) fn pop(&mut self, beginning_fragment: bool, unordered: bool) -> Option<ChunkPayloadData> {
+    pub(crate) fn pop(
+        &mut self,
+        beginning_fragment: bool,
+        unordered: bool,
+    ) -> Option<ChunkPayloadData> {
         let popped = if self.selected {
             let popped = if self.unordered_is_selected {
                 self.unordered_queue.pop_front()
@@ -127,7 +137,11 @@ impl PendingQueue {
 
     /// Remove a message without allocating a temporary collection. Selection
     /// persists when removing a different message from the pending queues.
-    pub(crate) fn remove_message(&mut self, message_id: u64, mut on_remove: impl FnMut(ChunkPayloadData)) -> usize {
+    pub(crate) fn remove_message(
+        &mut self,
+        message_id: u64,
+        mut on_remove: impl FnMut(ChunkPayloadData),
+    ) -> usize {
         if self.selected && self.peek().is_some_and(|c| c.message_id == message_id) {
             self.selected = false;
         }
@@ -158,7 +172,10 @@ impl PendingQueue {
     }
 
     pub(crate) fn contains_message(&self, message_id: u64) -> bool {
-        self.unordered_queue.iter().chain(self.ordered_queue.iter()).any(|chunk| chunk.message_id == message_id)
+        self.unordered_queue
+            .iter()
+            .chain(self.ordered_queue.iter())
+            .any(|chunk| chunk.message_id == message_id)
     }
 
     pub(crate) fn contains_stream(&self, stream_identifier: u16) -> bool {

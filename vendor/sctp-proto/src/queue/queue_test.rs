@@ -91,7 +91,10 @@ fn test_payload_queue_get_gap_ack_block() -> Result<()> {
     pq.push(make_payload(8, 0), 0);
     pq.push(make_payload(9, 0), 0);
 
-    let gab1 = [GapAckBlock { start: 1, end: 6 }, GapAckBlock { start: 8, end: 9 }];
+    let gab1 = [
+        GapAckBlock { start: 1, end: 6 },
+        GapAckBlock { start: 8, end: 9 },
+    ];
     let gab2 = pq.get_gap_ack_blocks(0);
     assert!(!gab2.is_empty());
     assert_eq!(gab2.len(), 2);
@@ -109,10 +112,17 @@ fn test_payload_queue_gap_ack_blocks_wraparound() {
     for cumulative_tsn in [0, u32::MAX - 2, u32::MAX] {
         let mut pq = PayloadQueue::new();
         for offset in [6, 4, 2, 3] {
-            assert!(pq.push(make_payload(cumulative_tsn.wrapping_add(offset), 1), cumulative_tsn));
+            assert!(pq.push(
+                make_payload(cumulative_tsn.wrapping_add(offset), 1),
+                cumulative_tsn
+            ));
         }
 
-        let gaps: Vec<_> = pq.get_gap_ack_blocks(cumulative_tsn).iter().map(|gap| (gap.start, gap.end)).collect();
+        let gaps: Vec<_> = pq
+            .get_gap_ack_blocks(cumulative_tsn)
+            .iter()
+            .map(|gap| (gap.start, gap.end))
+            .collect();
         assert_eq!(gaps, [(2, 4), (6, 6)], "cumulative TSN {cumulative_tsn}");
     }
 }
@@ -122,11 +132,22 @@ fn test_payload_queue_gap_ack_blocks_at_u16_limit() {
     for cumulative_tsn in [0, u32::MAX - 1] {
         let mut pq = PayloadQueue::new();
         for offset in [2, 65_534, 65_535, 65_536, 65_537] {
-            assert!(pq.push(make_payload(cumulative_tsn.wrapping_add(offset), 1), cumulative_tsn));
+            assert!(pq.push(
+                make_payload(cumulative_tsn.wrapping_add(offset), 1),
+                cumulative_tsn
+            ));
         }
 
-        let gaps: Vec<_> = pq.get_gap_ack_blocks(cumulative_tsn).iter().map(|gap| (gap.start, gap.end)).collect();
-        assert_eq!(gaps, [(2, 2), (65_534, 65_535)], "cumulative TSN {cumulative_tsn}");
+        let gaps: Vec<_> = pq
+            .get_gap_ack_blocks(cumulative_tsn)
+            .iter()
+            .map(|gap| (gap.start, gap.end))
+            .collect();
+        assert_eq!(
+            gaps,
+            [(2, 2), (65_534, 65_535)],
+            "cumulative TSN {cumulative_tsn}"
+        );
         assert_eq!(pq.len(), 5);
         assert_eq!(pq.get_num_bytes(), 5);
     }
@@ -145,7 +166,11 @@ fn test_payload_queue_gap_ack_blocks_retain_unrepresentable_offsets() {
             assert!(pq.get(tsn).is_some());
 
             let advanced_tsn = cumulative_tsn.wrapping_add(offset - 2);
-            let gaps: Vec<_> = pq.get_gap_ack_blocks(advanced_tsn).iter().map(|gap| (gap.start, gap.end)).collect();
+            let gaps: Vec<_> = pq
+                .get_gap_ack_blocks(advanced_tsn)
+                .iter()
+                .map(|gap| (gap.start, gap.end))
+                .collect();
             assert_eq!(gaps, [(2, 2)]);
         }
     }
@@ -963,7 +988,11 @@ fn test_reassembly_queue_forward_tsn_for_unordered_framents() -> Result<()> {
     rq.forward_tsn_for_unordered(13);
 
     // As a result, there should be one chunk (tsn=14)
-    assert_eq!(1, rq.unordered_chunks.len(), "there should be one chunk kept");
+    assert_eq!(
+        1,
+        rq.unordered_chunks.len(),
+        "there should be one chunk kept"
+    );
     assert_eq!(3, rq.get_num_bytes(), "num bytes mismatch");
 
     Ok(())
@@ -979,8 +1008,16 @@ fn test_chunk_set_empty_chunk_set() -> Result<()> {
 #[test]
 fn test_chunk_set_push_dup_chunks_to_chunk_set() -> Result<()> {
     let mut cset = Chunks::new(0, PayloadProtocolIdentifier::default(), vec![]);
-    cset.push(ChunkPayloadData { tsn: 100, beginning_fragment: true, ..Default::default() });
-    let complete = cset.push(ChunkPayloadData { tsn: 100, ending_fragment: true, ..Default::default() });
+    cset.push(ChunkPayloadData {
+        tsn: 100,
+        beginning_fragment: true,
+        ..Default::default()
+    });
+    let complete = cset.push(ChunkPayloadData {
+        tsn: 100,
+        ending_fragment: true,
+        ..Default::default()
+    });
     assert!(!complete, "chunk with dup TSN is not complete");
     assert_eq!(1, cset.chunks.len(), "chunk with dup TSN should be ignored");
     Ok(())
@@ -989,7 +1026,10 @@ fn test_chunk_set_push_dup_chunks_to_chunk_set() -> Result<()> {
 #[test]
 fn test_chunk_set_incomplete_chunk_set_no_beginning() -> Result<()> {
     let cset = Chunks::new(0, PayloadProtocolIdentifier::default(), vec![]);
-    assert!(!cset.is_complete(), "chunkSet not starting with B=1 cannot be complete");
+    assert!(
+        !cset.is_complete(),
+        "chunkSet not starting with B=1 cannot be complete"
+    );
     Ok(())
 }
 
@@ -999,12 +1039,26 @@ fn test_chunk_set_incomplete_chunk_set_no_contiguous_tsn() -> Result<()> {
         0,
         PayloadProtocolIdentifier::default(),
         vec![
-            ChunkPayloadData { tsn: 100, beginning_fragment: true, ..Default::default() },
-            ChunkPayloadData { tsn: 101, ..Default::default() },
-            ChunkPayloadData { tsn: 103, ending_fragment: true, ..Default::default() },
+            ChunkPayloadData {
+                tsn: 100,
+                beginning_fragment: true,
+                ..Default::default()
+            },
+            ChunkPayloadData {
+                tsn: 101,
+                ..Default::default()
+            },
+            ChunkPayloadData {
+                tsn: 103,
+                ending_fragment: true,
+                ..Default::default()
+            },
         ],
     );
-    assert!(!cset.is_complete(), "chunkSet not starting with incontiguous tsn cannot be complete");
+    assert!(
+        !cset.is_complete(),
+        "chunkSet not starting with incontiguous tsn cannot be complete"
+    );
     Ok(())
 }
 
@@ -1059,13 +1113,27 @@ fn test_chunk_set_wrap() {
         0,
         PayloadProtocolIdentifier::default(),
         vec![
-            ChunkPayloadData { tsn: u32::MAX - 1, beginning_fragment: true, ..Default::default() },
-            ChunkPayloadData { tsn: u32::MAX, ..Default::default() },
-            ChunkPayloadData { tsn: 0, ending_fragment: true, ..Default::default() },
+            ChunkPayloadData {
+                tsn: u32::MAX - 1,
+                beginning_fragment: true,
+                ..Default::default()
+            },
+            ChunkPayloadData {
+                tsn: u32::MAX,
+                ..Default::default()
+            },
+            ChunkPayloadData {
+                tsn: 0,
+                ending_fragment: true,
+                ..Default::default()
+            },
         ],
     );
 
-    assert!(cset.is_complete(), "chunkSet with wrapping TSNs is not complete");
+    assert!(
+        cset.is_complete(),
+        "chunkSet with wrapping TSNs is not complete"
+    );
 }
 
 #[test]
@@ -1081,10 +1149,29 @@ fn test_reassembly_queue_wrap_find_complete() {
         })
         .is_ok()
     );
-    assert!(rq.push(ChunkPayloadData { tsn: u32::MAX, unordered: true, ..Default::default() }).is_ok());
-    assert!(rq.push(ChunkPayloadData { tsn: 0, unordered: true, ending_fragment: true, ..Default::default() }).is_ok());
+    assert!(
+        rq.push(ChunkPayloadData {
+            tsn: u32::MAX,
+            unordered: true,
+            ..Default::default()
+        })
+        .is_ok()
+    );
+    assert!(
+        rq.push(ChunkPayloadData {
+            tsn: 0,
+            unordered: true,
+            ending_fragment: true,
+            ..Default::default()
+        })
+        .is_ok()
+    );
 
-    assert_eq!(rq.unordered.len(), 1, "chunkSet with wrapping TSNs is not complete");
+    assert_eq!(
+        rq.unordered.len(),
+        1,
+        "chunkSet with wrapping TSNs is not complete"
+    );
 }
 
 #[test]
@@ -1182,7 +1269,12 @@ fn measure_queue_drain() {
                 assert_eq!(rq.get_num_bytes(), 0);
             }
             samples.sort_unstable();
-            std::println!("{kind} n={n}: median={} ns min={} max={}", samples[10], samples[0], samples[20]);
+            std::println!(
+                "{kind} n={n}: median={} ns min={} max={}",
+                samples[10],
+                samples[0],
+                samples[20]
+            );
         }
     }
 }

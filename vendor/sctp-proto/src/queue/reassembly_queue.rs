@@ -9,11 +9,23 @@ use bytes::{Bytes, BytesMut};
 use core::cmp::Ordering;
 
 fn sort_chunks_by_tsn(c: &mut [ChunkPayloadData]) {
-    c.sort_by(|a, b| if sna32lt(a.tsn, b.tsn) { Ordering::Less } else { Ordering::Greater });
+    c.sort_by(|a, b| {
+        if sna32lt(a.tsn, b.tsn) {
+            Ordering::Less
+        } else {
+            Ordering::Greater
+        }
+    });
 }
 
 fn sort_chunks_by_ssn(c: &mut [Chunks]) {
-    c.sort_by(|a, b| if sna16lt(a.ssn, b.ssn) { Ordering::Less } else { Ordering::Greater });
+    c.sort_by(|a, b| {
+        if sna16lt(a.ssn, b.ssn) {
+            Ordering::Less
+        } else {
+            Ordering::Greater
+        }
+    });
 }
 
 /// A chunk of data from the stream
@@ -77,17 +89,31 @@ impl Chunks {
             n_written += n;
             if n < to_copy {
                 self.offset += n;
-                return Some(Chunk { bytes: buf.freeze() });
+                return Some(Chunk {
+                    bytes: buf.freeze(),
+                });
             }
             self.index += 1;
             self.offset = 0;
         }
 
-        Some(Chunk { bytes: buf.freeze() })
+        Some(Chunk {
+            bytes: buf.freeze(),
+        })
     }
 
-    pub(crate) fn new(ssn: u16, ppi: PayloadProtocolIdentifier, chunks: Vec<ChunkPayloadData>) -> Self {
-        Chunks { ssn, ppi, chunks, offset: 0, index: 0 }
+    pub(crate) fn new(
+        ssn: u16,
+        ppi: PayloadProtocolIdentifier,
+        chunks: Vec<ChunkPayloadData>,
+    ) -> Self {
+        Chunks {
+            ssn,
+            ppi,
+            chunks,
+            offset: 0,
+            index: 0,
+        }
     }
 
     pub(crate) fn push(&mut self, chunk: ChunkPayloadData) -> bool {
@@ -262,7 +288,12 @@ impl ReassemblyQueue {
 
     fn calculate_ordered_message_size(&self, new_chunk: &ChunkPayloadData) -> usize {
         let ssn = new_chunk.stream_sequence_number;
-        let existing: usize = self.ordered.iter().find(|s| s.ssn == ssn).map(|s| s.len()).unwrap_or(0);
+        let existing: usize = self
+            .ordered
+            .iter()
+            .find(|s| s.ssn == ssn)
+            .map(|s| s.len())
+            .unwrap_or(0);
         existing + new_chunk.user_data.len()
     }
 
@@ -273,7 +304,11 @@ impl ReassemblyQueue {
         // first find the set of TSNs that preceeds this chunk
         let prefix = if new_chunk.beginning_fragment {
             0
-        } else if let Some(mut p) = self.unordered_chunks.iter().rposition(|f| f.tsn == new_chunk.tsn.wrapping_sub(1)) {
+        } else if let Some(mut p) = self
+            .unordered_chunks
+            .iter()
+            .rposition(|f| f.tsn == new_chunk.tsn.wrapping_sub(1))
+        {
             let mut cnt = 0;
             let mut tsn = new_chunk.tsn;
             loop {
@@ -297,7 +332,11 @@ impl ReassemblyQueue {
         // next find the set of TSNs that succeeds this chunk
         let suffix = if new_chunk.ending_fragment {
             0
-        } else if let Some(mut p) = self.unordered_chunks.iter().rposition(|f| f.tsn == new_chunk.tsn.wrapping_add(1)) {
+        } else if let Some(mut p) = self
+            .unordered_chunks
+            .iter()
+            .rposition(|f| f.tsn == new_chunk.tsn.wrapping_add(1))
+        {
             let mut cnt = 0;
             let mut tsn = new_chunk.tsn;
             while p < self.unordered_chunks.len() {
@@ -366,8 +405,10 @@ impl ReassemblyQueue {
         }
 
         // Extract the range of chunks
-        let chunks: Vec<ChunkPayloadData> =
-            self.unordered_chunks.drain(start_idx as usize..(start_idx as usize) + n_chunks).collect();
+        let chunks: Vec<ChunkPayloadData> = self
+            .unordered_chunks
+            .drain(start_idx as usize..(start_idx as usize) + n_chunks)
+            .collect();
         Some(Chunks::new(0, chunks[0].payload_type, chunks))
     }
 
@@ -421,10 +462,13 @@ impl ReassemblyQueue {
             .ordered
             .iter()
             .filter(|s| sna16lte(s.ssn, last_ssn) && !s.is_complete())
-            .fold(0, |n, s| n + s.chunks.iter().fold(0, |acc, c| acc + c.user_data.len()));
+            .fold(0, |n, s| {
+                n + s.chunks.iter().fold(0, |acc, c| acc + c.user_data.len())
+            });
         self.subtract_num_bytes(num_bytes);
 
-        self.ordered.retain(|s| !sna16lte(s.ssn, last_ssn) || s.is_complete());
+        self.ordered
+            .retain(|s| !sna16lte(s.ssn, last_ssn) || s.is_complete());
 
         // Finally, forward next_ssn
         if sna16lte(self.next_ssn, last_ssn) {
@@ -434,20 +478,33 @@ impl ReassemblyQueue {
 
     /// Apply an ordered Forward-TSN retained across a stream reset without
     /// crossing into messages whose TSNs are newer than its cumulative point.
-    pub(crate) fn forward_tsn_for_ordered_bounded(&mut self, last_ssn: u16, new_cumulative_tsn: u32) {
+    pub(crate) fn forward_tsn_for_ordered_bounded(
+        &mut self,
+        last_ssn: u16,
+        new_cumulative_tsn: u32,
+    ) {
         let first_unaffected_ssn = self
             .ordered
             .iter()
             .filter(|chunks| {
                 sna16lte(chunks.ssn, last_ssn)
                     && if chunks.is_complete() {
-                        chunks.chunks.iter().any(|chunk| sna32gt(chunk.tsn, new_cumulative_tsn))
+                        chunks
+                            .chunks
+                            .iter()
+                            .any(|chunk| sna32gt(chunk.tsn, new_cumulative_tsn))
                     } else {
                         !chunks.is_missing_tsn_at_or_before(new_cumulative_tsn)
                     }
             })
             .map(|chunks| chunks.ssn)
-            .reduce(|first, candidate| if sna16lt(candidate, first) { candidate } else { first });
+            .reduce(|first, candidate| {
+                if sna16lt(candidate, first) {
+                    candidate
+                } else {
+                    first
+                }
+            });
 
         let is_abandoned_partial = |chunks: &&Chunks| {
             sna16lte(chunks.ssn, last_ssn)
@@ -488,16 +545,17 @@ impl ReassemblyQueue {
 
         let is_covered = |chunks: &Chunks| {
             if chunks.is_complete() {
-                chunks.chunks.iter().all(|chunk| sna32lte(chunk.tsn, new_cumulative_tsn))
+                chunks
+                    .chunks
+                    .iter()
+                    .all(|chunk| sna32lte(chunk.tsn, new_cumulative_tsn))
             } else {
                 chunks.is_missing_tsn_at_or_before(new_cumulative_tsn)
             }
         };
-        if self
-            .ordered
-            .iter()
-            .any(|chunks| chunks.ssn == last_ssn && (chunks.ssn == self.next_ssn || is_covered(chunks)))
-        {
+        if self.ordered.iter().any(|chunks| {
+            chunks.ssn == last_ssn && (chunks.ssn == self.next_ssn || is_covered(chunks))
+        }) {
             return Some(last_ssn);
         }
 
@@ -507,7 +565,13 @@ impl ReassemblyQueue {
             .filter(|chunks| chunks.ssn == last_ssn || sna16gt(chunks.ssn, last_ssn))
             .flat_map(|chunks| chunks.chunks.iter())
             .map(|chunk| chunk.tsn)
-            .reduce(|first, candidate| if sna32lt(candidate, first) { candidate } else { first })
+            .reduce(|first, candidate| {
+                if sna32lt(candidate, first) {
+                    candidate
+                } else {
+                    first
+                }
+            })
             .is_some_and(|first_tsn| sna32lte(first_tsn, peer_last_tsn));
         if has_resolved_later_tsn {
             return Some(last_ssn);
@@ -519,10 +583,19 @@ impl ReassemblyQueue {
                 (chunks.ssn == self.next_ssn || sna16gt(chunks.ssn, self.next_ssn))
                     && sna16lt(chunks.ssn, last_ssn)
                     && (is_covered(chunks)
-                        || chunks.chunks.first().is_some_and(|chunk| sna32lte(chunk.tsn, peer_last_tsn)))
+                        || chunks
+                            .chunks
+                            .first()
+                            .is_some_and(|chunk| sna32lte(chunk.tsn, peer_last_tsn)))
             })
             .map(|chunks| chunks.ssn)
-            .reduce(|last, candidate| if sna16gt(candidate, last) { candidate } else { last })
+            .reduce(|last, candidate| {
+                if sna16gt(candidate, last) {
+                    candidate
+                } else {
+                    last
+                }
+            })
     }
 
     /// Remove all fragments in the unordered sets that contains chunks
