@@ -5959,3 +5959,29 @@ fn test_duplicate_data_is_reported_in_the_next_sack() -> Result<()> {
     assert_eq!(a.payload_queue.pop_duplicates().len(), 256);
     Ok(())
 }
+
+/// sleap-rtc patch: after a timeout, polls that follow one another resend no more than cwnd
+/// allows in all, not cwnd each: the walk used to release every marked chunk in one burst.
+#[test]
+fn sleap_rtc_timeout_retransmission_is_bounded_by_cwnd_across_polls() {
+    let now = Instant::now();
+    let cum = 10;
+    let mut a = association_with_inflight_data(cum, now);
+    // Room for one 7-byte chunk, not two.
+    a.cwnd = 10;
+    a.rwnd = 1 << 20;
+    a.outbound_queue.mark_all_to_retransmit();
+    let nsent = |a: &Association| {
+        (1..=3).map(|k| a.outbound_queue.get(cum + k).unwrap().nsent).collect::<Vec<_>>()
+    };
+    for _ in 0..5 {
+        a.gather_data_packets_to_retransmit(vec![], now);
+    }
+    assert_eq!(nsent(&a), vec![2, 1, 1], "one chunk while the first is in flight");
+    // Its acknowledgement takes it out of the pipe: the next marked chunk may go.
+    a.outbound_queue.mark_as_acked(cum + 1);
+    for _ in 0..5 {
+        a.gather_data_packets_to_retransmit(vec![], now);
+    }
+    assert_eq!(nsent(&a)[1..], [2, 1]);
+}

@@ -4109,7 +4109,23 @@ impl Association {
             return vec![];
         }
         let mut walked_all = false;
-        let awnd = core::cmp::min(self.cwnd, self.rwnd);
+        // sleap-rtc patch: a timeout marks every unacknowledged chunk, and each call used to
+        // resend up to cwnd of them whatever was already back in flight, so the polls that
+        // follow released the whole window at once. Marked chunks are out of the network (RFC
+        // 6675's pipe); what was resent since is in it, and cwnd bounds that.
+        let marked: usize = (0..self.outbound_queue.inflight_len() as u32)
+            .filter_map(|k| {
+                self.outbound_queue
+                    .get(self.cumulative_tsn_ack_point.wrapping_add(k).wrapping_add(1))
+            })
+            .filter(|c| c.retransmit && !c.acked && !c.abandoned)
+            .map(|c| c.user_data.len())
+            .sum();
+        let pipe = self.outbound_queue.inflight_bytes().saturating_sub(marked);
+        let awnd = core::cmp::min(
+            self.cwnd.saturating_sub(pipe.min(u32::MAX as usize) as u32),
+            self.rwnd,
+        );
         let mut chunks: Vec<ChunkPayloadData> = vec![];
         let mut bytes_to_send = 0;
         let mut done = false;
