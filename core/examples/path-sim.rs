@@ -51,10 +51,12 @@ impl log::Log for Events {
         let msg = r.args().to_string();
         // PATH_SIM_TRACE=a|b prints the sctp-proto and dimpl records that contain a or b (with the
         // virtual time they happened at unknown: order is what a trace is for here).
-        if let Some(pat) = std::env::var_os("PATH_SIM_TRACE") {
-            if pat.to_str().is_some_and(|p| p.split('|').any(|p| msg.contains(p))) {
-                eprintln!("{msg}");
-            }
+        static TRACE: std::sync::OnceLock<Vec<String>> = std::sync::OnceLock::new();
+        let trace = TRACE.get_or_init(|| {
+            std::env::var("PATH_SIM_TRACE").map(|p| p.split('|').map(str::to_owned).collect()).unwrap_or_default()
+        });
+        if trace.iter().any(|p| msg.contains(p.as_str())) {
+            eprintln!("{msg}");
         }
         if msg.contains("T3-rtx timed out") {
             self.t3.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

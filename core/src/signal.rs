@@ -105,6 +105,42 @@ impl<'de> Deserialize<'de> for ErrorCode {
     }
 }
 
+impl ErrorCode {
+    /// Whether a refused worker registration will be refused again however long the worker waits, so that
+    /// retrying would only hide a misconfiguration. Exhaustive on purpose: a new code must be
+    /// decided here, not fall into a default.
+    pub fn refusal_is_final(&self) -> bool {
+        match self {
+            // A bad or revoked worker token, or a room that was deleted.
+            ErrorCode::AuthFailed | ErrorCode::RoomNotFound => true,
+            ErrorCode::InvalidJson
+            | ErrorCode::InvalidMessage
+            | ErrorCode::UnknownMessageType
+            | ErrorCode::MessageTooLarge
+            | ErrorCode::NotRegistered
+            | ErrorCode::AlreadyRegistered
+            | ErrorCode::RegistrationPending
+            | ErrorCode::RoomExpired
+            | ErrorCode::RoomFull
+            | ErrorCode::ServerFull
+            | ErrorCode::PeerIdTaken
+            | ErrorCode::InvalidPeerId
+            | ErrorCode::MetadataTooLarge
+            | ErrorCode::ReservedMetadataKey
+            | ErrorCode::NotInRoom
+            | ErrorCode::PeerNotFound
+            | ErrorCode::PeerNotInRoom
+            | ErrorCode::SenderMismatch
+            | ErrorCode::DeliveryFailed
+            | ErrorCode::RateLimited
+            | ErrorCode::Internal => false,
+            // A newer or foreign server's code: a worker is a long-running service, so it keeps
+            // retrying (with backoff, logged) rather than exit on something it cannot judge.
+            ErrorCode::Unknown(_) => false,
+        }
+    }
+}
+
 impl std::fmt::Display for ErrorCode {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.write_str(self.as_str())
@@ -641,6 +677,15 @@ impl ServerEnvelope {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The worker used to compare the refusal's code with strings, two of which no server code
+    /// could ever produce; a code it does not know must not end the worker either.
+    #[test]
+    fn only_a_bad_token_or_a_deleted_room_stops_the_worker() {
+        let final_codes: Vec<&ErrorCode> = ErrorCode::KNOWN.iter().filter(|c| c.refusal_is_final()).collect();
+        assert_eq!(final_codes, [&ErrorCode::AuthFailed, &ErrorCode::RoomNotFound]);
+        assert!(!ErrorCode::Unknown("TOKEN_REVOKED".into()).refusal_is_final());
+    }
 
     fn dec(s: &str) -> Result<Envelope, DecodeError> {
         decode(s, 64 * 1024)

@@ -17,7 +17,7 @@ use sleap_rtc_core::job::{
     ErrorCode, FieldError, Interrupt, Job, JobMsg, JobSpec, JobState, JobStatus, PathRef, PathVerdict, Progress,
     Stream, check_paths, parse_spec,
 };
-use sleap_rtc_core::signal::{ErrorCode as SignalCode, Register, ServerMessage};
+use sleap_rtc_core::signal::{Register, ServerMessage};
 use sleap_rtc_core::transfer::FileEntry;
 use tokio::sync::{mpsc, watch};
 
@@ -148,40 +148,6 @@ fn free_disk_mb(dir: &Path) -> u64 {
             return 0;
         }
         (s.f_bavail as u64).saturating_mul(s.f_frsize as u64) >> 20
-    }
-}
-
-/// Whether a refused registration will be refused again however long the worker waits, so that
-/// retrying would only hide a misconfiguration. Exhaustive on purpose: a new code must be
-/// decided here, not fall into a default.
-fn refusal_is_final(code: &SignalCode) -> bool {
-    match code {
-        // A bad or revoked worker token, or a room that was deleted.
-        SignalCode::AuthFailed | SignalCode::RoomNotFound => true,
-        SignalCode::InvalidJson
-        | SignalCode::InvalidMessage
-        | SignalCode::UnknownMessageType
-        | SignalCode::MessageTooLarge
-        | SignalCode::NotRegistered
-        | SignalCode::AlreadyRegistered
-        | SignalCode::RegistrationPending
-        | SignalCode::RoomExpired
-        | SignalCode::RoomFull
-        | SignalCode::ServerFull
-        | SignalCode::PeerIdTaken
-        | SignalCode::InvalidPeerId
-        | SignalCode::MetadataTooLarge
-        | SignalCode::ReservedMetadataKey
-        | SignalCode::NotInRoom
-        | SignalCode::PeerNotFound
-        | SignalCode::PeerNotInRoom
-        | SignalCode::SenderMismatch
-        | SignalCode::DeliveryFailed
-        | SignalCode::RateLimited
-        | SignalCode::Internal => false,
-        // A newer or foreign server's code: a worker is a long-running service, so it keeps
-        // retrying (with backoff, logged) rather than exit on something it cannot judge.
-        SignalCode::Unknown(_) => false,
     }
 }
 
@@ -464,7 +430,7 @@ impl<R: Runtime> Worker<R> {
                         _ = &mut shutdown => break,
                     }
                 }
-                Err(SignalingError::Refused { code, message }) if refusal_is_final(&code) => {
+                Err(SignalingError::Refused { code, message }) if code.refusal_is_final() => {
                     return Err(WorkerError::Refused(format!("{code}: {message}")));
                 }
                 Err(e) => tracing::warn!(error = %e, retry_in = ?backoff, "cannot reach the signaling server"),
@@ -1564,18 +1530,4 @@ pub fn http_base(ws_url: &str) -> String {
     };
     let host = rest.split('/').next().unwrap_or(rest);
     format!("{scheme}://{host}")
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    /// The worker used to compare the refusal's code with strings, two of which no server code
-    /// could ever produce; a code it does not know must not end the worker either.
-    #[test]
-    fn only_a_bad_token_or_a_deleted_room_stops_the_worker() {
-        let final_codes: Vec<&SignalCode> = SignalCode::KNOWN.iter().filter(|c| refusal_is_final(c)).collect();
-        assert_eq!(final_codes, [&SignalCode::AuthFailed, &SignalCode::RoomNotFound]);
-        assert!(!refusal_is_final(&SignalCode::Unknown("TOKEN_REVOKED".into())));
-    }
 }

@@ -3888,26 +3888,26 @@ impl Association {
             if !self.loss_candidates.is_sorted_by_key(|&tsn| tsn.wrapping_sub(cum)) {
                 self.loss_candidates.sort_unstable_by_key(|&tsn| tsn.wrapping_sub(cum));
             }
-            let mut lost = 0usize;
-            for &tsn in &self.loss_candidates {
-                if let Some(c) = queue.get(tsn) {
-                    if deemed_lost(c, now, reorder) {
-                        lost += c.user_data.len();
-                    }
-                }
-            }
-            let pipe = self.outbound_queue.inflight_bytes().saturating_sub(lost);
+            // Old enough to count as lost (see `deemed_lost`), lowest TSN first.
+            let mut lost_bytes = 0usize;
+            let lost: Vec<u32> = self
+                .loss_candidates
+                .iter()
+                .filter_map(|&tsn| {
+                    let c = queue.get(tsn)?;
+                    deemed_lost(c, now, reorder).then(|| {
+                        lost_bytes += c.user_data.len();
+                        tsn
+                    })
+                })
+                .collect();
+            let pipe = self.outbound_queue.inflight_bytes().saturating_sub(lost_bytes);
             let mut budget = (self.cwnd as usize).saturating_sub(pipe) as u32;
 
-            let candidates = core::mem::take(&mut self.loss_candidates);
-            for &tsn in &candidates {
+            for &tsn in &lost {
                 if let Some(c) = self.outbound_queue.get(tsn) {
-                    if c.acked
-                        || c.abandoned
-                        || c.nsent > 1
-                        || c.miss_indicator < 3
-                        || !deemed_lost(c, now, reorder)
-                    {
+                    // Abandoning an earlier chunk of this walk can take its siblings with it.
+                    if c.abandoned {
                         continue;
                     }
 
@@ -3940,8 +3940,6 @@ impl Association {
                     self.stats.inc_fast_retrans();
                     c.nsent += 1;
                     self.undo.resent(tsn);
-                } else {
-                    continue; // acknowledged since (retain ran before this SACK's effects)
                 }
 
                 if let Some(c) = self.outbound_queue.get_mut(tsn) {
@@ -3952,8 +3950,7 @@ impl Association {
                     );
                 }
             }
-            // The ones resent now have nsent 2 and drop out on the next call.
-            self.loss_candidates = candidates;
+            // The ones resent now have nsent 2: the next call's `retain` drops them.
 
             full_packets.push(to_fast_retrans);
             for mut to_fast_retrans in full_packets {
@@ -4113,17 +4110,10 @@ impl Association {
         // resend up to cwnd of them whatever was already back in flight, so the polls that
         // follow released the whole window at once. Marked chunks are out of the network (RFC
         // 6675's pipe); what was resent since is in it, and cwnd bounds that.
-        let marked: usize = (0..self.outbound_queue.inflight_len() as u32)
-            .filter_map(|k| {
-                self.outbound_queue
-                    .get(self.cumulative_tsn_ack_point.wrapping_add(k).wrapping_add(1))
-            })
-            .filter(|c| c.retransmit && !c.acked && !c.abandoned)
-            .map(|c| c.user_data.len())
-            .sum();
+        let marked = self.outbound_queue.marked_bytes();
         let pipe = self.outbound_queue.inflight_bytes().saturating_sub(marked);
         let awnd = core::cmp::min(
-            self.cwnd.saturating_sub(pipe.min(u32::MAX as usize) as u32),
+            self.cwnd.saturating_sub(u32::try_from(pipe).unwrap_or(u32::MAX)),
             self.rwnd,
         );
         let mut chunks: Vec<ChunkPayloadData> = vec![];

@@ -202,6 +202,11 @@ impl OutboundQueue {
         self.retransmit_pending = true;
     }
 
+    /// sleap-rtc patch: see `PayloadQueue::marked_bytes`.
+    pub(crate) fn marked_bytes(&self) -> usize {
+        self.inflight.marked_bytes()
+    }
+
     pub(crate) fn retransmit_pending(&self) -> bool {
         self.retransmit_pending
     }

@@ -153,6 +153,16 @@ impl PayloadQueue {
         }
     }
 
+    /// sleap-rtc patch: bytes of the chunks still marked for retransmission (out of the
+    /// network by RFC 6675's accounting).
+    pub(crate) fn marked_bytes(&self) -> usize {
+        self.chunk_map
+            .values()
+            .filter(|c| c.retransmit && !c.acked && !c.abandoned)
+            .map(|c| c.user_data.len())
+            .sum()
+    }
+
     /// popDuplicates returns an array of TSN values that were found duplicate.
     pub(crate) fn pop_duplicates(&mut self) -> Vec<u32> {
         core::mem::take(&mut self.dup_tsn)
