@@ -13,6 +13,8 @@
 //!   messages, peer authentication, and the pure half of driving sleap-nn.
 //! - [`netsim`]: a model of one direction of a network path (delay, loss, bottleneck queue),
 //!   shared by the simulation tests and the emulated-path benchmark.
+//! - [`upstream`]: the codec of upstream sleap-rtc 0.0.7's `TYPE::args` data-channel protocol
+//!   (what the SLEAP GUI's remote-training API speaks) and its two challenge proofs.
 //! - [`window`]: the bulk window that follows the path (delivery rate × a drain target).
 //! - `peer`, `session`, `stun` (feature `webrtc`, on by default): the str0m data-channel peer,
 //!   transfers over it with flow control, and STUN for server-reflexive candidates. The
@@ -31,4 +33,5 @@ pub mod signal;
 #[cfg(feature = "webrtc")]
 pub mod stun;
 pub mod transfer;
+pub mod upstream;
 pub mod window;

@@ -22,6 +22,13 @@ pub const CTL_LABEL: &str = "ctl";
 /// Label of the bulk channel (binary transfer frames).
 pub const BULK_LABEL: &str = "bulk";
 
+/// Whether a data channel opened by the remote speaks upstream's `TYPE::args` protocol (see
+/// [`crate::upstream`]): any label but ours. sleap-rtc 0.0.7's clients open exactly one channel,
+/// labelled `training`, `inference`, `pathcheck` (GUI API), `my-data-channel` (CLI) or `sleap-app`.
+pub fn is_upstream_label(label: &str) -> bool {
+    label != CTL_LABEL && label != BULK_LABEL
+}
+
 /// Tunables of a peer connection.
 #[derive(Debug, Clone)]
 pub struct PeerConfig {
@@ -88,6 +95,11 @@ pub enum PeerEvent {
     Ctl(String),
     /// A bulk frame arrived.
     Bulk(Vec<u8>),
+    /// The remote opened an upstream-protocol channel (see [`is_upstream_label`]) instead of
+    /// `ctl` + `bulk`: the connection is usable for that protocol.
+    UpstreamOpen(String),
+    /// A message on the upstream channel: text (`binary` false) or raw bytes.
+    Upstream { binary: bool, data: Vec<u8> },
     /// ICE reports the path is gone (it may recover) or the connection closed for good.
     Disconnected,
     /// ICE has a working path again (after [`PeerEvent::Disconnected`]).
@@ -114,6 +126,7 @@ pub struct Peer {
     pending: Option<SdpPendingOffer>,
     ctl: Option<ChannelId>,
     bulk: Option<ChannelId>,
+    upstream: Option<ChannelId>,
     open_announced: bool,
     closed: bool,
 }
@@ -147,7 +160,7 @@ impl Peer {
             .set_sctp_max_buffered_amount(cfg.max_buffered)
             .set_sctp_max_message_size(cfg.max_message_size.max(cfg.receive_window))
             .build(now);
-        Peer { rtc, pending: None, ctl: None, bulk: None, open_announced: false, closed: false }
+        Peer { rtc, pending: None, ctl: None, bulk: None, upstream: None, open_announced: false, closed: false }
     }
 
     /// Adds a local candidate: a host address of the caller's socket, or a server-reflexive
@@ -259,7 +272,17 @@ impl Peer {
                 match label.as_str() {
                     CTL_LABEL => self.ctl = Some(id),
                     BULK_LABEL => self.bulk = Some(id),
+                    // One protocol per connection: the first channel decides, later ones of
+                    // the other kind are ignored.
+                    l if is_upstream_label(l) && self.upstream.is_none() && self.ctl.is_none() => {
+                        self.upstream = Some(id);
+                        self.open_announced = true;
+                        return Some(PeerEvent::UpstreamOpen(label));
+                    }
                     _ => return None,
+                }
+                if self.upstream.is_some() {
+                    return None;
                 }
                 self.announce_open()
             }
@@ -273,11 +296,15 @@ impl Peer {
                     ))
                 } else if Some(d.id) == self.bulk {
                     Some(PeerEvent::Bulk(d.data))
+                } else if Some(d.id) == self.upstream {
+                    Some(PeerEvent::Upstream { binary: d.binary, data: d.data })
                 } else {
                     None
                 }
             }
-            Event::ChannelClose(id) if Some(id) == self.ctl || Some(id) == self.bulk => self.mark_closed(),
+            Event::ChannelClose(id) if Some(id) == self.ctl || Some(id) == self.bulk || Some(id) == self.upstream => {
+                self.mark_closed()
+            }
             Event::IceConnectionStateChange(IceConnectionState::Disconnected) => Some(PeerEvent::Disconnected),
             Event::IceConnectionStateChange(IceConnectionState::Connected | IceConnectionState::Completed) => {
                 Some(PeerEvent::Reconnected)
@@ -327,13 +354,23 @@ impl Peer {
         Ok(ch.write(true, frame)?)
     }
 
-    /// Bytes written to either channel and not yet acknowledged by the remote SCTP stack.
+    /// Sends on the upstream channel (text or binary); `Ok(false)` when str0m's buffer is full.
+    pub fn send_upstream(&mut self, binary: bool, data: &[u8]) -> Result<bool, PeerError> {
+        const LABEL: &str = "upstream";
+        let id = self.upstream.ok_or(PeerError::NotOpen(LABEL))?;
+        let mut ch = self.rtc.channel(id).ok_or(PeerError::NotOpen(LABEL))?;
+        Ok(ch.write(binary, data)?)
+    }
+
+    /// Bytes written to any channel and not yet acknowledged by the remote SCTP stack.
     pub fn buffered(&mut self) -> usize {
-        let ctl = match self.ctl.and_then(|c| self.rtc.channel(c)) {
-            Some(mut ch) => ch.buffered_amount(),
-            None => 0,
-        };
-        ctl + self.bulk_buffered()
+        let mut n = self.bulk_buffered();
+        for id in [self.ctl, self.upstream].into_iter().flatten() {
+            if let Some(mut ch) = self.rtc.channel(id) {
+                n += ch.buffered_amount();
+            }
+        }
+        n
     }
 
     /// Bytes written to `bulk` and not yet acknowledged by the remote SCTP stack.

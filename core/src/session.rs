@@ -113,6 +113,11 @@ pub enum SessionEvent {
     Connected,
     /// Both channels are open.
     Open,
+    /// The remote opened an upstream-protocol channel with this label instead (see
+    /// [`crate::upstream`]); messages on it arrive as [`SessionEvent::Upstream`].
+    UpstreamOpen(String),
+    /// A message on the upstream channel (text when `binary` is false).
+    Upstream { binary: bool, data: Vec<u8> },
     /// A control message that is not part of the transfer protocol (e.g. jobs), as JSON text.
     Message(String),
     Progress {
@@ -171,6 +176,9 @@ pub struct Session {
     cfg: SessionConfig,
     peer: Peer,
     ctl_out: VecDeque<String>,
+    /// Messages for the upstream channel not yet taken by str0m, and their bytes.
+    upstream_out: VecDeque<(bool, Vec<u8>)>,
+    upstream_queued: usize,
     open: bool,
     /// Transfers to send, in order; the head is active once accepted.
     outgoing: VecDeque<Outgoing>,
@@ -208,6 +216,8 @@ impl Session {
             cfg,
             peer,
             ctl_out: VecDeque::new(),
+            upstream_out: VecDeque::new(),
+            upstream_queued: 0,
             open: false,
             outgoing: VecDeque::new(),
             incoming: HashMap::new(),
@@ -267,6 +277,20 @@ impl Session {
         check_ctl_size(&json)?;
         self.ctl_out.push_back(json);
         Ok(())
+    }
+
+    /// Queues a message for the upstream channel (text when `binary` is false); sent in order
+    /// as soon as the channel takes it. The caller bounds what it queues with
+    /// [`Session::upstream_backlog`].
+    pub fn send_upstream(&mut self, binary: bool, data: Vec<u8>) {
+        self.upstream_queued += data.len();
+        self.upstream_out.push_back((binary, data));
+    }
+
+    /// Upstream bytes queued here or buffered in the association and not yet acknowledged: what a
+    /// sender streaming a file waits on (upstream's clients use 16 MiB of `bufferedAmount`).
+    pub fn upstream_backlog(&mut self) -> usize {
+        self.upstream_queued + self.peer.buffered().saturating_sub(self.peer.bulk_buffered())
     }
 
     /// Queues a transfer of `manifest` (its files are read through [`IoRequest::Read`]).
@@ -528,6 +552,14 @@ impl Session {
             self.ctl_out.pop_front();
             wrote = true;
         }
+        while let Some((binary, data)) = self.upstream_out.front() {
+            if !self.peer.send_upstream(*binary, data)? {
+                break;
+            }
+            self.upstream_queued -= data.len();
+            self.upstream_out.pop_front();
+            wrote = true;
+        }
         let Some(o) = self.outgoing.front_mut() else { return Ok(wrote) };
         while let Some(f) = o.ready.front() {
             if !self.peer.send_bulk(f)? {
@@ -564,6 +596,13 @@ impl Session {
                         self.open = true;
                         self.events.push_back(SessionOutput::Event(SessionEvent::Open));
                     }
+                    PeerEvent::UpstreamOpen(label) => {
+                        self.open = true;
+                        self.events.push_back(SessionOutput::Event(SessionEvent::UpstreamOpen(label)));
+                    }
+                    PeerEvent::Upstream { binary, data } => {
+                        self.events.push_back(SessionOutput::Event(SessionEvent::Upstream { binary, data }));
+                    }
                     PeerEvent::Ctl(t) => self.on_ctl(t),
                     PeerEvent::Bulk(frame) => self.on_bulk(frame),
                     PeerEvent::Disconnected => return Ok(SessionOutput::Event(SessionEvent::Disconnected)),
@@ -580,7 +619,10 @@ impl Session {
                         // means anything (else the data waits for the next timer).
                         continue;
                     }
-                    if self.closing && self.ctl_out.is_empty() && self.peer.buffered() == 0 && self.peer.is_alive() {
+                    if self.closing
+                        && self.ctl_out.is_empty()
+                        && self.upstream_out.is_empty()
+                        && self.peer.buffered() == 0 && self.peer.is_alive() {
                         self.closing = false;
                         self.peer.close();
                         continue;
