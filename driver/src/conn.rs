@@ -16,6 +16,8 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::os::unix::fs::{FileExt, OpenOptionsExt};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
@@ -151,6 +153,8 @@ enum Cmd {
     },
     Cancel(u32, String),
     RemoteCandidate(String),
+    /// A message for the upstream channel (`true`: binary).
+    Upstream(bool, Vec<u8>),
     Close,
 }
 
@@ -162,6 +166,7 @@ impl Cmd {
             Cmd::ReceiveFiles { .. } => "receive_files",
             Cmd::Cancel(..) => "cancel",
             Cmd::RemoteCandidate(_) => "remote_candidate",
+            Cmd::Upstream(..) => "upstream",
             Cmd::Close => "close",
         }
     }
@@ -171,6 +176,10 @@ impl Cmd {
 pub struct PeerConnection<R> {
     cmd: mpsc::UnboundedSender<Cmd>,
     messages: tokio::sync::Mutex<mpsc::UnboundedReceiver<String>>,
+    upstream: tokio::sync::Mutex<mpsc::UnboundedReceiver<(bool, Vec<u8>)>>,
+    upstream_label: Arc<OnceLock<String>>,
+    /// Upstream bytes not yet acknowledged by the remote (queued or in flight).
+    upstream_backlog: Arc<AtomicUsize>,
     state: watch::Receiver<ConnState>,
     local_fingerprint: String,
     local_candidates: Vec<String>,
@@ -223,6 +232,40 @@ impl<R: Runtime> PeerConnection<R> {
     /// once the connection is closed.
     pub async fn recv_message(&self) -> Option<String> {
         self.messages.lock().await.recv().await
+    }
+
+    /// The label of the channel the remote opened if it speaks upstream's `TYPE::args` protocol
+    /// (see `sleap_rtc_core::upstream`) instead of ours; known once the connection is open.
+    pub fn upstream_label(&self) -> Option<&str> {
+        self.upstream_label.get().map(String::as_str)
+    }
+
+    /// Sends a text message on the upstream channel.
+    pub fn send_upstream_text(&self, text: &str) -> Result<(), ConnError> {
+        self.send_upstream(false, text.as_bytes().to_vec())
+    }
+
+    /// Sends a message on the upstream channel (`binary`: raw bytes, else UTF-8 text).
+    pub fn send_upstream(&self, binary: bool, data: Vec<u8>) -> Result<(), ConnError> {
+        self.upstream_backlog.fetch_add(data.len(), Ordering::Relaxed);
+        self.cmd.send(Cmd::Upstream(binary, data)).map_err(|_| ConnError::Closed)
+    }
+
+    /// Waits until at most `limit` upstream bytes are unacknowledged (a sender streaming a file
+    /// calls this between chunks, as upstream's clients wait on `bufferedAmount`).
+    pub async fn upstream_drained(&self, limit: usize) -> Result<(), ConnError> {
+        while self.upstream_backlog.load(Ordering::Relaxed) > limit {
+            if self.state() == ConnState::Closed {
+                return Err(ConnError::Closed);
+            }
+            crate::sleep::<R>(Duration::from_millis(5)).await;
+        }
+        Ok(())
+    }
+
+    /// Next message on the upstream channel (`true`: binary); `None` once closed.
+    pub async fn recv_upstream(&self) -> Option<(bool, Vec<u8>)> {
+        self.upstream.lock().await.recv().await
     }
 
     /// Sends files and directories (a directory is sent whole, under its own name). Hashes the
@@ -493,6 +536,9 @@ fn spawn<R: Runtime>(
 ) -> PeerConnection<R> {
     let (cmd, cmd_rx) = mpsc::unbounded_channel();
     let (msg_tx, messages) = mpsc::unbounded_channel();
+    let (upstream_tx, upstream) = mpsc::unbounded_channel();
+    let upstream_label = Arc::new(OnceLock::new());
+    let upstream_backlog = Arc::new(AtomicUsize::new(0));
     let (state_tx, state) = watch::channel(ConnState::Connecting);
     let local_fingerprint = session.peer().local_fingerprint();
     // Weak: trickled candidates must not keep the connection alive after its handle is gone.
@@ -519,6 +565,9 @@ fn spawn<R: Runtime>(
         session,
         socks,
         msg_tx,
+        upstream_tx,
+        upstream_label: upstream_label.clone(),
+        upstream_backlog: upstream_backlog.clone(),
         state_tx,
         outgoing: HashMap::new(),
         receive_waiters: VecDeque::new(),
@@ -532,6 +581,9 @@ fn spawn<R: Runtime>(
     PeerConnection {
         cmd,
         messages: tokio::sync::Mutex::new(messages),
+        upstream: tokio::sync::Mutex::new(upstream),
+        upstream_label,
+        upstream_backlog,
         state,
         local_fingerprint,
         local_candidates,
@@ -574,6 +626,9 @@ struct Driver<R: Runtime> {
     session: Session,
     socks: Sockets<R::Udp>,
     msg_tx: mpsc::UnboundedSender<String>,
+    upstream_tx: mpsc::UnboundedSender<(bool, Vec<u8>)>,
+    upstream_label: Arc<OnceLock<String>>,
+    upstream_backlog: Arc<AtomicUsize>,
     state_tx: watch::Sender<ConnState>,
     outgoing: HashMap<u32, OutFiles>,
     receive_waiters: VecDeque<ReceiveWaiter>,
@@ -644,6 +699,9 @@ impl<R: Runtime> Driver<R> {
             };
             // Everything goes out before the task waits for anything.
             self.flush().await;
+            if self.upstream_label.get().is_some() {
+                self.upstream_backlog.store(self.session.upstream_backlog(), Ordering::Relaxed);
+            }
             if let Some(since) = closing {
                 if !self.session.peer().is_alive() {
                     break;
@@ -823,6 +881,7 @@ impl<R: Runtime> Driver<R> {
                 }
             }
             Cmd::Cancel(t, why) => self.session.cancel(t, &why),
+            Cmd::Upstream(binary, data) => self.session.send_upstream(binary, data),
             Cmd::RemoteCandidate(c) => {
                 if let Err(e) = self.session.peer().add_remote_candidate(&c) {
                     tracing::debug!(error = %e, "ignoring remote candidate");
@@ -836,6 +895,7 @@ impl<R: Runtime> Driver<R> {
         // Control messages carry tickets and MACs: log their size, never their text.
         match &e {
             SessionEvent::Message(m) => tracing::debug!(bytes = m.len(), "session event: control message"),
+            SessionEvent::Upstream { data, .. } => tracing::trace!(bytes = data.len(), "session event: upstream message"),
             other => tracing::debug!(event = ?other, "session event"),
         }
         match e {
@@ -845,6 +905,14 @@ impl<R: Runtime> Driver<R> {
             }
             SessionEvent::Message(m) => {
                 let _ = self.msg_tx.send(m);
+            }
+            SessionEvent::UpstreamOpen(label) => {
+                let _ = self.upstream_label.set(label);
+                let remote_fingerprint = self.session.peer().remote_fingerprint();
+                let _ = self.state_tx.send(ConnState::Open { remote_fingerprint });
+            }
+            SessionEvent::Upstream { binary, data } => {
+                let _ = self.upstream_tx.send((binary, data));
             }
             SessionEvent::Progress { transfer, direction, progress } => {
                 let w = match direction {

@@ -30,6 +30,8 @@ pub enum TrainerEvent {
     Spawned(u32),
     Progress(Progress),
     Log(LogLine),
+    /// One of sleap-nn's ZMQ messages as it came (throttled: see `bridge::ReportThrottle`).
+    Report(String),
 }
 
 /// Timing of stop and cancel.
@@ -194,6 +196,7 @@ pub async fn run_train<R: Runtime>(
     }));
     let mut sv = Supervisor::<R>::new(launch, sup, pid, events, &mut child);
     let mut relay = ProgressRelay::new(sup.batch_every);
+    let mut reports = sleap_rtc_core::job::bridge::ReportThrottle::new(sup.batch_every);
     let start = Instant::now();
     let mut next_stop_send: Option<Instant> = None;
     let mut sigint_at: Option<Instant> = None;
@@ -221,6 +224,9 @@ pub async fn run_train<R: Runtime>(
                     for p in relay.on_message(&text, start.elapsed()) {
                         sv.progress(p);
                     }
+                    if reports.pass(&text, start.elapsed()) {
+                        let _ = sv.events.send(TrainerEvent::Report(text));
+                    }
                 }
             }
             o = sv.out_rx.recv(), if !sv.eof_both() => sv.output(o, start.elapsed()),
@@ -244,6 +250,9 @@ pub async fn run_train<R: Runtime>(
                 while let Ok(Some(text)) = crate::timeout_at::<R, _>(deadline, zmq_rx.recv()).await {
                     for p in relay.on_message(&text, start.elapsed()) {
                         sv.progress(p);
+                    }
+                    if reports.pass(&text, start.elapsed()) {
+                        let _ = sv.events.send(TrainerEvent::Report(text));
                     }
                 }
             }

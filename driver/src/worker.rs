@@ -27,6 +27,7 @@ use crate::trainer::{self, Launch, Supervision, TrainerEvent};
 use crate::{Runtime, sleep, timeout};
 
 mod live;
+mod upstream;
 pub use live::{ProgressBoard, registry_summary};
 
 /// How long a client has to prove room membership after the channel opens.
@@ -231,6 +232,40 @@ fn recover_journal(jobs: &Path) {
 // ---------------------------------------------------------------------------------------------
 // Jobs
 
+/// Where a job's messages go: a client of ours (JSON on `ctl`), or an upstream client, whose
+/// adapter task translates each message into the `TYPE::args` protocol.
+enum Attached<R: Runtime> {
+    Native(Arc<PeerConnection<R>>),
+    Upstream(mpsc::UnboundedSender<upstream::JobEvent>),
+}
+
+impl<R: Runtime> Clone for Attached<R> {
+    fn clone(&self) -> Self {
+        match self {
+            Attached::Native(c) => Attached::Native(c.clone()),
+            Attached::Upstream(t) => Attached::Upstream(t.clone()),
+        }
+    }
+}
+
+impl<R: Runtime> Attached<R> {
+    /// Sends one job message; false once the client is gone.
+    fn send(&self, msg: &JobMsg) -> bool {
+        match self {
+            Attached::Native(c) => c.send_message(&msg.to_value()).is_ok() && c.state() != conn::ConnState::Closed,
+            Attached::Upstream(t) => t.send(upstream::JobEvent::Msg(msg.clone())).is_ok(),
+        }
+    }
+
+    fn same(&self, other: &Attached<R>) -> bool {
+        match (self, other) {
+            (Attached::Native(a), Attached::Native(b)) => Arc::ptr_eq(a, b),
+            (Attached::Upstream(a), Attached::Upstream(b)) => a.same_channel(b),
+            _ => false,
+        }
+    }
+}
+
 /// A job this worker process is running (or just ran).
 struct ActiveJob<R: Runtime> {
     id: String,
@@ -238,7 +273,7 @@ struct ActiveJob<R: Runtime> {
     dir: PathBuf,
     started: std::time::Instant,
     entry: Mutex<JournalEntry>,
-    attached: Mutex<Vec<Arc<PeerConnection<R>>>>,
+    attached: Mutex<Vec<Attached<R>>>,
     interrupt: watch::Sender<Option<Interrupt>>,
 }
 
@@ -260,9 +295,18 @@ impl<R: Runtime> ActiveJob<R> {
     }
 
     fn emit(&self, msg: &JobMsg) {
-        let v = msg.to_value();
         if let Ok(mut a) = self.attached.lock() {
-            a.retain(|c| c.send_message(&v).is_ok() && c.state() != conn::ConnState::Closed);
+            a.retain(|c| c.send(msg));
+        }
+    }
+
+    /// sleap-nn's own progress message, for upstream clients (the GUI's LossViewer takes it as is).
+    fn emit_report(&self, raw: &str) {
+        if let Ok(mut a) = self.attached.lock() {
+            a.retain(|c| match c {
+                Attached::Native(_) => true,
+                Attached::Upstream(t) => t.send(upstream::JobEvent::Report(raw.to_owned())).is_ok(),
+            });
         }
     }
 
@@ -300,6 +344,8 @@ pub struct Worker<R: Runtime> {
     current: Mutex<Option<Arc<ActiveJob<R>>>>,
     status: watch::Sender<(Status, Option<String>)>,
     jwks: tokio::sync::Mutex<(Option<jsonwebtoken::jwk::JwkSet>, Option<std::time::Instant>)>,
+    /// The room's registered member keys, for upstream clients' Ed25519 proofs.
+    upstream_keys: tokio::sync::Mutex<upstream::KeyCache>,
     http_base: String,
     /// The room we are registered in (for publishing models).
     room: Mutex<Option<String>>,
@@ -361,6 +407,7 @@ impl<R: Runtime> Worker<R> {
             current: Mutex::new(None),
             status: watch::channel((Status::Available, None)).0,
             jwks: tokio::sync::Mutex::new((None, None)),
+            upstream_keys: tokio::sync::Mutex::new(upstream::KeyCache::default()),
             http_base,
             room: Mutex::new(None),
             progress: Arc::new(watch::channel(None).0),
@@ -510,6 +557,8 @@ impl<R: Runtime> Worker<R> {
                 let (me, sig, ctx) = (self.clone(), sig.clone(), ctx.clone());
                 R::spawn(async move {
                     match conn::accept(&sig, &env.msg, me.cfg.peer.clone()).await {
+                        // The channel the client opened tells which protocol it speaks.
+                        Ok(c) if c.upstream_label().is_some() => me.serve_upstream(ctx, Arc::new(c)).await,
                         Ok(c) => me.serve_peer(ctx, Arc::new(c)).await,
                         Err(e) => tracing::warn!(error = %e, "could not accept a connection"),
                     }
@@ -660,7 +709,7 @@ impl<R: Runtime> Worker<R> {
             };
             match msg {
                 JobMsg::JobSubmit { client_job_id, spec, files } => {
-                    let (me, c, user) = (self.clone(), c.clone(), user.clone());
+                    let (me, c, user) = (self.clone(), Attached::Native(c.clone()), user.clone());
                     R::spawn(async move { me.submit(c, user, client_job_id, spec, files).await });
                 }
                 JobMsg::JobStop { job_id } => self.interrupt(&c, &user, &job_id, Interrupt::Stop),
@@ -688,27 +737,30 @@ impl<R: Runtime> Worker<R> {
     }
 
     fn interrupt(&self, c: &PeerConnection<R>, user: &str, job_id: &str, what: Interrupt) {
+        if let Err((code, message)) = self.request_interrupt(user, job_id, what) {
+            Self::reply_error(c, job_id, code, message);
+        }
+    }
+
+    /// Stops or cancels the running job `job_id` on behalf of `user`, who must own it.
+    fn request_interrupt(&self, user: &str, job_id: &str, what: Interrupt) -> Result<(), (ErrorCode, String)> {
         let job = self.current.lock().ok().and_then(|g| g.clone()).filter(|j| j.id == job_id);
         let Some(job) = job else {
-            return Self::reply_error(
-                c,
-                job_id,
-                ErrorCode::PathNotFound,
-                format!("job {job_id:.40} is not running here"),
-            );
+            return Err((ErrorCode::PathNotFound, format!("job {job_id:.40} is not running here")));
         };
         if job.owner != user {
-            return Self::reply_error(c, job_id, ErrorCode::NotAllowed, "this job belongs to another user".into());
+            return Err((ErrorCode::NotAllowed, "this job belongs to another user".into()));
         }
         let action = job.entry.lock().map(|mut e| e.job.interrupt(what));
         match action {
             Ok(Ok(Some(a))) => {
                 tracing::info!(job = %job_id, action = ?a, "interrupt requested");
                 let _ = job.interrupt.send(Some(a));
+                Ok(())
             }
-            Ok(Ok(None)) => {}
-            Ok(Err(e)) => Self::reply_error(c, job_id, ErrorCode::InvalidValue, e.to_string()),
-            Err(_) => {}
+            Ok(Ok(None)) => Ok(()),
+            Ok(Err(e)) => Err((ErrorCode::InvalidValue, e.to_string())),
+            Err(_) => Err((ErrorCode::Internal, "the job's record is unavailable".into())),
         }
     }
 
@@ -738,8 +790,9 @@ impl<R: Runtime> Worker<R> {
             Some(j) => match j.attached.lock() {
                 Ok(mut a) => {
                     let st = j.status();
-                    if !st.state.is_terminal() && !a.iter().any(|x| Arc::ptr_eq(x, c)) {
-                        a.push(c.clone());
+                    let me = Attached::Native(c.clone());
+                    if !st.state.is_terminal() && !a.iter().any(|x| x.same(&me)) {
+                        a.push(me);
                     }
                     st
                 }
@@ -762,7 +815,7 @@ impl<R: Runtime> Worker<R> {
         let path = Path::new(p);
         match path.canonicalize() {
             Ok(real) => {
-                if self.cfg.mounts.iter().any(|m| real.starts_with(m)) {
+                if self.cfg.mounts.iter().any(|m| real.starts_with(m)) || self.in_uploads(&real) {
                     PathVerdict::Ok
                 } else {
                     PathVerdict::NotAllowed
@@ -828,14 +881,14 @@ impl<R: Runtime> Worker<R> {
 
     async fn submit(
         self: Arc<Self>,
-        c: Arc<PeerConnection<R>>,
+        c: Attached<R>,
         user: String,
         client_job_id: String,
         spec: Value,
         files: Vec<FileEntry>,
     ) {
         let reject = |errors: Vec<FieldError>| {
-            let _ = c.send_message(&JobMsg::JobRejected { client_job_id: client_job_id.clone(), errors }.to_value());
+            c.send(&JobMsg::JobRejected { client_job_id: client_job_id.clone(), errors });
         };
         let spec = match parse_spec(&spec) {
             Ok(s) => s.mapped(),
@@ -923,7 +976,7 @@ impl<R: Runtime> Worker<R> {
         // arrived first would find nobody waiting, and its refusal (an unsafe name, say) would go
         // unheard while the job waited for an upload.
         let upload = self.expect_upload(&job, &c, &files).await;
-        let _ = c.send_message(&JobMsg::JobAccepted { client_job_id, job_id: job_id.clone() }.to_value());
+        c.send(&JobMsg::JobAccepted { client_job_id, job_id: job_id.clone() });
 
         let (state, message, results) = match self.receive_upload(&job, &files, upload).await {
             Err(e) => {
@@ -953,12 +1006,15 @@ impl<R: Runtime> Worker<R> {
     async fn expect_upload(
         &self,
         job: &ActiveJob<R>,
-        c: &PeerConnection<R>,
+        c: &Attached<R>,
         files: &[FileEntry],
     ) -> Result<Option<Transfer<Received>>, String> {
         if files.is_empty() {
             return Ok(None);
         }
+        let Attached::Native(c) = c else {
+            return Err("files can only be announced on this project's own protocol".into());
+        };
         let input = job.dir.join("input");
         // Files the worker already has (same content hash) are placed as complete `.part`s:
         // the transfer then verifies them and sends nothing. Copies of datasets: the blocking pool.
@@ -1173,6 +1229,7 @@ impl<R: Runtime> Worker<R> {
                     TrainerEvent::Log(l) => {
                         job.emit(&JobMsg::JobLog { job_id: job.id.clone(), stream: l.stream, text: l.text, cr: l.cr })
                     }
+                    TrainerEvent::Report(raw) => job.emit_report(&raw),
                 }
             }
         });
@@ -1415,10 +1472,14 @@ impl<R: Runtime> Worker<R> {
         }
         self.progress.send_replace(None);
         let _ = self.status.send((Status::Available, None));
-        let conns: Vec<Arc<PeerConnection<R>>> = job.attached.lock().map(|a| a.clone()).unwrap_or_default();
+        let conns: Vec<Attached<R>> = job.attached.lock().map(|a| a.clone()).unwrap_or_default();
         job.emit(&JobMsg::JobDone { status: status.clone() });
         if !results.is_empty() {
-            for c in conns {
+            // Upstream clients get their results from their adapter, in their own framing.
+            for c in conns.into_iter().filter_map(|c| match c {
+                Attached::Native(c) => Some(c),
+                Attached::Upstream(_) => None,
+            }) {
                 if c.state() != conn::ConnState::Closed {
                     let (dir, results) = (job.dir.clone(), results.clone());
                     R::spawn(async move { send_results(c, &dir, &results).await });

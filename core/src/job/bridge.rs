@@ -194,6 +194,40 @@ fn uint(v: &Value, key: &str) -> Option<u32> {
     v.get(key).and_then(|n| n.as_u64().or_else(|| n.as_f64().map(|f| f as u64))).map(|n| n.min(u32::MAX as u64) as u32)
 }
 
+/// Which of sleap-nn's ZMQ messages go, unchanged, to clients that want them raw (upstream's
+/// `PROGRESS_REPORT`, which the SLEAP GUI hands to its LossViewer): every event but `batch_end`,
+/// and that at most once per `every` (sleap-nn sends one per batch).
+#[derive(Debug)]
+pub struct ReportThrottle {
+    every: Duration,
+    last_batch: Option<Duration>,
+}
+
+/// Largest ZMQ message forwarded raw; sleap-nn's are a few hundred bytes.
+pub const MAX_REPORT: usize = 16 * 1024;
+
+impl ReportThrottle {
+    pub fn new(every: Duration) -> Self {
+        ReportThrottle { every, last_batch: None }
+    }
+
+    /// Whether the message received at `now` is forwarded.
+    pub fn pass(&mut self, text: &str, now: Duration) -> bool {
+        if text.len() > MAX_REPORT {
+            return false;
+        }
+        let Some(v) = lenient_json(text).filter(Value::is_object) else { return false };
+        if v.get("event").and_then(Value::as_str) != Some("batch_end") {
+            return true;
+        }
+        if self.last_batch.is_some_and(|t| now < t + self.every) {
+            return false;
+        }
+        self.last_batch = Some(now);
+        true
+    }
+}
+
 /// Turns sleap-nn's ZMQ progress into [`Progress`] updates without flooding: every epoch and
 /// lifecycle event is passed on at once, batch events at most once per `batch_every` (the last
 /// batch of an epoch is always sent before its `epoch_end`).

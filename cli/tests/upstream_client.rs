@@ -1,0 +1,172 @@
+//! The unmodified upstream SLEAP client, sleap-rtc 0.0.7 from PyPI (what the SLEAP GUI's
+//! remote-training dialog imports), drives our server and a real `sleap-rtc worker` with the fake
+//! sleap-nn: key registration, the Ed25519 challenge, training with the GUI's callbacks (raw
+//! sleap-nn progress for LossViewer, log lines, stop early), inference, the path check, and a
+//! client without a proof that gets nothing done. The client runs from its own venv
+//! (`server/tests/py/upstream-requirements.txt`, made by scripts/test.sh).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use common::*;
+use serde_json::{Value, json};
+
+/// Python of the venv with sleap-rtc 0.0.7 (scripts/test.sh exports it).
+fn upstream_python() -> String {
+    if let Ok(p) = std::env::var("SLEAP_RTC_UPSTREAM_PYTHON") {
+        return p;
+    }
+    format!("{}/.cache/sleap-rtc/upstream-venv/bin/python", std::env::var("HOME").unwrap_or_default())
+}
+
+fn driver() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures/upstream_gui.py")
+}
+
+/// Runs the upstream client in `mode` with `args`, as a fresh user whose home is `home`.
+async fn upstream(env: &Env, home: &Path, mode: &str, args: Value) -> Value {
+    std::fs::create_dir_all(home).unwrap();
+    let ws = format!("{}/ws", env.url.replace("http://", "ws://"));
+    let out = tokio::time::timeout(
+        Duration::from_secs(180),
+        tokio::process::Command::new(upstream_python())
+            .arg(driver())
+            .arg(mode)
+            .arg(args.to_string())
+            .env("HOME", home)
+            .env("SLEAP_RTC_SIGNALING_WS", &ws)
+            .env("SLEAP_RTC_SIGNALING_HTTP", &env.url)
+            .env("SLEAP_RTC_ENV", "production")
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("the upstream client did not finish within 180 s")
+    .expect("cannot run the upstream client's Python (scripts/test.sh makes its venv)");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    let last = stdout.lines().rev().find(|l| l.starts_with('{')).unwrap_or_default();
+    serde_json::from_str(last).unwrap_or_else(|e| {
+        panic!("no outcome from the upstream client ({e}); stdout:\n{stdout}\nstderr:\n{}", String::from_utf8_lossy(&out.stderr))
+    })
+}
+
+/// A worker with a mount holding the labels; returns it and the labels' worker path.
+async fn worker_with_mount(env: &Env, extra: &[&str], fake: &str) -> (tokio::process::Child, PathBuf) {
+    let mount = env.path("lab-data");
+    std::fs::create_dir_all(&mount).unwrap();
+    let labels = mount.join("labels.pkg.slp");
+    std::fs::copy(asset("labels.pkg.slp"), &labels).unwrap();
+    let m = mount.display().to_string();
+    let mut args = vec!["--mount", m.as_str()];
+    args.extend(extra);
+    let w = env.worker("w", &args, fake).await;
+    (w, labels.canonicalize().unwrap())
+}
+
+fn config_text(markers: &str) -> String {
+    let mut text = std::fs::read_to_string(asset("tiny_single.yaml")).unwrap();
+    if !markers.is_empty() {
+        text.push_str(&format!("# fake-sleap-nn: {markers}\n"));
+    }
+    text
+}
+
+fn jobs(env: &Env) -> Vec<String> {
+    std::fs::read_dir(env.path("w").join("jobs"))
+        .map(|r| r.filter_map(Result::ok).map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default()
+}
+
+fn log_of(env: &Env) -> String {
+    std::fs::read_to_string(env.path("w.log")).unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_gui_api_trains_tracks_and_checks_paths_with_its_own_key() {
+    let env = env().await;
+    let (_w, labels) = worker_with_mount(&env, &[], "batch_ms=10").await;
+    let home = env.path("gui-home");
+    let base = json!({"jwt": env.jwt, "room": env.room, "register_key": true});
+
+    // Path check first, as the GUI's pre-submission does.
+    let mut a = base.clone();
+    a["slp_path"] = json!(labels.display().to_string());
+    let r = upstream(&env, &home, "pathcheck", a).await;
+    assert_eq!(r["ok"], true, "{r:#}\n{}", log_of(&env));
+    assert_eq!(r["all_found"], true, "{r:#}");
+    assert_eq!(r["slp_path"], labels.display().to_string());
+
+    // Training with every callback the GUI passes.
+    let mut a = base.clone();
+    a["config_content"] = json!(config_text(""));
+    a["labels_path"] = json!(labels.display().to_string());
+    a["max_epochs"] = json!(3);
+    a["inference"] = json!(true);
+    let r = upstream(&env, &home, "train", a).await;
+    assert_eq!(r["ok"], true, "{r:#}\n{}", log_of(&env));
+    assert_eq!(r["success"], true);
+    let model = PathBuf::from(r["model_path"].as_str().expect("JOB_COMPLETE carries output_path"));
+    assert!(model.join("best.ckpt").is_file(), "{model:?} is the trained model on the worker");
+    // LossViewer gets sleap-nn's own messages, unchanged.
+    let reports = r["reports"].as_array().unwrap();
+    let ev = |name: &str| reports.iter().filter(|m| m["event"] == name).count();
+    assert_eq!(ev("train_begin"), 1, "{reports:#?}");
+    assert_eq!(ev("epoch_end"), 3, "{reports:#?}");
+    assert_eq!(ev("train_end"), 1, "{reports:#?}");
+    let last = reports.iter().rfind(|m| m["event"] == "epoch_end").unwrap();
+    assert!(last["logs"]["train/loss"].is_number(), "{last}");
+    // JOB_PROGRESS parsed into the result; the terminal output reached on_log.
+    assert_eq!(r["final_epoch"], 2, "{r:#}");
+    assert!(r["final_train_loss"].is_number(), "{r:#}");
+    let logs: Vec<&str> = r["logs"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
+    assert!(logs.iter().any(|l| l.contains("Epoch")), "{logs:#?}");
+    let events: Vec<&Value> = r["events"].as_array().unwrap().iter().collect();
+    assert_eq!(events.first().map(|e| &e["type"]), Some(&json!("train_begin")));
+    assert!(events.iter().any(|e| e["type"] == "train_end" && e["success"] == true), "{events:#?}");
+    // With on_inference_message the API waits for a terminal inference message.
+    assert_eq!(r["inference"][0][0], "INFERENCE_SKIPPED", "{r:#}");
+
+    // Inference with the new model: the predictions file the API names exists.
+    let mut a = base.clone();
+    a["data_path"] = json!(labels.display().to_string());
+    a["model_paths"] = json!([model.display().to_string()]);
+    let r = upstream(&env, &home, "track", a).await;
+    assert_eq!(r["ok"], true, "{r:#}\n{}", log_of(&env));
+    assert_eq!(r["success"], true);
+    let preds = PathBuf::from(r["predictions_path"].as_str().unwrap());
+    assert!(preds.is_file() && preds.to_string_lossy().ends_with(".predictions.slp"), "{preds:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stop_early_from_the_gui_keeps_the_model() {
+    let env = env().await;
+    let (_w, labels) = worker_with_mount(&env, &[], "batch_ms=60 steps=5").await;
+    let home = env.path("gui-home");
+    let a = json!({"jwt": env.jwt, "room": env.room, "register_key": true,
+        "config_content": config_text(""), "labels_path": labels.display().to_string(),
+        "max_epochs": 200, "stop_after_epoch": 1});
+    let r = upstream(&env, &home, "train", a).await;
+    assert_eq!(r["ok"], true, "{r:#}\n{}", log_of(&env));
+    assert_eq!(r["stop_sent"], true);
+    assert_eq!(r["success"], true, "a stop early is a success: {r:#}");
+    let epochs = r["reports"].as_array().unwrap().iter().filter(|m| m["event"] == "epoch_end").count();
+    assert!((2..20).contains(&epochs), "stopped after {epochs} of 200 epochs");
+    let model = PathBuf::from(r["model_path"].as_str().unwrap());
+    assert!(model.join("best.ckpt").is_file(), "{model:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_without_a_proof_gets_nothing_done() {
+    let env = env().await;
+    let (_w, labels) = worker_with_mount(&env, &[], "batch_ms=10").await;
+    // No registered key (and this worker has no room secret): the API answers `missing`.
+    let a = json!({"jwt": env.jwt, "room": env.room, "register_key": false,
+        "config_content": config_text(""), "labels_path": labels.display().to_string()});
+    let r = upstream(&env, &env.path("stranger"), "train", a).await;
+    assert_eq!(r["ok"], false, "{r:#}");
+    assert!(r["error"].as_str().unwrap().contains("Authentication failed: missing"), "{r:#}");
+    assert!(jobs(&env).is_empty(), "no job may exist: {:?}", jobs(&env));
+    assert!(log_of(&env).contains("refused an unauthenticated upstream client"));
+}
