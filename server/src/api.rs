@@ -23,7 +23,7 @@ use crate::auth::{
     normalize_invite,
 };
 use crate::openapi::*;
-use crate::store::{AccountKey, Invite, Membership, Role, Room, StoreError, User, WorkerToken};
+use crate::store::{AccountKey, AddedKey, Invite, Membership, PublicKey, Role, Room, StoreError, User, WorkerToken};
 use crate::{AppState, now_millis, unix_now, ws};
 
 /// Frames above this close the connection outright; between `--max-message-bytes` and this they
@@ -32,6 +32,9 @@ const HARD_MAX_FRAME: usize = 1024 * 1024;
 const LEGACY_ROOM_TTL_SECS: i64 = 2 * 3600;
 const INVITE_TTL_SECS: i64 = 3600;
 const DAY: i64 = 86_400;
+/// Ed25519 public keys a user may register (one per device; upstream registers one per login).
+pub const MAX_PUBLIC_KEYS_PER_USER: usize = 32;
+const DEVICE_NAME_MAX: usize = 64;
 
 type S = State<Arc<AppState>>;
 
@@ -53,6 +56,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/auth/me", get(me))
         .route("/api/auth/account-keys", post(create_account_key).get(list_account_keys))
         .route("/api/auth/account-keys/{id}", delete(delete_account_key))
+        .route("/api/auth/public-keys", post(register_public_key).get(list_public_keys))
+        .route("/api/auth/public-keys/{key_id}", delete(delete_public_key))
         .route("/api/auth/rooms", post(create_room).get(list_rooms))
         .route("/api/auth/rooms/join", post(join_room))
         .route("/api/auth/rooms/{id}", get(get_room).patch(patch_room).delete(delete_room))
@@ -64,6 +69,7 @@ pub fn router(state: Arc<AppState>) -> Router {
         .route("/api/auth/tokens", get(list_worker_tokens))
         .route("/api/auth/tokens/{id}", delete(delete_worker_token))
         .route("/api/rooms/{id}/workers", get(room_workers))
+        .route("/api/rooms/{id}/authorized-keys", get(authorized_keys))
         .layer(DefaultBodyLimit::max(64 * 1024))
         .with_state(state)
 }
@@ -226,6 +232,13 @@ impl FromRequestParts<Arc<AppState>> for AuthUser {
 
     async fn from_request_parts(parts: &mut Parts, state: &Arc<AppState>) -> Result<Self, Self::Rejection> {
         let token = bearer(&parts.headers).ok_or_else(|| ApiError::unauthorized("Invalid authorization header"))?;
+        AuthUser::from_bearer(state, token).await
+    }
+}
+
+impl AuthUser {
+    /// From a bearer credential: an account key or a JWT.
+    async fn from_bearer(state: &AppState, token: &str) -> Result<Self, ApiError> {
         if token.starts_with(ACCOUNT_KEY_PREFIX) {
             let key = state
                 .store
@@ -496,9 +509,9 @@ async fn openapi_json() -> Response {
     paths(
         ws_root, ws_only, health, metrics, jwks, openapi_json, removed_endpoint, removed_room_endpoint,
         anonymous_signin, me, legacy_create_room, create_room, list_rooms, get_room, patch_room, delete_room,
-        create_invite, join_room, list_members, remove_member, room_workers, create_worker_token,
+        create_invite, join_room, list_members, remove_member, room_workers, authorized_keys, create_worker_token,
         list_worker_tokens, revoke_worker_token, delete_worker_token, create_account_key, list_account_keys,
-        delete_account_key
+        delete_account_key, register_public_key, list_public_keys, delete_public_key
     ),
     modifiers(&BearerAuth, &PATCH_ROOM_NEEDS_A_FIELD, &OPTIONAL_BODIES)
 )]
@@ -584,13 +597,67 @@ async fn create_room(State(state): S, user: AuthUser, Body(b): Body<CreateRoom>)
     })))
 }
 
+#[derive(Deserialize, ToSchema, Clone, Copy, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+enum RoleFilter {
+    Owner,
+    Member,
+}
+
+impl RoleFilter {
+    fn matches(self, r: Role) -> bool {
+        matches!((self, r), (RoleFilter::Owner, Role::Owner) | (RoleFilter::Member, Role::Member))
+    }
+}
+
+#[derive(Deserialize, ToSchema, Clone, Copy, Default)]
+#[serde(rename_all = "snake_case")]
+enum RoomSort {
+    Name,
+    #[default]
+    JoinedAt,
+    ExpiresAt,
+    Role,
+}
+
+#[derive(Deserialize, ToSchema, Clone, Copy, Default, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+enum SortOrder {
+    Asc,
+    #[default]
+    Desc,
+}
+
+/// Upstream's query parameters (`sleap-rtc room list` sends them all). An unknown value is a
+/// 400 that names the allowed ones.
 #[derive(Deserialize, IntoParams)]
 #[into_params(parameter_in = Query)]
 struct ListRooms {
-    /// Only rooms where the caller has this role (`owner` or `member`).
-    role: Option<String>,
+    /// Only rooms where the caller has this role.
+    #[param(inline)]
+    role: Option<RoleFilter>,
+    /// Sort key; default `joined_at`. `name` ignores case; for `expires_at` a room without
+    /// expiry counts as the latest.
+    #[param(inline)]
+    sort_by: Option<RoomSort>,
+    /// Default `desc`.
+    #[param(inline)]
+    sort_order: Option<SortOrder>,
     /// Case-insensitive substring of the room name.
     search: Option<String>,
+}
+
+/// The order of two (membership, room) rows under `sort`, ascending; ties go by room id so the
+/// listing is stable.
+fn room_order(sort: RoomSort, a: &(Membership, Room), b: &(Membership, Room)) -> std::cmp::Ordering {
+    let by = match sort {
+        RoomSort::Name => a.1.name.to_lowercase().cmp(&b.1.name.to_lowercase()),
+        RoomSort::JoinedAt => a.0.joined_at.cmp(&b.0.joined_at),
+        // `None` (never expires) after every time.
+        RoomSort::ExpiresAt => a.1.expires_at.map_or(i64::MAX, |t| t).cmp(&b.1.expires_at.map_or(i64::MAX, |t| t)),
+        RoomSort::Role => a.0.role.as_str().cmp(b.0.role.as_str()),
+    };
+    by.then_with(|| a.1.id.cmp(&b.1.id))
 }
 
 fn room_json(room: &Room, m: &Membership, now: i64) -> Value {
@@ -604,15 +671,17 @@ fn room_json(room: &Room, m: &Membership, now: i64) -> Value {
 async fn list_rooms(State(state): S, user: AuthUser, Q(q): Q<ListRooms>) -> ApiResult {
     let now = unix_now();
     let search = q.search.map(|s| s.to_lowercase());
-    let rooms: Vec<Value> = state
+    let mut rows: Vec<(Membership, Room)> = state
         .store
         .list_user_rooms(&user.user_id)
         .await?
-        .iter()
-        .filter(|(m, _)| q.role.as_deref().is_none_or(|r| r == m.role.as_str()))
+        .into_iter()
+        .filter(|(m, _)| q.role.is_none_or(|r| r.matches(m.role)))
         .filter(|(_, r)| search.as_deref().is_none_or(|s| r.name.to_lowercase().contains(s)))
-        .map(|(m, r)| room_json(r, m, now))
         .collect();
+    let (sort, desc) = (q.sort_by.unwrap_or_default(), q.sort_order.unwrap_or_default() == SortOrder::Desc);
+    rows.sort_by(|a, b| if desc { room_order(sort, b, a) } else { room_order(sort, a, b) });
+    let rooms: Vec<Value> = rows.iter().map(|(m, r)| room_json(r, m, now)).collect();
     Ok(Json(json!({"rooms": rooms})))
 }
 
@@ -966,6 +1035,154 @@ async fn delete_account_key(State(state): S, user: AuthUser, P(id): P<String>) -
     }
     let disconnected = evict_credential(&state, &format!("acct:{id}"));
     Ok(Json(json!({"deleted": id, "disconnected": disconnected})))
+}
+
+// ---------------------------------------------------------------------------------------------
+// Ed25519 public keys (upstream's P2P challenge: a worker accepts a signature by any key of a
+// member of its room)
+// ---------------------------------------------------------------------------------------------
+
+#[derive(Deserialize, ToSchema)]
+struct RegisterPublicKey {
+    /// The raw 32-byte Ed25519 public key in url-safe base64 (padding optional).
+    #[schema(format = "ed25519-public-key", example = "11qYAYKxCrfVS_7TyWQHOg7hcvPapiMlrwIaaPcHURo")]
+    public_key: String,
+    /// Up to 64 characters, no control characters; default `default`.
+    #[schema(max_length = 64, pattern = "^[^\\u0000-\\u001F\\u007F-\\u009F]*$")]
+    device_name: Option<String>,
+}
+
+/// The url-safe base64 alphabet, padding optional, trailing bits must be zero (so every key has
+/// exactly one accepted spelling besides the padding).
+const KEY_B64: base64::engine::GeneralPurpose = base64::engine::GeneralPurpose::new(
+    &base64::alphabet::URL_SAFE,
+    base64::engine::GeneralPurposeConfig::new()
+        .with_decode_padding_mode(base64::engine::DecodePaddingMode::Indifferent),
+);
+
+/// Checks that `raw` is an Ed25519 public key a worker could verify signatures with, and returns
+/// its canonical spelling (url-safe base64 without padding, as upstream clients send it).
+fn parse_public_key(raw: &str) -> ApiResult<String> {
+    use base64::Engine;
+    let bad = |why: &str| {
+        Err(ApiError::new(
+            StatusCode::BAD_REQUEST,
+            "INVALID_PUBLIC_KEY",
+            format!("public_key {why}; send the raw 32-byte Ed25519 public key in url-safe base64"),
+        ))
+    };
+    // 32 bytes are 43 characters, 44 with padding; refuse anything longer before decoding it.
+    if raw.len() > 44 {
+        return bad("is too long");
+    }
+    let Ok(bytes) = KEY_B64.decode(raw) else { return bad("is not url-safe base64") };
+    let Ok(bytes) = <[u8; 32]>::try_from(bytes.as_slice()) else {
+        return bad(&format!("decodes to {} bytes, not 32", bytes.len()));
+    };
+    let Ok(key) = ed25519_dalek::VerifyingKey::from_bytes(&bytes) else {
+        return bad("is not a point on the Ed25519 curve");
+    };
+    if key.to_bytes() != bytes {
+        return bad("is not the canonical encoding of its point");
+    }
+    // A small-order key verifies signatures nobody made with a private key.
+    if key.is_weak() {
+        return bad("is a small-order (weak) point");
+    }
+    Ok(KEY_B64.encode(bytes).trim_end_matches('=').to_owned())
+}
+
+fn public_key_json(k: &PublicKey) -> Value {
+    json!({"key_id": k.id, "public_key": k.public_key, "device_name": k.device_name, "created_at": k.created_at})
+}
+
+#[utoipa::path(post, path = "/api/auth/public-keys", tag = "auth", security(("bearer" = [])), request_body = RegisterPublicKey, responses((status = 201, description = "Registered", body = PublicKeyInfo), (status = 200, description = "The caller had registered this key already: the stored record, unchanged", body = PublicKeyInfo), (status = 400, description = "Malformed request, or the key is not a usable Ed25519 public key", body = ErrorBody), (status = 415, description = "Body is not JSON", body = ErrorBody), (status = 422, description = "Body fails validation", body = ErrorBody), (status = 401, description = "Missing, invalid or expired credentials", body = ErrorBody), (status = 409, description = "Another user registered this key (CONFLICT), or the caller has 32 keys already (TOO_MANY_KEYS)", body = ErrorBody), (status = 503, description = "Storage unavailable or server at capacity", body = ErrorBody)))]
+async fn register_public_key(State(state): S, user: AuthUser, Body(b): Body<RegisterPublicKey>) -> ApiResult<Response> {
+    let device_name = bounded_name(b.device_name, "device_name", DEVICE_NAME_MAX, false)?
+        .filter(|n| !n.is_empty())
+        .unwrap_or_else(|| "default".into());
+    let public_key = parse_public_key(&b.public_key)?;
+    let k = PublicKey { id: new_id()?, user_id: user.user_id, public_key, device_name, created_at: unix_now() };
+    match state.store.add_public_key(&k, MAX_PUBLIC_KEYS_PER_USER).await? {
+        AddedKey::Created => Ok((StatusCode::CREATED, Json(public_key_json(&k))).into_response()),
+        AddedKey::Existing(e) => Ok(Json(public_key_json(&e)).into_response()),
+        AddedKey::TakenByOther => {
+            Err(ApiError::new(StatusCode::CONFLICT, "CONFLICT", "This public key is registered by another user"))
+        }
+        AddedKey::LimitReached => Err(ApiError::new(
+            StatusCode::CONFLICT,
+            "TOO_MANY_KEYS",
+            format!(
+                "You have {MAX_PUBLIC_KEYS_PER_USER} public keys already; delete one (DELETE /api/auth/public-keys/{{key_id}}) first"
+            ),
+        )),
+    }
+}
+
+#[utoipa::path(get, path = "/api/auth/public-keys", tag = "auth", security(("bearer" = [])), responses((status = 200, description = "The caller's public keys, newest first", body = PublicKeyList), (status = 401, description = "Missing, invalid or expired credentials", body = ErrorBody), (status = 503, description = "Storage unavailable or server at capacity", body = ErrorBody)))]
+async fn list_public_keys(State(state): S, user: AuthUser) -> ApiResult {
+    let keys: Vec<Value> = state.store.list_public_keys(&user.user_id).await?.iter().map(public_key_json).collect();
+    Ok(Json(json!({"public_keys": keys})))
+}
+
+#[utoipa::path(delete, path = "/api/auth/public-keys/{key_id}", tag = "auth", security(("bearer" = [])), params(("key_id" = String, Path, description = "Key id (from the registration or the listing)")), responses((status = 200, description = "Deleted; workers stop accepting it at their next fetch of the room's keys", body = PublicKeyDeleted), (status = 400, description = "Malformed request (bad JSON, query or path)", body = ErrorBody), (status = 401, description = "Missing, invalid or expired credentials", body = ErrorBody), (status = 404, description = "No such resource (or no access to it)", body = ErrorBody), (status = 503, description = "Storage unavailable or server at capacity", body = ErrorBody)))]
+async fn delete_public_key(State(state): S, user: AuthUser, P(key_id): P<String>) -> ApiResult {
+    if !state.store.delete_public_key(&user.user_id, &key_id).await? {
+        return Err(ApiError::not_found("Key not found"));
+    }
+    Ok(Json(json!({"deleted": key_id})))
+}
+
+/// Who may read a room's authorized keys: a worker token of that room (what `sleap-rtc worker
+/// --token` holds; checked as at registration: active, this room, its creator still a member),
+/// or a member's JWT or account key.
+async fn may_read_room_keys(state: &AppState, headers: &HeaderMap, room_id: &str) -> ApiResult<()> {
+    let token = bearer(headers).ok_or_else(|| ApiError::unauthorized("Invalid authorization header"))?;
+    let now = unix_now();
+    let room = if token.starts_with(WORKER_TOKEN_PREFIX) && !token.starts_with(ACCOUNT_KEY_PREFIX) {
+        let t = state
+            .store
+            .find_worker_token(&hash_secret(token))
+            .await?
+            .ok_or_else(|| ApiError::unauthorized("Invalid worker token"))?;
+        if t.revoked_at.is_some() {
+            return Err(ApiError::unauthorized("Token revoked"));
+        }
+        if !t.is_active(now) {
+            return Err(ApiError::unauthorized("Token expired"));
+        }
+        if t.room_id != room_id {
+            return Err(ApiError::forbidden("This worker token belongs to another room"));
+        }
+        let room = state.store.get_room(room_id).await?.ok_or_else(|| ApiError::not_found("Room not found"))?;
+        if state.store.get_member(room_id, &t.user_id).await?.is_none() {
+            return Err(ApiError::forbidden("The creator of this worker token is no longer a member of the room"));
+        }
+        room
+    } else {
+        let user = AuthUser::from_bearer(state, token).await?;
+        membership(state, room_id, &user.user_id).await?.0
+    };
+    if room.is_expired(now) {
+        return Err(ApiError::new(StatusCode::FORBIDDEN, "ROOM_EXPIRED", "Room expired"));
+    }
+    Ok(())
+}
+
+#[utoipa::path(get, path = "/api/rooms/{id}/authorized-keys", tag = "rooms", security(("bearer" = [])), params(("id" = String, Path, description = "Room id")), responses((status = 200, description = "The registered Ed25519 public keys of every current member of the room (read at each call: a removed member or a deleted key is gone from the next answer)", body = AuthorizedKeyList), (status = 400, description = "Malformed request (bad JSON, query or path)", body = ErrorBody), (status = 401, description = "Missing, invalid, revoked or expired credentials", body = ErrorBody), (status = 403, description = "A worker token of another room, one whose creator left the room, or the room expired", body = ErrorBody), (status = 404, description = "No such resource (or no access to it)", body = ErrorBody), (status = 503, description = "Storage unavailable or server at capacity", body = ErrorBody)))]
+async fn authorized_keys(State(state): S, headers: HeaderMap, P(id): P<String>) -> ApiResult {
+    may_read_room_keys(&state, &headers, &id).await?;
+    let keys: Vec<Value> = state
+        .store
+        .room_public_keys(&id)
+        .await?
+        .into_iter()
+        .map(|(k, u)| {
+            json!({"public_key": k.public_key, "username": u.map(|u| u.username), "device_name": k.device_name,
+                   "user_id": k.user_id})
+        })
+        .collect();
+    Ok(Json(json!({"authorized_keys": keys})))
 }
 
 #[cfg(test)]

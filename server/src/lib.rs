@@ -152,8 +152,12 @@ impl Server {
                 if config.store_init {
                     store.init().await.map_err(|e| anyhow::anyhow!("--store-init on {s}: {e}"))?;
                 }
-                // Fail at start, not at the first sign-in.
-                store.health().await.map_err(|e| {
+                // Fail at start, not at the first sign-in (or the first use of a newer table).
+                let usable = match store.health().await {
+                    Ok(()) => store.check_tables().await,
+                    Err(e) => Err(e),
+                };
+                usable.map_err(|e| {
                     anyhow::anyhow!(
                         "cannot use the DynamoDB tables {}-*: {e} (give --store-init to create them, and check \
                          the AWS credentials and region)",

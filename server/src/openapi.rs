@@ -222,6 +222,41 @@ pub struct KeyList {
     pub keys: Vec<KeyInfo>,
 }
 
+#[derive(Serialize, ToSchema)]
+pub struct PublicKeyInfo {
+    pub key_id: String,
+    /// Url-safe base64 without padding.
+    pub public_key: String,
+    pub device_name: String,
+    pub created_at: i64,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct PublicKeyList {
+    pub public_keys: Vec<PublicKeyInfo>,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct PublicKeyDeleted {
+    /// The key id.
+    pub deleted: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct AuthorizedKey {
+    /// Url-safe base64 without padding of the raw 32-byte Ed25519 key.
+    pub public_key: String,
+    /// `null` if the user has no profile row.
+    pub username: Option<String>,
+    pub device_name: String,
+    pub user_id: String,
+}
+
+#[derive(Serialize, ToSchema)]
+pub struct AuthorizedKeyList {
+    pub authorized_keys: Vec<AuthorizedKey>,
+}
+
 /// Adds the bearer scheme the `security(("bearer" = []))` attributes refer to.
 pub struct BearerAuth;
 

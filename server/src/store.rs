@@ -1,4 +1,5 @@
-//! Persistent state: users, rooms, memberships, worker tokens, account keys and invites.
+//! Persistent state: users, rooms, memberships, worker tokens, account keys, users' Ed25519
+//! public keys and invites.
 //!
 //! [`Store`] is the seam between the server and its database. The embedded default is SQLite in
 //! the data directory ([`SqliteStore`]); other backends (DynamoDB) implement the same trait.
@@ -119,6 +120,31 @@ pub struct AccountKey {
     pub expires_at: Option<i64>,
 }
 
+/// A user's Ed25519 public key (one per device), registered so that the workers of the rooms the
+/// user belongs to accept the user's signatures (upstream's P2P challenge). Not a secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PublicKey {
+    /// Non-secret id, used in URLs and listings.
+    pub id: String,
+    pub user_id: String,
+    /// The raw 32-byte key in canonical url-safe base64 without padding; unique among all users.
+    pub public_key: String,
+    pub device_name: String,
+    pub created_at: i64,
+}
+
+/// What [`Store::add_public_key`] did.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum AddedKey {
+    Created,
+    /// The user had registered this key already: the stored record, unchanged.
+    Existing(PublicKey),
+    /// Another user registered this key.
+    TakenByOther,
+    /// The user has the maximum number of keys already.
+    LimitReached,
+}
+
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Invite {
     pub code_hash: String,
@@ -168,6 +194,18 @@ pub trait Store: Send + Sync + 'static {
     async fn list_account_keys(&self, user_id: &str) -> Result<Vec<AccountKey>>;
     async fn delete_account_key(&self, user_id: &str, id: &str) -> Result<bool>;
 
+    /// Registers a public key for its user, atomically: idempotent for the same user and key,
+    /// refused when another user has the key or the user already has `max_per_user` keys.
+    async fn add_public_key(&self, k: &PublicKey, max_per_user: usize) -> Result<AddedKey>;
+    /// The user's public keys, newest first.
+    async fn list_public_keys(&self, user_id: &str) -> Result<Vec<PublicKey>>;
+    /// Deletes one of the user's keys; `false` if the user has no key with this id.
+    async fn delete_public_key(&self, user_id: &str, id: &str) -> Result<bool>;
+    /// The public keys of every current member of the room (by join time, then key age), each
+    /// with its user if that user's row exists. Nothing is stored per room: a removed member's
+    /// keys, or those of a deleted room, are gone from this answer at once.
+    async fn room_public_keys(&self, room_id: &str) -> Result<Vec<(PublicKey, Option<User>)>>;
+
     async fn put_invite(&self, inv: &Invite) -> Result<()>;
     /// Consumes an unexpired invite atomically: at most one caller gets it.
     async fn take_invite(&self, code_hash: &str, now: i64) -> Result<Option<Invite>>;
@@ -204,6 +242,10 @@ CREATE TABLE IF NOT EXISTS account_keys (
     id TEXT PRIMARY KEY, secret_hash TEXT NOT NULL UNIQUE, user_id TEXT NOT NULL, name TEXT NOT NULL,
     created_at INTEGER NOT NULL, expires_at INTEGER);
 CREATE INDEX IF NOT EXISTS account_keys_user ON account_keys(user_id);
+CREATE TABLE IF NOT EXISTS public_keys (
+    id TEXT PRIMARY KEY, user_id TEXT NOT NULL, public_key TEXT NOT NULL UNIQUE, device_name TEXT NOT NULL,
+    created_at INTEGER NOT NULL);
+CREATE INDEX IF NOT EXISTS public_keys_user ON public_keys(user_id);
 CREATE TABLE IF NOT EXISTS invites (
     code_hash TEXT PRIMARY KEY, room_id TEXT NOT NULL REFERENCES rooms(id) ON DELETE CASCADE,
     created_by TEXT NOT NULL, expires_at INTEGER NOT NULL);
@@ -273,6 +315,16 @@ fn key_row(r: &Row<'_>) -> rusqlite::Result<AccountKey> {
         name: r.get("name")?,
         created_at: r.get("created_at")?,
         expires_at: r.get("expires_at")?,
+    })
+}
+
+fn public_key_row(r: &Row<'_>) -> rusqlite::Result<PublicKey> {
+    Ok(PublicKey {
+        id: r.get("id")?,
+        user_id: r.get("user_id")?,
+        public_key: r.get("public_key")?,
+        device_name: r.get("device_name")?,
+        created_at: r.get("created_at")?,
     })
 }
 
@@ -514,6 +566,76 @@ impl Store for SqliteStore {
     async fn delete_account_key(&self, user_id: &str, id: &str) -> Result<bool> {
         let (u, id) = (user_id.to_owned(), id.to_owned());
         self.with(move |c| Ok(c.execute("DELETE FROM account_keys WHERE id = ?1 AND user_id = ?2", [id, u])? > 0)).await
+    }
+
+    async fn add_public_key(&self, k: &PublicKey, max_per_user: usize) -> Result<AddedKey> {
+        let k = k.clone();
+        let max = i64::try_from(max_per_user).unwrap_or(i64::MAX);
+        self.with(move |c| {
+            // One transaction: the uniqueness check, the count and the insert see the same state.
+            let tx = c.transaction_with_behavior(rusqlite::TransactionBehavior::Immediate)?;
+            let existing =
+                tx.query_row("SELECT * FROM public_keys WHERE public_key = ?1", [&k.public_key], public_key_row).optional()?;
+            let out = match existing {
+                Some(e) if e.user_id == k.user_id => AddedKey::Existing(e),
+                Some(_) => AddedKey::TakenByOther,
+                None => {
+                    let n: i64 =
+                        tx.query_row("SELECT COUNT(*) FROM public_keys WHERE user_id = ?1", [&k.user_id], |r| r.get(0))?;
+                    if n >= max {
+                        AddedKey::LimitReached
+                    } else {
+                        tx.execute(
+                            "INSERT INTO public_keys (id, user_id, public_key, device_name, created_at) VALUES (?1,?2,?3,?4,?5)",
+                            params![k.id, k.user_id, k.public_key, k.device_name, k.created_at],
+                        )?;
+                        AddedKey::Created
+                    }
+                }
+            };
+            tx.commit()?;
+            Ok(out)
+        })
+        .await
+    }
+
+    async fn list_public_keys(&self, user_id: &str) -> Result<Vec<PublicKey>> {
+        let u = user_id.to_owned();
+        self.with(move |c| {
+            let mut st = c.prepare("SELECT * FROM public_keys WHERE user_id = ?1 ORDER BY created_at DESC, id")?;
+            let rows = st.query_map([u], public_key_row)?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
+    }
+
+    async fn delete_public_key(&self, user_id: &str, id: &str) -> Result<bool> {
+        let (u, id) = (user_id.to_owned(), id.to_owned());
+        self.with(move |c| Ok(c.execute("DELETE FROM public_keys WHERE id = ?1 AND user_id = ?2", [id, u])? > 0)).await
+    }
+
+    async fn room_public_keys(&self, room_id: &str) -> Result<Vec<(PublicKey, Option<User>)>> {
+        let r = room_id.to_owned();
+        self.with(move |c| {
+            let mut st = c.prepare(
+                "SELECT k.id, k.user_id, k.public_key, k.device_name, k.created_at, u.username,
+                        u.created_at AS user_created_at
+                 FROM memberships m JOIN public_keys k ON k.user_id = m.user_id LEFT JOIN users u ON u.id = m.user_id
+                 WHERE m.room_id = ?1 ORDER BY m.joined_at, m.user_id, k.created_at, k.id",
+            )?;
+            let rows = st.query_map([r], |row| {
+                let k = public_key_row(row)?;
+                let user = match row.get::<_, Option<String>>("username")? {
+                    Some(username) => {
+                        Some(User { id: k.user_id.clone(), username, created_at: row.get("user_created_at")? })
+                    }
+                    None => None,
+                };
+                Ok((k, user))
+            })?;
+            Ok(rows.collect::<rusqlite::Result<Vec<_>>>()?)
+        })
+        .await
     }
 
     async fn put_invite(&self, inv: &Invite) -> Result<()> {

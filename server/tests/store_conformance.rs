@@ -143,6 +143,87 @@ async fn conformance(s: Arc<dyn Store>) {
     assert!(s.delete_account_key("o", "k1").await.unwrap());
     assert_eq!(s.find_account_key("kh-k1").await.unwrap(), None);
 
+    // Public keys: unique among users, idempotent for their user, capped, and a room's are its
+    // current members'.
+    let pk = |id: &str, user: &str, key: &str, at: i64| PublicKey {
+        id: id.into(),
+        user_id: user.into(),
+        public_key: key.into(),
+        device_name: format!("dev {id}"),
+        created_at: at,
+    };
+    assert_eq!(s.add_public_key(&pk("p1", "o", "K1", 70), 3).await.unwrap(), AddedKey::Created);
+    assert_eq!(
+        s.add_public_key(&pk("p1b", "o", "K1", 71), 3).await.unwrap(),
+        AddedKey::Existing(pk("p1", "o", "K1", 70)),
+        "the stored record, unchanged"
+    );
+    assert_eq!(s.add_public_key(&pk("p9", "m", "K1", 72), 3).await.unwrap(), AddedKey::TakenByOther);
+    assert_eq!(s.add_public_key(&pk("p2", "o", "K2", 73), 3).await.unwrap(), AddedKey::Created);
+    assert_eq!(s.add_public_key(&pk("p3", "o", "K3", 74), 3).await.unwrap(), AddedKey::Created);
+    assert_eq!(s.add_public_key(&pk("p4", "o", "K4", 75), 3).await.unwrap(), AddedKey::LimitReached);
+    assert_eq!(
+        s.add_public_key(&pk("p2b", "o", "K2", 76), 3).await.unwrap(),
+        AddedKey::Existing(pk("p2", "o", "K2", 73))
+    );
+    let pids = |v: Vec<PublicKey>| v.into_iter().map(|k| k.id).collect::<Vec<_>>();
+    assert_eq!(pids(s.list_public_keys("o").await.unwrap()), ["p3", "p2", "p1"], "newest first");
+    assert!(s.list_public_keys("m").await.unwrap().is_empty());
+    assert_eq!(s.add_public_key(&pk("p5", "m", "M1", 77), 3).await.unwrap(), AddedKey::Created);
+    let room_keys = |v: Vec<(PublicKey, Option<User>)>| {
+        v.into_iter().map(|(k, u)| (k.id, u.map(|u| u.username))).collect::<Vec<_>>()
+    };
+    let owners = vec![
+        ("p1".to_owned(), Some("owner".to_owned())),
+        ("p2".into(), Some("owner".into())),
+        ("p3".into(), Some("owner".into())),
+    ];
+    assert_eq!(room_keys(s.room_public_keys("r1").await.unwrap()), owners, "m was removed from r1 above");
+    assert!(s.add_member(&member("r1", "m", 80)).await.unwrap());
+    let mut with_m = owners.clone();
+    with_m.push(("p5".into(), None));
+    assert_eq!(room_keys(s.room_public_keys("r1").await.unwrap()), with_m, "by join time, then key age");
+    assert!(s.remove_member("r1", "m").await.unwrap());
+    assert_eq!(room_keys(s.room_public_keys("r1").await.unwrap()), owners, "removal takes effect at once");
+    assert!(s.room_public_keys("nope").await.unwrap().is_empty());
+    assert!(!s.delete_public_key("m", "p1").await.unwrap(), "not yours");
+    assert!(s.delete_public_key("o", "p1").await.unwrap());
+    assert!(!s.delete_public_key("o", "p1").await.unwrap());
+    assert_eq!(pids(s.list_public_keys("o").await.unwrap()), ["p3", "p2"]);
+    assert_eq!(s.add_public_key(&pk("p6", "m", "K1", 81), 3).await.unwrap(), AddedKey::Created, "K1 is free again");
+    // Concurrent writers: one key claimed by one of several users; one user's cap holds.
+    let racers: Vec<_> = (0..6)
+        .map(|i| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                s.add_public_key(&pk(&format!("race{i}"), &format!("ru{i}"), "KR", 90), 3).await.unwrap()
+            })
+        })
+        .collect();
+    let mut created = 0;
+    for r in racers {
+        match r.await.unwrap() {
+            AddedKey::Created => created += 1,
+            other => assert_eq!(other, AddedKey::TakenByOther),
+        }
+    }
+    assert_eq!(created, 1, "exactly one user gets a contested key");
+    let racers: Vec<_> = (0..6)
+        .map(|i| {
+            let s = s.clone();
+            tokio::spawn(async move {
+                s.add_public_key(&pk(&format!("cap{i}"), "capped", &format!("KC{i}"), 91), 4).await.unwrap()
+            })
+        })
+        .collect();
+    let mut outcomes = Vec::new();
+    for r in racers {
+        outcomes.push(r.await.unwrap());
+    }
+    assert_eq!(outcomes.iter().filter(|o| **o == AddedKey::Created).count(), 4, "{outcomes:?}");
+    assert_eq!(outcomes.iter().filter(|o| **o == AddedKey::LimitReached).count(), 2, "{outcomes:?}");
+    assert_eq!(s.list_public_keys("capped").await.unwrap().len(), 4);
+
     // Invites: single use, expire, never overwritten, one winner under concurrency.
     let inv = |code: &str, exp: i64| Invite {
         code_hash: code.into(),
@@ -191,6 +272,9 @@ async fn conformance(s: Arc<dyn Store>) {
     .unwrap();
     assert_eq!(s.list_members("crowded").await.unwrap().len(), 121);
 
+    // More members than one batch read; only the owner has keys (p2, p3).
+    assert_eq!(s.room_public_keys("crowded").await.unwrap().len(), 2);
+
     // Deletion takes every dependent along.
     assert!(s.delete_room("crowded").await.unwrap());
     assert!(!s.delete_room("crowded").await.unwrap());
@@ -201,6 +285,7 @@ async fn conformance(s: Arc<dyn Store>) {
     assert_eq!(s.find_worker_token("sh-tc").await.unwrap(), None);
     assert_eq!(s.take_invite("d", 0).await.unwrap(), None);
     assert!(s.list_user_rooms("u007").await.unwrap().is_empty());
+    assert!(s.room_public_keys("crowded").await.unwrap().is_empty(), "a deleted room shows no keys");
 }
 
 #[tokio::test]

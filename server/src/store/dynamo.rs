@@ -1,7 +1,7 @@
 //! [`Store`] on DynamoDB (`--store dynamodb://PREFIX`), for running several server instances
 //! against one managed database.
 //!
-//! Seven tables, all `PREFIX-<name>`, on-demand billing:
+//! Eight tables, all `PREFIX-<name>`, on-demand billing:
 //!
 //! | table | key | indexes | holds |
 //! |---|---|---|---|
@@ -12,6 +12,7 @@
 //! | `keys` | `user_id`, `id` | | account keys (hashed) |
 //! | `secrets` | `secret_hash` | | secret hash → the token or key it belongs to |
 //! | `invites` | `code_hash` | `by_room` (`room_id`) | invites; `purge_at` (TTL) = `expires_at` |
+//! | `pubkeys` | `id` | | users' Ed25519 public keys: `u#USER` holds all of a user's keys (a map and a version), `k#KEY` claims a key for its user |
 //!
 //! Why it looks like this: every request path is a `GetItem`, a `Query` on a key or an index
 //! (paged to the end: a 1 MB page is not the whole answer, B21) or a `BatchGetItem`, never a
@@ -20,6 +21,9 @@
 //! eventually consistent. Creates are conditional (`attribute_not_exists`) and multi-item
 //! writes are transactions, so nothing is silently overwritten (B20). DynamoDB deletes items
 //! whose TTL passed lazily (up to days later), so reads treat a passed `purge_at` as absent.
+//! A user's public keys live in one item so that a room's keys are one `Query` of its members and
+//! one `BatchGetItem` of their key items, and so the per-user cap is checked on the item a write
+//! replaces (optimistic: its `version` is the condition, retried on a race).
 
 use std::collections::HashMap;
 use std::time::Duration;
@@ -34,13 +38,16 @@ use aws_sdk_dynamodb::types::{
 };
 
 use super::{
-    AccountKey, Invite, Membership, ROOM_GRACE_SECS, Result, Role, Room, Store, StoreError, User, WorkerToken,
+    AccountKey, AddedKey, Invite, Membership, PublicKey, ROOM_GRACE_SECS, Result, Role, Room, Store, StoreError, User,
+    WorkerToken,
 };
 
 /// DynamoDB's limit on items per transaction.
 const MAX_TRANSACTION: usize = 100;
 /// DynamoDB's limit on keys per BatchGetItem.
 const MAX_BATCH_GET: usize = 100;
+/// Attempts at a public-key write that lost a race with another write of the same user's keys.
+const KEY_WRITE_ATTEMPTS: usize = 10;
 
 type Item = HashMap<String, AttributeValue>;
 
@@ -264,6 +271,63 @@ fn invite_from(i: &Item) -> Result<Invite> {
     })
 }
 
+/// The item holding all of a user's public keys.
+fn key_owner_id(user_id: &str) -> String {
+    format!("u#{user_id}")
+}
+
+/// The item that claims a public key for one user (keys are unique among users).
+fn key_claim_id(public_key: &str) -> String {
+    format!("k#{public_key}")
+}
+
+/// A user's key item: its version (0 when there is none yet) and its keys.
+fn public_keys_from(item: Option<&Item>, user_id: &str) -> Result<(i64, Vec<PublicKey>)> {
+    let Some(i) = item else { return Ok((0, Vec::new())) };
+    let version = get_n(i, "version")?;
+    let mut keys = Vec::new();
+    if let Some(AttributeValue::M(m)) = i.get("keys") {
+        for (id, v) in m {
+            let AttributeValue::M(k) = v else {
+                return Err(StoreError::Backend(format!("public key {id} is not a map")));
+            };
+            keys.push(PublicKey {
+                id: id.clone(),
+                user_id: user_id.to_owned(),
+                public_key: get_s(k, "public_key")?,
+                device_name: get_s(k, "device_name")?,
+                created_at: get_n(k, "created_at")?,
+            });
+        }
+    }
+    Ok((version, keys))
+}
+
+fn public_keys_item(user_id: &str, version: i64, keys: &[PublicKey]) -> Item {
+    let map = keys
+        .iter()
+        .map(|k| {
+            let entry = Item::from([
+                ("public_key".into(), s(&k.public_key)),
+                ("device_name".into(), s(&k.device_name)),
+                ("created_at".into(), n(k.created_at)),
+            ]);
+            (k.id.clone(), AttributeValue::M(entry))
+        })
+        .collect();
+    Item::from([
+        ("id".into(), s(&key_owner_id(user_id))),
+        ("user_id".into(), s(user_id)),
+        ("version".into(), n(version)),
+        ("keys".into(), AttributeValue::M(map)),
+    ])
+}
+
+/// Newest first, then by id, as [`Store::list_public_keys`] promises.
+fn newest_first(keys: &mut [PublicKey]) {
+    keys.sort_by(|a, b| b.created_at.cmp(&a.created_at).then_with(|| a.id.cmp(&b.id)));
+}
+
 /// One table's layout, for `--store-init`.
 struct TableSpec {
     name: &'static str,
@@ -300,6 +364,7 @@ const TABLES: &[TableSpec] = &[
         indexes: &[("by_room", "room_id", Some("code_hash"))],
         ttl: true,
     },
+    TableSpec { name: "pubkeys", hash: "id", range: None, indexes: &[], ttl: false },
 ];
 
 fn key_schema(hash: &str, range: Option<&str>) -> Result<Vec<KeySchemaElement>> {
@@ -400,6 +465,23 @@ impl DynamoStore {
             self.wait_active(&table).await?;
             if spec.ttl {
                 self.enable_ttl(&table).await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Fails with the name of the first table that is missing (a deployment made before a table
+    /// was added: `--store-init` creates it), so the server stops at start rather than answering
+    /// 503 at the first use of that table.
+    pub async fn check_tables(&self) -> Result<()> {
+        for spec in TABLES {
+            let table = self.t(spec.name);
+            match self.client.describe_table().table_name(&table).send().await {
+                Ok(_) => {}
+                Err(e) if code(&e) == Some("ResourceNotFoundException") => {
+                    return Err(StoreError::Backend(format!("table {table} does not exist")));
+                }
+                Err(e) => return Err(sdk_err(e)),
             }
         }
         Ok(())
@@ -513,6 +595,23 @@ impl DynamoStore {
             .build()
             .map_err(backend)?;
         Ok(TransactWriteItem::builder().put(put).build())
+    }
+
+    /// A transactional put of a user's key item that succeeds only over the version it read.
+    fn put_public_keys(&self, user_id: &str, read_version: i64, keys: &[PublicKey]) -> Result<TransactWriteItem> {
+        let item = public_keys_item(user_id, read_version + 1, keys);
+        let mut put = Put::builder().table_name(self.t("pubkeys")).set_item(Some(item));
+        put = if read_version == 0 {
+            put.condition_expression("attribute_not_exists(id)")
+        } else {
+            put.condition_expression("version = :v").expression_attribute_values(":v", n(read_version))
+        };
+        Ok(TransactWriteItem::builder().put(put.build().map_err(backend)?).build())
+    }
+
+    async fn user_public_keys(&self, user_id: &str) -> Result<(i64, Vec<PublicKey>)> {
+        let item = self.get("pubkeys", k1("id", &key_owner_id(user_id))).await?;
+        public_keys_from(item.as_ref(), user_id)
     }
 
     fn delete(&self, table: &str, key: Item, condition: Option<&str>) -> Result<TransactWriteItem> {
@@ -876,6 +975,102 @@ impl Store for DynamoStore {
             self.delete("secrets", k1("secret_hash", &k.secret_hash), None)?,
         ])
         .await
+    }
+
+    async fn add_public_key(&self, k: &PublicKey, max_per_user: usize) -> Result<AddedKey> {
+        let claim_id = key_claim_id(&k.public_key);
+        for _ in 0..KEY_WRITE_ATTEMPTS {
+            // A claim decides idempotence and ownership; a lost race lands here on the next try.
+            if let Some(claim) = self.get("pubkeys", k1("id", &claim_id)).await? {
+                if get_s(&claim, "user_id")? != k.user_id {
+                    return Ok(AddedKey::TakenByOther);
+                }
+                let key_id = get_s(&claim, "key_id")?;
+                let (_, keys) = self.user_public_keys(&k.user_id).await?;
+                return match keys.into_iter().find(|e| e.id == key_id) {
+                    Some(e) => Ok(AddedKey::Existing(e)),
+                    None => Err(StoreError::Backend(format!("public key claim {claim_id} without its key"))),
+                };
+            }
+            let (version, mut keys) = self.user_public_keys(&k.user_id).await?;
+            if keys.len() >= max_per_user {
+                return Ok(AddedKey::LimitReached);
+            }
+            keys.push(k.clone());
+            let claim = Item::from([
+                ("id".into(), s(&claim_id)),
+                ("user_id".into(), s(&k.user_id)),
+                ("key_id".into(), s(&k.id)),
+            ]);
+            match self
+                .transact(vec![
+                    self.put("pubkeys", claim, Some("attribute_not_exists(id)"))?,
+                    self.put_public_keys(&k.user_id, version, &keys)?,
+                ])
+                .await
+            {
+                Ok(()) => return Ok(AddedKey::Created),
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(StoreError::Backend("public keys of this user changed too often concurrently; try again".into()))
+    }
+
+    async fn list_public_keys(&self, user_id: &str) -> Result<Vec<PublicKey>> {
+        let (_, mut keys) = self.user_public_keys(user_id).await?;
+        newest_first(&mut keys);
+        Ok(keys)
+    }
+
+    async fn delete_public_key(&self, user_id: &str, id: &str) -> Result<bool> {
+        for _ in 0..KEY_WRITE_ATTEMPTS {
+            let (version, mut keys) = self.user_public_keys(user_id).await?;
+            let Some(pos) = keys.iter().position(|k| k.id == id) else { return Ok(false) };
+            let gone = keys.remove(pos);
+            match self
+                .transact(vec![
+                    self.put_public_keys(user_id, version, &keys)?,
+                    self.delete("pubkeys", k1("id", &key_claim_id(&gone.public_key)), None)?,
+                ])
+                .await
+            {
+                Ok(()) => return Ok(true),
+                Err(StoreError::Conflict) => continue,
+                Err(e) => return Err(e),
+            }
+        }
+        Err(StoreError::Backend("public keys of this user changed too often concurrently; try again".into()))
+    }
+
+    async fn room_public_keys(&self, room_id: &str) -> Result<Vec<(PublicKey, Option<User>)>> {
+        let mut members: Vec<Membership> = self
+            .query_all("members", None, "room_id", room_id)
+            .await?
+            .iter()
+            .map(member_from)
+            .collect::<Result<_>>()?;
+        members.sort_by(|a, b| a.joined_at.cmp(&b.joined_at).then_with(|| a.user_id.cmp(&b.user_id)));
+        let mut users: HashMap<String, User> = HashMap::new();
+        for i in self.batch_get("users", members.iter().map(|m| k1("id", &m.user_id)).collect()).await? {
+            let u = user_from(&i)?;
+            users.insert(u.id.clone(), u);
+        }
+        let mut keys: HashMap<String, Vec<PublicKey>> = HashMap::new();
+        let owners = members.iter().map(|m| k1("id", &key_owner_id(&m.user_id))).collect();
+        for i in self.batch_get("pubkeys", owners).await? {
+            let user_id = get_s(&i, "user_id")?;
+            let (_, mut ks) = public_keys_from(Some(&i), &user_id)?;
+            ks.sort_by(|a, b| a.created_at.cmp(&b.created_at).then_with(|| a.id.cmp(&b.id)));
+            keys.insert(user_id, ks);
+        }
+        let mut out = Vec::new();
+        for m in &members {
+            for k in keys.remove(&m.user_id).unwrap_or_default() {
+                out.push((k, users.get(&m.user_id).cloned()));
+            }
+        }
+        Ok(out)
     }
 
     async fn put_invite(&self, inv: &Invite) -> Result<()> {
