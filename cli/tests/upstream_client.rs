@@ -48,7 +48,10 @@ async fn upstream(env: &Env, home: &Path, mode: &str, args: Value) -> Value {
     let stdout = String::from_utf8_lossy(&out.stdout);
     let last = stdout.lines().rev().find(|l| l.starts_with('{')).unwrap_or_default();
     serde_json::from_str(last).unwrap_or_else(|e| {
-        panic!("no outcome from the upstream client ({e}); stdout:\n{stdout}\nstderr:\n{}", String::from_utf8_lossy(&out.stderr))
+        panic!(
+            "no outcome from the upstream client ({e}); stdout:\n{stdout}\nstderr:\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        )
     })
 }
 

@@ -369,10 +369,19 @@ pub fn parse_spec(v: &Value) -> Result<JobSpec, Vec<FieldError>> {
     let mut f = Fields { obj: obj.clone(), errors: vec![] };
     let spec = match f.string("type").as_deref() {
         Some("train") => {
-            let mut config_paths = f.string("config_path").into_iter().collect::<Vec<_>>();
-            config_paths.extend(f.strings("config_paths", MAX_CONFIGS, MAX_PATH_LEN));
-            let mut config_contents = f.string_big("config_content").into_iter().collect::<Vec<_>>();
-            config_contents.extend(f.strings("config_contents", MAX_CONFIGS, MAX_CONFIG_BYTES));
+            // Upstream's normalisation: the singular form is used only when the list is empty.
+            // Its client sends both (`to_json` of a normalised spec), so adding them up would
+            // train the same config twice.
+            let single_path = f.string("config_path");
+            let mut config_paths = f.strings("config_paths", MAX_CONFIGS, MAX_PATH_LEN);
+            if config_paths.is_empty() {
+                config_paths.extend(single_path);
+            }
+            let single_content = f.string_big("config_content");
+            let mut config_contents = f.strings("config_contents", MAX_CONFIGS, MAX_CONFIG_BYTES);
+            if config_contents.is_empty() {
+                config_contents.extend(single_content);
+            }
             JobSpec::Train(TrainSpec {
                 config_paths,
                 config_contents,

@@ -99,7 +99,10 @@ pub enum PeerEvent {
     /// `ctl` + `bulk`: the connection is usable for that protocol.
     UpstreamOpen(String),
     /// A message on the upstream channel: text (`binary` false) or raw bytes.
-    Upstream { binary: bool, data: Vec<u8> },
+    Upstream {
+        binary: bool,
+        data: Vec<u8>,
+    },
     /// ICE reports the path is gone (it may recover) or the connection closed for good.
     Disconnected,
     /// ICE has a working path again (after [`PeerEvent::Disconnected`]).

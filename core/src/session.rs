@@ -117,7 +117,10 @@ pub enum SessionEvent {
     /// [`crate::upstream`]); messages on it arrive as [`SessionEvent::Upstream`].
     UpstreamOpen(String),
     /// A message on the upstream channel (text when `binary` is false).
-    Upstream { binary: bool, data: Vec<u8> },
+    Upstream {
+        binary: bool,
+        data: Vec<u8>,
+    },
     /// A control message that is not part of the transfer protocol (e.g. jobs), as JSON text.
     Message(String),
     Progress {
@@ -622,7 +625,9 @@ impl Session {
                     if self.closing
                         && self.ctl_out.is_empty()
                         && self.upstream_out.is_empty()
-                        && self.peer.buffered() == 0 && self.peer.is_alive() {
+                        && self.peer.buffered() == 0
+                        && self.peer.is_alive()
+                    {
                         self.closing = false;
                         self.peer.close();
                         continue;

@@ -182,10 +182,9 @@ pub fn parse_client(text: &str) -> Result<ClientMsg, CodecError> {
         "FS_SCAN_DIR" => ClientMsg::FsScanDir(need("FS_SCAN_DIR", "json")?),
         "FILE_UPLOAD_CHECK" => {
             let rest = need("FILE_UPLOAD_CHECK", "sha256")?;
-            let (sha, name) = rest.split_once(SEP).ok_or(CodecError::MissingField {
-                kind: "FILE_UPLOAD_CHECK",
-                field: "filename",
-            })?;
+            let (sha, name) = rest
+                .split_once(SEP)
+                .ok_or(CodecError::MissingField { kind: "FILE_UPLOAD_CHECK", field: "filename" })?;
             ClientMsg::FileUploadCheck { sha256: sha.trim().to_ascii_lowercase(), name: name.to_owned() }
         }
         "FILE_UPLOAD_START" => {
@@ -280,12 +279,18 @@ pub enum WorkerMsg {
     FsError(FsErrorCode, String),
     UploadCacheHit(String),
     UploadReady,
-    UploadProgress { received: u64, total: u64 },
+    UploadProgress {
+        received: u64,
+        total: u64,
+    },
     UploadComplete(String),
     UploadError(String),
     JobAccepted(String),
     /// `JOB_REJECTED::{client_job_id}::{"errors":[{field,message,code}]}`.
-    JobRejected { client_job_id: String, errors: Value },
+    JobRejected {
+        client_job_id: String,
+        errors: Value,
+    },
     /// `JOB_PROGRESS::{"epoch","loss","val_loss"}`.
     JobProgress(Value),
     /// `PROGRESS_REPORT::{sleap-nn's ZMQ message, unchanged}`: the GUI re-publishes it to its
@@ -296,13 +301,19 @@ pub enum WorkerMsg {
     /// A `\r` progress-bar redraw: `CR::{text}` (training jobs).
     Redraw(String),
     /// `JOB_LOG::{text}` or `JOB_LOG::CR::{text}` (inference jobs).
-    JobLog { text: String, redraw: bool },
+    JobLog {
+        text: String,
+        redraw: bool,
+    },
     /// `MODEL_TYPE::{type}` between the models of a pipeline.
     ModelType(String),
     /// `JOB_COMPLETE::{"job_id","job_type","duration_seconds","success","stopped_early",...}`.
     JobComplete(Value),
     /// `JOB_FAILED::{job_id}::{"message",...}`: the API reads the JSON after the second `::`.
-    JobFailed { job_id: String, detail: Value },
+    JobFailed {
+        job_id: String,
+        detail: Value,
+    },
     InferenceBegin,
     InferenceProgress(Value),
     InferenceLog(String),
@@ -310,7 +321,11 @@ pub enum WorkerMsg {
     InferenceFailed(Value),
     InferenceSkipped(Value),
     /// `FILE_META::{name}:{size}:{hint}`, single colons; raw chunks and `END_OF_FILE` follow.
-    FileMeta { name: String, size: u64, hint: String },
+    FileMeta {
+        name: String,
+        size: u64,
+        hint: String,
+    },
     EndOfFile,
 }
 

@@ -895,7 +895,9 @@ impl<R: Runtime> Driver<R> {
         // Control messages carry tickets and MACs: log their size, never their text.
         match &e {
             SessionEvent::Message(m) => tracing::debug!(bytes = m.len(), "session event: control message"),
-            SessionEvent::Upstream { data, .. } => tracing::trace!(bytes = data.len(), "session event: upstream message"),
+            SessionEvent::Upstream { data, .. } => {
+                tracing::trace!(bytes = data.len(), "session event: upstream message")
+            }
             other => tracing::debug!(event = ?other, "session event"),
         }
         match e {

@@ -811,11 +811,25 @@ impl<R: Runtime> Worker<R> {
         }
     }
 
-    fn check_worker_path(&self, p: &str) -> PathVerdict {
+    /// Whether `real` (canonical) is the output of one of `user`'s own jobs on this worker (a
+    /// trained model under `jobs/<id>/runs/`, predictions under `jobs/<id>/output/`): the GUI
+    /// predicts with the model path a training returned.
+    fn own_job_output(&self, user: &str, real: &Path) -> bool {
+        let Ok(jobs) = self.jobs_dir.canonicalize() else { return false };
+        let Ok(rest) = real.strip_prefix(&jobs) else { return false };
+        let mut parts = rest.components().map(|c| c.as_os_str().to_string_lossy().into_owned());
+        let (Some(id), Some(area)) = (parts.next(), parts.next()) else { return false };
+        (area == "runs" || area == "output") && read_journal(&self.jobs_dir, &id).is_some_and(|e| e.owner == user)
+    }
+
+    fn check_worker_path(&self, user: &str, p: &str) -> PathVerdict {
         let path = Path::new(p);
         match path.canonicalize() {
             Ok(real) => {
-                if self.cfg.mounts.iter().any(|m| real.starts_with(m)) || self.in_uploads(&real) {
+                if self.cfg.mounts.iter().any(|m| real.starts_with(m))
+                    || self.in_uploads(&real)
+                    || self.own_job_output(user, &real)
+                {
                     PathVerdict::Ok
                 } else {
                     PathVerdict::NotAllowed
@@ -828,7 +842,7 @@ impl<R: Runtime> Worker<R> {
         }
     }
 
-    fn check_spec(&self, spec: &JobSpec, files: &[FileEntry]) -> Vec<FieldError> {
+    fn check_spec(&self, user: &str, spec: &JobSpec, files: &[FileEntry]) -> Vec<FieldError> {
         let uploaded = |name: &str| {
             files.iter().any(|f| {
                 f.name == name || (f.name.starts_with(name) && f.name.as_bytes().get(name.len()) == Some(&b'/'))
@@ -837,7 +851,7 @@ impl<R: Runtime> Worker<R> {
         let mut errors = check_paths(spec, |r| match r {
             PathRef::Upload(n) if uploaded(n) => PathVerdict::Ok,
             PathRef::Upload(_) => PathVerdict::NotAllowed,
-            PathRef::Worker(p) => self.check_worker_path(p),
+            PathRef::Worker(p) => self.check_worker_path(user, p),
             PathRef::Model(_) if self.cfg.registry.is_some() => PathVerdict::Ok,
             PathRef::Model(_) => PathVerdict::NotAllowed,
         });
@@ -861,7 +875,7 @@ impl<R: Runtime> Worker<R> {
                     let info = bridge::ConfigInfo::parse(text).unwrap_or_default();
                     for (j, l) in info.train_labels.iter().enumerate() {
                         let bad = if l.starts_with('/') {
-                            self.check_worker_path(l) != PathVerdict::Ok
+                            self.check_worker_path(user, l) != PathVerdict::Ok
                         } else {
                             !uploaded(l)
                         };
@@ -902,7 +916,7 @@ impl<R: Runtime> Worker<R> {
         if files.len() > 10_000 {
             return reject(vec![FieldError::new("files", ErrorCode::InvalidValue, "too many files")]);
         }
-        let mut errors = self.check_spec(&spec, &files);
+        let mut errors = self.check_spec(&user, &spec, &files);
         if errors.is_empty() {
             errors = self.check_models(&spec).await;
         }

@@ -30,6 +30,34 @@ fn train_spec_with_upstream_aliases() {
 }
 
 #[test]
+fn the_singular_config_is_an_alias_not_an_extra_config() {
+    // What sleap_rtc 0.0.7's TrainJobSpec(config_content=...).to_json() sends: both forms.
+    let yaml = CONFIG;
+    let s = parse_spec(&json!({"type": "train", "config_content": yaml, "config_contents": [yaml],
+        "config_path": "/m/c.yaml", "config_paths": ["/m/c.yaml"]}))
+    .unwrap();
+    let JobSpec::Train(t) = s else { panic!("not train") };
+    assert_eq!(t.config_contents, vec![yaml]);
+    assert_eq!(t.config_paths, vec!["/m/c.yaml"]);
+    let s = parse_spec(&json!({"type": "train", "config_content": yaml})).unwrap();
+    let JobSpec::Train(t) = s else { panic!("not train") };
+    assert_eq!(t.config_contents, vec![yaml]);
+}
+
+#[test]
+fn raw_reports_pass_except_batch_ends_beyond_the_rate() {
+    let mut r = ReportThrottle::new(Duration::from_millis(100));
+    let batch = r#"{"event": "batch_end", "batch": 1}"#;
+    assert!(r.pass(r#"{"event": "train_begin", "logs": null}"#, Duration::ZERO));
+    assert!(r.pass(batch, Duration::from_millis(1)));
+    assert!(!r.pass(batch, Duration::from_millis(50)));
+    assert!(r.pass(r#"{"event": "epoch_end", "epoch": 0}"#, Duration::from_millis(51)));
+    assert!(r.pass(batch, Duration::from_millis(101)));
+    assert!(!r.pass("not json", Duration::from_millis(500)));
+    assert!(!r.pass(&format!(r#"{{"event": "epoch_end", "x": "{}"}}"#, "a".repeat(MAX_REPORT)), Duration::ZERO));
+}
+
+#[test]
 fn every_bad_field_is_reported_at_once() {
     let f = fields(parse_spec(&json!({
         "type": "train", "max_epochs": 0, "batch_size": 257, "learning_rate": 2.0,

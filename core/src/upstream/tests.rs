@@ -99,7 +99,10 @@ fn client_messages_parse_with_paths_that_contain_separators() {
     );
     assert_eq!(
         parse_client(r#"JOB_SUBMIT::ab12cd34::{"type":"train","labels_path":"/a::b"}"#).unwrap(),
-        ClientMsg::JobSubmit { client_job_id: "ab12cd34".into(), spec: r#"{"type":"train","labels_path":"/a::b"}"#.into() }
+        ClientMsg::JobSubmit {
+            client_job_id: "ab12cd34".into(),
+            spec: r#"{"type":"train","labels_path":"/a::b"}"#.into()
+        }
     );
     assert_eq!(
         parse_client("FS_RESOLVE::fly*.mp4::2048::3::all").unwrap(),

@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use sha2::Digest as _;
 use sleap_rtc_core::job::{Interrupt, JobKind, JobMsg, JobSpec, JobState, JobStatus, Progress, Stream, parse_spec};
-use sleap_rtc_core::upstream::{self as up, ClientMsg, ControlCommand, FsErrorCode, Frame, WorkerMsg, auth};
+use sleap_rtc_core::upstream::{self as up, ClientMsg, ControlCommand, Frame, FsErrorCode, WorkerMsg, auth};
 use tokio::sync::mpsc;
 
 use super::{Attached, PeerCtx, Worker};
@@ -41,7 +41,10 @@ const MAX_UPLOAD: u64 = 1 << 40;
 /// What a job tells an upstream client's adapter.
 pub(super) enum JobEvent {
     /// Sent by the adapter before it submits: what the job is, for the framing of its messages.
-    Submitted { kind: JobKind, model_types: Vec<String> },
+    Submitted {
+        kind: JobKind,
+        model_types: Vec<String>,
+    },
     Msg(JobMsg),
     /// sleap-nn's ZMQ message, unchanged (`PROGRESS_REPORT::`).
     Report(String),
@@ -196,10 +199,9 @@ impl<R: Runtime> Worker<R> {
                 },
                 ClientMsg::JobStop => self.upstream_interrupt(&c, &user, &current, Interrupt::Stop),
                 ClientMsg::JobCancel => self.upstream_interrupt(&c, &user, &current, Interrupt::Cancel),
-                ClientMsg::Unknown(kind) if kind.starts_with("FS_") => reply(WorkerMsg::FsError(
-                    FsErrorCode::InvalidRequest,
-                    format!("Unknown FS message type: {kind}"),
-                )),
+                ClientMsg::Unknown(kind) if kind.starts_with("FS_") => {
+                    reply(WorkerMsg::FsError(FsErrorCode::InvalidRequest, format!("Unknown FS message type: {kind}")))
+                }
                 ClientMsg::Unknown(kind) => tracing::debug!(%peer, %kind, "ignored an unknown upstream message"),
             }
         }
@@ -274,8 +276,10 @@ impl<R: Runtime> Worker<R> {
         crate::init_tls();
         let token = self.cfg.token.clone();
         let got: Result<AuthorizedKeys, String> = R::tokio_compat(async move {
-            let http = reqwest::Client::builder().timeout(Duration::from_secs(10)).build().map_err(|e| e.to_string())?;
-            let resp = http.get(&url).bearer_auth(token).send().await.map_err(|e| format!("cannot fetch {url}: {e}"))?;
+            let http =
+                reqwest::Client::builder().timeout(Duration::from_secs(10)).build().map_err(|e| e.to_string())?;
+            let resp =
+                http.get(&url).bearer_auth(token).send().await.map_err(|e| format!("cannot fetch {url}: {e}"))?;
             if !resp.status().is_success() {
                 return Err(format!("{url} answered {}", resp.status()));
             }
@@ -333,7 +337,9 @@ impl<R: Runtime> Worker<R> {
 
     fn use_worker_path(&self, p: &str) -> Vec<WorkerMsg> {
         match self.inside_mounts(p) {
-            Err((FsErrorCode::AccessDenied, _)) => vec![WorkerMsg::WorkerPathError("Path not within configured mounts".into())],
+            Err((FsErrorCode::AccessDenied, _)) => {
+                vec![WorkerMsg::WorkerPathError("Path not within configured mounts".into())]
+            }
             Err((_, m)) => vec![WorkerMsg::WorkerPathError(m)],
             Ok(real) => {
                 let shown = real.display().to_string();
@@ -362,7 +368,9 @@ impl<R: Runtime> Worker<R> {
         };
         let rd = match std::fs::read_dir(&dir) {
             Ok(r) => r,
-            Err(e) => return WorkerMsg::FsError(FsErrorCode::PathNotFound, format!("cannot list {}: {e}", dir.display())),
+            Err(e) => {
+                return WorkerMsg::FsError(FsErrorCode::PathNotFound, format!("cannot list {}: {e}", dir.display()));
+            }
         };
         let mut entries: Vec<(bool, String, u64, f64)> = rd
             .filter_map(Result::ok)
@@ -650,7 +658,10 @@ impl<R: Runtime> Translator<R> {
             }
             Progress::Inference { n_processed, n_total, rate, eta } => self.log(
                 match n_total {
-                    Some(t) => format!("Predicting... {n_processed}/{t} frames{}", rate.map(|r| format!(" {r:.1} FPS")).unwrap_or_default()),
+                    Some(t) => format!(
+                        "Predicting... {n_processed}/{t} frames{}",
+                        rate.map(|r| format!(" {r:.1} FPS")).unwrap_or_default()
+                    ),
                     None => format!("Predicting... {n_processed} frames"),
                 } + &eta.map(|e| format!(" ETA {e:.0} s")).unwrap_or_default(),
                 true,
