@@ -16,6 +16,18 @@ if [[ ! -x "$VENV/bin/python" ]] || ! cmp -s "$REQS" "$VENV/.requirements"; then
 fi
 export SLEAP_RTC_TEST_PYTHON="$VENV/bin/python"
 
+# The unmodified upstream SLEAP client (sleap-rtc 0.0.7, what the SLEAP GUI imports), in a venv
+# of its own so its dependencies cannot move the pins above (cli/tests/upstream_client.rs).
+UPVENV="${SLEAP_RTC_UPSTREAM_VENV:-$HOME/.cache/sleap-rtc/upstream-venv}"
+UPREQS=server/tests/py/upstream-requirements.txt
+if [[ ! -x "$UPVENV/bin/python" ]] || ! cmp -s "$UPREQS" "$UPVENV/.requirements"; then
+  echo "==> preparing the upstream client's venv at $UPVENV"
+  python3 -m venv "$UPVENV"
+  "$UPVENV/bin/pip" install --quiet --disable-pip-version-check -r "$UPREQS"
+  cp "$UPREQS" "$UPVENV/.requirements"
+fi
+export SLEAP_RTC_UPSTREAM_PYTHON="$UPVENV/bin/python"
+
 # Debian packages the tests drive: redis-server (server/tests/cluster.rs starts its own on
 # 127.0.0.1; the package's system-wide instance is not used) and chromium (the dashboard's browser
 # test, cli/tests/dashboard.rs).

@@ -173,3 +173,72 @@ async fn a_client_without_a_proof_gets_nothing_done() {
     assert!(jobs(&env).is_empty(), "no job may exist: {:?}", jobs(&env));
     assert!(log_of(&env).contains("refused an unauthenticated upstream client"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancel_from_the_gui_ends_the_job_as_cancelled() {
+    let env = env().await;
+    let (_w, labels) = worker_with_mount(&env, &[], "batch_ms=60 steps=5").await;
+    let a = json!({"jwt": env.jwt, "room": env.room, "register_key": true,
+        "config_content": config_text(""), "labels_path": labels.display().to_string(),
+        "max_epochs": 200, "cancel_after_epoch": 0});
+    let r = upstream(&env, &env.path("gui-home"), "train", a).await;
+    assert_eq!(r["ok"], false, "the API raises JobError for a cancelled job: {r:#}");
+    assert_eq!(r["error_type"], "JobError", "{r:#}");
+    // JOB_FAILED carries the message where the API reads it (not "Job failed").
+    assert!(r["error"].as_str().unwrap().contains("cancel"), "{r:#}");
+    let js = jobs(&env);
+    assert_eq!(js.len(), 1);
+    let journal: Value =
+        serde_json::from_slice(&std::fs::read(env.path("w").join("jobs").join(&js[0]).join("job.json")).unwrap())
+            .unwrap();
+    assert_eq!(journal["status"]["state"], "cancelled", "{journal:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_two_model_pipeline_completes_once_per_model() {
+    let env = env().await;
+    let (_w, labels) = worker_with_mount(&env, &[], "batch_ms=10").await;
+    let a = json!({"jwt": env.jwt, "room": env.room, "register_key": true,
+        "configs": [config_text(""), config_text("")], "model_types": ["centroid", "centered_instance"],
+        "labels_path": labels.display().to_string(), "max_epochs": 2});
+    let r = upstream(&env, &env.path("gui-home"), "train", a).await;
+    assert_eq!(r["ok"], true, "{r:#}\n{}", log_of(&env));
+    // The API returns after the second JOB_COMPLETE, with the second model.
+    assert_eq!(r["model_types"], json!(["centered_instance"]), "MODEL_TYPE between the models: {r:#}");
+    let model = PathBuf::from(r["model_path"].as_str().unwrap());
+    assert!(model.ends_with("runs/centered_instance") && model.join("best.ckpt").is_file(), "{model:?}");
+    let begins = r["reports"].as_array().unwrap().iter().filter(|m| m["event"] == "train_begin").count();
+    assert_eq!(begins, 2, "each model's progress reaches LossViewer");
+    let logs: Vec<&str> = r["logs"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
+    assert!(logs.iter().any(|l| l.contains("Training model 2/2")), "{logs:#?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_guis_upload_thread_sends_a_dataset_the_worker_then_trains_on() {
+    let env = env().await;
+    let (_w, _) = worker_with_mount(&env, &[], "batch_ms=10").await;
+    // A dataset only the laptop has.
+    let local = env.path("laptop").join("my labels.pkg.slp");
+    std::fs::create_dir_all(local.parent().unwrap()).unwrap();
+    std::fs::copy(asset("labels.pkg.slp"), &local).unwrap();
+    let home = env.path("gui-home");
+    let a = json!({"jwt": env.jwt, "room": env.room, "register_key": true,
+        "local_path": local.display().to_string(), "dest_dir": env.path("lab-data").display().to_string()});
+    let r = upstream(&env, &home, "upload", a.clone()).await;
+    assert_eq!(r["ok"], true, "{r:#}\n{}", log_of(&env));
+    assert!(r["rejected"].as_str().unwrap().contains("not within configured mounts"), "{r:#}");
+    let uploaded = PathBuf::from(r["uploaded"].as_str().expect("FILE_UPLOAD_COMPLETE"));
+    assert_eq!(std::fs::read(&uploaded).unwrap(), std::fs::read(&local).unwrap(), "the bytes arrived intact");
+    assert!(uploaded.starts_with(env.path("w").join("uploads").canonicalize().unwrap()), "{uploaded:?}");
+    assert_eq!(r["slp_path"], uploaded.display().to_string(), "the path check went on with the upload");
+    assert!(r["replies"].as_array().unwrap().contains(&json!("FILE_UPLOAD_COMPLETE")), "{r:#}");
+    // The same file again is not sent again.
+    let r = upstream(&env, &home, "upload", a).await;
+    assert_eq!(r["replies"], json!(["FILE_UPLOAD_CACHE_HIT"]), "{r:#}");
+    assert_eq!(r["uploaded"], uploaded.display().to_string());
+    // And the GUI trains on it.
+    let a = json!({"jwt": env.jwt, "room": env.room, "config_content": config_text(""),
+        "labels_path": uploaded.display().to_string(), "max_epochs": 1});
+    let r = upstream(&env, &home, "train", a).await;
+    assert_eq!(r["ok"], true, "{r:#}\n{}", log_of(&env));
+}
