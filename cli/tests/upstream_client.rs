@@ -242,3 +242,149 @@ async fn the_guis_upload_thread_sends_a_dataset_the_worker_then_trains_on() {
     let r = upstream(&env, &home, "train", a).await;
     assert_eq!(r["ok"], true, "{r:#}\n{}", log_of(&env));
 }
+
+/// The upstream CLI (`sleap-rtc` of the PyPI package) with `args`, as a fresh user whose home is
+/// `home`, until a line of its output contains `until` (it does not exit by itself after a job:
+/// upstream's CLI keeps its signaling connection open). Its "Confirm Job Paths" prompt, which it
+/// shows even with `--non-interactive`, is answered `s` (submit). Returns its output so far.
+async fn upstream_cli(env: &Env, home: &Path, args: &[&str], until: &str) -> String {
+    use tokio::io::AsyncBufReadExt;
+    std::fs::create_dir_all(home).unwrap();
+    // Signed in as the Python client keeps it: a JWT in ~/.sleap-rtc/credentials.json.
+    std::fs::create_dir_all(home.join(".sleap-rtc")).unwrap();
+    let creds = json!({"jwt": env.jwt, "user": {"id": "u", "username": "researcher"}});
+    std::fs::write(home.join(".sleap-rtc/credentials.json"), creds.to_string()).unwrap();
+    let bin = Path::new(&upstream_python()).with_file_name("sleap-rtc");
+    let mut child = tokio::process::Command::new(bin)
+        .args(args)
+        .current_dir(home)
+        .env("HOME", home)
+        .env("SLEAP_RTC_SIGNALING_WS", format!("{}/ws", env.url.replace("http://", "ws://")))
+        .env("SLEAP_RTC_SIGNALING_HTTP", &env.url)
+        .env("SLEAP_RTC_ENV", "production")
+        .env("NO_COLOR", "1")
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .kill_on_drop(true)
+        .spawn()
+        .expect("the upstream CLI (scripts/test.sh makes its venv)");
+    let mut stdin = child.stdin.take().unwrap();
+    {
+        use tokio::io::AsyncWriteExt;
+        stdin.write_all(b"s\n").await.unwrap();
+    }
+    let mut lines = tokio::io::BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut seen = String::new();
+    let found = tokio::time::timeout(Duration::from_secs(120), async {
+        while let Ok(Some(l)) = lines.next_line().await {
+            seen.push_str(&l);
+            seen.push('\n');
+            if l.contains(until) {
+                return true;
+            }
+        }
+        false
+    })
+    .await
+    .unwrap_or(false);
+    drop(stdin);
+    let _ = child.kill().await;
+    let mut err = String::new();
+    if let Some(mut e) = child.stderr.take() {
+        use tokio::io::AsyncReadExt;
+        let _ = tokio::time::timeout(Duration::from_secs(5), e.read_to_string(&mut err)).await;
+    }
+    assert!(
+        found,
+        "the upstream CLI never printed {until:?}; stdout:\n{seen}\nstderr:\n{err}\nworker:\n{}",
+        log_of(env)
+    );
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_python_cli_trains_and_tracks_with_a_room_secret() {
+    let env = env().await;
+    // Upstream's room secret: 32 random bytes, url-safe base64 without padding.
+    let secret = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8";
+    let (_w, labels) = worker_with_mount(&env, &["--room-secret", secret], "batch_ms=10").await;
+    let cfg = env.path("lab-data").join("tiny.yaml");
+    std::fs::write(&cfg, config_text("")).unwrap();
+    let (cfg, labels) = (cfg.display().to_string(), labels.display().to_string());
+    let home = env.path("cli-home");
+    let out = upstream_cli(
+        &env,
+        &home,
+        &[
+            "train",
+            "--room",
+            &env.room,
+            "--auto-select",
+            "--config",
+            &cfg,
+            "--labels",
+            &labels,
+            "--max-epochs",
+            "2",
+            "--non-interactive",
+            "--room-secret",
+            secret,
+        ],
+        "Completed Successfully",
+    )
+    .await;
+    assert!(!out.contains("authentication failed"), "{out}");
+    let js = jobs(&env);
+    assert_eq!(js.len(), 1, "{js:?}");
+    // The run is named after the config's head, as sleap-nn would.
+    let model = env.path("w").join("jobs").join(&js[0]).join("runs/single_instance");
+    assert!(model.join("best.ckpt").is_file(), "{model:?}\n{out}");
+
+    // Inference: the CLI writes the streamed predictions into its working directory.
+    let m = model.display().to_string();
+    let out = upstream_cli(
+        &env,
+        &home,
+        &["track", "--room", &env.room, "--auto-select", "-d", &labels, "-m", &m, "--room-secret", secret],
+        "Completed Successfully",
+    )
+    .await;
+    let js = jobs(&env);
+    assert_eq!(js.len(), 2, "{js:?}\n{out}");
+    let on_worker: Vec<PathBuf> = js
+        .iter()
+        .flat_map(|j| std::fs::read_dir(env.path("w").join("jobs").join(j).join("output")).into_iter().flatten())
+        .filter_map(Result::ok)
+        .map(|e| e.path())
+        .collect();
+    assert_eq!(on_worker.len(), 1, "{on_worker:?}");
+    let name = on_worker[0].file_name().unwrap();
+    let local = home.join(name);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert_eq!(std::fs::read(&local).ok(), std::fs::read(&on_worker[0]).ok(), "{local:?}\n{out}");
+
+    // A wrong secret gets nothing done.
+    let wrong = "ZGVmZ2hpamtsbW5vcHFyc3R1dnd4eXp7fH1-f4CBgoM";
+    let out = upstream_cli(
+        &env,
+        &env.path("cli-home-2"),
+        &[
+            "train",
+            "--room",
+            &env.room,
+            "--auto-select",
+            "--config",
+            &cfg,
+            "--labels",
+            &labels,
+            "--non-interactive",
+            "--room-secret",
+            wrong,
+        ],
+        "authentication failed",
+    )
+    .await;
+    assert!(out.contains("invalid"), "{out}");
+    assert_eq!(jobs(&env).len(), 2);
+}

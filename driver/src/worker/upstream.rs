@@ -7,6 +7,7 @@
 //! is checked. What a job says arrives as [`JobEvent`]s through `Attached::Upstream`, and
 //! [`Translator`] turns each into the messages the clients parse, at their split positions.
 
+use std::collections::VecDeque;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -24,8 +25,11 @@ use crate::{Runtime, sleep, timeout};
 
 /// How long a client has to answer the challenge (upstream's worker waits 10 s).
 const AUTH_WAIT: Duration = Duration::from_secs(10);
-/// Messages other than `AUTH_RESPONSE` tolerated (and dropped unread) before the handshake fails.
-const PRE_AUTH_NOISE: usize = 16;
+/// Messages other than `AUTH_RESPONSE` that may arrive before the proof: kept unread, and handled
+/// only once the client has authenticated (the Python CLI sends its `JOB_SUBMIT` as soon as the
+/// channel opens, before it has even seen the challenge). More, or more bytes, fail the handshake.
+const PRE_AUTH_BACKLOG: usize = 16;
+const PRE_AUTH_BYTES: usize = 2 * up::MAX_TEXT;
 /// The room's authorized keys are reused this long (upstream: 300 s; shorter, so a removed member
 /// or deleted key stops working sooner).
 const KEYS_TTL: Duration = Duration::from_secs(60);
@@ -99,7 +103,7 @@ impl<R: Runtime> Worker<R> {
     pub(super) async fn serve_upstream(self: Arc<Self>, ctx: PeerCtx, c: Arc<PeerConnection<R>>) {
         let peer = c.remote_peer().to_owned();
         let label = c.upstream_label().unwrap_or_default().to_owned();
-        let user = match self.upstream_auth(&ctx, &c).await {
+        let (user, mut backlog) = match self.upstream_auth(&ctx, &c).await {
             Ok(u) => u,
             Err(reason) => {
                 tracing::warn!(%peer, %label, %reason, "refused an unauthenticated upstream client");
@@ -130,7 +134,12 @@ impl<R: Runtime> Worker<R> {
         let mut upload: Option<Upload> = None;
         // The hash a FILE_UPLOAD_CHECK announced, for the FILE_UPLOAD_START that follows.
         let mut announced: Option<String> = None;
-        while let Some((binary, data)) = c.recv_upstream().await {
+        loop {
+            let next = match backlog.pop_front() {
+                Some(f) => Some(f),
+                None => c.recv_upstream().await,
+            };
+            let Some((binary, data)) = next else { break };
             let msg = match up::parse_frame(binary, data) {
                 Ok(Frame::KeepAlive) => continue,
                 Ok(Frame::Data(bytes)) => {
@@ -212,8 +221,13 @@ impl<R: Runtime> Worker<R> {
     }
 
     /// The challenge: an Ed25519 signature by a room member's registered key, or upstream's
-    /// HMAC with the room secret (`--room-secret`). Returns who the client is.
-    async fn upstream_auth(&self, ctx: &PeerCtx, c: &PeerConnection<R>) -> Result<String, String> {
+    /// HMAC with the room secret (`--room-secret`). Returns who the client is, and what it sent
+    /// before its proof (to be handled now that it is known).
+    async fn upstream_auth(
+        &self,
+        ctx: &PeerCtx,
+        c: &PeerConnection<R>,
+    ) -> Result<(String, VecDeque<(bool, Vec<u8>)>), String> {
         let mut bytes = [0u8; up::NONCE_BYTES];
         crate::random_bytes(&mut bytes).map_err(|e| {
             tracing::error!(error = %e, "cannot make a challenge nonce");
@@ -221,19 +235,24 @@ impl<R: Runtime> Worker<R> {
         })?;
         let nonce = auth::nonce(&bytes);
         c.send_upstream_text(&WorkerMsg::AuthChallenge(nonce.clone()).encode()).map_err(|e| e.to_string())?;
+        let mut backlog = VecDeque::new();
         let response = timeout::<R, _>(AUTH_WAIT, async {
-            let mut noise = 0;
+            let mut bytes = 0;
             while let Some((binary, data)) = c.recv_upstream().await {
-                match up::parse_frame(binary, data) {
-                    Ok(Frame::KeepAlive) => {}
-                    Ok(Frame::Msg(ClientMsg::AuthResponse(v))) => return Some(v),
-                    // Nothing is processed before the proof; a client that keeps talking fails.
-                    _ => {
-                        noise += 1;
-                        if noise > PRE_AUTH_NOISE {
-                            return None;
-                        }
+                if data == up::KEEP_ALIVE {
+                    continue;
+                }
+                if !binary && data.starts_with(b"AUTH_RESPONSE") {
+                    if let Ok(Frame::Msg(ClientMsg::AuthResponse(v))) = up::parse_frame(binary, data) {
+                        return Some(v);
                     }
+                    return None;
+                }
+                // Nothing is processed before the proof; a client that keeps talking fails.
+                bytes += data.len();
+                backlog.push_back((binary, data));
+                if backlog.len() > PRE_AUTH_BACKLOG || bytes > PRE_AUTH_BYTES {
+                    return None;
                 }
             }
             None
@@ -246,14 +265,14 @@ impl<R: Runtime> Worker<R> {
         }
         if let Some(secret) = &self.cfg.room_secret {
             if auth::room_secret_matches(secret, &nonce, &response) {
-                return Ok("room-secret".into());
+                return Ok(("room-secret".into(), backlog));
             }
         }
         for refetch in [false, true] {
             let keys = self.authorized_keys(&ctx.room, refetch).await;
             if let Some(k) = keys.iter().find(|k| auth::ed25519_matches(&k.public_key, &nonce, &response)) {
                 let who = k.user_id.clone().or_else(|| k.username.clone()).unwrap_or_else(|| "room-member".into());
-                return Ok(who);
+                return Ok((who, backlog));
             }
         }
         Err("invalid".into())
