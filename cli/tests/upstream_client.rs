@@ -388,3 +388,53 @@ async fn the_python_cli_trains_and_tracks_with_a_room_secret() {
     assert!(out.contains("invalid"), "{out}");
     assert_eq!(jobs(&env).len(), 2);
 }
+
+/// A second user, signed in and joined to the room with an invite.
+async fn second_member(env: &Env) -> String {
+    let http = reqwest::Client::new();
+    let jwt = http.post(format!("{}/anonymous-signin", env.url)).json(&json!({})).send().await.unwrap();
+    let jwt = jwt.json::<Value>().await.unwrap()["jwt"].as_str().unwrap().to_owned();
+    let inv = http
+        .post(format!("{}/api/auth/rooms/{}/invite", env.url, env.room))
+        .bearer_auth(&env.jwt)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    let joined = http
+        .post(format!("{}/api/auth/rooms/join", env.url))
+        .bearer_auth(&jwt)
+        .json(&json!({"invite_code": inv["invite_code"]}))
+        .send()
+        .await
+        .unwrap();
+    assert!(joined.status().is_success(), "{:?}", joined.text().await);
+    jwt
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_members_model_and_paths_outside_the_mounts_are_not_inputs() {
+    let env = env().await;
+    let (_w, labels) = worker_with_mount(&env, &[], "batch_ms=10").await;
+    let a = json!({"jwt": env.jwt, "room": env.room, "register_key": true,
+        "config_content": config_text(""), "labels_path": labels.display().to_string(), "max_epochs": 1});
+    let r = upstream(&env, &env.path("alice"), "train", a).await;
+    assert_eq!(r["ok"], true, "{r:#}");
+    let model = r["model_path"].as_str().unwrap().to_owned();
+    // Bob is a member with his own registered key: authenticated, but Alice's model is not his.
+    let bob = second_member(&env).await;
+    let a = json!({"jwt": bob, "room": env.room, "register_key": true,
+        "data_path": labels.display().to_string(), "model_paths": [model]});
+    let r = upstream(&env, &env.path("bob"), "track", a).await;
+    assert_eq!(r["ok"], false, "{r:#}");
+    assert!(r["error"].as_str().unwrap().contains("Job rejected"), "{r:#}");
+    // Nor is anything outside the mounts, whoever asks.
+    let a = json!({"jwt": env.jwt, "room": env.room, "slp_path": "/etc/passwd"});
+    let r = upstream(&env, &env.path("alice"), "pathcheck", a).await;
+    assert_eq!(r["ok"], false, "{r:#}");
+    assert!(r["error"].as_str().unwrap().contains("not within configured mounts"), "{r:#}");
+    assert_eq!(jobs(&env).len(), 1, "only Alice's training ran");
+}

@@ -16,6 +16,7 @@ const TARGETS: &[(&str, Harness)] = &[
     ("registry_manifest", sleap_rtc_fuzz::registry_manifest),
     ("peer_sdp", sleap_rtc_fuzz::peer_sdp),
     ("cluster_msg", sleap_rtc_fuzz::cluster_msg),
+    ("upstream_codec", sleap_rtc_fuzz::upstream_codec),
 ];
 
 fn inputs(dir: &Path) -> Vec<std::path::PathBuf> {

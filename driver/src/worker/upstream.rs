@@ -59,6 +59,8 @@ pub(super) enum JobEvent {
 pub(super) struct KeyCache {
     keys: Vec<AuthorizedKey>,
     fetched: Option<Instant>,
+    /// The last fetch that an unknown key asked for.
+    refetched: Option<Instant>,
 }
 
 #[derive(Debug, Clone, serde::Deserialize)]
@@ -282,14 +284,15 @@ impl<R: Runtime> Worker<R> {
     /// every [`KEYS_REFETCH`]) for a key registered since.
     async fn authorized_keys(&self, room: &str, refetch: bool) -> Vec<AuthorizedKey> {
         let mut cache = self.upstream_keys.lock().await;
-        let age = cache.fetched.map(|t| t.elapsed());
-        let fresh = age.is_some_and(|a| a < KEYS_TTL);
-        let recent = age.is_some_and(|a| a < KEYS_REFETCH);
-        if fresh && !(refetch && !recent) {
+        let fresh = cache.fetched.is_some_and(|t| t.elapsed() < KEYS_TTL);
+        // A member who registered a key a moment ago is found at once; a client sending bogus
+        // signatures makes the worker ask the server at most every KEYS_REFETCH.
+        let asked_recently = cache.refetched.is_some_and(|t| t.elapsed() < KEYS_REFETCH);
+        if (fresh && !refetch) || (refetch && asked_recently) {
             return cache.keys.clone();
         }
-        if refetch && recent {
-            return cache.keys.clone();
+        if refetch {
+            cache.refetched = Some(Instant::now());
         }
         let url = format!("{}/api/rooms/{room}/authorized-keys", self.http_base);
         crate::init_tls();
@@ -750,5 +753,22 @@ impl<R: Runtime> Translator<R> {
         }
         self.send(WorkerMsg::EndOfFile);
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::safe_name;
+
+    #[test]
+    fn upload_names_are_reduced_to_a_safe_base_name() {
+        assert_eq!(safe_name("labels.pkg.slp").as_deref(), Some("labels.pkg.slp"));
+        assert_eq!(safe_name("my labels.pkg.slp").as_deref(), Some("my labels.pkg.slp"));
+        // Upstream joined the name onto the destination as sent: `../` escaped it.
+        assert_eq!(safe_name("../../etc/cron.d/x").as_deref(), Some("x"));
+        assert_eq!(safe_name("C:\\Users\\me\\labels.slp").as_deref(), Some("labels.slp"));
+        for bad in ["", "..", ".", "a/", "nul\0.slp", "\u{202e}gpj.slp"] {
+            assert_eq!(safe_name(bad), None, "{bad:?}");
+        }
     }
 }
