@@ -438,3 +438,62 @@ async fn another_members_model_and_paths_outside_the_mounts_are_not_inputs() {
     assert!(r["error"].as_str().unwrap().contains("not within configured mounts"), "{r:#}");
     assert_eq!(jobs(&env).len(), 1, "only Alice's training ran");
 }
+
+/// By hand, with the real trainer (see cli/tests/real_sleap_nn.rs for making its venv):
+/// `SLEAP_NN=~/.cache/sleap-rtc/sleap-nn-venv/bin/sleap-nn cargo test -p sleap-rtc --test
+/// upstream_client real -- --ignored --nocapture`
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "needs the real sleap-nn: SLEAP_NN=/path/to/sleap-nn"]
+async fn real_sleap_nn_through_the_gui_api() {
+    let mut env = env().await;
+    env.fake = PathBuf::from(std::env::var("SLEAP_NN").expect("set SLEAP_NN to the real sleap-nn executable"));
+    let (_w, labels) = worker_with_mount(&env, &[], "").await;
+    let home = env.path("gui-home");
+    let a = json!({"jwt": env.jwt, "room": env.room, "register_key": true, "timeout": 1800,
+        "config_content": config_text(""), "labels_path": labels.display().to_string(), "max_epochs": 3});
+    let t = std::time::Instant::now();
+    let r = upstream(&env, &home, "train", a).await;
+    let train_secs = t.elapsed().as_secs_f64();
+    assert_eq!(r["ok"], true, "{r:#}\n{}", log_of(&env));
+    let reports = r["reports"].as_array().unwrap();
+    let count = |e: &str| reports.iter().filter(|m| m["event"] == e).count();
+    println!(
+        "real sleap-nn via sleap_rtc.api.run_training: {train_secs:.1} s wall, worker-reported {:.1} s; \
+         PROGRESS_REPORT train_begin {} epoch_begin {} epoch_end {} batch_end {} train_end {}; \
+         final epoch {} train loss {} val loss {}; {} log lines",
+        r["duration"].as_f64().unwrap_or_default(),
+        count("train_begin"),
+        count("epoch_begin"),
+        count("epoch_end"),
+        count("batch_end"),
+        count("train_end"),
+        r["final_epoch"],
+        r["final_train_loss"],
+        r["final_val_loss"],
+        r["logs"].as_array().map_or(0, Vec::len)
+    );
+    assert_eq!(count("epoch_end"), 3);
+    let model = r["model_path"].as_str().unwrap().to_owned();
+    assert!(Path::new(&model).join("best.ckpt").is_file());
+    let a = json!({"jwt": env.jwt, "room": env.room, "timeout": 1800,
+        "data_path": labels.display().to_string(), "model_paths": [model]});
+    let t = std::time::Instant::now();
+    let r = upstream(&env, &home, "track", a).await;
+    assert_eq!(r["ok"], true, "{r:#}\n{}", log_of(&env));
+    let preds = PathBuf::from(r["predictions_path"].as_str().unwrap());
+    println!(
+        "real sleap-nn via sleap_rtc.api.run_inference: {:.1} s wall; predictions {} ({} bytes)",
+        t.elapsed().as_secs_f64(),
+        preds.display(),
+        std::fs::metadata(&preds).map(|m| m.len()).unwrap_or(0)
+    );
+    // LossViewer's "Stop Early" after the second epoch of 30.
+    let a = json!({"jwt": env.jwt, "room": env.room, "timeout": 1800, "stop_after_epoch": 1,
+        "config_content": config_text(""), "labels_path": labels.display().to_string(), "max_epochs": 30});
+    let t = std::time::Instant::now();
+    let r = upstream(&env, &home, "train", a).await;
+    assert_eq!(r["ok"], true, "{r:#}\n{}", log_of(&env));
+    let epochs = r["reports"].as_array().unwrap().iter().filter(|m| m["event"] == "epoch_end").count();
+    println!("real sleap-nn stop early: {epochs} of 30 epochs, {:.1} s wall", t.elapsed().as_secs_f64());
+    assert!(epochs < 30 && Path::new(r["model_path"].as_str().unwrap()).join("best.ckpt").is_file());
+}
