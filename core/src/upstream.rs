@@ -335,8 +335,10 @@ fn one_line(s: &str) -> String {
     s.replace(['\n', '\r'], " ")
 }
 
+/// A field that others follow: no colon at all (replacing `::` alone would turn `:::` back
+/// into a separator). Ids and nonces have none; a client-chosen job id might.
 fn field(s: &str) -> String {
-    one_line(s).replace(SEP, ":")
+    one_line(s).replace(':', "_")
 }
 
 impl WorkerMsg {

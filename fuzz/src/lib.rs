@@ -927,7 +927,8 @@ pub fn upstream_codec(data: &[u8]) {
     let done = WorkerMsg::JobComplete(detail.clone()).encode();
     let json_part = done.split_once("::").map(|(_, j)| j).unwrap_or_default();
     assert_eq!(serde_json::from_str::<Value>(json_part).ok(), Some(detail), "{done:?}");
-    let (a, b) = text.split_at(text.len() / 2);
+    let mid = (0..=text.len() / 2).rev().find(|&i| text.is_char_boundary(i)).unwrap_or(0);
+    let (a, b) = text.split_at(mid);
     if let Some(mac) = up::auth::room_secret_hmac(a, b) {
         assert!(up::auth::room_secret_matches(a, b, &mac));
     }

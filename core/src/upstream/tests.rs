@@ -75,6 +75,9 @@ fn text_fields_cannot_inject_lines_or_separators() {
     assert_eq!(WorkerMsg::Line("Epoch 1".into()).encode(), "Epoch 1\n");
     let m = WorkerMsg::JobAccepted("a::b".into()).encode();
     assert_eq!(py_split(&m, "::", 2).len(), 2);
+    // Found by fuzz `upstream_codec`: ":::" with "::" replaced is "::" again.
+    let m = WorkerMsg::JobFailed { job_id: "20:::3".into(), detail: json!({"message": "x"}) }.encode();
+    assert_eq!(serde_json::from_str::<Value>(py_split(&m, "::", 2)[2]).ok(), Some(json!({"message": "x"})), "{m}");
 }
 
 #[test]
