@@ -94,6 +94,37 @@ fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
     Ok(())
 }
 
+/// Where upstream's Python client (the SLEAP GUI's `sleap_rtc` package) keeps its credentials.
+pub fn upstream_path() -> PathBuf {
+    home().join(".sleap-rtc").join("credentials.json")
+}
+
+/// Writes what upstream's client reads to sign in and to answer a worker's challenge: the JWT,
+/// the user, and the device's Ed25519 private key (registered with the server by the caller).
+/// Other keys in the file (room secrets, tokens, a default room) are kept; a file that is not a
+/// JSON object is refused rather than overwritten.
+pub fn write_upstream(jwt: &str, user_id: &str, username: &str, private_key: &str) -> Result<PathBuf> {
+    use std::os::unix::fs::PermissionsExt;
+    let path = upstream_path();
+    let mut obj = match std::fs::read(&path) {
+        Ok(b) => match serde_json::from_slice::<serde_json::Value>(&b) {
+            Ok(serde_json::Value::Object(o)) => o,
+            _ => bail!("{} is not a JSON object; move it away first", path.display()),
+        },
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => serde_json::Map::new(),
+        Err(e) => return Err(e).with_context(|| format!("cannot read {}", path.display())),
+    };
+    obj.insert("jwt".into(), jwt.into());
+    obj.insert("user".into(), serde_json::json!({"id": user_id, "username": username}));
+    obj.insert("private_key".into(), private_key.into());
+    obj.insert("public_key_registered".into(), true.into());
+    write_private(&path, &serde_json::to_vec_pretty(&serde_json::Value::Object(obj))?)?;
+    if let Some(dir) = path.parent() {
+        std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+    }
+    Ok(path)
+}
+
 /// The credential to use: `--jwt`/`SLEAP_RTC_JWT` first, then what `login` stored.
 pub fn resolve(server: &str, explicit: Option<&str>) -> Result<String> {
     if let Some(c) = explicit.filter(|c| !c.is_empty()) {

@@ -84,6 +84,12 @@ struct LoginArgs {
     /// An account key (slp_acct_...) to store instead of signing in anonymously.
     #[arg(long, env = "SLEAP_RTC_ACCOUNT_KEY", hide_env_values = true)]
     account_key: Option<String>,
+    /// Also sign in the SLEAP GUI (upstream's Python `sleap_rtc` package, which cannot sign in to
+    /// this server itself): writes its ~/.sleap-rtc/credentials.json (the JWT, and a new Ed25519
+    /// device key whose public half is registered here, so workers accept its challenge answers).
+    /// Needs a JWT: not with --account-key.
+    #[arg(long, conflicts_with = "account_key")]
+    for_sleap_gui: bool,
 }
 
 #[derive(Subcommand)]
@@ -351,8 +357,32 @@ async fn login(a: LoginArgs) -> Result<i32> {
         }
     };
     let user = saved.username.clone().unwrap_or_default();
+    let jwt = saved.credential.clone();
     let path = creds::put(&server.http, saved)?;
     eprintln!("logged in to {} as {user}; credential stored in {}", server.http, path.display());
+    if a.for_sleap_gui {
+        let mut seed = [0u8; 32];
+        getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("no randomness for the device key: {e}"))?;
+        let (private, public) = sleap_rtc_core::upstream::auth::device_key(&seed);
+        http_json(
+            http.post(format!("{}/api/auth/public-keys", server.http))
+                .bearer_auth(&jwt)
+                .json(&json!({"public_key": public, "device_name": "sleap-gui"})),
+        )
+        .await
+        .context("registering the SLEAP GUI's device key")?;
+        let me = http_json(http.get(format!("{}/api/auth/me", server.http)).bearer_auth(&jwt)).await?;
+        let id = me.get("user_id").or(me.get("id")).and_then(Value::as_str).unwrap_or_default();
+        let up = creds::write_upstream(&jwt, id, &user, &private)?;
+        let ws = server.http.replacen("http", "ws", 1);
+        eprintln!(
+            "the SLEAP GUI is signed in too ({}); point it at this server with\n  \
+             export SLEAP_RTC_SIGNALING_WS={ws}/ws SLEAP_RTC_SIGNALING_HTTP={}\n\
+             The sign-in lasts as long as the JWT (7 days by default): run this again then.",
+            up.display(),
+            server.http
+        );
+    }
     Ok(0)
 }
 

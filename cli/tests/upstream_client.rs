@@ -82,6 +82,19 @@ fn jobs(env: &Env) -> Vec<String> {
         .unwrap_or_default()
 }
 
+/// Every job's journal on the worker.
+fn journals(env: &Env) -> Vec<Value> {
+    jobs(env)
+        .iter()
+        .filter_map(|j| std::fs::read(env.path("w").join("jobs").join(j).join("job.json")).ok())
+        .filter_map(|b| serde_json::from_slice(&b).ok())
+        .collect()
+}
+
+fn count_kind(env: &Env, kind: &str) -> usize {
+    journals(env).iter().filter(|j| j["status"]["kind"] == kind).count()
+}
+
 fn log_of(env: &Env) -> String {
     std::fs::read_to_string(env.path("w.log")).unwrap_or_default()
 }
@@ -101,10 +114,28 @@ async fn the_gui_api_trains_tracks_and_checks_paths_with_its_own_key() {
     assert_eq!(r["all_found"], true, "{r:#}");
     assert_eq!(r["slp_path"], labels.display().to_string());
 
-    // Training with every callback the GUI passes.
+    // The GUI's remote file browser on the mounts.
+    let mut a = base.clone();
+    a["slp_path"] = json!("/laptop/labels.pkg.slp");
+    let r = upstream(&env, &home, "browse", a).await;
+    assert_eq!(r["ok"], true, "{r:#}");
+    let mount = labels.parent().unwrap().display().to_string();
+    let mounts: Value = serde_json::from_str(r["mounts"].as_str().unwrap().split_once("::").unwrap().1).unwrap();
+    assert_eq!(mounts, json!([{"path": mount, "label": "lab-data"}]));
+    let listing: Value = serde_json::from_str(r["listing"].as_str().unwrap().split_once("::").unwrap().1).unwrap();
+    assert_eq!(listing["path"], mount);
+    assert_eq!(listing["entries"][0]["name"], "labels.pkg.slp", "{listing:#}");
+    assert_eq!(listing["entries"][0]["type"], "file");
+    assert_eq!(listing["has_more"], false);
+    assert!(r["outside"].as_str().unwrap().starts_with("FS_ERROR::ACCESS_DENIED::"), "{r:#}");
+    assert!(r["path_error"].as_str().unwrap().contains("not within configured mounts"), "{r:#}");
+
+    // Training with every callback the GUI passes; the labels named by the laptop's path and a
+    // path mapping, as the GUI sends them.
     let mut a = base.clone();
     a["config_content"] = json!(config_text(""));
-    a["labels_path"] = json!(labels.display().to_string());
+    a["labels_path"] = json!("/laptop/labels.pkg.slp");
+    a["path_mappings"] = json!({"/laptop/labels.pkg.slp": labels.display().to_string()});
     a["max_epochs"] = json!(3);
     a["inference"] = json!(true);
     let r = upstream(&env, &home, "train", a).await;
@@ -128,8 +159,13 @@ async fn the_gui_api_trains_tracks_and_checks_paths_with_its_own_key() {
     let events: Vec<&Value> = r["events"].as_array().unwrap().iter().collect();
     assert_eq!(events.first().map(|e| &e["type"]), Some(&json!("train_begin")));
     assert!(events.iter().any(|e| e["type"] == "train_end" && e["success"] == true), "{events:#?}");
-    // With on_inference_message the API waits for a terminal inference message.
-    assert_eq!(r["inference"][0][0], "INFERENCE_SKIPPED", "{r:#}");
+    // With on_inference_message the API waits for the post-training inference, as upstream runs it.
+    let inference = r["inference"].as_array().unwrap();
+    assert_eq!(inference.first().map(|m| &m[0]), Some(&json!("INFERENCE_BEGIN")), "{r:#}");
+    assert!(inference.iter().any(|m| m[0] == "INFERENCE_PROGRESS" && m[1]["n_processed"].is_number()), "{r:#}");
+    let last = inference.last().unwrap();
+    assert_eq!(last[0], "INFERENCE_COMPLETE", "{r:#}\n{}", log_of(&env));
+    assert!(Path::new(last[1]["predictions_path"].as_str().unwrap()).is_file(), "{last}");
 
     // Inference with the new model: the predictions file the API names exists.
     let mut a = base.clone();
@@ -186,12 +222,9 @@ async fn cancel_from_the_gui_ends_the_job_as_cancelled() {
     assert_eq!(r["error_type"], "JobError", "{r:#}");
     // JOB_FAILED carries the message where the API reads it (not "Job failed").
     assert!(r["error"].as_str().unwrap().contains("cancel"), "{r:#}");
-    let js = jobs(&env);
-    assert_eq!(js.len(), 1);
-    let journal: Value =
-        serde_json::from_slice(&std::fs::read(env.path("w").join("jobs").join(&js[0]).join("job.json")).unwrap())
-            .unwrap();
-    assert_eq!(journal["status"]["state"], "cancelled", "{journal:#}");
+    let js = journals(&env);
+    assert_eq!(js.len(), 1, "a cancelled training has no inference after it: {js:#?}");
+    assert_eq!(js[0]["status"]["state"], "cancelled", "{js:#?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -335,10 +368,11 @@ async fn the_python_cli_trains_and_tracks_with_a_room_secret() {
     )
     .await;
     assert!(!out.contains("authentication failed"), "{out}");
-    let js = jobs(&env);
-    assert_eq!(js.len(), 1, "{js:?}");
+    let train: Vec<Value> = journals(&env).into_iter().filter(|j| j["status"]["kind"] == "train").collect();
+    assert_eq!(train.len(), 1, "{train:?}");
     // The run is named after the config's head, as sleap-nn would.
-    let model = env.path("w").join("jobs").join(&js[0]).join("runs/single_instance");
+    let id = train[0]["status"]["job_id"].as_str().unwrap();
+    let model = env.path("w").join("jobs").join(id).join("runs/single_instance");
     assert!(model.join("best.ckpt").is_file(), "{model:?}\n{out}");
 
     // Inference: the CLI writes the streamed predictions into its working directory.
@@ -350,19 +384,15 @@ async fn the_python_cli_trains_and_tracks_with_a_room_secret() {
         "Completed Successfully",
     )
     .await;
-    let js = jobs(&env);
-    assert_eq!(js.len(), 2, "{js:?}\n{out}");
-    let on_worker: Vec<PathBuf> = js
-        .iter()
-        .flat_map(|j| std::fs::read_dir(env.path("w").join("jobs").join(j).join("output")).into_iter().flatten())
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .collect();
-    assert_eq!(on_worker.len(), 1, "{on_worker:?}");
-    let name = on_worker[0].file_name().unwrap();
-    let local = home.join(name);
+    // The newest track job is this one (the one before it is the inference after the training).
+    let mut track: Vec<Value> = journals(&env).into_iter().filter(|j| j["status"]["kind"] == "track").collect();
+    track.sort_by(|a, b| a["created_at"].as_f64().partial_cmp(&b["created_at"].as_f64()).unwrap());
+    let last = track.last().expect("a track job");
+    let result = last["status"]["results"][0].as_str().expect("predictions");
+    let on_worker = env.path("w").join("jobs").join(last["status"]["job_id"].as_str().unwrap()).join(result);
+    let local = home.join(on_worker.file_name().unwrap());
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(std::fs::read(&local).ok(), std::fs::read(&on_worker[0]).ok(), "{local:?}\n{out}");
+    assert_eq!(std::fs::read(&local).ok(), std::fs::read(&on_worker).ok(), "{local:?}\n{out}");
 
     // A wrong secret gets nothing done.
     let wrong = "ZGVmZ2hpamtsbW5vcHFyc3R1dnd4eXp7fH1-f4CBgoM";
@@ -386,7 +416,7 @@ async fn the_python_cli_trains_and_tracks_with_a_room_secret() {
     )
     .await;
     assert!(out.contains("invalid"), "{out}");
-    assert_eq!(jobs(&env).len(), 2);
+    assert_eq!(count_kind(&env, "train"), 1, "the refused client trained nothing");
 }
 
 /// A second user, signed in and joined to the room with an invite.
@@ -436,7 +466,9 @@ async fn another_members_model_and_paths_outside_the_mounts_are_not_inputs() {
     let r = upstream(&env, &env.path("alice"), "pathcheck", a).await;
     assert_eq!(r["ok"], false, "{r:#}");
     assert!(r["error"].as_str().unwrap().contains("not within configured mounts"), "{r:#}");
-    assert_eq!(jobs(&env).len(), 1, "only Alice's training ran");
+    assert_eq!(count_kind(&env, "train"), 1, "only Alice's training ran");
+    let alice = journals(&env)[0]["owner"].clone();
+    assert!(journals(&env).iter().all(|j| j["owner"] == alice), "Bob ran nothing");
 }
 
 /// By hand, with the real trainer (see cli/tests/real_sleap_nn.rs for making its venv):
@@ -449,7 +481,7 @@ async fn real_sleap_nn_through_the_gui_api() {
     env.fake = PathBuf::from(std::env::var("SLEAP_NN").expect("set SLEAP_NN to the real sleap-nn executable"));
     let (_w, labels) = worker_with_mount(&env, &[], "").await;
     let home = env.path("gui-home");
-    let a = json!({"jwt": env.jwt, "room": env.room, "register_key": true, "timeout": 1800,
+    let a = json!({"jwt": env.jwt, "room": env.room, "register_key": true, "timeout": 1800, "inference": true,
         "config_content": config_text(""), "labels_path": labels.display().to_string(), "max_epochs": 3});
     let t = std::time::Instant::now();
     let r = upstream(&env, &home, "train", a).await;
@@ -473,6 +505,13 @@ async fn real_sleap_nn_through_the_gui_api() {
         r["logs"].as_array().map_or(0, Vec::len)
     );
     assert_eq!(count("epoch_end"), 3);
+    let inference = r["inference"].as_array().unwrap();
+    println!(
+        "real sleap-nn post-training inference: {} messages, last {}",
+        inference.len(),
+        inference.last().map(|m| m.to_string()).unwrap_or_default()
+    );
+    assert_eq!(inference.last().map(|m| &m[0]), Some(&json!("INFERENCE_COMPLETE")), "{inference:#?}");
     let model = r["model_path"].as_str().unwrap().to_owned();
     assert!(Path::new(&model).join("best.ckpt").is_file());
     let a = json!({"jwt": env.jwt, "room": env.room, "timeout": 1800,
@@ -496,4 +535,47 @@ async fn real_sleap_nn_through_the_gui_api() {
     let epochs = r["reports"].as_array().unwrap().iter().filter(|m| m["event"] == "epoch_end").count();
     println!("real sleap-nn stop early: {epochs} of 30 epochs, {:.1} s wall", t.elapsed().as_secs_f64());
     assert!(epochs < 30 && Path::new(r["model_path"].as_str().unwrap()).join("best.ckpt").is_file());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_login_signs_the_gui_in() {
+    let env = env().await;
+    let (_w, labels) = worker_with_mount(&env, &[], "batch_ms=10").await;
+    let home = env.path("gui-home");
+    std::fs::create_dir_all(&home).unwrap();
+    let out = env.cmd(&["login", "--server", &env.url, "--for-sleap-gui"]).env("HOME", &home).output().await.unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{err}");
+    assert!(err.contains("SLEAP_RTC_SIGNALING_WS=ws://"), "{err}");
+    let path = home.join(".sleap-rtc/credentials.json");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(std::fs::metadata(&path).unwrap().permissions().mode() & 0o777, 0o600);
+    let creds: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    let jwt = creds["jwt"].as_str().unwrap().to_owned();
+    // The new user joins the lab's room, as with any invite.
+    let http = reqwest::Client::new();
+    let inv = http
+        .post(format!("{}/api/auth/rooms/{}/invite", env.url, env.room))
+        .bearer_auth(&env.jwt)
+        .json(&json!({}))
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    let joined = http
+        .post(format!("{}/api/auth/rooms/join", env.url))
+        .bearer_auth(&jwt)
+        .json(&json!({"invite_code": inv["invite_code"]}))
+        .send()
+        .await
+        .unwrap();
+    assert!(joined.status().is_success());
+    // The GUI API, with nothing but what login stored, trains.
+    let a = json!({"room": env.room, "config_content": config_text(""),
+        "labels_path": labels.display().to_string(), "max_epochs": 1});
+    let r = upstream(&env, &home, "train", a).await;
+    assert_eq!(r["ok"], true, "{r:#}\n{}", log_of(&env));
+    assert_eq!(r["success"], true);
 }

@@ -400,6 +400,15 @@ pub mod auth {
     use hmac::{Hmac, Mac};
     use sha2::Sha256;
 
+    /// A device key pair in upstream's credential format, from 32 bytes of OS randomness: the
+    /// raw private key and its public half, both url-safe base64 without padding (what
+    /// `~/.sleap-rtc/credentials.json` keeps as `private_key` and `POST /api/auth/public-keys`
+    /// takes as `public_key`).
+    pub fn device_key(seed: &[u8; 32]) -> (String, String) {
+        let key = ed25519_dalek::SigningKey::from_bytes(seed);
+        (URL_SAFE_NO_PAD.encode(seed), URL_SAFE_NO_PAD.encode(key.verifying_key().as_bytes()))
+    }
+
     /// A challenge nonce from `bytes` of OS randomness: url-safe base64 without padding.
     pub fn nonce(bytes: &[u8; super::NONCE_BYTES]) -> String {
         URL_SAFE_NO_PAD.encode(bytes)

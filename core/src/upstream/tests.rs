@@ -183,6 +183,9 @@ fn ed25519_signatures_verify_against_the_right_key_only() {
     assert!(!auth::ed25519_matches(&pk, "another nonce", &sig));
     assert!(!auth::ed25519_matches(&pk, &nonce, "missing"));
     assert!(!auth::ed25519_matches("not a key", &nonce, &sig));
+    let (private, public) = auth::device_key(&[7u8; 32]);
+    assert_eq!(public, pk);
+    assert_eq!(auth::decode_b64(&private), Some(vec![7u8; 32]));
 }
 
 proptest! {

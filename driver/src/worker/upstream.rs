@@ -48,6 +48,7 @@ pub(super) enum JobEvent {
     Submitted {
         kind: JobKind,
         model_types: Vec<String>,
+        labels: Option<String>,
     },
     Msg(JobMsg),
     /// sleap-nn's ZMQ message, unchanged (`PROGRESS_REPORT::`).
@@ -123,6 +124,9 @@ impl<R: Runtime> Worker<R> {
         let (tx, rx) = mpsc::unbounded_channel();
         let current: Arc<Mutex<Option<String>>> = Arc::default();
         let translator = Translator {
+            worker: self.clone(),
+            user: user.clone(),
+            labels: None,
             c: c.clone(),
             jobs_dir: self.jobs_dir.clone(),
             current: current.clone(),
@@ -194,11 +198,12 @@ impl<R: Runtime> Worker<R> {
                         }
                     };
                     if let Ok(s) = parse_spec(&value) {
-                        let model_types = match &s {
-                            JobSpec::Train(t) => t.model_types.clone(),
-                            JobSpec::Track(_) => vec![],
+                        let kind = s.kind();
+                        let (model_types, labels) = match s.mapped() {
+                            JobSpec::Train(t) => (t.model_types, t.labels_path),
+                            JobSpec::Track(_) => (vec![], None),
                         };
-                        let _ = tx.send(JobEvent::Submitted { kind: s.kind(), model_types });
+                        let _ = tx.send(JobEvent::Submitted { kind, model_types, labels });
                     }
                     let (me, user, at) = (self.clone(), user.clone(), Attached::Upstream(tx.clone()));
                     R::spawn(async move { me.submit(at, user, client_job_id, value, vec![]).await });
@@ -565,6 +570,11 @@ fn hex(b: &[u8]) -> String {
 
 /// Turns one upstream connection's job events into upstream messages.
 struct Translator<R: Runtime> {
+    /// For the inference upstream runs after every training (a job of its own, same user).
+    worker: Arc<Worker<R>>,
+    user: String,
+    /// The training's labels (a worker path), which that inference predicts on.
+    labels: Option<String>,
     c: Arc<PeerConnection<R>>,
     jobs_dir: PathBuf,
     current: Arc<Mutex<Option<String>>>,
@@ -620,9 +630,10 @@ impl<R: Runtime> Translator<R> {
                     self.send(WorkerMsg::ProgressReport(raw));
                     continue;
                 }
-                JobEvent::Submitted { kind, model_types } => {
+                JobEvent::Submitted { kind, model_types, labels } => {
                     self.kind = kind;
                     self.model_types = model_types;
+                    self.labels = labels;
                     self.models_started = 0;
                     self.run_names.clear();
                     continue;
@@ -726,12 +737,102 @@ impl<R: Runtime> Translator<R> {
         }
         self.complete(Some(&status), output, status.state == JobState::StoppedEarly);
         if self.kind == JobKind::Train {
-            // The API keeps its channel open for post-training inference when the GUI asked for
-            // it; this worker does not run one, and says so at once.
-            self.send(WorkerMsg::InferenceSkipped(json!({
-                "reason": "not_supported",
-                "message": "this worker does not run inference after training; run a track job on the new model",
-            })));
+            let models: Vec<String> = status.results.iter().map(|r| dir.join(r).display().to_string()).collect();
+            match self.labels.clone() {
+                Some(labels) if !models.is_empty() => self.post_inference(labels, models).await,
+                Some(_) => self.send(WorkerMsg::InferenceSkipped(json!({"reason": "no_checkpoint"}))),
+                None => self.send(WorkerMsg::InferenceSkipped(json!({"reason": "no_labels_path"}))),
+            }
+        }
+    }
+
+    /// Upstream's post-training inference, as the GUI expects it: the new models predict the
+    /// labels' suggested frames, with `INFERENCE_*` progress, the predictions streamed back, then
+    /// `INFERENCE_COMPLETE`. It is an ordinary track job of the same user (journal, limits, stop
+    /// and cancel); a client that goes away cancels it, since only it would read the result.
+    async fn post_inference(&mut self, labels: String, models: Vec<String>) {
+        self.send(WorkerMsg::InferenceBegin);
+        let (tx, mut rx) = mpsc::unbounded_channel();
+        let spec = json!({"type": "track", "data_path": labels, "model_paths": models, "frame_filter": "suggested"});
+        let (me, user) = (self.worker.clone(), self.user.clone());
+        R::spawn(async move { me.submit(Attached::Upstream(tx), user, "post-training".into(), spec, vec![]).await });
+        let mut job: Option<String> = None;
+        loop {
+            let ev = tokio::select! {
+                ev = rx.recv() => ev,
+                _ = self.c.closed() => {
+                    // Gone before the job was accepted: wait for that (briefly), then cancel.
+                    let job = match job.take() {
+                        Some(j) => Some(j),
+                        None => timeout::<R, _>(Duration::from_secs(10), async {
+                            while let Some(ev) = rx.recv().await {
+                                match ev {
+                                    JobEvent::Msg(JobMsg::JobAccepted { job_id, .. }) => return Some(job_id),
+                                    JobEvent::Msg(JobMsg::JobRejected { .. } | JobMsg::JobDone { .. }) => return None,
+                                    _ => {}
+                                }
+                            }
+                            None
+                        })
+                        .await
+                        .ok()
+                        .flatten(),
+                    };
+                    if let Some(j) = job {
+                        tracing::info!(job = %j, "the client left; cancelling its post-training inference");
+                        let _ = self.worker.request_interrupt(&self.user, &j, Interrupt::Cancel);
+                    }
+                    return;
+                }
+            };
+            let msg = match ev {
+                Some(JobEvent::Msg(m)) => m,
+                Some(_) => continue,
+                None => {
+                    self.send(WorkerMsg::InferenceFailed(json!({"error": "the inference job ended without a result"})));
+                    return;
+                }
+            };
+            match msg {
+                JobMsg::JobAccepted { job_id, .. } => {
+                    // JOB_CANCEL now reaches the inference.
+                    if let Ok(mut c) = self.current.lock() {
+                        *c = Some(job_id.clone());
+                    }
+                    job = Some(job_id);
+                }
+                JobMsg::JobRejected { errors, .. } => {
+                    let why: Vec<String> = errors.iter().map(|e| e.to_string()).collect();
+                    self.send(WorkerMsg::InferenceFailed(json!({"error": why.join("; ")})));
+                    return;
+                }
+                JobMsg::JobProgress { progress: Progress::Inference { n_processed, n_total, rate, eta }, .. } => {
+                    let v = json!({"n_processed": n_processed, "n_total": n_total, "rate": rate, "eta": eta});
+                    self.send(WorkerMsg::InferenceProgress(v))
+                }
+                JobMsg::JobLog { text, .. } => self.send(WorkerMsg::InferenceLog(text)),
+                JobMsg::JobDone { status } => {
+                    let dir = self.jobs_dir.join(&status.job_id);
+                    let preds = status.results.first().map(|r| dir.join(r));
+                    let end = match (status.state, preds) {
+                        (JobState::Completed, Some(p)) => match self.stream_file(&p).await {
+                            Ok(()) => {
+                                WorkerMsg::InferenceComplete(json!({"predictions_path": p.display().to_string()}))
+                            }
+                            Err(e) => WorkerMsg::InferenceFailed(
+                                json!({"error": format!("failed to stream predictions: {e}")}),
+                            ),
+                        },
+                        (JobState::Cancelled, _) => WorkerMsg::InferenceFailed(json!({"error": "cancelled"})),
+                        _ => WorkerMsg::InferenceFailed(
+                            json!({"error": status.message.unwrap_or_else(|| "no output file".into())}),
+                        ),
+                    };
+                    self.send(end);
+                    return;
+                }
+                _ => {}
+            }
         }
     }
 
