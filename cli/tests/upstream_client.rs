@@ -579,3 +579,66 @@ async fn our_login_signs_the_gui_in() {
     assert_eq!(r["ok"], true, "{r:#}\n{}", log_of(&env));
     assert_eq!(r["success"], true);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn search_scan_info_and_a_forged_upload_hash() {
+    let env = env().await;
+    let (_w, labels) = worker_with_mount(&env, &[], "batch_ms=10").await;
+    let mount = labels.parent().unwrap().to_path_buf();
+    std::fs::create_dir_all(mount.join("videos/day1")).unwrap();
+    std::fs::write(mount.join("videos/day1/Fly1.mp4"), vec![0u8; 1000]).unwrap();
+    std::fs::write(mount.join("videos/fly1.mp4.bak"), b"x").unwrap();
+    let dir = mount.display().to_string();
+    let sha_of_other = "ab".repeat(32);
+    let a = json!({"jwt": env.jwt, "room": env.room, "register_key": true, "expect": 9, "send": [
+        "FS_RESOLVE::/laptop/videos/fly1.mp4::1000::::all",
+        "FS_RESOLVE::*.*::::::",
+        "FS_RESOLVE::fly1.mp4::::::no-such-mount",
+        format!("FS_SCAN_DIR::{}", json!({"directory": format!("{dir}/videos/day1"), "filenames": ["Fly1.mp4", "gone.mp4", "../../etc/passwd"]})),
+        "FS_GET_INFO",
+        "FS_FROBNICATE",
+        format!("FILE_UPLOAD_CHECK::{sha_of_other}::x.pkg.slp"),
+        format!("FILE_UPLOAD_START::../../x.pkg.slp::3::{dir}::1"),
+        {"bytes_hex": "616263"},
+        "FILE_UPLOAD_END",
+    ]});
+    let r = upstream(&env, &env.path("home"), "raw", a).await;
+    assert_eq!(r["ok"], true, "{r:#}\n{}", log_of(&env));
+    let replies: Vec<&str> = r["replies"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
+    let json_of = |m: &str| -> Value { serde_json::from_str(m.split_once("::").unwrap().1).unwrap() };
+    // The exact name with the exact size, deepest but best; then the substring match.
+    let found = json_of(replies[0]);
+    assert!(replies[0].starts_with("FS_RESOLVE_RESPONSE::"), "{replies:#?}");
+    assert_eq!(found["candidates"][0]["name"], "Fly1.mp4", "{found:#}");
+    assert_eq!(found["candidates"][0]["match_type"], "exact");
+    assert_eq!(found["candidates"][1]["match_type"], "substring");
+    assert_eq!(found["truncated"], false);
+    assert!(replies[1].starts_with("FS_ERROR::PATTERN_TOO_BROAD::"), "{}", replies[1]);
+    assert!(replies[2].starts_with("FS_ERROR::MOUNT_NOT_FOUND::"), "{}", replies[2]);
+    let scan = json_of(replies[3]);
+    assert!(scan["found"]["Fly1.mp4"].as_str().unwrap().ends_with("videos/day1/Fly1.mp4"), "{scan:#}");
+    assert_eq!(scan["found"]["gone.mp4"], Value::Null);
+    assert_eq!(scan["found"]["../../etc/passwd"], Value::Null, "no walking out: {scan:#}");
+    let info = json_of(replies[4]);
+    assert_eq!(info["mounts"][0]["path"], dir, "{info:#}");
+    assert!(replies[5].starts_with("FS_ERROR::INVALID_REQUEST::Unknown FS message type"), "{}", replies[5]);
+    assert_eq!(replies[6], "FILE_UPLOAD_READY");
+    assert_eq!(replies[7], "FILE_UPLOAD_READY", "the name is cut to x.pkg.slp, not refused");
+    // The bytes are not what the client announced: refused, nothing kept.
+    assert!(replies[8].starts_with("FILE_UPLOAD_ERROR::") && replies[8].contains("SHA-256"), "{}", replies[8]);
+    let kept: Vec<_> = walk(&env.path("w").join("uploads")).into_iter().filter(|p| p.is_file()).collect();
+    assert!(kept.is_empty(), "{kept:?}");
+    assert!(!env.path("x.pkg.slp").exists() && !mount.join("x.pkg.slp").exists());
+}
+
+fn walk(dir: &Path) -> Vec<PathBuf> {
+    let mut out = vec![];
+    for e in std::fs::read_dir(dir).into_iter().flatten().filter_map(Result::ok) {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        }
+        out.push(p);
+    }
+    out
+}

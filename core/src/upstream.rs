@@ -393,6 +393,98 @@ impl WorkerMsg {
     }
 }
 
+/// Upstream's `FS_RESOLVE`: finding a file the client names by its name (and size) somewhere in
+/// the worker's mounts, when the path it had does not exist there. The walk is the caller's; the
+/// rules are here.
+pub mod resolve {
+    /// How deep below a mount the walk goes (upstream's `MAX_SEARCH_DEPTH`).
+    pub const MAX_DEPTH: u32 = 5;
+    /// Candidates at most (upstream stops after 20 hits).
+    pub const MAX_HITS: usize = 20;
+    /// A wildcard pattern needs this many other characters (upstream's `MIN_PATTERN_CHARS`).
+    pub const MIN_PATTERN_CHARS: usize = 3;
+    /// The walk gives up after this long (upstream's `SEARCH_TIMEOUT`), in milliseconds.
+    pub const TIMEOUT_MS: u64 = 10_000;
+
+    #[derive(Debug, Clone, Copy, PartialEq, Eq)]
+    pub enum MatchType {
+        Exact,
+        Wildcard,
+        Substring,
+    }
+
+    impl MatchType {
+        pub fn as_str(self) -> &'static str {
+            match self {
+                MatchType::Exact => "exact",
+                MatchType::Wildcard => "wildcard",
+                MatchType::Substring => "substring",
+            }
+        }
+    }
+
+    /// A checked pattern.
+    #[derive(Debug, Clone)]
+    pub struct Query {
+        lower: String,
+        glob: Option<glob::Pattern>,
+        size: Option<u64>,
+    }
+
+    #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+    pub enum QueryError {
+        #[error("Pattern is required")]
+        Empty,
+        #[error("Pattern is too broad: a wildcard pattern needs at least {MIN_PATTERN_CHARS} other characters")]
+        TooBroad,
+        #[error("Invalid pattern: {0}")]
+        Invalid(String),
+    }
+
+    impl Query {
+        pub fn new(pattern: &str, size: Option<u64>) -> Result<Query, QueryError> {
+            let p = pattern.trim();
+            // A path was given: only its last component is looked for.
+            let p = p.rsplit(['/', '\\']).next().unwrap_or(p);
+            if p.is_empty() {
+                return Err(QueryError::Empty);
+            }
+            let wild = p.contains(['*', '?', '[']);
+            let glob = if wild {
+                if p.chars().filter(|c| !matches!(c, '*' | '?' | '[' | ']')).count() < MIN_PATTERN_CHARS {
+                    return Err(QueryError::TooBroad);
+                }
+                Some(glob::Pattern::new(&p.to_lowercase()).map_err(|e| QueryError::Invalid(e.to_string()))?)
+            } else {
+                None
+            };
+            Ok(Query { lower: p.to_lowercase(), glob, size })
+        }
+
+        /// How `name` (a file `depth` directories below its mount, of `size` bytes) matches, with
+        /// upstream's score: exact 100, wildcard 50, substring 25; +20 for the exact size, +10
+        /// within 10 %; −0.1 per directory level.
+        pub fn score(&self, name: &str, size: u64, depth: u32) -> Option<(MatchType, f64)> {
+            let n = name.to_lowercase();
+            let (kind, mut score) = match &self.glob {
+                Some(g) if g.matches(&n) => (MatchType::Wildcard, 50.0),
+                Some(_) => return None,
+                None if n == self.lower => (MatchType::Exact, 100.0),
+                None if n.contains(&self.lower) => (MatchType::Substring, 25.0),
+                None => return None,
+            };
+            if let Some(want) = self.size {
+                if want == size {
+                    score += 20.0;
+                } else if want > 0 && (size as f64 - want as f64).abs() <= want as f64 * 0.1 {
+                    score += 10.0;
+                }
+            }
+            Some((kind, score - 0.1 * f64::from(depth)))
+        }
+    }
+}
+
 /// The two proofs a client may answer `AUTH_CHALLENGE` with.
 pub mod auth {
     use base64::Engine as _;

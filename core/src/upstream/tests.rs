@@ -188,6 +188,22 @@ fn ed25519_signatures_verify_against_the_right_key_only() {
     assert_eq!(auth::decode_b64(&private), Some(vec![7u8; 32]));
 }
 
+#[test]
+fn resolve_scores_as_upstream_does() {
+    use resolve::{MatchType, Query, QueryError};
+    let q = Query::new("/laptop/videos/Fly1.MP4", Some(1000)).unwrap();
+    assert_eq!(q.score("fly1.mp4", 1000, 2), Some((MatchType::Exact, 119.8)));
+    assert_eq!(q.score("FLY1.mp4", 1050, 0), Some((MatchType::Exact, 110.0)));
+    assert_eq!(q.score("old_fly1.mp4.bak", 5, 1).map(|s| s.0), Some(MatchType::Substring));
+    assert_eq!(q.score("fly2.mp4", 1000, 0), None);
+    let w = Query::new("fly*.mp4", None).unwrap();
+    assert_eq!(w.score("Fly12.mp4", 1, 0), Some((MatchType::Wildcard, 50.0)));
+    assert_eq!(w.score("fly12.avi", 1, 0), None);
+    assert_eq!(Query::new("*.*", None).unwrap_err(), QueryError::TooBroad);
+    assert_eq!(Query::new("  ", None).unwrap_err(), QueryError::Empty);
+    assert!(matches!(Query::new("fly[.mp4", None), Err(QueryError::Invalid(_))));
+}
+
 proptest! {
     #[test]
     fn any_text_parses_or_fails_cleanly(s in ".{0,200}") {

@@ -173,10 +173,10 @@ impl<R: Runtime> Worker<R> {
                 }))),
                 ClientMsg::FsListDir { path, offset } => reply(self.list_dir(&path, offset)),
                 ClientMsg::FsScanDir(raw) => reply(self.scan_dir(&raw)),
-                ClientMsg::FsResolve { .. } => reply(WorkerMsg::FsError(
-                    FsErrorCode::InvalidRequest,
-                    "this worker does not search its mounts (FS_RESOLVE); browse with FS_LIST_DIR".into(),
-                )),
+                ClientMsg::FsResolve { pattern, file_size, max_depth, mount } => {
+                    let m = self.fs_resolve(&pattern, file_size, max_depth, mount.as_deref()).await;
+                    reply(m)
+                }
                 ClientMsg::FileUploadCheck { sha256, name } => reply(self.upload_check(&sha256, &name, &mut announced)),
                 ClientMsg::FileUploadStart { name, size, .. } => {
                     reply(self.upload_start(&name, size, announced.take(), &mut upload))
@@ -427,6 +427,76 @@ impl<R: Runtime> Worker<R> {
             "total_count": total,
             "has_more": offset.saturating_add(up::LIST_PAGE) < total,
         }))
+    }
+
+    /// `FS_RESOLVE`: the files in the mounts (or the one labelled `mount`) whose name matches,
+    /// best first. The walk does not follow directory symlinks (no loops, no escape) and stops
+    /// at the hit, depth and time limits of upstream.
+    async fn fs_resolve(&self, pattern: &str, size: Option<u64>, depth: Option<u32>, mount: Option<&str>) -> WorkerMsg {
+        use up::resolve::{MAX_DEPTH, MAX_HITS, Query, QueryError, TIMEOUT_MS};
+        let query = match Query::new(pattern, size) {
+            Ok(q) => q,
+            Err(e @ QueryError::TooBroad) => return WorkerMsg::FsError(FsErrorCode::PatternTooBroad, e.to_string()),
+            Err(e) => return WorkerMsg::FsError(FsErrorCode::InvalidRequest, e.to_string()),
+        };
+        let label = |m: &PathBuf| m.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_else(|| "/".into());
+        let roots: Vec<PathBuf> =
+            self.cfg.mounts.iter().filter(|m| mount.is_none_or(|l| label(m) == l)).cloned().collect();
+        if roots.is_empty() {
+            return WorkerMsg::FsError(
+                FsErrorCode::MountNotFound,
+                format!("no mount labelled {:.64}", mount.unwrap_or("")),
+            );
+        }
+        let depth = depth.unwrap_or(MAX_DEPTH).min(MAX_DEPTH);
+        let walk = move || {
+            let start = Instant::now();
+            let deadline = start + Duration::from_millis(TIMEOUT_MS);
+            let (mut hits, mut timed_out, mut truncated) = (Vec::new(), false, false);
+            let mut stack: Vec<(PathBuf, u32)> = roots.into_iter().map(|r| (r, 0)).collect();
+            'walk: while let Some((dir, d)) = stack.pop() {
+                let Ok(rd) = std::fs::read_dir(&dir) else { continue };
+                for e in rd.filter_map(Result::ok) {
+                    if Instant::now() > deadline {
+                        timed_out = true;
+                        break 'walk;
+                    }
+                    let Ok(ft) = e.file_type() else { continue };
+                    if ft.is_dir() {
+                        if d < depth {
+                            stack.push((e.path(), d + 1));
+                        }
+                        continue;
+                    }
+                    let Ok(md) = e.metadata() else { continue };
+                    if !md.is_file() {
+                        continue;
+                    }
+                    let name = e.file_name().to_string_lossy().into_owned();
+                    if let Some((kind, score)) = query.score(&name, md.len(), d) {
+                        let modified = md
+                            .modified()
+                            .ok()
+                            .and_then(|t| t.duration_since(std::time::UNIX_EPOCH).ok())
+                            .map_or(0.0, |t| t.as_secs_f64());
+                        hits.push(json!({"path": e.path().display().to_string(), "name": name, "size": md.len(),
+                            "modified": modified, "match_type": kind.as_str(), "score": score}));
+                        if hits.len() >= MAX_HITS {
+                            truncated = true;
+                            break 'walk;
+                        }
+                    }
+                }
+            }
+            let score = |v: &Value| v["score"].as_f64().unwrap_or(0.0);
+            hits.sort_by(|a, b| score(b).total_cmp(&score(a)));
+            json!({"candidates": hits, "truncated": truncated, "timeout": timed_out,
+                "search_time_ms": start.elapsed().as_millis() as u64})
+        };
+        match R::spawn_blocking(walk).await {
+            Some(v) => WorkerMsg::FsResolve(v),
+            None => WorkerMsg::FsError(FsErrorCode::InvalidRequest, "the search failed".into()),
+        }
     }
 
     fn scan_dir(&self, raw: &str) -> WorkerMsg {
