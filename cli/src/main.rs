@@ -171,6 +171,11 @@ struct WorkerArgs {
     /// A directory whose files jobs may name by absolute path (repeatable).
     #[arg(long = "mount", value_name = "DIR")]
     mounts: Vec<PathBuf>,
+    /// A Python with sleap-io, for the SLEAP GUI's path check: it lists the videos a .slp names
+    /// so the GUI can say which are missing on this machine. Default: the interpreter of the
+    /// sleap-nn script (its environment has sleap-io); without one the check reports no videos.
+    #[arg(long, env = "SLEAP_RTC_WORKER_PYTHON", value_name = "PATH")]
+    python: Option<PathBuf>,
     /// Require the room's shared secret from clients instead of a server-signed ticket.
     #[arg(long, env = "SLEAP_RTC_ROOM_SECRET", hide_env_values = true)]
     room_secret: Option<String>,
@@ -466,6 +471,7 @@ fn worker_config(a: &WorkerArgs) -> Result<WorkerConfig> {
         }
     }
     cfg.mounts = a.mounts.clone();
+    cfg.python = a.python.clone();
     cfg.room_secret = a.room_secret.clone().filter(|s| !s.is_empty());
     cfg.device = a.device.clone();
     cfg.peer = peer_options(&a.bind);

@@ -179,6 +179,36 @@ async fn the_gui_api_trains_tracks_and_checks_paths_with_its_own_key() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_path_check_names_the_videos_missing_on_the_worker() {
+    let env = env().await;
+    let py = upstream_python();
+    let (_w, labels) = worker_with_mount(&env, &["--python", &py], "batch_ms=10").await;
+    let mount = labels.parent().unwrap().to_path_buf();
+    std::fs::write(mount.join("fly1.mp4"), b"not really a video").unwrap();
+    let slp = mount.join("session.slp");
+    let here = mount.join("fly1.mp4").display().to_string();
+    let a = json!({"jwt": env.jwt, "template": asset("labels.pkg.slp"), "out": slp,
+        "videos": [here, "/lab/old-share/fly2.mp4"]});
+    let r = upstream(&env, &env.path("maker"), "make_slp", a).await;
+    assert_eq!(r["ok"], true, "{r:#}");
+    let home = env.path("gui-home");
+    let a = json!({"jwt": env.jwt, "room": env.room, "register_key": true, "slp_path": slp.display().to_string()});
+    let r = upstream(&env, &home, "pathcheck", a).await;
+    assert_eq!(r["ok"], true, "{r:#}\n{}", log_of(&env));
+    assert_eq!(
+        (r["total_videos"].as_u64(), r["found_count"].as_u64(), r["missing_count"].as_u64()),
+        (Some(2), Some(1), Some(1)),
+        "{r:#}"
+    );
+    assert_eq!(r["all_found"], false);
+    assert_eq!(r["missing"], json!(["/lab/old-share/fly2.mp4"]));
+    // A training package carries its frames.
+    let a = json!({"jwt": env.jwt, "room": env.room, "slp_path": labels.display().to_string()});
+    let r = upstream(&env, &home, "pathcheck", a).await;
+    assert_eq!((r["all_found"].as_bool(), r["embedded_count"].as_u64()), (Some(true), Some(1)), "{r:#}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn stop_early_from_the_gui_keeps_the_model() {
     let env = env().await;
     let (_w, labels) = worker_with_mount(&env, &[], "batch_ms=60 steps=5").await;

@@ -52,6 +52,9 @@ pub struct WorkerConfig {
     pub sleap_nn: PathBuf,
     /// Worker directories that jobs may name by absolute path (canonicalized).
     pub mounts: Vec<PathBuf>,
+    /// A Python with sleap-io, to list the videos of a `.slp` for upstream clients' path check;
+    /// `None`: the interpreter of the `sleap-nn` script, if it is a Python script.
+    pub python: Option<PathBuf>,
     /// Room-secret mode: clients prove knowledge of this secret instead of a server ticket.
     pub room_secret: Option<String>,
     /// `--device` for inference (`auto`, `cpu`, `cuda:0`).
@@ -84,6 +87,7 @@ impl WorkerConfig {
             work_dir: work_dir.to_path_buf(),
             sleap_nn: sleap_nn.to_path_buf(),
             mounts: vec![],
+            python: None,
             room_secret: None,
             device: "auto".into(),
             peer: PeerOptions::default(),

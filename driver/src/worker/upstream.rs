@@ -164,7 +164,7 @@ impl<R: Runtime> Worker<R> {
             };
             match msg {
                 ClientMsg::KeepAlive | ClientMsg::AuthResponse(_) => {}
-                ClientMsg::UseWorkerPath(p) => self.use_worker_path(&p).into_iter().for_each(reply),
+                ClientMsg::UseWorkerPath(p) => self.use_worker_path(&p).await.into_iter().for_each(reply),
                 ClientMsg::FsGetMounts => reply(WorkerMsg::FsMounts(self.mounts_json())),
                 ClientMsg::FsGetInfo => reply(WorkerMsg::FsInfo(json!({
                     "worker_id": ctx.me,
@@ -362,7 +362,7 @@ impl<R: Runtime> Worker<R> {
         }
     }
 
-    fn use_worker_path(&self, p: &str) -> Vec<WorkerMsg> {
+    async fn use_worker_path(&self, p: &str) -> Vec<WorkerMsg> {
         match self.inside_mounts(p) {
             Err((FsErrorCode::AccessDenied, _)) => {
                 vec![WorkerMsg::WorkerPathError("Path not within configured mounts".into())]
@@ -371,21 +371,78 @@ impl<R: Runtime> Worker<R> {
             Ok(real) => {
                 let shown = real.display().to_string();
                 let mut out = vec![WorkerMsg::WorkerPathOk(shown.clone())];
+                // Always answered for a .slp: the client's path check waits for it.
                 if shown.ends_with(".slp") {
-                    // Upstream reads the file's video list with sleap-io; this worker does not read
-                    // HDF5. A .pkg.slp embeds its frames; for a plain .slp the check is not made,
-                    // and says so, so the client's path check finishes instead of waiting.
-                    let embedded = shown.ends_with(".pkg.slp");
-                    out.push(WorkerMsg::FsCheckVideos(json!({
-                        "slp_path": shown, "total_videos": 0, "found": [], "missing": [],
-                        "accessible": 0, "embedded": 0, "checked": false,
-                        "note": if embedded { "a .pkg.slp carries its frames" }
-                                else { "this worker does not inspect the videos of a .slp" },
-                    })));
+                    out.push(WorkerMsg::FsCheckVideos(self.check_videos(&real).await));
                 }
                 out
             }
         }
+    }
+
+    /// The Python that can read a `.slp` (sleap-io): `--python`, or the interpreter named by the
+    /// `sleap-nn` script's `#!` line.
+    fn sleap_io_python(&self) -> Option<PathBuf> {
+        if let Some(p) = &self.cfg.python {
+            return Some(p.clone());
+        }
+        let head = std::fs::read(&self.cfg.sleap_nn).ok()?;
+        let line = head.split(|b| *b == b'\n').next()?;
+        let interp = std::str::from_utf8(line.strip_prefix(b"#!")?).ok()?.split_whitespace().next()?;
+        let path = PathBuf::from(interp);
+        path.file_name()?.to_str()?.starts_with("python").then_some(path)
+    }
+
+    /// Upstream's `FS_CHECK_VIDEOS_RESPONSE`: which videos the labels name, which of them are on
+    /// this machine (inside the mounts), which are missing, which are embedded. Read with sleap-io
+    /// in a child process (bounded in time and output); without it, or if it fails, the answer
+    /// says the check was not made rather than that nothing is missing.
+    async fn check_videos(&self, slp: &Path) -> Value {
+        const SCRIPT: &str = r#"
+import json, sys
+import sleap_io as sio
+labels = sio.load_slp(sys.argv[1], open_videos=False)
+out = []
+for v in labels.videos:
+    f = v.filename if isinstance(v.filename, str) else (v.filename[0] if v.filename else "")
+    meta = v.backend_metadata or {}
+    out.append({"filename": f, "embedded": bool(meta.get("has_embedded_images"))})
+print(json.dumps({"videos": out}))
+"#;
+        let shown = slp.display().to_string();
+        let unchecked = |why: &str| {
+            json!({"slp_path": shown, "total_videos": 0, "found": [], "missing": [], "accessible": 0,
+                   "embedded": 0, "checked": false, "note": why})
+        };
+        let Some(python) = self.sleap_io_python() else {
+            return unchecked("this worker has no Python with sleap-io (--python) to read the labels' videos");
+        };
+        let mut cmd = std::process::Command::new(&python);
+        cmd.arg("-c").arg(SCRIPT).arg(slp).stdin(std::process::Stdio::null());
+        let listed = match crate::output::<R>(cmd, Duration::from_secs(60)).await {
+            Some((st, out)) if st.success() && out.len() < 4 << 20 => serde_json::from_slice::<Value>(&out).ok(),
+            _ => None,
+        };
+        let Some(videos) = listed.as_ref().and_then(|v| v["videos"].as_array()) else {
+            tracing::warn!(python = %python.display(), slp = %shown, "cannot list the videos of a .slp");
+            return unchecked("the worker could not read the labels' video list");
+        };
+        let (mut found, mut missing, mut embedded) = (vec![], vec![], 0);
+        for v in videos.iter().take(10_000) {
+            let name = v["filename"].as_str().unwrap_or_default();
+            if v["embedded"].as_bool() == Some(true) {
+                embedded += 1;
+                continue;
+            }
+            let base = Path::new(name).file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+            match self.inside_mounts(name) {
+                Ok(real) if real.is_file() => found.push(json!({"filename": base, "original_path": name,
+                    "worker_path": real.display().to_string()})),
+                _ => missing.push(json!({"filename": base, "original_path": name})),
+            }
+        }
+        json!({"slp_path": shown, "total_videos": videos.len(), "accessible": found.len(), "embedded": embedded,
+               "found": found, "missing": missing, "checked": true})
     }
 
     fn list_dir(&self, p: &str, offset: usize) -> WorkerMsg {
