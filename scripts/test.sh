@@ -37,6 +37,12 @@ command -v redis-server >/dev/null || PKGS+=(redis-server)
 command -v pkg-config >/dev/null || PKGS+=(pkg-config)
 [[ -f /usr/include/openssl/ssl.h ]] || PKGS+=(libssl-dev)
 [[ -x /usr/bin/chromium || -n "${SLEAP_RTC_TEST_CHROMIUM:-}" ]] || PKGS+=(chromium)
+# What PyQt6's QtWidgets links (the SLEAP GUI's upload thread is imported by
+# cli/tests/upstream_client.rs; no display is needed, only the libraries).
+for lib in libGL.so.1:libgl1 libEGL.so.1:libegl1 libxkbcommon.so.0:libxkbcommon0 \
+           libfontconfig.so.1:libfontconfig1 libglib-2.0.so.0:libglib2.0-0 libdbus-1.so.3:libdbus-1-3; do
+  ldconfig -p | grep -q "${lib%%:*}" || PKGS+=("${lib##*:}")
+done
 if (( ${#PKGS[@]} )); then
   echo "==> installing ${PKGS[*]}"
   SUDO=""
