@@ -672,3 +672,21 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
     }
     out
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_apis_handshake_with_a_room_secret_and_without() {
+    let env = env().await;
+    let secret = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8";
+    let (_w, _) = worker_with_mount(&env, &["--room-secret", secret], "batch_ms=10").await;
+    // sleap_rtc.api._authenticate_channel's HMAC path (the API's own function, given the secret).
+    let a = json!({"jwt": env.jwt, "room": env.room, "room_secret": secret, "expect": 1, "send": ["FS_GET_MOUNTS"]});
+    let r = upstream(&env, &env.path("a"), "raw", a).await;
+    assert_eq!(r["ok"], true, "{r:#}\n{}", log_of(&env));
+    assert!(r["replies"][0].as_str().unwrap().starts_with("FS_MOUNTS_RESPONSE::"), "{r:#}");
+    // The wrong secret: AUTH_FAILURE, and the message sent after it is never answered.
+    let a = json!({"jwt": env.jwt, "room": env.room, "room_secret": "ZGVmZ2hpamtsbW5vcHFyc3R1dnd4eXp7fH1-f4CBgoM",
+        "expect": 1, "send": ["FS_GET_MOUNTS"]});
+    let r = upstream(&env, &env.path("b"), "raw", a).await;
+    assert_eq!(r["ok"], false, "{r:#}");
+    assert!(r["error"].as_str().unwrap().contains("Authentication failed: invalid"), "{r:#}");
+}
