@@ -4,28 +4,24 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
-# Python interpreter with the third-party client libraries the interop tests drive. Kept under
+# A venv at $1 with the pinned requirements $2, remade only when they change. Kept under
 # ~/.cache so reruns are fast.
+venv() {
+  if [[ ! -x "$1/bin/python" ]] || ! cmp -s "$2" "$1/.requirements"; then
+    echo "==> preparing Python venv at $1"
+    python3 -m venv "$1"
+    "$1/bin/pip" install --quiet --disable-pip-version-check -r "$2"
+    cp "$2" "$1/.requirements"
+  fi
+}
+# Python interpreter with the third-party client libraries the interop tests drive.
 VENV="${SLEAP_RTC_VENV:-$HOME/.cache/sleap-rtc/venv}"
-REQS=server/tests/py/requirements.txt
-if [[ ! -x "$VENV/bin/python" ]] || ! cmp -s "$REQS" "$VENV/.requirements"; then
-  echo "==> preparing Python venv at $VENV"
-  python3 -m venv "$VENV"
-  "$VENV/bin/pip" install --quiet --disable-pip-version-check -r "$REQS"
-  cp "$REQS" "$VENV/.requirements"
-fi
+venv "$VENV" server/tests/py/requirements.txt
 export SLEAP_RTC_TEST_PYTHON="$VENV/bin/python"
-
 # The unmodified upstream SLEAP client (sleap-rtc 0.0.7, what the SLEAP GUI imports), in a venv
 # of its own so its dependencies cannot move the pins above (cli/tests/upstream_client.rs).
 UPVENV="${SLEAP_RTC_UPSTREAM_VENV:-$HOME/.cache/sleap-rtc/upstream-venv}"
-UPREQS=server/tests/py/upstream-requirements.txt
-if [[ ! -x "$UPVENV/bin/python" ]] || ! cmp -s "$UPREQS" "$UPVENV/.requirements"; then
-  echo "==> preparing the upstream client's venv at $UPVENV"
-  python3 -m venv "$UPVENV"
-  "$UPVENV/bin/pip" install --quiet --disable-pip-version-check -r "$UPREQS"
-  cp "$UPREQS" "$UPVENV/.requirements"
-fi
+venv "$UPVENV" server/tests/py/upstream-requirements.txt
 export SLEAP_RTC_UPSTREAM_PYTHON="$UPVENV/bin/python"
 
 # Debian packages the tests drive: redis-server (server/tests/cluster.rs starts its own on

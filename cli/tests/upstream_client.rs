@@ -13,6 +13,10 @@ use std::time::Duration;
 use common::*;
 use serde_json::{Value, json};
 
+/// Upstream's room secrets: 32 random bytes, url-safe base64 without padding.
+const SECRET: &str = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8";
+const WRONG_SECRET: &str = "ZGVmZ2hpamtsbW5vcHFyc3R1dnd4eXp7fH1-f4CBgoM";
+
 /// Python of the venv with sleap-rtc 0.0.7 (scripts/test.sh exports it).
 fn upstream_python() -> String {
     if let Ok(p) = std::env::var("SLEAP_RTC_UPSTREAM_PYTHON") {
@@ -369,34 +373,16 @@ async fn upstream_cli(env: &Env, home: &Path, args: &[&str], until: &str) -> Str
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_python_cli_trains_and_tracks_with_a_room_secret() {
     let env = env().await;
-    // Upstream's room secret: 32 random bytes, url-safe base64 without padding.
-    let secret = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8";
+    let secret = SECRET;
     let (_w, labels) = worker_with_mount(&env, &["--room-secret", secret], "batch_ms=10").await;
     let cfg = env.path("lab-data").join("tiny.yaml");
     std::fs::write(&cfg, config_text("")).unwrap();
     let (cfg, labels) = (cfg.display().to_string(), labels.display().to_string());
     let home = env.path("cli-home");
-    let out = upstream_cli(
-        &env,
-        &home,
-        &[
-            "train",
-            "--room",
-            &env.room,
-            "--auto-select",
-            "--config",
-            &cfg,
-            "--labels",
-            &labels,
-            "--max-epochs",
-            "2",
-            "--non-interactive",
-            "--room-secret",
-            secret,
-        ],
-        "Completed Successfully",
-    )
-    .await;
+    let cli_train =
+        ["train", "--room", &env.room, "--auto-select", "--config", &cfg, "--labels", &labels, "--non-interactive"];
+    let args = [&cli_train[..], &["--max-epochs", "2", "--room-secret", secret][..]].concat();
+    let out = upstream_cli(&env, &home, &args, "Completed Successfully").await;
     assert!(!out.contains("authentication failed"), "{out}");
     let train: Vec<Value> = journals(&env).into_iter().filter(|j| j["status"]["kind"] == "train").collect();
     assert_eq!(train.len(), 1, "{train:?}");
@@ -425,54 +411,29 @@ async fn the_python_cli_trains_and_tracks_with_a_room_secret() {
     assert_eq!(std::fs::read(&local).ok(), std::fs::read(&on_worker).ok(), "{local:?}\n{out}");
 
     // A wrong secret gets nothing done.
-    let wrong = "ZGVmZ2hpamtsbW5vcHFyc3R1dnd4eXp7fH1-f4CBgoM";
-    let out = upstream_cli(
-        &env,
-        &env.path("cli-home-2"),
-        &[
-            "train",
-            "--room",
-            &env.room,
-            "--auto-select",
-            "--config",
-            &cfg,
-            "--labels",
-            &labels,
-            "--non-interactive",
-            "--room-secret",
-            wrong,
-        ],
-        "authentication failed",
-    )
-    .await;
+    let args = [&cli_train[..], &["--room-secret", WRONG_SECRET][..]].concat();
+    let out = upstream_cli(&env, &env.path("cli-home-2"), &args, "authentication failed").await;
     assert!(out.contains("invalid"), "{out}");
     assert_eq!(count_kind(&env, "train"), 1, "the refused client trained nothing");
 }
 
 /// A second user, signed in and joined to the room with an invite.
 async fn second_member(env: &Env) -> String {
-    let http = reqwest::Client::new();
-    let jwt = http.post(format!("{}/anonymous-signin", env.url)).json(&json!({})).send().await.unwrap();
+    let jwt =
+        reqwest::Client::new().post(format!("{}/anonymous-signin", env.url)).json(&json!({})).send().await.unwrap();
     let jwt = jwt.json::<Value>().await.unwrap()["jwt"].as_str().unwrap().to_owned();
-    let inv = http
-        .post(format!("{}/api/auth/rooms/{}/invite", env.url, env.room))
-        .bearer_auth(&env.jwt)
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap()
-        .json::<Value>()
-        .await
-        .unwrap();
-    let joined = http
-        .post(format!("{}/api/auth/rooms/join", env.url))
-        .bearer_auth(&jwt)
-        .json(&json!({"invite_code": inv["invite_code"]}))
-        .send()
-        .await
-        .unwrap();
-    assert!(joined.status().is_success(), "{:?}", joined.text().await);
+    join_room(env, &jwt).await;
     jwt
+}
+
+/// The user of `jwt` joins the test's room with an invite from its owner.
+async fn join_room(env: &Env, jwt: &str) {
+    let http = reqwest::Client::new();
+    let invite = http.post(format!("{}/api/auth/rooms/{}/invite", env.url, env.room)).bearer_auth(&env.jwt);
+    let inv = invite.json(&json!({})).send().await.unwrap().json::<Value>().await.unwrap();
+    let join = http.post(format!("{}/api/auth/rooms/join", env.url)).bearer_auth(jwt);
+    let joined = join.json(&json!({"invite_code": inv["invite_code"]})).send().await.unwrap();
+    assert!(joined.status().is_success(), "{:?}", joined.text().await);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -583,25 +544,7 @@ async fn our_login_signs_the_gui_in() {
     let creds: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
     let jwt = creds["jwt"].as_str().unwrap().to_owned();
     // The new user joins the lab's room, as with any invite.
-    let http = reqwest::Client::new();
-    let inv = http
-        .post(format!("{}/api/auth/rooms/{}/invite", env.url, env.room))
-        .bearer_auth(&env.jwt)
-        .json(&json!({}))
-        .send()
-        .await
-        .unwrap()
-        .json::<Value>()
-        .await
-        .unwrap();
-    let joined = http
-        .post(format!("{}/api/auth/rooms/join", env.url))
-        .bearer_auth(&jwt)
-        .json(&json!({"invite_code": inv["invite_code"]}))
-        .send()
-        .await
-        .unwrap();
-    assert!(joined.status().is_success());
+    join_room(&env, &jwt).await;
     // The GUI API, with nothing but what login stored, trains.
     let a = json!({"room": env.room, "config_content": config_text(""),
         "labels_path": labels.display().to_string(), "max_epochs": 1});
@@ -676,15 +619,14 @@ fn walk(dir: &Path) -> Vec<PathBuf> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_apis_handshake_with_a_room_secret_and_without() {
     let env = env().await;
-    let secret = "AAECAwQFBgcICQoLDA0ODxAREhMUFRYXGBkaGxwdHh8";
-    let (_w, _) = worker_with_mount(&env, &["--room-secret", secret], "batch_ms=10").await;
+    let (_w, _) = worker_with_mount(&env, &["--room-secret", SECRET], "batch_ms=10").await;
     // sleap_rtc.api._authenticate_channel's HMAC path (the API's own function, given the secret).
-    let a = json!({"jwt": env.jwt, "room": env.room, "room_secret": secret, "expect": 1, "send": ["FS_GET_MOUNTS"]});
+    let a = json!({"jwt": env.jwt, "room": env.room, "room_secret": SECRET, "expect": 1, "send": ["FS_GET_MOUNTS"]});
     let r = upstream(&env, &env.path("a"), "raw", a).await;
     assert_eq!(r["ok"], true, "{r:#}\n{}", log_of(&env));
     assert!(r["replies"][0].as_str().unwrap().starts_with("FS_MOUNTS_RESPONSE::"), "{r:#}");
     // The wrong secret: AUTH_FAILURE, and the message sent after it is never answered.
-    let a = json!({"jwt": env.jwt, "room": env.room, "room_secret": "ZGVmZ2hpamtsbW5vcHFyc3R1dnd4eXp7fH1-f4CBgoM",
+    let a = json!({"jwt": env.jwt, "room": env.room, "room_secret": WRONG_SECRET,
         "expect": 1, "send": ["FS_GET_MOUNTS"]});
     let r = upstream(&env, &env.path("b"), "raw", a).await;
     assert_eq!(r["ok"], false, "{r:#}");
