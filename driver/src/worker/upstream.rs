@@ -135,6 +135,7 @@ impl<R: Runtime> Worker<R> {
             models_started: 0,
             run_names: vec![],
             started: Instant::now(),
+            active: false,
         };
         R::spawn(translator.run(rx));
         let mut upload: Option<Upload> = None;
@@ -670,13 +671,20 @@ print(json.dumps({"videos": out}))
                 return fail(&u, format!("the file's SHA-256 is {got}, not the {claimed} announced"));
             }
         }
-        if let Err(e) = u.file.sync_all() {
-            return fail(&u, format!("Write error: {e}"));
-        }
         let dir = self.uploads_dir().join(&got);
         let dest = dir.join(&u.name);
-        if let Err(e) = std::fs::create_dir_all(&dir).and_then(|_| std::fs::rename(&u.part, &dest)) {
-            return fail(&u, format!("cannot store the upload: {e}"));
+        // fsync of a multi-GB file takes seconds: not on the runtime's threads.
+        let (file, part, to) = (u.file.try_clone(), u.part.clone(), dest.clone());
+        let stored = R::spawn_blocking(move || -> std::io::Result<()> {
+            file?.sync_all()?;
+            std::fs::create_dir_all(to.parent().unwrap_or(Path::new(".")))?;
+            std::fs::rename(part, to)
+        })
+        .await;
+        match stored {
+            Some(Ok(())) => {}
+            Some(Err(e)) => return fail(&u, format!("cannot store the upload: {e}")),
+            None => return fail(&u, "cannot store the upload: the blocking pool failed".into()),
         }
         tracing::info!(name = %u.name, bytes = u.size, sha256 = %got, "upstream upload stored");
         WorkerMsg::UploadComplete(dest.canonicalize().unwrap_or(dest).display().to_string())
@@ -710,6 +718,8 @@ struct Translator<R: Runtime> {
     models_started: usize,
     run_names: Vec<String>,
     started: Instant,
+    /// A job of this connection was accepted and has not ended.
+    active: bool,
 }
 
 impl<R: Runtime> Translator<R> {
@@ -757,6 +767,9 @@ impl<R: Runtime> Translator<R> {
                     self.send(WorkerMsg::ProgressReport(raw));
                     continue;
                 }
+                // A second submission while a job runs is refused (busy); it must not reframe
+                // the running job's messages.
+                JobEvent::Submitted { .. } if self.active => continue,
                 JobEvent::Submitted { kind, model_types, labels } => {
                     self.kind = kind;
                     self.model_types = model_types;
@@ -772,6 +785,7 @@ impl<R: Runtime> Translator<R> {
                     if let Ok(mut c) = self.current.lock() {
                         *c = Some(job_id.clone());
                     }
+                    self.active = true;
                     self.started = Instant::now();
                     self.send(WorkerMsg::JobAccepted(job_id));
                 }
@@ -835,6 +849,7 @@ impl<R: Runtime> Translator<R> {
     }
 
     async fn done(&mut self, status: JobStatus) {
+        self.active = false;
         let dir = self.jobs_dir.join(&status.job_id);
         let ok = matches!(status.state, JobState::Completed | JobState::StoppedEarly);
         if !ok {
