@@ -160,6 +160,8 @@ async fn the_gui_api_trains_tracks_and_checks_paths_with_its_own_key() {
     assert!(r["final_train_loss"].is_number(), "{r:#}");
     let logs: Vec<&str> = r["logs"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
     assert!(logs.iter().any(|l| l.contains("Epoch")), "{logs:#?}");
+    // tqdm's redraws arrive as CR::, which the API hands on with a leading \r.
+    assert!(logs.iter().any(|l| l.starts_with('\r')), "{logs:#?}");
     let events: Vec<&Value> = r["events"].as_array().unwrap().iter().collect();
     assert_eq!(events.first().map(|e| &e["type"]), Some(&json!("train_begin")));
     assert!(events.iter().any(|e| e["type"] == "train_end" && e["success"] == true), "{events:#?}");
