@@ -1,0 +1,409 @@
+//! A client connection of ours: its messages, and the checks and admission of a job it submits.
+
+use super::*;
+
+impl<R: Runtime> Worker<R> {
+    pub(super) async fn serve_peer(self: Arc<Self>, ctx: PeerCtx, c: Arc<PeerConnection<R>>) {
+        let peer = c.remote_peer().to_owned();
+        let user = match self.authenticate(&ctx, &c).await {
+            Ok(u) => u,
+            Err(e) => {
+                let reason = match (&e, self.cfg.room_secret.is_some()) {
+                    (AuthError::BadMac, true) => {
+                        "this worker requires the room secret (--room-secret); the proof did not match".to_owned()
+                    }
+                    _ => e.to_string(),
+                };
+                tracing::warn!(%peer, %reason, "refused an unauthenticated client");
+                let _ = c.send_message(&JobMsg::AuthFailed { reason }.to_value());
+                // Let the refusal reach the client before the connection goes.
+                sleep::<R>(Duration::from_millis(300)).await;
+                if let Ok(c) = Arc::try_unwrap(c) {
+                    c.close().await;
+                }
+                return;
+            }
+        };
+        tracing::info!(%peer, %user, "client authenticated");
+        let _ = c.send_message(&JobMsg::AuthOk { worker: ctx.me.clone() }.to_value());
+        while let Some(text) = c.recv_message().await {
+            let msg = match JobMsg::decode(&text) {
+                Ok(Some(m)) => m,
+                Ok(None) => continue,
+                Err(e) => {
+                    let _ = c.send_message(
+                        &JobMsg::JobError { job_id: None, code: ErrorCode::InvalidValue, message: e }.to_value(),
+                    );
+                    continue;
+                }
+            };
+            match msg {
+                JobMsg::JobSubmit { client_job_id, spec, files } => {
+                    let (me, c, user) = (self.clone(), Attached::Native(c.clone()), user.clone());
+                    R::spawn(async move { me.submit(c, user, client_job_id, spec, files).await });
+                }
+                JobMsg::JobStop { job_id } => self.interrupt(&c, &user, &job_id, Interrupt::Stop),
+                JobMsg::JobCancel { job_id } => self.interrupt(&c, &user, &job_id, Interrupt::Cancel),
+                JobMsg::JobAttach { job_id, fetch } => self.attach(&c, &user, &job_id, fetch).await,
+                other => {
+                    let _ = c.send_message(
+                        &JobMsg::JobError {
+                            job_id: None,
+                            code: ErrorCode::InvalidValue,
+                            message: format!("unexpected message from a client: {}", other.to_value()["type"]),
+                        }
+                        .to_value(),
+                    );
+                }
+            }
+        }
+        tracing::info!(%peer, "client disconnected");
+    }
+
+    // -- job requests --------------------------------------------------------------------------
+
+    pub(super) fn reply_error(c: &PeerConnection<R>, job_id: &str, code: ErrorCode, message: String) {
+        let _ = c.send_message(&JobMsg::JobError { job_id: Some(job_id.to_owned()), code, message }.to_value());
+    }
+
+    pub(super) fn interrupt(&self, c: &PeerConnection<R>, user: &str, job_id: &str, what: Interrupt) {
+        if let Err((code, message)) = self.request_interrupt(user, job_id, what) {
+            Self::reply_error(c, job_id, code, message);
+        }
+    }
+
+    /// Stops or cancels the running job `job_id` on behalf of `user`, who must own it.
+    pub(super) fn request_interrupt(
+        &self,
+        user: &str,
+        job_id: &str,
+        what: Interrupt,
+    ) -> Result<(), (ErrorCode, String)> {
+        let job = self.current.lock().ok().and_then(|g| g.clone()).filter(|j| j.id == job_id);
+        let Some(job) = job else {
+            return Err((ErrorCode::PathNotFound, format!("job {job_id:.40} is not running here")));
+        };
+        if job.owner != user {
+            return Err((ErrorCode::NotAllowed, "this job belongs to another user".into()));
+        }
+        let action = job.entry.lock().map(|mut e| e.job.interrupt(what));
+        match action {
+            Ok(Ok(Some(a))) => {
+                tracing::info!(job = %job_id, action = ?a, "interrupt requested");
+                let _ = job.interrupt.send(Some(a));
+                Ok(())
+            }
+            Ok(Ok(None)) => Ok(()),
+            Ok(Err(e)) => Err((ErrorCode::InvalidValue, e.to_string())),
+            Err(_) => Err((ErrorCode::Internal, "the job's record is unavailable".into())),
+        }
+    }
+
+    pub(super) async fn attach(&self, c: &Arc<PeerConnection<R>>, user: &str, job_id: &str, fetch: bool) {
+        let active = self.current.lock().ok().and_then(|g| g.clone()).filter(|j| j.id == job_id);
+        let (owner, status, dir) = match &active {
+            Some(j) => (j.owner.clone(), j.status(), j.dir.clone()),
+            None => match read_journal(&self.jobs_dir, job_id) {
+                Some(e) => (e.owner, e.status, self.jobs_dir.join(job_id)),
+                None => {
+                    return Self::reply_error(
+                        c,
+                        job_id,
+                        ErrorCode::PathNotFound,
+                        format!("no job {job_id:.40} on this worker"),
+                    );
+                }
+            },
+        };
+        if owner != user {
+            return Self::reply_error(c, job_id, ErrorCode::NotAllowed, "this job belongs to another user".into());
+        }
+        // Re-read the state while holding the attach list: `finish` makes the state terminal
+        // before it takes that list, so the connection gets job_done either from `finish` (it was
+        // attached in time) or from here (the job had already finished).
+        let status = match &active {
+            Some(j) => match j.attached.lock() {
+                Ok(mut a) => {
+                    let st = j.status();
+                    let me = Attached::Native(c.clone());
+                    if !st.state.is_terminal() && !a.iter().any(|x| x.same(&me)) {
+                        a.push(me);
+                    }
+                    st
+                }
+                Err(_) => status,
+            },
+            None => status,
+        };
+        let _ = c.send_message(&JobMsg::JobStatus { status: status.clone() }.to_value());
+        if !status.state.is_terminal() {
+            return;
+        }
+        let status = if fetch { status } else { JobStatus { results: vec![], ..status } };
+        let _ = c.send_message(&JobMsg::JobDone { status: status.clone() }.to_value());
+        if fetch && !status.results.is_empty() {
+            send_results(c.clone(), &dir, &status.results).await;
+        }
+    }
+
+    /// Whether `real` (canonical) is the output of one of `user`'s own jobs on this worker (a
+    /// trained model under `jobs/<id>/runs/`, predictions under `jobs/<id>/output/`): the GUI
+    /// predicts with the model path a training returned.
+    pub(super) fn own_job_output(&self, user: &str, real: &Path) -> bool {
+        let Ok(jobs) = self.jobs_dir.canonicalize() else { return false };
+        let Ok(rest) = real.strip_prefix(&jobs) else { return false };
+        let mut parts = rest.components().map(|c| c.as_os_str().to_string_lossy().into_owned());
+        let (Some(id), Some(area)) = (parts.next(), parts.next()) else { return false };
+        (area == "runs" || area == "output") && read_journal(&self.jobs_dir, &id).is_some_and(|e| e.owner == user)
+    }
+
+    pub(super) fn check_worker_path(&self, user: &str, p: &str) -> PathVerdict {
+        let path = Path::new(p);
+        match path.canonicalize() {
+            Ok(real) => {
+                if self.cfg.mounts.iter().any(|m| real.starts_with(m))
+                    || self.in_uploads(&real)
+                    || self.own_job_output(user, &real)
+                {
+                    PathVerdict::Ok
+                } else {
+                    PathVerdict::NotAllowed
+                }
+            }
+            // Say "not allowed" rather than "not found" outside the mounts, so a client cannot
+            // probe the worker's filesystem.
+            Err(_) if !self.cfg.mounts.iter().any(|m| path.starts_with(m)) => PathVerdict::NotAllowed,
+            Err(_) => PathVerdict::NotFound,
+        }
+    }
+
+    pub(super) fn check_spec(&self, user: &str, spec: &JobSpec, files: &[FileEntry]) -> Vec<FieldError> {
+        let uploaded = |name: &str| {
+            files.iter().any(|f| {
+                f.name == name || (f.name.starts_with(name) && f.name.as_bytes().get(name.len()) == Some(&b'/'))
+            })
+        };
+        let mut errors = check_paths(spec, |r| match r {
+            PathRef::Upload(n) if uploaded(n) => PathVerdict::Ok,
+            PathRef::Upload(_) => PathVerdict::NotAllowed,
+            PathRef::Worker(p) => self.check_worker_path(user, p),
+            PathRef::Model(_) if self.cfg.registry.is_some() => PathVerdict::Ok,
+            PathRef::Model(_) => PathVerdict::NotAllowed,
+        });
+        if let JobSpec::Train(t) = spec {
+            for (field, p) in [("labels_path", &t.labels_path), ("val_labels_path", &t.val_labels_path)] {
+                if let Some(p) = p {
+                    if !p.starts_with('/') && !p.ends_with(".pkg.slp") {
+                        errors.push(FieldError::new(
+                            field,
+                            ErrorCode::Unsupported,
+                            format!(
+                                "{p} is a .slp that refers to video files, which are not uploaded; export a self-contained \
+                                 training package (.pkg.slp) or name a path on the worker inside its mounts"
+                            ),
+                        ));
+                    }
+                }
+            }
+            if t.labels_path.is_none() {
+                for (i, text) in t.config_contents.iter().enumerate() {
+                    let info = bridge::ConfigInfo::parse(text).unwrap_or_default();
+                    for (j, l) in info.train_labels.iter().enumerate() {
+                        let bad = if l.starts_with('/') {
+                            self.check_worker_path(user, l) != PathVerdict::Ok
+                        } else {
+                            !uploaded(l)
+                        };
+                        if bad {
+                            errors.push(FieldError::new(
+                                format!("config[{i}].train_labels_path[{j}]"),
+                                ErrorCode::PathNotFound,
+                                format!("the config trains on {l}, which is neither uploaded nor on the worker; pass labels_path"),
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        errors
+    }
+
+    pub(super) async fn submit(
+        self: Arc<Self>,
+        c: Attached<R>,
+        user: String,
+        client_job_id: String,
+        spec: Value,
+        files: Vec<FileEntry>,
+    ) {
+        let reject = |errors: Vec<FieldError>| {
+            c.send(&JobMsg::JobRejected { client_job_id: client_job_id.clone(), errors });
+        };
+        let spec = match parse_spec(&spec) {
+            Ok(s) => s.mapped(),
+            Err(errors) => return reject(errors),
+        };
+        // path_mappings may have produced paths the unmapped spec did not have: check again.
+        let errors = sleap_rtc_core::job::validate(&spec);
+        if !errors.is_empty() {
+            return reject(errors);
+        }
+        if files.len() > 10_000 {
+            return reject(vec![FieldError::new("files", ErrorCode::InvalidValue, "too many files")]);
+        }
+        let mut errors = self.check_spec(&user, &spec, &files);
+        if errors.is_empty() {
+            errors = self.check_models(&spec).await;
+        }
+        if !errors.is_empty() {
+            return reject(errors);
+        }
+        let job_id = match random_hex(8) {
+            Ok(h) => format!("job_{h}"),
+            Err(e) => {
+                return reject(vec![FieldError::new(
+                    "worker",
+                    ErrorCode::Internal,
+                    format!("cannot make a job id: {e}"),
+                )]);
+            }
+        };
+        let dir = self.jobs_dir.join(&job_id);
+        let job = {
+            let Ok(mut cur) = self.current.lock() else { return };
+            if let Some(j) = cur.as_ref() {
+                return reject(vec![FieldError::new(
+                    "worker",
+                    ErrorCode::Busy,
+                    format!("worker {} is busy with job {}; try another worker or wait", self.peer_id, j.id),
+                )]);
+            }
+            if let Err(e) = std::fs::create_dir_all(dir.join("input")) {
+                return reject(vec![FieldError::new(
+                    "worker",
+                    ErrorCode::Internal,
+                    format!("cannot create the job directory: {e}"),
+                )]);
+            }
+            let mut j = Job::new(&job_id, spec.kind());
+            let _ = j.transition(JobState::Accepted);
+            let now = unix_now();
+            let entry = JournalEntry {
+                job: j,
+                owner: user.clone(),
+                spec: spec.clone(),
+                status: JobStatus {
+                    job_id: job_id.clone(),
+                    kind: spec.kind(),
+                    state: JobState::Accepted,
+                    last_epoch: None,
+                    message: None,
+                    results: vec![],
+                    duration_secs: None,
+                    published: vec![],
+                },
+                created_at: now,
+                updated_at: now,
+                trainer_pid: None,
+            };
+            let job = Arc::new(ActiveJob {
+                id: job_id.clone(),
+                owner: user,
+                dir: dir.clone(),
+                started: std::time::Instant::now(),
+                entry: Mutex::new(entry),
+                attached: Mutex::new(vec![c.clone()]),
+                interrupt: watch::channel(None).0,
+            });
+            *cur = Some(job.clone());
+            job
+        };
+        job.save();
+        let _ = self.status.send((Status::Busy, Some(job_id.clone())));
+        tracing::info!(job = %job_id, kind = %spec.kind(), files = files.len(), "job accepted");
+        // Ready to receive before the client hears "accepted" and starts sending: an offer that
+        // arrived first would find nobody waiting, and its refusal (an unsafe name, say) would go
+        // unheard while the job waited for an upload.
+        let upload = self.expect_upload(&job, &c, &files).await;
+        c.send(&JobMsg::JobAccepted { client_job_id, job_id: job_id.clone() });
+
+        let (state, message, results) = match self.receive_upload(&job, &files, upload).await {
+            Err(e) => {
+                let cancelled = job.entry.lock().map(|e| e.job.cancel_requested).unwrap_or(false);
+                if cancelled {
+                    (JobState::Cancelled, "cancelled by the user during the upload".to_owned(), vec![])
+                } else {
+                    (JobState::Failed, format!("upload failed: {e}"), vec![])
+                }
+            }
+            Ok(()) if job.entry.lock().map(|e| e.job.cancel_requested).unwrap_or(false) => {
+                (JobState::Cancelled, "cancelled by the user before it started".to_owned(), vec![])
+            }
+            Ok(()) => {
+                job.set_state(JobState::Running, None);
+                let _ = self.status.send((Status::Busy, Some(job_id.clone())));
+                match &spec {
+                    JobSpec::Train(_) => self.run_training(&job, &spec).await,
+                    JobSpec::Track(_) => self.run_tracking(&job, &spec).await,
+                }
+            }
+        };
+        self.finish(&job, state, message, results).await;
+    }
+
+    /// Places what the cache already has as complete `.part`s and starts waiting for the upload.
+    pub(super) async fn expect_upload(
+        &self,
+        job: &ActiveJob<R>,
+        c: &Attached<R>,
+        files: &[FileEntry],
+    ) -> Result<Option<Transfer<Received>>, String> {
+        if files.is_empty() {
+            return Ok(None);
+        }
+        let Attached::Native(c) = c else {
+            return Err("files can only be announced on this project's own protocol".into());
+        };
+        let input = job.dir.join("input");
+        // Files the worker already has (same content hash) are placed as complete `.part`s:
+        // the transfer then verifies them and sends nothing. Copies of datasets: the blocking pool.
+        let (cache_dir, dir, wanted) = (self.cache_dir.clone(), input.clone(), files.to_vec());
+        R::spawn_blocking(move || place_cached(&cache_dir, &dir, &wanted)).await;
+        c.receive_files(&input).map(Some).map_err(|e| e.to_string())
+    }
+
+    pub(super) async fn receive_upload(
+        &self,
+        job: &ActiveJob<R>,
+        files: &[FileEntry],
+        upload: Result<Option<Transfer<Received>>, String>,
+    ) -> Result<(), String> {
+        let Some(t) = upload? else { return Ok(()) };
+        let input = job.dir.join("input");
+        let got = timeout::<R, _>(Duration::from_secs(24 * 3600), t.finish())
+            .await
+            .map_err(|_| "the upload did not finish within a day".to_owned())?
+            .map_err(|e| e.to_string())?;
+        if !got.failed.is_empty() {
+            let list: Vec<String> = got.failed.iter().map(|(n, why)| format!("{n}: {why}")).collect();
+            return Err(list.join("; "));
+        }
+        // Only content whose hash we computed ourselves enters the cache under that hash: the
+        // client's claimed hashes could otherwise poison another user's dataset slot.
+        for f in files {
+            let cached = self.cache_dir.join(&f.blake3);
+            if cached.exists() || f.blake3.len() != 64 || sleap_rtc_core::transfer::validate_name(&f.name).is_err() {
+                continue;
+            }
+            let src = input.join(&f.name);
+            let p = src.clone();
+            let actual = R::spawn_blocking(move || crate::files::hash_file(&p)).await.and_then(Result::ok);
+            if actual.as_deref() == Some(f.blake3.as_str()) {
+                let _ = std::fs::hard_link(&src, &cached);
+            }
+        }
+        let (dir, cap) = (self.cache_dir.clone(), self.cfg.upload_cache_bytes);
+        R::spawn_blocking(move || trim_upload_cache(&dir, cap)).await;
+        Ok(())
+    }
+}
