@@ -150,6 +150,26 @@ pub struct TrackSpec {
     pub path_mappings: BTreeMap<String, String>,
 }
 
+/// How a job ended: its final state, the message for the user, and its results (paths relative to
+/// the job's directory).
+#[derive(Debug, Clone, PartialEq)]
+pub struct Outcome {
+    pub state: JobState,
+    pub message: String,
+    pub results: Vec<String>,
+}
+
+impl Outcome {
+    pub fn new(state: JobState, message: impl Into<String>, results: Vec<String>) -> Self {
+        Outcome { state, message: message.into(), results }
+    }
+
+    /// A failure with no results.
+    pub fn failed(message: impl Into<String>) -> Self {
+        Outcome::new(JobState::Failed, message, vec![])
+    }
+}
+
 /// A job request.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(tag = "type", rename_all = "snake_case")]

@@ -491,6 +491,43 @@ pub fn strip_ansi(s: &str) -> String {
     out
 }
 
+/// How an inference process (`sleap-nn track`) ended, as the runtime observed it.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct TrackExit {
+    pub code: Option<i32>,
+    pub signal: Option<i32>,
+    /// The message of sleap-nn's `{"error": true, ...}` line, if it printed one.
+    pub error: Option<String>,
+    /// The last lines of its stderr, oldest first.
+    pub stderr_tail: Vec<String>,
+    /// The predictions file exists.
+    pub output_exists: bool,
+    pub cancel_requested: bool,
+}
+
+/// Success is exit code 0 **and** a predictions file; otherwise the clearest reason at hand:
+/// sleap-nn's own error line, then the exit code with the last output, then the signal.
+pub fn classify_track(e: &TrackExit) -> (super::JobState, String) {
+    use super::JobState::*;
+    if e.cancel_requested {
+        return (Cancelled, "cancelled by the user".into());
+    }
+    if e.code == Some(0) && e.output_exists {
+        return (Completed, "inference completed".into());
+    }
+    let why = match (&e.error, e.code, e.signal) {
+        (Some(msg), _, _) => msg.clone(),
+        (None, Some(0), _) => "sleap-nn exited 0 but wrote no predictions file".into(),
+        (None, Some(c), _) => {
+            let tail: Vec<&str> = e.stderr_tail.iter().rev().take(3).rev().map(String::as_str).collect();
+            format!("sleap-nn exited with code {c}; last output: {}", tail.join(" | "))
+        }
+        (None, None, Some(s)) => format!("sleap-nn was killed by signal {s}"),
+        (None, None, None) => "sleap-nn ended for an unknown reason".into(),
+    };
+    (Failed, why)
+}
+
 /// How a trainer process ended, as the runtime observed it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct TrainExit {

@@ -45,6 +45,23 @@ fn the_singular_config_is_an_alias_not_an_extra_config() {
 }
 
 #[test]
+fn inference_outcomes_name_the_clearest_reason() {
+    let ok = TrackExit { code: Some(0), output_exists: true, ..Default::default() };
+    assert_eq!(classify_track(&ok).0, JobState::Completed);
+    let cancelled = TrackExit { cancel_requested: true, ..ok.clone() };
+    assert_eq!(classify_track(&cancelled).0, JobState::Cancelled);
+    let empty = TrackExit { output_exists: false, ..ok.clone() };
+    assert_eq!(classify_track(&empty), (JobState::Failed, "sleap-nn exited 0 but wrote no predictions file".into()));
+    let said = TrackExit { code: Some(1), error: Some("Model path does not exist".into()), ..Default::default() };
+    assert_eq!(classify_track(&said).1, "Model path does not exist");
+    let tail = (0..5).map(|i| format!("line {i}")).collect();
+    let code = TrackExit { code: Some(2), stderr_tail: tail, ..Default::default() };
+    assert_eq!(classify_track(&code).1, "sleap-nn exited with code 2; last output: line 2 | line 3 | line 4");
+    let killed = TrackExit { signal: Some(9), ..Default::default() };
+    assert_eq!(classify_track(&killed).1, "sleap-nn was killed by signal 9");
+}
+
+#[test]
 fn raw_reports_pass_except_batch_ends_beyond_the_rate() {
     let mut r = ReportThrottle::new(Duration::from_millis(100));
     let batch = r#"{"event": "batch_end", "batch": 1}"#;

@@ -12,10 +12,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use sleap_rtc_core::job::auth::{self, AuthError, Expected, TicketClaims};
-use sleap_rtc_core::job::bridge::{self, TrainExit, TrainRun};
+use sleap_rtc_core::job::bridge::{self, TrackExit, TrainExit, TrainRun};
 use sleap_rtc_core::job::{
-    ErrorCode, FieldError, Interrupt, Job, JobMsg, JobSpec, JobState, JobStatus, PathRef, PathVerdict, Progress,
-    Stream, check_paths, parse_spec,
+    ErrorCode, FieldError, Interrupt, Job, JobMsg, JobSpec, JobState, JobStatus, Outcome, PathRef, PathVerdict,
+    Progress, Stream, check_paths, parse_spec,
 };
 use sleap_rtc_core::signal::{Register, ServerMessage};
 use sleap_rtc_core::transfer::FileEntry;

@@ -327,17 +327,17 @@ impl<R: Runtime> Worker<R> {
         let upload = self.expect_upload(&job, &c, &files).await;
         c.send(&JobMsg::JobAccepted { client_job_id, job_id: job_id.clone() });
 
-        let (state, message, results) = match self.receive_upload(&job, &files, upload).await {
+        let outcome = match self.receive_upload(&job, &files, upload).await {
             Err(e) => {
                 let cancelled = job.entry.lock().map(|e| e.job.cancel_requested).unwrap_or(false);
                 if cancelled {
-                    (JobState::Cancelled, "cancelled by the user during the upload".to_owned(), vec![])
+                    Outcome::new(JobState::Cancelled, "cancelled by the user during the upload", vec![])
                 } else {
-                    (JobState::Failed, format!("upload failed: {e}"), vec![])
+                    Outcome::failed(format!("upload failed: {e}"))
                 }
             }
             Ok(()) if job.entry.lock().map(|e| e.job.cancel_requested).unwrap_or(false) => {
-                (JobState::Cancelled, "cancelled by the user before it started".to_owned(), vec![])
+                Outcome::new(JobState::Cancelled, "cancelled by the user before it started", vec![])
             }
             Ok(()) => {
                 job.set_state(JobState::Running, None);
@@ -348,7 +348,7 @@ impl<R: Runtime> Worker<R> {
                 }
             }
         };
-        self.finish(&job, state, message, results).await;
+        self.finish(&job, outcome).await;
     }
 
     /// Places what the cache already has as complete `.part`s and starts waiting for the upload.

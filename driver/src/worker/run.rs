@@ -80,18 +80,14 @@ impl<R: Runtime> Worker<R> {
         (tx, task)
     }
 
-    pub(super) async fn run_training(
-        &self,
-        job: &Arc<ActiveJob<R>>,
-        spec: &JobSpec,
-    ) -> (JobState, String, Vec<String>) {
-        let JobSpec::Train(t) = spec else { return (JobState::Failed, "not a training job".into(), vec![]) };
+    pub(super) async fn run_training(&self, job: &Arc<ActiveJob<R>>, spec: &JobSpec) -> Outcome {
+        let JobSpec::Train(t) = spec else { return Outcome::failed("not a training job") };
         // Configs: worker/uploaded files first, then inline ones (upstream's order).
         let mut configs = Vec::new();
         for p in &t.config_paths {
             match std::fs::read_to_string(self.resolve(job, p)) {
                 Ok(text) => configs.push(text),
-                Err(e) => return (JobState::Failed, format!("cannot read config {p}: {e}"), vec![]),
+                Err(e) => return Outcome::failed(format!("cannot read config {p}: {e}")),
             }
         }
         configs.extend(t.config_contents.iter().cloned());
@@ -102,7 +98,7 @@ impl<R: Runtime> Worker<R> {
         for (i, text) in configs.iter().enumerate() {
             let info = match bridge::ConfigInfo::parse(text) {
                 Ok(i) => i,
-                Err(e) => return (JobState::Failed, format!("config {}: {e}", i + 1), results),
+                Err(e) => return Outcome::new(JobState::Failed, format!("config {}: {e}", i + 1), results),
             };
             let model_type =
                 t.model_types.get(i).cloned().or(info.model_type.clone()).unwrap_or_else(|| "model".into());
@@ -116,7 +112,7 @@ impl<R: Runtime> Worker<R> {
                 if sleap_rtc_core::job::check_run_name(&run_name).is_ok() { run_name } else { format!("model_{i}") };
             let config_path = job.dir.join(format!("config_{i}.yaml"));
             if let Err(e) = std::fs::write(&config_path, text) {
-                return (JobState::Failed, format!("cannot write the config: {e}"), results);
+                return Outcome::new(JobState::Failed, format!("cannot write the config: {e}"), results);
             }
             if n > 1 {
                 job.emit(&JobMsg::JobLog {
@@ -163,7 +159,7 @@ impl<R: Runtime> Worker<R> {
             }
             let exit = match exit {
                 Ok(e) => e,
-                Err(e) => return (JobState::Failed, e.to_string(), results),
+                Err(e) => return Outcome::new(JobState::Failed, e.to_string(), results),
             };
             let (stop, cancel) =
                 job.entry.lock().map(|e| (e.job.stop_requested, e.job.cancel_requested)).unwrap_or_default();
@@ -194,7 +190,7 @@ impl<R: Runtime> Worker<R> {
                 break;
             }
         }
-        (outcome.0, outcome.1, results)
+        Outcome::new(outcome.0, outcome.1, results)
     }
 
     /// Publishes a finished run to the room's registry, if one is configured. A failure to
@@ -238,12 +234,8 @@ impl<R: Runtime> Worker<R> {
         }
     }
 
-    pub(super) async fn run_tracking(
-        &self,
-        job: &Arc<ActiveJob<R>>,
-        spec: &JobSpec,
-    ) -> (JobState, String, Vec<String>) {
-        let JobSpec::Track(t) = spec else { return (JobState::Failed, "not a track job".into(), vec![]) };
+    pub(super) async fn run_tracking(&self, job: &Arc<ActiveJob<R>>, spec: &JobSpec) -> Outcome {
+        let JobSpec::Track(t) = spec else { return Outcome::failed("not a track job") };
         let data = self.resolve(job, &t.data_path).display().to_string();
         let mut models: Vec<String> = Vec::new();
         let mut cached: Vec<String> = Vec::new();
@@ -255,7 +247,7 @@ impl<R: Runtime> Worker<R> {
                         models.push(dir.display().to_string());
                     }
                     Err(e) => {
-                        return (JobState::Failed, format!("cannot fetch model {id} from the registry: {e}"), vec![]);
+                        return Outcome::failed(format!("cannot fetch model {id} from the registry: {e}"));
                     }
                 },
                 None => models.push(self.resolve(job, m).display().to_string()),
@@ -264,7 +256,7 @@ impl<R: Runtime> Worker<R> {
         let out_name = t.output_path.clone().unwrap_or_else(|| bridge::predictions_name(&t.data_path));
         let out_dir = job.dir.join("output");
         if let Err(e) = std::fs::create_dir_all(&out_dir) {
-            return (JobState::Failed, format!("cannot create the output directory: {e}"), vec![]);
+            return Outcome::failed(format!("cannot create the output directory: {e}"));
         }
         let output = out_dir.join(&out_name);
         let argv = bridge::track_args(t, &data, &models, &output.display().to_string(), &self.cfg.device);
@@ -281,29 +273,23 @@ impl<R: Runtime> Worker<R> {
         }
         let exit = match exit {
             Ok(e) => e,
-            Err(e) => return (JobState::Failed, e.to_string(), vec![]),
+            Err(e) => return Outcome::failed(e.to_string()),
         };
-        let cancelled = job.entry.lock().map(|e| e.job.cancel_requested).unwrap_or(false);
-        if cancelled {
-            return (JobState::Cancelled, "cancelled by the user".into(), vec![]);
-        }
-        if exit.code == Some(0) && output.is_file() {
-            return (JobState::Completed, "inference completed".into(), vec![format!("output/{out_name}")]);
-        }
-        let why = match (exit.error, exit.code, exit.signal) {
-            (Some(e), _, _) => e,
-            (None, Some(0), _) => "sleap-nn exited 0 but wrote no predictions file".into(),
-            (None, Some(c), _) => format!(
-                "sleap-nn exited with code {c}; last output: {}",
-                exit.stderr_tail.iter().rev().take(3).rev().cloned().collect::<Vec<_>>().join(" | ")
-            ),
-            (None, None, Some(s)) => format!("sleap-nn was killed by signal {s}"),
-            _ => "sleap-nn ended for an unknown reason".into(),
+        let te = TrackExit {
+            code: exit.code,
+            signal: exit.signal,
+            error: exit.error,
+            stderr_tail: exit.stderr_tail,
+            output_exists: output.is_file(),
+            cancel_requested: job.entry.lock().map(|e| e.job.cancel_requested).unwrap_or(false),
         };
-        (JobState::Failed, why, vec![])
+        let (state, message) = bridge::classify_track(&te);
+        let results = if state == JobState::Completed { vec![format!("output/{out_name}")] } else { vec![] };
+        Outcome::new(state, message, results)
     }
 
-    pub(super) async fn finish(&self, job: &Arc<ActiveJob<R>>, state: JobState, message: String, results: Vec<String>) {
+    pub(super) async fn finish(&self, job: &Arc<ActiveJob<R>>, outcome: Outcome) {
+        let Outcome { state, message, results } = outcome;
         let duration = job.started.elapsed().as_secs_f64();
         if let Ok(mut e) = job.entry.lock() {
             if e.job.transition(state).is_err() {
