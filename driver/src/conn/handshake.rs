@@ -1,0 +1,93 @@
+//! Setting a connection up: offering (`connect`) or answering (`accept`) through signaling, with
+//! one DTLS certificate per process.
+
+use super::*;
+
+/// Offers a connection to `target` (a peer id in our room) and waits until it is open.
+pub async fn connect<R: Runtime>(
+    signaling: &SignalingClient<R>,
+    target: &str,
+    opts: PeerOptions,
+) -> Result<PeerConnection<R>, ConnError> {
+    let mut session = new_session::<R>(&opts).await;
+    let (socks, cands) = bind::<R>(&opts, &ice_urls(signaling), &mut session).await?;
+    let offer = session.peer().create_offer()?;
+    let mut relays = signaling.subscribe_relays(target);
+    signaling.request(json!({"type": "offer", "target": target, "sdp": offer, "role": "client"})).await?;
+    let mut early = Vec::new();
+    let answer = crate::timeout::<R, _>(opts.connect_timeout, async {
+        while let Some(m) = relays.recv().await {
+            match m {
+                ServerMessage::Answer(o) => return o.get("sdp").and_then(Value::as_str).map(str::to_owned),
+                ServerMessage::Candidate(o) => early.extend(o.get("candidate").and_then(candidate_line)),
+                _ => {}
+            }
+        }
+        None
+    })
+    .await
+    .map_err(|_| ConnError::NoAnswer(opts.connect_timeout))?
+    .ok_or(ConnError::Closed)?;
+    session.peer().accept_answer(&answer)?;
+    for c in early {
+        let _ = session.peer().add_remote_candidate(&c);
+    }
+    let conn = spawn(session, socks, cands, relays, target);
+    conn.wait_open(opts.connect_timeout).await?;
+    Ok(conn)
+}
+
+static CERT: std::sync::OnceLock<Option<sleap_rtc_core::peer::DtlsCert>> = std::sync::OnceLock::new();
+
+/// Generates this process's DTLS certificate in the background, so the first connection does not
+/// pay for it. [`SignalingClient::connect`] calls it; calling it again is free.
+pub fn prepare_certificate<R: Runtime>() {
+    if CERT.get().is_none() {
+        // Spawned, not just started: a runtime may cancel blocking work whose future is dropped.
+        R::spawn(async {
+            let _ = R::spawn_blocking(|| CERT.get_or_init(sleap_rtc_core::peer::generate_certificate).is_some()).await;
+        });
+    }
+}
+
+/// Waits until this process's DTLS certificate exists (generating it if needed), so that a
+/// following `connect` measures only the connection itself.
+pub async fn certificate_ready<R: Runtime>() {
+    let _ = R::spawn_blocking(|| CERT.get_or_init(sleap_rtc_core::peer::generate_certificate).is_some()).await;
+}
+
+async fn new_session<R: Runtime>(opts: &PeerOptions) -> Session {
+    let mut cfg = opts.session.clone();
+    if cfg.peer.cert.is_none() {
+        cfg.peer.cert = match CERT.get() {
+            Some(c) => c.clone(),
+            None => R::spawn_blocking(|| CERT.get_or_init(sleap_rtc_core::peer::generate_certificate).clone())
+                .await
+                .flatten(),
+        };
+    }
+    Session::new(cfg, Instant::now())
+}
+
+fn ice_urls<R: Runtime>(signaling: &SignalingClient<R>) -> Vec<String> {
+    signaling.registered().ice_servers.iter().flat_map(|s| s.urls.iter().cloned()).collect()
+}
+
+/// Answers an `offer` received through signaling and waits until the connection is open.
+pub async fn accept<R: Runtime>(
+    signaling: &SignalingClient<R>,
+    offer: &ServerMessage,
+    opts: PeerOptions,
+) -> Result<PeerConnection<R>, ConnError> {
+    let ServerMessage::Offer(o) = offer else { return Err(ConnError::BadOffer("not an offer".into())) };
+    let from = o.get("sender").and_then(Value::as_str).ok_or_else(|| ConnError::BadOffer("no sender".into()))?;
+    let sdp = o.get("sdp").and_then(Value::as_str).ok_or_else(|| ConnError::BadOffer("no sdp".into()))?;
+    let mut session = new_session::<R>(&opts).await;
+    let (socks, cands) = bind::<R>(&opts, &ice_urls(signaling), &mut session).await?;
+    let relays = signaling.subscribe_relays(from);
+    let answer = session.peer().accept_offer(sdp)?;
+    signaling.request(json!({"type": "answer", "target": from, "sdp": answer})).await?;
+    let conn = spawn(session, socks, cands, relays, from);
+    conn.wait_open(opts.connect_timeout).await?;
+    Ok(conn)
+}
