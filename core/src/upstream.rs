@@ -525,25 +525,23 @@ pub mod auth {
     /// Upstream's room-secret proof: HMAC-SHA256 keyed with the decoded secret over the decoded
     /// nonce, url-safe base64 without padding. A secret that is not base64 is used as its text.
     pub fn room_secret_hmac(secret: &str, nonce: &str) -> Option<String> {
-        let key = decode_b64(secret).filter(|k| !k.is_empty()).unwrap_or_else(|| secret.as_bytes().to_vec());
-        let msg = decode_b64(nonce)?;
-        let mut mac = Hmac::<Sha256>::new_from_slice(&key).ok()?;
-        mac.update(&msg);
-        Some(URL_SAFE_NO_PAD.encode(mac.finalize().into_bytes()))
+        Some(URL_SAFE_NO_PAD.encode(keyed(secret, nonce)?.finalize().into_bytes()))
     }
 
     /// Constant-time check of a room-secret proof.
     pub fn room_secret_matches(secret: &str, nonce: &str, response: &str) -> bool {
-        let (Some(key), Some(msg), Some(got)) = (
-            Some(decode_b64(secret).filter(|k| !k.is_empty()).unwrap_or_else(|| secret.as_bytes().to_vec())),
-            decode_b64(nonce),
-            decode_b64(response),
-        ) else {
-            return false;
-        };
-        let Ok(mut mac) = Hmac::<Sha256>::new_from_slice(&key) else { return false };
-        mac.update(&msg);
-        mac.verify_slice(&got).is_ok()
+        match (keyed(secret, nonce), decode_b64(response)) {
+            (Some(mac), Some(got)) => mac.verify_slice(&got).is_ok(),
+            _ => false,
+        }
+    }
+
+    /// The HMAC state after the nonce, keyed with the secret as upstream decodes it.
+    fn keyed(secret: &str, nonce: &str) -> Option<Hmac<Sha256>> {
+        let key = decode_b64(secret).filter(|k| !k.is_empty()).unwrap_or_else(|| secret.as_bytes().to_vec());
+        let mut mac = Hmac::<Sha256>::new_from_slice(&key).ok()?;
+        mac.update(&decode_b64(nonce)?);
+        Some(mac)
     }
 }
 

@@ -157,23 +157,27 @@ impl<R: Runtime> Worker<R> {
         (area == "runs" || area == "output") && read_journal(&self.jobs_dir, &id).is_some_and(|e| e.owner == user)
     }
 
-    pub(super) fn check_worker_path(&self, user: &str, p: &str) -> PathVerdict {
+    /// A worker path, resolved (symlinks followed): `Ok` inside a mount, the upload area, or
+    /// where `also` allows; otherwise `NotAllowed`, or `NotFound` only for a missing path inside
+    /// a mount, so a client cannot probe the rest of the worker's filesystem.
+    pub(super) fn locate(&self, p: &str, also: impl Fn(&Path) -> bool) -> Result<PathBuf, PathVerdict> {
         let path = Path::new(p);
         match path.canonicalize() {
-            Ok(real) => {
-                if self.cfg.mounts.iter().any(|m| real.starts_with(m))
-                    || self.in_uploads(&real)
-                    || self.own_job_output(user, &real)
-                {
-                    PathVerdict::Ok
-                } else {
-                    PathVerdict::NotAllowed
-                }
+            Ok(real)
+                if self.cfg.mounts.iter().any(|m| real.starts_with(m)) || self.in_uploads(&real) || also(&real) =>
+            {
+                Ok(real)
             }
-            // Say "not allowed" rather than "not found" outside the mounts, so a client cannot
-            // probe the worker's filesystem.
-            Err(_) if !self.cfg.mounts.iter().any(|m| path.starts_with(m)) => PathVerdict::NotAllowed,
-            Err(_) => PathVerdict::NotFound,
+            Ok(_) => Err(PathVerdict::NotAllowed),
+            Err(_) if !self.cfg.mounts.iter().any(|m| path.starts_with(m)) => Err(PathVerdict::NotAllowed),
+            Err(_) => Err(PathVerdict::NotFound),
+        }
+    }
+
+    pub(super) fn check_worker_path(&self, user: &str, p: &str) -> PathVerdict {
+        match self.locate(p, |real| self.own_job_output(user, real)) {
+            Ok(_) => PathVerdict::Ok,
+            Err(v) => v,
         }
     }
 

@@ -6,6 +6,7 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use sleap_rtc_core::job::PathVerdict;
 use sleap_rtc_core::upstream::{self as up, FsErrorCode, WorkerMsg};
 
 use super::super::Worker;
@@ -30,16 +31,10 @@ impl<R: Runtime> Worker<R> {
         if p.trim().is_empty() {
             return Err((FsErrorCode::InvalidRequest, "Path is required".into()));
         }
-        let path = Path::new(p);
-        match path.canonicalize() {
-            Ok(real) if self.cfg.mounts.iter().any(|m| real.starts_with(m)) || self.in_uploads(&real) => Ok(real),
-            Ok(_) => Err((FsErrorCode::AccessDenied, "Access denied: path is outside configured mounts".into())),
-            // "Not found" only inside the mounts: outside, the client must not learn what exists.
-            Err(_) if self.cfg.mounts.iter().any(|m| path.starts_with(m)) => {
-                Err((FsErrorCode::PathNotFound, format!("File not found: {p}")))
-            }
-            Err(_) => Err((FsErrorCode::AccessDenied, "Access denied: path is outside configured mounts".into())),
-        }
+        self.locate(p, |_| false).map_err(|v| match v {
+            PathVerdict::NotFound => (FsErrorCode::PathNotFound, format!("File not found: {p}")),
+            _ => (FsErrorCode::AccessDenied, "Access denied: path is outside configured mounts".into()),
+        })
     }
 
     pub(super) async fn use_worker_path(&self, p: &str) -> Vec<WorkerMsg> {

@@ -124,7 +124,7 @@ impl<R: Runtime> Worker<R> {
         if u.received != u.size {
             return fail(&u, format!("Size mismatch: expected {}, got {}", u.size, u.received));
         }
-        let got = hex(&u.sha.clone().finalize());
+        let got = format!("{:x}", u.sha.clone().finalize());
         if let Some(claimed) = &u.claimed {
             if *claimed != got {
                 return fail(&u, format!("the file's SHA-256 is {got}, not the {claimed} announced"));
@@ -156,10 +156,6 @@ fn safe_name(name: &str) -> Option<String> {
     let base = name.rsplit(['/', '\\']).next()?.trim();
     sleap_rtc_core::transfer::validate_name(base).ok()?;
     (!base.is_empty() && base != "." && base != "..").then(|| base.to_owned())
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
 #[cfg(test)]
