@@ -58,6 +58,14 @@ pub enum ClientMsg {
     FsResolve { pattern: String, file_size: Option<u64>, max_depth: Option<u32>, mount: Option<String> },
     /// `FS_SCAN_DIR::{"directory","filenames":[...]}` (the JSON as sent).
     FsScanDir(String),
+    /// `FS_WRITE_SLP::{"slp_path","output_dir","filename_map":{old:new},"output_filename"?}` (the
+    /// JSON as sent): a copy of a `.slp` with its videos pointed at paths on the worker.
+    FsWriteSlp(String),
+    /// `FS_RESOLVE_WITH_PREFIX::{"original_path","new_path","other_missing":[...]}` (the JSON as
+    /// sent): what one located video's prefix change would do to the other missing ones.
+    FsResolveWithPrefix(String),
+    /// `FS_APPLY_PREFIX::{"confirmed":true}` (upstream's worker only acknowledges it).
+    FsApplyPrefix,
     /// `FILE_UPLOAD_CHECK::{sha256}::{filename}`.
     FileUploadCheck { sha256: String, name: String },
     /// `FILE_UPLOAD_START::{filename}::{total_bytes}::{dest_dir}::{1|0}`.
@@ -89,6 +97,9 @@ impl ClientMsg {
             ClientMsg::FsListDir { .. } => "FS_LIST_DIR",
             ClientMsg::FsResolve { .. } => "FS_RESOLVE",
             ClientMsg::FsScanDir(_) => "FS_SCAN_DIR",
+            ClientMsg::FsWriteSlp(_) => "FS_WRITE_SLP",
+            ClientMsg::FsResolveWithPrefix(_) => "FS_RESOLVE_WITH_PREFIX",
+            ClientMsg::FsApplyPrefix => "FS_APPLY_PREFIX",
             ClientMsg::FileUploadCheck { .. } => "FILE_UPLOAD_CHECK",
             ClientMsg::FileUploadStart { .. } => "FILE_UPLOAD_START",
             ClientMsg::FileUploadEnd => "FILE_UPLOAD_END",
@@ -180,6 +191,9 @@ pub fn parse_client(text: &str) -> Result<ClientMsg, CodecError> {
             }
         }
         "FS_SCAN_DIR" => ClientMsg::FsScanDir(need("FS_SCAN_DIR", "json")?),
+        "FS_WRITE_SLP" => ClientMsg::FsWriteSlp(need("FS_WRITE_SLP", "json")?),
+        "FS_RESOLVE_WITH_PREFIX" => ClientMsg::FsResolveWithPrefix(need("FS_RESOLVE_WITH_PREFIX", "json")?),
+        "FS_APPLY_PREFIX" => ClientMsg::FsApplyPrefix,
         "FILE_UPLOAD_CHECK" => {
             let rest = need("FILE_UPLOAD_CHECK", "sha256")?;
             let (sha, name) = rest
@@ -276,6 +290,14 @@ pub enum WorkerMsg {
     FsList(Value),
     FsResolve(Value),
     FsScanDir(Value),
+    /// `FS_WRITE_SLP_OK::{"output_path","videos_updated"}`.
+    FsWriteSlpOk(Value),
+    /// `FS_WRITE_SLP_ERROR::{"error",...}`.
+    FsWriteSlpError(Value),
+    /// `FS_PREFIX_PROPOSAL::{"old_prefix","new_prefix","would_resolve":[{original,resolved}],"would_not_resolve":[...]}`.
+    FsPrefixProposal(Value),
+    /// `FS_PREFIX_APPLIED::{"success":true}`.
+    FsPrefixApplied,
     FsError(FsErrorCode, String),
     UploadCacheHit(String),
     UploadReady,
@@ -356,6 +378,10 @@ impl WorkerMsg {
             WorkerMsg::FsList(v) => j("FS_LIST_RESPONSE", v),
             WorkerMsg::FsResolve(v) => j("FS_RESOLVE_RESPONSE", v),
             WorkerMsg::FsScanDir(v) => j("FS_SCAN_DIR_RESPONSE", v),
+            WorkerMsg::FsWriteSlpOk(v) => j("FS_WRITE_SLP_OK", v),
+            WorkerMsg::FsWriteSlpError(v) => j("FS_WRITE_SLP_ERROR", v),
+            WorkerMsg::FsPrefixProposal(v) => j("FS_PREFIX_PROPOSAL", v),
+            WorkerMsg::FsPrefixApplied => j("FS_PREFIX_APPLIED", &serde_json::json!({"success": true})),
             WorkerMsg::FsError(c, m) => format!("FS_ERROR{SEP}{}{SEP}{}", c.as_str(), one_line(m)),
             WorkerMsg::UploadCacheHit(p) => format!("FILE_UPLOAD_CACHE_HIT{SEP}{}", one_line(p)),
             WorkerMsg::UploadReady => "FILE_UPLOAD_READY".into(),
@@ -482,6 +508,60 @@ pub mod resolve {
             }
             Some((kind, score - 0.1 * f64::from(depth)))
         }
+    }
+}
+
+/// SLEAP's way of fixing many moved videos at once: the user locates one missing video on the
+/// worker, the part of its path that changed is taken as a prefix change, and that change is
+/// proposed for the other missing videos. Paths from a client may be Windows paths: both
+/// separators split components, and what this produces uses `/` (the worker's own paths).
+pub mod prefix {
+    /// Components of a path, and whether it is absolute (a leading separator or a drive letter).
+    fn parts(p: &str) -> (bool, Vec<&str>) {
+        let absolute = p.starts_with(['/', '\\']) || p.as_bytes().get(1) == Some(&b':');
+        (absolute, p.split(['/', '\\']).filter(|c| !c.is_empty()).collect())
+    }
+
+    fn join(absolute: bool, parts: &[&str]) -> String {
+        let body = parts.join("/");
+        // A drive letter ("C:") is its own root: no slash before it.
+        if absolute && !parts.first().is_some_and(|p| p.ends_with(':')) { format!("/{body}") } else { body }
+    }
+
+    /// The change that turns `original` into `new`: the leading components that differ once the
+    /// common tail (at least the file name) is set aside, as `(old_prefix, new_prefix)`. A relative
+    /// `original` that is all tail has the empty old prefix (the new one is put in front of it).
+    /// `None` when the file names differ (no prefix change explains that) or nothing changed.
+    pub fn changed(original: &str, new: &str) -> Option<(String, String)> {
+        let (old_abs, old) = parts(original);
+        let (new_abs, new) = parts(new);
+        if old.last()? != new.last()? {
+            return None;
+        }
+        let common = old.iter().rev().zip(new.iter().rev()).take_while(|(a, b)| a == b).count();
+        let (o, n) = (&old[..old.len() - common], &new[..new.len() - common]);
+        if o.is_empty() && n.is_empty() && old_abs == new_abs {
+            return None;
+        }
+        Some((join(old_abs, o), join(new_abs, n)))
+    }
+
+    /// `path` with `old_prefix` replaced by `new_prefix`, compared component by component; `None`
+    /// if `path` does not start with it. The empty old prefix matches relative paths only.
+    pub fn apply(path: &str, old_prefix: &str, new_prefix: &str) -> Option<String> {
+        let (abs, parts) = parts(path);
+        let (old_abs, old) = parts_of_prefix(old_prefix);
+        if abs != old_abs || parts.len() <= old.len() || parts[..old.len()] != old[..] {
+            return None;
+        }
+        let (new_abs, new) = parts_of_prefix(new_prefix);
+        let mut out = new;
+        out.extend_from_slice(&parts[old.len()..]);
+        Some(join(new_abs, &out))
+    }
+
+    fn parts_of_prefix(p: &str) -> (bool, Vec<&str>) {
+        if p.is_empty() { (false, vec![]) } else { parts(p) }
     }
 }
 

@@ -204,7 +204,73 @@ fn resolve_scores_as_upstream_does() {
     assert!(matches!(Query::new("fly[.mp4", None), Err(QueryError::Invalid(_))));
 }
 
+#[test]
+fn slp_rewrite_and_prefix_messages_round_trip_as_the_clients_split_them() {
+    let body = r#"{"slp_path": "/data/a::b.slp", "output_dir": "/data", "filename_map": {}}"#;
+    assert_eq!(parse_client(&format!("FS_WRITE_SLP::{body}")), Ok(ClientMsg::FsWriteSlp(body.into())));
+    let body = r#"{"original_path": "/x/v.mp4", "new_path": "/y/v.mp4", "other_missing": []}"#;
+    assert_eq!(
+        parse_client(&format!("FS_RESOLVE_WITH_PREFIX::{body}")),
+        Ok(ClientMsg::FsResolveWithPrefix(body.into()))
+    );
+    assert_eq!(parse_client(r#"FS_APPLY_PREFIX::{"confirmed":true}"#), Ok(ClientMsg::FsApplyPrefix));
+    assert!(matches!(parse_client("FS_WRITE_SLP"), Err(CodecError::MissingField { .. })));
+    // The clients: message.split("::", 1)[1] is the JSON.
+    for (m, key) in [
+        (WorkerMsg::FsWriteSlpOk(json!({"output_path": "/d/resolved::x.slp", "videos_updated": 2})), "output_path"),
+        (WorkerMsg::FsWriteSlpError(json!({"error": "no"})), "error"),
+        (WorkerMsg::FsPrefixProposal(json!({"old_prefix": "/a", "new_prefix": "/b"})), "old_prefix"),
+        (WorkerMsg::FsPrefixApplied, "success"),
+    ] {
+        let v: Value = serde_json::from_str(py_split(&m.encode(), "::", 1)[1]).expect("JSON after the first ::");
+        assert!(!v[key].is_null(), "{m:?}");
+    }
+}
+
+#[test]
+fn a_located_video_gives_the_prefix_change_sleap_would_propose() {
+    use prefix::{apply, changed};
+    // The common tail (project/day1/vid1.mp4) is kept; what differs before it is the change.
+    let (old, new) = changed("/Volumes/talmo/project/day1/vid1.mp4", "/vast/project/day1/vid1.mp4").unwrap();
+    assert_eq!((old.as_str(), new.as_str()), ("/Volumes/talmo", "/vast"));
+    assert_eq!(
+        apply("/Volumes/talmo/project/day2/vid2.mp4", &old, &new).as_deref(),
+        Some("/vast/project/day2/vid2.mp4")
+    );
+    assert_eq!(apply("/Volumes/other/vid3.mp4", &old, &new), None);
+    // Component-wise: "/Volumes/talmo2" does not start with "/Volumes/talmo".
+    assert_eq!(apply("/Volumes/talmo2/vid4.mp4", &old, &new), None);
+    // A Windows laptop's path.
+    let (old, new) = changed(r"C:\Users\lab\day1\vid1.mp4", "/data/lab/day1/vid1.mp4").unwrap();
+    assert_eq!((old.as_str(), new.as_str()), ("C:/Users", "/data"));
+    assert_eq!(apply(r"C:\Users\lab\day2\v.mp4", &old, &new).as_deref(), Some("/data/lab/day2/v.mp4"));
+    // A relative original: nothing to take away, the new prefix goes in front.
+    let (old, new) = changed("day1/vid1.mp4", "/data/project/day1/vid1.mp4").unwrap();
+    assert_eq!((old.as_str(), new.as_str()), ("", "/data/project"));
+    assert_eq!(apply("day2/vid2.mp4", &old, &new).as_deref(), Some("/data/project/day2/vid2.mp4"));
+    assert_eq!(apply("/abs/day2/vid2.mp4", &old, &new), None, "the empty prefix matches relative paths only");
+    // A relative original with a leading part of its own: that part is the old prefix.
+    let (old, new) = changed("old/day1/vid1.mp4", "/data/new/day1/vid1.mp4").unwrap();
+    assert_eq!((old.as_str(), new.as_str()), ("old", "/data/new"));
+    assert_eq!(apply("old/day2/v.mp4", &old, &new).as_deref(), Some("/data/new/day2/v.mp4"));
+    // No prefix change explains another file name, or no change at all.
+    assert_eq!(changed("/a/vid1.mp4", "/b/vid2.mp4"), None);
+    assert_eq!(changed("/a/vid1.mp4", "/a/vid1.mp4"), None);
+    assert_eq!(changed("", "/a/v.mp4"), None);
+}
+
 proptest! {
+    #[test]
+    fn prefix_rules_are_total(a in "[/a-z\\\\:]{0,30}", b in "[/a-z\\\\:]{0,30}", c in "[/a-z\\\\:]{0,30}") {
+        if let Some((old, new)) = prefix::changed(&a, &b) {
+            let _ = prefix::apply(&c, &old, &new);
+            // The located video itself maps onto its new path (up to separators).
+            if let Some(mapped) = prefix::apply(&a, &old, &new) {
+                prop_assert_eq!(mapped.trim_start_matches('/'), b.replace('\\', "/").split('/').filter(|s| !s.is_empty()).collect::<Vec<_>>().join("/"));
+            }
+        }
+    }
+
     #[test]
     fn any_text_parses_or_fails_cleanly(s in ".{0,200}") {
         let _ = parse_client(&s);
@@ -214,7 +280,8 @@ proptest! {
     #[test]
     fn any_known_prefix_with_junk_parses_or_fails_cleanly(
         kind in prop::sample::select(vec!["FS_LIST_DIR", "FS_RESOLVE", "FILE_UPLOAD_START", "FILE_UPLOAD_CHECK",
-            "JOB_SUBMIT", "AUTH_RESPONSE", "USE_WORKER_PATH", "CONTROL_COMMAND"]),
+            "JOB_SUBMIT", "AUTH_RESPONSE", "USE_WORKER_PATH", "CONTROL_COMMAND", "FS_WRITE_SLP",
+            "FS_RESOLVE_WITH_PREFIX", "FS_APPLY_PREFIX"]),
         rest in "[:a-z0-9/ ]{0,60}",
     ) {
         let _ = parse_client(&format!("{kind}::{rest}"));
