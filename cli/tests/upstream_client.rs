@@ -634,3 +634,92 @@ async fn the_apis_handshake_with_a_room_secret_and_without() {
     assert_eq!(r["ok"], false, "{r:#}");
     assert!(r["error"].as_str().unwrap().contains("Authentication failed: invalid"), "{r:#}");
 }
+
+/// The Python CLI's video-path resolution (and the TUI's): the user locates one moved video,
+/// the worker proposes the same prefix change for the others, and a copy of the labels pointing
+/// at the located files is written into the mount, never over an existing file nor outside.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn moved_videos_are_fixed_by_a_prefix_change_and_a_rewritten_slp() {
+    let env = env().await;
+    let py = upstream_python();
+    let (_w, labels) = worker_with_mount(&env, &["--python", &py], "batch_ms=10").await;
+    let mount = labels.parent().unwrap().to_path_buf();
+    for day in ["day1/fly1.mp4", "day2/fly2.mp4"] {
+        let p = mount.join("share").join(day);
+        std::fs::create_dir_all(p.parent().unwrap()).unwrap();
+        std::fs::write(p, b"not really a video").unwrap();
+    }
+    let (old1, old2, old3) = ("/lab/old-share/day1/fly1.mp4", "/lab/old-share/day2/fly2.mp4", "/elsewhere/fly3.mp4");
+    let slp = mount.join("session.slp");
+    let a = json!({"jwt": env.jwt, "template": asset("labels.pkg.slp"), "out": slp, "videos": [old1, old2, old3]});
+    assert_eq!(upstream(&env, &env.path("maker"), "make_slp", a).await["ok"], true);
+    let m = mount.display().to_string();
+    let (new1, new2) = (format!("{m}/share/day1/fly1.mp4"), format!("{m}/share/day2/fly2.mp4"));
+    let slp = slp.display().to_string();
+    let write = |out_dir: &str, map: Value, name: Option<&str>| {
+        let mut req = json!({"slp_path": slp, "output_dir": out_dir, "filename_map": map});
+        if let Some(n) = name {
+            req["output_filename"] = json!(n);
+        }
+        format!("FS_WRITE_SLP::{req}")
+    };
+    let map = json!({old1: new1, old2: new2});
+    let send = json!([
+        format!(
+            "FS_RESOLVE_WITH_PREFIX::{}",
+            json!({"original_path": old1, "new_path": new1, "other_missing": [old2, old3]})
+        ),
+        format!(
+            "FS_RESOLVE_WITH_PREFIX::{}",
+            json!({"original_path": old1, "new_path": "/etc/hosts", "other_missing": []})
+        ),
+        r#"FS_APPLY_PREFIX::{"confirmed": true}"#,
+        write(&m, map.clone(), Some("fixed.slp")),
+        write(&m, map.clone(), Some("fixed.slp")),
+        write(&m, map.clone(), Some("../../escape.slp")),
+        write("/tmp", map.clone(), None),
+        write(&m, json!({old3: "/etc/passwd"}), None),
+        write(&m, map, None),
+        format!("USE_WORKER_PATH::{m}/fixed.slp"),
+    ]);
+    let a = json!({"jwt": env.jwt, "room": env.room, "register_key": true, "expect": 11, "send": send});
+    let r = upstream(&env, &env.path("home"), "raw", a).await;
+    assert_eq!(r["ok"], true, "{r:#}\n{}", log_of(&env));
+    let replies: Vec<&str> = r["replies"].as_array().unwrap().iter().filter_map(Value::as_str).collect();
+    let json_of = |m: &str| -> Value { serde_json::from_str(m.split_once("::").unwrap().1).unwrap() };
+    assert!(replies[0].starts_with("FS_PREFIX_PROPOSAL::"), "{replies:#?}");
+    let proposal = json_of(replies[0]);
+    assert_eq!(proposal["old_prefix"], "/lab/old-share");
+    assert_eq!(proposal["new_prefix"], format!("{m}/share"));
+    assert_eq!(proposal["would_resolve"], json!([{"original": old2, "resolved": new2}]), "{proposal:#}");
+    assert_eq!(proposal["would_not_resolve"], json!([old3]));
+    assert!(replies[1].starts_with("FS_ERROR::ACCESS_DENIED::"), "{}", replies[1]);
+    assert_eq!(replies[2], r#"FS_PREFIX_APPLIED::{"success":true}"#);
+    let written = json_of(replies[3]);
+    assert!(replies[3].starts_with("FS_WRITE_SLP_OK::"), "{}\n{}", replies[3], log_of(&env));
+    assert_eq!(
+        (written["output_path"].as_str(), written["videos_updated"].as_u64()),
+        (Some(&*format!("{m}/fixed.slp")), Some(2))
+    );
+    // The same name again is not overwritten; a name with directories is cut to its base name.
+    assert_eq!(json_of(replies[4])["output_path"], format!("{m}/fixed_2.slp"));
+    assert_eq!(json_of(replies[5])["output_path"], format!("{m}/escape.slp"));
+    assert!(!mount.parent().unwrap().join("escape.slp").exists());
+    assert!(
+        replies[6].starts_with("FS_WRITE_SLP_ERROR::") && replies[6].contains("outside configured mounts"),
+        "{}",
+        replies[6]
+    );
+    assert!(replies[7].starts_with("FS_WRITE_SLP_ERROR::") && replies[7].contains(old3), "{}", replies[7]);
+    let default = json_of(replies[8])["output_path"].as_str().unwrap().to_owned();
+    let name = default.strip_prefix(&format!("{m}/resolved_")).expect("upstream's default name");
+    assert!(name.len() == "20261207_session.slp".len() && name.ends_with("_session.slp"), "{default}");
+    // The rewritten labels name the located files: the path check finds them.
+    assert_eq!(replies[9], format!("WORKER_PATH_OK::{m}/fixed.slp"));
+    let check = json_of(replies[10]);
+    assert_eq!((check["total_videos"].as_u64(), check["accessible"].as_u64()), (Some(3), Some(2)), "{check:#}");
+    assert_eq!(check["missing"][0]["original_path"], old3);
+    // Nothing half-written is left behind.
+    let stray: Vec<_> = walk(&mount).into_iter().filter(|p| p.to_string_lossy().contains(".sleap-rtc-write")).collect();
+    assert!(stray.is_empty(), "{stray:?}");
+}

@@ -1,6 +1,7 @@
 //! What upstream clients see of the worker's files: the mounts, listings, `FS_RESOLVE`'s search,
-//! `FS_SCAN_DIR`, and `USE_WORKER_PATH` with the videos a `.slp` names. Everything resolves
-//! symlinks and stays inside the mounts (and the upload area).
+//! `FS_SCAN_DIR`, `USE_WORKER_PATH` with the videos a `.slp` names, and the two steps that fix
+//! moved videos (`FS_RESOLVE_WITH_PREFIX`, then `FS_WRITE_SLP`). Everything resolves symlinks and
+//! stays inside the mounts (and the upload area).
 
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
@@ -257,5 +258,149 @@ print(json.dumps({"videos": out}))
             found.insert(n.to_owned(), v);
         }
         WorkerMsg::FsScanDir(json!({"directory": dir.display().to_string(), "found": found}))
+    }
+
+    /// `FS_RESOLVE_WITH_PREFIX`: the user located one missing video on this machine; the part of
+    /// its path that changed is proposed for the other missing videos, each of which is looked up
+    /// (inside the mounts) so the client can show which the change would fix.
+    pub(super) fn resolve_with_prefix(&self, raw: &str) -> WorkerMsg {
+        let v: Value = serde_json::from_str(raw).unwrap_or(Value::Null);
+        let (Some(original), Some(new)) = (v["original_path"].as_str(), v["new_path"].as_str()) else {
+            return WorkerMsg::FsError(
+                FsErrorCode::InvalidRequest,
+                "FS_RESOLVE_WITH_PREFIX needs original_path and new_path".into(),
+            );
+        };
+        if let Err((code, m)) = self.inside_mounts(new) {
+            return WorkerMsg::FsError(code, m);
+        }
+        let Some((old_prefix, new_prefix)) = up::prefix::changed(original, new) else {
+            return WorkerMsg::FsError(
+                FsErrorCode::InvalidRequest,
+                "the located file has another name than the missing one: no prefix change explains it".into(),
+            );
+        };
+        let (mut resolve, mut not) = (vec![], vec![]);
+        let others = v["other_missing"].as_array().map(Vec::as_slice).unwrap_or_default();
+        for other in others.iter().filter_map(Value::as_str).take(10_000) {
+            match up::prefix::apply(other, &old_prefix, &new_prefix)
+                .and_then(|p| self.inside_mounts(&p).ok())
+                .filter(|p| p.is_file())
+            {
+                Some(p) => resolve.push(json!({"original": other, "resolved": p.display().to_string()})),
+                None => not.push(Value::String(other.to_owned())),
+            }
+        }
+        WorkerMsg::FsPrefixProposal(json!({"old_prefix": old_prefix, "new_prefix": new_prefix,
+            "would_resolve": resolve, "would_not_resolve": not}))
+    }
+
+    /// `FS_WRITE_SLP`: a copy of a `.slp` whose videos point at the files the user located on this
+    /// machine, written into a mount (upstream's `resolved_YYYYMMDD_<name>.slp`, or the client's
+    /// `output_filename` cut to a bare name). Unlike upstream, every new video path must be a file
+    /// inside the mounts, and nothing is overwritten: a taken name gets `_2`, `_3`, ... The file
+    /// is written under a temporary name and linked into place, so a failed write leaves nothing.
+    pub(super) async fn write_slp(&self, raw: &str) -> WorkerMsg {
+        const SCRIPT: &str = r#"
+import json, os, sys, time
+import sleap_io as sio
+src, out_dir, name, mapping = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+labels = sio.load_slp(src, open_videos=False)
+updated = 0
+for v in labels.videos:
+    if isinstance(v.filename, list):
+        new = [mapping.get(f, f) for f in v.filename]
+    else:
+        new = mapping.get(v.filename, v.filename)
+    if new != v.filename:
+        v.replace_filename(new, open=False)
+        updated += 1
+if not name:
+    name = "resolved_" + time.strftime("%Y%m%d") + "_" + os.path.basename(src)
+stem = name[:-len(".pkg.slp")] if name.endswith(".pkg.slp") else name[:-len(".slp")]
+ext = name[len(stem):]
+tmp = os.path.join(out_dir, ".sleap-rtc-write-%d.slp" % os.getpid())
+try:
+    # Embedded frames keep pointing at their package rather than at an original video that may
+    # be just as missing.
+    sio.save_slp(labels, tmp, restore_original_videos=False, verbose=False)
+    for i in range(1, 1000):
+        out = os.path.join(out_dir, name if i == 1 else "%s_%d%s" % (stem, i, ext))
+        try:
+            os.link(tmp, out)
+            break
+        except FileExistsError:
+            continue
+    else:
+        raise RuntimeError("no free output name")
+finally:
+    if os.path.exists(tmp):
+        os.unlink(tmp)
+print(json.dumps({"output_path": out, "videos_updated": updated}))
+"#;
+        let fail = |m: String| WorkerMsg::FsWriteSlpError(json!({"error": m}));
+        let v: Value = serde_json::from_str(raw).unwrap_or(Value::Null);
+        let (Some(slp), Some(out_dir), Some(map)) =
+            (v["slp_path"].as_str(), v["output_dir"].as_str(), v["filename_map"].as_object())
+        else {
+            return fail("FS_WRITE_SLP needs slp_path, output_dir and filename_map".into());
+        };
+        let slp = match self.inside_mounts(slp) {
+            Ok(p) if p.is_file() && p.to_string_lossy().ends_with(".slp") => p,
+            Ok(p) => return fail(format!("not a .slp file: {}", p.display())),
+            Err((_, m)) => return fail(m),
+        };
+        // Into the lab's data (a mount proper), not the upload cache.
+        let out_dir = match Path::new(out_dir).canonicalize() {
+            Ok(d) if d.is_dir() && self.cfg.mounts.iter().any(|m| d.starts_with(m)) => d,
+            Ok(d) if d.is_dir() => {
+                return WorkerMsg::FsWriteSlpError(json!({"error": "Output directory is outside configured mounts",
+                    "error_code": FsErrorCode::AccessDenied.as_str()}));
+            }
+            _ => return fail(format!("Output directory not found: {out_dir}")),
+        };
+        let mut mapping = serde_json::Map::new();
+        for (old, new) in map.iter().take(10_000) {
+            let located = new.as_str().map(|n| self.inside_mounts(n));
+            match located {
+                Some(Ok(real)) if real.is_file() => {
+                    mapping.insert(old.clone(), Value::String(real.display().to_string()));
+                }
+                _ => return fail(format!("the new path for {old} is not a file inside the worker's mounts")),
+            }
+        }
+        let name = match v["output_filename"].as_str().map(str::trim).filter(|n| !n.is_empty()) {
+            None => String::new(),
+            Some(n) => match super::upload::safe_name(n).filter(|n| !n.starts_with('.')) {
+                Some(n) if n.ends_with(".slp") => n,
+                Some(n) => format!("{n}.slp"),
+                None => return fail(format!("not a usable file name: {n:.64}")),
+            },
+        };
+        let Some(python) = self.sleap_io_python() else {
+            return fail("this worker has no Python with sleap-io (--python) to write labels".into());
+        };
+        let mut cmd = std::process::Command::new(&python);
+        cmd.arg("-c")
+            .arg(SCRIPT)
+            .arg(&slp)
+            .arg(&out_dir)
+            .arg(&name)
+            .arg(Value::Object(mapping).to_string())
+            .stdin(std::process::Stdio::null());
+        let written = match crate::output::<R>(cmd, Duration::from_secs(300)).await {
+            Some((st, out)) if st.success() => serde_json::from_slice::<Value>(&out).ok(),
+            _ => None,
+        };
+        match written {
+            Some(v) if v["output_path"].is_string() => {
+                tracing::info!(slp = %slp.display(), output = %v["output_path"], "wrote labels with located videos");
+                WorkerMsg::FsWriteSlpOk(v)
+            }
+            _ => {
+                tracing::warn!(python = %python.display(), slp = %slp.display(), "cannot write labels with new video paths");
+                fail(format!("the worker could not write a copy of {}", slp.display()))
+            }
+        }
     }
 }

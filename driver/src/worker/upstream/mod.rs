@@ -151,6 +151,13 @@ impl<R: Runtime> Worker<R> {
                     let m = self.fs_resolve(&pattern, file_size, max_depth, mount.as_deref()).await;
                     reply(m)
                 }
+                ClientMsg::FsResolveWithPrefix(raw) => reply(self.resolve_with_prefix(&raw)),
+                // Upstream's worker only acknowledges: the client sends the whole map with FS_WRITE_SLP.
+                ClientMsg::FsApplyPrefix => reply(WorkerMsg::FsPrefixApplied),
+                ClientMsg::FsWriteSlp(raw) => {
+                    let m = self.write_slp(&raw).await;
+                    reply(m)
+                }
                 ClientMsg::FileUploadCheck { sha256, name } => reply(self.upload_check(&sha256, &name, &mut announced)),
                 ClientMsg::FileUploadStart { name, size, .. } => {
                     reply(self.upload_start(&name, size, announced.take(), &mut upload))

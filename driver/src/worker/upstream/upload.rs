@@ -152,7 +152,7 @@ impl<R: Runtime> Worker<R> {
 
 /// The base name of an uploaded file, if it is a safe single component (no `..`, no slashes, no
 /// control or look-alike characters).
-fn safe_name(name: &str) -> Option<String> {
+pub(super) fn safe_name(name: &str) -> Option<String> {
     let base = name.rsplit(['/', '\\']).next()?.trim();
     sleap_rtc_core::transfer::validate_name(base).ok()?;
     (!base.is_empty() && base != "." && base != "..").then(|| base.to_owned())
