@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use futures_util::{SinkExt, StreamExt};
-use sleap_rtc_core::room::{ConnId, Grant, Hub, Output, Principal, RegisterRequest, close_code};
+use sleap_rtc_core::room::{CloseCode, ConnId, Grant, Hub, Output, Principal, RegisterRequest};
 use sleap_rtc_core::signal::{Credential, ErrorCode, ServerEnvelope, ServerMessage, SignalError};
 use tokio::sync::{mpsc, oneshot};
 
@@ -29,7 +29,7 @@ pub struct HubState {
 
 struct ConnHandle {
     tx: mpsc::Sender<Message>,
-    kill: Option<oneshot::Sender<(u16, String)>>,
+    kill: Option<oneshot::Sender<(CloseCode, String)>>,
 }
 
 impl HubState {
@@ -76,7 +76,7 @@ fn flush(state: &AppState, st: &mut HubState) -> Vec<(ConnId, Box<RegisterReques
                         }
                     }
                     Output::Close { conn, code, reason } => {
-                        state.metrics.closes.get_or_create(&CodeLabel { code: code.to_string() }).inc();
+                        state.metrics.closes.get_or_create(&CodeLabel { code: code.code().to_string() }).inc();
                         if let Some(mut h) = st.conns.remove(&conn)
                             && let Some(k) = h.kill.take()
                         {
@@ -114,7 +114,7 @@ fn flush(state: &AppState, st: &mut HubState) -> Vec<(ConnId, Box<RegisterReques
             }
             let now = now_millis();
             for c in slow.drain(..) {
-                st.hub.close(c, close_code::SLOW_CONSUMER, "slow consumer: outbound queue full", now);
+                st.hub.close(c, CloseCode::SlowConsumer, "slow consumer: outbound queue full", now);
             }
         }
     }
@@ -135,7 +135,7 @@ fn spawn_auth(state: &Arc<AppState>, conn: ConnId, request: Box<RegisterRequest>
 pub async fn serve_socket(state: Arc<AppState>, socket: WebSocket, peer: SocketAddr) {
     let conn = ConnId(state.next_conn.fetch_add(1, Ordering::Relaxed));
     let (tx, mut rx) = mpsc::channel::<Message>(state.config.outbound_queue.max(1));
-    let (kill_tx, mut kill_rx) = oneshot::channel::<(u16, String)>();
+    let (kill_tx, mut kill_rx) = oneshot::channel::<(CloseCode, String)>();
     {
         let Ok(mut st) = state.hub.lock() else {
             state.live_sockets.fetch_sub(1, Ordering::AcqRel);
@@ -162,17 +162,17 @@ pub async fn serve_socket(state: Arc<AppState>, socket: WebSocket, peer: SocketA
                 tokio::select! {
                     biased;
                     kill = &mut kill_rx => {
-                        let (code, reason) = kill.unwrap_or((close_code::GOING_AWAY, String::new()));
+                        let (code, reason) = kill.unwrap_or((CloseCode::GoingAway, String::new()));
                         // Flush what was queued before the close (e.g. room_closed), unless the
                         // close is because the peer does not read.
-                        if code != close_code::SLOW_CONSUMER {
+                        if code != CloseCode::SlowConsumer {
                             while let Ok(m) = rx.try_recv() {
                                 if tokio::time::timeout(write_timeout, sink.send(m)).await.map_or(true, |r| r.is_err()) {
                                     return;
                                 }
                             }
                         }
-                        let frame = CloseFrame { code, reason: Utf8Bytes::from(reason) };
+                        let frame = CloseFrame { code: code.code(), reason: Utf8Bytes::from(reason) };
                         let _ = tokio::time::timeout(write_timeout, sink.send(Message::Close(Some(frame)))).await;
                         return;
                     }

@@ -47,7 +47,7 @@ impl Harness {
                     }
                 }
                 Output::Close { conn, code, .. } => {
-                    self.closed.insert(conn, code);
+                    self.closed.insert(conn, code.code());
                 }
                 Output::Authenticate { conn, request } => self.auth.push((conn, *request)),
                 Output::IssueTicket { conn, ticket, .. } => self.tickets.push((conn, ticket)),
@@ -187,7 +187,7 @@ fn same_principal_supersedes_its_old_connection() {
     h.register(1, "r", "u1", Some("w"));
     h.register(2, "r", "u1", Some("w"));
     assert!(matches!(h.last(2), ServerMessage::RegisteredAuth { .. }));
-    assert_eq!(h.closed.get(&ConnId(1)), Some(&close_code::SUPERSEDED));
+    assert_eq!(h.closed.get(&ConnId(1)), Some(&CloseCode::Superseded.code()));
     h.hub.disconnect(ConnId(1), h.now);
     h.pump();
     assert_eq!(h.hub.identity(ConnId(2)), Some(("r", "w")));
@@ -258,7 +258,7 @@ fn rate_limit_answers_then_closes() {
     for _ in 0..3 {
         h.send(1, json!({"type":"ping"}));
     }
-    assert_eq!(h.closed.get(&ConnId(1)), Some(&close_code::RATE_LIMITED));
+    assert_eq!(h.closed.get(&ConnId(1)), Some(&CloseCode::RateLimited.code()));
 }
 
 #[test]
@@ -269,7 +269,7 @@ fn unregistered_connections_time_out() {
     assert_eq!(h.hub.poll_timeout(), Some(T0.plus_ms(10_000)));
     h.hub.handle_timeout(T0.plus_ms(10_000));
     h.pump();
-    assert_eq!(h.closed.get(&ConnId(1)), Some(&close_code::REGISTER_TIMEOUT));
+    assert_eq!(h.closed.get(&ConnId(1)), Some(&CloseCode::RegisterTimeout.code()));
     assert!(!h.closed.contains_key(&ConnId(2)));
 }
 
@@ -301,7 +301,7 @@ fn expired_and_closed_rooms_evict_and_refuse() {
     h.hub.handle_timeout(T0.plus_ms(5000));
     h.pump();
     assert!(matches!(h.last(1), ServerMessage::RoomClosed { .. }));
-    assert_eq!(h.closed.get(&ConnId(1)), Some(&close_code::ROOM_CLOSED));
+    assert_eq!(h.closed.get(&ConnId(1)), Some(&CloseCode::RoomClosed.code()));
     // An expired grant is refused.
     h.now = T0.plus_ms(6000);
     h.hub.connect(ConnId(2), h.now);
@@ -317,7 +317,7 @@ fn expired_and_closed_rooms_evict_and_refuse() {
     let (c, _) = h.auth.pop().unwrap();
     h.hub.close_room("d", "Room deleted", h.now);
     h.pump();
-    assert_eq!(h.closed.get(&ConnId(3)), Some(&close_code::ROOM_CLOSED));
+    assert_eq!(h.closed.get(&ConnId(3)), Some(&CloseCode::RoomClosed.code()));
     h.hub.complete_register(c, Ok(grant("d", "u", "p4")), h.now);
     h.pump();
     assert_eq!(error_code(&h.last(4)), ErrorCode::RoomNotFound);
@@ -342,11 +342,11 @@ fn revocation_and_member_removal_evict() {
     h.register(3, "s", "u2", Some("b"));
     assert_eq!(h.hub.remove_member("r", "u2", h.now), 1);
     h.pump();
-    assert_eq!(h.closed.get(&ConnId(2)), Some(&close_code::REVOKED));
+    assert_eq!(h.closed.get(&ConnId(2)), Some(&CloseCode::Revoked.code()));
     assert!(!h.closed.contains_key(&ConnId(3)));
     assert_eq!(h.hub.revoke_credential("cred-u1", h.now), 1);
     h.pump();
-    assert_eq!(h.closed.get(&ConnId(1)), Some(&close_code::REVOKED));
+    assert_eq!(h.closed.get(&ConnId(1)), Some(&CloseCode::Revoked.code()));
 }
 
 #[test]
@@ -702,7 +702,7 @@ mod cluster_sim {
                         }
                     }
                     Output::Close { conn, code, .. } => {
-                        self.closed.insert(conn, code);
+                        self.closed.insert(conn, code.code());
                     }
                     Output::Authenticate { conn, request } => {
                         let user = request.peer_id.clone().unwrap_or_default();
@@ -884,7 +884,7 @@ mod cluster_sim {
         sim.hubs.get_mut(&1).unwrap().connect(ConnId(3), sim.now);
         sim.text(ConnId(3), json!({"type":"register","jwt":"x","room_id":"r","peer_id":"u2-b"}));
         sim.settle();
-        assert_eq!(sim.closed.get(&ConnId(2)), Some(&close_code::SUPERSEDED));
+        assert_eq!(sim.closed.get(&ConnId(2)), Some(&CloseCode::Superseded.code()));
         sim.check_agreement();
     }
 }
