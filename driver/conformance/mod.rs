@@ -302,8 +302,11 @@ pub async fn file_and_directory_transfer<R: Runtime>(env: &Env) {
 /// A connection cut mid-transfer leaves the receiver's `.part`; the same file sent on a new
 /// connection continues from it and verifies.
 pub async fn resume_after_a_cut<R: Runtime>(env: &Env) {
-    const SIZE: usize = 16 * 1024 * 1024;
     const CUT_AFTER: u64 = 2 * 1024 * 1024;
+    // Well past the cut point plus what can be in flight then (a 16 MiB bulk window and a
+    // 16 MiB receive window), so the cut always lands mid-file: at 16 MiB the whole file was
+    // sometimes written before the drop.
+    const SIZE: usize = 48 * 1024 * 1024;
     let worker_sig = env.worker::<R>().await;
     let client_sig = env.client::<R>().await;
     let src = tempfile::tempdir().expect("tempdir");
