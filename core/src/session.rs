@@ -26,14 +26,43 @@ pub const MAX_CTL_MESSAGE: usize = 60 * 1024;
 /// (browsers and aiortc send at most this much in one message).
 pub const MAX_CTL_INBOUND: usize = 256 * 1024;
 
+/// Why a control message or a transfer could not be queued.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum SendError {
+    #[error(
+        "control message of {size} bytes exceeds the {MAX_CTL_MESSAGE}-byte limit; for a transfer of many \
+         files, send fewer at once or pack them into one archive"
+    )]
+    TooLarge { size: usize },
+    #[error("these files are already being sent on this connection")]
+    AlreadySending,
+}
+
+/// Why a transfer ended as a whole without completing (files that failed on their own are
+/// listed in a completed transfer instead).
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransferFailed {
+    /// This side cancelled its outgoing transfer (the caller, or a file that could not be read).
+    #[error("cancelled: {0}")]
+    Cancelled(String),
+    /// The sender cancelled an offer before it was set up here.
+    #[error("cancelled by the sender: {0}")]
+    CancelledBySender(String),
+    /// The receiving state machine ended it, in its own words (a cancel from either side, a
+    /// frame that does not fit).
+    #[error("{0}")]
+    Aborted(String),
+    /// Refused or broken by the protocol (an unsafe name, a bad frame, a refusal by the peer).
+    #[error(transparent)]
+    Protocol(#[from] TransferError),
+}
+
 /// Refuses a control message that is too large to send, with a clear reason.
-pub fn check_ctl_size(json: &str) -> Result<(), String> {
+pub fn check_ctl_size(json: &str) -> Result<(), SendError> {
     if json.len() > MAX_CTL_MESSAGE {
-        return Err(format!(
-            "control message of {} bytes exceeds the {MAX_CTL_MESSAGE}-byte limit; for a transfer of many \
-             files, send fewer at once or pack them into one archive",
-            json.len()
-        ));
+        return Err(SendError::TooLarge { size: json.len() });
     }
     Ok(())
 }
@@ -147,7 +176,7 @@ pub enum SessionEvent {
     TransferDone {
         transfer: u32,
         direction: Direction,
-        result: Result<Vec<u32>, String>,
+        result: Result<Vec<u32>, TransferFailed>,
     },
     Disconnected,
     Closed,
@@ -276,7 +305,7 @@ impl Session {
     }
 
     /// Queues a control message (JSON text); sent as soon as the channel takes it.
-    pub fn send_message(&mut self, json: String) -> Result<(), String> {
+    pub fn send_message(&mut self, json: String) -> Result<(), SendError> {
         check_ctl_size(&json)?;
         self.ctl_out.push_back(json);
         Ok(())
@@ -298,10 +327,10 @@ impl Session {
 
     /// Queues a transfer of `manifest` (its files are read through [`IoRequest::Read`]).
     /// Returns the transfer id (derived from the content, so re-sending resumes).
-    pub fn send_files(&mut self, manifest: Manifest) -> Result<u32, String> {
+    pub fn send_files(&mut self, manifest: Manifest) -> Result<u32, SendError> {
         let id = manifest.derived_id();
         if self.outgoing.iter().any(|o| o.sender.transfer_id() == id) {
-            return Err("these files are already being sent on this connection".into());
+            return Err(SendError::AlreadySending);
         }
         let sender = Sender::new(id, manifest, self.cfg.chunk);
         let offer = sender.offer().to_json();
@@ -317,7 +346,7 @@ impl Session {
             if let Some(mut o) = self.outgoing.remove(pos) {
                 let msg = o.sender.cancel(reason);
                 self.ctl_out.push_back(msg.to_json());
-                self.done(transfer, Direction::Send, Err(format!("cancelled: {reason}")));
+                self.done(transfer, Direction::Send, Err(TransferFailed::Cancelled(reason.to_owned())));
             }
         }
         if let Some(inc) = self.incoming.get_mut(&transfer) {
@@ -360,7 +389,7 @@ impl Session {
                     message: e.to_string(),
                 };
                 self.ctl_out.push_back(msg.to_json());
-                self.done(transfer, Direction::Receive, Err(e.to_string()));
+                self.done(transfer, Direction::Receive, Err(e.into()));
             }
         }
     }
@@ -402,7 +431,7 @@ impl Session {
         self.pump_receiver(transfer);
     }
 
-    fn done(&mut self, transfer: u32, direction: Direction, result: Result<Vec<u32>, String>) {
+    fn done(&mut self, transfer: u32, direction: Direction, result: Result<Vec<u32>, TransferFailed>) {
         self.events.push_back(SessionOutput::Event(SessionEvent::TransferDone { transfer, direction, result }));
     }
 
@@ -420,7 +449,11 @@ impl Session {
                 ReceiverAction::Discard { file } => (IoRequest::Discard { transfer, file }, Some((file, false))),
                 ReceiverAction::Finished { failed, cancelled, .. } => {
                     self.incoming.remove(&transfer);
-                    self.done(transfer, Direction::Receive, cancelled.map_or(Ok(failed), Err));
+                    self.done(
+                        transfer,
+                        Direction::Receive,
+                        cancelled.map_or(Ok(failed), |why| Err(TransferFailed::Aborted(why))),
+                    );
                     continue;
                 }
             };
@@ -487,7 +520,7 @@ impl Session {
                     let msg =
                         TransferMsg::TransferReject { transfer_id: id, code: e.reject_code(), message: e.to_string() };
                     self.ctl_out.push_back(msg.to_json());
-                    self.done(id, Direction::Receive, Err(e.to_string()));
+                    self.done(id, Direction::Receive, Err(e.into()));
                     return;
                 }
                 self.preparing.insert(id, manifest.clone());
@@ -501,7 +534,7 @@ impl Session {
             }
             TransferMsg::TransferCancel { reason, .. } if self.preparing.contains_key(&id) => {
                 self.preparing.remove(&id);
-                self.done(id, Direction::Receive, Err(format!("cancelled by the sender: {reason}")));
+                self.done(id, Direction::Receive, Err(TransferFailed::CancelledBySender(reason)));
             }
             other => {
                 let Some(pos) = self.outgoing.iter().position(|o| o.sender.transfer_id() == id) else { return };
@@ -533,7 +566,7 @@ impl Session {
                     Ok(None) => {}
                     Err(e) => {
                         self.outgoing.remove(pos);
-                        self.done(id, Direction::Send, Err(e.to_string()));
+                        self.done(id, Direction::Send, Err(e.into()));
                     }
                 }
             }

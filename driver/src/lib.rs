@@ -210,7 +210,8 @@ macro_rules! runtime_api {
             //! WebRTC peer connections over this runtime's UDP sockets (see
             //! [`sleap_rtc_driver::conn`]).
             pub use $crate::conn::{
-                ConnError, ConnState, PeerOptions, Received, Sent, Transfer, accept, connect, default_ips,
+                ConnError, ConnState, PeerOptions, Received, Sent, Transfer, TransferFailure, accept, connect,
+                default_ips,
             };
             /// Handle to a connected peer on this runtime.
             pub type PeerConnection = $crate::conn::PeerConnection<$rt>;
@@ -280,7 +281,9 @@ macro_rules! runtime_api {
             /// A directory or S3 store on this runtime.
             pub type AnyStore = $crate::registry::AnyStore<$rt>;
         }
-        pub use conn::{ConnError, PeerConnection, PeerOptions, Received, Sent, Transfer, accept, connect};
+        pub use conn::{
+            ConnError, PeerConnection, PeerOptions, Received, Sent, Transfer, TransferFailure, accept, connect,
+        };
         pub use signaling::{Registered, SignalingClient, SignalingError};
         pub use $crate::{files, init_tls};
     };

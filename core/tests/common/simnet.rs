@@ -7,7 +7,9 @@ use std::net::SocketAddr;
 use std::time::{Duration, Instant};
 
 use sleap_rtc_core::netsim::{Link, LinkParams, LinkStats};
-use sleap_rtc_core::session::{Direction, IoRequest, Session, SessionConfig, SessionEvent, SessionOutput};
+use sleap_rtc_core::session::{
+    Direction, IoRequest, Session, SessionConfig, SessionEvent, SessionOutput, TransferFailed,
+};
 use sleap_rtc_core::transfer::{FileEntry, Manifest};
 
 const A: &str = "127.0.0.1:10001";
@@ -167,8 +169,8 @@ impl World {
 pub struct Drained {
     pub frames_written: usize,
     pub bytes_written: u64,
-    pub send_done: Option<Result<Vec<u32>, String>>,
-    pub recv_done: Option<Result<Vec<u32>, String>>,
+    pub send_done: Option<Result<Vec<u32>, TransferFailed>>,
+    pub recv_done: Option<Result<Vec<u32>, TransferFailed>>,
     pub opened: usize,
     pub closed: usize,
     pub messages: Vec<String>,

@@ -38,7 +38,7 @@ impl<R: Runtime> Driver<R> {
                 self.session.prepared(transfer, Ok(p.existing));
             }
             Err(e) => {
-                let _ = w.reply.send(Err(e.to_string()));
+                let _ = w.reply.send(Err(TransferFailure::Session(e.clone().into())));
                 self.answered.insert(transfer);
                 self.session.prepared(transfer, Err(e));
             }

@@ -22,7 +22,9 @@ use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
-use sleap_rtc_core::session::{Direction, IoRequest, Session, SessionConfig, SessionEvent, SessionOutput};
+use sleap_rtc_core::session::{
+    Direction, IoRequest, SendError, Session, SessionConfig, SessionEvent, SessionOutput, TransferFailed,
+};
 use sleap_rtc_core::signal::ServerMessage;
 use sleap_rtc_core::stun;
 use sleap_rtc_core::transfer::{Manifest, Progress, TransferError};
@@ -103,7 +105,29 @@ pub enum ConnError {
     #[error("the connection closed")]
     Closed,
     #[error("transfer failed: {0}")]
-    Transfer(String),
+    Transfer(#[from] TransferFailure),
+}
+
+/// Why a transfer did not complete.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum TransferFailure {
+    /// The transfer protocol ended it (a cancel, a refusal, a bad frame).
+    #[error(transparent)]
+    Session(#[from] TransferFailed),
+    /// It could not be queued (a manifest too large for one message, the same files already
+    /// being sent).
+    #[error(transparent)]
+    NotQueued(#[from] SendError),
+    /// The files to send could not be read or hashed.
+    #[error("{0}")]
+    Files(String),
+    /// The connection closed first.
+    #[error("connection closed")]
+    Closed,
+    /// The connection closed during a receive; its `.part` files are kept for a resume.
+    #[error("connection closed; .part files are kept for a resume")]
+    ClosedPartsKept,
 }
 
 /// Connection state, as the handle sees it.
@@ -137,13 +161,13 @@ pub struct Sent {
 pub struct Transfer<T> {
     pub id: u32,
     pub progress: watch::Receiver<Progress>,
-    pub done: oneshot::Receiver<Result<T, String>>,
+    pub done: oneshot::Receiver<Result<T, TransferFailure>>,
 }
 
 impl<T> Transfer<T> {
     /// Waits for the end of the transfer.
     pub async fn finish(self) -> Result<T, ConnError> {
-        self.done.await.map_err(|_| ConnError::Closed)?.map_err(ConnError::Transfer)
+        Ok(self.done.await.map_err(|_| ConnError::Closed)??)
     }
 }
 
@@ -152,13 +176,13 @@ enum Cmd {
     SendFiles {
         set: SendSet,
         progress: watch::Sender<Progress>,
-        reply: oneshot::Sender<Result<Sent, String>>,
+        reply: oneshot::Sender<Result<Sent, TransferFailure>>,
         id: oneshot::Sender<u32>,
     },
     ReceiveFiles {
         dir: PathBuf,
         progress: watch::Sender<Progress>,
-        reply: oneshot::Sender<Result<Received, String>>,
+        reply: oneshot::Sender<Result<Received, TransferFailure>>,
     },
     Cancel(u32, String),
     RemoteCandidate(String),
@@ -233,7 +257,7 @@ impl<R: Runtime> PeerConnection<R> {
     /// Sends a control message (a JSON object, e.g. a job message) on the `ctl` channel.
     pub fn send_message(&self, msg: &Value) -> Result<(), ConnError> {
         let text = msg.to_string();
-        sleap_rtc_core::session::check_ctl_size(&text).map_err(ConnError::Transfer)?;
+        sleap_rtc_core::session::check_ctl_size(&text).map_err(TransferFailure::from)?;
         self.cmd.send(Cmd::Message(text)).map_err(|_| ConnError::Closed)
     }
 
@@ -283,8 +307,8 @@ impl<R: Runtime> PeerConnection<R> {
         let paths = paths.to_vec();
         let set = R::spawn_blocking(move || files::build_send_set(&paths))
             .await
-            .ok_or_else(|| ConnError::Transfer("hashing the files panicked".into()))?
-            .map_err(|e| ConnError::Transfer(e.to_string()))?;
+            .ok_or_else(|| TransferFailure::Files("hashing the files panicked".into()))?
+            .map_err(|e| TransferFailure::Files(e.to_string()))?;
         self.send_prepared(set).await
     }
 
@@ -419,13 +443,13 @@ struct OutFiles {
     resumed_bytes: u64,
     handles: Vec<Option<File>>,
     progress: watch::Sender<Progress>,
-    reply: Option<oneshot::Sender<Result<Sent, String>>>,
+    reply: Option<oneshot::Sender<Result<Sent, TransferFailure>>>,
 }
 
 struct ReceiveWaiter {
     dir: PathBuf,
     progress: watch::Sender<Progress>,
-    reply: oneshot::Sender<Result<Received, String>>,
+    reply: oneshot::Sender<Result<Received, TransferFailure>>,
 }
 
 struct InFiles {
@@ -436,7 +460,7 @@ struct InFiles {
     committed: Vec<PathBuf>,
     failed: Vec<(String, String)>,
     progress: watch::Sender<Progress>,
-    reply: Option<oneshot::Sender<Result<Received, String>>>,
+    reply: Option<oneshot::Sender<Result<Received, TransferFailure>>>,
 }
 
 enum IoDone {
@@ -476,6 +500,6 @@ const TX_FLUSH: usize = 64;
 
 impl From<TransferError> for ConnError {
     fn from(e: TransferError) -> Self {
-        ConnError::Transfer(e.to_string())
+        ConnError::Transfer(TransferFailure::Session(e.into()))
     }
 }

@@ -97,16 +97,16 @@ impl<R: Runtime> Driver<R> {
         let _ = self.state_tx.send(ConnState::Closed);
         for (_, o) in self.outgoing.drain() {
             if let Some(r) = o.reply {
-                let _ = r.send(Err("connection closed".into()));
+                let _ = r.send(Err(TransferFailure::Closed));
             }
         }
         for (_, i) in self.incoming.drain() {
             if let Some(r) = i.reply {
-                let _ = r.send(Err("connection closed; .part files are kept for a resume".into()));
+                let _ = r.send(Err(TransferFailure::ClosedPartsKept));
             }
         }
         for w in self.receive_waiters.drain(..) {
-            let _ = w.reply.send(Err("connection closed".into()));
+            let _ = w.reply.send(Err(TransferFailure::Closed));
         }
     }
 
@@ -183,7 +183,7 @@ impl<R: Runtime> Driver<R> {
                 let tid = match self.session.send_files(set.manifest.clone()) {
                     Ok(t) => t,
                     Err(e) => {
-                        let _ = reply.send(Err(e));
+                        let _ = reply.send(Err(e.into()));
                         return;
                     }
                 };
@@ -264,7 +264,7 @@ impl<R: Runtime> Driver<R> {
             }
             SessionEvent::TransferDone { transfer, direction: Direction::Send, result } => {
                 if let Some(mut o) = self.outgoing.remove(&transfer) {
-                    let res = result.map(|failed| Sent {
+                    let res = result.map_err(TransferFailure::from).map(|failed| Sent {
                         transfer_id: transfer,
                         bytes: o.set.manifest.total_size(),
                         resumed_bytes: o.resumed_bytes,
@@ -286,14 +286,14 @@ impl<R: Runtime> Driver<R> {
                     self.unclaimed.retain(|(t, _)| *t != transfer);
                     if let Some(mut i) = self.incoming.remove(&transfer) {
                         if let Some(r) = i.reply.take() {
-                            let _ = r.send(Err(e));
+                            let _ = r.send(Err(e.into()));
                         }
                     } else if self.unclaimed.len() == unclaimed && !self.answered.remove(&transfer) {
                         // Refused at the offer (unsafe name, too large, ...): whoever waits for
                         // the next upload hears why, instead of waiting for one that never comes.
                         // A refusal nobody waits for is not kept: it would fail a later upload.
                         if let Some(w) = self.receive_waiters.pop_front() {
-                            let _ = w.reply.send(Err(e));
+                            let _ = w.reply.send(Err(e.into()));
                         }
                     }
                 }
