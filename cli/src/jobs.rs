@@ -156,6 +156,8 @@ pub fn select_worker(workers: &[PeerInfo], wanted: Option<&str>, min_gpu_mb: u64
 
 /// Registers in the room, finds a worker, connects and authenticates.
 pub async fn open(target: &Target, ui: &Ui) -> Result<(SignalingClient, JobClient)> {
+    // A connection to a worker follows: make the DTLS key while we register.
+    sleap_rtc_tokio::conn::prepare_certificate();
     let sig = SignalingClient::connect(&target.server.ws, register(target))
         .await
         .with_context(|| format!("cannot join room {} on {}", target.room, target.server.http))?;

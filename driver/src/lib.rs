@@ -23,6 +23,7 @@ use std::time::{Duration, Instant};
 use async_tungstenite::tungstenite::{Error as WsError, Message};
 use futures_util::{Sink, Stream};
 
+pub mod cert;
 pub mod client;
 pub mod conn;
 pub mod files;

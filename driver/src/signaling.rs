@@ -68,8 +68,6 @@ impl<R: Runtime> SignalingClient<R> {
     /// Connects to `url` (e.g. `ws://host:8080/ws`) and registers. Fails with the server's
     /// reason if registration is refused.
     pub async fn connect(url: &str, register: Register) -> Result<SignalingClient<R>, SignalingError> {
-        // A peer connection will follow; make its DTLS certificate while we register.
-        crate::conn::prepare_certificate::<R>();
         let ws = R::ws_connect(url.to_owned())
             .await
             .map_err(|source| SignalingError::Connect { url: url.to_owned(), source })?;

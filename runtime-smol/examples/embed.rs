@@ -62,6 +62,8 @@ pub async fn train(
         room_id: Some(room.to_owned()),
         ..Default::default()
     };
+    // A connection to the worker follows: make the DTLS key while we register.
+    sleap_rtc_smol::conn::prepare_certificate();
     let sig = SignalingClient::connect(server, reg).await?;
     let workers = sig.discover(Filters { role: Some("worker".into()), ..Default::default() }).await?;
     let worker = workers.first().ok_or("no worker in the room")?;

@@ -37,34 +37,23 @@ pub async fn connect<R: Runtime>(
     Ok(conn)
 }
 
-static CERT: std::sync::OnceLock<Option<sleap_rtc_core::peer::DtlsCert>> = std::sync::OnceLock::new();
-
-/// Generates this process's DTLS certificate in the background, so the first connection does not
-/// pay for it. [`SignalingClient::connect`] calls it; calling it again is free.
+/// Starts making this process's DTLS certificate in the background, so the first connection
+/// does not pay for it; calling it again is free. Call it before registering when a connection
+/// will follow.
 pub fn prepare_certificate<R: Runtime>() {
-    if CERT.get().is_none() {
-        // Spawned, not just started: a runtime may cancel blocking work whose future is dropped.
-        R::spawn(async {
-            let _ = R::spawn_blocking(|| CERT.get_or_init(sleap_rtc_core::peer::generate_certificate).is_some()).await;
-        });
-    }
+    crate::cert::prepare::<R>();
 }
 
 /// Waits until this process's DTLS certificate exists (generating it if needed), so that a
 /// following `connect` measures only the connection itself.
 pub async fn certificate_ready<R: Runtime>() {
-    let _ = R::spawn_blocking(|| CERT.get_or_init(sleap_rtc_core::peer::generate_certificate).is_some()).await;
+    crate::cert::ready::<R>().await;
 }
 
 async fn new_session<R: Runtime>(opts: &PeerOptions) -> Session {
     let mut cfg = opts.session.clone();
     if cfg.peer.cert.is_none() {
-        cfg.peer.cert = match CERT.get() {
-            Some(c) => c.clone(),
-            None => R::spawn_blocking(|| CERT.get_or_init(sleap_rtc_core::peer::generate_certificate).clone())
-                .await
-                .flatten(),
-        };
+        cfg.peer.cert = crate::cert::get::<R>().await;
     }
     Session::new(cfg, Instant::now())
 }

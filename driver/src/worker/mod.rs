@@ -288,6 +288,8 @@ impl<R: Runtime> Worker<R> {
     pub async fn run(self: &Arc<Self>, shutdown: impl std::future::Future<Output = ()>) -> Result<(), WorkerError> {
         let mut shutdown = std::pin::pin!(shutdown);
         let mut backoff = self.cfg.backoff_start;
+        // Clients will connect to us: have the DTLS key ready by then.
+        crate::cert::prepare::<R>();
         loop {
             let register = Register {
                 peer_id: Some(self.peer_id.clone()),
