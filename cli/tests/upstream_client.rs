@@ -720,6 +720,8 @@ async fn moved_videos_are_fixed_by_a_prefix_change_and_a_rewritten_slp() {
     assert_eq!((check["total_videos"].as_u64(), check["accessible"].as_u64()), (Some(3), Some(2)), "{check:#}");
     assert_eq!(check["missing"][0]["original_path"], old3);
     // Nothing half-written is left behind.
-    let stray: Vec<_> = walk(&mount).into_iter().filter(|p| p.to_string_lossy().contains(".sleap-rtc-write")).collect();
+    let mut stray: Vec<_> =
+        walk(&mount).into_iter().filter(|p| p.to_string_lossy().contains(".sleap-rtc-write")).collect();
+    stray.extend(walk(&env.path("w")).into_iter().filter(|p| p.to_string_lossy().contains(".slp-map-")));
     assert!(stray.is_empty(), "{stray:?}");
 }

@@ -302,9 +302,11 @@ print(json.dumps({"videos": out}))
     /// is written under a temporary name and linked into place, so a failed write leaves nothing.
     pub(super) async fn write_slp(&self, raw: &str) -> WorkerMsg {
         const SCRIPT: &str = r#"
-import json, os, sys, time
+import json, os, shutil, sys, time
 import sleap_io as sio
-src, out_dir, name, mapping = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+src, out_dir, name = sys.argv[1], sys.argv[2], sys.argv[3]
+with open(sys.argv[4]) as f:
+    mapping = json.load(f)
 labels = sio.load_slp(src, open_videos=False)
 updated = 0
 for v in labels.videos:
@@ -331,6 +333,20 @@ try:
             break
         except FileExistsError:
             continue
+        except OSError:
+            # No hard links here (some network shares): an exclusive create still never
+            # overwrites.
+            try:
+                dst = open(out, "xb")
+            except FileExistsError:
+                continue
+            try:
+                with dst, open(tmp, "rb") as written:
+                    shutil.copyfileobj(written, dst)
+            except BaseException:
+                os.unlink(out)
+                raise
+            break
     else:
         raise RuntimeError("no free output name")
 finally:
@@ -380,18 +396,22 @@ print(json.dumps({"output_path": out, "videos_updated": updated}))
         let Some(python) = self.sleap_io_python() else {
             return fail("this worker has no Python with sleap-io (--python) to write labels".into());
         };
+        // In a file, not an argument: a map of many videos would pass the kernel's limit on one
+        // argument (128 KiB).
+        static NEXT: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
+        let n = NEXT.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let map_file = self.cfg.work_dir.join(format!(".slp-map-{}-{n}.json", std::process::id()));
+        if let Err(e) = std::fs::write(&map_file, Value::Object(mapping).to_string()) {
+            tracing::warn!(file = %map_file.display(), error = %e, "cannot write a video map");
+            return fail("the worker could not prepare the rewrite".into());
+        }
         let mut cmd = std::process::Command::new(&python);
-        cmd.arg("-c")
-            .arg(SCRIPT)
-            .arg(&slp)
-            .arg(&out_dir)
-            .arg(&name)
-            .arg(Value::Object(mapping).to_string())
-            .stdin(std::process::Stdio::null());
+        cmd.arg("-c").arg(SCRIPT).arg(&slp).arg(&out_dir).arg(&name).arg(&map_file).stdin(std::process::Stdio::null());
         let written = match crate::output::<R>(cmd, Duration::from_secs(300)).await {
             Some((st, out)) if st.success() => serde_json::from_slice::<Value>(&out).ok(),
             _ => None,
         };
+        let _ = std::fs::remove_file(&map_file);
         match written {
             Some(v) if v["output_path"].is_string() => {
                 tracing::info!(slp = %slp.display(), output = %v["output_path"], "wrote labels with located videos");
