@@ -30,7 +30,11 @@ pub fn data_dir() -> PathBuf {
 }
 
 fn home() -> PathBuf {
-    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("."))
+    // USERPROFILE: Windows has no HOME unless a Unix-like shell set one.
+    std::env::var_os("HOME")
+        .or_else(|| std::env::var_os("USERPROFILE"))
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from("."))
 }
 
 /// A credential for one server.
@@ -66,6 +70,36 @@ pub fn get(server: &str) -> Result<Option<Saved>> {
     Ok(load()?.servers.get(server).cloned())
 }
 
+/// Forgets one server's credential; false if none was stored.
+pub fn remove(server: &str) -> Result<bool> {
+    let mut f = load()?;
+    if f.servers.remove(server).is_none() {
+        return Ok(false);
+    }
+    write_private(&creds_path(), &serde_json::to_vec_pretty(&f)?)?;
+    Ok(true)
+}
+
+/// Forgets every stored credential; returns how many there were.
+pub fn remove_all() -> Result<usize> {
+    let f = load()?;
+    let n = f.servers.len();
+    if n > 0 {
+        write_private(&creds_path(), &serde_json::to_vec_pretty(&File::default())?)?;
+    }
+    Ok(n)
+}
+
+/// The servers with a stored credential.
+pub fn servers() -> Result<Vec<(String, Saved)>> {
+    Ok(load()?.servers.into_iter().collect())
+}
+
+/// The credentials file's path.
+pub fn path() -> PathBuf {
+    creds_path()
+}
+
 /// Stores a credential, readable only by the user (it is a bearer secret).
 pub fn put(server: &str, saved: Saved) -> Result<PathBuf> {
     let mut f = load()?;
@@ -77,17 +111,16 @@ pub fn put(server: &str, saved: Saved) -> Result<PathBuf> {
 
 fn write_private(path: &Path, bytes: &[u8]) -> Result<()> {
     use std::io::Write;
-    use std::os::unix::fs::OpenOptionsExt;
     let dir = path.parent().context("no parent directory")?;
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create {}", dir.display()))?;
     let tmp = path.with_extension("tmp");
-    let mut file = std::fs::OpenOptions::new()
-        .write(true)
-        .create(true)
-        .truncate(true)
-        .mode(0o600)
-        .open(&tmp)
-        .with_context(|| format!("cannot write {}", tmp.display()))?;
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create(true).truncate(true);
+    // Windows has no mode bits: the file inherits the profile directory's ACL, which only the
+    // user (and administrators) can read.
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut opts, 0o600);
+    let mut file = opts.open(&tmp).with_context(|| format!("cannot write {}", tmp.display()))?;
     file.write_all(bytes)?;
     file.sync_all()?;
     std::fs::rename(&tmp, path)?;
@@ -104,7 +137,6 @@ pub fn upstream_path() -> PathBuf {
 /// Other keys in the file (room secrets, tokens, a default room) are kept; a file that is not a
 /// JSON object is refused rather than overwritten.
 pub fn write_upstream(jwt: &str, user_id: &str, username: &str, private_key: &str) -> Result<PathBuf> {
-    use std::os::unix::fs::PermissionsExt;
     let path = upstream_path();
     let mut obj = match std::fs::read(&path) {
         Ok(b) => match serde_json::from_slice::<serde_json::Value>(&b) {
@@ -119,7 +151,9 @@ pub fn write_upstream(jwt: &str, user_id: &str, username: &str, private_key: &st
     obj.insert("private_key".into(), private_key.into());
     obj.insert("public_key_registered".into(), true.into());
     write_private(&path, &serde_json::to_vec_pretty(&serde_json::Value::Object(obj))?)?;
+    #[cfg(unix)]
     if let Some(dir) = path.parent() {
+        use std::os::unix::fs::PermissionsExt;
         std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
     }
     Ok(path)

@@ -1,8 +1,15 @@
 //! `sleap-rtc`: the command line of sleap-rtc. See `sleap-rtc --help`.
 
+mod config;
 mod creds;
+mod doctor;
 mod jobs;
+mod manage;
 mod models;
+#[cfg(unix)]
+mod quickstart;
+#[cfg(not(unix))]
+#[path = "quickstart_unsupported.rs"]
 mod quickstart;
 
 use std::net::IpAddr;
@@ -10,14 +17,17 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use anyhow::{Context, Result, bail};
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 use serde_json::{Value, json};
 use sleap_rtc_core::job::JobKind;
 use sleap_rtc_tokio::PeerOptions;
 use sleap_rtc_tokio::client::ClientAuth;
+#[cfg(unix)]
 use sleap_rtc_tokio::worker::{Worker, WorkerConfig};
 
-use crate::jobs::{Output, ServerUrl, Target, TrackArgs, TrainArgs, Ui};
+use crate::config::Settings;
+use crate::jobs::{Output, Target, TrackArgs, TrainArgs, Ui};
+use crate::manage::{ApiArgs, KeyCmd, LoginArgs, LogoutArgs, RoomCmd, ServerArg, TokenCmd};
 
 const EXIT_CODES: &str = "\
 Exit codes of train, track and job attach:
@@ -44,11 +54,37 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Sign in to a signaling server and store the credential (anonymous, or with an account key).
+    /// Sign in to a signaling server and store the credential (anonymous, or with an account key);
+    /// the server becomes the default.
     Login(LoginArgs),
-    /// Create rooms and worker tokens.
+    /// Forget the stored credential of a server (or of every server).
+    Logout(LogoutArgs),
+    /// Who the stored credential signs in as, and when it expires.
+    Whoami {
+        #[command(flatten)]
+        api: ApiArgs,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Rooms: create, list, info, delete, invite, join, members, set-default.
     #[command(subcommand)]
     Room(RoomCmd),
+    /// Worker tokens: create, list, revoke, delete.
+    #[command(subcommand)]
+    Token(TokenCmd),
+    /// Account keys (slp_acct_...): create, list, revoke.
+    #[command(subcommand)]
+    Key(KeyCmd),
+    /// The config files: show, path, set, unset, add-mount, ...
+    #[command(subcommand)]
+    Config(ConfigCmd),
+    /// What this machine has stored: config, default server and room, credentials. No network.
+    Status(doctor::StatusArgs),
+    /// Check that this machine can reach the server, sign in, join the room and reach STUN over
+    /// UDP; with --worker, that it can run jobs (sleap-nn, GPU, mounts, work dir).
+    Doctor(doctor::DoctorArgs),
+    /// Print a shell completion script: `sleap-rtc completions bash > ~/.local/share/bash-completion/completions/sleap-rtc`.
+    Completions { shell: clap_complete::Shell },
     /// List the workers online in a room.
     Workers(ConnArgs),
     /// Run a GPU worker: receive jobs from room members, run sleap-nn, send results back.
@@ -70,51 +106,54 @@ enum Cmd {
     Quickstart(quickstart::QuickstartArgs),
 }
 
-#[derive(Args, Clone)]
-struct ServerArg {
-    /// Signaling server, e.g. http://127.0.0.1:8080 or https://rtc.example.org.
-    #[arg(long, env = "SLEAP_RTC_SERVER")]
-    server: String,
-}
-
-#[derive(Args)]
-struct LoginArgs {
-    #[command(flatten)]
-    server: ServerArg,
-    /// An account key (slp_acct_...) to store instead of signing in anonymously.
-    #[arg(long, env = "SLEAP_RTC_ACCOUNT_KEY", hide_env_values = true)]
-    account_key: Option<String>,
-    /// Also sign in the SLEAP GUI (upstream's Python `sleap_rtc` package, which cannot sign in to
-    /// this server itself): writes its ~/.sleap-rtc/credentials.json (the JWT, and a new Ed25519
-    /// device key whose public half is registered here, so workers accept its challenge answers).
-    /// Needs a JWT: not with --account-key.
-    #[arg(long, conflicts_with = "account_key")]
-    for_sleap_gui: bool,
-}
-
 #[derive(Subcommand)]
-enum RoomCmd {
-    /// Create a room; prints its id.
-    Create {
-        #[command(flatten)]
-        server: ServerArg,
-        /// A name for the room.
-        #[arg(long, default_value = "")]
-        name: String,
-        #[arg(long, env = "SLEAP_RTC_JWT", hide_env_values = true)]
-        jwt: Option<String>,
+enum ConfigCmd {
+    /// The effective settings and where each comes from.
+    Show {
+        #[arg(long)]
+        json: bool,
     },
-    /// Create a worker token for a room; prints it (it is shown only once).
-    Token {
-        #[command(flatten)]
-        server: ServerArg,
-        #[arg(long, env = "SLEAP_RTC_ROOM")]
-        room: String,
-        /// The worker's display name.
-        #[arg(long, default_value = "worker")]
-        name: String,
-        #[arg(long, env = "SLEAP_RTC_JWT", hide_env_values = true)]
-        jwt: Option<String>,
+    /// The config files, in the order they are read, and which exist.
+    Path,
+    /// Set a key: server, room, registry, worker.name, worker.work_dir, worker.sleap_nn,
+    /// worker.python, worker.device, worker.upload_cache_gb, worker.model_cache_gb.
+    Set {
+        key: String,
+        value: String,
+        /// In ./sleap-rtc.toml instead of the user's file.
+        #[arg(long)]
+        project: bool,
+    },
+    /// Remove a key (the next file, or the default, applies again).
+    Unset {
+        key: String,
+        #[arg(long)]
+        project: bool,
+    },
+    /// Let a worker's jobs name files under DIR by absolute path.
+    AddMount {
+        dir: PathBuf,
+        #[arg(long)]
+        project: bool,
+    },
+    /// Stop offering DIR to jobs.
+    RemoveMount {
+        dir: PathBuf,
+        #[arg(long)]
+        project: bool,
+    },
+    /// Files under LOCAL are on the worker as WORKER (a shared drive): they are not uploaded.
+    AddPathMapping {
+        local: PathBuf,
+        worker: String,
+        #[arg(long)]
+        project: bool,
+    },
+    /// Upload files under LOCAL again.
+    RemovePathMapping {
+        local: PathBuf,
+        #[arg(long)]
+        project: bool,
     },
 }
 
@@ -123,7 +162,7 @@ enum RoomCmd {
 struct ConnArgs {
     #[command(flatten)]
     server: ServerArg,
-    /// Room id (required: `login` stores no room).
+    /// Room id (default: the config file's `room`; see `sleap-rtc room set-default`).
     #[arg(long, env = "SLEAP_RTC_ROOM")]
     room: Option<String>,
     /// Credential: a user JWT or an account key (default: what `login` stored).
@@ -156,20 +195,22 @@ struct WorkerArgs {
     /// Room to join (a worker token already names its room).
     #[arg(long, env = "SLEAP_RTC_ROOM")]
     room: Option<String>,
-    /// Worker token (slp_...) from `sleap-rtc room token`, or an account key.
+    /// Worker token (slp_...) from `sleap-rtc token create`, or an account key.
     #[arg(long, env = "SLEAP_RTC_TOKEN", hide_env_values = true)]
     token: String,
-    /// Name shown to room members.
-    #[arg(long)]
+    /// Name shown to room members (default: worker.name in the config file, else the host name).
+    #[arg(long, env = "SLEAP_RTC_WORKER_NAME")]
     name: Option<String>,
-    /// Where jobs, their uploads and results live.
+    /// Where jobs, their uploads and results live (default: worker.work_dir in the config file,
+    /// else ~/.local/share/sleap-rtc/worker).
     #[arg(long, env = "SLEAP_RTC_WORK_DIR")]
     work_dir: Option<PathBuf>,
-    /// The sleap-nn executable.
-    #[arg(long, env = "SLEAP_NN", default_value = "sleap-nn")]
-    sleap_nn: PathBuf,
-    /// A directory whose files jobs may name by absolute path (repeatable).
-    #[arg(long = "mount", value_name = "DIR")]
+    /// The sleap-nn executable (default: worker.sleap_nn in the config file, else `sleap-nn` on PATH).
+    #[arg(long, env = "SLEAP_NN")]
+    sleap_nn: Option<PathBuf>,
+    /// A directory whose files jobs may name by absolute path (repeatable; the environment
+    /// variable takes a colon-separated list; default: worker.mounts in the config file).
+    #[arg(long = "mount", env = "SLEAP_RTC_MOUNTS", value_delimiter = ':', value_name = "DIR")]
     mounts: Vec<PathBuf>,
     /// A Python with sleap-io, for the SLEAP GUI's path check: it lists the videos a .slp names
     /// so the GUI can say which are missing on this machine. Default: the interpreter of the
@@ -179,9 +220,10 @@ struct WorkerArgs {
     /// Require the room's shared secret from clients instead of a server-signed ticket.
     #[arg(long, env = "SLEAP_RTC_ROOM_SECRET", hide_env_values = true)]
     room_secret: Option<String>,
-    /// Inference device passed to sleap-nn (auto, cpu, cuda, cuda:0, mps).
-    #[arg(long, default_value = "auto")]
-    device: String,
+    /// Inference device passed to sleap-nn: auto, cpu, cuda, cuda:0, mps (default: worker.device
+    /// in the config file, else auto).
+    #[arg(long, env = "SLEAP_RTC_DEVICE")]
+    device: Option<String>,
     /// Local addresses for peer connections (default: every interface).
     #[arg(long = "bind", value_name = "IP")]
     bind: Vec<IpAddr>,
@@ -191,15 +233,18 @@ struct WorkerArgs {
     /// Seconds to wait for sleap-nn to honour a stop before interrupting it (SIGINT).
     #[arg(long, default_value_t = 120.0, value_name = "SECS")]
     stop_timeout: f64,
-    /// Upload cache size (repeated datasets are not transferred again).
-    #[arg(long, default_value_t = 20, value_name = "GB")]
-    upload_cache_gb: u64,
-    /// Publish every trained model to the room's registry: s3://bucket/prefix or a directory.
+    /// Upload cache size (repeated datasets are not transferred again); default 20, or
+    /// worker.upload_cache_gb in the config file.
+    #[arg(long, value_name = "GB")]
+    upload_cache_gb: Option<u64>,
+    /// Publish every trained model to the room's registry: s3://bucket/prefix or a directory
+    /// (default: `registry` in the config file).
     #[arg(long, env = "SLEAP_RTC_REGISTRY", value_name = "URL|PATH")]
     registry: Option<String>,
-    /// Cache of registry models fetched for inference (least recently used evicted first).
-    #[arg(long, default_value_t = 50, value_name = "GB")]
-    model_cache_gb: u64,
+    /// Cache of registry models fetched for inference (least recently used evicted first);
+    /// default 50, or worker.model_cache_gb in the config file.
+    #[arg(long, value_name = "GB")]
+    model_cache_gb: Option<u64>,
     /// Publish the running job's progress (epoch, loss, a short loss history) to the room, for
     /// the dashboard's loss chart; the signaling server relays it. Off: only the job's client
     /// sees progress.
@@ -295,7 +340,10 @@ enum JobCmd {
         json: bool,
     },
     /// Jobs submitted from this machine.
-    List,
+    List {
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 fn peer_options(bind: &[IpAddr]) -> PeerOptions {
@@ -306,15 +354,22 @@ fn peer_options(bind: &[IpAddr]) -> PeerOptions {
     o
 }
 
+/// The room from a flag or its environment variable, else the config file's default room.
+pub(crate) fn room_or_default(room: Option<String>, s: &Settings) -> Result<String> {
+    match room.filter(|r| !r.is_empty()).or_else(|| s.room()) {
+        Some(r) => Ok(r),
+        None => bail!(
+            "no room: pass --room ROOM, set SLEAP_RTC_ROOM, or choose a default with \
+             `sleap-rtc room set-default ROOM` (`sleap-rtc room list` shows yours)"
+        ),
+    }
+}
+
 fn target(c: &ConnArgs) -> Result<Target> {
-    let server = ServerUrl::parse(&c.server.server)?;
-    let saved = creds::get(&server.http)?;
+    let settings = Settings::load()?;
+    let server = c.server.resolve(&settings)?;
     let credential = creds::resolve(&server.http, c.jwt.as_deref())?;
-    let room = match (&c.room, saved.and_then(|s| s.default_room)) {
-        (Some(r), _) => r.clone(),
-        (None, Some(r)) => r,
-        (None, None) => bail!("--room is required (or set SLEAP_RTC_ROOM)"),
-    };
+    let room = room_or_default(c.room.clone(), &settings)?;
     Ok(Target {
         server,
         room,
@@ -327,99 +382,6 @@ fn target(c: &ConnArgs) -> Result<Target> {
         },
         peer: peer_options(&c.bind),
     })
-}
-
-async fn http_json(req: reqwest::RequestBuilder) -> Result<Value> {
-    let resp = req.send().await.context("cannot reach the server")?;
-    let status = resp.status();
-    let body: Value = resp.json().await.unwrap_or(Value::Null);
-    if !status.is_success() {
-        let detail = body.get("detail").and_then(Value::as_str).unwrap_or("no detail");
-        bail!("the server answered {status}: {detail}");
-    }
-    Ok(body)
-}
-
-async fn login(a: LoginArgs) -> Result<i32> {
-    let server = ServerUrl::parse(&a.server.server)?;
-    let http = reqwest::Client::new();
-    let saved = match a.account_key {
-        Some(key) => {
-            let me = http_json(http.get(format!("{}/api/auth/me", server.http)).bearer_auth(&key)).await?;
-            creds::Saved {
-                credential: key,
-                username: me.get("username").and_then(Value::as_str).map(str::to_owned),
-                default_room: None,
-            }
-        }
-        None => {
-            let r = http_json(http.post(format!("{}/anonymous-signin", server.http))).await?;
-            creds::Saved {
-                credential: r["jwt"].as_str().context("no jwt in the sign-in reply")?.to_owned(),
-                username: r.get("username").and_then(Value::as_str).map(str::to_owned),
-                default_room: None,
-            }
-        }
-    };
-    let user = saved.username.clone().unwrap_or_default();
-    let jwt = saved.credential.clone();
-    let path = creds::put(&server.http, saved)?;
-    eprintln!("logged in to {} as {user}; credential stored in {}", server.http, path.display());
-    if a.for_sleap_gui {
-        let mut seed = [0u8; 32];
-        getrandom::fill(&mut seed).map_err(|e| anyhow::anyhow!("no randomness for the device key: {e}"))?;
-        let (private, public) = sleap_rtc_core::upstream::auth::device_key(&seed);
-        http_json(
-            http.post(format!("{}/api/auth/public-keys", server.http))
-                .bearer_auth(&jwt)
-                .json(&json!({"public_key": public, "device_name": "sleap-gui"})),
-        )
-        .await
-        .context("registering the SLEAP GUI's device key")?;
-        let me = http_json(http.get(format!("{}/api/auth/me", server.http)).bearer_auth(&jwt)).await?;
-        let id = me.get("user_id").or(me.get("id")).and_then(Value::as_str).unwrap_or_default();
-        let up = creds::write_upstream(&jwt, id, &user, &private)?;
-        let ws = server.http.replacen("http", "ws", 1);
-        eprintln!(
-            "the SLEAP GUI is signed in too ({}); point it at this server with\n  \
-             export SLEAP_RTC_SIGNALING_WS={ws}/ws SLEAP_RTC_SIGNALING_HTTP={}\n\
-             The sign-in lasts as long as the JWT (7 days by default): run this again then.",
-            up.display(),
-            server.http
-        );
-    }
-    Ok(0)
-}
-
-async fn room(cmd: RoomCmd) -> Result<i32> {
-    let http = reqwest::Client::new();
-    match cmd {
-        RoomCmd::Create { server, name, jwt } => {
-            let s = ServerUrl::parse(&server.server)?;
-            let cred = creds::resolve(&s.http, jwt.as_deref())?;
-            let r = http_json(
-                http.post(format!("{}/api/auth/rooms", s.http)).bearer_auth(cred).json(&json!({"name": name})),
-            )
-            .await?;
-            println!("{}", r["room_id"].as_str().unwrap_or_default());
-        }
-        RoomCmd::Token { server, room, name, jwt } => {
-            let s = ServerUrl::parse(&server.server)?;
-            let cred = creds::resolve(&s.http, jwt.as_deref())?;
-            let r = http_json(
-                http.post(format!("{}/api/auth/token", s.http))
-                    .bearer_auth(cred)
-                    .json(&json!({"room_id": room, "worker_name": name})),
-            )
-            .await?;
-            println!("{}", r["token_id"].as_str().unwrap_or_default());
-            eprintln!(
-                "this token is shown once; start a worker with: sleap-rtc worker --server {} --token TOKEN",
-                s.http
-            );
-        }
-    }
-    Ok(0)
 }
 
 async fn workers(c: ConnArgs) -> Result<i32> {
@@ -459,21 +421,37 @@ async fn workers(c: ConnArgs) -> Result<i32> {
     Ok(0)
 }
 
-fn worker_config(a: &WorkerArgs) -> Result<WorkerConfig> {
-    let server = ServerUrl::parse(&a.server.server)?;
-    let work_dir = a.work_dir.clone().unwrap_or_else(|| creds::data_dir().join("worker"));
-    let mut cfg = WorkerConfig::new(&server.ws, &a.token, &work_dir, &a.sleap_nn);
-    cfg.room = a.room.clone();
-    cfg.name = a.name.clone();
-    for m in &a.mounts {
+#[cfg(unix)]
+/// The worker's settings: flags and environment variables first, then the config files'
+/// `[worker]` table, then the defaults.
+fn worker_config(a: &WorkerArgs, s: &Settings) -> Result<WorkerConfig> {
+    let server = a.server.resolve(s)?;
+    let work_dir = a
+        .work_dir
+        .clone()
+        .or_else(|| s.worker(|w| w.work_dir.clone()))
+        .unwrap_or_else(|| creds::data_dir().join("worker"));
+    let sleap_nn =
+        a.sleap_nn.clone().or_else(|| s.worker(|w| w.sleap_nn.clone())).unwrap_or_else(|| PathBuf::from("sleap-nn"));
+    let mut cfg = WorkerConfig::new(&server.ws, &a.token, &work_dir, &sleap_nn);
+    // A worker token names its room; only an account key needs one, and may take the default.
+    cfg.room = match &a.room {
+        Some(r) => Some(r.clone()),
+        None if a.token.starts_with("slp_acct_") => s.room(),
+        None => None,
+    };
+    cfg.name = a.name.clone().or_else(|| s.worker(|w| w.name.clone()));
+    let mounts =
+        if a.mounts.is_empty() { s.worker(|w| w.mounts.clone()).unwrap_or_default() } else { a.mounts.clone() };
+    for m in &mounts {
         if !m.is_dir() {
-            bail!("--mount {}: not a directory", m.display());
+            bail!("mount {}: not a directory", m.display());
         }
     }
-    cfg.mounts = a.mounts.clone();
-    cfg.python = a.python.clone();
+    cfg.mounts = mounts;
+    cfg.python = a.python.clone().or_else(|| s.worker(|w| w.python.clone()));
     cfg.room_secret = a.room_secret.clone().filter(|s| !s.is_empty());
-    cfg.device = a.device.clone();
+    cfg.device = a.device.clone().or_else(|| s.worker(|w| w.device.clone())).unwrap_or_else(|| "auto".into());
     cfg.peer = peer_options(&a.bind);
     let secs = |s: f64, what: &str| {
         if s.is_finite() && s >= 0.0 {
@@ -484,13 +462,16 @@ fn worker_config(a: &WorkerArgs) -> Result<WorkerConfig> {
     };
     cfg.supervision.cancel_grace = secs(a.cancel_grace, "--cancel-grace")?;
     cfg.supervision.stop_sigint_after = secs(a.stop_timeout, "--stop-timeout")?;
-    cfg.upload_cache_bytes = a.upload_cache_gb.saturating_mul(1 << 30);
-    cfg.registry = a.registry.clone().filter(|r| !r.is_empty());
-    cfg.model_cache_bytes = a.model_cache_gb.saturating_mul(1 << 30);
+    let gb =
+        |flag: Option<u64>, file: Option<u64>, default: u64| flag.or(file).unwrap_or(default).saturating_mul(1 << 30);
+    cfg.upload_cache_bytes = gb(a.upload_cache_gb, s.worker(|w| w.upload_cache_gb), 20);
+    cfg.registry = a.registry.clone().filter(|r| !r.is_empty()).or_else(|| s.registry());
+    cfg.model_cache_bytes = gb(a.model_cache_gb, s.worker(|w| w.model_cache_gb), 50);
     cfg.publish_progress = a.publish_progress;
     Ok(cfg)
 }
 
+#[cfg(unix)]
 async fn shutdown_signal() {
     let term = async {
         match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
@@ -506,8 +487,16 @@ async fn shutdown_signal() {
     }
 }
 
+/// The worker runs sleap-nn under Unix process groups and signals; on Windows, use WSL2 (or a
+/// Linux container), where the Linux build runs unchanged.
+#[cfg(not(unix))]
+async fn worker(_: WorkerArgs) -> Result<i32> {
+    bail!("the worker runs on Linux and macOS only; on Windows run it in WSL2 or a Linux container")
+}
+
+#[cfg(unix)]
 async fn worker(a: WorkerArgs) -> Result<i32> {
-    let cfg = worker_config(&a)?;
+    let cfg = worker_config(&a, &Settings::load()?)?;
     let w = Worker::new(cfg).await?;
     let caps = w.capabilities();
     eprintln!(
@@ -525,15 +514,17 @@ async fn worker(a: WorkerArgs) -> Result<i32> {
 async fn train(a: TrainCli, verbose: bool) -> Result<i32> {
     let t = target(&a.conn)?;
     let ui = Ui { json: a.conn.json, verbose };
+    let maps = Settings::load()?.path_mappings();
+    let map = |v: Option<String>| v.map(|v| config::map_arg(&maps, &v));
     let args = TrainArgs {
         configs: a.configs,
-        labels: a.labels,
-        val_labels: a.val_labels,
+        labels: map(a.labels),
+        val_labels: map(a.val_labels),
         max_epochs: a.max_epochs,
         batch_size: a.batch_size,
         learning_rate: a.learning_rate,
         run_name: a.run_name,
-        resume: a.resume,
+        resume: map(a.resume),
     };
     let (spec, uploads, epochs) = match jobs::train_spec(&args) {
         Ok(x) => x,
@@ -555,9 +546,15 @@ async fn track(a: TrackCli, verbose: bool) -> Result<i32> {
         (false, true) => Some("user".to_owned()),
         _ => None,
     };
+    let maps = Settings::load()?.path_mappings();
     let args = TrackArgs {
-        models: a.models,
-        data: a.data,
+        // A registry id or alias is not a path: only existing local paths are mapped.
+        models: a
+            .models
+            .iter()
+            .map(|m| if std::path::Path::new(m).exists() { config::map_arg(&maps, m) } else { m.clone() })
+            .collect(),
+        data: config::map_arg(&maps, &a.data),
         output: a.output.clone(),
         batch_size: a.batch_size,
         peak_threshold: a.peak_threshold,
@@ -581,8 +578,16 @@ async fn track(a: TrackCli, verbose: bool) -> Result<i32> {
 
 async fn job(cmd: JobCmd, verbose: bool) -> Result<i32> {
     match cmd {
-        JobCmd::List => {
-            for r in creds::list_jobs() {
+        JobCmd::List { json } => {
+            let jobs = creds::list_jobs();
+            if json {
+                println!("{}", serde_json::to_string_pretty(&jobs)?);
+                return Ok(0);
+            }
+            if jobs.is_empty() {
+                eprintln!("no jobs submitted from this machine");
+            }
+            for r in jobs {
                 println!("{}  {}  worker {}  room {}  → {}", r.job_id, r.kind, r.worker, r.room, r.output.display());
             }
             Ok(0)
@@ -600,7 +605,7 @@ async fn job(cmd: JobCmd, verbose: bool) -> Result<i32> {
             };
             let output = output.or(rec.as_ref().map(|r| r.output.clone())).unwrap_or_else(|| PathBuf::from("."));
             let conn = ConnArgs {
-                server: ServerArg { server },
+                server: ServerArg { server: Some(server) },
                 room,
                 jwt,
                 room_secret,
@@ -617,6 +622,85 @@ async fn job(cmd: JobCmd, verbose: bool) -> Result<i32> {
             };
             jobs::attach(&t, &job_id, kind, out, Ui { json, verbose }).await
         }
+    }
+}
+
+fn config_cmd(cmd: ConfigCmd) -> Result<i32> {
+    let file = |project: bool| if project { config::project_path() } else { config::user_path() };
+    let edit = |project: bool, f: &dyn Fn(&mut config::Edit) -> Result<String>| -> Result<i32> {
+        let mut e = config::Edit::open(&file(project))?;
+        let said = f(&mut e)?;
+        let p = e.save()?;
+        eprintln!("{said} (in {})", p.display());
+        Ok(0)
+    };
+    match cmd {
+        ConfigCmd::Path => {
+            for (scope, p) in [("project", config::project_path()), ("user", config::user_path())] {
+                let state = if p.exists() { "exists" } else { "absent" };
+                println!("{scope:<8} {}  ({state})", config::absolute(&p)?.display());
+            }
+            eprintln!("flags win over environment variables, which win over the project file, then the user's");
+            Ok(0)
+        }
+        ConfigCmd::Show { json } => {
+            let s = Settings::load()?;
+            let envs = [
+                ("server", "SLEAP_RTC_SERVER"),
+                ("room", "SLEAP_RTC_ROOM"),
+                ("registry", "SLEAP_RTC_REGISTRY"),
+                ("worker.name", "SLEAP_RTC_WORKER_NAME"),
+                ("worker.work_dir", "SLEAP_RTC_WORK_DIR"),
+                ("worker.sleap_nn", "SLEAP_NN"),
+                ("worker.python", "SLEAP_RTC_WORKER_PYTHON"),
+                ("worker.device", "SLEAP_RTC_DEVICE"),
+                ("worker.mounts", "SLEAP_RTC_MOUNTS"),
+            ];
+            let rows: Vec<(String, Option<String>, String)> = s
+                .entries()
+                .into_iter()
+                .map(|(k, v, src)| {
+                    let env = envs.iter().find(|(key, _)| *key == k).map(|(_, e)| *e);
+                    match env.and_then(|e| std::env::var(e).ok().map(|v| (e, v))).filter(|(_, v)| !v.is_empty()) {
+                        Some((e, v)) => (k.to_owned(), Some(v), format!("env {e}")),
+                        None => (k.to_owned(), v, format!("{src:?}").to_lowercase()),
+                    }
+                })
+                .collect();
+            if json {
+                let m: serde_json::Map<String, Value> =
+                    rows.iter().map(|(k, v, src)| (k.clone(), json!({"value": v, "source": src}))).collect();
+                println!("{}", serde_json::to_string_pretty(&m)?);
+                return Ok(0);
+            }
+            for (k, v, src) in rows {
+                match v {
+                    Some(v) => println!("{k:<24} {v}  ({src})"),
+                    None => println!("{k:<24} -"),
+                }
+            }
+            Ok(0)
+        }
+        ConfigCmd::Set { key, value, project } => edit(project, &|e| {
+            e.set(&key, &value)?;
+            Ok(format!("{key} set"))
+        }),
+        ConfigCmd::Unset { key, project } => {
+            edit(project, &|e| Ok(if e.unset(&key)? { format!("{key} unset") } else { format!("{key} was not set") }))
+        }
+        ConfigCmd::AddMount { dir, project } => edit(project, &|e| {
+            Ok(if e.add_mount(&dir)? { format!("mount {} added", dir.display()) } else { "already a mount".into() })
+        }),
+        ConfigCmd::RemoveMount { dir, project } => edit(project, &|e| {
+            Ok(if e.remove_mount(&dir)? { format!("mount {} removed", dir.display()) } else { "not a mount".into() })
+        }),
+        ConfigCmd::AddPathMapping { local, worker, project } => edit(project, &|e| {
+            e.add_path_mapping(&local, &worker)?;
+            Ok(format!("{} → {worker}", local.display()))
+        }),
+        ConfigCmd::RemovePathMapping { local, project } => edit(project, &|e| {
+            Ok(if e.remove_path_mapping(&local)? { "mapping removed".into() } else { "no such mapping".into() })
+        }),
     }
 }
 
@@ -646,8 +730,19 @@ fn main() {
     sleap_rtc_tokio::init_tls();
     let code = rt.block_on(async move {
         match cli.cmd {
-            Cmd::Login(a) => login(a).await,
-            Cmd::Room(c) => room(c).await,
+            Cmd::Login(a) => manage::login(a).await,
+            Cmd::Logout(a) => manage::logout(a),
+            Cmd::Whoami { api, json } => manage::whoami(api, json).await,
+            Cmd::Room(c) => manage::room(c).await,
+            Cmd::Token(c) => manage::token(c).await,
+            Cmd::Key(c) => manage::key(c).await,
+            Cmd::Config(c) => config_cmd(c),
+            Cmd::Status(a) => doctor::status(a),
+            Cmd::Doctor(a) => doctor::doctor(a).await,
+            Cmd::Completions { shell } => {
+                clap_complete::generate(shell, &mut Cli::command(), "sleap-rtc", &mut std::io::stdout());
+                Ok(0)
+            }
             Cmd::Workers(c) => workers(c).await,
             Cmd::Worker(a) => worker(a).await,
             Cmd::Train(a) => train(a, verbose).await,
@@ -672,12 +767,12 @@ fn main() {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use clap::CommandFactory;
 
-    /// `--room` promised a default "stored by `login`", which nothing stores: a user who
-    /// believed it got "--room is required" after logging in.
+    /// `--room` once promised a default "stored by `login`", which nothing stored: a user who
+    /// believed it got "--room is required" after logging in. The default now exists (the config
+    /// file's `room`), and the help must say where it comes from and how to set it.
     #[test]
-    fn room_help_promises_no_room_from_login() {
+    fn room_help_names_the_real_default() {
         let cli = Cli::command();
         for sub in ["workers", "train", "track"] {
             let help = cli
@@ -686,8 +781,13 @@ mod tests {
                 .and_then(|a| a.get_help())
                 .map(|h| h.to_string())
                 .unwrap_or_else(|| panic!("`{sub}` has a documented --room"));
-            assert!(!help.contains("stored by"), "{sub} --room: {help}");
-            assert!(help.contains("required"), "{sub} --room: {help}");
+            assert!(!help.contains("stored by `login`"), "{sub} --room: {help}");
+            assert!(help.contains("config file") && help.contains("room set-default"), "{sub} --room: {help}");
         }
+    }
+
+    #[test]
+    fn the_command_line_is_consistent() {
+        Cli::command().debug_assert();
     }
 }

@@ -3,6 +3,8 @@
 use std::path::PathBuf;
 
 use anyhow::{Context, Result};
+
+use crate::config::Settings;
 use clap::{Args, Subcommand};
 use sleap_rtc_core::registry::{ModelEntry, Op};
 use sleap_rtc_tokio::registry::{self as reg, AnyStore, PublishInfo};
@@ -11,11 +13,28 @@ use sleap_rtc_tokio::registry::{self as reg, AnyStore, PublishInfo};
 pub struct RegistryArgs {
     /// The registry: `s3://bucket/prefix` (AWS settings from the standard environment:
     /// AWS_ENDPOINT_URL, AWS_REGION, credentials) or a directory shared by the room's members.
+    /// Default: `registry` in the config file.
     #[arg(long, env = "SLEAP_RTC_REGISTRY", value_name = "PATH")]
-    pub registry: String,
-    /// Room whose registry to use.
+    pub registry: Option<String>,
+    /// Room whose registry to use (default: the config file's `room`, see `room set-default`).
     #[arg(long, env = "SLEAP_RTC_ROOM")]
+    pub room: Option<String>,
+}
+
+/// A registry and room, after the config file filled what the flags left out.
+pub struct Reg {
+    pub registry: String,
     pub room: String,
+}
+
+impl RegistryArgs {
+    fn resolve(self) -> Result<Reg> {
+        let s = Settings::load()?;
+        let registry = self.registry.or_else(|| s.registry()).context(
+            "no registry: pass --registry, set SLEAP_RTC_REGISTRY, or `sleap-rtc config set registry s3://bucket/prefix`",
+        )?;
+        Ok(Reg { registry, room: crate::room_or_default(self.room, &s)? })
+    }
 }
 
 #[derive(Subcommand)]
@@ -80,7 +99,7 @@ pub enum ModelsCmd {
     },
 }
 
-async fn store(r: &RegistryArgs) -> Result<AnyStore> {
+async fn store(r: &Reg) -> Result<AnyStore> {
     Ok(AnyStore::open(&r.registry).await?)
 }
 
@@ -105,6 +124,7 @@ fn print_entry(e: &ModelEntry, aliases: &[&String]) {
 pub async fn run(cmd: ModelsCmd) -> Result<i32> {
     match cmd {
         ModelsCmd::Push { r, run_dir, alias, tags } => {
+            let r = r.resolve()?;
             let s = store(&r).await?;
             let info = PublishInfo {
                 trained_by: std::env::var("USER").unwrap_or_default(),
@@ -118,6 +138,7 @@ pub async fn run(cmd: ModelsCmd) -> Result<i32> {
             eprintln!("published {} ({} bytes) to room {}", e.id, e.size_bytes, r.room);
         }
         ModelsCmd::List { r, json } => {
+            let r = r.resolve()?;
             let m = reg::manifest(&store(&r).await?, &r.room).await?;
             if json {
                 println!("{}", serde_json::to_string_pretty(&m)?);
@@ -144,23 +165,28 @@ pub async fn run(cmd: ModelsCmd) -> Result<i32> {
             }
         }
         ModelsCmd::Show { r, model } => {
+            let r = r.resolve()?;
             let m = reg::manifest(&store(&r).await?, &r.room).await?;
             let e = m.resolve(&model)?;
             let aliases: Vec<&String> = m.aliases.iter().filter(|(_, v)| **v == e.id).map(|(k, _)| k).collect();
             print_entry(e, &aliases);
         }
         ModelsCmd::Alias { r, model, name, remove } => {
+            let r = r.resolve()?;
             let op = if remove { Op::RemoveAlias { alias: name } } else { Op::SetAlias { alias: name, id: model } };
             reg::update(&store(&r).await?, &r.room, vec![op]).await?;
         }
         ModelsCmd::Tag { r, model, tag, remove } => {
+            let r = r.resolve()?;
             let op = if remove { Op::Untag { id: model, tag } } else { Op::Tag { id: model, tag } };
             reg::update(&store(&r).await?, &r.room, vec![op]).await?;
         }
         ModelsCmd::Rm { r, model } => {
+            let r = r.resolve()?;
             reg::update(&store(&r).await?, &r.room, vec![Op::RemoveModel { id: model }]).await?;
         }
         ModelsCmd::Pull { r, model, outdir } => {
+            let r = r.resolve()?;
             let (e, dir) = reg::pull(&store(&r).await?, &r.room, &model, &outdir).await?;
             eprintln!("pulled {} ({} files, verified)", e.id, e.files.len());
             println!("{}", dir.display());
