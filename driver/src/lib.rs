@@ -29,8 +29,12 @@ pub mod conn;
 pub mod files;
 pub mod registry;
 pub mod signaling;
+// The worker (and the trainer it supervises: process groups, signals) is Unix-only; the
+// client half builds for Windows too.
+#[cfg(unix)]
 pub mod trainer;
 pub mod udp;
+#[cfg(unix)]
 pub mod worker;
 
 /// What a runtime provides to the drivers: tasks, a blocking pool, timers, UDP sockets, name
@@ -231,6 +235,7 @@ macro_rules! runtime_api {
             /// An authenticated connection to a worker on this runtime.
             pub type JobClient = $crate::client::JobClient<$rt>;
         }
+        #[cfg(unix)]
         pub mod worker {
             //! The worker half of the job protocol (see [`sleap_rtc_driver::worker`]).
             pub use $crate::worker::{
@@ -244,6 +249,7 @@ macro_rules! runtime_api {
                 $crate::worker::probe_capabilities::<$rt>(sleap_nn, dir).await
             }
         }
+        #[cfg(unix)]
         pub mod trainer {
             //! Runs `sleap-nn` (see [`sleap_rtc_driver::trainer`]).
             pub use $crate::trainer::{EventTx, Exit, InterruptRx, Launch, Supervision, TrainerError, TrainerEvent};

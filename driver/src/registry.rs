@@ -117,29 +117,22 @@ fn version_of(bytes: &[u8]) -> String {
     blake3::hash(bytes).to_hex().to_string()
 }
 
-/// Holds an exclusive `flock` until dropped.
+/// Holds an exclusive lock on a file until dropped: `flock` on Unix, `LockFileEx` on Windows
+/// (std's `File::lock`), so members on either share a registry directory safely.
 struct Lock(std::fs::File);
 
 impl Lock {
     fn take(path: &Path) -> std::io::Result<Lock> {
-        use std::os::fd::AsRawFd;
         let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path)?;
-        // SAFETY: flock(2) on a descriptor we own; released when the file is closed.
-        let r = unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) };
-        if r != 0 {
-            return Err(std::io::Error::last_os_error());
-        }
+        f.lock()?;
         Ok(Lock(f))
     }
 }
 
 impl Drop for Lock {
     fn drop(&mut self) {
-        use std::os::fd::AsRawFd;
-        // SAFETY: as above.
-        unsafe {
-            libc::flock(self.0.as_raw_fd(), libc::LOCK_UN);
-        }
+        // Closing releases it too; unlocking first frees waiters before the close.
+        let _ = self.0.unlock();
     }
 }
 

@@ -156,7 +156,7 @@ pub(super) fn read_chunk(o: &mut OutFiles, file: usize, offset: u64, len: usize)
     let mut buf = vec![0u8; len];
     let mut filled = 0;
     while filled < len {
-        let n = f.read_at(&mut buf[filled..], offset + filled as u64)?;
+        let n = read_at(f, &mut buf[filled..], offset + filled as u64)?;
         if n == 0 {
             buf.truncate(filled);
             break;
@@ -170,15 +170,63 @@ pub(super) fn write_part(i: &mut InFiles, file: usize, offset: u64, data: &[u8])
     let path = i.parts.get(file).ok_or_else(|| io::Error::other("no such file"))?;
     let slot = i.handles.get_mut(file).ok_or_else(|| io::Error::other("no such file"))?;
     if slot.is_none() {
-        // O_NOFOLLOW: never write through a symlink planted where the .part goes.
-        let f = std::fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .custom_flags(libc::O_NOFOLLOW)
-            .open(path)?;
-        *slot = Some(f);
+        *slot = Some(open_part(path)?);
     }
     let f = slot.as_ref().ok_or_else(|| io::Error::other("file not open"))?;
-    f.write_all_at(data, offset)
+    write_all_at(f, data, offset)
+}
+
+/// Opens a `.part` for writing, never through a symlink planted where it goes.
+#[cfg(unix)]
+fn open_part(path: &Path) -> io::Result<File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new().create(true).truncate(false).write(true).custom_flags(libc::O_NOFOLLOW).open(path)
+}
+
+/// Windows: FILE_FLAG_OPEN_REPARSE_POINT opens a symlink itself, not its target; a symlink
+/// found there is refused.
+#[cfg(windows)]
+fn open_part(path: &Path) -> io::Result<File> {
+    use std::os::windows::fs::OpenOptionsExt;
+    const FILE_FLAG_OPEN_REPARSE_POINT: u32 = 0x0020_0000;
+    let f = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .custom_flags(FILE_FLAG_OPEN_REPARSE_POINT)
+        .open(path)?;
+    if f.metadata()?.file_type().is_symlink() {
+        return Err(io::Error::other(format!("{} is a symlink", path.display())));
+    }
+    Ok(f)
+}
+
+#[cfg(unix)]
+fn read_at(f: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    std::os::unix::fs::FileExt::read_at(f, buf, offset)
+}
+
+#[cfg(unix)]
+fn write_all_at(f: &File, data: &[u8], offset: u64) -> io::Result<()> {
+    std::os::unix::fs::FileExt::write_all_at(f, data, offset)
+}
+
+/// Windows' positional reads move the file cursor, which nothing here relies on.
+#[cfg(windows)]
+fn read_at(f: &File, buf: &mut [u8], offset: u64) -> io::Result<usize> {
+    std::os::windows::fs::FileExt::seek_read(f, buf, offset)
+}
+
+#[cfg(windows)]
+fn write_all_at(f: &File, mut data: &[u8], mut offset: u64) -> io::Result<()> {
+    while !data.is_empty() {
+        match std::os::windows::fs::FileExt::seek_write(f, data, offset)? {
+            0 => return Err(io::ErrorKind::WriteZero.into()),
+            n => {
+                data = &data[n..];
+                offset += n as u64;
+            }
+        }
+    }
+    Ok(())
 }
