@@ -129,6 +129,8 @@ impl Settings {
         self.pick(|c| c.registry.clone()).0
     }
 
+    // Only `sleap-rtc worker` and `doctor --worker` read it: both Unix-only.
+    #[cfg_attr(not(unix), allow(dead_code))]
     pub fn worker<T: Clone>(&self, get: impl Fn(&WorkerFile) -> Option<T>) -> Option<T> {
         self.pick(|c| get(&c.worker)).0
     }
@@ -264,7 +266,7 @@ impl Edit {
 
     fn array(&mut self, key: &str) -> Result<&mut toml_edit::Array> {
         let (t, k) = self.table(key)?;
-        if !t.get(&k).is_some_and(|i| i.as_array().is_some()) {
+        if t.get(&k).is_none_or(|i| i.as_array().is_none()) {
             t.insert(&k, value(toml_edit::Array::new()));
         }
         t.get_mut(&k).and_then(Item::as_array_mut).with_context(|| format!("{key} is not a list"))

@@ -27,8 +27,7 @@ pub fn prepare<R: Runtime>() {
 
 /// Waits until the certificate exists (making it if needed).
 pub async fn ready<R: Runtime>() {
-    ASKED.store(true, Ordering::Relaxed);
-    let _ = R::spawn_blocking(|| CERT.get_or_init(generate_certificate).is_some()).await;
+    let _ = get::<R>().await;
 }
 
 /// The certificate, made now if it was not yet; `None` if it cannot be made.

@@ -117,23 +117,36 @@ fn version_of(bytes: &[u8]) -> String {
     blake3::hash(bytes).to_hex().to_string()
 }
 
-/// Holds an exclusive lock on a file until dropped: `flock` on Unix, `LockFileEx` on Windows
-/// (std's `File::lock`), so members on either share a registry directory safely.
-struct Lock(std::fs::File);
+/// Holds an exclusive lock on a file until dropped (closing the file releases it): `flock` on
+/// Unix, `LockFileEx` on Windows, so members on either share a registry directory safely.
+struct Lock {
+    _file: std::fs::File,
+}
 
 impl Lock {
     fn take(path: &Path) -> std::io::Result<Lock> {
         let f = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path)?;
-        f.lock()?;
-        Ok(Lock(f))
+        lock_exclusive(&f)?;
+        Ok(Lock { _file: f })
     }
 }
 
-impl Drop for Lock {
-    fn drop(&mut self) {
-        // Closing releases it too; unlocking first frees waiters before the close.
-        let _ = self.0.unlock();
+#[cfg(unix)]
+fn lock_exclusive(f: &std::fs::File) -> std::io::Result<()> {
+    use std::os::fd::AsRawFd;
+    // SAFETY: flock(2) on a descriptor we own; released when the file is closed.
+    if unsafe { libc::flock(f.as_raw_fd(), libc::LOCK_EX) } != 0 {
+        return Err(std::io::Error::last_os_error());
     }
+    Ok(())
+}
+
+/// std's `File::lock` is `LockFileEx` there. It is Rust 1.89's, above the workspace's 1.85:
+/// the Windows client needs a 1.89 toolchain (README, "Windows").
+#[cfg(windows)]
+#[allow(clippy::incompatible_msrv)]
+fn lock_exclusive(f: &std::fs::File) -> std::io::Result<()> {
+    f.lock()
 }
 
 impl<R: Runtime> Store for LocalStore<R> {

@@ -15,7 +15,12 @@
 
 use std::io::{self, IoSliceMut};
 use std::net::SocketAddr;
-use std::os::fd::AsFd;
+/// A socket handle that quinn-udp and socket2 accept: a file descriptor on Unix, a SOCKET on
+/// Windows.
+#[cfg(unix)]
+pub use std::os::fd::AsFd as AsSocketHandle;
+#[cfg(windows)]
+pub use std::os::windows::io::AsSocket as AsSocketHandle;
 use std::task::{Context, Poll, Waker};
 
 use crate::UdpSocket;
@@ -143,7 +148,7 @@ fn force_buffer(_: &std::net::UdpSocket, _: Buffer) -> bool {
 
 /// The kernel's receive and send buffer sizes of `sock` (as getsockopt reports them: Linux
 /// doubles what was asked).
-pub fn buffer_sizes(sock: &impl AsFd) -> io::Result<(usize, usize)> {
+pub fn buffer_sizes(sock: &impl AsSocketHandle) -> io::Result<(usize, usize)> {
     let s = socket2::SockRef::from(sock);
     Ok((s.recv_buffer_size()?, s.send_buffer_size()?))
 }
@@ -168,7 +173,12 @@ impl BatchIo {
 
     /// Receives up to `bufs.len()` messages (fewer if `meta` or the batch size is shorter).
     /// `WouldBlock` when none is ready.
-    pub fn recv(&self, sock: &impl AsFd, bufs: &mut [IoSliceMut<'_>], meta: &mut [RecvMeta]) -> io::Result<usize> {
+    pub fn recv(
+        &self,
+        sock: &impl AsSocketHandle,
+        bufs: &mut [IoSliceMut<'_>],
+        meta: &mut [RecvMeta],
+    ) -> io::Result<usize> {
         let mut q = [quinn_udp::RecvMeta::default(); quinn_udp::BATCH_SIZE];
         let k = bufs.len().min(meta.len()).min(q.len());
         let n = self.state.recv(sock.into(), &mut bufs[..k], &mut q[..k])?;
@@ -181,7 +191,7 @@ impl BatchIo {
 
     /// Sends `d` in one `sendmsg` (several segments: with `UDP_SEGMENT`). `WouldBlock` when the
     /// socket buffer is full; then nothing was sent.
-    pub fn send(&self, sock: &impl AsFd, d: &Datagrams<'_>) -> io::Result<()> {
+    pub fn send(&self, sock: &impl AsSocketHandle, d: &Datagrams<'_>) -> io::Result<()> {
         let seg = d.segment_size.max(1);
         let several = d.contents.len() > seg;
         let t = quinn_udp::Transmit {

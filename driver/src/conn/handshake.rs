@@ -37,18 +37,10 @@ pub async fn connect<R: Runtime>(
     Ok(conn)
 }
 
-/// Starts making this process's DTLS certificate in the background, so the first connection
-/// does not pay for it; calling it again is free. Call it before registering when a connection
-/// will follow.
-pub fn prepare_certificate<R: Runtime>() {
-    crate::cert::prepare::<R>();
-}
-
-/// Waits until this process's DTLS certificate exists (generating it if needed), so that a
-/// following `connect` measures only the connection itself.
-pub async fn certificate_ready<R: Runtime>() {
-    crate::cert::ready::<R>().await;
-}
+/// `prepare_certificate`: make the DTLS key in the background before registering, so the
+/// first connection does not pay for it. `certificate_ready`: wait for it, so a following
+/// `connect` measures only the connection.
+pub use crate::cert::{prepare as prepare_certificate, ready as certificate_ready};
 
 async fn new_session<R: Runtime>(opts: &PeerOptions) -> Session {
     let mut cfg = opts.session.clone();
