@@ -11,7 +11,9 @@ fn hub_with(peers: u64) -> Hub {
     let now = Millis(1);
     for c in 0..peers {
         hub.connect(ConnId(c), now);
-        hub.handle_text(ConnId(c), r#"{"type":"register","jwt":"x","room_id":"r","role":"worker"}"#, now);
+        // Every peer wants everyone's presence, so the broadcast below reaches the whole room.
+        let reg = r#"{"type":"register","jwt":"x","room_id":"r","role":"worker","subscribe":["*"]}"#;
+        hub.handle_text(ConnId(c), reg, now);
         let grant = Grant {
             room_id: "r".into(),
             default_peer_id: format!("p{c}"),

@@ -8,6 +8,12 @@
 //! By default it starts the server as a child process (this same binary, re-executed) so the
 //! server's RSS and CPU are its own; `--server http://HOST:PORT` targets a running one instead.
 //!
+//! `--one-room` puts every peer into one room (large rooms, issue 19); `--role-mix
+//! worker=95,client=4,dashboard=1` gives the peers roles in those proportions (default: every
+//! peer `peer`), registered without `subscribe` so the server's defaults by role apply, unless
+//! `--subscribe` names the roles every peer subscribes to. It reports registrations/s and the
+//! presence frames (`peer_joined`, `peer_left`, `metadata_updated`) the peers received.
+//!
 //! `--instances N` starts N servers sharing rooms through Redis (a `redis-server` it starts, or
 //! `--redis URL`) and one data directory (SQLite file and signing key), and spreads the peers of
 //! every room over them round-robin; latencies are then reported separately for messages whose
@@ -17,6 +23,8 @@
 //! ```text
 //! cargo run --release -p sleap-rtc-server --example signal-load -- --peers 10000 --rate 10000
 //! cargo run --release -p sleap-rtc-server --example signal-load -- --instances 2 --peers 2000 --rate 5000
+//! cargo run --release -p sleap-rtc-server --example signal-load -- --one-room --peers 2000 \
+//!     --role-mix worker=95,client=4,dashboard=1 --rate 2000
 //! ```
 
 use std::sync::Arc;
@@ -44,6 +52,17 @@ struct Args {
     /// Peers per room.
     #[arg(long, default_value_t = 100)]
     room_size: usize,
+    /// Every peer in one room (the same as --room-size equal to --peers).
+    #[arg(long)]
+    one_room: bool,
+    /// Roles of the peers and their weights, e.g. `worker=95,client=4,dashboard=1`: peer i takes
+    /// the role whose share of the weights holds i modulo their sum.
+    #[arg(long, default_value = "peer=1")]
+    role_mix: String,
+    /// Send `subscribe` with these roles (comma-separated; `*` every role, empty for none) on
+    /// every `register`; default: no `subscribe`, so the server's defaults by role apply.
+    #[arg(long)]
+    subscribe: Option<String>,
     /// Base URL of a running server (e.g. http://127.0.0.1:8080); repeat for instances of one
     /// cluster. Default: start servers.
     #[arg(long)]
@@ -68,8 +87,23 @@ struct Args {
     internal_redis: Option<String>,
 }
 
+/// `worker=95,client=5` → the role of every position in a cycle of 100.
+fn role_cycle(mix: &str) -> anyhow::Result<Vec<String>> {
+    let mut cycle = Vec::new();
+    for part in mix.split(',').filter(|p| !p.trim().is_empty()) {
+        let (role, weight) = part.split_once('=').unwrap_or((part, "1"));
+        let weight: usize = weight.trim().parse().map_err(|e| anyhow::anyhow!("--role-mix {part}: {e}"))?;
+        cycle.extend(std::iter::repeat_n(role.trim().to_owned(), weight));
+    }
+    anyhow::ensure!(!cycle.is_empty(), "--role-mix names no role");
+    Ok(cycle)
+}
+
 fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    let mut args = Args::parse();
+    if args.one_room {
+        args.room_size = args.peers.max(1);
+    }
     let _ = rlimit::increase_nofile_limit(u64::MAX);
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build()?;
     if let Some(dir) = &args.internal_serve {
@@ -116,6 +150,7 @@ impl Proc {
 
 struct Shared {
     start: Instant,
+    presence: AtomicU64,
     latencies: std::sync::Mutex<Vec<u32>>,
     cross_latencies: std::sync::Mutex<Vec<u32>>,
     received: AtomicU64,
@@ -219,17 +254,22 @@ async fn run(args: Args) -> anyhow::Result<()> {
         rooms.push(r["room_id"].as_str().ok_or_else(|| anyhow::anyhow!("room creation failed: {r}"))?.to_owned());
     }
     let rss_empty = proc_.as_ref().and_then(Procs::rss_kib);
+    let roles = role_cycle(&args.role_mix)?;
+    let subscribe: Option<Vec<String>> =
+        args.subscribe.as_deref().map(|s| s.split(',').filter(|r| !r.is_empty()).map(str::to_owned).collect());
 
     let shared = Arc::new(Shared {
         start: Instant::now(),
         latencies: std::sync::Mutex::new(Vec::with_capacity((args.rate * args.duration as f64) as usize + 1024)),
         cross_latencies: std::sync::Mutex::new(Vec::new()),
         received: AtomicU64::new(0),
+        presence: AtomicU64::new(0),
         errors: AtomicU64::new(0),
         measuring: false.into(),
     });
 
     // Connect and register every peer, `connect_concurrency` at a time.
+    let cpu_connect = proc_.as_ref().and_then(Procs::cpu_secs);
     let t_connect = Instant::now();
     let sem = Arc::new(tokio::sync::Semaphore::new(args.connect_concurrency.max(1)));
     let mut joins = Vec::with_capacity(args.peers);
@@ -238,8 +278,13 @@ async fn run(args: Args) -> anyhow::Result<()> {
         // Round-robin over the instances: neighbours in a room are on different instances.
         let url = ws_urls[i % instances].clone();
         let (jwt, room, shared) = (jwt.clone(), rooms[i / args.room_size].clone(), shared.clone());
+        let mut reg = json!({"type": "register", "jwt": jwt, "room_id": room, "peer_id": format!("p{i}"),
+                             "role": roles[i % roles.len()]});
+        if let Some(s) = &subscribe {
+            reg["subscribe"] = json!(s);
+        }
         joins.push(tokio::spawn(async move {
-            let r = connect_peer(&url, &jwt, &room, i, shared).await;
+            let r = connect_peer(&url, reg, i, shared).await;
             drop(permit);
             r
         }));
@@ -249,13 +294,31 @@ async fn run(args: Args) -> anyhow::Result<()> {
         senders.push(j.await??);
     }
     let connect_secs = t_connect.elapsed().as_secs_f64();
+    // The server's own CPU per registration: on a machine shared with the load generator (and
+    // anything else), registrations/s measures the machine; this measures the server.
+    let cpu_registered = proc_.as_ref().and_then(Procs::cpu_secs);
     tokio::time::sleep(Duration::from_secs(2)).await;
     let rss_idle = proc_.as_ref().and_then(Procs::rss_kib);
     println!(
-        "peers held:            {} in {} rooms on {instances} instance(s) (connected+registered in {:.2} s)",
+        "peers held:            {} in {} rooms on {instances} instance(s) (connected+registered in {:.2} s, {:.0} registrations/s)",
         senders.len(),
         rooms.len(),
-        connect_secs
+        connect_secs,
+        senders.len() as f64 / connect_secs
+    );
+    if let (Some(a), Some(b)) = (cpu_connect, cpu_registered) {
+        println!(
+            "server CPU:            {:.2} s while registering ({:.0} µs per registration: {:.0} registrations/s per core)",
+            b - a,
+            (b - a) * 1e6 / senders.len().max(1) as f64,
+            senders.len() as f64 / (b - a).max(1e-9)
+        );
+    }
+    println!(
+        "presence frames:       {} received by the peers while they registered (roles {}, subscribe {})",
+        shared.presence.load(Ordering::Acquire),
+        args.role_mix,
+        args.subscribe.as_deref().map_or("by role".to_owned(), |s| format!("[{s}]"))
     );
     if let (Some(e), Some(i)) = (rss_empty, rss_idle) {
         println!(
@@ -316,6 +379,17 @@ async fn run(args: Args) -> anyhow::Result<()> {
     let pick =
         |v: &[u32], p: f64| v.get(((v.len() as f64 * p) as usize).min(v.len().saturating_sub(1))).copied().unwrap_or(0);
     let pct = |p: f64| pick(&lat, p);
+    if sent == 0 {
+        // --duration 0 or --rate 0: registrations and idle memory only.
+        drop(senders);
+        for c in &mut children {
+            drop(c.stdin.take());
+        }
+        for c in &mut children {
+            let _ = tokio::time::timeout(Duration::from_secs(15), c.wait()).await;
+        }
+        return Ok(());
+    }
     println!(
         "messages:              {sent} sent in {send_secs:.2} s ({:.0}/s), {received} received ({:.0}/s), {} errors",
         sent as f64 / send_secs,
@@ -364,16 +438,20 @@ async fn run(args: Args) -> anyhow::Result<()> {
     Ok(())
 }
 
+fn is_presence(s: &str) -> bool {
+    [r#"{"type":"peer_joined""#, r#"{"type":"peer_left""#, r#"{"type":"metadata_updated""#]
+        .iter()
+        .any(|p| s.starts_with(p))
+}
+
 async fn connect_peer(
     url: &str,
-    jwt: &str,
-    room: &str,
+    reg: Value,
     i: usize,
     shared: Arc<Shared>,
 ) -> anyhow::Result<mpsc::UnboundedSender<String>> {
     let (ws, _) = tokio_tungstenite::connect_async(url).await?;
     let (mut sink, mut stream) = ws.split();
-    let reg = json!({"type": "register", "jwt": jwt, "room_id": room, "peer_id": format!("p{i}"), "role": "peer"});
     sink.send(Message::text(reg.to_string())).await?;
     loop {
         match stream.next().await {
@@ -418,6 +496,8 @@ async fn connect_peer(
                         shared.received.fetch_add(1, Ordering::Relaxed);
                     }
                 }
+            } else if is_presence(s) {
+                shared.presence.fetch_add(1, Ordering::Relaxed);
             } else if s.contains(r#""type":"error""#) {
                 shared.errors.fetch_add(1, Ordering::Relaxed);
             }

@@ -77,7 +77,8 @@ async fn reconnect(s: &TestServer) -> Ws {
 }
 
 fn register(jwt: &str, room: &str, peer: &str) -> Value {
-    json!({"type": "register", "jwt": jwt, "room_id": room, "peer_id": peer, "role": "client"})
+    // Everyone's presence: these tests check that presence crosses instances, whatever the role.
+    json!({"type": "register", "jwt": jwt, "room_id": room, "peer_id": peer, "role": "client", "subscribe": ["*"]})
 }
 
 /// Waits for the registration's answer, whatever it is.

@@ -6,6 +6,7 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use super::metadata::{validate_metadata, validate_peer_id};
+use super::presence::Interest;
 use super::registration::Principal;
 use super::rooms::{At, PeerEntry};
 use super::{CloseCode, ConnId, Hub, Millis, Output, Publish, Session, State};
@@ -111,6 +112,8 @@ impl Hub {
             connected_at: Millis(up.connected_at),
             principal: Principal { user_id: up.user_id.clone(), credential_id: up.credential_id.clone() },
             worker_name: up.worker_name.clone(),
+            // A local peer's comes from its claim (`insert_local`); a replica's is never read.
+            interest: Interest::Nobody,
         };
         let expires_at = up.room_expires_at.map(Millis);
         if mine {
@@ -134,7 +137,7 @@ impl Hub {
             // Another admin stays admin.
             let _ = room.claim_admin(&up.peer_id);
         }
-        let others = room.local_conns(Some(&up.peer_id));
+        let others = room.presence_targets(&up.peer_id, &up.role);
         if !others.is_empty() {
             self.out.push_back(Output::Send { to: others, msg: Arc::new(ServerEnvelope::new(joined)) });
         }
@@ -144,7 +147,8 @@ impl Hub {
         let Some(room) = self.rooms.get_mut(room_id) else { return };
         let Some(entry) = room.peer_mut(peer_id) else { return };
         entry.metadata = metadata.clone();
-        let others = room.local_conns(None);
+        let role = entry.role.clone();
+        let others = room.presence_targets(peer_id, &role);
         if !others.is_empty() {
             let msg = ServerMessage::MetadataUpdated { peer_id: peer_id.to_owned(), metadata };
             self.out.push_back(Output::Send { to: others, msg: Arc::new(ServerEnvelope::new(msg)) });

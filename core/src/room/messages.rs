@@ -70,7 +70,8 @@ impl Hub {
                     };
                     self.out.push_back(Output::Publish(Publish::Update(Box::new(up))));
                 }
-                let others = room.local_conns(Some(me));
+                let role = entry.role.clone();
+                let others = room.presence_targets(me, &role);
                 let msg = ServerMessage::MetadataUpdated { peer_id: me.to_owned(), metadata: merged };
                 if !others.is_empty() {
                     self.out.push_back(Output::Send { to: others, msg: Arc::new(ServerEnvelope::new(msg.clone())) });

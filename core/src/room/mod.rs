@@ -15,11 +15,14 @@
 //! - metadata keys starting with `_` are server-only and never accepted from or echoed to clients
 //!   (B2, B19).
 //!
+//! - presence (`peer_joined`, `peer_left`, `metadata_updated` of another peer, and the peers
+//!   `registered_auth` lists) goes only to the peers whose [`Interest`] wants that peer's role.
+//!
 //! The hub by concern: `registration` (a connection becomes a peer), `messages` (what a
 //! registered peer asks of its room), `cluster` (replicas of other instances' peers), `admin`
 //! (what the server does from outside the protocol, and the timers), `metadata` (peer ids,
-//! metadata and filters), `limits` (limits and token buckets) and `rooms` (the room map and the
-//! expiry index, with one owner).
+//! metadata and filters), `presence` (who hears of whom), `limits` (limits and token buckets)
+//! and `rooms` (the room map, the expiry index and the presence indexes, with one owner).
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
@@ -34,12 +37,14 @@ mod cluster;
 mod limits;
 mod messages;
 mod metadata;
+mod presence;
 mod registration;
 mod rooms;
 
 use limits::TokenBucket;
 pub use limits::{Limits, RateLimiter};
 pub use metadata::{merge_metadata, validate_peer_id};
+pub use presence::{Interest, MAX_SUBSCRIBE_ROLES};
 use registration::{Claiming, PendingRegister};
 pub use registration::{Grant, Principal, RegisterRequest};
 use rooms::Rooms;

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use serde_json::Value;
 
 use super::metadata::{validate_metadata, validate_peer_id};
+use super::presence::Interest;
 use super::rooms::{At, PeerEntry};
 use super::{CloseCode, ConnId, Hub, Millis, Output, State};
 use crate::cluster::{PeerAt, PeerUp};
@@ -51,6 +52,7 @@ pub(super) struct PendingRegister {
     role: String,
     metadata: Object,
     is_admin: bool,
+    interest: Interest,
 }
 
 #[derive(Debug)]
@@ -59,6 +61,8 @@ pub(super) struct Claiming {
     pub(super) peer_id: String,
     pub(super) request_id: Option<RequestId>,
     token_echo: Option<String>,
+    /// Kept here, not in the broker's `PeerUp`: only this instance tells the peer anything.
+    interest: Interest,
 }
 
 impl Hub {
@@ -95,13 +99,14 @@ impl Hub {
         }
         let metadata = reg.metadata.clone().unwrap_or_default();
         validate_metadata(&metadata, self.limits.max_metadata_bytes)?;
+        let interest = Interest::for_register(reg.subscribe.as_deref(), &role, self.limits.max_role_len)?;
         let request = RegisterRequest {
             credential,
             room_id: reg.room_id.clone(),
             peer_id: reg.peer_id.clone(),
             role: role.clone(),
         };
-        let pending = PendingRegister { peer_id: reg.peer_id, role, metadata, is_admin: reg.is_admin };
+        let pending = PendingRegister { peer_id: reg.peer_id, role, metadata, is_admin: reg.is_admin, interest };
         if let Some(s) = self.sessions.get_mut(&conn) {
             s.state = State::Pending { deadline, reg: Box::new(pending), request_id };
         }
@@ -161,7 +166,13 @@ impl Hub {
                     State::Fresh { deadline } => deadline,
                     _ => return Ok(()),
                 };
-                let claim = Claiming { room_id: grant.room_id, peer_id, request_id, token_echo: grant.token_echo };
+                let claim = Claiming {
+                    room_id: grant.room_id,
+                    peer_id,
+                    request_id,
+                    token_echo: grant.token_echo,
+                    interest: reg.interest,
+                };
                 s.state = State::Claiming { deadline, claim: Box::new(claim) };
                 self.out.push_back(Output::Claim { conn, up: Box::new(up) });
             }
@@ -201,36 +212,37 @@ impl Hub {
             connected_at: now,
             principal: grant.principal,
             worker_name: grant.worker_name,
+            interest: Interest::Nobody,
         };
-        let claim = Claiming { room_id: grant.room_id, peer_id, request_id, token_echo: grant.token_echo };
+        let claim = Claiming {
+            room_id: grant.room_id,
+            peer_id,
+            request_id,
+            token_echo: grant.token_echo,
+            interest: reg.interest,
+        };
         self.insert_local(conn, claim, entry, reg.is_admin, grant.room_expires_at);
         Ok(())
     }
 
-    /// Completes the registration of a local connection whose admission was decided: the room
-    /// learns of the peer, the peer gets `registered_auth` with everyone already there.
+    /// Completes the registration of a local connection whose admission was decided: the peers
+    /// that want its role learn of it, and it gets `registered_auth` listing the peers it wants.
     pub(super) fn insert_local(
         &mut self,
         conn: ConnId,
         claim: Claiming,
-        entry: PeerEntry,
+        mut entry: PeerEntry,
         is_admin: bool,
         expires_at: Option<Millis>,
     ) {
-        let Claiming { room_id, peer_id, request_id, token_echo } = claim;
-        let joined = ServerMessage::PeerJoined { peer: entry.info(&peer_id) };
-        let (others, peer_list, peer_metadata) = match self.rooms.get(&room_id) {
-            Some(room) => (
-                room.local_conns(Some(&peer_id)),
-                room.peers().keys().filter(|id| **id != peer_id).cloned().collect(),
-                room.peers()
-                    .iter()
-                    .filter(|(id, _)| **id != peer_id)
-                    .map(|(id, p)| (id.clone(), Value::Object(p.metadata.clone())))
-                    .collect(),
-            ),
-            None => (Vec::new(), Vec::new(), Object::new()),
+        let Claiming { room_id, peer_id, request_id, token_echo, interest } = claim;
+        let (others, (peer_list, peer_metadata)) = match self.rooms.get(&room_id) {
+            Some(room) => (room.presence_targets(&peer_id, &entry.role), room.snapshot(&interest, &peer_id)),
+            None => (Vec::new(), (Vec::new(), Object::new())),
         };
+        // Built only when someone will read it: in a room of workers that is no one.
+        let joined = (!others.is_empty()).then(|| ServerMessage::PeerJoined { peer: entry.info(&peer_id) });
+        entry.interest = interest;
         let room = self.rooms.join(&room_id, &peer_id, entry, expires_at);
         let admin_conflict = if is_admin { room.claim_admin(&peer_id) } else { None };
         let admin_peer_id = room.admin().map(str::to_owned);
@@ -258,7 +270,7 @@ impl Hub {
         if let Some(current_admin) = admin_conflict {
             self.reply(conn, ServerMessage::AdminConflict { room_id, current_admin }, None);
         }
-        if !others.is_empty() {
+        if let Some(joined) = joined {
             self.out.push_back(Output::Send { to: others, msg: Arc::new(ServerEnvelope::new(joined)) });
         }
     }

@@ -62,12 +62,28 @@ impl Harness {
         self.pump();
     }
 
+    /// A worker that wants everyone's presence (these tests predate `subscribe`).
     fn register(&mut self, c: u64, room: &str, user: &str, peer: Option<&str>) {
+        self.register_with(c, room, user, peer, "worker", Some(json!(["*"])));
+    }
+
+    fn register_with(
+        &mut self,
+        c: u64,
+        room: &str,
+        user: &str,
+        peer: Option<&str>,
+        role: &str,
+        subscribe: Option<serde_json::Value>,
+    ) {
         self.hub.connect(ConnId(c), self.now);
-        let mut msg = json!({"type":"register","jwt":"x","room_id":room,"role":"worker",
+        let mut msg = json!({"type":"register","jwt":"x","room_id":room,"role":role,
             "metadata":{"tags":["gpu"],"properties":{"mem":8000,"status":"available"}}});
         if let Some(p) = peer {
             msg["peer_id"] = json!(p);
+        }
+        if let Some(s) = subscribe {
+            msg["subscribe"] = s;
         }
         self.send(c, msg);
         let (conn, _) = self.auth.pop().expect("authenticate requested");
@@ -145,6 +161,141 @@ fn register_flow_presence_and_routing() {
     h.hub.disconnect(ConnId(2), h.now);
     h.pump();
     assert!(matches!(h.last(1), ServerMessage::PeerLeft { ref peer_id, .. } if peer_id == "auto-2"));
+}
+
+/// Presence kinds a connection received, in order: ("joined" | "left" | "updated", peer id).
+fn presence(msgs: &[ServerEnvelope]) -> Vec<(&'static str, String)> {
+    msgs.iter()
+        .filter_map(|m| match &m.msg {
+            ServerMessage::PeerJoined { peer } => Some(("joined", peer.peer_id.clone())),
+            ServerMessage::PeerLeft { peer_id, .. } => Some(("left", peer_id.clone())),
+            ServerMessage::MetadataUpdated { peer_id, .. } if m.request_id.is_none() => {
+                Some(("updated", peer_id.clone()))
+            }
+            _ => None,
+        })
+        .collect()
+}
+
+fn listed(m: &ServerMessage) -> Vec<String> {
+    match m {
+        ServerMessage::RegisteredAuth { peer_list, peer_metadata, .. } => {
+            let mut l = peer_list.clone();
+            l.sort();
+            let mut keys: Vec<String> = peer_metadata.keys().cloned().collect();
+            keys.sort();
+            assert_eq!(l, keys, "peer_metadata covers exactly peer_list");
+            l
+        }
+        other => panic!("expected registered_auth, got {other:?}"),
+    }
+}
+
+#[test]
+fn presence_goes_only_to_the_peers_that_want_that_role() {
+    let mut h = Harness::new(Limits::default());
+    let all = |h: &mut Harness| -> Vec<Vec<(&'static str, String)>> { (1..=6).map(|c| presence(&h.take(c))).collect() };
+    // Defaults by role: a worker wants no one, a client or dashboard workers, any other role everyone.
+    h.register_with(1, "r", "u1", Some("w1"), "worker", None);
+    assert!(listed(&h.last(1)).is_empty());
+    h.register_with(2, "r", "u2", Some("c1"), "client", None);
+    assert_eq!(listed(&h.last(2)), ["w1"]);
+    h.register_with(3, "r", "u3", Some("g1"), "peer", None);
+    assert_eq!(listed(&h.last(3)), ["c1", "w1"]);
+    assert_eq!(all(&mut h), vec![vec![], vec![], vec![], vec![], vec![], vec![]], "w1 and c1 hear of no one yet");
+    // Explicit subscriptions: a worker that wants clients, a client that wants no one.
+    h.register_with(4, "r", "u4", Some("w2"), "worker", Some(json!(["client"])));
+    assert_eq!(listed(&h.last(4)), ["c1"]);
+    let w2 = ("joined", "w2".to_owned());
+    assert_eq!(all(&mut h), vec![vec![], vec![w2.clone()], vec![w2], vec![], vec![], vec![]]);
+    h.register_with(5, "r", "u5", Some("c2"), "client", Some(json!([])));
+    assert!(listed(&h.last(5)).is_empty());
+    let c2 = ("joined", "c2".to_owned());
+    assert_eq!(all(&mut h), vec![vec![], vec![], vec![c2.clone()], vec![c2], vec![], vec![]]);
+    h.register_with(6, "r", "u6", Some("d1"), "dashboard", None);
+    assert_eq!(listed(&h.last(6)), ["w1", "w2"]);
+    let d1 = ("joined", "d1".to_owned());
+    assert_eq!(all(&mut h), vec![vec![], vec![], vec![d1], vec![], vec![], vec![]]);
+
+    // A worker's status change: the updater gets its reply, the peers that want workers the push.
+    h.send(1, json!({"type":"update_metadata","metadata":{"properties":{"status":"busy"}}}));
+    let reply = h.take(1);
+    assert!(matches!(&reply[..], [ServerEnvelope { msg: ServerMessage::MetadataUpdated { .. }, .. }]));
+    let w1 = ("updated", "w1".to_owned());
+    assert_eq!(all(&mut h), vec![vec![], vec![w1.clone()], vec![w1.clone()], vec![], vec![], vec![w1]]);
+
+    // Leaving: the same rule.
+    h.hub.disconnect(ConnId(2), h.now);
+    h.pump();
+    let c1 = ("left", "c1".to_owned());
+    assert_eq!(all(&mut h), vec![vec![], vec![], vec![c1.clone()], vec![c1], vec![], vec![]]);
+    h.hub.disconnect(ConnId(1), h.now);
+    h.pump();
+    let w1 = ("left", "w1".to_owned());
+    assert_eq!(all(&mut h), vec![vec![], vec![], vec![w1.clone()], vec![], vec![], vec![w1]]);
+    // Room-wide news is not presence: everyone still hears the room close.
+    h.hub.close_room("r", "deleted", h.now);
+    h.pump();
+    for c in 3..=6 {
+        assert!(matches!(h.last(c), ServerMessage::RoomClosed { .. }), "conn {c}");
+    }
+}
+
+#[test]
+fn a_bad_subscribe_is_refused_and_an_upstream_register_keeps_its_defaults() {
+    let mut h = Harness::new(Limits::default());
+    h.hub.connect(ConnId(1), h.now);
+    for bad in [json!("worker"), json!([1]), json!([""]), json!([("x".repeat(65))])] {
+        h.send(1, json!({"type":"register","jwt":"x","room_id":"r","role":"client","subscribe":bad}));
+        assert_eq!(error_code(&h.last(1)), ErrorCode::InvalidMessage, "{bad}");
+    }
+    assert!(h.auth.is_empty());
+    // `null` is the same as absent: a client's default.
+    h.send(1, json!({"type":"register","jwt":"x","room_id":"r","role":"client","subscribe":null}));
+    let (conn, req) = h.auth.pop().expect("authenticate requested");
+    assert_eq!(req.role, "client");
+    h.hub.complete_register(conn, Ok(grant("r", "u1", "c")), h.now);
+    h.pump();
+    h.register_with(2, "r", "u2", Some("w"), "worker", None);
+    assert_eq!(presence(&h.take(1)), [("joined", "w".to_owned())]);
+}
+
+#[test]
+fn a_room_of_workers_costs_each_registration_a_constant_number_of_frames() {
+    let mut h = Harness::new(Limits { max_peers_per_room: 10_000, ..Limits::default() });
+    h.register_with(1, "r", "u0", Some("dash"), "dashboard", None);
+    h.take(1);
+    let n = 400;
+    let mut deliveries = 0;
+    for i in 0..n {
+        let c = 10 + i;
+        h.hub.connect(ConnId(c), h.now);
+        h.hub.handle_text(
+            ConnId(c),
+            &json!({"type":"register","jwt":"x","room_id":"r","role":"worker","peer_id":format!("w{i}")}).to_string(),
+            h.now,
+        );
+        while h.hub.poll_output().is_some() {}
+        h.hub.complete_register(ConnId(c), Ok(grant("r", &format!("u{c}"), "x")), h.now);
+        while let Some(o) = h.hub.poll_output() {
+            match o {
+                Output::Send { to, msg } => {
+                    deliveries += to.len();
+                    if let ServerMessage::RegisteredAuth { peer_list, .. } = &msg.msg {
+                        assert!(peer_list.is_empty(), "a worker is listed no one");
+                    }
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+    }
+    // registered_auth to each worker, and peer_joined to the dashboard: 2 per registration.
+    assert_eq!(deliveries, 2 * n as usize);
+    h.hub.check_invariants().unwrap();
+    // A client joining late is listed the workers and only them.
+    h.register_with(2, "r", "u2", Some("late"), "client", None);
+    assert_eq!(listed(&h.last(2)).len(), n as usize);
+    assert!(!h.inbox.contains_key(&ConnId(10)), "workers hear nothing of the client");
 }
 
 #[test]
@@ -457,7 +608,9 @@ proptest! {
                 }
                 Op::Register { conn, room, user, peer, ok } => {
                     let id = conn_of(&generation, conn);
-                    let mut m = json!({"type":"register","jwt":"x","room_id":format!("r{room}")});
+                    // Roles with every default interest, so the presence indexes are exercised.
+                    let role = ["worker", "client", "peer"][user as usize % 3];
+                    let mut m = json!({"type":"register","jwt":"x","room_id":format!("r{room}"),"role":role});
                     if let Some(p) = peer { m["peer_id"] = json!(pid(p)); }
                     hub.handle_text(id, &m.to_string(), now);
                     let verdict = if ok {
@@ -860,6 +1013,52 @@ mod cluster_sim {
                 prop_assert!(auths <= 1, "{c:?} registered twice");
             }
         }
+    }
+
+    #[test]
+    fn presence_across_instances_follows_each_peers_interest() {
+        let mut sim = Sim::new(2, 10);
+        // Instance 1: a worker and a dashboard; instance 2: a worker, then a client.
+        for (c, node, peer, role) in [
+            (1u64, 1u64, "u1-w1", "worker"),
+            (2, 1, "u2-d", "dashboard"),
+            (3, 2, "u3-w2", "worker"),
+            (4, 2, "u4-c", "client"),
+        ] {
+            sim.home.insert(ConnId(c), node);
+            sim.hubs.get_mut(&node).unwrap().connect(ConnId(c), sim.now);
+            sim.text(ConnId(c), json!({"type":"register","jwt":"x","room_id":"r","peer_id":peer,"role":role}));
+            sim.settle();
+        }
+        // The client's registration went through the broker and kept its interest: workers only.
+        assert_eq!(listed(&sim.inbox[&ConnId(4)][0].msg), ["u1-w1", "u3-w2"]);
+        assert!(listed(&sim.inbox[&ConnId(3)][0].msg).is_empty());
+        let mut got = |c: u64| presence(&sim.inbox.remove(&ConnId(c)).unwrap_or_default());
+        assert_eq!(got(1), [], "a worker hears of no one");
+        assert_eq!(got(2), [("joined", "u3-w2".to_owned())], "the dashboard hears of the remote worker only");
+        assert_eq!(got(3), []);
+        assert_eq!(got(4), [], "the client joined last");
+        // With a request id, so the updater's own reply is not counted as a push.
+        sim.text(
+            ConnId(1),
+            json!({"type":"update_metadata","request_id":1,"metadata":{"properties":{"status":"busy"}}}),
+        );
+        sim.settle();
+        let mut got = |c: u64| presence(&sim.inbox.remove(&ConnId(c)).unwrap_or_default());
+        assert_eq!(got(1), []);
+        assert_eq!(got(2), [("updated", "u1-w1".to_owned())]);
+        assert_eq!(got(3), []);
+        assert_eq!(got(4), [("updated", "u1-w1".to_owned())]);
+        sim.hubs.get_mut(&2).unwrap().disconnect(ConnId(4), sim.now);
+        sim.pump(2);
+        sim.settle();
+        sim.hubs.get_mut(&2).unwrap().disconnect(ConnId(3), sim.now);
+        sim.pump(2);
+        sim.settle();
+        let mut got = |c: u64| presence(&sim.inbox.remove(&ConnId(c)).unwrap_or_default());
+        assert_eq!(got(1), []);
+        assert_eq!(got(2), [("left", "u3-w2".to_owned())], "the client's leaving is not the dashboard's business");
+        sim.check_agreement();
     }
 
     #[test]

@@ -29,6 +29,12 @@ pub struct Register {
     /// Room token (legacy `id_token` path).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub token: Option<String>,
+    /// The roles whose presence this peer wants (`peer_joined`, `peer_left`, `metadata_updated`
+    /// of other peers, and the `peer_list`/`peer_metadata` of `registered_auth`): `["worker"]`,
+    /// `["*"]` for every role, `[]` for none. Absent (every upstream peer): by the peer's role,
+    /// see [`crate::room::Interest::for_register`]. An addition over upstream, which ignores it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subscribe: Option<Vec<String>>,
 }
 
 /// The credential a `register` presents, after upstream's precedence rules.

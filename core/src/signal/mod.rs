@@ -3,7 +3,14 @@
 //! Field and type names follow the upstream Python server (`upstream-signaling-server.md` §4) so that
 //! existing Python and browser peers interoperate. Additions over upstream:
 //! - an optional `request_id` (string or number) that the server echoes on every reply to that message;
-//! - presence pushes `peer_joined`, `peer_left`, `metadata_updated` (to the other peers of the room);
+//! - presence pushes `peer_joined`, `peer_left`, `metadata_updated`, to the other peers of the room
+//!   that want that peer's role;
+//! - an optional `subscribe` on `register`: the roles whose presence the peer wants (pushes, and
+//!   the `peer_list`/`peer_metadata` of `registered_auth`); `["*"]` every role, `[]` none. Without
+//!   it the role decides: a `worker` wants no one, a `client` or `dashboard` wants workers, any
+//!   other role everyone (what every peer got before the field existed). So a room of thousands
+//!   of workers costs one small frame per registration, not one to every peer
+//!   ([`crate::room::Interest`]);
 //! - `ack` for routed messages that carried a `request_id` (upstream sent nothing on success);
 //! - `room_closed` when a room expires or is deleted;
 //! - one error shape `{"type":"error","code","message","reason"}`; `reason` repeats the message for

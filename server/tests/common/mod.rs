@@ -222,6 +222,8 @@ pub enum Event {
 /// The upstream flow (run by `flow.rs` on one server and by `cluster.rs` with the worker and
 /// the client on different instances): sign-in → room → worker registers with a token → client registers with a JWT → filtered
 /// discovery → peer_message both ways → offer/answer/candidate relay → disconnect → peer_left.
+/// Both register as upstream's peers do, without `subscribe`: the client follows the worker's
+/// presence, the worker follows no one.
 pub async fn upstream_flow(s: &TestServer, worker_side: &TestServer, client_side: &TestServer) {
     let (owner, _) = s.signin().await;
     let (room, _) = s.room(&owner).await;
@@ -252,10 +254,8 @@ pub async fn upstream_flow(s: &TestServer, worker_side: &TestServer, client_side
     assert_eq!(reg["peer_list"], json!([worker_id]));
     assert_eq!(reg["peer_metadata"][&worker_id]["properties"]["gpu_model"], "A5000");
 
-    let joined = worker.recv().await;
-    assert_eq!(joined["type"], "peer_joined");
-    assert_eq!(joined["peer_id"], "laptop-1");
-    assert_eq!(joined["role"], "client");
+    // The worker is not told of the client (workers follow no one): the next thing it receives
+    // is the client's message below.
 
     // Filtered discovery, upstream shape.
     client
@@ -340,11 +340,11 @@ pub async fn upstream_flow(s: &TestServer, worker_side: &TestServer, client_side
     assert_eq!(w["workers"][0]["worker_name"], "gpu-box");
     assert_eq!(w["workers"][0]["peer_id"], worker_id.as_str());
 
-    // Disconnect → peer_left.
-    drop(client);
-    let left = worker.recv().await;
+    // Disconnect → peer_left, to the client that follows workers.
+    drop(worker);
+    let left = client.recv().await;
     assert_eq!(left["type"], "peer_left");
-    assert_eq!(left["peer_id"], "laptop-1");
+    assert_eq!(left["peer_id"], worker_id.as_str());
 }
 
 /// The `sleap-rtc-server` binary in its own process (so its memory can be read from /proc),
