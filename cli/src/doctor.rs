@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 
 use crate::config::{self, Settings};
 use crate::creds;
-use crate::manage::{ApiArgs, client, http_json, jwt_claims, private_mode, unix_now, when};
+use crate::manage::{ApiArgs, client, credential_info, http_json, private_mode, unix_now, when};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "snake_case")]
@@ -63,8 +63,7 @@ pub fn status(a: StatusArgs) -> Result<i32> {
     let logins: Vec<Value> = servers
         .iter()
         .map(|(url, s)| {
-            let exp = jwt_claims(&s.credential).and_then(|c| c.get("exp").and_then(Value::as_i64));
-            let kind = if s.credential.starts_with("slp_acct_") { "account key" } else { "JWT" };
+            let (kind, exp) = credential_info(&s.credential);
             json!({"server": url, "username": s.username, "credential": kind, "masked": mask(&s.credential),
                    "expires_at": exp, "expired": exp.is_some_and(|t| t <= now)})
         })
@@ -213,7 +212,7 @@ pub async fn doctor(a: DoctorArgs) -> Result<i32> {
             Err(e) => r.add("login", Verdict::Fail, format!("{e:#}")),
             Ok(c) => {
                 let me = http_json(client()?.get(format!("{}/api/auth/me", server.http)).bearer_auth(&c)).await;
-                let exp = jwt_claims(&c).and_then(|j| j.get("exp").and_then(Value::as_i64));
+                let (_, exp) = credential_info(&c);
                 match me {
                     Ok(me) => {
                         let user = me.get("username").and_then(Value::as_str).unwrap_or("?");
@@ -240,16 +239,7 @@ pub async fn doctor(a: DoctorArgs) -> Result<i32> {
         match &room {
             None => r.add("room", Verdict::Fail, "no room: pass --room or `sleap-rtc room set-default ROOM`"),
             Some(room) => {
-                let mut reg = sleap_rtc_core::signal::Register {
-                    role: Some("client".into()),
-                    room_id: Some(room.clone()),
-                    ..Default::default()
-                };
-                if cred.starts_with("slp_") {
-                    reg.api_key = Some(cred.clone());
-                } else {
-                    reg.jwt = Some(cred.clone());
-                }
+                let reg = crate::jobs::client_register(room, cred);
                 let connect = sleap_rtc_tokio::SignalingClient::connect(&server.ws, reg);
                 match tokio::time::timeout(Duration::from_secs(15), connect).await {
                     Err(_) => r.add("room", Verdict::Fail, format!("{}: no answer in 15 s", server.ws)),

@@ -112,11 +112,16 @@ impl Ui {
 }
 
 fn register(target: &Target) -> Register {
-    let mut r = Register { role: Some("client".into()), room_id: Some(target.room.clone()), ..Default::default() };
-    if target.credential.starts_with("slp_") {
-        r.api_key = Some(target.credential.clone());
+    client_register(&target.room, &target.credential)
+}
+
+/// A client's `register` for `room`: an `slp_` key goes as `api_key`, anything else as `jwt`.
+pub fn client_register(room: &str, credential: &str) -> Register {
+    let mut r = Register { role: Some("client".into()), room_id: Some(room.to_owned()), ..Default::default() };
+    if credential.starts_with("slp_") {
+        r.api_key = Some(credential.to_owned());
     } else {
-        r.jwt = Some(target.credential.clone());
+        r.jwt = Some(credential.to_owned());
     }
     r
 }

@@ -386,16 +386,7 @@ fn target(c: &ConnArgs) -> Result<Target> {
 
 async fn workers(c: ConnArgs) -> Result<i32> {
     let t = target(&c)?;
-    let mut reg = sleap_rtc_core::signal::Register {
-        role: Some("client".into()),
-        room_id: Some(t.room.clone()),
-        ..Default::default()
-    };
-    if t.credential.starts_with("slp_") {
-        reg.api_key = Some(t.credential.clone());
-    } else {
-        reg.jwt = Some(t.credential.clone());
-    }
+    let reg = jobs::client_register(&t.room, &t.credential);
     let sig = sleap_rtc_tokio::SignalingClient::connect(&t.server.ws, reg).await?;
     let peers =
         sig.discover(sleap_rtc_core::signal::Filters { role: Some("worker".into()), ..Default::default() }).await?;

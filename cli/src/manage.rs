@@ -161,6 +161,34 @@ fn print_json(v: &Value) -> Result<()> {
     Ok(())
 }
 
+/// A listing: the server's array as JSON, or one table row per element (`empty` when none).
+fn show_list(
+    list: &Value,
+    json: bool,
+    empty: &str,
+    header: &[&str],
+    row: impl Fn(&Value) -> Vec<String>,
+) -> Result<()> {
+    if json {
+        return print_json(list);
+    }
+    let rows: Vec<Vec<String>> = list.as_array().into_iter().flatten().map(row).collect();
+    if rows.is_empty() {
+        eprintln!("{empty}");
+    } else {
+        table(header, &rows);
+    }
+    Ok(())
+}
+
+/// A DELETE whose answer counts the connections it closed; says so on stderr.
+async fn remove(api: &Api, path: &str, said: &str, closed: &str) -> Result<()> {
+    let r = api.delete(path).await?;
+    let n = r.get("disconnected").and_then(Value::as_u64).unwrap_or(0);
+    eprintln!("{said}; {n} {closed}");
+    Ok(())
+}
+
 // ---- login, logout, whoami
 
 #[derive(Args)]
@@ -275,11 +303,16 @@ pub fn jwt_claims(jwt: &str) -> Option<Value> {
     serde_json::from_slice(&bytes).ok()
 }
 
+/// What kind of credential this is, and a JWT's expiry (Unix seconds).
+pub fn credential_info(credential: &str) -> (&'static str, Option<i64>) {
+    let kind = if credential.starts_with("slp_acct_") { "account key" } else { "JWT" };
+    (kind, jwt_claims(credential).and_then(|c| c.get("exp").and_then(Value::as_i64)))
+}
+
 pub async fn whoami(a: ApiArgs, json: bool) -> Result<i32> {
     let api = Api::new(&a, &Settings::load()?)?;
     let me = api.get("/api/auth/me").await?;
-    let kind = if api.credential.starts_with("slp_acct_") { "account key" } else { "JWT" };
-    let exp = jwt_claims(&api.credential).and_then(|c| c.get("exp").and_then(Value::as_i64));
+    let (kind, exp) = credential_info(&api.credential);
     if json {
         return print_json(&json!({
             "server": api.server.http, "user_id": me.get("user_id"), "username": me.get("username"),
@@ -397,33 +430,21 @@ pub async fn room(cmd: RoomCmd) -> Result<i32> {
             }
             let r = api.get_query("/api/auth/rooms", &q).await?;
             let rooms = r.get("rooms").cloned().unwrap_or(json!([]));
-            if json {
-                return print_json(&rooms).map(|_| 0);
-            }
             let default = settings.room();
-            let rows: Vec<Vec<String>> = rooms
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|r| {
-                    let id = s(r, "room_id");
-                    let mark = if default.as_deref() == Some(id) { "*" } else { "" };
-                    let exp = r.get("expires_at").and_then(Value::as_i64);
-                    let expires = if r.get("expired").and_then(Value::as_bool) == Some(true) {
-                        "EXPIRED".to_owned()
-                    } else {
-                        when(exp, now)
-                    };
-                    vec![format!("{id}{mark}"), s(r, "name").to_owned(), s(r, "role").to_owned(), expires]
-                })
-                .collect();
-            if rows.is_empty() {
-                eprintln!("no rooms; create one with `sleap-rtc room create --name NAME`");
-            } else {
-                table(&["ROOM", "NAME", "ROLE", "EXPIRES"], &rows);
-                if default.is_some() {
-                    eprintln!("* the default room");
-                }
+            let row = |r: &Value| {
+                let id = s(r, "room_id");
+                let mark = if default.as_deref() == Some(id) { "*" } else { "" };
+                let expires = if r.get("expired").and_then(Value::as_bool) == Some(true) {
+                    "EXPIRED".to_owned()
+                } else {
+                    when(r.get("expires_at").and_then(Value::as_i64), now)
+                };
+                vec![format!("{id}{mark}"), s(r, "name").to_owned(), s(r, "role").to_owned(), expires]
+            };
+            let empty = "no rooms; create one with `sleap-rtc room create --name NAME`";
+            show_list(&rooms, json, empty, &["ROOM", "NAME", "ROLE", "EXPIRES"], row)?;
+            if !json && default.is_some() && rooms.as_array().is_some_and(|a| !a.is_empty()) {
+                eprintln!("* the default room");
             }
         }
         RoomCmd::Info { api, room, json } => {
@@ -475,24 +496,15 @@ pub async fn room(cmd: RoomCmd) -> Result<i32> {
             let id = crate::room_or_default(room, &settings)?;
             let r = api.get(&format!("/api/auth/rooms/{}/members", seg(&id)?)).await?;
             let members = r.get("members").cloned().unwrap_or(json!([]));
-            if json {
-                return print_json(&members).map(|_| 0);
-            }
-            let rows: Vec<Vec<String>> = members
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|m| {
-                    let joined = m.get("joined_at").and_then(Value::as_i64);
-                    vec![
-                        s(m, "username").to_owned(),
-                        s(m, "user_id").to_owned(),
-                        s(m, "role").to_owned(),
-                        when(joined, now),
-                    ]
-                })
-                .collect();
-            table(&["USER", "ID", "ROLE", "JOINED"], &rows);
+            show_list(&members, json, "no members", &["USER", "ID", "ROLE", "JOINED"], |m| {
+                let joined = m.get("joined_at").and_then(Value::as_i64);
+                vec![
+                    s(m, "username").to_owned(),
+                    s(m, "user_id").to_owned(),
+                    s(m, "role").to_owned(),
+                    when(joined, now),
+                ]
+            })?;
         }
         RoomCmd::SetDefault { room, project } => {
             let path = if project { config::project_path() } else { config::user_path() };
@@ -614,45 +626,31 @@ pub async fn token(cmd: TokenCmd) -> Result<i32> {
             }
             let r = api.get_query("/api/auth/tokens", &q).await?;
             let tokens = r.get("tokens").cloned().unwrap_or(json!([]));
-            if json {
-                return print_json(&tokens).map(|_| 0);
-            }
-            let rows: Vec<Vec<String>> = tokens
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|t| {
-                    let state = if t.get("revoked_at").is_some_and(|v| !v.is_null()) {
-                        "revoked".to_owned()
-                    } else if t.get("is_active").and_then(Value::as_bool) == Some(true) {
-                        format!("expires {}", when(t.get("expires_at").and_then(Value::as_i64), now))
-                    } else {
-                        "expired".to_owned()
-                    };
-                    vec![s(t, "id").to_owned(), s(t, "worker_name").to_owned(), s(t, "room_id").to_owned(), state]
-                })
-                .collect();
-            if rows.is_empty() {
-                eprintln!("no tokens");
-            } else {
-                table(&["ID", "WORKER", "ROOM", "STATE"], &rows);
-            }
+            show_list(&tokens, json, "no tokens", &["ID", "WORKER", "ROOM", "STATE"], |t| {
+                let state = if t.get("revoked_at").is_some_and(|v| !v.is_null()) {
+                    "revoked".to_owned()
+                } else if t.get("is_active").and_then(Value::as_bool) == Some(true) {
+                    format!("expires {}", when(t.get("expires_at").and_then(Value::as_i64), now))
+                } else {
+                    "expired".to_owned()
+                };
+                vec![s(t, "id").to_owned(), s(t, "worker_name").to_owned(), s(t, "room_id").to_owned(), state]
+            })?;
         }
         TokenCmd::Revoke { api, id } => {
             let api = Api::new(&api, &settings)?;
-            let r = api.delete(&format!("/api/auth/token/{}", seg(&id)?)).await?;
-            eprintln!(
-                "revoked {id}; {} worker(s) disconnected",
-                r.get("disconnected").and_then(Value::as_u64).unwrap_or(0)
-            );
+            remove(&api, &format!("/api/auth/token/{}", seg(&id)?), &format!("revoked {id}"), "worker(s) disconnected")
+                .await?;
         }
         TokenCmd::Delete { api, id } => {
             let api = Api::new(&api, &settings)?;
-            let r = api.delete(&format!("/api/auth/tokens/{}", seg(&id)?)).await?;
-            eprintln!(
-                "deleted {id}; {} worker(s) disconnected",
-                r.get("disconnected").and_then(Value::as_u64).unwrap_or(0)
-            );
+            remove(
+                &api,
+                &format!("/api/auth/tokens/{}", seg(&id)?),
+                &format!("deleted {id}"),
+                "worker(s) disconnected",
+            )
+            .await?;
         }
     }
     Ok(0)
@@ -714,35 +712,20 @@ pub async fn key(cmd: KeyCmd) -> Result<i32> {
             let api = Api::new(&api, &settings)?;
             let r = api.get("/api/auth/account-keys").await?;
             let keys = r.get("keys").cloned().unwrap_or(json!([]));
-            if json {
-                return print_json(&keys).map(|_| 0);
-            }
-            let rows: Vec<Vec<String>> = keys
-                .as_array()
-                .into_iter()
-                .flatten()
-                .map(|k| {
-                    vec![
-                        s(k, "id").to_owned(),
-                        s(k, "name").to_owned(),
-                        when(k.get("created_at").and_then(Value::as_i64), now),
-                        when(k.get("expires_at").and_then(Value::as_i64), now),
-                    ]
-                })
-                .collect();
-            if rows.is_empty() {
-                eprintln!("no account keys");
-            } else {
-                table(&["ID", "NAME", "CREATED", "EXPIRES"], &rows);
-            }
+            show_list(&keys, json, "no account keys", &["ID", "NAME", "CREATED", "EXPIRES"], |k| {
+                let at = |f: &str| when(k.get(f).and_then(Value::as_i64), now);
+                vec![s(k, "id").to_owned(), s(k, "name").to_owned(), at("created_at"), at("expires_at")]
+            })?;
         }
         KeyCmd::Revoke { api, id } => {
             let api = Api::new(&api, &settings)?;
-            let r = api.delete(&format!("/api/auth/account-keys/{}", seg(&id)?)).await?;
-            eprintln!(
-                "revoked {id}; {} connection(s) closed",
-                r.get("disconnected").and_then(Value::as_u64).unwrap_or(0)
-            );
+            remove(
+                &api,
+                &format!("/api/auth/account-keys/{}", seg(&id)?),
+                &format!("revoked {id}"),
+                "connection(s) closed",
+            )
+            .await?;
         }
     }
     Ok(0)
