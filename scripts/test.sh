@@ -24,11 +24,14 @@ UPVENV="${SLEAP_RTC_UPSTREAM_VENV:-$HOME/.cache/sleap-rtc/upstream-venv}"
 venv "$UPVENV" server/tests/py/upstream-requirements.txt
 export SLEAP_RTC_UPSTREAM_PYTHON="$UPVENV/bin/python"
 
-# Debian packages the tests drive: redis-server (server/tests/cluster.rs starts its own on
-# 127.0.0.1; the package's system-wide instance is not used) and chromium (the dashboard's browser
-# test, cli/tests/dashboard.rs).
+# Debian packages the tests drive: coturn (below), redis-server (server/tests/cluster.rs starts
+# its own on 127.0.0.1; the package's system-wide instance is not used) and chromium (the
+# dashboard's browser test, cli/tests/dashboard.rs).
 PKGS=()
 command -v redis-server >/dev/null || PKGS+=(redis-server)
+# coturn: the TURN relay the relay tests run (runtime-tokio/tests/turn.rs, cli/tests/relay.rs), as
+# its own process on test addresses; the package's system service is not used.
+command -v turnserver >/dev/null || PKGS+=(coturn)
 # The vendored dimpl's OpenSSL interop tests link the system OpenSSL (vendor/dimpl/SLEAP-RTC-PATCH.md).
 command -v pkg-config >/dev/null || PKGS+=(pkg-config)
 [[ -f /usr/include/openssl/ssl.h ]] || PKGS+=(libssl-dev)
@@ -56,7 +59,10 @@ cargo fmt --all -- --check
 echo "==> cargo clippy"
 cargo clippy --workspace --all-targets --locked -- -D warnings
 echo "==> cargo test"
-cargo test --workspace --locked
+# Libraries, binaries and test targets: the examples and benches are type-checked by clippy
+# above, and linking eight more debug executables that no test runs cost CI minutes it does not
+# have (there are no doctests).
+cargo test --workspace --locked --lib --bins --tests
 # The vendored sctp-proto (see vendor/sctp-proto/SLEAP-RTC-PATCH.md) is outside the workspace: its
 # own test suite, with its own lockfile.
 echo "==> cargo test (vendor/sctp-proto)"

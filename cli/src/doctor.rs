@@ -234,7 +234,7 @@ pub async fn doctor(a: DoctorArgs) -> Result<i32> {
         }
     }
     let room = a.room.clone().or_else(|| settings.room());
-    let mut ice: Vec<String> = Vec::new();
+    let mut servers: Vec<sleap_rtc_core::signal::IceServer> = Vec::new();
     if let (Some(server), Some(cred)) = (&server, &credential) {
         match &room {
             None => r.add("room", Verdict::Fail, "no room: pass --room or `sleap-rtc room set-default ROOM`"),
@@ -245,7 +245,7 @@ pub async fn doctor(a: DoctorArgs) -> Result<i32> {
                     Err(_) => r.add("room", Verdict::Fail, format!("{}: no answer in 15 s", server.ws)),
                     Ok(Err(e)) => r.add("room", Verdict::Fail, format!("joining {room}: {e}")),
                     Ok(Ok(sig)) => {
-                        ice = sig.registered().ice_servers.iter().flat_map(|s| s.urls.iter().cloned()).collect();
+                        servers = sig.registered().ice_servers.clone();
                         r.add("room", Verdict::Ok, format!("joined {room} over {}", server.ws));
                         let filters =
                             sleap_rtc_core::signal::Filters { role: Some("worker".into()), ..Default::default() };
@@ -259,7 +259,9 @@ pub async fn doctor(a: DoctorArgs) -> Result<i32> {
             }
         }
     }
+    let ice: Vec<String> = servers.iter().flat_map(|s| s.urls.iter().cloned()).collect();
     stun_checks(&mut r, &ice).await;
+    turn_checks(&mut r, &servers).await;
     if a.worker {
         worker_checks(&mut r, &a, &settings).await;
     }
@@ -281,10 +283,8 @@ pub async fn doctor(a: DoctorArgs) -> Result<i32> {
 }
 
 /// Asks each `stun:` server the room hands out for this machine's public address, over UDP.
-/// `turn:` servers are listed (relaying is not supported by this build yet).
 async fn stun_checks(r: &mut Report, ice: &[String]) {
     let stun: Vec<&String> = ice.iter().filter(|u| u.starts_with("stun:")).collect();
-    let turn = ice.iter().filter(|u| u.starts_with("turn:") || u.starts_with("turns:")).count();
     if stun.is_empty() {
         r.add(
             "stun",
@@ -306,8 +306,81 @@ async fn stun_checks(r: &mut Report, ice: &[String]) {
             Err(e) => r.add("stun", Verdict::Fail, format!("{url}: {e} (UDP blocked? peers may not connect)")),
         }
     }
-    if turn > 0 {
-        r.add("turn", Verdict::Skip, format!("{turn} TURN server(s) offered; this build does not relay yet"));
+}
+
+/// Allocates a relayed address on each `turn:` server the room hands out, with the credentials
+/// it handed to us, and releases it: what a connection that needs the relay would do.
+async fn turn_checks(r: &mut Report, servers: &[sleap_rtc_core::signal::IceServer]) {
+    let mut any = false;
+    for s in servers {
+        for url in s.urls.iter().filter(|u| u.starts_with("turn")) {
+            any = true;
+            let (Some(user), Some(pass)) = (&s.username, &s.credential) else {
+                r.add("turn", Verdict::Fail, format!("{url}: handed out without credentials"));
+                continue;
+            };
+            let Some((host, port)) = sleap_rtc_core::relay::parse_turn_url(url) else {
+                r.add("turn", Verdict::Skip, format!("{url}: TLS/TCP relays are not used by this client"));
+                continue;
+            };
+            match turn_once(host, port, user, pass).await {
+                Ok((relayed, rtt)) => r.add(
+                    "turn",
+                    Verdict::Ok,
+                    format!(
+                        "{url}: relay allocated at {relayed} ({} ms); peers that cannot connect directly will use it",
+                        rtt.as_millis()
+                    ),
+                ),
+                Err(e) => r.add("turn", Verdict::Fail, format!("{url}: {e}")),
+            }
+        }
+    }
+    if !any {
+        r.add(
+            "turn",
+            Verdict::Skip,
+            "the server hands out no TURN relay: peers whose networks block UDP between them cannot connect",
+        );
+    }
+}
+
+async fn turn_once(host: &str, port: u16, user: &str, pass: &str) -> Result<(SocketAddr, Duration)> {
+    use sleap_rtc_core::relay::{Relay, RelayState};
+    let addrs: Vec<SocketAddr> = tokio::net::lookup_host((host, port)).await?.collect();
+    let target = addrs.first().copied().ok_or_else(|| anyhow::anyhow!("does not resolve"))?;
+    let bind: SocketAddr = if target.is_ipv4() { "0.0.0.0:0" } else { "[::]:0" }.parse()?;
+    let sock = tokio::net::UdpSocket::bind(bind).await?;
+    sock.connect(target).await?;
+    let local = sock.local_addr()?;
+    let t0 = Instant::now();
+    let mut relay = Relay::new(local, target, user, pass, t0);
+    let deadline = t0 + Duration::from_secs(5);
+    let mut buf = [0u8; 1500];
+    loop {
+        let now = Instant::now();
+        let wake = relay.poll_timeout(now).min(deadline);
+        while let Some(d) = relay.poll_transmit(now) {
+            sock.send(&d).await?;
+        }
+        match relay.state().clone() {
+            RelayState::Allocated(a) => {
+                let rtt = t0.elapsed();
+                relay.release(Instant::now());
+                while let Some(d) = relay.poll_transmit(Instant::now()) {
+                    let _ = sock.send(&d).await;
+                }
+                return Ok((a, rtt));
+            }
+            RelayState::Failed(why) => anyhow::bail!(
+                "{why} (are the server's --turn-secret-file and the relay's static-auth-secret the same?)"
+            ),
+            _ if now >= deadline => anyhow::bail!("no answer in 5 s (UDP to the relay blocked?)"),
+            _ => {}
+        }
+        if let Ok(Ok(n)) = tokio::time::timeout_at(wake.into(), sock.recv(&mut buf)).await {
+            relay.handle_receive(Instant::now(), target, &buf[..n]);
+        }
     }
 }
 

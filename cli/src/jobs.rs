@@ -180,6 +180,10 @@ pub async fn open(target: &Target, ui: &Ui) -> Result<(SignalingClient, JobClien
     let client = JobClient::connect(&sig, &worker, target.peer.clone(), &target.auth)
         .await
         .with_context(|| format!("cannot connect to worker {worker}"))?;
+    let route = client.connection().route();
+    let relayed = route == Some(sleap_rtc_tokio::conn::Route::Relayed);
+    ui.say(None, format!("connected to {worker} ({})", route.map_or("route unknown".to_string(), |r| r.to_string())));
+    ui.event(json!({"event": "connected", "worker": worker, "route": if relayed { "relayed" } else { "direct" }}));
     Ok((sig, client))
 }
 

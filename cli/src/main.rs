@@ -183,6 +183,10 @@ struct ConnArgs {
     /// Local addresses for the peer connection (default: every interface).
     #[arg(long = "bind", value_name = "IP")]
     bind: Vec<IpAddr>,
+    /// Connect only through the room's TURN relay (when the server hands one out): no direct
+    /// path is tried and the other side never learns this machine's addresses.
+    #[arg(long, env = "SLEAP_RTC_RELAY_ONLY")]
+    relay_only: bool,
     /// Machine-readable events, one JSON object per line on stdout.
     #[arg(long)]
     json: bool,
@@ -227,6 +231,10 @@ struct WorkerArgs {
     /// Local addresses for peer connections (default: every interface).
     #[arg(long = "bind", value_name = "IP")]
     bind: Vec<IpAddr>,
+    /// Connect only through the room's TURN relay (when the server hands one out): no direct
+    /// path is tried and the other side never learns this machine's addresses.
+    #[arg(long, env = "SLEAP_RTC_RELAY_ONLY")]
+    relay_only: bool,
     /// Seconds between SIGTERM and SIGKILL when a job is cancelled.
     #[arg(long, default_value_t = 5.0, value_name = "SECS")]
     cancel_grace: f64,
@@ -336,6 +344,8 @@ enum JobCmd {
         output: Option<PathBuf>,
         #[arg(long = "bind", value_name = "IP")]
         bind: Vec<IpAddr>,
+        #[arg(long, env = "SLEAP_RTC_RELAY_ONLY")]
+        relay_only: bool,
         #[arg(long)]
         json: bool,
     },
@@ -346,8 +356,8 @@ enum JobCmd {
     },
 }
 
-fn peer_options(bind: &[IpAddr]) -> PeerOptions {
-    let mut o = PeerOptions::default();
+fn peer_options(bind: &[IpAddr], relay_only: bool) -> PeerOptions {
+    let mut o = PeerOptions { relay_only, ..PeerOptions::default() };
     if !bind.is_empty() {
         o.bind_ips = bind.to_vec();
     }
@@ -380,7 +390,7 @@ fn target(c: &ConnArgs) -> Result<Target> {
             Some(s) if !s.is_empty() => ClientAuth::RoomSecret(s.clone()),
             _ => ClientAuth::Ticket,
         },
-        peer: peer_options(&c.bind),
+        peer: peer_options(&c.bind, c.relay_only),
     })
 }
 
@@ -443,7 +453,7 @@ fn worker_config(a: &WorkerArgs, s: &Settings) -> Result<WorkerConfig> {
     cfg.python = a.python.clone().or_else(|| s.worker(|w| w.python.clone()));
     cfg.room_secret = a.room_secret.clone().filter(|s| !s.is_empty());
     cfg.device = a.device.clone().or_else(|| s.worker(|w| w.device.clone())).unwrap_or_else(|| "auto".into());
-    cfg.peer = peer_options(&a.bind);
+    cfg.peer = peer_options(&a.bind, a.relay_only);
     let secs = |s: f64, what: &str| {
         if s.is_finite() && s >= 0.0 {
             Ok(Duration::from_secs_f64(s))
@@ -583,7 +593,7 @@ async fn job(cmd: JobCmd, verbose: bool) -> Result<i32> {
             }
             Ok(0)
         }
-        JobCmd::Attach { job_id, server, room, worker, jwt, room_secret, output, bind, json } => {
+        JobCmd::Attach { job_id, server, room, worker, jwt, room_secret, output, bind, relay_only, json } => {
             let rec = creds::load_job(&job_id)?;
             let server = server
                 .or(rec.as_ref().map(|r| r.server.clone()))
@@ -604,6 +614,7 @@ async fn job(cmd: JobCmd, verbose: bool) -> Result<i32> {
                 auto_select: false,
                 min_gpu_memory: 0,
                 bind,
+                relay_only,
                 json,
             };
             let t = target(&conn)?;

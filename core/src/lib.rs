@@ -26,6 +26,8 @@ pub mod netsim;
 #[cfg(feature = "webrtc")]
 pub mod peer;
 pub mod registry;
+#[cfg(feature = "webrtc")]
+pub mod relay;
 pub mod room;
 #[cfg(feature = "webrtc")]
 pub mod session;

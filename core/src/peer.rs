@@ -181,6 +181,14 @@ impl Peer {
         Ok(self.rtc.add_local_candidate(c).map(|c| c.to_sdp_string()))
     }
 
+    /// A relayed candidate: `relayed` is the address a TURN server allocated for us, `local`
+    /// the socket the allocation was made from (where the relayed traffic really arrives).
+    pub fn add_relay_candidate(&mut self, relayed: SocketAddr, local: SocketAddr) -> Result<Option<String>, PeerError> {
+        let c = Candidate::relayed(relayed, local, "udp")
+            .map_err(|e| PeerError::Candidate(relayed.to_string(), e.to_string()))?;
+        Ok(self.rtc.add_local_candidate(c).map(|c| c.to_sdp_string()))
+    }
+
     /// A trickled candidate from the remote peer (`candidate:...` line, with or without `a=`).
     pub fn add_remote_candidate(&mut self, line: &str) -> Result<(), PeerError> {
         let l = line.trim().trim_start_matches("a=");
@@ -398,5 +406,42 @@ impl Peer {
     /// Starts a graceful close (keep draining output until [`Peer::is_alive`] is false).
     pub fn close(&mut self) {
         let _ = self.rtc.close();
+    }
+}
+
+/// The address of a candidate line (`candidate:...` or `a=candidate:...`) and whether it is a
+/// `typ relay` one: a TURN allocation must permit every remote address before anything from it
+/// is let through, and traffic to a relay candidate goes through the remote's TURN server.
+pub fn candidate_addr(line: &str) -> Option<(SocketAddr, bool)> {
+    let l = line.trim().trim_start_matches("a=");
+    let f: Vec<&str> = l.split_ascii_whitespace().collect();
+    if f.len() < 8 || !f[0].starts_with("candidate:") || f[6] != "typ" {
+        return None;
+    }
+    let ip: std::net::IpAddr = f[4].parse().ok()?;
+    Some((SocketAddr::new(ip, f[5].parse().ok()?), f[7] == "relay"))
+}
+
+/// The address of a `typ relay` candidate line.
+pub fn relay_candidate_addr(line: &str) -> Option<SocketAddr> {
+    candidate_addr(line).and_then(|(a, relay)| relay.then_some(a))
+}
+
+#[cfg(test)]
+mod relay_line_tests {
+    use super::relay_candidate_addr;
+
+    #[test]
+    fn relay_lines() {
+        let l = "a=candidate:7 1 udp 16777215 10.9.0.1 49152 typ relay raddr 0.0.0.0 rport 0";
+        assert_eq!(relay_candidate_addr(l), Some("10.9.0.1:49152".parse().unwrap()));
+        assert_eq!(relay_candidate_addr("candidate:1 1 udp 2113929471 10.0.0.2 5000 typ host"), None);
+        assert_eq!(relay_candidate_addr("candidate:7 1 udp 1 nonsense 49152 typ relay"), None);
+        assert_eq!(relay_candidate_addr("candidate:7 1 udp 1 10.0.0.1 99999 typ relay"), None);
+        assert_eq!(relay_candidate_addr(""), None);
+        assert_eq!(
+            super::candidate_addr("candidate:1 1 udp 2113929471 10.0.0.2 5000 typ host"),
+            Some(("10.0.0.2:5000".parse().unwrap(), false))
+        );
     }
 }

@@ -215,7 +215,7 @@ macro_rules! runtime_api {
             //! WebRTC peer connections over this runtime's UDP sockets (see
             //! [`sleap_rtc_driver::conn`]).
             pub use $crate::conn::{
-                ConnError, ConnState, PeerOptions, Received, Sent, Transfer, TransferFailure, accept, connect,
+                ConnError, ConnState, PeerOptions, Received, Route, Sent, Transfer, TransferFailure, accept, connect,
                 default_ips,
             };
             /// Handle to a connected peer on this runtime.

@@ -5,6 +5,7 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use sleap_rtc_core::room::Limits;
+use sleap_rtc_core::room::TurnRest;
 use sleap_rtc_core::signal::IceServer;
 
 /// The sleap-rtc signaling server: rooms, accounts and tokens, peer discovery and message routing
@@ -76,6 +77,23 @@ pub struct Config {
     /// `stun:stun.l.google.com:19302`.
     #[arg(long = "ice-server", env = "SLEAP_RTC_ICE_SERVERS", value_delimiter = ',')]
     pub ice_servers: Vec<String>,
+
+    /// TURN relay URL handed to peers with per-peer credentials (repeatable), e.g.
+    /// `turn:turn.example.org:3478?transport=udp`. Needs the secret the TURN server was started
+    /// with (coturn: `use-auth-secret`, `static-auth-secret=...`).
+    #[arg(long = "turn-url", env = "SLEAP_RTC_TURN_URLS", value_delimiter = ',', requires = "turn_secret_file")]
+    pub turn_urls: Vec<String>,
+
+    /// File holding the secret shared with the TURN server (one line; trailing whitespace is
+    /// ignored). A file, not a flag, so the secret stays out of `ps` and shell history.
+    #[arg(long, env = "SLEAP_RTC_TURN_SECRET_FILE", requires = "turn_urls")]
+    pub turn_secret_file: Option<PathBuf>,
+
+    /// How long the TURN credentials handed out at `register` stay valid, in seconds. A relayed
+    /// connection ends at the first allocation refresh after they expire, so this bounds how long
+    /// one relayed job can run without reconnecting.
+    #[arg(long, env = "SLEAP_RTC_TURN_TTL_SECS", default_value_t = 2 * 86_400)]
+    pub turn_ttl_secs: u64,
 
     /// Lifetime of the JWTs the server issues, in hours.
     #[arg(long, env = "SLEAP_RTC_JWT_TTL_HOURS", default_value_t = 168)]
@@ -154,6 +172,16 @@ impl Config {
 
     pub fn ice_servers(&self) -> Vec<IceServer> {
         self.ice_servers.iter().map(|u| IceServer { urls: vec![u.clone()], username: None, credential: None }).collect()
+    }
+
+    /// The TURN relays, if configured: reads the secret file.
+    pub fn turn(&self) -> anyhow::Result<Option<TurnRest>> {
+        let Some(path) = &self.turn_secret_file else { return Ok(None) };
+        let secret =
+            std::fs::read_to_string(path).map_err(|e| anyhow::anyhow!("--turn-secret-file {}: {e}", path.display()))?;
+        let t = TurnRest::new(self.turn_urls.clone(), secret.trim_end().as_bytes(), self.turn_ttl_secs)
+            .map_err(|e| anyhow::anyhow!("--turn-url/--turn-secret-file: {e}"))?;
+        Ok(Some(t))
     }
 
     /// A config for tests and embedding: one loopback listener on a free port.

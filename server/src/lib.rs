@@ -194,6 +194,7 @@ impl Server {
         };
         let mut hub = Hub::new(config.limits());
         hub.set_ice_servers(config.ice_servers());
+        hub.set_turn(config.turn()?);
         let (draining, _) = watch::channel(false);
         let state = Arc::new(AppState {
             store,

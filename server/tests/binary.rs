@@ -27,10 +27,41 @@ fn help_documents_every_flag_and_its_environment_variable() {
         let env = match env.as_str() {
             "SLEAP_RTC_ICE_SERVER" => "SLEAP_RTC_ICE_SERVERS".to_owned(),
             "SLEAP_RTC_ALLOWED_ORIGIN" => "SLEAP_RTC_ALLOWED_ORIGINS".to_owned(),
+            "SLEAP_RTC_TURN_URL" => "SLEAP_RTC_TURN_URLS".to_owned(),
             _ => env,
         };
         assert!(help.contains(&format!("[env: {env}")), "--{f} lacks its env var {env}:\n{help}");
     }
+}
+
+#[test]
+fn bad_turn_settings_are_clear_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let data = dir.path().display().to_string();
+    let run = |args: &[&str]| {
+        let out = Command::new(BIN)
+            .args(["--listen", "127.0.0.1:0", "--data-dir", &data])
+            .args(args)
+            .env_remove("SLEAP_RTC_TURN_SECRET_FILE")
+            .env_remove("SLEAP_RTC_TURN_URLS")
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{args:?} started");
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    // A relay without its secret (or the reverse) is refused before anything starts.
+    let err = run(&["--turn-url", "turn:relay.example.org:3478"]);
+    assert!(err.contains("--turn-secret-file"), "{err}");
+    let missing = dir.path().join("no-such-secret");
+    let err = run(&["--turn-url", "turn:relay.example.org", "--turn-secret-file", missing.to_str().unwrap()]);
+    assert!(err.contains("no-such-secret"), "names the file: {err}");
+    let secret = dir.path().join("secret");
+    std::fs::write(&secret, "s3cret\n").unwrap();
+    let err = run(&["--turn-url", "stun:relay.example.org", "--turn-secret-file", secret.to_str().unwrap()]);
+    assert!(err.contains("not a turn: or turns: URL"), "{err}");
+    std::fs::write(&secret, "\n").unwrap();
+    let err = run(&["--turn-url", "turn:relay.example.org", "--turn-secret-file", secret.to_str().unwrap()]);
+    assert!(err.contains("secret is empty"), "{err}");
 }
 
 #[test]

@@ -42,9 +42,15 @@ pub struct Env {
 }
 
 pub async fn env() -> Env {
+    env_with(|_, _| {}).await
+}
+
+/// Like [`env`], with the server's config changed first (given the test's temp dir).
+pub async fn env_with(tweak: impl FnOnce(&mut sleap_rtc_server::Config, &Path)) -> Env {
     let dir = tempfile::tempdir().unwrap();
     let mut cfg = sleap_rtc_server::Config::local(dir.path().join("server"));
     cfg.auth_rate_per_min = 1e6;
+    tweak(&mut cfg, dir.path());
     let server = sleap_rtc_server::Server::start(cfg).await.unwrap();
     let url = format!("http://{}", server.local_addrs()[0]);
     let http = reqwest::Client::new();
@@ -100,6 +106,23 @@ impl Env {
             .env_remove("RUST_LOG")
             .stdin(Stdio::null())
             .kill_on_drop(true);
+        c
+    }
+
+    /// Like [`Env::cmd`], run in the network namespace `netns` (`ip netns exec`).
+    pub fn cmd_in(&self, netns: &str, args: &[&str]) -> Command {
+        let mut c = self.cmd(args);
+        let std = c.as_std_mut();
+        let mut ns = std::process::Command::new("ip");
+        ns.args(["netns", "exec", netns, BIN]).args(args);
+        for (k, v) in std.get_envs() {
+            match v {
+                Some(v) => ns.env(k, v),
+                None => ns.env_remove(k),
+            };
+        }
+        let mut c = Command::from(ns);
+        c.stdin(Stdio::null()).kill_on_drop(true);
         c
     }
 
@@ -220,7 +243,11 @@ pub struct Client {
 impl Client {
     pub fn spawn(env: &Env, args: &[String]) -> Client {
         let args: Vec<&str> = args.iter().map(String::as_str).collect();
-        let mut c = env.cmd(&args);
+        Client::spawn_cmd(env.cmd(&args))
+    }
+
+    /// Runs a prepared command (e.g. [`Env::cmd_in`]) as a client.
+    pub fn spawn_cmd(mut c: Command) -> Client {
         c.stdout(Stdio::piped()).stderr(Stdio::piped());
         let mut child = c.spawn().unwrap();
         let out = child.stdout.take().unwrap();

@@ -22,7 +22,8 @@
 //! registered peer asks of its room), `cluster` (replicas of other instances' peers), `admin`
 //! (what the server does from outside the protocol, and the timers), `metadata` (peer ids,
 //! metadata and filters), `presence` (who hears of whom), `limits` (limits and token buckets)
-//! and `rooms` (the room map, the expiry index and the presence indexes, with one owner).
+//! and `rooms` (the room map, the expiry index and the presence indexes, with one owner), and
+//! `turn` (TURN relay credentials).
 
 use std::collections::{BTreeSet, HashMap, VecDeque};
 use std::sync::Arc;
@@ -40,6 +41,7 @@ mod metadata;
 mod presence;
 mod registration;
 mod rooms;
+mod turn;
 
 use limits::TokenBucket;
 pub use limits::{Limits, RateLimiter};
@@ -49,6 +51,7 @@ use registration::{Claiming, PendingRegister};
 pub use registration::{Grant, Principal, RegisterRequest};
 use rooms::Rooms;
 pub use rooms::{At, PeerEntry};
+pub use turn::{TurnConfigError, TurnRest};
 
 /// Identifies one WebSocket connection; chosen by the caller, never reused while the hub knows it.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -209,6 +212,8 @@ pub struct Hub {
     deadlines: BTreeSet<(Millis, ConnId)>,
     out: VecDeque<Output>,
     ice_servers: Vec<IceServer>,
+    /// TURN servers, with credentials made per peer at `register`.
+    turn: Option<TurnRest>,
     /// Cluster mode: this instance's id.
     cluster: Option<u64>,
 }
@@ -223,6 +228,11 @@ impl Hub {
     /// ICE servers handed to every peer in `registered_auth`.
     pub fn set_ice_servers(&mut self, servers: Vec<IceServer>) {
         self.ice_servers = servers;
+    }
+
+    /// TURN relays: each peer gets its own time-limited credentials in `registered_auth`.
+    pub fn set_turn(&mut self, turn: Option<TurnRest>) {
+        self.turn = turn;
     }
 
     pub fn limits(&self) -> &Limits {

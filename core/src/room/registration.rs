@@ -243,6 +243,7 @@ impl Hub {
         // Built only when someone will read it: in a room of workers that is no one.
         let joined = (!others.is_empty()).then(|| ServerMessage::PeerJoined { peer: entry.info(&peer_id) });
         entry.interest = interest;
+        let entry_connected_at = entry.connected_at;
         let room = self.rooms.join(&room_id, &peer_id, entry, expires_at);
         let admin_conflict = if is_admin { room.claim_admin(&peer_id) } else { None };
         let admin_peer_id = room.admin().map(str::to_owned);
@@ -253,6 +254,8 @@ impl Hub {
             s.state = State::Registered { room_id: room_id.clone(), peer_id: peer_id.clone() };
             s.failed_registers = 0;
         }
+        let mut ice_servers = self.ice_servers.clone();
+        ice_servers.extend(self.turn.as_ref().map(|t| t.ice_server(&peer_id, entry_connected_at)));
         self.reply(
             conn,
             ServerMessage::RegisteredAuth {
@@ -262,8 +265,8 @@ impl Hub {
                 admin_peer_id,
                 peer_list,
                 peer_metadata,
-                ice_servers: self.ice_servers.clone(),
-                mesh_ice_servers: self.ice_servers.clone(),
+                ice_servers: ice_servers.clone(),
+                mesh_ice_servers: ice_servers,
             },
             request_id,
         );

@@ -2,6 +2,7 @@
 //! one DTLS certificate per process.
 
 use super::*;
+use sleap_rtc_core::peer::candidate_addr;
 
 /// Offers a connection to `target` (a peer id in our room) and waits until it is open.
 pub async fn connect<R: Runtime>(
@@ -10,7 +11,7 @@ pub async fn connect<R: Runtime>(
     opts: PeerOptions,
 ) -> Result<PeerConnection<R>, ConnError> {
     let mut session = new_session::<R>(&opts).await;
-    let (socks, cands) = bind::<R>(&opts, &ice_urls(signaling), &mut session).await?;
+    let gathered = bind::<R>(&opts, &signaling.registered().ice_servers, &mut session).await?;
     let offer = session.peer().create_offer()?;
     let mut relays = signaling.subscribe_relays(target);
     signaling.request(json!({"type": "offer", "target": target, "sdp": offer, "role": "client"})).await?;
@@ -29,10 +30,12 @@ pub async fn connect<R: Runtime>(
     .map_err(|_| ConnError::NoAnswer(opts.connect_timeout))?
     .ok_or(ConnError::Closed)?;
     session.peer().accept_answer(&answer)?;
+    let mut remote = remote_addrs(answer.lines());
     for c in early {
+        remote.extend(candidate_addr(&c));
         let _ = session.peer().add_remote_candidate(&c);
     }
-    let conn = spawn(session, socks, cands, relays, target);
+    let conn = spawn(session, gathered, remote, relays, target);
     conn.wait_open(opts.connect_timeout).await?;
     Ok(conn)
 }
@@ -50,8 +53,9 @@ async fn new_session<R: Runtime>(opts: &PeerOptions) -> Session {
     Session::new(cfg, Instant::now())
 }
 
-fn ice_urls<R: Runtime>(signaling: &SignalingClient<R>) -> Vec<String> {
-    signaling.registered().ice_servers.iter().flat_map(|s| s.urls.iter().cloned()).collect()
+/// The remote's candidate addresses in an SDP (and whether each is relayed).
+fn remote_addrs<'a>(lines: impl Iterator<Item = &'a str>) -> Vec<(SocketAddr, bool)> {
+    lines.filter_map(candidate_addr).collect()
 }
 
 /// Answers an `offer` received through signaling and waits until the connection is open.
@@ -64,11 +68,11 @@ pub async fn accept<R: Runtime>(
     let from = o.get("sender").and_then(Value::as_str).ok_or_else(|| ConnError::BadOffer("no sender".into()))?;
     let sdp = o.get("sdp").and_then(Value::as_str).ok_or_else(|| ConnError::BadOffer("no sdp".into()))?;
     let mut session = new_session::<R>(&opts).await;
-    let (socks, cands) = bind::<R>(&opts, &ice_urls(signaling), &mut session).await?;
+    let gathered = bind::<R>(&opts, &signaling.registered().ice_servers, &mut session).await?;
     let relays = signaling.subscribe_relays(from);
     let answer = session.peer().accept_offer(sdp)?;
     signaling.request(json!({"type": "answer", "target": from, "sdp": answer})).await?;
-    let conn = spawn(session, socks, cands, relays, from);
+    let conn = spawn(session, gathered, remote_addrs(sdp.lines()), relays, from);
     conn.wait_open(opts.connect_timeout).await?;
     Ok(conn)
 }

@@ -15,12 +15,13 @@ use std::marker::PhantomData;
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, OnceLock};
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use serde_json::{Value, json};
+use sleap_rtc_core::relay::{Relay, Relayed};
 use sleap_rtc_core::session::{
     Direction, IoRequest, SendError, Session, SessionConfig, SessionEvent, SessionOutput, TransferFailed,
 };
@@ -57,6 +58,13 @@ pub struct PeerOptions {
     pub ice_servers: Vec<String>,
     /// How long to wait for STUN answers before connecting with what we have.
     pub stun_timeout: Duration,
+    /// How long TURN allocations may take (two round trips to the relay: a challenge, then the
+    /// allocation) before connecting without them.
+    pub turn_timeout: Duration,
+    /// Offer only relayed candidates (WebRTC's `iceTransportPolicy: "relay"`): every byte goes
+    /// through the TURN server, and the peer never learns our addresses. Fails with
+    /// [`ConnError::NoRelay`] when no TURN server allocated an address.
+    pub relay_only: bool,
 }
 
 impl Default for PeerOptions {
@@ -67,6 +75,8 @@ impl Default for PeerOptions {
             connect_timeout: Duration::from_secs(20),
             ice_servers: Vec::new(),
             stun_timeout: Duration::from_millis(500),
+            turn_timeout: Duration::from_secs(3),
+            relay_only: false,
         }
     }
 }
@@ -103,6 +113,10 @@ pub enum ConnError {
     BadOffer(String),
     #[error("the connection closed")]
     Closed,
+    #[error(
+        "relay-only was asked for, but no TURN server gave us a relayed address (does the signaling server hand out turn: servers?)"
+    )]
+    NoRelay,
     #[error("transfer failed: {0}")]
     Transfer(#[from] TransferFailure),
 }
@@ -136,6 +150,28 @@ pub enum ConnState {
     Open { remote_fingerprint: Option<String> },
     Closed,
 }
+
+/// The path a connection's traffic takes, once known.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Route {
+    /// Straight between the peers' own (or NAT-mapped) addresses.
+    Direct,
+    /// Through a TURN server (ours, the remote's, or both).
+    Relayed,
+}
+
+impl std::fmt::Display for Route {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Route::Direct => "direct",
+            Route::Relayed => "relayed through TURN",
+        })
+    }
+}
+
+const ROUTE_UNKNOWN: u8 = 0;
+const ROUTE_DIRECT: u8 = 1;
+const ROUTE_RELAYED: u8 = 2;
 
 /// What a finished incoming transfer produced.
 #[derive(Debug, Clone, PartialEq)]
@@ -216,6 +252,7 @@ pub struct PeerConnection<R> {
     local_fingerprint: String,
     local_candidates: Vec<String>,
     remote_peer: String,
+    route: Arc<AtomicU8>,
     _rt: PhantomData<fn() -> R>,
 }
 
@@ -231,7 +268,17 @@ impl<R: Runtime> PeerConnection<R> {
         &self.remote_peer
     }
 
-    /// Our ICE candidates as SDP `candidate:` lines (host and server-reflexive).
+    /// The path the connection's packets take (known once it is open; it can change if ICE
+    /// switches pairs).
+    pub fn route(&self) -> Option<Route> {
+        match self.route.load(Ordering::Relaxed) {
+            ROUTE_DIRECT => Some(Route::Direct),
+            ROUTE_RELAYED => Some(Route::Relayed),
+            _ => None,
+        }
+    }
+
+    /// Our ICE candidates as SDP `candidate:` lines (host, server-reflexive, relayed).
     pub fn local_candidates(&self) -> &[String] {
         &self.local_candidates
     }
@@ -374,8 +421,8 @@ type Sockets<U> = Vec<(U, SocketAddr)>;
 
 fn spawn<R: Runtime>(
     mut session: Session,
-    socks: Sockets<R::Udp>,
-    local_candidates: Vec<String>,
+    gathered: Gathered<R::Udp>,
+    remote_candidates: Vec<(SocketAddr, bool)>,
     mut relays: mpsc::UnboundedReceiver<ServerMessage>,
     remote: &str,
 ) -> PeerConnection<R> {
@@ -406,9 +453,22 @@ fn spawn<R: Runtime>(
             }
         }
     });
+    let Gathered { socks, cands: local_candidates, relays: mut turn } = gathered;
+    let now = Instant::now();
+    for (_, r) in &mut turn {
+        for (a, _) in &remote_candidates {
+            r.permit(now, a.ip());
+        }
+    }
+    let remote_relays = remote_candidates.iter().filter(|(_, relay)| *relay).map(|(a, _)| *a).collect();
+    let route = Arc::new(AtomicU8::new(ROUTE_UNKNOWN));
     let driver = Driver::<R> {
         session,
         socks,
+        turn,
+        turn_due: None,
+        remote_relays,
+        route: route.clone(),
         msg_tx,
         upstream_tx,
         upstream_label: upstream_label.clone(),
@@ -433,6 +493,7 @@ fn spawn<R: Runtime>(
         local_fingerprint,
         local_candidates,
         remote_peer: remote.to_owned(),
+        route,
         _rt: PhantomData,
     }
 }
@@ -470,6 +531,13 @@ enum IoDone {
 struct Driver<R: Runtime> {
     session: Session,
     socks: Sockets<R::Udp>,
+    /// TURN allocations (socket index, relay) whose relayed addresses are our relay candidates.
+    turn: Vec<(usize, Relay)>,
+    /// When the relays next need time (retransmits, refreshes); `None`: look now.
+    turn_due: Option<Instant>,
+    /// The remote's relayed candidates: traffic to them goes through its TURN server.
+    remote_relays: HashSet<SocketAddr>,
+    route: Arc<AtomicU8>,
     msg_tx: mpsc::UnboundedSender<String>,
     upstream_tx: mpsc::UnboundedSender<(bool, Vec<u8>)>,
     upstream_label: Arc<OnceLock<String>>,

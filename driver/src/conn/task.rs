@@ -85,7 +85,15 @@ impl<R: Runtime> Driver<R> {
                 break;
             }
         }
-        // Whatever the last drain queued (a DTLS close alert, an abort) still goes out.
+        // Whatever the last drain queued (a DTLS close alert, an abort) still goes out, and the
+        // TURN allocations are released rather than left to expire.
+        let now = Instant::now();
+        for (sock, r) in &mut self.turn {
+            r.release(now);
+            while let Some(d) = r.poll_transmit(now) {
+                self.tx.push(*sock, r.server(), &d);
+            }
+        }
         self.flush().await;
         tracing::debug!(
             received = rx.received_datagrams,
@@ -124,9 +132,27 @@ impl<R: Runtime> Driver<R> {
             let Some(&(_, local)) = self.socks.get(sock) else { return Ok(()) };
             let now = Instant::now();
             for (src, data) in rx.datagrams() {
+                let relay = self.turn.iter_mut().find(|(i, r)| *i == sock && r.server() == src).map(|(_, r)| r);
+                let res = match relay {
+                    None => self.session.handle_receive(now, src, local, data),
+                    Some(r) => {
+                        let relayed = r.relayed();
+                        let got = r.handle_receive(now, src, data);
+                        if r.take_dirty() {
+                            self.turn_due = None;
+                        }
+                        match (got, relayed) {
+                            (Relayed::Peer { from, data }, Some(to)) => {
+                                self.session.handle_receive(now, from, to, &data)
+                            }
+                            (Relayed::NotOurs, _) => self.session.handle_receive(now, src, local, data),
+                            _ => Ok(()),
+                        }
+                    }
+                };
                 // Anyone can send us a datagram: one that str0m rejects is dropped, it must not
                 // end the connection.
-                if let Err(e) = self.session.handle_receive(now, src, local, data) {
+                if let Err(e) = res {
                     tracing::debug!(%src, error = %e, "dropping a datagram str0m refused");
                 }
                 deadline = self.drain().await?;
@@ -147,9 +173,27 @@ impl<R: Runtime> Driver<R> {
     pub(super) async fn drain(&mut self) -> Result<Instant, sleap_rtc_core::peer::PeerError> {
         loop {
             match self.session.poll_output()? {
-                SessionOutput::Timeout(t) => return Ok(t),
+                SessionOutput::Timeout(t) => return Ok(t.min(self.pump_relays())),
                 SessionOutput::Transmit { source, destination, contents } => {
                     if self.socks.is_empty() {
+                        continue;
+                    }
+                    let relayed = self.turn.iter().position(|(_, r)| r.relayed() == Some(source));
+                    // DTLS records (first byte 20..=63, RFC 7983) go only over the pair ICE
+                    // chose: they tell which route the connection took.
+                    if contents.first().is_some_and(|b| (20..=63).contains(b)) {
+                        let via_relay = relayed.is_some() || self.remote_relays.contains(&destination);
+                        self.route.store(if via_relay { ROUTE_RELAYED } else { ROUTE_DIRECT }, Ordering::Relaxed);
+                    }
+                    if let Some(k) = relayed {
+                        let (sock, r) = &mut self.turn[k];
+                        match r.send(Instant::now(), destination, &contents) {
+                            Ok(d) => self.tx.push(*sock, r.server(), &d),
+                            Err(e) => tracing::trace!(%destination, error = %e, "not relayed"),
+                        }
+                        if r.take_dirty() {
+                            self.turn_due = None;
+                        }
                         continue;
                     }
                     let sock = self.socks.iter().position(|(_, l)| *l == source).unwrap_or(0);
@@ -162,6 +206,28 @@ impl<R: Runtime> Driver<R> {
                 SessionOutput::Event(e) => self.on_event(e),
             }
         }
+    }
+
+    /// Gives the TURN relays their time (retransmits, refreshes, permission and channel requests
+    /// made by the last sends) and queues what they send; returns when they next need it.
+    fn pump_relays(&mut self) -> Instant {
+        let now = Instant::now();
+        if self.turn.is_empty() {
+            return now + Duration::from_secs(3600);
+        }
+        if let Some(due) = self.turn_due.filter(|d| *d > now) {
+            return due;
+        }
+        let mut next = now + Duration::from_secs(3600);
+        for (sock, r) in &mut self.turn {
+            next = next.min(r.poll_timeout(now));
+            while let Some(d) = r.poll_transmit(now) {
+                self.tx.push(*sock, r.server(), &d);
+            }
+            r.take_dirty();
+        }
+        self.turn_due = Some(next);
+        next
     }
 
     /// Sends the queued transmits (GSO runs where possible), waiting out a full socket buffer.
@@ -208,6 +274,15 @@ impl<R: Runtime> Driver<R> {
             Cmd::Cancel(t, why) => self.session.cancel(t, &why),
             Cmd::Upstream(binary, data) => self.session.send_upstream(binary, data),
             Cmd::RemoteCandidate(c) => {
+                if let Some((addr, relay)) = sleap_rtc_core::peer::candidate_addr(&c) {
+                    if relay {
+                        self.remote_relays.insert(addr);
+                    }
+                    for (_, r) in &mut self.turn {
+                        r.permit(Instant::now(), addr.ip());
+                    }
+                    self.turn_due = None;
+                }
                 if let Err(e) = self.session.peer().add_remote_candidate(&c) {
                     tracing::debug!(error = %e, "ignoring remote candidate");
                 }

@@ -392,7 +392,12 @@ impl<R: Runtime> Worker<R> {
             if let ServerMessage::Offer(_) = &env.msg {
                 let (me, sig, ctx) = (self.clone(), sig.clone(), ctx.clone());
                 R::spawn(async move {
-                    match conn::accept(&sig, &env.msg, me.cfg.peer.clone()).await {
+                    let accepted = conn::accept(&sig, &env.msg, me.cfg.peer.clone()).await;
+                    if let Ok(c) = &accepted {
+                        let route = c.route().map_or("unknown".to_string(), |r| r.to_string());
+                        tracing::info!(peer = c.remote_peer(), route, "peer connected");
+                    }
+                    match accepted {
                         // The channel the client opened tells which protocol it speaks.
                         Ok(c) if c.upstream_label().is_some() => me.serve_upstream(ctx, Arc::new(c)).await,
                         Ok(c) => me.serve_peer(ctx, Arc::new(c)).await,
