@@ -46,6 +46,9 @@ pub struct WorkerFile {
     pub mounts: Option<Vec<PathBuf>>,
     pub upload_cache_gb: Option<u64>,
     pub model_cache_gb: Option<u64>,
+    pub keep_days: Option<u64>,
+    pub jobs_disk_gb: Option<u64>,
+    pub notify_url: Option<String>,
 }
 
 /// A local directory that the worker reaches as `worker`: a file under `local` is not uploaded,
@@ -164,6 +167,9 @@ impl Settings {
             e("worker.mounts", self.pick(|c| list(c.worker.mounts.clone()))),
             e("worker.upload_cache_gb", self.pick(|c| n(c.worker.upload_cache_gb))),
             e("worker.model_cache_gb", self.pick(|c| n(c.worker.model_cache_gb))),
+            e("worker.keep_days", self.pick(|c| n(c.worker.keep_days))),
+            e("worker.jobs_disk_gb", self.pick(|c| n(c.worker.jobs_disk_gb))),
+            e("worker.notify_url", self.pick(|c| s(c.worker.notify_url.clone()))),
             e("path_mappings", self.pick(|c| maps(c.path_mappings.clone()))),
         ]
     }
@@ -181,6 +187,9 @@ pub const KEYS: &[(&str, Kind)] = &[
     ("worker.device", Kind::Text),
     ("worker.upload_cache_gb", Kind::Number),
     ("worker.model_cache_gb", Kind::Number),
+    ("worker.keep_days", Kind::Number),
+    ("worker.jobs_disk_gb", Kind::Number),
+    ("worker.notify_url", Kind::Text),
 ];
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -258,6 +258,19 @@ struct WorkerArgs {
     /// sees progress.
     #[arg(long, env = "SLEAP_RTC_PUBLISH_PROGRESS")]
     publish_progress: bool,
+    /// Remove a finished job's directory (inputs, model, logs) this many days after it ended
+    /// (at least 1: a cut-off client has a day to fetch its results with `job attach`); default
+    /// 14, or worker.keep_days in the config file.
+    #[arg(long, value_name = "DAYS")]
+    keep_days: Option<u64>,
+    /// Keep all job directories under this many GB by removing finished jobs, oldest first
+    /// (never one that ended less than a day ago); default: no cap, or worker.jobs_disk_gb.
+    #[arg(long, value_name = "GB")]
+    jobs_disk_gb: Option<u64>,
+    /// POST a JSON summary of every finished job to this URL (a Slack/Mattermost/Teams incoming
+    /// webhook shows its `text`); default: worker.notify_url in the config file.
+    #[arg(long, env = "SLEAP_RTC_NOTIFY_URL", value_name = "URL")]
+    notify_url: Option<String>,
 }
 
 #[derive(Args)]
@@ -469,6 +482,18 @@ fn worker_config(a: &WorkerArgs, s: &Settings) -> Result<WorkerConfig> {
     cfg.registry = a.registry.clone().filter(|r| !r.is_empty()).or_else(|| s.registry());
     cfg.model_cache_bytes = gb(a.model_cache_gb, s.worker(|w| w.model_cache_gb), 50);
     cfg.publish_progress = a.publish_progress;
+    let keep_days = a.keep_days.or_else(|| s.worker(|w| w.keep_days)).unwrap_or(14);
+    if keep_days == 0 {
+        bail!("--keep-days must be at least 1: a client that was cut off has a day to fetch its results");
+    }
+    cfg.keep_finished = Duration::from_secs(keep_days.saturating_mul(86_400));
+    cfg.jobs_cap_bytes = a.jobs_disk_gb.or_else(|| s.worker(|w| w.jobs_disk_gb)).map(|g| g.saturating_mul(1 << 30));
+    cfg.notify_url = a.notify_url.clone().filter(|u| !u.is_empty()).or_else(|| s.worker(|w| w.notify_url.clone()));
+    if let Some(u) = &cfg.notify_url {
+        if !(u.starts_with("http://") || u.starts_with("https://")) {
+            bail!("--notify-url must be an http:// or https:// URL");
+        }
+    }
     Ok(cfg)
 }
 

@@ -7,7 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
-use serde_json::Value;
+use serde_json::{Value, json};
 
 fn hash(p: &std::path::Path) -> String {
     // Length and head are enough to tell files apart here; full equality is checked below.
@@ -307,4 +307,72 @@ async fn a_signaling_outage_touches_neither_the_job_nor_its_client() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(back, "worker re-registered after the outage");
+}
+
+/// One HTTP request's body, read from a plain TCP accept (the webhook receiver), answered 200.
+async fn http_body(listener: &tokio::net::TcpListener) -> Value {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let (mut s, _) = listener.accept().await.unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 4096];
+    loop {
+        let n = s.read(&mut chunk).await.unwrap();
+        assert!(n > 0, "request cut short: {}", String::from_utf8_lossy(&buf));
+        buf.extend_from_slice(&chunk[..n]);
+        let text = String::from_utf8_lossy(&buf).into_owned();
+        if let Some((head, body)) = text.split_once("\r\n\r\n") {
+            let len = head
+                .lines()
+                .find_map(|l| l.to_ascii_lowercase().strip_prefix("content-length:").map(|v| v.trim().to_owned()))
+                .and_then(|v| v.parse::<usize>().ok())
+                .unwrap_or(0);
+            if body.len() >= len {
+                assert!(head.starts_with("POST /hook/secret-part "), "{head}");
+                s.write_all(b"HTTP/1.1 200 OK\r\ncontent-length: 0\r\nconnection: close\r\n\r\n").await.unwrap();
+                return serde_json::from_str(&body[..len]).unwrap();
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn finished_jobs_are_announced_and_old_job_directories_removed() {
+    let env = env().await;
+    let hook = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/hook/secret-part", hook.local_addr().unwrap());
+    let _w = env.worker("w", &["--notify-url", &url, "--keep-days", "1"], "").await;
+    let cfg = env.config("cfg.yaml", "");
+
+    let (code, events, err) = Client::spawn(&env, &env.train_args(&cfg, "out1")).finish(60).await;
+    assert_eq!(code, 0, "{err}");
+    let first = event(&events, "accepted").unwrap()["job_id"].as_str().unwrap().to_owned();
+    let note = tokio::time::timeout(Duration::from_secs(30), http_body(&hook)).await.expect("the webhook is called");
+    assert_eq!(note["job_id"], first.as_str());
+    assert_eq!(note["state"], "completed");
+    assert_eq!(note["kind"], "train");
+    assert!(note["text"].as_str().unwrap().contains(&first), "{note}");
+
+    // The first job ended "two days ago": the sweep after the next job removes it, keeps the new one.
+    let jp = env.path("w/jobs").join(&first).join("job.json");
+    let mut j = journal(&env, "w", &first);
+    j["updated_at"] = json!(j["updated_at"].as_f64().unwrap() - 2.0 * 86_400.0);
+    std::fs::write(&jp, serde_json::to_vec(&j).unwrap()).unwrap();
+    let (code, events, err) = Client::spawn(&env, &env.train_args(&cfg, "out2")).finish(60).await;
+    assert_eq!(code, 0, "{err}");
+    let second = event(&events, "accepted").unwrap()["job_id"].as_str().unwrap().to_owned();
+    let note = tokio::time::timeout(Duration::from_secs(30), http_body(&hook)).await.expect("called again");
+    assert_eq!(note["job_id"], second.as_str());
+    let mut gone = false;
+    for _ in 0..100 {
+        if !env.path("w/jobs").join(&first).exists() {
+            gone = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(gone, "the old job's directory was removed");
+    assert!(env.path("w/jobs").join(&second).join("job.json").is_file(), "the new one is kept");
+    let log = std::fs::read_to_string(env.path("w.log")).unwrap();
+    assert!(log.contains("removed a finished job's directory") && log.contains(&first), "{log}");
+    assert!(!log.contains("secret-part"), "the webhook's secret path is never logged");
 }

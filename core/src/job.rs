@@ -19,6 +19,7 @@
 
 pub mod auth;
 pub mod bridge;
+pub mod housekeeping;
 mod msg;
 mod state;
 #[cfg(test)]

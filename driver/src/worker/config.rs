@@ -40,6 +40,14 @@ pub struct WorkerConfig {
     /// Publish the running job's progress (epoch, loss, a bounded loss history) in the room
     /// metadata, which the signaling server relays; off, progress goes only to the job's client.
     pub publish_progress: bool,
+    /// Finished jobs' directories (inputs, models, logs) are removed this long after the job
+    /// ended; never sooner than [`ATTACH_WINDOW`](super::ATTACH_WINDOW).
+    pub keep_finished: Duration,
+    /// The job directories together are kept under this many bytes, by removing finished ones,
+    /// oldest first (never one within the attach window).
+    pub jobs_cap_bytes: Option<u64>,
+    /// Called (HTTP POST, JSON) with a job's summary when it ends: see `worker::notify`.
+    pub notify_url: Option<String>,
 }
 
 impl WorkerConfig {
@@ -62,6 +70,9 @@ impl WorkerConfig {
             registry: None,
             model_cache_bytes: 50 << 30,
             publish_progress: false,
+            keep_finished: Duration::from_secs(14 * 86_400),
+            jobs_cap_bytes: None,
+            notify_url: None,
         }
     }
 }

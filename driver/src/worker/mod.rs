@@ -29,9 +29,11 @@ use crate::{Runtime, sleep, timeout};
 mod caches;
 mod capabilities;
 mod config;
+mod housekeeping;
 mod journal;
 mod live;
 mod models;
+mod notify;
 mod peer_auth;
 mod requests;
 mod run;
@@ -43,6 +45,7 @@ use journal::*;
 
 pub use capabilities::{Capabilities, probe_capabilities};
 pub use config::{WorkerConfig, WorkerError};
+pub use housekeeping::ATTACH_WINDOW;
 pub use journal::JournalEntry;
 pub use live::{ProgressBoard, registry_summary};
 
@@ -208,6 +211,7 @@ impl<R: Runtime> Worker<R> {
         }
         cfg.mounts = cfg.mounts.iter().filter_map(|m| m.canonicalize().ok()).collect();
         recover_journal(&jobs_dir);
+        housekeeping::sweep(&jobs_dir, cfg.keep_finished, cfg.jobs_cap_bytes, unix_now());
         // A stable peer id, so clients can find the worker again after a restart.
         let id_file = work_dir.join("worker-id");
         let peer_id = match std::fs::read_to_string(&id_file) {

@@ -312,6 +312,14 @@ impl<R: Runtime> Worker<R> {
         let _ = self.status.send((Status::Available, None));
         let conns: Vec<Attached<R>> = job.attached.lock().map(|a| a.clone()).unwrap_or_default();
         job.emit(&JobMsg::JobDone { status: status.clone() });
+        let (jobs, keep, cap) = (self.jobs_dir.clone(), self.cfg.keep_finished, self.cfg.jobs_cap_bytes);
+        R::spawn(async move {
+            R::spawn_blocking(move || housekeeping::sweep(&jobs, keep, cap, unix_now())).await;
+        });
+        if let Some(url) = self.cfg.notify_url.clone() {
+            let summary = notify::summary(&self.peer_id, &job.owner, &status);
+            R::spawn(async move { notify::post::<R>(&url, summary).await });
+        }
         if !results.is_empty() {
             // Upstream clients get their results from their adapter, in their own framing.
             for c in conns.into_iter().filter_map(|c| match c {
