@@ -376,3 +376,66 @@ async fn finished_jobs_are_announced_and_old_job_directories_removed() {
     assert!(log.contains("removed a finished job's directory") && log.contains(&first), "{log}");
     assert!(!log.contains("secret-part"), "the webhook's secret path is never logged");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cut_upload_resumes_on_the_next_submission() {
+    let env = env().await;
+    let _w = env.worker("w", &[], "").await;
+    let cfg = env.config("cfg.yaml", "");
+    // A dataset big enough to cut midway (the client checks only that it is a .pkg.slp).
+    let size = 64usize << 20;
+    let mut data = Vec::with_capacity(size);
+    let mut x = 0x9E37_79B9_7F4A_7C15u64;
+    while data.len() < size {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        data.extend_from_slice(&x.to_le_bytes());
+    }
+    let big = env.path("big.pkg.slp");
+    std::fs::write(&big, &data).unwrap();
+    let args = |out: &str| -> Vec<String> {
+        ["train", "--config", cfg.to_str().unwrap(), "--labels", big.to_str().unwrap(), "--bind", "127.0.0.1"]
+            .iter()
+            .map(|s| s.to_string())
+            .chain(["--json".into(), "-o".into(), env.path(out).display().to_string()])
+            .collect()
+    };
+
+    let mut first = Client::spawn(&env, &args("out1"));
+    let job = first.until(60, |e| e["event"] == "accepted").await["job_id"].as_str().unwrap().to_owned();
+    let part = env.path("w/jobs").join(&job).join("input/big.pkg.slp.part");
+    let mut arrived = 0;
+    for _ in 0..600 {
+        arrived = std::fs::metadata(&part).map(|m| m.len()).unwrap_or(0);
+        if arrived >= 8 << 20 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(arrived >= 8 << 20 && arrived < size as u64, "cut midway: {arrived} bytes had arrived");
+    first.signal(SIGKILL);
+    let mut failed = Value::Null;
+    for _ in 0..200 {
+        failed = journal(&env, "w", &job)["status"].clone();
+        if failed["state"] == "failed" {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(failed["state"], "failed", "{failed}");
+    assert!(failed["message"].as_str().unwrap().contains("upload failed"), "{failed}");
+
+    let (code, events, err) = Client::spawn(&env, &args("out2")).finish(120).await;
+    let up = event(&events, "uploaded").unwrap_or_else(|| panic!("{err}\n{events:#?}"));
+    let resumed = up["resumed_bytes"].as_u64().unwrap();
+    assert!(resumed >= 8 << 20, "the second upload resumed what had arrived: {up}");
+    eprintln!(
+        "resumed upload: {:.1} of {} MiB already on the worker, the rest sent in {:.2} s (exit {code})",
+        resumed as f64 / (1 << 20) as f64,
+        size >> 20,
+        up["secs"].as_f64().unwrap_or(0.0)
+    );
+    let log = std::fs::read_to_string(env.path("w.log")).unwrap();
+    assert!(log.contains("kept a cut upload") && log.contains("resuming a cut upload"), "{log}");
+}

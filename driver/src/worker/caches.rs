@@ -2,16 +2,25 @@
 
 use super::*;
 
-/// Keeps the upload cache under its cap, dropping the least recently modified entries.
+/// Keeps the upload cache (complete files and users' cut uploads) under its cap, dropping the
+/// least recently modified entries.
 pub(super) fn trim_upload_cache(dir: &Path, cap: u64) {
-    let Ok(rd) = std::fs::read_dir(dir) else { return };
-    let entries: Vec<(SystemTime, u64, PathBuf)> = rd
-        .flatten()
-        .filter_map(|e| {
-            let m = e.metadata().ok()?;
-            Some((m.modified().ok()?, m.len(), e.path()))
-        })
-        .collect();
+    let files_in = |d: &Path| -> Vec<(SystemTime, u64, PathBuf)> {
+        let Ok(rd) = std::fs::read_dir(d) else { return vec![] };
+        rd.flatten()
+            .filter_map(|e| {
+                let m = e.path().symlink_metadata().ok()?;
+                m.is_file().then_some(())?;
+                Some((m.modified().ok()?, m.len(), e.path()))
+            })
+            .collect()
+    };
+    let mut entries = files_in(dir);
+    if let Ok(rd) = std::fs::read_dir(dir.join("partial")) {
+        for user in rd.flatten() {
+            entries.extend(files_in(&user.path()));
+        }
+    }
     evict_lru(entries, 0, cap, |p| std::fs::remove_file(p));
 }
 
@@ -41,9 +50,58 @@ pub(super) fn trim_model_cache(cache: &Path, keep: &[String], cap: u64) {
     });
 }
 
-/// Copies cached uploads (by content hash) into `input` as complete `.part`s.
-pub(super) fn place_cached(cache_dir: &Path, input: &Path, files: &[FileEntry]) {
+/// Where a cut upload of `owner`'s is kept: `upload-cache/partial/<blake3(owner)[..16]>/`. Per
+/// user because a partial file cannot be verified against its claimed hash: another user's
+/// upload must never resume from bytes someone else sent.
+fn partial_dir(cache_dir: &Path, owner: &str) -> PathBuf {
+    cache_dir.join("partial").join(&blake3::hash(owner.as_bytes()).to_hex()[..16])
+}
+
+/// After a cut upload: moves each announced file's `.part` (what arrived) to the owner's partial
+/// cache under its content hash, replacing a shorter one, so the next submission resumes it.
+pub(super) fn keep_partial_uploads(cache_dir: &Path, input: &Path, owner: &str, files: &[FileEntry]) {
+    let dir = partial_dir(cache_dir, owner);
     for f in files {
+        let ok_hash = f.blake3.len() == 64 && f.blake3.bytes().all(|b| b.is_ascii_hexdigit());
+        if !ok_hash || sleap_rtc_core::transfer::validate_name(&f.name).is_err() {
+            continue;
+        }
+        let part = input.join(format!("{}{}", f.name, crate::files::PART_SUFFIX));
+        let Ok(md) = std::fs::symlink_metadata(&part) else { continue };
+        if !md.is_file() || md.len() == 0 || md.len() >= f.size {
+            continue;
+        }
+        let kept = dir.join(format!("{}{}", f.blake3, crate::files::PART_SUFFIX));
+        if std::fs::symlink_metadata(&kept).is_ok_and(|k| k.len() >= md.len()) {
+            continue;
+        }
+        if std::fs::create_dir_all(&dir).is_ok() && std::fs::rename(&part, &kept).is_ok() {
+            tracing::info!(file = %f.name, bytes = md.len(), of = f.size, "kept a cut upload for a resume");
+        }
+    }
+}
+
+/// Copies cached uploads (by content hash) into `input` as complete `.part`s, and moves the
+/// owner's cut uploads there as partial ones (the transfer then sends only the rest).
+pub(super) fn place_cached(cache_dir: &Path, input: &Path, owner: &str, files: &[FileEntry]) {
+    for f in files {
+        let ok_hash = f.blake3.len() == 64 && f.blake3.bytes().all(|b| b.is_ascii_hexdigit());
+        let partial = partial_dir(cache_dir, owner).join(format!("{}{}", f.blake3, crate::files::PART_SUFFIX));
+        if ok_hash
+            && sleap_rtc_core::transfer::validate_name(&f.name).is_ok()
+            && !cache_dir.join(&f.blake3).exists()
+            && std::fs::symlink_metadata(&partial).is_ok_and(|m| m.is_file() && m.len() < f.size)
+        {
+            let part = input.join(format!("{}{}", f.name, crate::files::PART_SUFFIX));
+            if let Some(parent) = part.parent() {
+                let _ = std::fs::create_dir_all(parent);
+            }
+            // A move: one job resumes it; a second submission at once starts over.
+            if std::fs::rename(&partial, &part).is_ok() {
+                tracing::info!(file = %f.name, "resuming a cut upload");
+            }
+            continue;
+        }
         let cached = cache_dir.join(&f.blake3);
         let ok_hash = f.blake3.len() == 64 && f.blake3.bytes().all(|b| b.is_ascii_hexdigit());
         if !ok_hash || sleap_rtc_core::transfer::validate_name(&f.name).is_err() {

@@ -333,11 +333,17 @@ impl<R: Runtime> Worker<R> {
 
         let outcome = match self.receive_upload(&job, &files, upload).await {
             Err(e) => {
+                if e.parts_kept {
+                    // A cut: keep what arrived, so the same user's next submission resumes it.
+                    let (cache, input, owner, wanted) =
+                        (self.cache_dir.clone(), job.dir.join("input"), job.owner.clone(), files.clone());
+                    R::spawn_blocking(move || keep_partial_uploads(&cache, &input, &owner, &wanted)).await;
+                }
                 let cancelled = job.entry.lock().map(|e| e.job.cancel_requested).unwrap_or(false);
                 if cancelled {
                     Outcome::new(JobState::Cancelled, "cancelled by the user during the upload", vec![])
                 } else {
-                    Outcome::failed(format!("upload failed: {e}"))
+                    Outcome::failed(format!("upload failed: {}", e.message))
                 }
             }
             Ok(()) if job.entry.lock().map(|e| e.job.cancel_requested).unwrap_or(false) => {
@@ -371,8 +377,9 @@ impl<R: Runtime> Worker<R> {
         let input = job.dir.join("input");
         // Files the worker already has (same content hash) are placed as complete `.part`s:
         // the transfer then verifies them and sends nothing. Copies of datasets: the blocking pool.
-        let (cache_dir, dir, wanted) = (self.cache_dir.clone(), input.clone(), files.to_vec());
-        R::spawn_blocking(move || place_cached(&cache_dir, &dir, &wanted)).await;
+        let (cache_dir, dir, wanted, owner) =
+            (self.cache_dir.clone(), input.clone(), files.to_vec(), job.owner.clone());
+        R::spawn_blocking(move || place_cached(&cache_dir, &dir, &owner, &wanted)).await;
         c.receive_files(&input).map(Some).map_err(|e| e.to_string())
     }
 
@@ -381,16 +388,21 @@ impl<R: Runtime> Worker<R> {
         job: &ActiveJob<R>,
         files: &[FileEntry],
         upload: Result<Option<Transfer<Received>>, String>,
-    ) -> Result<(), String> {
-        let Some(t) = upload? else { return Ok(()) };
+    ) -> Result<(), UploadFailure> {
+        let fail = |message: String| UploadFailure { message, parts_kept: false };
+        let Some(t) = upload.map_err(fail)? else { return Ok(()) };
         let input = job.dir.join("input");
-        let got = timeout::<R, _>(Duration::from_secs(24 * 3600), t.finish())
-            .await
-            .map_err(|_| "the upload did not finish within a day".to_owned())?
-            .map_err(|e| e.to_string())?;
+        let got = match timeout::<R, _>(Duration::from_secs(24 * 3600), t.finish()).await {
+            Err(_) => return Err(fail("the upload did not finish within a day".into())),
+            Ok(Err(e @ conn::ConnError::Transfer(conn::TransferFailure::ClosedPartsKept))) => {
+                return Err(UploadFailure { message: e.to_string(), parts_kept: true });
+            }
+            Ok(Err(e)) => return Err(fail(e.to_string())),
+            Ok(Ok(got)) => got,
+        };
         if !got.failed.is_empty() {
             let list: Vec<String> = got.failed.iter().map(|(n, why)| format!("{n}: {why}")).collect();
-            return Err(list.join("; "));
+            return Err(fail(list.join("; ")));
         }
         // Only content whose hash we computed ourselves enters the cache under that hash: the
         // client's claimed hashes could otherwise poison another user's dataset slot.
@@ -410,4 +422,11 @@ impl<R: Runtime> Worker<R> {
         R::spawn_blocking(move || trim_upload_cache(&dir, cap)).await;
         Ok(())
     }
+}
+
+/// Why an upload did not complete. `parts_kept`: the connection was cut and the `.part` files
+/// hold what arrived (a verification failure or a refusal keeps nothing worth resuming).
+pub(super) struct UploadFailure {
+    pub message: String,
+    pub parts_kept: bool,
 }
