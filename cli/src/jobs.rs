@@ -145,17 +145,26 @@ pub fn select_worker(workers: &[PeerInfo], wanted: Option<&str>, min_gpu_mb: u64
         bail!("no worker is online in this room; start one with `sleap-rtc worker --room ROOM --token TOKEN`");
     }
     let mem = |p: &PeerInfo| prop(p, "gpu_memory_mb").and_then(Value::as_u64).unwrap_or(0);
-    let available: Vec<&PeerInfo> = workers
-        .iter()
-        .filter(|p| prop(p, "status").and_then(Value::as_str).unwrap_or("available") == "available")
-        .collect();
-    if available.is_empty() {
-        bail!("all {} workers in the room are busy; try again later or name one with --worker", workers.len());
+    let free = |p: &PeerInfo| prop(p, "status").and_then(Value::as_str).unwrap_or("available") == "available";
+    // Jobs admitted (running, uploading, waiting) and how many the worker takes; a worker
+    // without a queue (or an older one) takes one.
+    let queued = |p: &PeerInfo| prop(p, "queue_length").and_then(Value::as_u64).unwrap_or(u64::from(!free(p)));
+    let capacity = |p: &PeerInfo| prop(p, "queue_capacity").and_then(Value::as_u64).unwrap_or(1);
+    let fits: Vec<&PeerInfo> = workers.iter().filter(|p| mem(p) >= min_gpu_mb).collect();
+    if fits.is_empty() {
+        bail!("no worker in the room has at least {min_gpu_mb} MB of GPU memory");
     }
-    let best = available.iter().filter(|p| mem(p) >= min_gpu_mb).max_by_key(|p| mem(p));
+    // The shortest wait: an idle worker, else the shortest queue with room; then the most memory.
+    let best = fits.iter().filter(|p| free(p) || queued(p) < capacity(p)).min_by_key(|p| {
+        let wait = if free(p) { 0 } else { queued(p).max(1) };
+        (wait, std::cmp::Reverse(mem(p)))
+    });
     match best {
         Some(p) => Ok(p.peer_id.clone()),
-        None => bail!("no available worker has at least {min_gpu_mb} MB of GPU memory"),
+        None => bail!(
+            "all {} workers in the room are busy and their queues are full; try again later or name one with --worker",
+            fits.len()
+        ),
     }
 }
 
@@ -741,11 +750,33 @@ mod tests {
         let ws = vec![worker("a", 8000, "available"), worker("b", 24000, "busy"), worker("c", 16000, "available")];
         assert_eq!(select_worker(&ws, None, 0).unwrap(), "c");
         assert_eq!(select_worker(&ws, Some("b"), 0).unwrap(), "b");
-        assert!(select_worker(&ws, None, 20000).unwrap_err().to_string().contains("20000"));
+        assert!(select_worker(&ws, None, 30000).unwrap_err().to_string().contains("30000"));
+        // The only worker with enough memory is busy and takes no queue (an older worker).
+        assert!(select_worker(&ws, None, 20000).unwrap_err().to_string().contains("busy"));
         assert!(select_worker(&ws, Some("zz"), 0).is_err());
         assert!(select_worker(&[], None, 0).unwrap_err().to_string().contains("no worker"));
         let busy = vec![worker("b", 1, "busy")];
         assert!(select_worker(&busy, None, 0).unwrap_err().to_string().contains("busy"));
+    }
+
+    #[test]
+    fn worker_selection_prefers_the_shortest_wait() {
+        let queued = |id: &str, mem: u64, len: u64, cap: u64| {
+            let mut w = worker(id, mem, if len == 0 { "available" } else { "busy" });
+            if let Some(Value::Object(p)) = w.metadata.get_mut("properties") {
+                p.insert("queue_length".into(), json!(len));
+                p.insert("queue_capacity".into(), json!(cap));
+            }
+            w
+        };
+        let ws = vec![queued("long", 48000, 4, 5), queued("short", 8000, 1, 5), queued("full", 80000, 5, 5)];
+        assert_eq!(select_worker(&ws, None, 0).unwrap(), "short");
+        assert_eq!(select_worker(&ws, None, 10000).unwrap(), "long", "memory first, then the wait");
+        let mut with_idle = ws.clone();
+        with_idle.push(queued("idle", 4000, 0, 5));
+        assert_eq!(select_worker(&with_idle, None, 0).unwrap(), "idle");
+        let err = select_worker(&ws[2..], None, 0).unwrap_err().to_string();
+        assert!(err.contains("queues are full"), "{err}");
     }
 
     #[test]

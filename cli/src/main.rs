@@ -258,6 +258,10 @@ struct WorkerArgs {
     /// sees progress.
     #[arg(long, env = "SLEAP_RTC_PUBLISH_PROGRESS")]
     publish_progress: bool,
+    /// Jobs that may wait while one runs: they upload at once, then run in turn (first come,
+    /// first served); more are refused as busy. 0: one job at a time, others refused.
+    #[arg(long, env = "SLEAP_RTC_QUEUE", default_value_t = 4, value_name = "N")]
+    queue: usize,
     /// Remove a finished job's directory (inputs, model, logs) this many days after it ended
     /// (at least 1: a cut-off client has a day to fetch its results with `job attach`); default
     /// 14, or worker.keep_days in the config file.
@@ -482,6 +486,7 @@ fn worker_config(a: &WorkerArgs, s: &Settings) -> Result<WorkerConfig> {
     cfg.registry = a.registry.clone().filter(|r| !r.is_empty()).or_else(|| s.registry());
     cfg.model_cache_bytes = gb(a.model_cache_gb, s.worker(|w| w.model_cache_gb), 50);
     cfg.publish_progress = a.publish_progress;
+    cfg.queue = a.queue;
     let keep_days = a.keep_days.or_else(|| s.worker(|w| w.keep_days)).unwrap_or(14);
     if keep_days == 0 {
         bail!("--keep-days must be at least 1: a client that was cut off has a day to fetch its results");

@@ -1,5 +1,5 @@
-//! The job state machine: submitted → accepted|rejected → running → completed | failed |
-//! stopped_early | cancelled, and stop/cancel requests.
+//! The job state machine: submitted → accepted|rejected → [queued →] running → completed |
+//! failed | stopped_early | cancelled, and stop/cancel requests.
 
 use super::*;
 
@@ -11,6 +11,8 @@ pub enum JobState {
     Rejected,
     /// Accepted; its uploads are arriving.
     Accepted,
+    /// Uploaded, waiting for the GPU behind other jobs (the worker's queue).
+    Queued,
     Running,
     Completed,
     Failed,
@@ -37,7 +39,8 @@ impl JobState {
         matches!(
             (self, next),
             (Submitted, Accepted | Rejected)
-                | (Accepted, Running | Failed | Cancelled)
+                | (Accepted, Queued | Running | Failed | Cancelled)
+                | (Queued, Running | Failed | Cancelled)
                 | (Running, Completed | Failed | StoppedEarly | Cancelled)
         )
     }
@@ -47,6 +50,7 @@ impl JobState {
             JobState::Submitted => "submitted",
             JobState::Rejected => "rejected",
             JobState::Accepted => "accepted",
+            JobState::Queued => "queued",
             JobState::Running => "running",
             JobState::Completed => "completed",
             JobState::Failed => "failed",

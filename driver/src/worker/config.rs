@@ -48,6 +48,8 @@ pub struct WorkerConfig {
     pub jobs_cap_bytes: Option<u64>,
     /// Called (HTTP POST, JSON) with a job's summary when it ends: see `worker::notify`.
     pub notify_url: Option<String>,
+    /// Jobs that may wait (uploading or uploaded) while one runs; more are refused as busy.
+    pub queue: usize,
 }
 
 impl WorkerConfig {
@@ -73,6 +75,7 @@ impl WorkerConfig {
             keep_finished: Duration::from_secs(14 * 86_400),
             jobs_cap_bytes: None,
             notify_url: None,
+            queue: 4,
         }
     }
 }

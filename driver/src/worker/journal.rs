@@ -32,13 +32,19 @@ pub(super) fn valid_job_id(id: &str) -> bool {
     id.len() == 20 && id.starts_with("job_") && id[4..].bytes().all(|b| b.is_ascii_hexdigit())
 }
 
-/// Marks jobs a previous run of the worker left unfinished as failed, and ends their trainers.
-pub(super) fn recover_journal(jobs: &Path) {
-    let Ok(rd) = std::fs::read_dir(jobs) else { return };
+/// Marks jobs a previous run of the worker left unfinished as failed, and ends their trainers;
+/// returns the queued ones (uploaded, not started), oldest first, to be run again.
+pub(super) fn recover_journal(jobs: &Path) -> Vec<JournalEntry> {
+    let mut queued = Vec::new();
+    let Ok(rd) = std::fs::read_dir(jobs) else { return queued };
     for e in rd.flatten() {
         let id = e.file_name().to_string_lossy().into_owned();
         let Some(mut j) = read_journal(jobs, &id) else { continue };
         if j.job.state.is_terminal() {
+            continue;
+        }
+        if j.job.state == JobState::Queued && j.job.id == id {
+            queued.push(j);
             continue;
         }
         if let Some(pid) = j.trainer_pid {
@@ -60,4 +66,6 @@ pub(super) fn recover_journal(jobs: &Path) {
         }
         tracing::warn!(job = %id, "job was interrupted by a worker restart; marked failed");
     }
+    queued.sort_by(|a, b| a.created_at.total_cmp(&b.created_at));
+    queued
 }

@@ -35,6 +35,7 @@ mod live;
 mod models;
 mod notify;
 mod peer_auth;
+mod queue;
 mod requests;
 mod run;
 mod upstream;
@@ -178,7 +179,14 @@ pub struct Worker<R: Runtime> {
     jobs_dir: PathBuf,
     cache_dir: PathBuf,
     caps: Capabilities,
-    current: Mutex<Option<Arc<ActiveJob<R>>>>,
+    /// Admitted jobs, those waiting for the GPU and the one holding it (see `queue`).
+    queue: Mutex<queue::Queue<R>>,
+    /// Bumped whenever the queue moves, to wake the jobs waiting in it.
+    slot_changed: watch::Sender<u64>,
+    /// Jobs found queued in the journal at start, taken up when the worker runs.
+    recovered: Mutex<Vec<JournalEntry>>,
+    /// Shutting down: the GPU is handed to no further job.
+    draining: std::sync::atomic::AtomicBool,
     status: watch::Sender<(Status, Option<String>)>,
     jwks: tokio::sync::Mutex<(Option<jsonwebtoken::jwk::JwkSet>, Option<std::time::Instant>)>,
     /// The room's registered member keys, for upstream clients' Ed25519 proofs.
@@ -210,7 +218,7 @@ impl<R: Runtime> Worker<R> {
             std::fs::create_dir_all(d).map_err(|e| WorkerError::WorkDir(d.clone(), e))?;
         }
         cfg.mounts = cfg.mounts.iter().filter_map(|m| m.canonicalize().ok()).collect();
-        recover_journal(&jobs_dir);
+        let recovered = recover_journal(&jobs_dir);
         housekeeping::sweep(&jobs_dir, cfg.keep_finished, cfg.jobs_cap_bytes, unix_now());
         // A stable peer id, so clients can find the worker again after a restart.
         let id_file = work_dir.join("worker-id");
@@ -242,7 +250,10 @@ impl<R: Runtime> Worker<R> {
             jobs_dir,
             cache_dir,
             caps,
-            current: Mutex::new(None),
+            queue: Mutex::new(queue::Queue::default()),
+            recovered: Mutex::new(recovered),
+            draining: std::sync::atomic::AtomicBool::new(false),
+            slot_changed: watch::channel(0).0,
             status: watch::channel((Status::Available, None)).0,
             jwks: tokio::sync::Mutex::new((None, None)),
             upstream_keys: tokio::sync::Mutex::new(upstream::KeyCache::default()),
@@ -275,6 +286,10 @@ impl<R: Runtime> Worker<R> {
                 "status": if status == Status::Busy { "busy" } else { "available" },
                 "current_job": job,
                 "max_concurrent_jobs": 1,
+                // Admitted and unfinished jobs (running, uploading, waiting), and how many it
+                // takes: clients choosing a worker prefer the shortest wait.
+                "queue_length": self.queue_length(),
+                "queue_capacity": 1 + self.cfg.queue,
                 "supported_job_types": ["training", "inference"],
                 "auth": if self.cfg.room_secret.is_some() { "room-secret" } else { "ticket" },
                 "progress_published": self.cfg.publish_progress,
@@ -294,6 +309,7 @@ impl<R: Runtime> Worker<R> {
         let mut backoff = self.cfg.backoff_start;
         // Clients will connect to us: have the DTLS key ready by then.
         crate::cert::prepare::<R>();
+        self.requeue_recovered();
         loop {
             let register = Register {
                 peer_id: Some(self.peer_id.clone()),
@@ -332,14 +348,46 @@ impl<R: Runtime> Worker<R> {
         Ok(())
     }
 
-    /// Cancels the running job (if any) and waits for it to end.
+    /// Cancels the running job (if any) and waits for it to end. Queued jobs stay queued in
+    /// the journal: the next start of the worker runs them.
     pub async fn shutdown(&self) {
-        let job = self.current.lock().ok().and_then(|c| c.clone());
-        if let Some(j) = job {
+        self.draining.store(true, std::sync::atomic::Ordering::SeqCst);
+        let running = self.admitted().into_iter().find(|j| j.status().state == JobState::Running);
+        if let Some(j) = running {
             let _ = j.interrupt.send(Some(Interrupt::Cancel));
-            let mut st = self.status.subscribe();
+            let mut moved = self.slot_changed.subscribe();
             let grace = self.cfg.supervision.cancel_grace + Duration::from_secs(5);
-            let _ = timeout::<R, _>(grace, st.wait_for(|(s, _)| *s == Status::Available)).await;
+            let gone = async {
+                while self.find_job(&j.id).is_some() {
+                    if moved.changed().await.is_err() {
+                        break;
+                    }
+                }
+            };
+            let _ = timeout::<R, _>(grace, gone).await;
+        }
+    }
+
+    /// Takes up the jobs a previous run of the worker had queued (uploaded, not started), in
+    /// their old order; their clients follow them again with `job attach`.
+    fn requeue_recovered(self: &Arc<Self>) {
+        let entries = self.recovered.lock().map(|mut r| std::mem::take(&mut *r)).unwrap_or_default();
+        for entry in entries {
+            let id = entry.job.id.clone();
+            let spec = entry.spec.clone();
+            let job = Arc::new(ActiveJob {
+                id: id.clone(),
+                owner: entry.owner.clone(),
+                dir: self.jobs_dir.join(&id),
+                started: std::time::Instant::now(),
+                entry: Mutex::new(entry),
+                attached: Mutex::new(vec![]),
+                interrupt: watch::channel(None).0,
+            });
+            self.requeue(job.clone());
+            tracing::info!(job = %id, "job queued before a restart: queued again");
+            let me = self.clone();
+            R::spawn(async move { me.run_admitted(job, spec).await });
         }
     }
 

@@ -79,9 +79,8 @@ impl<R: Runtime> Worker<R> {
         job_id: &str,
         what: Interrupt,
     ) -> Result<(), (ErrorCode, String)> {
-        let job = self.current.lock().ok().and_then(|g| g.clone()).filter(|j| j.id == job_id);
-        let Some(job) = job else {
-            return Err((ErrorCode::PathNotFound, format!("job {job_id:.40} is not running here")));
+        let Some(job) = self.find_job(job_id) else {
+            return Err((ErrorCode::PathNotFound, format!("job {job_id:.40} is not running or queued here")));
         };
         if job.owner != user {
             return Err((ErrorCode::NotAllowed, "this job belongs to another user".into()));
@@ -100,7 +99,7 @@ impl<R: Runtime> Worker<R> {
     }
 
     pub(super) async fn attach(&self, c: &Arc<PeerConnection<R>>, user: &str, job_id: &str, fetch: bool) {
-        let active = self.current.lock().ok().and_then(|g| g.clone()).filter(|j| j.id == job_id);
+        let active = self.find_job(job_id);
         let (owner, status, dir) = match &active {
             Some(j) => (j.owner.clone(), j.status(), j.dir.clone()),
             None => match read_journal(&self.jobs_dir, job_id) {
@@ -274,21 +273,6 @@ impl<R: Runtime> Worker<R> {
         };
         let dir = self.jobs_dir.join(&job_id);
         let job = {
-            let Ok(mut cur) = self.current.lock() else { return };
-            if let Some(j) = cur.as_ref() {
-                return reject(vec![FieldError::new(
-                    "worker",
-                    ErrorCode::Busy,
-                    format!("worker {} is busy with job {}; try another worker or wait", self.peer_id, j.id),
-                )]);
-            }
-            if let Err(e) = std::fs::create_dir_all(dir.join("input")) {
-                return reject(vec![FieldError::new(
-                    "worker",
-                    ErrorCode::Internal,
-                    format!("cannot create the job directory: {e}"),
-                )]);
-            }
             let mut j = Job::new(&job_id, spec.kind());
             let _ = j.transition(JobState::Accepted);
             let now = unix_now();
@@ -310,7 +294,7 @@ impl<R: Runtime> Worker<R> {
                 updated_at: now,
                 trainer_pid: None,
             };
-            let job = Arc::new(ActiveJob {
+            Arc::new(ActiveJob {
                 id: job_id.clone(),
                 owner: user,
                 dir: dir.clone(),
@@ -318,12 +302,20 @@ impl<R: Runtime> Worker<R> {
                 entry: Mutex::new(entry),
                 attached: Mutex::new(vec![c.clone()]),
                 interrupt: watch::channel(None).0,
-            });
-            *cur = Some(job.clone());
-            job
+            })
         };
+        if let Err(busy) = self.admit(job.clone()) {
+            return reject(vec![FieldError::new("worker", ErrorCode::Busy, busy)]);
+        }
+        if let Err(e) = std::fs::create_dir_all(dir.join("input")) {
+            self.release(&job_id);
+            return reject(vec![FieldError::new(
+                "worker",
+                ErrorCode::Internal,
+                format!("cannot create the job directory: {e}"),
+            )]);
+        }
         job.save();
-        let _ = self.status.send((Status::Busy, Some(job_id.clone())));
         tracing::info!(job = %job_id, kind = %spec.kind(), files = files.len(), "job accepted");
         // Ready to receive before the client hears "accepted" and starts sending: an offer that
         // arrived first would find nobody waiting, and its refusal (an unsafe name, say) would go
@@ -349,13 +341,22 @@ impl<R: Runtime> Worker<R> {
             Ok(()) if job.entry.lock().map(|e| e.job.cancel_requested).unwrap_or(false) => {
                 Outcome::new(JobState::Cancelled, "cancelled by the user before it started", vec![])
             }
-            Ok(()) => {
-                job.set_state(JobState::Running, None);
-                let _ = self.status.send((Status::Busy, Some(job_id.clone())));
-                match &spec {
-                    JobSpec::Train(_) => self.run_training(&job, &spec).await,
-                    JobSpec::Track(_) => self.run_tracking(&job, &spec).await,
-                }
+            Ok(()) => return self.run_admitted(job, spec).await,
+        };
+        self.finish(&job, outcome).await;
+    }
+
+    /// An uploaded job: waits for the GPU (the queue), runs, finishes. Also how a restarted
+    /// worker takes up the jobs that were queued.
+    pub(super) async fn run_admitted(self: Arc<Self>, job: Arc<ActiveJob<R>>, spec: JobSpec) {
+        let outcome = if !self.wait_for_gpu(&job).await {
+            Outcome::new(JobState::Cancelled, "cancelled while queued; nothing ran", vec![])
+        } else {
+            tracing::info!(job = %job.id, "job started");
+            job.set_state(JobState::Running, None);
+            match &spec {
+                JobSpec::Train(_) => self.run_training(&job, &spec).await,
+                JobSpec::Track(_) => self.run_tracking(&job, &spec).await,
             }
         };
         self.finish(&job, outcome).await;

@@ -304,12 +304,9 @@ impl<R: Runtime> Worker<R> {
         job.save();
         tracing::info!(job = %job.id, %state, %message, "job finished");
         let status = job.status();
-        // Free the worker before saying so: a client that resubmits on job_done must not see busy.
-        if let Ok(mut cur) = self.current.lock() {
-            *cur = None;
-        }
+        // Free the GPU before saying so: a client that resubmits on job_done must not see busy.
         self.progress.send_replace(None);
-        let _ = self.status.send((Status::Available, None));
+        self.release(&job.id);
         let conns: Vec<Attached<R>> = job.attached.lock().map(|a| a.clone()).unwrap_or_default();
         job.emit(&JobMsg::JobDone { status: status.clone() });
         let (jobs, keep, cap) = (self.jobs_dir.clone(), self.cfg.keep_finished, self.cfg.jobs_cap_bytes);
