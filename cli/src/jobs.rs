@@ -478,6 +478,64 @@ pub async fn attach(target: &Target, job_id: &str, kind: JobKind, out: Output, u
     follow(&client, job_id, kind, &out, None, None, ui).await
 }
 
+/// `job stop|cancel`: asks the job's worker, then reports what became of the job. A cancel waits
+/// (up to a minute) for the job to end; a stop returns once asked, since the epoch under way
+/// may take long (the job's own client, or `job attach`, gets the model).
+pub async fn interrupt(target: &Target, job_id: &str, cancel: bool, ui: Ui) -> Result<i32> {
+    let (_sig, client) = open(target, &ui).await?;
+    if cancel {
+        client.cancel(job_id)?
+    } else {
+        client.stop(job_id)?
+    }
+    // The worker answers a refused interrupt with job_error, in order, before this status.
+    client.attach(job_id, false)?;
+    let what = if cancel { "cancel" } else { "stop" };
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(if cancel { 60 } else { 15 });
+    let mut asked = false;
+    loop {
+        let msg = match tokio::time::timeout_at(deadline, client.next()).await {
+            Ok(Some(m)) => m,
+            Ok(None) => bail!("the connection to the worker closed"),
+            Err(_) if asked => {
+                ui.say(None, format!("{what} asked; job {job_id} has not ended yet (follow it with `job attach`)"));
+                return Ok(0);
+            }
+            Err(_) => bail!("the worker did not answer within the time allowed"),
+        };
+        match msg {
+            JobMsg::JobError { code, message, .. } => {
+                ui.event(json!({"event": "error", "code": code, "message": message}));
+                if !ui.json {
+                    eprintln!("error: cannot {what} job {job_id}: {message}");
+                }
+                return Ok(1);
+            }
+            JobMsg::JobStatus { status } | JobMsg::JobDone { status } if status.state.is_terminal() => {
+                ui.event(json!({"event": "done", "job_id": job_id, "state": status.state, "message": status.message}));
+                ui.say(None, format!("job {job_id} {}", status.state));
+                return Ok(0);
+            }
+            JobMsg::JobStatus { status } => {
+                asked = true;
+                ui.event(json!({"event": "asked", "job_id": job_id, "action": what, "state": status.state}));
+                if !cancel {
+                    ui.say(
+                        None,
+                        format!(
+                            "stop asked: job {job_id} finishes its current epoch and keeps the model so far \
+                         (its client gets it; or `sleap-rtc job attach {job_id}`)"
+                        ),
+                    );
+                    return Ok(0);
+                }
+                ui.say(None, format!("cancel asked: waiting for job {job_id} to end"));
+            }
+            _ => {}
+        }
+    }
+}
+
 fn bar_style(template: &str) -> ProgressStyle {
     ProgressStyle::with_template(template).unwrap_or_else(|_| ProgressStyle::default_bar())
 }

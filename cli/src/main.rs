@@ -340,6 +340,27 @@ struct TrackCli {
     video_index: Option<u32>,
 }
 
+/// Where a job is, for `job stop|cancel`: by default what was recorded when it was submitted.
+#[derive(Args)]
+struct JobAt {
+    #[arg(long, env = "SLEAP_RTC_SERVER")]
+    server: Option<String>,
+    #[arg(long)]
+    room: Option<String>,
+    #[arg(long)]
+    worker: Option<String>,
+    #[arg(long, env = "SLEAP_RTC_JWT", hide_env_values = true)]
+    jwt: Option<String>,
+    #[arg(long, env = "SLEAP_RTC_ROOM_SECRET", hide_env_values = true)]
+    room_secret: Option<String>,
+    #[arg(long = "bind", value_name = "IP")]
+    bind: Vec<IpAddr>,
+    #[arg(long, env = "SLEAP_RTC_RELAY_ONLY")]
+    relay_only: bool,
+    #[arg(long)]
+    json: bool,
+}
+
 #[derive(Subcommand)]
 enum JobCmd {
     /// Follow a job again after a disconnect, and fetch its results if it has finished.
@@ -365,6 +386,20 @@ enum JobCmd {
         relay_only: bool,
         #[arg(long)]
         json: bool,
+    },
+    /// Stop a job early from any shell: it finishes its current epoch and its model is kept (a
+    /// queued job is cancelled: nothing has run yet). Only its submitter may.
+    Stop {
+        job_id: String,
+        #[command(flatten)]
+        at: JobAt,
+    },
+    /// Cancel a job (running or queued) from any shell: the trainer is killed, nothing is
+    /// returned. Only its submitter may.
+    Cancel {
+        job_id: String,
+        #[command(flatten)]
+        at: JobAt,
     },
     /// Jobs submitted from this machine.
     List {
@@ -623,6 +658,8 @@ async fn job(cmd: JobCmd, verbose: bool) -> Result<i32> {
             }
             Ok(0)
         }
+        JobCmd::Stop { job_id, at } => interrupt_cmd(&job_id, at, false, verbose).await,
+        JobCmd::Cancel { job_id, at } => interrupt_cmd(&job_id, at, true, verbose).await,
         JobCmd::Attach { job_id, server, room, worker, jwt, room_secret, output, bind, relay_only, json } => {
             let rec = creds::load_job(&job_id)?;
             let server = server
@@ -655,6 +692,28 @@ async fn job(cmd: JobCmd, verbose: bool) -> Result<i32> {
             jobs::attach(&t, &job_id, kind, out, Ui { json, verbose }).await
         }
     }
+}
+
+async fn interrupt_cmd(job_id: &str, at: JobAt, cancel: bool, verbose: bool) -> Result<i32> {
+    let rec = creds::load_job(job_id)?;
+    let server = at
+        .server
+        .or(rec.as_ref().map(|r| r.server.clone()))
+        .context("this job was not submitted from here; pass --server, --room and --worker")?;
+    let conn = ConnArgs {
+        server: ServerArg { server: Some(server) },
+        room: at.room.or(rec.as_ref().map(|r| r.room.clone())),
+        jwt: at.jwt,
+        room_secret: at.room_secret,
+        worker: at.worker.or(rec.as_ref().map(|r| r.worker.clone())),
+        auto_select: false,
+        min_gpu_memory: 0,
+        bind: at.bind,
+        relay_only: at.relay_only,
+        json: at.json,
+    };
+    let t = target(&conn)?;
+    jobs::interrupt(&t, job_id, cancel, Ui { json: at.json, verbose }).await
 }
 
 fn config_cmd(cmd: ConfigCmd) -> Result<i32> {

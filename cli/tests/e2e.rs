@@ -558,3 +558,44 @@ async fn a_queued_job_can_be_cancelled_and_survives_a_worker_restart() {
     assert!(out.status.success(), "job attach: {}", String::from_utf8_lossy(&out.stderr));
     assert!(env.path("out2-attached/single_instance/best.ckpt").is_file());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn jobs_are_stopped_and_cancelled_from_another_shell() {
+    let env = env().await;
+    let _w = env.worker("w", &[], "").await;
+    let slow = env.config("slow.yaml", "batch_ms=150 steps=5");
+    let mut args = env.train_args(&slow, "out1");
+    args.extend(["--max-epochs".into(), "40".into()]);
+
+    // Stop: the job's own client gets the model so far.
+    let mut c = Client::spawn(&env, &args);
+    let job = c.until(60, |e| e["event"] == "accepted").await["job_id"].as_str().unwrap().to_owned();
+    c.until(60, is_epoch_end).await;
+    let out = env.cmd(&["job", "stop", &job, "--bind", "127.0.0.1", "--json"]).output().await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"asked\""), "{}", String::from_utf8_lossy(&out.stdout));
+    let (code, events, err) = c.finish(60).await;
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(done(&events)["state"], "stopped_early");
+    assert!(env.path("out1/single_instance/best.ckpt").is_file(), "the model so far came back");
+
+    // Cancel: waits for the end and says so; the job's client ends cancelled.
+    let mut args = env.train_args(&slow, "out2");
+    args.extend(["--max-epochs".into(), "40".into()]);
+    let mut c = Client::spawn(&env, &args);
+    let job = c.until(60, |e| e["event"] == "accepted").await["job_id"].as_str().unwrap().to_owned();
+    c.until(60, is_epoch_end).await;
+    let out = env.cmd(&["job", "cancel", &job, "--bind", "127.0.0.1", "--json"]).output().await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let said = String::from_utf8_lossy(&out.stdout).into_owned();
+    assert!(said.contains("\"state\":\"cancelled\""), "{said}");
+    let (code, events, _) = c.finish(60).await;
+    assert_eq!(code, 130);
+    assert_eq!(done(&events)["state"], "cancelled");
+
+    // A job that is not there is a clear refusal, not a hang.
+    let out = env.cmd(&["job", "cancel", &job, "--bind", "127.0.0.1"]).output().await.unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("not running or queued"), "{err}");
+}
