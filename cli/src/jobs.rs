@@ -478,6 +478,54 @@ pub async fn attach(target: &Target, job_id: &str, kind: JobKind, out: Output, u
     follow(&client, job_id, kind, &out, None, None, ui).await
 }
 
+/// `job logs`: the job's trainer log from its worker; with `follow`, until the job ends.
+pub async fn logs(target: &Target, job_id: &str, tail: u32, follow: bool, ui: Ui) -> Result<i32> {
+    let (_sig, client) = open(target, &ui).await?;
+    client.logs(job_id, tail, follow)?;
+    let mut replayed = false;
+    loop {
+        let next = tokio::select! {
+            m = client.next() => m,
+            _ = tokio::signal::ctrl_c() => return Ok(130),
+        };
+        match next {
+            None => bail!("the connection to the worker closed"),
+            Some(JobMsg::JobLog { text, stream, .. }) => {
+                if ui.json {
+                    ui.event(json!({"event": "log", "stream": stream, "text": text}));
+                } else {
+                    println!("{text}");
+                }
+            }
+            Some(JobMsg::JobError { message, .. }) => {
+                ui.event(json!({"event": "error", "message": message}));
+                if !ui.json {
+                    eprintln!("error: {message}");
+                }
+                return Ok(1);
+            }
+            Some(JobMsg::JobStatus { status }) if !replayed => {
+                replayed = true;
+                ui.event(json!({"event": "status", "status": status}));
+                if !follow || status.state.is_terminal() {
+                    if !ui.json {
+                        eprintln!("job {job_id} is {}", status.state);
+                    }
+                    return Ok(0);
+                }
+            }
+            Some(JobMsg::JobDone { status }) => {
+                ui.event(json!({"event": "done", "job_id": job_id, "state": status.state}));
+                if !ui.json {
+                    eprintln!("job {job_id} {}", status.state);
+                }
+                return Ok(0);
+            }
+            Some(_) => {}
+        }
+    }
+}
+
 /// `job stop|cancel`: asks the job's worker, then reports what became of the job. A cancel waits
 /// (up to a minute) for the job to end; a stop returns once asked, since the epoch under way
 /// may take long (the job's own client, or `job attach`, gets the model).

@@ -401,6 +401,19 @@ enum JobCmd {
         #[command(flatten)]
         at: JobAt,
     },
+    /// A job's trainer log, from its worker: the last lines, then (with --follow) new ones as
+    /// they come, until the job ends. Only its submitter may.
+    Logs {
+        job_id: String,
+        /// How many of the last lines to show (at most 10000).
+        #[arg(long, short = 'n', default_value_t = 100)]
+        tail: u32,
+        /// Keep printing new lines until the job ends (Ctrl-C to leave; the job goes on).
+        #[arg(long, short = 'f')]
+        follow: bool,
+        #[command(flatten)]
+        at: JobAt,
+    },
     /// Jobs submitted from this machine.
     List {
         #[arg(long)]
@@ -658,6 +671,11 @@ async fn job(cmd: JobCmd, verbose: bool) -> Result<i32> {
             }
             Ok(0)
         }
+        JobCmd::Logs { job_id, tail, follow, at } => {
+            let json = at.json;
+            let t = job_target(&job_id, at)?;
+            jobs::logs(&t, &job_id, tail, follow, Ui { json, verbose }).await
+        }
         JobCmd::Stop { job_id, at } => interrupt_cmd(&job_id, at, false, verbose).await,
         JobCmd::Cancel { job_id, at } => interrupt_cmd(&job_id, at, true, verbose).await,
         JobCmd::Attach { job_id, server, room, worker, jwt, room_secret, output, bind, relay_only, json } => {
@@ -695,6 +713,13 @@ async fn job(cmd: JobCmd, verbose: bool) -> Result<i32> {
 }
 
 async fn interrupt_cmd(job_id: &str, at: JobAt, cancel: bool, verbose: bool) -> Result<i32> {
+    let json = at.json;
+    let t = job_target(job_id, at)?;
+    jobs::interrupt(&t, job_id, cancel, Ui { json, verbose }).await
+}
+
+/// Where `job_id` is: flags, else what was recorded when it was submitted from here.
+fn job_target(job_id: &str, at: JobAt) -> Result<Target> {
     let rec = creds::load_job(job_id)?;
     let server = at
         .server
@@ -712,8 +737,7 @@ async fn interrupt_cmd(job_id: &str, at: JobAt, cancel: bool, verbose: bool) -> 
         relay_only: at.relay_only,
         json: at.json,
     };
-    let t = target(&conn)?;
-    jobs::interrupt(&t, job_id, cancel, Ui { json: at.json, verbose }).await
+    target(&conn)
 }
 
 fn config_cmd(cmd: ConfigCmd) -> Result<i32> {

@@ -599,3 +599,35 @@ async fn jobs_are_stopped_and_cancelled_from_another_shell() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("not running or queued"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn job_logs_replays_the_trainer_log_and_follows_it() {
+    let env = env().await;
+    let _w = env.worker("w", &[], "").await;
+    let slow = env.config("slow.yaml", "batch_ms=100 steps=5");
+    let mut args = env.train_args(&slow, "out");
+    args.extend(["--max-epochs".into(), "6".into()]);
+    let mut c = Client::spawn(&env, &args);
+    let job = c.until(60, |e| e["event"] == "accepted").await["job_id"].as_str().unwrap().to_owned();
+    c.until(60, is_epoch_end).await;
+
+    // While it runs: --follow prints what is there, then new lines, until the job ends.
+    let follow = env.cmd(&["job", "logs", &job, "--follow", "--bind", "127.0.0.1", "--json"]).output();
+    let (follow, (code, _, err)) = tokio::join!(follow, c.finish(60));
+    assert_eq!(code, 0, "{err}");
+    let follow = follow.unwrap();
+    assert!(follow.status.success(), "{}", String::from_utf8_lossy(&follow.stderr));
+    let events: Vec<Value> =
+        String::from_utf8_lossy(&follow.stdout).lines().filter_map(|l| serde_json::from_str(l).ok()).collect();
+    assert!(events.iter().any(|e| e["event"] == "log"), "{events:#?}");
+    assert_eq!(events.last().unwrap()["event"], "done", "followed to the end: {events:#?}");
+
+    // Afterwards: the last lines of trainer.log, as they are on the worker.
+    let log = std::fs::read_to_string(env.path("w/jobs").join(&job).join("trainer.log")).unwrap();
+    let want: Vec<&str> = log.lines().rev().take(3).collect::<Vec<_>>().into_iter().rev().collect();
+    let out = env.cmd(&["job", "logs", &job, "-n", "3", "--bind", "127.0.0.1"]).output().await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let got = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(got.lines().map(|l| l.trim_end_matches('\r')).collect::<Vec<_>>(), want);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("completed"));
+}

@@ -221,6 +221,12 @@ impl<R: Runtime> JobClient<R> {
     }
 
     /// Follow a job again; with `fetch`, a finished job's results are sent.
+    /// Asks for the last `tail` lines of the job's trainer log (`job_log` messages, then a
+    /// `job_status`); `follow` keeps the lines coming until `job_done`.
+    pub fn logs(&self, job_id: &str, tail: u32, follow: bool) -> Result<(), JobClientError> {
+        self.send(&JobMsg::JobLogs { job_id: job_id.to_owned(), tail, follow })
+    }
+
     pub fn attach(&self, job_id: &str, fetch: bool) -> Result<(), JobClientError> {
         self.send(&JobMsg::JobAttach { job_id: job_id.to_owned(), fetch })
     }

@@ -142,6 +142,16 @@ pub enum JobMsg {
     JobCancel {
         job_id: String,
     },
+    /// C→W: the last `tail` lines of the job's trainer log (as `job_log` messages), then its
+    /// `job_status`; with `follow`, the connection is then attached, so new lines keep coming
+    /// until `job_done`.
+    JobLogs {
+        job_id: String,
+        #[serde(default = "default_tail")]
+        tail: u32,
+        #[serde(default)]
+        follow: bool,
+    },
     /// C→W: follow a job again (after a disconnect); `fetch` asks for its results if it has them.
     JobAttach {
         job_id: String,
@@ -159,6 +169,10 @@ pub enum JobMsg {
         code: ErrorCode,
         message: String,
     },
+}
+
+fn default_tail() -> u32 {
+    100
 }
 
 impl JobMsg {

@@ -45,6 +45,7 @@ impl<R: Runtime> Worker<R> {
                 JobMsg::JobStop { job_id } => self.interrupt(&c, &user, &job_id, Interrupt::Stop),
                 JobMsg::JobCancel { job_id } => self.interrupt(&c, &user, &job_id, Interrupt::Cancel),
                 JobMsg::JobAttach { job_id, fetch } => self.attach(&c, &user, &job_id, fetch).await,
+                JobMsg::JobLogs { job_id, tail, follow } => self.logs(&c, &user, &job_id, tail, follow).await,
                 other => {
                     let _ = c.send_message(
                         &JobMsg::JobError {
@@ -96,6 +97,49 @@ impl<R: Runtime> Worker<R> {
             Ok(Err(e)) => Err((ErrorCode::InvalidValue, e.to_string())),
             Err(_) => Err((ErrorCode::Internal, "the job's record is unavailable".into())),
         }
+    }
+
+    /// `job logs`: the tail of the job's `trainer.log` (owner only), then its status; with
+    /// `follow`, attached like `job attach` (without fetching results).
+    pub(super) async fn logs(&self, c: &Arc<PeerConnection<R>>, user: &str, job_id: &str, tail: u32, follow: bool) {
+        let owner = match self.find_job(job_id) {
+            Some(j) => Some(j.owner.clone()),
+            None => read_journal(&self.jobs_dir, job_id).map(|e| e.owner),
+        };
+        match owner {
+            None => {
+                return Self::reply_error(
+                    c,
+                    job_id,
+                    ErrorCode::PathNotFound,
+                    format!("no job {job_id:.40} on this worker"),
+                );
+            }
+            Some(o) if o != user => {
+                return Self::reply_error(c, job_id, ErrorCode::NotAllowed, "this job belongs to another user".into());
+            }
+            Some(_) => {}
+        }
+        let path = self.jobs_dir.join(job_id).join("trainer.log");
+        let n = tail.min(MAX_LOG_TAIL) as usize;
+        let lines = R::spawn_blocking(move || tail_lines(&path, n)).await.unwrap_or_default();
+        for text in lines {
+            let msg = JobMsg::JobLog { job_id: job_id.to_owned(), stream: Stream::Stdout, text, cr: false };
+            if c.send_message(&msg.to_value()).is_err() {
+                return;
+            }
+        }
+        if follow {
+            return self.attach(c, user, job_id, false).await;
+        }
+        let status = match self.find_job(job_id) {
+            Some(j) => j.status(),
+            None => match read_journal(&self.jobs_dir, job_id) {
+                Some(e) => e.status,
+                None => return,
+            },
+        };
+        let _ = c.send_message(&JobMsg::JobStatus { status }.to_value());
     }
 
     pub(super) async fn attach(&self, c: &Arc<PeerConnection<R>>, user: &str, job_id: &str, fetch: bool) {
@@ -430,4 +474,61 @@ impl<R: Runtime> Worker<R> {
 pub(super) struct UploadFailure {
     pub message: String,
     pub parts_kept: bool,
+}
+
+/// Lines `job logs` replays at most.
+const MAX_LOG_TAIL: u32 = 10_000;
+
+/// The last `n` lines of a log, read from at most its last MiB, each cut to 4 KiB (a control
+/// message must stay small); a missing log (the job never ran) is no lines.
+pub(super) fn tail_lines(path: &Path, n: usize) -> Vec<String> {
+    use std::io::{Read, Seek, SeekFrom};
+    let Ok(mut f) = std::fs::File::open(path) else { return vec![] };
+    let len = f.metadata().map(|m| m.len()).unwrap_or(0);
+    let from = len.saturating_sub(1 << 20);
+    if f.seek(SeekFrom::Start(from)).is_err() {
+        return vec![];
+    }
+    let mut buf = Vec::new();
+    if f.take(1 << 20).read_to_end(&mut buf).is_err() {
+        return vec![];
+    }
+    let text = String::from_utf8_lossy(&buf);
+    let mut lines: Vec<&str> = text.lines().collect();
+    if from > 0 && !lines.is_empty() {
+        // The first line was cut by the 1 MiB window.
+        lines.remove(0);
+    }
+    let skip = lines.len().saturating_sub(n);
+    lines[skip..]
+        .iter()
+        .map(|l| {
+            let l = l.trim_end_matches('\r');
+            let mut end = l.len().min(4096);
+            while !l.is_char_boundary(end) {
+                end -= 1;
+            }
+            l[..end].to_owned()
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod log_tests {
+    use super::tail_lines;
+
+    #[test]
+    fn tails_are_the_last_lines_and_bounded() {
+        let d = tempfile::tempdir().unwrap();
+        let p = d.path().join("trainer.log");
+        let text: String = (0..500).map(|i| format!("line {i}\n")).collect();
+        std::fs::write(&p, text).unwrap();
+        assert_eq!(tail_lines(&p, 3), vec!["line 497", "line 498", "line 499"]);
+        assert_eq!(tail_lines(&p, 10_000).len(), 500);
+        assert!(tail_lines(&d.path().join("missing"), 5).is_empty());
+        std::fs::write(&p, format!("{}\nshort\n", "é".repeat(5000))).unwrap();
+        let t = tail_lines(&p, 2);
+        assert!(t[0].len() <= 4096 && t[0].starts_with('é'));
+        assert_eq!(t[1], "short");
+    }
 }
