@@ -478,6 +478,88 @@ pub async fn attach(target: &Target, job_id: &str, kind: JobKind, out: Output, u
     follow(&client, job_id, kind, &out, None, None, ui).await
 }
 
+/// `job list`: this user's jobs on every worker of the room (or `target.worker`), newest first.
+/// Workers that cannot be reached are named on stderr; the others are still listed.
+pub async fn list_remote(target: &Target, ui: Ui) -> Result<i32> {
+    sleap_rtc_tokio::conn::prepare_certificate();
+    let sig = SignalingClient::connect(&target.server.ws, register(target))
+        .await
+        .with_context(|| format!("cannot join room {} on {}", target.room, target.server.http))?;
+    let ids: Vec<String> = match &target.worker {
+        Some(w) => vec![w.clone()],
+        None => sig
+            .discover(Filters { role: Some("worker".into()), ..Default::default() })
+            .await
+            .context("cannot list the room's workers")?
+            .into_iter()
+            .map(|p| p.peer_id)
+            .collect(),
+    };
+    let now = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
+    let mut rows = Vec::new();
+    let mut failed = 0;
+    for w in &ids {
+        let listed = tokio::time::timeout(Duration::from_secs(30), async {
+            let c = JobClient::connect(&sig, w, target.peer.clone(), &target.auth).await?;
+            // Dropping the client closes the connection.
+            anyhow::Ok(c.list().await?)
+        })
+        .await
+        .unwrap_or_else(|_| Err(anyhow::anyhow!("no answer in 30 s")));
+        match listed {
+            Ok(jobs) => rows.extend(jobs.into_iter().map(|j| (w.clone(), j))),
+            Err(e) => {
+                failed += 1;
+                eprintln!("warning: worker {w}: {e:#}");
+            }
+        }
+    }
+    rows.sort_by(|a, b| b.1.created_at.total_cmp(&a.1.created_at));
+    if ui.json {
+        let out: Vec<Value> = rows
+            .iter()
+            .map(|(w, j)| {
+                json!({
+                    "job_id": j.status.job_id, "kind": j.status.kind, "state": j.status.state, "worker": w,
+                    "ahead": j.ahead, "last_epoch": j.status.last_epoch, "message": j.status.message,
+                    "age_secs": (now - j.created_at).max(0.0).round(), "updated_at": j.updated_at,
+                })
+            })
+            .collect();
+        println!("{}", serde_json::to_string_pretty(&out)?);
+    } else if rows.is_empty() {
+        eprintln!("no jobs of yours on {} worker(s) in room {}", ids.len() - failed, target.room);
+    } else {
+        println!("{:<22} {:<6} {:<14} {:<28} {:>8}  PROGRESS", "JOB", "KIND", "STATE", "WORKER", "AGE");
+        for (w, j) in &rows {
+            let progress = match (j.ahead, &j.status.last_epoch) {
+                (Some(n), _) => format!("{n} job(s) ahead"),
+                (None, Some(Progress::EpochEnd { epoch, loss, .. })) => {
+                    format!("epoch {epoch}, loss {}", fmt_loss(*loss))
+                }
+                (None, Some(p)) => format!("{p:?}").chars().take(40).collect(),
+                (None, None) => j.status.message.clone().unwrap_or_default().chars().take(60).collect(),
+            };
+            let age = age_str(now - j.created_at);
+            println!(
+                "{:<22} {:<6} {:<14} {:<28} {:>8}  {progress}",
+                j.status.job_id, j.status.kind, j.status.state, w, age
+            );
+        }
+    }
+    Ok(if failed > 0 && rows.is_empty() { 1 } else { 0 })
+}
+
+fn age_str(secs: f64) -> String {
+    let s = secs.max(0.0) as u64;
+    match s {
+        0..120 => format!("{s}s"),
+        120..7200 => format!("{}m", s / 60),
+        7200..172_800 => format!("{}h", s / 3600),
+        _ => format!("{}d", s / 86_400),
+    }
+}
+
 /// `job logs`: the job's trainer log from its worker; with `follow`, until the job ends.
 pub async fn logs(target: &Target, job_id: &str, tail: u32, follow: bool, ui: Ui) -> Result<i32> {
     let (_sig, client) = open(target, &ui).await?;

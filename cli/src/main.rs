@@ -416,8 +416,13 @@ enum JobCmd {
     },
     /// Jobs submitted from this machine.
     List {
+        /// Only the jobs submitted from this machine (no connection; where each one's results
+        /// go). Default: ask every worker of the room (or --worker) for this user's jobs, with
+        /// state, queue position, progress and age.
         #[arg(long)]
-        json: bool,
+        local: bool,
+        #[command(flatten)]
+        at: JobAt,
     },
 }
 
@@ -657,7 +662,26 @@ async fn track(a: TrackCli, verbose: bool) -> Result<i32> {
 
 async fn job(cmd: JobCmd, verbose: bool) -> Result<i32> {
     match cmd {
-        JobCmd::List { json } => {
+        JobCmd::List { local: false, at } => {
+            let ui = Ui { json: at.json, verbose };
+            let conn = ConnArgs {
+                server: ServerArg { server: at.server },
+                // `--room` of `job stop|cancel|logs` defaults to the job's record, not the
+                // environment; a listing has no record.
+                room: at.room.or_else(|| std::env::var("SLEAP_RTC_ROOM").ok()),
+                jwt: at.jwt,
+                room_secret: at.room_secret,
+                worker: at.worker,
+                auto_select: false,
+                min_gpu_memory: 0,
+                bind: at.bind,
+                relay_only: at.relay_only,
+                json: at.json,
+            };
+            jobs::list_remote(&target(&conn)?, ui).await
+        }
+        JobCmd::List { local: true, at } => {
+            let json = at.json;
             let jobs = creds::list_jobs();
             if json {
                 println!("{}", serde_json::to_string_pretty(&jobs)?);

@@ -477,6 +477,19 @@ async fn jobs_wait_in_the_queue_run_in_turn_and_a_full_queue_refuses() {
     let q = second.until(60, |e| e["event"] == "state" && e["state"] == "queued").await;
     assert!(q["message"].as_str().unwrap().contains("1 job(s) ahead"), "{q}");
 
+    // From any shell: the room's workers list this user's jobs, live.
+    let out = env.cmd(&["job", "list", "--json", "--bind", "127.0.0.1"]).output().await.unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let listed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let row = |id: &str| listed.as_array().unwrap().iter().find(|r| r["job_id"] == id).cloned().unwrap_or_default();
+    assert_eq!(row(&job1)["state"], "running", "{listed:#}");
+    assert_eq!(row(&job2)["state"], "queued", "{listed:#}");
+    assert_eq!(row(&job2)["ahead"], 1, "{listed:#}");
+    assert_eq!(row(&job2)["worker"], wid.as_str());
+    let text = env.cmd(&["job", "list", "--bind", "127.0.0.1"]).output().await.unwrap();
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains(&job2) && text.contains("1 job(s) ahead"), "{text}");
+
     // The queue (one place) is full: a third is refused, and auto-selection says why.
     let mut args = env.train_args(&quick, "out3");
     args.extend(["--worker".into(), wid.clone()]);

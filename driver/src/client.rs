@@ -210,6 +210,22 @@ impl<R: Runtime> JobClient<R> {
         Ok((job_id, upload))
     }
 
+    /// This user's jobs on the worker, newest first.
+    pub async fn list(&self) -> Result<Vec<sleap_rtc_core::job::JobSummary>, JobClientError> {
+        self.send(&JobMsg::JobList {})?;
+        let wait = async {
+            loop {
+                match self.recv().await {
+                    None => return Err(JobClientError::Closed),
+                    Some(JobMsg::JobListing { jobs }) => return Ok(jobs),
+                    Some(JobMsg::JobError { message, .. }) => return Err(JobClientError::Protocol(message)),
+                    Some(other) => self.hold(other)?,
+                }
+            }
+        };
+        crate::timeout::<R, _>(ACCEPT_WAIT, wait).await.map_err(|_| JobClientError::Timeout(ACCEPT_WAIT, "job list"))?
+    }
+
     /// Finish the current epoch and return the model so far.
     pub fn stop(&self, job_id: &str) -> Result<(), JobClientError> {
         self.send(&JobMsg::JobStop { job_id: job_id.to_owned() })

@@ -152,6 +152,12 @@ pub enum JobMsg {
         #[serde(default)]
         follow: bool,
     },
+    /// C→W: this user's jobs on the worker; answered with `job_listing`.
+    JobList {},
+    /// W→C: the asking user's jobs, newest first.
+    JobListing {
+        jobs: Vec<JobSummary>,
+    },
     /// C→W: follow a job again (after a disconnect); `fetch` asks for its results if it has them.
     JobAttach {
         job_id: String,
@@ -169,6 +175,18 @@ pub enum JobMsg {
         code: ErrorCode,
         message: String,
     },
+}
+
+/// One job in a `job_listing`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct JobSummary {
+    pub status: JobStatus,
+    /// Unix seconds.
+    pub created_at: f64,
+    pub updated_at: f64,
+    /// Jobs ahead of it for the GPU, while it is queued.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ahead: Option<u32>,
 }
 
 fn default_tail() -> u32 {

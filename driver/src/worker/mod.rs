@@ -14,8 +14,8 @@ use serde_json::{Value, json};
 use sleap_rtc_core::job::auth::{self, AuthError, Expected, TicketClaims};
 use sleap_rtc_core::job::bridge::{self, TrackExit, TrainExit, TrainRun};
 use sleap_rtc_core::job::{
-    ErrorCode, FieldError, Interrupt, Job, JobMsg, JobSpec, JobState, JobStatus, Outcome, PathRef, PathVerdict,
-    Progress, Stream, check_paths, parse_spec,
+    ErrorCode, FieldError, Interrupt, Job, JobMsg, JobSpec, JobState, JobStatus, JobSummary, Outcome, PathRef,
+    PathVerdict, Progress, Stream, check_paths, parse_spec,
 };
 use sleap_rtc_core::signal::{Register, ServerMessage};
 use sleap_rtc_core::transfer::FileEntry;

@@ -147,6 +147,12 @@ impl<R: Runtime> Worker<R> {
         self.status.send_replace((status, first));
     }
 
+    /// Jobs ahead of a queued job for the GPU.
+    pub(super) fn ahead_of(&self, id: &str) -> Option<u32> {
+        let q = self.queue.lock().ok()?;
+        q.waiting.contains(&id.to_owned()).then(|| q.ahead_of(id) as u32)
+    }
+
     /// Jobs admitted and not finished (for the room's view of this worker).
     pub(super) fn queue_length(&self) -> usize {
         self.queue.lock().map(|q| q.jobs.len()).unwrap_or(0)

@@ -46,6 +46,10 @@ impl<R: Runtime> Worker<R> {
                 JobMsg::JobCancel { job_id } => self.interrupt(&c, &user, &job_id, Interrupt::Cancel),
                 JobMsg::JobAttach { job_id, fetch } => self.attach(&c, &user, &job_id, fetch).await,
                 JobMsg::JobLogs { job_id, tail, follow } => self.logs(&c, &user, &job_id, tail, follow).await,
+                JobMsg::JobList {} => {
+                    let jobs = self.list_for(&user).await;
+                    let _ = c.send_message(&JobMsg::JobListing { jobs }.to_value());
+                }
                 other => {
                     let _ = c.send_message(
                         &JobMsg::JobError {
@@ -97,6 +101,40 @@ impl<R: Runtime> Worker<R> {
             Ok(Err(e)) => Err((ErrorCode::InvalidValue, e.to_string())),
             Err(_) => Err((ErrorCode::Internal, "the job's record is unavailable".into())),
         }
+    }
+
+    /// `job list`: `user`'s jobs here, newest first (at most [`MAX_LISTED`]): the live state
+    /// of admitted ones, the journal of the rest.
+    pub(super) async fn list_for(&self, user: &str) -> Vec<JobSummary> {
+        let (jobs, who) = (self.jobs_dir.clone(), user.to_owned());
+        let mut all = R::spawn_blocking(move || {
+            let Ok(rd) = std::fs::read_dir(&jobs) else { return vec![] };
+            rd.flatten()
+                .filter_map(|e| read_journal(&jobs, &e.file_name().to_string_lossy()))
+                .filter(|e| e.owner == who)
+                .map(|e| JobSummary {
+                    status: e.status,
+                    created_at: e.created_at,
+                    updated_at: e.updated_at,
+                    ahead: None,
+                })
+                .collect::<Vec<_>>()
+        })
+        .await
+        .unwrap_or_default();
+        for j in self.admitted().into_iter().filter(|j| j.owner == user) {
+            let live = j.entry.lock().map(|e| (e.status.clone(), e.created_at, e.updated_at));
+            let Ok((status, created_at, updated_at)) = live else { continue };
+            let ahead = (status.state == JobState::Queued).then(|| self.ahead_of(&j.id)).flatten();
+            let row = JobSummary { status, created_at, updated_at, ahead };
+            match all.iter_mut().find(|r| r.status.job_id == j.id) {
+                Some(r) => *r = row,
+                None => all.push(row),
+            }
+        }
+        all.sort_by(|a, b| b.created_at.total_cmp(&a.created_at));
+        all.truncate(MAX_LISTED);
+        all
     }
 
     /// `job logs`: the tail of the job's `trainer.log` (owner only), then its status; with
@@ -475,6 +513,9 @@ pub(super) struct UploadFailure {
     pub message: String,
     pub parts_kept: bool,
 }
+
+/// Jobs one `job_listing` carries at most (a control message must stay small).
+const MAX_LISTED: usize = 100;
 
 /// Lines `job logs` replays at most.
 const MAX_LOG_TAIL: u32 = 10_000;
