@@ -432,7 +432,7 @@ impl<R: Runtime> Worker<R> {
     /// worker takes up the jobs that were queued.
     pub(super) async fn run_admitted(self: Arc<Self>, job: Arc<ActiveJob<R>>, spec: JobSpec) {
         let outcome = if !self.wait_for_gpu(&job).await {
-            Outcome::new(JobState::Cancelled, "cancelled while queued; nothing ran", vec![])
+            Outcome::new(JobState::Cancelled, "stopped or cancelled before it started; nothing ran", vec![])
         } else {
             tracing::info!(job = %job.id, "job started");
             job.set_state(JobState::Running, None);
