@@ -340,13 +340,17 @@ struct TrackCli {
     video_index: Option<u32>,
 }
 
-/// Where a job is, for `job stop|cancel`: by default what was recorded when it was submitted.
+/// Where a job is, for `job attach|logs|stop|cancel` (server, room and worker default to what was
+/// recorded when it was submitted from here) and `job list`.
 #[derive(Args)]
 struct JobAt {
+    /// Server (default: the job's local record; for `job list`, the config file's).
     #[arg(long, env = "SLEAP_RTC_SERVER")]
     server: Option<String>,
+    /// Room (default: the job's local record; for `job list`, SLEAP_RTC_ROOM or the config file's).
     #[arg(long)]
     room: Option<String>,
+    /// Worker (default: the job's local record; for `job list`, every worker of the room).
     #[arg(long)]
     worker: Option<String>,
     #[arg(long, env = "SLEAP_RTC_JWT", hide_env_values = true)]
@@ -366,26 +370,11 @@ enum JobCmd {
     /// Follow a job again after a disconnect, and fetch its results if it has finished.
     Attach {
         job_id: String,
-        /// Server, room and worker default to what was recorded when the job was submitted.
-        #[arg(long, env = "SLEAP_RTC_SERVER")]
-        server: Option<String>,
-        #[arg(long)]
-        room: Option<String>,
-        #[arg(long)]
-        worker: Option<String>,
-        #[arg(long, env = "SLEAP_RTC_JWT", hide_env_values = true)]
-        jwt: Option<String>,
-        #[arg(long, env = "SLEAP_RTC_ROOM_SECRET", hide_env_values = true)]
-        room_secret: Option<String>,
         /// Where results go (default: the output given at submission).
         #[arg(short = 'o', long = "output")]
         output: Option<PathBuf>,
-        #[arg(long = "bind", value_name = "IP")]
-        bind: Vec<IpAddr>,
-        #[arg(long, env = "SLEAP_RTC_RELAY_ONLY")]
-        relay_only: bool,
-        #[arg(long)]
-        json: bool,
+        #[command(flatten)]
+        at: JobAt,
     },
     /// Stop a job early from any shell: it finishes its current epoch and its model is kept (a
     /// queued job is cancelled: nothing has run yet). Only its submitter may.
@@ -662,22 +651,12 @@ async fn track(a: TrackCli, verbose: bool) -> Result<i32> {
 
 async fn job(cmd: JobCmd, verbose: bool) -> Result<i32> {
     match cmd {
-        JobCmd::List { local: false, at } => {
+        JobCmd::List { local: false, mut at } => {
             let ui = Ui { json: at.json, verbose };
-            let conn = ConnArgs {
-                server: ServerArg { server: at.server },
-                // `--room` of `job stop|cancel|logs` defaults to the job's record, not the
-                // environment; a listing has no record.
-                room: at.room.or_else(|| std::env::var("SLEAP_RTC_ROOM").ok()),
-                jwt: at.jwt,
-                room_secret: at.room_secret,
-                worker: at.worker,
-                auto_select: false,
-                min_gpu_memory: 0,
-                bind: at.bind,
-                relay_only: at.relay_only,
-                json: at.json,
-            };
+            // `--room` of the other job commands defaults to the job's record, not the
+            // environment; a listing has no record.
+            at.room = at.room.or_else(|| std::env::var("SLEAP_RTC_ROOM").ok());
+            let conn = at.conn(None);
             jobs::list_remote(&target(&conn)?, ui).await
         }
         JobCmd::List { local: true, at } => {
@@ -697,36 +676,19 @@ async fn job(cmd: JobCmd, verbose: bool) -> Result<i32> {
         }
         JobCmd::Logs { job_id, tail, follow, at } => {
             let json = at.json;
-            let t = job_target(&job_id, at)?;
+            let (t, _) = job_target(&job_id, at)?;
             jobs::logs(&t, &job_id, tail, follow, Ui { json, verbose }).await
         }
         JobCmd::Stop { job_id, at } => interrupt_cmd(&job_id, at, false, verbose).await,
         JobCmd::Cancel { job_id, at } => interrupt_cmd(&job_id, at, true, verbose).await,
-        JobCmd::Attach { job_id, server, room, worker, jwt, room_secret, output, bind, relay_only, json } => {
-            let rec = creds::load_job(&job_id)?;
-            let server = server
-                .or(rec.as_ref().map(|r| r.server.clone()))
-                .context("this job was not submitted from here; pass --server, --room and --worker")?;
-            let room = room.or(rec.as_ref().map(|r| r.room.clone()));
-            let worker = worker.or(rec.as_ref().map(|r| r.worker.clone()));
+        JobCmd::Attach { job_id, output, at } => {
+            let json = at.json;
+            let (t, rec) = job_target(&job_id, at)?;
             let kind = match rec.as_ref().map(|r| r.kind.as_str()) {
                 Some("track") => JobKind::Track,
                 _ => JobKind::Train,
             };
-            let output = output.or(rec.as_ref().map(|r| r.output.clone())).unwrap_or_else(|| PathBuf::from("."));
-            let conn = ConnArgs {
-                server: ServerArg { server: Some(server) },
-                room,
-                jwt,
-                room_secret,
-                worker,
-                auto_select: false,
-                min_gpu_memory: 0,
-                bind,
-                relay_only,
-                json,
-            };
-            let t = target(&conn)?;
+            let output = output.or(rec.map(|r| r.output)).unwrap_or_else(|| PathBuf::from("."));
             let out = match kind {
                 JobKind::Track => Output::File(output),
                 JobKind::Train => Output::Dir(output),
@@ -738,30 +700,37 @@ async fn job(cmd: JobCmd, verbose: bool) -> Result<i32> {
 
 async fn interrupt_cmd(job_id: &str, at: JobAt, cancel: bool, verbose: bool) -> Result<i32> {
     let json = at.json;
-    let t = job_target(job_id, at)?;
+    let (t, _) = job_target(job_id, at)?;
     jobs::interrupt(&t, job_id, cancel, Ui { json, verbose }).await
 }
 
-/// Where `job_id` is: flags, else what was recorded when it was submitted from here.
-fn job_target(job_id: &str, at: JobAt) -> Result<Target> {
+/// Where `job_id` is: flags, else what was recorded when it was submitted from here (returned
+/// too, for what else it says).
+fn job_target(job_id: &str, at: JobAt) -> Result<(Target, Option<creds::JobRecord>)> {
     let rec = creds::load_job(job_id)?;
-    let server = at
-        .server
-        .or(rec.as_ref().map(|r| r.server.clone()))
-        .context("this job was not submitted from here; pass --server, --room and --worker")?;
-    let conn = ConnArgs {
-        server: ServerArg { server: Some(server) },
-        room: at.room.or(rec.as_ref().map(|r| r.room.clone())),
-        jwt: at.jwt,
-        room_secret: at.room_secret,
-        worker: at.worker.or(rec.as_ref().map(|r| r.worker.clone())),
-        auto_select: false,
-        min_gpu_memory: 0,
-        bind: at.bind,
-        relay_only: at.relay_only,
-        json: at.json,
-    };
-    target(&conn)
+    if at.server.is_none() && rec.is_none() {
+        bail!("this job was not submitted from here; pass --server, --room and --worker");
+    }
+    let t = target(&at.conn(rec.as_ref()))?;
+    Ok((t, rec))
+}
+
+impl JobAt {
+    /// Connection arguments: the flags, else `rec`'s (a job's local record).
+    fn conn(self, rec: Option<&creds::JobRecord>) -> ConnArgs {
+        ConnArgs {
+            server: ServerArg { server: self.server.or(rec.map(|r| r.server.clone())) },
+            room: self.room.or(rec.map(|r| r.room.clone())),
+            jwt: self.jwt,
+            room_secret: self.room_secret,
+            worker: self.worker.or(rec.map(|r| r.worker.clone())),
+            auto_select: false,
+            min_gpu_memory: 0,
+            bind: self.bind,
+            relay_only: self.relay_only,
+            json: self.json,
+        }
+    }
 }
 
 fn config_cmd(cmd: ConfigCmd) -> Result<i32> {

@@ -9,7 +9,7 @@ use std::net::{IpAddr, Ipv4Addr};
 use std::time::{Duration, Instant};
 
 use sleap_rtc_tokio::conn::Route;
-use sleap_rtc_tokio::{ConnError, PeerOptions, accept, connect};
+use sleap_rtc_tokio::{ConnError, PeerOptions, connect};
 
 #[path = "../../driver/conformance/coturn.rs"]
 mod coturn;
@@ -56,11 +56,7 @@ async fn relay_only_connection_carries_a_verified_file_through_coturn() {
     assert!(expiry.parse::<u64>().unwrap() > now + 3600, "credentials expire after the configured lifetime");
     assert!(t.credential.as_deref().is_some_and(|c| c.len() == 28), "base64 of a 20-byte HMAC-SHA1");
 
-    let (c, w) = tokio::join!(connect(&client, worker.peer_id(), relay_only()), async {
-        let offer = common::next_offer(&worker).await;
-        accept(&worker, &offer, relay_only()).await
-    });
-    let (c, w) = match (c, w) {
+    let (c, w) = match common::pair_with(&client, &worker, relay_only()).await {
         (Ok(c), Ok(w)) => (c, w),
         other => panic!("relay-only connection failed: {:?}\ncoturn log:\n{}", other.0.err(), turn.log_text()),
     };
@@ -94,10 +90,7 @@ async fn relay_only_connection_carries_a_verified_file_through_coturn() {
     w.close().await;
 
     // The same file directly, for comparison: figures for the reader, never assertions.
-    let (c, w) = tokio::join!(connect(&client, worker.peer_id(), PeerOptions::loopback()), async {
-        let offer = common::next_offer(&worker).await;
-        accept(&worker, &offer, PeerOptions::loopback()).await
-    });
+    let (c, w) = common::pair(&client, &worker).await;
     let (c, w) = (c.expect("direct"), w.expect("direct"));
     assert_eq!(c.route(), Some(Route::Direct));
     let dst2 = dir.path().join("dst2");
@@ -130,10 +123,7 @@ async fn a_relay_that_refuses_the_credentials_is_a_clear_error_not_a_hang() {
     assert!(t0.elapsed() < Duration::from_secs(10), "gave up only after {:?}", t0.elapsed());
 
     // Without relay-only the same peers still connect directly, the failed relay aside.
-    let (c, w) = tokio::join!(connect(&client, worker.peer_id(), PeerOptions::loopback()), async {
-        let offer = common::next_offer(&worker).await;
-        accept(&worker, &offer, PeerOptions::loopback()).await
-    });
+    let (c, w) = common::pair(&client, &worker).await;
     let c = c.expect("direct connection");
     let _w = w.expect("direct connection");
     assert_eq!(c.route(), Some(Route::Direct));

@@ -50,6 +50,13 @@ pub(super) fn trim_model_cache(cache: &Path, keep: &[String], cap: u64) {
     });
 }
 
+/// An announced file the caches may hold: a well-formed BLAKE3 and a safe name.
+pub(super) fn cacheable(f: &FileEntry) -> bool {
+    f.blake3.len() == 64
+        && f.blake3.bytes().all(|b| b.is_ascii_hexdigit())
+        && sleap_rtc_core::transfer::validate_name(&f.name).is_ok()
+}
+
 /// Where a cut upload of `owner`'s is kept: `upload-cache/partial/<blake3(owner)[..16]>/`. Per
 /// user because a partial file cannot be verified against its claimed hash: another user's
 /// upload must never resume from bytes someone else sent.
@@ -61,11 +68,7 @@ fn partial_dir(cache_dir: &Path, owner: &str) -> PathBuf {
 /// cache under its content hash, replacing a shorter one, so the next submission resumes it.
 pub(super) fn keep_partial_uploads(cache_dir: &Path, input: &Path, owner: &str, files: &[FileEntry]) {
     let dir = partial_dir(cache_dir, owner);
-    for f in files {
-        let ok_hash = f.blake3.len() == 64 && f.blake3.bytes().all(|b| b.is_ascii_hexdigit());
-        if !ok_hash || sleap_rtc_core::transfer::validate_name(&f.name).is_err() {
-            continue;
-        }
+    for f in files.iter().filter(|f| cacheable(f)) {
         let part = input.join(format!("{}{}", f.name, crate::files::PART_SUFFIX));
         let Ok(md) = std::fs::symlink_metadata(&part) else { continue };
         if !md.is_file() || md.len() == 0 || md.len() >= f.size {
@@ -84,39 +87,25 @@ pub(super) fn keep_partial_uploads(cache_dir: &Path, input: &Path, owner: &str, 
 /// Copies cached uploads (by content hash) into `input` as complete `.part`s, and moves the
 /// owner's cut uploads there as partial ones (the transfer then sends only the rest).
 pub(super) fn place_cached(cache_dir: &Path, input: &Path, owner: &str, files: &[FileEntry]) {
-    for f in files {
-        let ok_hash = f.blake3.len() == 64 && f.blake3.bytes().all(|b| b.is_ascii_hexdigit());
-        let partial = partial_dir(cache_dir, owner).join(format!("{}{}", f.blake3, crate::files::PART_SUFFIX));
-        if ok_hash
-            && sleap_rtc_core::transfer::validate_name(&f.name).is_ok()
-            && !cache_dir.join(&f.blake3).exists()
-            && std::fs::symlink_metadata(&partial).is_ok_and(|m| m.is_file() && m.len() < f.size)
-        {
-            let part = input.join(format!("{}{}", f.name, crate::files::PART_SUFFIX));
-            if let Some(parent) = part.parent() {
-                let _ = std::fs::create_dir_all(parent);
-            }
-            // A move: one job resumes it; a second submission at once starts over.
-            if std::fs::rename(&partial, &part).is_ok() {
-                tracing::info!(file = %f.name, "resuming a cut upload");
-            }
-            continue;
-        }
+    for f in files.iter().filter(|f| cacheable(f)) {
         let cached = cache_dir.join(&f.blake3);
-        let ok_hash = f.blake3.len() == 64 && f.blake3.bytes().all(|b| b.is_ascii_hexdigit());
-        if !ok_hash || sleap_rtc_core::transfer::validate_name(&f.name).is_err() {
-            continue;
+        let partial = partial_dir(cache_dir, owner).join(format!("{}{}", f.blake3, crate::files::PART_SUFFIX));
+        let part = input.join(format!("{}{}", f.name, crate::files::PART_SUFFIX));
+        if let Some(parent) = part.parent() {
+            let _ = std::fs::create_dir_all(parent);
         }
         // symlink_metadata: a link planted in the cache must not make us copy whatever it
         // points at into the job.
-        if std::fs::symlink_metadata(&cached).map(|m| m.file_type().is_file() && m.len() == f.size).unwrap_or(false) {
-            let part = input.join(format!("{}{}", f.name, crate::files::PART_SUFFIX));
-            if let Some(parent) = part.parent() {
-                let _ = std::fs::create_dir_all(parent);
-            }
+        if std::fs::symlink_metadata(&cached).is_ok_and(|m| m.file_type().is_file() && m.len() == f.size) {
             // A copy, not a link: a resumed transfer appends to `.part`, which must never
             // write into the cache.
             let _ = std::fs::copy(&cached, &part);
+        } else if !cached.exists()
+            && std::fs::symlink_metadata(&partial).is_ok_and(|m| m.is_file() && m.len() < f.size)
+            // A move: one job resumes it; a second submission at once starts over.
+            && std::fs::rename(&partial, &part).is_ok()
+        {
+            tracing::info!(file = %f.name, "resuming a cut upload");
         }
     }
 }

@@ -491,7 +491,7 @@ impl<R: Runtime> Worker<R> {
         // client's claimed hashes could otherwise poison another user's dataset slot.
         for f in files {
             let cached = self.cache_dir.join(&f.blake3);
-            if cached.exists() || f.blake3.len() != 64 || sleap_rtc_core::transfer::validate_name(&f.name).is_err() {
+            if cached.exists() || !cacheable(f) {
                 continue;
             }
             let src = input.join(&f.name);

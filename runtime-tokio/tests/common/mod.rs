@@ -71,9 +71,18 @@ pub async fn pair(
     from: &SignalingClient,
     to: &SignalingClient,
 ) -> (Result<PeerConnection, ConnError>, Result<PeerConnection, ConnError>) {
-    tokio::join!(connect(from, to.peer_id(), PeerOptions::loopback()), async {
+    pair_with(from, to, PeerOptions::loopback()).await
+}
+
+/// Like [`pair`], both sides with `opts`.
+pub async fn pair_with(
+    from: &SignalingClient,
+    to: &SignalingClient,
+    opts: PeerOptions,
+) -> (Result<PeerConnection, ConnError>, Result<PeerConnection, ConnError>) {
+    tokio::join!(connect(from, to.peer_id(), opts.clone()), async {
         let offer = next_offer(to).await;
-        accept(to, &offer, PeerOptions::loopback()).await
+        accept(to, &offer, opts).await
     })
 }
 
